@@ -1,0 +1,45 @@
+# Takakrypt: `make demo` (the main job) and `make test` (the test suite).
+# Both work as root on a fresh Debian 12 machine: they install missing Debian packages,
+# create .venv, build the native code and install the package first.
+
+PYTHON   ?= python3
+VENV     := .venv
+VPY      := $(VENV)/bin/python
+STAMP    := $(VENV)/.takakrypt-installed
+DEB_PKGS := gcc make pkg-config python3-dev python3-venv libssl-dev libipsec-mb-dev \
+            libfuse3-dev fuse3 openssl
+SOURCES  := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.c' -o -name '*.h' -o -name '*.pyi') \
+            setup.py pyproject.toml
+
+.PHONY: all deps venv install demo test test-fast asan bench clean
+all: install
+
+deps:
+	@bash ci/deps.sh $(DEB_PKGS)
+
+$(STAMP): $(SOURCES)
+	@$(MAKE) --no-print-directory deps
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel Cython==3.3.1
+	$(VPY) -m pip install -q --no-build-isolation -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	bash ci/demo.sh
+
+test: install
+	bash ci/test.sh
+
+test-fast: install
+	$(VPY) -m pytest -q tests
+
+asan: install
+	PY=$(VPY) bash ci/asan.sh
+
+bench: install
+	bash ci/bench.sh
+
+clean:
+	rm -rf build $(VENV) src/*.egg-info src/takakrypt/*.so src/_native/*.c.tmp .pytest_cache .benchmarks

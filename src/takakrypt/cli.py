@@ -1,0 +1,344 @@
+"""`takakrypt`: the command-line interface.
+
+Every command reports user errors as one line on stderr (``takakrypt: error: ...``)
+and exits with the code of the error class (errors.EXIT_CODES); ``--json`` output is
+for scripts and is the only thing printed on stdout in that mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from . import format as fmt
+from .errors import EXIT_CODES, Error, UsageError
+
+PROG = "takakrypt"
+
+ENVIRONMENT = """\
+environment:
+  TAKAKRYPT_KEYSTORE          keystore file (default: /var/lib/takakrypt/keystore.json
+                              for root, ~/.local/share/takakrypt/keystore.json otherwise)
+  TAKAKRYPT_PASSPHRASE        keystore passphrase (prefer --passphrase-file)
+  TAKAKRYPT_PASSPHRASE_FILE   file whose first line is the keystore passphrase
+  TAKAKRYPT_MASTER_KEY_FILE   32-byte master key file unlocking the keystore instead
+"""
+
+
+def _exit_table() -> str:
+    rows = "\n".join(f"  {code:<3} {text}" for code, text in sorted(EXIT_CODES.items()))
+    return f"exit status:\n{rows}\n"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=92)
+
+
+# keystore access ---------------------------------------------------------------------------
+
+def _default_keystore() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/takakrypt/keystore.json"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "takakrypt", "keystore.json")
+
+
+def _read_secret_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            line = f.readline().rstrip(b"\r\n")
+    except OSError as e:
+        raise UsageError(f"cannot read passphrase file {path}: {e.strerror}") from None
+    if not line:
+        raise UsageError(f"passphrase file {path} is empty")
+    return line
+
+
+def _unlock_args(args: argparse.Namespace, *, creating: bool) -> dict[str, Any]:
+    pfile = args.passphrase_file or os.environ.get("TAKAKRYPT_PASSPHRASE_FILE")
+    mfile = args.master_key_file or os.environ.get("TAKAKRYPT_MASTER_KEY_FILE")
+    if pfile and mfile:
+        raise UsageError("give either a passphrase or a master key file, not both")
+    if mfile:
+        return {"master_key_file": mfile}
+    if pfile:
+        return {"passphrase": _read_secret_file(pfile)}
+    env = os.environ.get("TAKAKRYPT_PASSPHRASE")
+    if env:
+        return {"passphrase": env.encode()}
+    if sys.stdin.isatty():
+        p1 = getpass.getpass("Keystore passphrase: ")
+        if creating:
+            if getpass.getpass("Repeat passphrase: ") != p1:
+                raise UsageError("passphrases do not match")
+        if not p1:
+            raise UsageError("empty passphrase")
+        return {"passphrase": p1.encode()}
+    raise UsageError("no passphrase: use --passphrase-file, TAKAKRYPT_PASSPHRASE or "
+                     "--master-key-file")
+
+
+def _keystore(args: argparse.Namespace, *, create: bool = False):  # type: ignore[no-untyped-def]
+    from .keys import open_keystore
+
+    path = args.keystore or os.environ.get("TAKAKRYPT_KEYSTORE") or _default_keystore()
+    creating = create and not os.path.exists(path)
+    if not create and not os.path.exists(path):
+        raise UsageError(f"no keystore at {path} (create a key first: takakrypt keys create NAME)")
+    return open_keystore(path, create=creating, **_unlock_args(args, creating=creating))
+
+
+def _key_info_dict(info: Any) -> dict[str, Any]:
+    import msgspec
+
+    return msgspec.to_builtins(info)
+
+
+def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj, indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+def _describe_key(info: Any) -> str:
+    lines = [f"name:            {info.name}",
+             f"algorithm:       {info.algorithm}",
+             f"backend:         {info.backend}",
+             f"current version: {info.current_version}",
+             "versions:"]
+    lines += [f"  {v.version:>4}  created {v.created}  {v.state}" for v in info.versions]
+    return "\n".join(lines)
+
+
+# commands ----------------------------------------------------------------------------------
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    with _keystore(args, create=True) as ks:
+        info = ks.create(args.name)
+    _out(args, _key_info_dict(info), f"created key {info.name} version {info.current_version}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    with _keystore(args) as ks:
+        infos = ks.list()
+    text = "\n".join(f"{i.name:<32} v{i.current_version:<5} {len(i.versions)} version(s)  "
+                     f"{i.algorithm}" for i in infos) or "(no keys)"
+    _out(args, [_key_info_dict(i) for i in infos], text)
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    with _keystore(args) as ks:
+        info = ks.info(args.name)
+    _out(args, _key_info_dict(info), _describe_key(info))
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    with _keystore(args) as ks:
+        info = ks.rotate(args.name)
+    _out(args, _key_info_dict(info),
+         f"rotated key {info.name}: new files use version {info.current_version}; "
+         "older versions stay available for existing files")
+    return 0
+
+
+def _input_size(path: str) -> int | None:
+    if path == "-":
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if st.st_size else None
+
+
+def cmd_encrypt(args: argparse.Namespace) -> int:
+    from .progress import Bar
+    from .stream import encrypt_file
+
+    with _keystore(args) as ks:
+        info = ks.info(args.key)
+        data_key = ks.get(args.key, info.current_version)
+    bar = Bar(_input_size(args.input), "encrypt", enabled=False if args.quiet else None)
+    try:
+        header = encrypt_file(args.input, args.output, info.name, info.current_version,
+                              data_key, block_size=args.block_size, force=args.force,
+                              progress=bar)
+    finally:
+        data_key[:] = bytes(len(data_key))
+        bar.close()
+    _out(args, {"output": args.output, "key_id": header.key_id,
+                "key_version": header.key_version, "plaintext_size": header.plaintext_size,
+                "file_id": header.file_id.hex()},
+         f"encrypted {header.plaintext_size} bytes to {args.output} "
+         f"(key {header.key_id} v{header.key_version})")
+    return 0
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    from .progress import Bar
+    from .stream import decrypt_file
+
+    with _keystore(args) as ks:
+        bar = Bar(None, "decrypt", enabled=False if args.quiet else None)
+        try:
+            header = decrypt_file(args.input, args.output, ks.get, force=args.force,
+                                  progress=bar)
+        finally:
+            bar.close()
+    if args.output != "-":
+        _out(args, {"output": args.output, "plaintext_size": header.plaintext_size,
+                    "key_id": header.key_id, "key_version": header.key_version},
+             f"decrypted {header.plaintext_size} bytes to {args.output}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .stream import decrypt_file, inspect_file
+
+    info = inspect_file(args.file)
+    if args.verify:
+        with _keystore(args) as ks:
+            decrypt_file(args.file, None, ks.get)
+        info["verified"] = True
+    width = max(len(k) for k in info)
+    _out(args, info, "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in info.items()))
+    return 0
+
+
+# parser ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("keystore")
+    g.add_argument("--keystore", metavar="PATH", help="keystore file ($TAKAKRYPT_KEYSTORE)")
+    g.add_argument("--passphrase-file", metavar="FILE",
+                   help="read the keystore passphrase from the first line of FILE")
+    g.add_argument("--master-key-file", metavar="FILE",
+                   help="unlock the keystore with a 32-byte master key file instead")
+    jsonp = argparse.ArgumentParser(add_help=False)
+    jsonp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="Takakrypt: transparent, policy-driven file encryption for Linux.\n\n"
+                    "Offline tools for TAKA files (AES-256-GCM in 4 KiB authenticated blocks) "
+                    "and the local keystore.",
+        epilog=ENVIRONMENT + "\n" + _exit_table() + "\nSee docs/ for the file format, "
+               "keystore format and security notes.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    keys = sub.add_parser("keys", help="manage keys in the local keystore",
+                          formatter_class=_Formatter,
+                          description="Create, list, show and rotate named 256-bit keys. "
+                                      "Key material is never printed.")
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    for name, func, help_, desc in (
+        ("create", cmd_keys_create, "create a new key (and the keystore if missing)",
+         "Create key NAME (version 1). Creates the keystore if it does not exist; the "
+         "passphrase is then asked twice on a terminal."),
+        ("show", cmd_keys_show, "show a key's versions and metadata", None),
+        ("rotate", cmd_keys_rotate, "add a new version; new files use it",
+         "Add version N+1 of key NAME. Existing files keep naming the version they were "
+         "written with, which stays in the keystore so they can still be decrypted."),
+    ):
+        sp = ksub.add_parser(name, parents=[common, jsonp], help=help_, description=desc or help_,
+                             formatter_class=_Formatter, epilog=ENVIRONMENT)
+        sp.add_argument("name", metavar="NAME", help="key name: 1-63 of [A-Za-z0-9._-]")
+        sp.set_defaults(func=func)
+    sp = ksub.add_parser("list", parents=[common, jsonp], help="list keys",
+                         description="List the keys in the keystore.",
+                         formatter_class=_Formatter, epilog=ENVIRONMENT)
+    sp.set_defaults(func=cmd_keys_list)
+
+    io = argparse.ArgumentParser(add_help=False)
+    io.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    io.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    sp = sub.add_parser(
+        "encrypt", parents=[common, jsonp, io], formatter_class=_Formatter,
+        help="encrypt a file into TAKA format",
+        description="Encrypt IN (- for stdin) into a new TAKA file OUT under the current "
+                    "version of key NAME. Streams with bounded memory; OUT appears only "
+                    "when complete.", epilog=ENVIRONMENT + "\n" + _exit_table())
+    sp.add_argument("--key", required=True, metavar="NAME", help="key to encrypt under")
+    sp.add_argument("--block-size", type=int, default=fmt.DEFAULT_BLOCK_SIZE, metavar="N",
+                    help="plaintext bytes per block (power of two, 512..1048576; default 4096)")
+    sp.add_argument("input", metavar="IN")
+    sp.add_argument("output", metavar="OUT")
+    sp.set_defaults(func=cmd_encrypt)
+
+    sp = sub.add_parser(
+        "decrypt", parents=[common, jsonp, io], formatter_class=_Formatter,
+        help="decrypt a TAKA file",
+        description="Decrypt TAKA file IN into OUT (- for stdout), checking the header and "
+                    "every block. On any failure OUT is not created and the failing block "
+                    "is named.", epilog=ENVIRONMENT + "\n" + _exit_table())
+    sp.add_argument("input", metavar="IN")
+    sp.add_argument("output", metavar="OUT")
+    sp.set_defaults(func=cmd_decrypt)
+
+    sp = sub.add_parser(
+        "inspect", parents=[common, jsonp], formatter_class=_Formatter,
+        help="show a TAKA file's header (never key material)",
+        description="Print the header fields and layout of a TAKA file. Needs no key unless "
+                    "--verify is given.", epilog=ENVIRONMENT + "\n" + _exit_table())
+    sp.add_argument("--verify", action="store_true",
+                    help="also check the header tag and every block (needs the keystore)")
+    sp.add_argument("file", metavar="FILE")
+    sp.set_defaults(func=cmd_inspect)
+    return p
+
+
+def harden_process() -> None:
+    """No core dumps and no ptrace by other users' processes: key material lives in
+    this process's memory while it runs."""
+    import ctypes
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    harden_process()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Error as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": e.kind, "message": str(e), "exit_code": e.exit_code}))
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+    except OSError as e:
+        name = f"{e.filename}: " if e.filename else ""
+        print(f"{PROG}: error: {name}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

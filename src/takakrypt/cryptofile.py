@@ -1,0 +1,299 @@
+"""Random access to TAKA files: read and write any byte range at any offset.
+
+`TakaFile` works on a file descriptor with pread/pwrite and keeps only the header in
+memory.  Block crypto is the native batched AES-256-GCM (`takakrypt._aesgcm`); this
+module only does the geometry.  The FUSE data path implements the same rules in C.
+
+Ordering rules that keep a crash from ever yielding wrong bytes (docs/file-format.md):
+growing writes store the blocks first and the header (with the new size) last;
+shrinking stores the header first.  Readers ignore stored bytes beyond the header's
+size, and never use stale bytes past the size when they merge a partial block.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from typing import Protocol
+
+from . import format as fmt
+from ._aesgcm import BlockCipher
+from .errors import FormatError, IntegrityError
+from .keys.secret import wipe
+
+
+class KeySource(Protocol):
+    """What TakaFile needs from a key backend (see keys.backend.KeyBackend)."""
+
+    def get(self, name: str, version: int | None = None) -> bytearray: ...
+
+    def current_version(self, name: str) -> int: ...
+
+
+KeyLookup = Callable[[str, int], bytearray]
+
+
+class TakaFile:
+    """An open TAKA file. Not thread-safe; one object per opener.
+
+    Use :meth:`create` or :meth:`open`; close with :meth:`close` or a ``with`` block.
+    """
+
+    def __init__(self, fd: int, header: fmt.Header, data_key: bytearray, *, owns_fd: bool,
+                 writable: bool) -> None:
+        self._fd = fd
+        self._owns_fd = owns_fd
+        self._writable = writable
+        self.header = header
+        enc_key, self._mac_key = fmt.derive_file_keys(data_key, header.file_id)
+        try:
+            self._cipher = BlockCipher(enc_key, block_size=header.block_size)
+        finally:
+            wipe(enc_key)
+        self._aad = header.static
+        self._bs = header.block_size
+        self._sbs = header.stored_block_size
+
+    # construction -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike[str] | int, key_id: str, key_version: int,
+               data_key: bytearray, *, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
+               exclusive: bool = True, mode: int = 0o600) -> TakaFile:
+        """Create an empty TAKA file (``path`` may also be an open read-write fd)."""
+        header = fmt.Header(key_id=key_id, key_version=key_version, block_size=block_size)
+        if isinstance(path, int):
+            fd, owns = path, False
+            os.ftruncate(fd, 0)
+        else:
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            flags |= os.O_EXCL if exclusive else os.O_TRUNC
+            fd, owns = os.open(path, flags, mode), True
+        try:
+            f = cls(fd, header, data_key, owns_fd=owns, writable=True)
+            f._write_header()
+        except BaseException:
+            if owns:
+                os.close(fd)
+            raise
+        return f
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str] | int, keys: KeyLookup, *,
+             writable: bool = False) -> TakaFile:
+        """Open an existing TAKA file; ``keys(name, version)`` returns the data key.
+
+        Raises FormatError for a malformed header, IntegrityError when the header tag
+        does not verify, and whatever ``keys`` raises for a missing key.
+        """
+        if isinstance(path, int):
+            fd, owns = path, False
+        else:
+            flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+            fd, owns = os.open(path, flags), True
+        try:
+            header = fmt.parse_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+            data_key = keys(header.key_id, header.key_version)
+            try:
+                f = cls(fd, header, data_key, owns_fd=owns, writable=writable)
+            finally:
+                wipe(data_key)
+            header.verify(f._mac_key)
+        except BaseException:
+            if owns:
+                os.close(fd)
+            raise
+        return f
+
+    def close(self) -> None:
+        if self._cipher is not None:
+            self._cipher.wipe()
+            self._cipher = None  # type: ignore[assignment]
+            wipe(self._mac_key)
+        if self._owns_fd and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> TakaFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # queries ------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.header.plaintext_size
+
+    def fileno(self) -> int:
+        return self._fd
+
+    # reading ------------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        """Plaintext bytes [offset, offset+length), clipped at the end of the file."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return b""
+        first, last = offset // self._bs, (end - 1) // self._bs
+        plain = self._read_blocks(first, last)
+        start = offset - first * self._bs
+        return bytes(plain[start:start + end - offset])
+
+    def _read_blocks(self, first: int, last: int) -> bytearray:
+        """Decrypt blocks first..last (inclusive; all below the size) into a bytearray."""
+        size, bs = self.size, self._bs
+        want_end = min((last + 1) * bs, size)  # plaintext end needed
+        nfull = last - first  # blocks before the last one are always full
+        last_plain = want_end - last * bs
+        # The last block may be stored longer than the size implies (crash leftovers):
+        # read up to a full stored block and ignore the excess.
+        span = nfull * self._sbs + self._sbs
+        raw = os.pread(self._fd, span, self.header.block_offset(first))
+        need = nfull * self._sbs + last_plain + fmt.OVERHEAD
+        if len(raw) < need:
+            missing = first + len(raw) // self._sbs
+            raise IntegrityError(f"file truncated: block {missing} is missing or short",
+                                 block=missing)
+        out = bytearray(nfull * bs + max(len(raw) - nfull * self._sbs - fmt.OVERHEAD,
+                                         last_plain))
+        try:
+            self._cipher.decrypt_into(memoryview(raw)[:need], out, self._aad, first, holes=True)
+        except IntegrityError as e:
+            # After a crash in the middle of a growing write, the last block may be
+            # stored longer than the old size implies (header not yet updated): its
+            # only other possible length is everything up to a full stored block.
+            if e.block != last or len(raw) <= need:
+                raise
+            self._cipher.decrypt_into(memoryview(raw)[nfull * self._sbs:],
+                                      memoryview(out)[nfull * bs:], self._aad, last,
+                                      holes=True)
+        del out[nfull * bs + last_plain:]
+        return out
+
+    # writing ------------------------------------------------------------------------------
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at ``offset`` (any offset; a gap past the end reads as zeros)."""
+        self._check_writable()
+        data = memoryview(data).cast("B")
+        n = len(data)
+        if offset < 0:
+            raise ValueError("negative offset")
+        if n == 0:
+            return 0
+        end = offset + n
+        if end > fmt.MAX_PLAINTEXT_SIZE:
+            raise FormatError("write beyond the maximum file size")
+        bs, old = self._bs, self.size
+        first, last = offset // bs, (end - 1) // bs
+        if end > old:
+            self._drop_stale_tail()
+        # A partial last block before a gap must be zero-extended to the block end first.
+        old_last = (old - 1) // bs if old else -1
+        if old % bs and old_last < first:
+            self._rewrite_block(old_last, bs)
+        block_end = min((last + 1) * bs, max(old, end))
+        buf = bytearray(block_end - first * bs)
+        # Merge existing plaintext at the partial edges; never bytes past the old size.
+        head = offset % bs != 0 and first * bs < old
+        if head:
+            plain = self._read_blocks(first, first)
+            buf[:len(plain)] = plain
+        if end < min((last + 1) * bs, old) and not (head and last == first):
+            plain = self._read_blocks(last, last)
+            base = (last - first) * bs
+            buf[base:base + len(plain)] = plain
+        buf[offset - first * bs:end - first * bs] = data
+        self._store_blocks(first, buf)
+        if end >= old:  # the last block was rewritten: cut any longer stale copy of it
+            want = fmt.stored_size(end, bs)
+            if self._physical_size() > want:
+                os.ftruncate(self._fd, want)
+        if end > old:
+            self.header.plaintext_size = end
+            self._write_header()
+        return n
+
+    def truncate(self, size: int) -> None:
+        """Set the plaintext size; growing adds zeros (a hole), shrinking drops data."""
+        self._check_writable()
+        if size < 0 or size > fmt.MAX_PLAINTEXT_SIZE:
+            raise ValueError(f"invalid size {size}")
+        old, bs = self.size, self._bs
+        if size == old:
+            return
+        if size < old:
+            self.header.plaintext_size = size  # header first when shrinking
+            self._write_header()
+            if size % bs:
+                k = size // bs
+                keep = self._read_blocks_at_size(k, old, size)
+                self._store_blocks(k, keep)
+            os.ftruncate(self._fd, fmt.stored_size(size, bs))
+        else:
+            self._drop_stale_tail()
+            if old % bs:
+                k = (old - 1) // bs
+                self._rewrite_block(k, min(bs, size - k * bs))
+            # the rest is a hole: extend the stored length without writing anything
+            os.ftruncate(self._fd, fmt.stored_size(size, bs))
+            self.header.plaintext_size = size
+            self._write_header()
+
+    def _drop_stale_tail(self) -> None:
+        """Cut stored bytes past the size (left by a crash) before the file grows, so
+        stale blocks can never reappear as data inside the new size."""
+        phys = self._physical_size()
+        if self.size == 0:
+            want = fmt.HEADER_SIZE
+        else:  # keep the last block whole even if it is stored longer than the size needs
+            start = self.header.block_offset((self.size - 1) // self._bs)
+            want = start + min(max(phys - start, 0), self._sbs)
+        if phys > want:
+            os.ftruncate(self._fd, want)
+
+    def _read_blocks_at_size(self, k: int, old: int, size: int) -> bytearray:
+        saved = self.header.plaintext_size
+        self.header.plaintext_size = old
+        try:
+            plain = self._read_blocks(k, k)
+        finally:
+            self.header.plaintext_size = saved
+        return plain[: size - k * self._bs]
+
+    def _rewrite_block(self, k: int, new_len: int) -> None:
+        """Re-encrypt block k zero-extended to ``new_len`` plaintext bytes."""
+        plain = self._read_blocks(k, k)
+        plain.extend(bytes(new_len - len(plain)))
+        self._store_blocks(k, plain)
+
+    def _store_blocks(self, first: int, plain: bytearray) -> None:
+        nb = fmt.blocks_for(len(plain), self._bs)
+        out = bytearray(len(plain) + nb * fmt.OVERHEAD)
+        self._cipher.encrypt_into(plain, out, self._aad, first)
+        _pwrite_all(self._fd, out, self.header.block_offset(first))
+
+    def _write_header(self) -> None:
+        _pwrite_all(self._fd, self.header.pack(self._mac_key), 0)
+
+    def _physical_size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def _check_writable(self) -> None:
+        if not self._writable:
+            raise PermissionError("TAKA file opened read-only")
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def is_regular(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)

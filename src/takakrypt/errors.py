@@ -1,0 +1,116 @@
+"""One exception base for the whole package, each class with an exit code.
+
+User errors (bad passphrase, tampered file, unknown key) are reported by the CLI as a
+single line on stderr and the process exits with ``exit_code``; no traceback.  The
+table of exit codes is documented in docs/operations.md and ``takakrypt --help``.
+
+Messages never contain key material: only key names, versions and file positions.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base of every error Takakrypt raises on purpose."""
+
+    exit_code = 1
+    #: Short machine-readable kind, used in ``--json`` error output.
+    kind = "error"
+
+
+class UsageError(Error):
+    """Wrong command-line usage or arguments."""
+
+    exit_code = 2
+    kind = "usage"
+
+
+class ConfigError(Error):
+    """A configuration file failed validation (message names the field path)."""
+
+    exit_code = 3
+    kind = "config"
+
+
+class FormatError(Error):
+    """A TAKA file header or layout is malformed (not a tag failure)."""
+
+    exit_code = 4
+    kind = "format"
+
+
+class IntegrityError(Error):
+    """Authentication failed: a block's tag or the header tag does not verify."""
+
+    exit_code = 5
+    kind = "integrity"
+
+    def __init__(self, message: str, block: int | None = None) -> None:
+        super().__init__(message)
+        #: index of the first block that failed, or None for the header
+        self.block = block
+
+
+class KeyError_(Error):
+    """Base for key management errors (named with a trailing underscore so the
+    builtin ``KeyError`` is not shadowed)."""
+
+    exit_code = 6
+    kind = "key"
+
+
+class KeyNotFound(KeyError_):
+    """The named key, or the requested version of it, does not exist."""
+
+    kind = "key-not-found"
+
+
+class KeyExists(KeyError_):
+    """A key with this name already exists."""
+
+    kind = "key-exists"
+
+
+class KeystoreLocked(KeyError_):
+    """The keystore could not be unlocked: wrong passphrase or master key."""
+
+    exit_code = 7
+    kind = "keystore-locked"
+
+
+class KeystoreCorrupt(KeyError_):
+    """The keystore file is unreadable or fails its integrity check."""
+
+    exit_code = 8
+    kind = "keystore-corrupt"
+
+
+class BackendUnavailable(KeyError_):
+    """The key backend cannot be reached (network, server down)."""
+
+    exit_code = 9
+    kind = "backend-unavailable"
+
+
+class NativeError(Error):
+    """The native extension failed in a way that is not an integrity failure."""
+
+    exit_code = 10
+    kind = "native"
+
+
+#: exit code table, for --help and docs (kept next to the classes so they cannot drift)
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "unexpected internal error",
+    UsageError.exit_code: "usage error",
+    ConfigError.exit_code: "configuration invalid",
+    FormatError.exit_code: "file is not a valid TAKA file",
+    IntegrityError.exit_code: "authentication failed (tampered or corrupt data)",
+    KeyError_.exit_code: "key not found / key error",
+    KeystoreLocked.exit_code: "keystore locked: wrong passphrase or master key",
+    KeystoreCorrupt.exit_code: "keystore corrupt",
+    BackendUnavailable.exit_code: "key backend unavailable",
+    NativeError.exit_code: "native crypto failure",
+    130: "interrupted (SIGINT)",
+}

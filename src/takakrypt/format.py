@@ -1,0 +1,211 @@
+"""TAKA file format, version 1: header layout, key derivation, block geometry.
+
+The authoritative description is docs/file-format.md; this module is its code.
+
+Header (128 bytes, integers little-endian)::
+
+    off  size  field
+    ---  ----  -------------------------------------------------------------
+      0     4  magic            b"TAKA"
+      4     1  version          1
+      5     1  algorithm        1 = AES-256-GCM blocks, HKDF-SHA256 file keys
+      6     2  flags            0 in v1 (any set bit: FormatError)
+      8     4  block_size       plaintext bytes per block, power of two, 512..1 MiB
+     12     4  key_version      version of the named key, >= 1
+     16    16  file_id          random, unique per file
+     32     1  key_id_len       1..63
+     33    63  key_id           key name, UTF-8, zero padded
+    ---  ----  ----- end of the static part (bytes 0..95, bound into every block)
+     96     8  plaintext_size   bytes of plaintext in the file
+    104     8  reserved         zero
+    112    16  header_tag       HMAC-SHA256(mac_key, bytes 0..111), first 16 bytes
+    128        first stored block
+
+Stored block ``i`` (at ``128 + i * (block_size + 28)``)::
+
+    nonce (12, random) | AES-256-GCM ciphertext (<= block_size) | tag (16)
+    AAD = header[0:96] | uint64 i
+
+Per-file keys: ``HKDF-SHA256(ikm=data key, salt=file_id, info=b"takakrypt/v1 file keys",
+L=64)``: bytes 0..31 are the block encryption key, bytes 32..63 the header MAC key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import FormatError, IntegrityError
+
+MAGIC = b"TAKA"
+VERSION = 1
+ALG_AES256GCM_HKDF = 1
+ALGORITHMS = {ALG_AES256GCM_HKDF: "AES-256-GCM/HKDF-SHA256"}
+
+HEADER_SIZE = 128
+STATIC_SIZE = 96  # header bytes bound into every block's AAD
+TAG_OFFSET = 112
+NONCE_SIZE = 12
+TAG_SIZE = 16
+OVERHEAD = NONCE_SIZE + TAG_SIZE
+DEFAULT_BLOCK_SIZE = 4096
+MIN_BLOCK_SIZE = 512
+MAX_BLOCK_SIZE = 1 << 20
+KEY_ID_MAX = 63
+MAX_PLAINTEXT_SIZE = (1 << 63) - 1
+HKDF_INFO = b"takakrypt/v1 file keys"
+
+# magic, version, algorithm, flags, block_size, key_version, file_id, key_id_len, key_id
+_STATIC = struct.Struct("<4sBBHII16sB63s")
+# plaintext_size, reserved
+_DYNAMIC = struct.Struct("<QQ")
+assert _STATIC.size == STATIC_SIZE and STATIC_SIZE + _DYNAMIC.size == TAG_OFFSET
+
+
+def _valid_block_size(bs: int) -> bool:
+    return MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE and bs & (bs - 1) == 0
+
+
+def validate_key_id(key_id: str) -> bytes:
+    raw = key_id.encode("utf-8")
+    if not 1 <= len(raw) <= KEY_ID_MAX:
+        raise FormatError(f"key id must be 1..{KEY_ID_MAX} bytes of UTF-8, got {len(raw)}")
+    if b"\0" in raw:
+        raise FormatError("key id must not contain NUL")
+    return raw
+
+
+@dataclass
+class Header:
+    """A parsed header. ``static`` (bytes 0..95) never changes after creation."""
+
+    key_id: str
+    key_version: int
+    file_id: bytes = field(default_factory=lambda: os.urandom(16))
+    block_size: int = DEFAULT_BLOCK_SIZE
+    plaintext_size: int = 0
+    flags: int = 0
+    algorithm: int = ALG_AES256GCM_HKDF
+    version: int = VERSION
+    tag: bytes = b""
+
+    def __post_init__(self) -> None:
+        validate_key_id(self.key_id)
+        if not _valid_block_size(self.block_size):
+            raise FormatError(f"invalid block size {self.block_size}")
+        if not 1 <= self.key_version <= 0xFFFFFFFF:
+            raise FormatError(f"invalid key version {self.key_version}")
+        if len(self.file_id) != 16:
+            raise FormatError("file id must be 16 bytes")
+        if not 0 <= self.plaintext_size <= MAX_PLAINTEXT_SIZE:
+            raise FormatError(f"invalid plaintext size {self.plaintext_size}")
+
+    @property
+    def static(self) -> bytes:
+        raw = self.key_id.encode("utf-8")
+        return _STATIC.pack(MAGIC, self.version, self.algorithm, self.flags, self.block_size,
+                            self.key_version, self.file_id, len(raw), raw)
+
+    def unsigned(self) -> bytes:
+        """Bytes 0..111: what the header tag covers."""
+        return self.static + _DYNAMIC.pack(self.plaintext_size, 0)
+
+    def pack(self, mac_key: bytes | bytearray) -> bytes:
+        """Serialise with a fresh tag (also stored in ``self.tag``)."""
+        body = self.unsigned()
+        self.tag = header_tag(mac_key, body)
+        return body + self.tag
+
+    def verify(self, mac_key: bytes | bytearray) -> None:
+        if not hmac.compare_digest(header_tag(mac_key, self.unsigned()), self.tag):
+            raise IntegrityError("header failed authentication (tampered, or wrong key)")
+
+    # geometry -------------------------------------------------------------------------
+    @property
+    def stored_block_size(self) -> int:
+        return self.block_size + OVERHEAD
+
+    @property
+    def nblocks(self) -> int:
+        return blocks_for(self.plaintext_size, self.block_size)
+
+    def block_offset(self, index: int) -> int:
+        return HEADER_SIZE + index * self.stored_block_size
+
+    @property
+    def stored_size(self) -> int:
+        return stored_size(self.plaintext_size, self.block_size)
+
+
+def header_tag(mac_key: bytes | bytearray, body: bytes) -> bytes:
+    return hmac.new(bytes(mac_key), body, hashlib.sha256).digest()[:TAG_SIZE]
+
+
+def blocks_for(plaintext_size: int, block_size: int) -> int:
+    return -(-plaintext_size // block_size)
+
+
+def stored_size(plaintext_size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Size of a well-formed TAKA file holding ``plaintext_size`` bytes."""
+    return HEADER_SIZE + plaintext_size + blocks_for(plaintext_size, block_size) * OVERHEAD
+
+
+def parse_header(data: bytes | bytearray | memoryview) -> Header:
+    """Parse and validate the 128 header bytes (the tag is checked later, with the key).
+
+    Any malformed input raises :class:`FormatError` and nothing else.
+    """
+    data = bytes(data[:HEADER_SIZE])
+    if len(data) < HEADER_SIZE:
+        if not data.startswith(MAGIC[: len(data)]) or len(data) < 4:
+            raise FormatError("not a TAKA file (no TAKA magic)")
+        raise FormatError(f"truncated header: {len(data)} of {HEADER_SIZE} bytes")
+    (magic, version, algorithm, flags, block_size, key_version, file_id, klen,
+     kraw) = _STATIC.unpack_from(data, 0)
+    size, reserved = _DYNAMIC.unpack_from(data, STATIC_SIZE)
+    if magic != MAGIC:
+        raise FormatError("not a TAKA file (no TAKA magic)")
+    if version != VERSION:
+        raise FormatError(f"unsupported TAKA version {version} (this build reads {VERSION})")
+    if algorithm not in ALGORITHMS:
+        raise FormatError(f"unknown algorithm {algorithm}")
+    if flags:
+        raise FormatError(f"unknown flags 0x{flags:04x}")
+    if not _valid_block_size(block_size):
+        raise FormatError(f"invalid block size {block_size}")
+    if key_version == 0:
+        raise FormatError("invalid key version 0")
+    if not 1 <= klen <= KEY_ID_MAX:
+        raise FormatError(f"invalid key id length {klen}")
+    if any(kraw[klen:]):
+        raise FormatError("key id padding is not zero")
+    try:
+        key_id = kraw[:klen].decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError("key id is not UTF-8") from None
+    if "\0" in key_id:
+        raise FormatError("key id contains NUL")
+    if reserved:
+        raise FormatError("reserved header field is not zero")
+    if size > MAX_PLAINTEXT_SIZE:
+        raise FormatError(f"invalid plaintext size {size}")
+    return Header(key_id=key_id, key_version=key_version, file_id=file_id,
+                  block_size=block_size, plaintext_size=size, flags=flags,
+                  algorithm=algorithm, version=version, tag=data[TAG_OFFSET:HEADER_SIZE])
+
+
+def derive_file_keys(data_key: bytes | bytearray, file_id: bytes) -> tuple[bytearray, bytearray]:
+    """(block key, header MAC key) for one file. Callers wipe both when done."""
+    if len(data_key) != 32:
+        raise FormatError("data key must be 32 bytes")
+    okm = bytearray(HKDF(algorithm=hashes.SHA256(), length=64, salt=file_id,
+                         info=HKDF_INFO).derive(bytes(data_key)))
+    enc, mac = okm[:32], okm[32:]
+    okm[:] = b"\0" * 64
+    return enc, mac

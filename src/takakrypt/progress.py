@@ -1,0 +1,63 @@
+"""A small progress bar on stderr, drawn only when stderr is a terminal."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import TextIO
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class Bar:
+    """``Bar(total, label)``; call it with byte counts; ``close()`` when done.
+
+    Redraws at most ten times a second.  ``enabled=None`` means "if stderr is a TTY".
+    """
+
+    def __init__(self, total: int | None, label: str, *, enabled: bool | None = None,
+                 stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total, self.label = total, label
+        self.done = 0
+        self.start = self._last = time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last >= 0.1:
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        rate = self.done / max(now - self.start, 1e-9)
+        try:
+            width = max(10, min(40, os.get_terminal_size(self.stream.fileno()).columns - 60))
+        except (OSError, ValueError):
+            width = 30
+        if self.total:
+            frac = min(self.done / self.total, 1.0)
+            bar = "#" * int(frac * width)
+            eta = (self.total - self.done) / rate if rate else 0
+            text = (f"\r{self.label} [{bar:<{width}}] {frac * 100:5.1f}% "
+                    f"{_human(self.done)}/{_human(self.total)} {_human(rate)}/s ETA {eta:4.0f}s")
+        else:
+            text = f"\r{self.label} {_human(self.done)} {_human(rate)}/s"
+        self.stream.write(text)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,230 @@
+"""Whole-file streaming: encrypt a plain file into TAKA, decrypt one back, inspect one.
+
+Memory is bounded by ``chunk_blocks`` blocks whatever the file size.  Used by the CLI
+and by `takakrypt xform` later.  Output goes to a temporary file beside the target that
+is renamed into place only when everything verified, so a failure never leaves a
+half-written or unauthenticated output behind.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from . import format as fmt
+from ._aesgcm import BlockCipher
+from .errors import FormatError, IntegrityError, UsageError
+from .keys.secret import wipe
+
+DEFAULT_CHUNK_BLOCKS = 1024  # 4 MiB of plaintext per native call with 4 KiB blocks
+Progress = Callable[[int], None]
+
+
+def _noop(_n: int) -> None:
+    pass
+
+
+@contextmanager
+def atomic_output(path: str, *, force: bool, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """Yield a file that becomes ``path`` only if the block completes without error."""
+    if path == "-":
+        yield os.fdopen(os.dup(1), "wb", buffering=0)
+        return
+    if os.path.lexists(path) and not force:
+        raise UsageError(f"{path}: already exists (use --force to overwrite)")
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.takakrypt-tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    f = os.fdopen(fd, "wb", buffering=0)
+    try:
+        yield f
+        f.flush()
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        os.unlink(tmp)
+        raise
+
+
+def _open_input(path: str) -> BinaryIO:
+    if path == "-":
+        return os.fdopen(os.dup(0), "rb", buffering=0)
+    try:
+        return open(path, "rb", buffering=0)
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory") from None
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+
+
+def _readfull(f: BinaryIO, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _write_all(f: BinaryIO | _NullSink, data: memoryview) -> None:
+    while data:
+        n = f.write(data)
+        data = data[n:]
+
+
+def encrypt_file(src: str, dst: str, key_id: str, key_version: int, data_key: bytearray, *,
+                 block_size: int = fmt.DEFAULT_BLOCK_SIZE, force: bool = False,
+                 chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
+                 progress: Progress = _noop) -> fmt.Header:
+    """Encrypt ``src`` (``-`` = stdin) into a new TAKA file ``dst``; returns its header."""
+    if dst == "-":
+        raise UsageError("encrypt needs a seekable output file, not stdout")
+    header = fmt.Header(key_id=key_id, key_version=key_version, block_size=block_size)
+    enc_key, mac_key = fmt.derive_file_keys(data_key, header.file_id)
+    try:
+        cipher = BlockCipher(enc_key, block_size=block_size)
+    finally:
+        wipe(enc_key)
+    aad = header.static
+    plain = bytearray(chunk_blocks * block_size)
+    sealed = bytearray(chunk_blocks * (block_size + fmt.OVERHEAD))
+    pview, sview = memoryview(plain), memoryview(sealed)
+    try:
+        with _open_input(src) as fin, atomic_output(dst, force=force) as fout:
+            _write_all(fout, memoryview(header.pack(mac_key)))  # placeholder, size 0
+            total, block = 0, 0
+            while True:
+                n = _readfull(fin, pview)
+                if n == 0:
+                    break
+                m = cipher.encrypt_into(pview[:n], sview, aad, block)
+                _write_all(fout, sview[:m])
+                total += n
+                block += fmt.blocks_for(n, block_size)
+                progress(n)
+                if n < len(pview):
+                    break
+            header.plaintext_size = total
+            fout.seek(0)
+            _write_all(fout, memoryview(header.pack(mac_key)))
+    finally:
+        cipher.wipe()
+        wipe(mac_key)
+        plain[:] = bytes(len(plain))
+    return header
+
+
+def read_header(f: BinaryIO, name: str) -> fmt.Header:
+    raw = f.read(fmt.HEADER_SIZE)
+    try:
+        return fmt.parse_header(raw or b"")
+    except FormatError as e:
+        raise FormatError(f"{name}: {e}") from None
+
+
+class _NullSink:
+    def write(self, data: memoryview) -> int:
+        return len(data)
+
+
+@contextmanager
+def _null_output() -> Iterator[_NullSink]:
+    yield _NullSink()
+
+
+def decrypt_file(src: str, dst: str | None, keys: Callable[[str, int], bytearray], *,
+                 force: bool = False, chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
+                 progress: Progress = _noop) -> fmt.Header:
+    """Decrypt TAKA file ``src`` into ``dst`` (``-`` = stdout, None = verify only),
+    checking the header tag and every block.
+
+    Raises FormatError / IntegrityError naming the first failing block; the output file
+    is then not created.
+    """
+    with _open_input(src) as fin:
+        header = read_header(fin, src)
+        data_key = keys(header.key_id, header.key_version)
+        try:
+            enc_key, mac_key = fmt.derive_file_keys(data_key, header.file_id)
+        finally:
+            wipe(data_key)
+        try:
+            header.verify(mac_key)
+        except IntegrityError as e:
+            raise IntegrityError(f"{src}: {e}") from None
+        finally:
+            wipe(mac_key)
+        try:
+            cipher = BlockCipher(enc_key, block_size=header.block_size)
+        finally:
+            wipe(enc_key)
+        sbs = header.stored_block_size
+        sealed = bytearray(chunk_blocks * sbs)
+        plain = bytearray(chunk_blocks * header.block_size)
+        sview, pview = memoryview(sealed), memoryview(plain)
+        size, block, done = header.plaintext_size, 0, 0
+        try:
+            out = _null_output() if dst is None else atomic_output(dst, force=force)
+            with out as fout:
+                while done < size:
+                    remaining_blocks = header.nblocks - block
+                    want = min(chunk_blocks, remaining_blocks)
+                    # the last block of the file may be shorter than a full stored block
+                    last_len = size - (header.nblocks - 1) * header.block_size + fmt.OVERHEAD
+                    nbytes = (want - 1) * sbs + (last_len if want == remaining_blocks else sbs)
+                    n = _readfull(fin, sview[:nbytes])
+                    if n < nbytes:
+                        missing = block + n // sbs
+                        raise IntegrityError(
+                            f"{src}: file truncated: block {missing} is missing or short",
+                            block=missing)
+                    try:
+                        m = cipher.decrypt_into(sview[:n], pview, header.static, block,
+                                                holes=True)
+                    except IntegrityError as e:
+                        raise IntegrityError(f"{src}: {e} (tampered or corrupt)",
+                                             block=e.block) from None
+                    m = min(m, size - done)
+                    _write_all(fout, pview[:m])
+                    done += m
+                    block += want
+                    progress(m)
+        finally:
+            cipher.wipe()
+            plain[:] = bytes(len(plain))
+    return header
+
+
+def inspect_file(path: str) -> dict[str, object]:
+    """Header fields and layout facts of a TAKA file; never any key material."""
+    with _open_input(path) as f:
+        header = read_header(f, path)
+        actual = os.fstat(f.fileno()).st_size
+    expected = header.stored_size
+    layout = "ok" if actual == expected else ("truncated" if actual < expected else "trailing")
+    return {
+        "path": path,
+        "magic": fmt.MAGIC.decode(),
+        "version": header.version,
+        "algorithm": header.algorithm,
+        "algorithm_name": fmt.ALGORITHMS[header.algorithm],
+        "flags": header.flags,
+        "block_size": header.block_size,
+        "key_id": header.key_id,
+        "key_version": header.key_version,
+        "file_id": header.file_id.hex(),
+        "plaintext_size": header.plaintext_size,
+        "blocks": header.nblocks,
+        "header_size": fmt.HEADER_SIZE,
+        "stored_size_expected": expected,
+        "stored_size_actual": actual,
+        "layout": layout,
+        "header_tag": header.tag.hex(),
+    }

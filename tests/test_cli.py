@@ -1,0 +1,205 @@
+"""The `takakrypt` CLI end to end, in subprocesses (exit codes, --json, no tracebacks)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from takakrypt import format as fmt
+from takakrypt.errors import EXIT_CODES
+
+
+@pytest.fixture
+def env(tmp_path):
+    pw = tmp_path / "pass"
+    pw.write_text("correct horse battery staple\n")
+    e = dict(os.environ)
+    e.update(TAKAKRYPT_KEYSTORE=str(tmp_path / "ks" / "keystore.json"),
+             TAKAKRYPT_PASSPHRASE_FILE=str(pw))
+    e.pop("TAKAKRYPT_PASSPHRASE", None)
+    return e
+
+
+def tk(env, *args, ok=True, stdin=None):
+    r = subprocess.run([sys.executable, "-m", "takakrypt", *args], env=env, capture_output=True,
+                       stdin=stdin or subprocess.DEVNULL, timeout=120)
+    assert b"Traceback" not in r.stderr, r.stderr.decode()
+    if ok:
+        assert r.returncode == 0, r.stderr.decode()
+    return r
+
+
+def jtk(env, *args):
+    return json.loads(tk(env, *args, "--json").stdout)
+
+
+def _data_key(env, name, version):
+    from takakrypt.keys import open_keystore
+    with open(env["TAKAKRYPT_PASSPHRASE_FILE"], "rb") as f:
+        pw = f.readline().strip()
+    with open_keystore(env["TAKAKRYPT_KEYSTORE"], passphrase=pw) as ks:
+        return bytes(ks.get(name, version))
+
+
+def test_keys_lifecycle(env, tmp_path):
+    info = jtk(env, "keys", "create", "db")
+    assert info["name"] == "db" and info["current_version"] == 1
+    assert os.stat(env["TAKAKRYPT_KEYSTORE"]).st_mode & 0o777 == 0o600
+    jtk(env, "keys", "create", "share")
+    names = [k["name"] for k in jtk(env, "keys", "list")]
+    assert names == ["db", "share"]
+    rot = jtk(env, "keys", "rotate", "db")
+    assert rot["current_version"] == 2
+    assert [v["version"] for v in jtk(env, "keys", "show", "db")["versions"]] == [1, 2]
+    r = tk(env, "keys", "create", "db", ok=False)
+    assert r.returncode == 6 and b"exists" in r.stderr
+    r = tk(env, "keys", "show", "nope", ok=False)
+    assert r.returncode == 6 and b"nope" in r.stderr
+    # no key material in anything the CLI printed
+    k1 = _data_key(env, "db", 1)
+    for args in (("keys", "list"), ("keys", "show", "db"), ("keys", "list", "--json")):
+        out = tk(env, *args).stdout
+        assert k1.hex().encode() not in out and k1 not in out
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 5 * 1024 * 1024 + 3])
+def test_encrypt_decrypt_round_trip(env, tmp_path, size):
+    tk(env, "keys", "create", "k")
+    src = tmp_path / "in"
+    src.write_bytes(os.urandom(size))
+    tk(env, "encrypt", "--key", "k", str(src), str(tmp_path / "enc"))
+    enc = (tmp_path / "enc").read_bytes()
+    assert enc[:4] == b"TAKA"
+    assert len(enc) == fmt.stored_size(size)
+    assert os.stat(tmp_path / "enc").st_mode & 0o777 == 0o600
+    tk(env, "decrypt", str(tmp_path / "enc"), str(tmp_path / "out"))
+    assert (tmp_path / "out").read_bytes() == src.read_bytes()
+    info = jtk(env, "inspect", str(tmp_path / "enc"))
+    assert info["plaintext_size"] == size and info["layout"] == "ok"
+    assert info["key_id"] == "k" and info["key_version"] == 1
+
+
+def test_encrypt_from_stdin_decrypt_to_stdout(env, tmp_path):
+    tk(env, "keys", "create", "k")
+    data = os.urandom(100000)
+    (tmp_path / "in").write_bytes(data)
+    with open(tmp_path / "in", "rb") as f:
+        tk(env, "encrypt", "--key", "k", "-", str(tmp_path / "enc"), stdin=f)
+    r = tk(env, "decrypt", str(tmp_path / "enc"), "-")
+    assert r.stdout == data
+
+
+def test_refuses_to_overwrite_without_force(env, tmp_path):
+    tk(env, "keys", "create", "k")
+    (tmp_path / "in").write_bytes(b"x")
+    (tmp_path / "enc").write_bytes(b"keep")
+    r = tk(env, "encrypt", "--key", "k", str(tmp_path / "in"), str(tmp_path / "enc"), ok=False)
+    assert r.returncode == 2 and (tmp_path / "enc").read_bytes() == b"keep"
+    tk(env, "encrypt", "--force", "--key", "k", str(tmp_path / "in"), str(tmp_path / "enc"))
+    assert (tmp_path / "enc").read_bytes()[:4] == b"TAKA"
+
+
+def test_tamper_names_block_and_leaves_no_output(env, tmp_path):
+    tk(env, "keys", "create", "k")
+    (tmp_path / "in").write_bytes(os.urandom(10 * 4096))
+    tk(env, "encrypt", "--key", "k", str(tmp_path / "in"), str(tmp_path / "enc"))
+    blob = bytearray((tmp_path / "enc").read_bytes())
+    blob[fmt.HEADER_SIZE + 7 * (4096 + 28) + 100] ^= 1
+    (tmp_path / "enc").write_bytes(blob)
+    r = tk(env, "decrypt", str(tmp_path / "enc"), str(tmp_path / "out"), ok=False)
+    assert r.returncode == 5
+    assert b"block 7" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in os.listdir(tmp_path) if "takakrypt-tmp" in p]
+    r = tk(env, "inspect", "--verify", "--json", str(tmp_path / "enc"), ok=False)
+    assert r.returncode == 5 and json.loads(r.stdout)["error"] == "integrity"
+
+
+def test_wrong_passphrase(env, tmp_path):
+    tk(env, "keys", "create", "k")
+    (tmp_path / "wrong").write_text("nope\n")
+    r = tk(env, "keys", "list", "--passphrase-file", str(tmp_path / "wrong"), ok=False)
+    assert r.returncode == 7
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_key_version(env, tmp_path):
+    tk(env, "keys", "create", "k")
+    (tmp_path / "in").write_bytes(b"hello")
+    tk(env, "encrypt", "--key", "k", str(tmp_path / "in"), str(tmp_path / "enc"))
+    # a second keystore where "k" exists only at version 1 but a different key
+    other = dict(env, TAKAKRYPT_KEYSTORE=str(tmp_path / "other.json"))
+    tk(other, "keys", "create", "k")
+    tk(other, "keys", "rotate", "k")
+    tk(env, "keys", "rotate", "k")
+    tk(env, "keys", "rotate", "k")
+    tk(env, "encrypt", "--force", "--key", "k", str(tmp_path / "in"), str(tmp_path / "enc"))
+    r = tk(other, "decrypt", str(tmp_path / "enc"), str(tmp_path / "out"), ok=False)
+    assert r.returncode == 6 and b"version 3" in r.stderr
+
+
+def test_not_a_taka_file(env, tmp_path):
+    tk(env, "keys", "create", "k")
+    (tmp_path / "plain").write_bytes(b"just text\n" * 50)
+    for cmd in (("inspect",), ("decrypt",)):
+        args = [*cmd, str(tmp_path / "plain")] + ([str(tmp_path / "o")] if cmd[0] == "decrypt" else [])
+        r = tk(env, *args, ok=False)
+        assert r.returncode == 4 and b"not a TAKA file" in r.stderr
+
+
+def test_missing_keystore_and_passphrase(env, tmp_path):
+    r = tk(env, "keys", "list", ok=False)
+    assert r.returncode == 2 and b"no keystore" in r.stderr
+    e = dict(env)
+    del e["TAKAKRYPT_PASSPHRASE_FILE"]
+    r = tk(e, "keys", "create", "k", ok=False)
+    assert r.returncode == 2 and b"passphrase" in r.stderr
+
+
+def test_master_key_file_mode(env, tmp_path):
+    from takakrypt.keys import generate_master_key_file
+    mk = tmp_path / "master.key"
+    generate_master_key_file(str(mk))
+    e = dict(env)
+    del e["TAKAKRYPT_PASSPHRASE_FILE"]
+    e["TAKAKRYPT_KEYSTORE"] = str(tmp_path / "mk.json")
+    tk(e, "keys", "create", "k", "--master-key-file", str(mk))
+    assert jtk(e, "keys", "list", "--master-key-file", str(mk))[0]["name"] == "k"
+
+
+def test_help_documents_exit_codes():
+    r = subprocess.run([sys.executable, "-m", "takakrypt", "--help"], capture_output=True,
+                       text=True, check=True)
+    for code, text in EXIT_CODES.items():
+        assert f"{code}" in r.stdout and text in r.stdout
+    for sub in ("encrypt", "decrypt", "inspect", "keys"):
+        r = subprocess.run([sys.executable, "-m", "takakrypt", sub, "--help"],
+                           capture_output=True, text=True, check=True)
+        assert "usage:" in r.stdout
+
+
+def test_progress_bar_on_tty(env, tmp_path):
+    """On a TTY the encrypt command draws a progress bar (pty-backed stderr)."""
+    import pty
+    tk(env, "keys", "create", "k")
+    (tmp_path / "in").write_bytes(os.urandom(64 * 1024 * 1024))
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "takakrypt", "encrypt", "--key", "k",
+                          str(tmp_path / "in"), str(tmp_path / "enc")], env=env,
+                         stderr=slave, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            c = os.read(master, 4096)
+        except OSError:
+            break
+        if not c:
+            break
+        chunks.append(c)
+    assert p.wait(60) == 0
+    os.close(master)
+    out = b"".join(chunks)
+    assert b"encrypt [" in out and b"100.0%" in out
