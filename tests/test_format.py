@@ -271,3 +271,12 @@ def test_block_index_aad_layout():
     block = blob[s:]
     pt = AESGCM(bytes(enc)).decrypt(block[:12], block[12:], blob[:96] + struct.pack("<Q", 1))
     assert pt == bytes.fromhex(v["plaintext"])[4096:]
+
+
+def test_selftest_passes_and_detects_a_broken_engine(monkeypatch):
+    from takakrypt import selftest
+    from takakrypt.errors import NativeError
+    selftest.run()
+    monkeypatch.setattr(selftest, "_FILE_SHA256", "0" * 64)
+    with pytest.raises(NativeError, match="self-test failed"):
+        selftest.run()

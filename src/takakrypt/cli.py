@@ -216,6 +216,109 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from . import config
+
+    cfg = config.load(args.file)
+    summary = {"file": args.file, "valid": True, "policies": sorted(cfg.policies),
+               "guard_points": [g.path for g in cfg.guard_points],
+               "rules": sum(len(p.rules) for p in cfg.policies.values())}
+    _out(args, summary, f"{args.file}: OK ({len(cfg.policies)} policies, {summary['rules']} "
+                        f"rules, {len(cfg.guard_points)} guard points)")
+    return 0
+
+
+def _resolve_user(spec: str) -> tuple[int, int, str | None]:
+    import pwd
+
+    try:
+        pw = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
+    except KeyError:
+        if spec.isdigit():
+            return int(spec), int(spec), None
+        raise UsageError(f"unknown user {spec!r}") from None
+    return pw.pw_uid, pw.pw_gid, pw.pw_name
+
+
+def _resolve_group(spec: str) -> int:
+    import grp
+
+    if spec.isdigit():
+        return int(spec)
+    try:
+        return grp.getgrnam(spec).gr_gid
+    except KeyError:
+        raise UsageError(f"unknown group {spec!r}") from None
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from . import config, policy, procinfo
+
+    cfg = config.load(args.config)
+    uid, gid, name = _resolve_user(args.user)
+    groups = tuple(os.getgrouplist(name, gid)) if name else (gid,)
+    if args.group:
+        extra = [_resolve_group(g) for g in args.group]
+        gid, groups = extra[0], tuple(dict.fromkeys([*extra, *groups]))
+    exe = os.path.realpath(args.exe)
+    try:
+        exe_id = procinfo.file_identity(exe)
+    except OSError as e:
+        raise UsageError(f"{args.exe}: {e.strerror}") from None
+    comm = os.path.basename(exe)[:15]
+    argv0 = tuple(args.cmdline.split()) if args.cmdline else (exe,)
+    proc = procinfo.Process(pid=0, start_time=0, exe=exe, comm=args.name or comm,
+                            cmdline=argv0, uid=uid, gid=gid, groups=groups, exe_id=exe_id,
+                            database=procinfo.detect_database(exe, args.name or comm, argv0))
+    pol_name, rel = _policy_for_path(cfg, args.path, args.policy)
+    when = None
+    if args.at:
+        try:
+            when = dt.datetime.fromisoformat(args.at)
+        except ValueError:
+            raise UsageError(f"--at: not an ISO 8601 time: {args.at!r}") from None
+        if when.tzinfo is None:
+            when = when.astimezone()
+    if args.op not in config.ACTIONS:
+        raise UsageError(f"unknown operation {args.op!r} (one of {', '.join(config.ACTIONS)})")
+    req = policy.Request(uid=uid, gid=gid, groups=groups, process=proc, path=rel,
+                         action=args.op, when=when)
+    d = policy.Engine(cfg).evaluate(pol_name, req, explain=True)
+    view = ("plaintext" if d.apply_key else "ciphertext") if d.permit else "EACCES"
+    out = d.as_dict() | {"view": view, "path": rel, "user": name or uid, "uid": uid,
+                         "groups": list(groups), "exe": exe, "database": proc.database}
+    text = "\n".join([f"decision: {d.verdict} ({view})",
+                      f"policy:   {d.policy}, rule {d.rule}",
+                      f"effects:  {', '.join(sorted(d.effects))}", "explanation:",
+                      *(f"  - {n}" for n in d.explanation)])
+    _out(args, out, text)
+    return 0
+
+
+def _policy_for_path(cfg, path: str, policy_name: str | None) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    if policy_name:
+        if policy_name not in cfg.policies:
+            raise UsageError(f"unknown policy {policy_name!r}")
+        if os.path.isabs(path):
+            raise UsageError("with --policy, --path is relative to the guard point")
+        return policy_name, os.path.normpath(path).lstrip("./") if path not in ("", ".") else ""
+    if not os.path.isabs(path):
+        raise UsageError("--path must be absolute (inside a guard point) unless --policy is given")
+    norm = os.path.normpath(path)
+    best = None
+    for gp in cfg.guard_points:
+        root = os.path.normpath(gp.path)
+        if norm == root or norm.startswith(root.rstrip("/") + "/"):
+            if best is None or len(root) > len(os.path.normpath(best.path)):
+                best = gp
+    if best is None:
+        raise UsageError(f"{path} is not under any guard point of the configuration")
+    rel = os.path.relpath(norm, os.path.normpath(best.path))
+    return best.policy, "" if rel == "." else rel
+
+
 # parser ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +401,42 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also check the header tag and every block (needs the keystore)")
     sp.add_argument("file", metavar="FILE")
     sp.set_defaults(func=cmd_inspect)
+    sp = sub.add_parser("config", help="configuration tools", formatter_class=_Formatter,
+                        description="Validate an agent configuration file.")
+    csub = sp.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    cp = csub.add_parser("check", parents=[jsonp], formatter_class=_Formatter,
+                         help="validate a configuration without starting anything",
+                         description="Decode and validate FILE. Every error names the field "
+                                     "path and line; exit status 3 if invalid.",
+                         epilog=_exit_table())
+    cp.add_argument("file", metavar="FILE")
+    cp.set_defaults(func=cmd_config_check)
+
+    sp = sub.add_parser("policy", help="policy tools", formatter_class=_Formatter,
+                        description="Ask the policy engine for a decision, with explanation.")
+    psub = sp.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    pc = psub.add_parser(
+        "check", parents=[jsonp], formatter_class=_Formatter,
+        help="decide one access offline and explain it",
+        description="Evaluate one access against the policy of a configuration file and "
+                    "print the decision, the matching rule, and for every earlier rule "
+                    "why it did not match. The executable is hashed from disk for SHA-256 "
+                    "process sets.", epilog=_exit_table())
+    pc.add_argument("--config", required=True, metavar="FILE", help="configuration file")
+    pc.add_argument("--user", required=True, metavar="USER", help="user name or uid")
+    pc.add_argument("--group", action="append", metavar="GROUP",
+                    help="group name or gid (repeatable; the first is the primary group; "
+                         "default: the user's groups)")
+    pc.add_argument("--exe", required=True, metavar="PATH", help="executable of the process")
+    pc.add_argument("--name", metavar="COMM", help="process name (default: exe basename)")
+    pc.add_argument("--cmdline", metavar="ARGS", help="command line (for database detection)")
+    pc.add_argument("--path", required=True, metavar="P",
+                    help="absolute path inside a guard point (or relative with --policy)")
+    pc.add_argument("--policy", metavar="NAME", help="policy to use instead of the guard "
+                                                     "point's")
+    pc.add_argument("--op", required=True, metavar="OP", help="action: read, write, create, ...")
+    pc.add_argument("--at", metavar="TIME", help="ISO 8601 time (default: now; naive = local)")
+    pc.set_defaults(func=cmd_policy_check)
     return p
 
 
@@ -323,11 +462,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in ("encrypt", "decrypt", "inspect"):
+            from . import selftest
+
+            selftest.run()
         return int(args.func(args))
     except Error as e:
         if getattr(args, "json", False):
             print(json.dumps({"error": e.kind, "message": str(e), "exit_code": e.exit_code}))
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        for line in getattr(e, "all", None) or [str(e)]:
+            print(f"{PROG}: error: {line}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

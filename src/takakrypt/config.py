@@ -1,0 +1,462 @@
+"""The agent's configuration: one YAML file decoded into typed structures (msgspec).
+
+Every error names the field path and the line, e.g.::
+
+    config.yaml:14: $.policies.pgdata.rules[2].effects[0]: unknown effect 'alow'
+
+Decoding happens in two passes: msgspec converts each section into its Struct (types,
+unknown fields), then :func:`_check` validates meaning (references between sections,
+action and effect names, globs, times).  The YAML is composed with position marks so
+any path can be mapped back to its line.  docs/policy.md documents every field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import zoneinfo
+from typing import Any
+
+import msgspec
+import yaml
+
+from .errors import ConfigError
+
+# ---------------------------------------------------------------------------------------
+# actions and effects
+
+ACTIONS = ("read", "write", "append", "truncate", "create", "delete", "rename", "link",
+           "getattr", "setattr", "list", "mkdir", "rmdir", "getxattr", "setxattr")
+ACTION_GROUPS = {
+    "read_ops": ("read", "getattr", "list", "getxattr"),
+    "write_ops": ("write", "append", "truncate", "create", "delete", "rename", "link",
+                  "setattr", "mkdir", "rmdir", "setxattr"),
+    "all_ops": ACTIONS,
+}
+EFFECTS = ("permit", "deny", "apply_key", "audit")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+DATABASES = ("postgres", "mysql", "mongodb", "oracle", "redis", "mssql", "db2", "sqlite")
+
+
+def expand_actions(names: list[str]) -> frozenset[str]:
+    out: set[str] = set()
+    for n in names:
+        out.update(ACTION_GROUPS.get(n, (n,)))
+    return frozenset(out)
+
+
+# ---------------------------------------------------------------------------------------
+# structures
+
+class _S(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+class UserSet(_S):
+    users: list[str | int] = []
+    groups: list[str | int] = []
+
+
+class ProcessSet(_S):
+    executables: list[str] = []   # path globs
+    names: list[str] = []         # process names (comm / argv[0] basename)
+    sha256: list[str] = []        # signatures of the executable
+    databases: list[str] = []     # detected database types
+
+
+class ResourceSet(_S):
+    paths: list[str] = []         # globs relative to the guard point
+    subdirectories: bool = True   # a pattern naming a directory covers what is below
+
+
+class TimeSet(_S):
+    days: list[str] = msgspec.field(default_factory=lambda: list(DAYS))
+    start: str = "00:00"
+    end: str = "24:00"
+    timezone: str = "UTC"
+
+
+class Rule(_S):
+    effects: list[str]
+    actions: list[str] = msgspec.field(default_factory=lambda: ["all_ops"])
+    user_set: str | None = None       # "!name" negates
+    process_set: str | None = None
+    resource_set: str | None = None
+    time_set: str | None = None
+    description: str = ""
+
+
+class Policy(_S):
+    rules: list[Rule]
+    learn_mode: bool = False
+    description: str = ""
+
+
+class GuardPoint(_S):
+    path: str
+    policy: str
+    key: str
+    backing: str | None = None    # None: in place (serve from the directory itself)
+    enabled: bool = True
+
+
+class LocalKeys(_S):
+    path: str = "/var/lib/takakrypt/keystore.json"
+    passphrase_file: str | None = None
+    master_key_file: str | None = None
+
+
+class KmipKeys(_S):
+    host: str
+    port: int = 5696
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class Keys(_S):
+    backend: str = "local"
+    local: LocalKeys = msgspec.field(default_factory=LocalKeys)
+    kmip: KmipKeys | None = None
+
+
+class Metrics(_S):
+    address: str = "127.0.0.1"
+    port: int = 9477
+    enabled: bool = True
+
+
+class Cache(_S):
+    ttl_seconds: float = 30.0
+    max_entries: int = 65536
+
+
+class Agent(_S):
+    control_socket: str = "/run/takakrypt/control.sock"
+    protocol_socket: str = "/run/takakrypt/agent.sock"
+    pid_file: str = "/run/takakrypt/takakryptd.pid"
+    request_timeout: float = 5.0
+    metrics: Metrics | None = None
+    cache: Cache = msgspec.field(default_factory=Cache)
+    log_level: str = "info"
+
+
+class Config(_S):
+    version: int = 1
+    agent: Agent = msgspec.field(default_factory=Agent)
+    keys: Keys = msgspec.field(default_factory=Keys)
+    user_sets: dict[str, UserSet] = {}
+    process_sets: dict[str, ProcessSet] = {}
+    resource_sets: dict[str, ResourceSet] = {}
+    time_sets: dict[str, TimeSet] = {}
+    policies: dict[str, Policy] = {}
+    guard_points: list[GuardPoint] = []
+    audit: Any = None  # audit.config.AuditConfig, converted in _convert_audit
+    source: str = ""   # file the config came from (not in YAML)
+
+
+# ---------------------------------------------------------------------------------------
+# YAML with line numbers
+
+class _Located:
+    """Plain Python data from YAML plus a map from JSON path to line number."""
+
+    MAX_NODES = 200_000  # aliases can multiply nodes ("billion laughs"): cap the total
+
+    def __init__(self) -> None:
+        self.lines: dict[str, int] = {}
+        self.count = 0
+
+    def build(self, node: yaml.Node, path: str) -> Any:
+        self.count += 1
+        if self.count > self.MAX_NODES:
+            raise ConfigError(f"configuration too large (more than {self.MAX_NODES} values, "
+                              "aliases included)")
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for knode, vnode in node.value:
+                key = self.build(knode, path + ".<key>")
+                if not isinstance(key, (str, int)):
+                    raise ConfigError(f"{path}: mapping keys must be strings")
+                if key in out:
+                    raise ConfigError(f"line {knode.start_mark.line + 1}: {path}: duplicate "
+                                      f"key {key!r}")
+                self.lines.setdefault(f"{path}.{key}", knode.start_mark.line + 1)
+                out[key] = self.build(vnode, f"{path}.{key}")
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(v, f"{path}[{i}]") for i, v in enumerate(node.value)]
+        return yaml.SafeLoader.construct_object(_LOADER, node)  # scalars
+
+    def line(self, path: str) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path) if path != "$" else ""
+        return None
+
+
+class _ScalarLoader(yaml.SafeLoader):
+    def __init__(self) -> None:  # no stream: only used to construct scalars
+        yaml.SafeLoader.__init__(self, "")
+
+
+_LOADER = _ScalarLoader()
+
+
+class _Errors:
+    def __init__(self, source: str, loc: _Located) -> None:
+        self.source, self.loc = source, loc
+        self.items: list[str] = []
+
+    def add(self, path: str, msg: str) -> None:
+        line = self.loc.line(path)
+        where = f"{self.source}:{line}: " if line else (f"{self.source}: " if self.source else "")
+        self.items.append(f"{where}{path}: {msg}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            first = self.items[0]
+            more = f" (and {len(self.items) - 1} more)" if len(self.items) > 1 else ""
+            err = ConfigError(first + more)
+            err.all = list(self.items)  # type: ignore[attr-defined]
+            raise err
+
+
+def _convert(obj: Any, typ: Any, path: str, errors: _Errors) -> Any:
+    try:
+        return msgspec.convert(obj, typ, strict=True)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        m = re.search(r" - at `\$(.*)`$", text)
+        sub = m.group(1) if m else ""
+        msg = text[: m.start()] if m else text
+        unknown = re.match(r"Object contains unknown field `(.*)`$", msg)
+        if unknown:
+            sub, msg = f"{sub}.{unknown.group(1)}", "unknown field"
+        msg = msg.replace("Object missing required field", "missing required field")
+        errors.add(path + sub, msg[0].lower() + msg[1:] if msg else msg)
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+def load(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return loads(text, source=path)
+
+
+def loads(text: str, *, source: str = "<config>") -> Config:
+    """Decode and validate a configuration; raises ConfigError naming path and line."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}: " if mark else f"{source}: "
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    if node is None:
+        raise ConfigError(f"{source}: empty configuration")
+    loc = _Located()
+    try:
+        raw = loc.build(node, "$")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML value: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    errors = _Errors(source, loc)
+    if not isinstance(raw, dict):
+        errors.add("$", "the configuration must be a mapping")
+        errors.raise_if_any()
+    cfg = _decode(raw, errors)
+    errors.raise_if_any()
+    assert cfg is not None
+    _check(cfg, errors)
+    errors.raise_if_any()
+    cfg.source = source
+    return cfg
+
+
+_SECTIONS = {"user_sets": UserSet, "process_sets": ProcessSet, "resource_sets": ResourceSet,
+             "time_sets": TimeSet, "policies": Policy}
+
+
+def _decode(raw: dict[str, Any], errors: _Errors) -> Config | None:
+    top: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"$.{key}"
+        if key in _SECTIONS:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                errors.add(path, f"expected a mapping of names to {_SECTIONS[key].__name__}")
+                continue
+            section = {}
+            for name, item in value.items():
+                if not isinstance(name, str) or not _NAME.fullmatch(name):
+                    errors.add(f"{path}.{name}", "names must match [A-Za-z0-9_.-]{1,64}")
+                    continue
+                conv = _convert(item if item is not None else {}, _SECTIONS[key],
+                                f"{path}.{name}", errors)
+                if conv is not None:
+                    section[name] = conv
+            top[key] = section
+        elif key == "audit":
+            top[key] = _convert_audit(value, errors)
+        elif key == "source":
+            errors.add(path, "unknown field `source`")
+        else:
+            top[key] = value
+    rest = {k: v for k, v in top.items() if k not in _SECTIONS and k != "audit"}
+    cfg = _convert(rest, Config, "$", errors)
+    if cfg is None:
+        return None
+    for key in _SECTIONS:
+        if key in top:
+            setattr(cfg, key, top[key])
+    cfg.audit = top.get("audit")
+    return cfg
+
+
+def _convert_audit(value: Any, errors: _Errors) -> Any:
+    try:
+        from .audit.config import AuditConfig
+    except ImportError:  # pragma: no cover - audit package always ships
+        return value
+    return _convert(value if value is not None else {}, AuditConfig, "$.audit", errors)
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HHMM = re.compile(r"([01]\d|2[0-3]):[0-5]\d|24:00")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_hhmm(s: str) -> int:
+    """Minutes since midnight of "HH:MM" (24:00 = 1440)."""
+    h, m = s.split(":")
+    return int(h) * 60 + int(m)
+
+
+def _check_ref(errors: _Errors, path: str, ref: str | None, table: dict[str, Any],
+               kind: str) -> None:
+    if ref is None:
+        return
+    name = ref[1:] if ref.startswith("!") else ref
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none defined"
+        errors.add(path, f"unknown {kind} '{name}' (known: {known})")
+
+
+def _check(cfg: Config, errors: _Errors) -> None:
+    if cfg.version != 1:
+        errors.add("$.version", f"unsupported configuration version {cfg.version}")
+    for name, us in cfg.user_sets.items():
+        if not us.users and not us.groups:
+            errors.add(f"$.user_sets.{name}", "a user set needs users or groups")
+        for i, u in enumerate(us.users):
+            if isinstance(u, int) and not 0 <= u < 2**32:
+                errors.add(f"$.user_sets.{name}.users[{i}]", f"invalid uid {u}")
+        for i, g in enumerate(us.groups):
+            if isinstance(g, int) and not 0 <= g < 2**32:
+                errors.add(f"$.user_sets.{name}.groups[{i}]", f"invalid gid {g}")
+    for name, ps in cfg.process_sets.items():
+        p = f"$.process_sets.{name}"
+        if not (ps.executables or ps.names or ps.sha256 or ps.databases):
+            errors.add(p, "a process set needs executables, names, sha256 or databases")
+        for i, e in enumerate(ps.executables):
+            if not e.startswith("/"):
+                errors.add(f"{p}.executables[{i}]", f"executable glob must be absolute: {e!r}")
+        for i, h in enumerate(ps.sha256):
+            if not _SHA256.fullmatch(h.lower()):
+                errors.add(f"{p}.sha256[{i}]", "expected 64 hex digits (SHA-256)")
+        for i, d in enumerate(ps.databases):
+            if d not in DATABASES:
+                errors.add(f"{p}.databases[{i}]",
+                           f"unknown database type '{d}' (known: {', '.join(DATABASES)})")
+    for name, rs in cfg.resource_sets.items():
+        p = f"$.resource_sets.{name}"
+        if not rs.paths:
+            errors.add(p, "a resource set needs paths")
+        for i, g in enumerate(rs.paths):
+            if g.startswith("/") or ".." in g.split("/"):
+                errors.add(f"{p}.paths[{i}]",
+                           f"paths are relative to the guard point, without '..': {g!r}")
+    for name, ts in cfg.time_sets.items():
+        p = f"$.time_sets.{name}"
+        for i, d in enumerate(ts.days):
+            if d.lower() not in DAYS:
+                errors.add(f"{p}.days[{i}]", f"unknown day '{d}' (use {', '.join(DAYS)})")
+        for fld in ("start", "end"):
+            if not _HHMM.fullmatch(getattr(ts, fld)):
+                errors.add(f"{p}.{fld}", f"expected HH:MM, got {getattr(ts, fld)!r}")
+        try:
+            zoneinfo.ZoneInfo(ts.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            errors.add(f"{p}.timezone", f"unknown timezone '{ts.timezone}'")
+    for name, pol in cfg.policies.items():
+        p = f"$.policies.{name}"
+        if not pol.rules:
+            errors.add(f"{p}.rules", "a policy needs at least one rule")
+        for i, r in enumerate(pol.rules):
+            rp = f"{p}.rules[{i}]"
+            for j, e in enumerate(r.effects):
+                if e not in EFFECTS:
+                    errors.add(f"{rp}.effects[{j}]", f"unknown effect '{e}'")
+            eff = set(r.effects)
+            if not r.effects:
+                errors.add(f"{rp}.effects", "a rule needs effects")
+            elif len(eff & {"permit", "deny"}) != 1:
+                errors.add(f"{rp}.effects", "a rule needs exactly one of permit or deny")
+            elif "apply_key" in eff and "deny" in eff:
+                errors.add(f"{rp}.effects", "apply_key only goes with permit")
+            if not r.actions:
+                errors.add(f"{rp}.actions", "a rule needs actions")
+            for j, a in enumerate(r.actions):
+                if a not in ACTIONS and a not in ACTION_GROUPS:
+                    errors.add(f"{rp}.actions[{j}]", f"unknown action '{a}'")
+            _check_ref(errors, f"{rp}.user_set", r.user_set, cfg.user_sets, "user set")
+            _check_ref(errors, f"{rp}.process_set", r.process_set, cfg.process_sets,
+                       "process set")
+            _check_ref(errors, f"{rp}.resource_set", r.resource_set, cfg.resource_sets,
+                       "resource set")
+            _check_ref(errors, f"{rp}.time_set", r.time_set, cfg.time_sets, "time set")
+    seen: dict[str, int] = {}
+    for i, gp in enumerate(cfg.guard_points):
+        p = f"$.guard_points[{i}]"
+        if not os.path.isabs(gp.path):
+            errors.add(f"{p}.path", f"guard point path must be absolute: {gp.path!r}")
+        norm = os.path.normpath(gp.path)
+        if norm in seen:
+            errors.add(f"{p}.path", f"same path as guard_points[{seen[norm]}]")
+        seen[norm] = i
+        if gp.policy not in cfg.policies:
+            errors.add(f"{p}.policy", f"unknown policy '{gp.policy}'")
+        if gp.backing is not None and not os.path.isabs(gp.backing):
+            errors.add(f"{p}.backing", "backing directory must be absolute")
+    if cfg.keys.backend not in ("local", "kmip"):
+        errors.add("$.keys.backend", f"unknown key backend '{cfg.keys.backend}'")
+    if cfg.keys.backend == "kmip" and cfg.keys.kmip is None:
+        errors.add("$.keys.kmip", "backend kmip needs a kmip section")
+    if cfg.agent.request_timeout <= 0:
+        errors.add("$.agent.request_timeout", "must be positive")
+    if cfg.agent.cache.max_entries < 1:
+        errors.add("$.agent.cache.max_entries", "must be at least 1")
+    if cfg.agent.cache.ttl_seconds < 0:
+        errors.add("$.agent.cache.ttl_seconds", "must not be negative")
+    if cfg.agent.log_level not in ("debug", "info", "warning", "error"):
+        errors.add("$.agent.log_level", f"unknown log level '{cfg.agent.log_level}'")
+
+
+def now_in(tz: str) -> dt.datetime:
+    return dt.datetime.now(zoneinfo.ZoneInfo(tz))

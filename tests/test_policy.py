@@ -1,0 +1,296 @@
+"""Policy engine: table tests per set type and effect, properties, explanations."""
+
+import datetime as dt
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from takakrypt import config, policy, procinfo
+
+UTC = dt.timezone.utc
+
+
+def proc(exe="/usr/bin/cat", comm=None, cmdline=None, exe_id=None, pid=0):
+    comm = comm or os.path.basename(exe)
+    cmdline = cmdline or (exe,)
+    return procinfo.Process(pid=pid, start_time=1, exe=exe, comm=comm, cmdline=cmdline,
+                            exe_id=exe_id,
+                            database=procinfo.detect_database(exe, comm, cmdline))
+
+
+def req(uid=1000, gid=1000, groups=(), p=None, path="f", action="read", when=None):
+    return policy.Request(uid=uid, gid=gid, groups=tuple(groups), process=p or proc(),
+                          path=path, action=action,
+                          when=when or dt.datetime(2026, 11, 23, 10, 0, tzinfo=UTC))
+
+
+def engine(rules, **sets):
+    doc = {"policies": {"p": {"rules": rules}}}
+    doc.update(sets)
+    import yaml
+    return policy.Engine(config.loads(yaml.safe_dump(doc)))
+
+
+def decide(eng, r, explain=False):
+    return eng.evaluate("p", r, explain=explain)
+
+
+# user sets ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("users,groups,r,expect", [
+    ([1000], [], req(uid=1000), True),
+    ([1001], [], req(uid=1000), False),
+    (["root"], [], req(uid=0), True),
+    (["nobody"], [], req(uid=0), False),
+    ([], [50], req(gid=50), True),
+    ([], [50], req(gid=1, groups=[7, 50]), True),   # supplementary groups count
+    ([], [50], req(gid=1, groups=[7]), False),
+    ([], ["root"], req(gid=0), True),
+    (["no-such-user-xyz"], [], req(uid=4242), False),
+])
+def test_user_sets(users, groups, r, expect):
+    us = {"u": {k: v for k, v in (("users", users), ("groups", groups)) if v}}
+    eng = engine([{"user_set": "u", "effects": ["permit"]}], user_sets=us)
+    assert decide(eng, r).permit is expect
+    neg = engine([{"user_set": "!u", "effects": ["permit"]}], user_sets=us)
+    assert decide(neg, r).permit is (not expect)
+
+
+# process sets ---------------------------------------------------------------------------
+
+def test_process_set_executable_glob_name_and_database():
+    ps = {"pg": {"executables": ["/usr/lib/postgresql/*/bin/postgres"]},
+          "named": {"names": ["pg_dump"]},
+          "db": {"databases": ["postgres", "mysql"]},
+          "both": {"executables": ["/usr/sbin/*"], "databases": ["mysql"]}}
+    pg = proc("/usr/lib/postgresql/15/bin/postgres")
+    for name, p, expect in [
+        ("pg", pg, True), ("pg", proc("/usr/lib/postgresql/15/sbin/postgres"), False),
+        ("pg", proc("/usr/lib/postgresql/15/bin/sub/postgres"), False),  # * stays in one dir
+        ("named", proc("/usr/bin/pg_dump"), True), ("named", proc("/usr/bin/cat"), False),
+        ("db", pg, True), ("db", proc("/usr/sbin/mariadbd"), True),
+        ("db", proc("/usr/bin/cat"), False),
+        ("db", proc("/usr/bin/x", cmdline=("postgres: 15/main: checkpointer",)), True),
+        ("both", proc("/usr/sbin/mysqld"), True), ("both", proc("/usr/sbin/nginx"), False),
+        ("both", proc("/opt/mysqld"), False),
+    ]:
+        eng = engine([{"process_set": name, "effects": ["permit"]}], process_sets=ps)
+        assert decide(eng, req(p=p)).permit is expect, (name, p.exe)
+
+
+def test_process_set_sha256_signature(tmp_path):
+    exe = tmp_path / "tool"
+    shutil.copy("/usr/bin/true", exe)
+    digest = hashlib.sha256(exe.read_bytes()).hexdigest()
+    ps = {"signed": {"executables": [str(tmp_path) + "/*"], "sha256": [digest]}}
+    eng = engine([{"process_set": "signed", "effects": ["permit"]}], process_sets=ps)
+    p = proc(str(exe), exe_id=procinfo.file_identity(str(exe)))
+    assert decide(eng, req(p=p)).permit
+    assert decide(eng, req(p=p)).permit
+    assert eng.hasher.hashes == 1  # cached by (dev, ino, size, mtime)
+    # the same path with other content is not in the set
+    exe.write_bytes(exe.read_bytes() + b"\0")
+    p2 = proc(str(exe), exe_id=procinfo.file_identity(str(exe)))
+    d = decide(eng, req(p=p2), explain=True)
+    assert not d.permit and "signature" in " ".join(d.explanation)
+    assert eng.hasher.hashes == 2
+
+
+# resource sets --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("paths,sub,path,expect", [
+    (["base/**"], False, "base/1/2", True),
+    (["base/**"], False, "basement", False),
+    (["*.conf"], False, "postgresql.conf", True),
+    (["*.conf"], False, "sub/x.conf", False),
+    (["**/*.conf"], False, "sub/x.conf", True),
+    (["**/*.conf"], False, "x.conf", True),
+    (["pg_wal"], True, "pg_wal/000001", True),
+    (["pg_wal"], False, "pg_wal/000001", False),
+    (["pg_wal"], True, "pg_wal", True),
+    (["file?.txt"], False, "file1.txt", True),
+    (["file[0-3].txt"], False, "file4.txt", False),
+    (["file[!0-3].txt"], False, "file4.txt", True),
+])
+def test_resource_sets(paths, sub, path, expect):
+    rs = {"r": {"paths": paths, "subdirectories": sub}}
+    eng = engine([{"resource_set": "r", "effects": ["permit"]}], resource_sets=rs)
+    assert decide(eng, req(path=path)).permit is expect
+
+
+# time sets ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ts,when,expect", [
+    ({"days": ["mon"], "start": "08:00", "end": "18:00", "timezone": "UTC"},
+     dt.datetime(2026, 11, 23, 8, 0, tzinfo=UTC), True),            # Monday 08:00
+    ({"days": ["mon"], "start": "08:00", "end": "18:00", "timezone": "UTC"},
+     dt.datetime(2026, 11, 23, 18, 0, tzinfo=UTC), False),           # end is exclusive
+    ({"days": ["tue"], "start": "08:00", "end": "18:00", "timezone": "UTC"},
+     dt.datetime(2026, 11, 23, 9, 0, tzinfo=UTC), False),            # wrong day
+    ({"days": ["mon"], "start": "08:00", "end": "18:00", "timezone": "Asia/Tokyo"},
+     dt.datetime(2026, 11, 23, 0, 30, tzinfo=UTC), True),            # 09:30 in Tokyo
+    ({"days": ["mon"], "start": "08:00", "end": "18:00", "timezone": "America/New_York"},
+     dt.datetime(2026, 11, 23, 13, 30, tzinfo=UTC), True),           # 08:30 NY (EST)
+    ({"days": ["fri"], "start": "22:00", "end": "06:00", "timezone": "UTC"},
+     dt.datetime(2026, 11, 28, 3, 0, tzinfo=UTC), True),            # Sat 03:00, started Fri
+    ({"days": ["sat"], "start": "22:00", "end": "06:00", "timezone": "UTC"},
+     dt.datetime(2026, 11, 28, 3, 0, tzinfo=UTC), False),
+])
+def test_time_sets(ts, when, expect):
+    eng = engine([{"time_set": "t", "effects": ["permit"]}], time_sets={"t": ts})
+    d = decide(eng, req(when=when))
+    assert d.permit is expect
+    assert d.cache_ttl is not None and 0 < d.cache_ttl <= 86400
+
+
+def test_after_hours_deny_ttl_stops_at_boundary():
+    ts = {"t": {"days": ["mon"], "start": "08:00", "end": "18:00", "timezone": "UTC"}}
+    eng = engine([{"time_set": "t", "effects": ["permit"]}], time_sets=ts)
+    d = decide(eng, req(when=dt.datetime(2026, 11, 23, 17, 59, 30, tzinfo=UTC)))
+    assert d.permit and d.cache_ttl == pytest.approx(30)
+
+
+# effects and actions --------------------------------------------------------------------
+
+@pytest.mark.parametrize("effects,permit,apply_key,audit", [
+    (["permit"], True, False, False),
+    (["permit", "apply_key"], True, True, False),
+    (["permit", "audit"], True, False, True),
+    (["permit", "apply_key", "audit"], True, True, True),
+    (["deny"], False, False, True),          # every deny is audited
+    (["deny", "audit"], False, False, True),
+])
+def test_effect_combinations(effects, permit, apply_key, audit):
+    d = decide(engine([{"effects": effects}]), req())
+    assert (d.permit, d.apply_key, d.audit) == (permit, apply_key, audit)
+    assert d.rule == 0
+
+
+def test_actions_and_groups():
+    eng = engine([{"actions": ["read_ops"], "effects": ["permit"]},
+                  {"actions": ["write", "create"], "effects": ["permit", "apply_key"]}])
+    for a in config.ACTIONS:
+        d = decide(eng, req(action=a))
+        if a in config.ACTION_GROUPS["read_ops"]:
+            assert d.rule == 0
+        elif a in ("write", "create"):
+            assert d.rule == 1 and d.apply_key
+        else:
+            assert d.rule == -1 and not d.permit
+
+
+def test_no_match_is_deny_and_explained():
+    us = {"dba": {"users": [5]}}
+    eng = engine([{"user_set": "dba", "actions": ["read"], "effects": ["permit"]},
+                  {"user_set": "!dba", "actions": ["write"], "effects": ["permit"]}],
+                 user_sets=us)
+    d = decide(eng, req(uid=5, action="write"), explain=True)
+    assert not d.permit and d.rule == -1 and d.verdict == "deny"
+    assert d.explanation[0].startswith("rule 0 skipped: action write not in ['read']")
+    assert "excludes" in d.explanation[1]
+    assert d.explanation[-1] == "no rule matched: default deny"
+
+
+def test_learn_mode_turns_deny_into_would_deny():
+    import yaml
+    doc = {"policies": {"p": {"learn_mode": True, "rules": [{"actions": ["read"],
+                                                            "effects": ["permit"]}]}}}
+    eng = policy.Engine(config.loads(yaml.safe_dump(doc)))
+    d = eng.evaluate("p", req(action="write"))
+    assert d.permit and d.would_deny and d.audit and d.verdict == "would-deny"
+    assert eng.evaluate("p", req(action="read")).verdict == "permit"
+
+
+# properties -----------------------------------------------------------------------------
+
+_rule = st.fixed_dictionaries({
+    "effects": st.sampled_from([["permit"], ["deny"], ["permit", "apply_key"],
+                                ["deny", "audit"]]),
+    "actions": st.lists(st.sampled_from(list(config.ACTIONS) + ["read_ops", "write_ops"]),
+                        min_size=1, max_size=3),
+}, optional={
+    "user_set": st.sampled_from(["u", "!u"]),
+    "resource_set": st.sampled_from(["r", "!r"]),
+})
+_req = st.builds(lambda uid, path, action: req(uid=uid, path=path, action=action),
+                 st.sampled_from([0, 5, 1000]), st.sampled_from(["a", "b/c", "data/x"]),
+                 st.sampled_from(config.ACTIONS))
+SETS = {"user_sets": {"u": {"users": [5]}}, "resource_sets": {"r": {"paths": ["data/**"]}}}
+
+
+@given(st.lists(_rule, min_size=1, max_size=6), _rule, st.lists(_req, min_size=1, max_size=5))
+def test_trailing_rule_never_changes_earlier_decision(rules, extra, reqs):
+    a, b = engine(rules, **SETS), engine(rules + [extra], **SETS)
+    for r in reqs:
+        da, db = decide(a, r), decide(b, r)
+        if da.rule != -1:
+            assert (db.rule, db.effects) == (da.rule, da.effects)
+        else:
+            assert db.rule in (-1, len(rules))
+
+
+@given(st.lists(_rule, min_size=1, max_size=6), st.lists(_req, min_size=1, max_size=5))
+def test_first_match_decides_and_explanation_agrees(rules, reqs):
+    eng = engine(rules, **SETS)
+    for r in reqs:
+        d = decide(eng, r, explain=True)
+        skipped = [n for n in d.explanation if "skipped" in n]
+        assert len(skipped) == (d.rule if d.rule >= 0 else len(rules))
+        assert d.permit == ("permit" in d.effects)
+
+
+# process identity from /proc ------------------------------------------------------------
+
+def test_inspect_real_process_and_thread():
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        p = procinfo.inspect(child.pid)
+        assert p.pid == child.pid and p.exe == os.path.realpath(shutil.which("sleep"))
+        assert p.comm == "sleep" and p.cmdline == ("sleep", "30")
+        assert p.start_time > 0 and p.uid == os.geteuid()
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(procinfo.ProcessGone):
+        procinfo.inspect(child.pid)
+    # a thread id maps to its process
+    tids = []
+    ev = threading.Event()
+    t = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), ev.wait(5)))
+    t.start()
+    while not tids:
+        pass
+    try:
+        assert procinfo.inspect(tids[0]).pid == os.getpid()
+    finally:
+        ev.set()
+        t.join()
+
+
+def test_start_time_distinguishes_processes():
+    a = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    sa = procinfo.start_time_of(a.pid)
+    a.wait()
+    b = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    try:
+        assert procinfo.start_time_of(b.pid) >= sa
+        assert (b.pid, procinfo.start_time_of(b.pid)) != (a.pid, sa)
+    finally:
+        b.kill()
+        b.wait()
+
+
+def test_database_detection():
+    d = procinfo.detect_database
+    assert d("/usr/lib/postgresql/15/bin/postgres", "postgres", ()) == "postgres"
+    assert d("/usr/sbin/mariadbd", "mariadbd", ()) == "mysql"
+    assert d("/usr/bin/mongod", "mongod", ()) == "mongodb"
+    assert d("/u01/app/oracle/bin/oracle", "ora_pmon_orcl", ()) == "oracle"
+    assert d("/usr/bin/cat", "cat", ("cat",)) is None
