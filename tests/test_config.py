@@ -147,3 +147,16 @@ def test_fuzz_mutations(pos, insert):
         config.loads(GOOD[:pos] + insert + GOOD[pos + 1:])
     except ConfigError:
         pass
+
+
+def test_docs_policy_examples_are_valid():
+    """Every complete example in docs/policy.md passes validation."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).parents[1] / "docs" / "policy.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "guard_points:" in b
+              and "policies:" in b]
+    assert len(blocks) >= 3
+    for b in blocks:
+        cfg = config.loads(b, source="docs/policy.md")
+        assert cfg.guard_points and cfg.policies

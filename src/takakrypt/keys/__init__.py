@@ -1,0 +1,47 @@
+"""Key management: the backend interface and the embedded local keystore.
+
+Public API::
+
+    from takakrypt.keys import open_keystore, KeyBackend, KeyInfo, wipe
+
+    with open_keystore(path, passphrase=pw, create=True) as ks:   # -> Keystore
+        info = ks.create("payroll")       # KeyInfo, version 1
+        key = ks.get("payroll")           # bytearray(32); caller must wipe(key)
+        ks.rotate("payroll")              # KeyInfo, version 2; version 1 kept
+        ks.list()                         # [KeyInfo, ...] sorted by name
+
+See docs/keys.md for the contract, the file format and the threat model.
+"""
+
+from .backend import (
+    ALGORITHM,
+    KEY_BYTES,
+    KeyBackend,
+    KeyInfo,
+    KeyVersionInfo,
+    validate_key_name,
+)
+from .local import (
+    DEFAULT_KDF_PARAMS,
+    Argon2Params,
+    Keystore,
+    generate_master_key_file,
+    open_keystore,
+)
+from .secret import Secret, wipe
+
+__all__ = [
+    "ALGORITHM",
+    "DEFAULT_KDF_PARAMS",
+    "KEY_BYTES",
+    "Argon2Params",
+    "KeyBackend",
+    "KeyInfo",
+    "KeyVersionInfo",
+    "Keystore",
+    "Secret",
+    "generate_master_key_file",
+    "open_keystore",
+    "validate_key_name",
+    "wipe",
+]
