@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Run the native AES-GCM tests against an ASan+UBSan build of takakrypt._aesgcm.
+#
+# The sanitized extension is built in a throw-away copy of the tree, so the normal
+# in-place / installed build is never touched.  Exits non-zero on a build failure,
+# a test failure or any sanitizer report.
+#
+#   PY=.venv/bin/python bash ci/asan.sh [extra pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PY:-.venv/bin/python}
+case "$PY" in /*) ;; */*) PY=$ROOT/$PY ;; esac # make relative paths absolute
+if ! command -v "$PY" >/dev/null 2>&1; then
+    echo "asan.sh: python '$PY' not found (set PY=/path/to/python)" >&2
+    exit 2
+fi
+
+LIBASAN=$(gcc -print-file-name=libasan.so)
+if [ ! -e "$LIBASAN" ]; then
+    echo "asan.sh: libasan.so not found (Debian: apt-get install gcc)" >&2
+    exit 2
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/takakrypt-asan.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+# Copy only what the build and the test need; drop any prebuilt extension.
+cp -r src tests setup.py pyproject.toml "$WORK"/
+[ -e README.md ] && cp README.md "$WORK"/
+find "$WORK" \( -name '*.so' -o -name '__pycache__' -o -name '.pytest_cache' \) -prune -exec rm -rf {} +
+rm -f "$WORK/src/_native/aesgcm.c"
+
+echo "asan.sh: building sanitized extension in $WORK"
+if ! (cd "$WORK" && TAKAKRYPT_SANITIZE=1 "$PY" setup.py build_ext --inplace) >"$WORK/build.log" 2>&1; then
+    cat "$WORK/build.log" >&2
+    echo "asan.sh: build failed" >&2
+    exit 1
+fi
+SO=$(find "$WORK/src/takakrypt" -maxdepth 1 -name '_aesgcm*.so')
+LDD=$(ldd "$SO" 2>&1 || true) # captured first: grep -q on a pipe + pipefail = SIGPIPE races
+if [ -z "$SO" ] || [[ "$LDD" != *libasan* ]] || [[ "$LDD" != *libubsan* ]]; then
+    echo "asan.sh: $SO is not linked against libasan/libubsan" >&2
+    exit 1
+fi
+
+export PYTHONPATH="$WORK/src"
+export PYTHONMALLOC=malloc # let ASan see every Python allocation (bytes we fill)
+export ASAN_OPTIONS=detect_leaks=0 # leaks from CPython itself are noise
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+export PYTHONDONTWRITEBYTECODE=1
+
+# The sanitized module, not the normal build, must be the one imported.
+LD_PRELOAD="$LIBASAN" "$PY" -c "
+import sys, takakrypt._aesgcm as m
+assert m.__file__.startswith(sys.argv[1]), m.__file__
+print('asan.sh: testing', m.__file__, 'engines', m.engines())
+" "$WORK/src/"
+
+set +e
+(cd "$WORK" && LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:cacheprovider \
+    --capture=sys tests/test_native_aesgcm.py "$@") 2>&1 | tee "$WORK/test.log"
+# --capture=sys: pytest's default fd-level capture would swallow the report written
+# to fd 2 by a sanitizer that then aborts the process.
+rc=${PIPESTATUS[0]}
+set -e
+
+if grep -Eq "ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:|UndefinedBehaviorSanitizer" "$WORK/test.log"; then
+    echo "asan.sh: sanitizer report found" >&2
+    exit 1
+fi
+if [ "$rc" -ne 0 ]; then
+    echo "asan.sh: tests failed (exit $rc)" >&2
+    exit "$rc"
+fi
+echo "asan.sh: OK (no sanitizer reports)"
