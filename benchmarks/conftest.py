@@ -46,6 +46,8 @@ def _ratios(benchmarks: list[dict]) -> list[str]:
          "test_b_pyca_loop_4k", 3.0),
         ("(a) 1 MiB batches / (c) pyca 64K", "test_a_native_batch_1m[ipsecmb]",
          "test_c_pyca_single_64k", 0.9),
+        ("(a) native batch 4K / (b0) bare pyca loop", "test_a_native_batch_64k[ipsecmb]",
+         "test_b0_pyca_bare_loop_4k", None),
         ("openssl engine batch / (b) pyca loop", "test_a_native_batch_64k[openssl]",
          "test_b_pyca_loop_4k", None),
         ("decrypt batch / encrypt batch", "test_a_native_decrypt_64k[ipsecmb]",
@@ -56,6 +58,8 @@ def _ratios(benchmarks: list[dict]) -> list[str]:
          "test_a_native_batch_1m[ipsecmb]", None),
         ("CLI decrypt 1 GiB tmpfs / (a) 1 MiB batches", "cli_decrypt_1g",
          "test_a_native_batch_1m[ipsecmb]", None),
+        ("CLI encrypt 1 GiB tmpfs / cp of the file", "cli_encrypt_1g", "cp_1g_tmpfs", None),
+        ("CLI decrypt 1 GiB tmpfs / cp of the file", "cli_decrypt_1g", "cp_1g_tmpfs", None),
     ]
     lines.append("")
     lines.append("ratios (same run):")
