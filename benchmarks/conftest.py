@@ -13,6 +13,8 @@ import pytest
 BYTES: dict[str, int] = {}
 #: extra measurements that are not pytest-benchmark rounds: name -> GB/s
 EXTRA: dict[str, float] = {}
+#: summary lines other benchmark modules add (printed at the end of the run)
+REPORT: list[str] = []
 
 
 def gbps(bench_name: str, stats) -> float:
@@ -93,7 +95,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if bs is None or not bs.benchmarks:
         return
     data = [{"name": b.name, "stats": b.stats.as_dict()} for b in bs.benchmarks if b.stats]
-    for line in _ratios(data):
+    if any(n in BYTES for n in (d["name"] for d in data)):
+        for line in _ratios(data):
+            terminalreporter.write_line(line)
+    for line in REPORT:
         terminalreporter.write_line(line)
     path = os.environ.get("TAKAKRYPT_RATIOS_JSON")
     if path:
