@@ -99,6 +99,47 @@ class NativeError(Error):
     kind = "native"
 
 
+class ProtocolError(Error):
+    """A TAKA protocol message is malformed, unknown or does not match its request."""
+
+    exit_code = 11
+    kind = "protocol"
+
+
+class AgentUnavailable(Error):
+    """takakryptd is not running or does not answer on its control socket."""
+
+    exit_code = 12
+    kind = "agent-unavailable"
+
+
+class AgentError(Error):
+    """takakryptd reported an error for a control command."""
+
+    exit_code = 13
+    kind = "agent"
+
+
+def error_from_kind(kind: str, message: str) -> Error:
+    """Rebuild the error a remote side (takakryptd) reported, so the CLI exits with the
+    same code as if the work had been done locally."""
+    for cls in _all_subclasses(Error):
+        if cls.kind == kind and cls.__init__ is Error.__init__:
+            return cls(message)
+    if kind == IntegrityError.kind:
+        return IntegrityError(message)
+    err = AgentError(message)
+    return err
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
 #: exit code table, for --help and docs (kept next to the classes so they cannot drift)
 EXIT_CODES: dict[int, str] = {
     0: "success",
@@ -112,5 +153,8 @@ EXIT_CODES: dict[int, str] = {
     KeystoreCorrupt.exit_code: "keystore corrupt",
     BackendUnavailable.exit_code: "key backend unavailable",
     NativeError.exit_code: "native crypto failure",
+    ProtocolError.exit_code: "malformed protocol message",
+    AgentUnavailable.exit_code: "takakryptd not running / not answering",
+    AgentError.exit_code: "takakryptd reported an error",
     130: "interrupted (SIGINT)",
 }
