@@ -118,6 +118,72 @@ def _describe_key(info: Any) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_CONTROL_SOCKET = "/run/takakrypt/control.sock"
+
+
+def _control_socket(args: argparse.Namespace) -> str:
+    return (getattr(args, "control_socket", None) or os.environ.get("TAKAKRYPT_CONTROL_SOCKET")
+            or DEFAULT_CONTROL_SOCKET)
+
+
+def _live(args: argparse.Namespace, cmd: str, **kw: Any) -> Any:
+    from .agent.control import call
+
+    return call(_control_socket(args), cmd, **kw)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _live(args, "status")
+    lines = [f"takakryptd {st['version']} pid {st['pid']}, up {st['uptime_seconds']:.0f} s, "
+             f"{'healthy' if st['healthy'] else 'UNHEALTHY'}",
+             f"config:      {st['config']}",
+             f"key backend: {st['key_backend'].get('type')} (circuit "
+             f"{st['key_backend'].get('state')})",
+             f"requests:    {st['requests']} ({st['inflight']} in flight)",
+             f"reloads:     {st['reloads']['ok']} ok, {st['reloads']['failed']} failed"
+             + (f" (last error: {st['last_reload_error']})" if st["last_reload_error"] else "")]
+    lines.append("health:")
+    lines += [f"  {'ok  ' if ok else 'FAIL'} {name}" for name, ok in st["health"].items()]
+    lines.append("guard points:")
+    lines += [f"  {'mounted  ' if g['mounted'] else 'unmounted'} {g['path']} (policy "
+              f"{g['policy']}, key {g['key']})" + (f" error: {g['error']}" if g["error"] else "")
+              for g in st["guard_points"]] or ["  (none)"]
+    if st.get("metrics"):
+        lines.append(f"metrics:     {st['metrics']}")
+    _out(args, st, "\n".join(lines))
+    return 0 if st["healthy"] else 1
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    r = _live(args, "reload")
+    if not r.get("reloaded"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"reload rejected, the running configuration stays: {r.get('error')}")
+    _out(args, r, f"configuration reloaded (cache generation {r.get('generation')})")
+    return 0
+
+
+def cmd_guard_list(args: argparse.Namespace) -> int:
+    gps = _live(args, "guard_list")
+    text = "\n".join(f"{'mounted  ' if g['mounted'] else 'unmounted'} {g['path']:<40} "
+                     f"policy {g['policy']:<16} key {g['key']}" + (f"  error: {g['error']}"
+                                                                   if g["error"] else "")
+                     for g in gps) or "(no guard points)"
+    _out(args, gps, text)
+    return 0
+
+
+def cmd_audit_stats(args: argparse.Namespace) -> int:
+    st = _live(args, "audit_stats")
+    lines = [f"queue:    {st.get('queue_depth', 0)} waiting (capacity {st.get('queue_size')})",
+             f"enqueued: {st.get('enqueued', 0)}, dropped: {st.get('dropped', 0)}"]
+    for name, s2 in (st.get("sinks") or {}).items():
+        lines.append(f"sink {name}: " + ", ".join(f"{k} {v}" for k, v in s2.items()))
+    _out(args, st, "\n".join(lines))
+    return 0
+
+
 # commands ----------------------------------------------------------------------------------
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
@@ -128,8 +194,15 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    with _keystore(args) as ks:
-        infos = ks.list()
+    if args.live:
+        import msgspec
+
+        from .keys import KeyInfo
+
+        infos = [msgspec.convert(i, KeyInfo) for i in _live(args, "keys_list")]
+    else:
+        with _keystore(args) as ks:
+            infos = ks.list()
     text = "\n".join(f"{i.name:<32} v{i.current_version:<5} {len(i.versions)} version(s)  "
                      f"{i.algorithm}" for i in infos) or "(no keys)"
     _out(args, [_key_info_dict(i) for i in infos], text)
@@ -251,48 +324,68 @@ def _resolve_group(spec: str) -> int:
         raise UsageError(f"unknown group {spec!r}") from None
 
 
-def cmd_policy_check(args: argparse.Namespace) -> int:
+def policy_check_request(cfg, a: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """(Request, policy name) for a policy check described by ``a`` (user, group, exe,
+    name, cmdline, path, policy, op, at) — shared by the CLI and the live agent."""
     import datetime as dt
 
     from . import config, policy, procinfo
 
-    cfg = config.load(args.config)
-    uid, gid, name = _resolve_user(args.user)
+    uid, gid, name = _resolve_user(str(a["user"]))
     groups = tuple(os.getgrouplist(name, gid)) if name else (gid,)
-    if args.group:
-        extra = [_resolve_group(g) for g in args.group]
+    if a.get("group"):
+        extra = [_resolve_group(str(g)) for g in a["group"]]
         gid, groups = extra[0], tuple(dict.fromkeys([*extra, *groups]))
-    exe = os.path.realpath(args.exe)
+    exe = os.path.realpath(a["exe"])
     try:
         exe_id = procinfo.file_identity(exe)
     except OSError as e:
-        raise UsageError(f"{args.exe}: {e.strerror}") from None
-    comm = os.path.basename(exe)[:15]
-    argv0 = tuple(args.cmdline.split()) if args.cmdline else (exe,)
-    proc = procinfo.Process(pid=0, start_time=0, exe=exe, comm=args.name or comm,
-                            cmdline=argv0, uid=uid, gid=gid, groups=groups, exe_id=exe_id,
-                            database=procinfo.detect_database(exe, args.name or comm, argv0))
-    pol_name, rel = _policy_for_path(cfg, args.path, args.policy)
+        raise UsageError(f"{a['exe']}: {e.strerror}") from None
+    comm = a.get("name") or os.path.basename(exe)[:15]
+    argv0 = tuple(a["cmdline"].split()) if a.get("cmdline") else (exe,)
+    proc = procinfo.Process(pid=0, start_time=0, exe=exe, comm=comm, cmdline=argv0, uid=uid,
+                            gid=gid, groups=groups, exe_id=exe_id,
+                            database=procinfo.detect_database(exe, comm, argv0))
+    pol_name, rel = _policy_for_path(cfg, a["path"], a.get("policy"))
     when = None
-    if args.at:
+    if a.get("at"):
         try:
-            when = dt.datetime.fromisoformat(args.at)
+            when = dt.datetime.fromisoformat(a["at"])
         except ValueError:
-            raise UsageError(f"--at: not an ISO 8601 time: {args.at!r}") from None
+            raise UsageError(f"--at: not an ISO 8601 time: {a['at']!r}") from None
         if when.tzinfo is None:
             when = when.astimezone()
-    if args.op not in config.ACTIONS:
-        raise UsageError(f"unknown operation {args.op!r} (one of {', '.join(config.ACTIONS)})")
+    if a["op"] not in config.ACTIONS:
+        raise UsageError(f"unknown operation {a['op']!r} (one of {', '.join(config.ACTIONS)})")
     req = policy.Request(uid=uid, gid=gid, groups=groups, process=proc, path=rel,
-                         action=args.op, when=when)
-    d = policy.Engine(cfg).evaluate(pol_name, req, explain=True)
-    view = ("plaintext" if d.apply_key else "ciphertext") if d.permit else "EACCES"
-    out = d.as_dict() | {"view": view, "path": rel, "user": name or uid, "uid": uid,
-                         "groups": list(groups), "exe": exe, "database": proc.database}
-    text = "\n".join([f"decision: {d.verdict} ({view})",
-                      f"policy:   {d.policy}, rule {d.rule}",
-                      f"effects:  {', '.join(sorted(d.effects))}", "explanation:",
-                      *(f"  - {n}" for n in d.explanation)])
+                         action=a["op"], when=when)
+    return req, pol_name
+
+
+_CHECK_FIELDS = ("user", "group", "exe", "name", "cmdline", "path", "policy", "op", "at")
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from . import config, policy
+
+    fields = {k: getattr(args, k) for k in _CHECK_FIELDS}
+    if args.config:
+        cfg = config.load(args.config)
+        req, pol_name = policy_check_request(cfg, fields)
+        out = policy.Engine(cfg).evaluate(pol_name, req, explain=True).as_dict()
+        out |= {"path": req.path, "uid": req.uid, "groups": list(req.groups),
+                "exe": req.process.exe, "database": req.process.database, "source": args.config}
+    else:
+        from .agent.control import call
+
+        out = call(_control_socket(args), "policy_check", **fields)
+        out["source"] = "live agent"
+    view = ("plaintext" if out["apply_key"] else "ciphertext") if out["permit"] else "EACCES"
+    out["view"] = view
+    text = "\n".join([f"decision: {out['decision']} ({view})",
+                      f"policy:   {out['policy']}, rule {out['rule']}",
+                      f"effects:  {', '.join(out['effects'])}", "explanation:",
+                      *(f"  - {n}" for n in out["explanation"])])
     _out(args, out, text)
     return 0
 
@@ -331,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlock the keystore with a 32-byte master key file instead")
     jsonp = argparse.ArgumentParser(add_help=False)
     jsonp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    agentp = argparse.ArgumentParser(add_help=False)
+    agentp.add_argument("--control-socket", metavar="PATH",
+                        help="takakryptd control socket ($TAKAKRYPT_CONTROL_SOCKET, default "
+                             f"{DEFAULT_CONTROL_SOCKET})")
 
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Formatter,
@@ -360,9 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=_Formatter, epilog=ENVIRONMENT)
         sp.add_argument("name", metavar="NAME", help="key name: 1-63 of [A-Za-z0-9._-]")
         sp.set_defaults(func=func)
-    sp = ksub.add_parser("list", parents=[common, jsonp], help="list keys",
-                         description="List the keys in the keystore.",
+    sp = ksub.add_parser("list", parents=[common, jsonp, agentp], help="list keys",
+                         description="List the keys in the keystore, or with --live those "
+                                     "of the running agent's key backend.",
                          formatter_class=_Formatter, epilog=ENVIRONMENT)
+    sp.add_argument("--live", action="store_true", help="ask the running takakryptd")
     sp.set_defaults(func=cmd_keys_list)
 
     io = argparse.ArgumentParser(add_help=False)
@@ -412,6 +511,30 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("file", metavar="FILE")
     cp.set_defaults(func=cmd_config_check)
 
+    live_desc = "Talks to the running takakryptd over its control socket (root only)."
+    for name, func, help_ in (("status", cmd_status, "agent status and health "
+                                                      "(exit 1 if unhealthy)"),
+                              ("reload", cmd_reload, "reload the agent's configuration")):
+        sp = sub.add_parser(name, parents=[jsonp, agentp], help=help_, formatter_class=_Formatter,
+                            description=f"{help_[0].upper()}{help_[1:]}. {live_desc}",
+                            epilog=_exit_table())
+        sp.set_defaults(func=func)
+    sp = sub.add_parser("guard", help="guard points of the running agent",
+                        formatter_class=_Formatter, description=live_desc)
+    gsub = sp.add_subparsers(dest="guard_command", metavar="ACTION", required=True)
+    for name in ("list", "status"):
+        gp = gsub.add_parser(name, parents=[jsonp, agentp], formatter_class=_Formatter,
+                             help="guard points: mounted or not, policy, key, counters",
+                             description="Guard points of the running agent. " + live_desc)
+        gp.set_defaults(func=cmd_guard_list)
+    sp = sub.add_parser("audit", help="audit trail of the running agent",
+                        formatter_class=_Formatter, description=live_desc)
+    asub = sp.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    ap = asub.add_parser("stats", parents=[jsonp, agentp], formatter_class=_Formatter,
+                         help="audit queue depth, drops, per-sink counters",
+                         description="Audit counters of the running agent. " + live_desc)
+    ap.set_defaults(func=cmd_audit_stats)
+
     sp = sub.add_parser("policy", help="policy tools", formatter_class=_Formatter,
                         description="Ask the policy engine for a decision, with explanation.")
     psub = sp.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
@@ -422,7 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "print the decision, the matching rule, and for every earlier rule "
                     "why it did not match. The executable is hashed from disk for SHA-256 "
                     "process sets.", epilog=_exit_table())
-    pc.add_argument("--config", required=True, metavar="FILE", help="configuration file")
+    pc.add_argument("--config", metavar="FILE",
+                    help="configuration file (default: ask the running takakryptd, i.e. "
+                         "the live policy)")
+    pc.add_argument("--control-socket", metavar="PATH",
+                    help="takakryptd control socket, without --config")
     pc.add_argument("--user", required=True, metavar="USER", help="user name or uid")
     pc.add_argument("--group", action="append", metavar="GROUP",
                     help="group name or gid (repeatable; the first is the primary group; "

@@ -1,0 +1,1 @@
+"""takakryptd: the long-running agent that enforcement points talk to."""

@@ -1,0 +1,526 @@
+"""takakryptd: the agent daemon.
+
+    takakryptd --config FILE [--foreground] [--pid-file PATH]
+
+Lifecycle: load and validate the configuration (a bad one stops the start with exit
+status 3), take the pid-file lock, open the key backend and audit sinks, start the
+control socket, the protocol transports and metrics, mount the guard points, then tell
+systemd READY=1.  SIGHUP reloads (a configuration that fails validation leaves the old
+one running and is logged and audited), SIGTERM/SIGINT stop gracefully: in-flight
+requests are answered, guard points released, audit flushed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from .. import config as C
+from .. import policy, procinfo
+from ..audit import event as audit_event
+from ..errors import ConfigError, Error, UsageError
+from .breaker import CircuitBreaker
+from .control import ControlServer
+from .keymanager import KeyManager, open_backend
+from .notify import Notifier
+
+log = logging.getLogger("takakryptd")
+
+DEFAULT_CONFIG = "/etc/takakrypt/takakrypt.yaml"
+
+
+@dataclass
+class State:
+    """One loaded configuration; replaced whole on reload (readers never see a mix)."""
+
+    config: C.Config
+    engine: policy.Engine
+    loaded_at: float = field(default_factory=time.time)
+
+
+class PidFile:
+    """A pid file held under an exclusive flock for the daemon's lifetime."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UsageError(f"takakryptd is already running (pid {other or '?'}, "
+                             f"{self.path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Agent:
+    """The daemon's state and services.  All mutation happens on the event loop."""
+
+    def __init__(self, config_path: str, *, notifier: Notifier | None = None) -> None:
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.state = self._load(config_path)
+        self.started = time.time()
+        self.stopping = asyncio.Event()
+        self.inflight = 0
+        self.requests = 0
+        self.reloads = {"ok": 0, "failed": 0}
+        self.last_reload_error: str | None = None
+        self.health: dict[str, bool] = {}
+        self.keys: KeyManager | None = None
+        self.audit: Any = None
+        self.metrics: Any = None
+        self.cache: Any = None
+        self.control_server: ControlServer | None = None
+        self.pidfile: PidFile | None = None
+        self.transports: list[Any] = []
+        self.guards: dict[str, Any] = {}  # path -> mounted guard point
+        self.guard_errors: dict[str, str] = {}
+        self.crypto_bytes = {"encrypt": 0, "decrypt": 0}
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # configuration ------------------------------------------------------------------------
+    @staticmethod
+    def _load(path: str) -> State:
+        cfg = C.load(path)
+        return State(cfg, policy.Engine(cfg))
+
+    @property
+    def config(self) -> C.Config:
+        return self.state.config
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the configuration.  On any error the running one stays."""
+        self.notifier.reloading()
+        try:
+            new = self._load(self.config_path)
+            if new.config.keys != self.config.keys:
+                log.warning("reload: key backend settings changed; restart takakryptd to "
+                            "apply them (keeping the current backend)")
+        except Error as e:
+            self.reloads["failed"] += 1
+            self.last_reload_error = str(e)
+            log.error("reload failed, keeping the running configuration: %s", e)
+            self._audit_system("config-reload", f"reload rejected: {e}",
+                               {"result": "failed"})
+            if self.metrics:
+                self.metrics.reloads.labels(result="failed").inc()
+            self.notifier.send("READY=1", f"STATUS=reload failed: {e}"[:200])
+            return {"reloaded": False, "error": str(e)}
+        old = self.state
+        self.state = new
+        if self.cache is not None:
+            self.cache.bump_generation()
+        self.reloads["ok"] += 1
+        self.last_reload_error = None
+        self._audit_system("config-reload", "configuration reloaded", {"result": "ok"})
+        if self.metrics:
+            self.metrics.reloads.labels(result="ok").inc()
+        log.info("configuration reloaded from %s", self.config_path)
+        self._reconcile_guards(old.config)
+        self.notifier.send("READY=1", "STATUS=running")
+        return {"reloaded": True, "generation": self.cache.generation if self.cache is not None else None}
+
+    # decisions ----------------------------------------------------------------------------
+    def decide(self, policy_name: str, uid: int, gid: int, tid: int, path: str, action: str,
+               *, guard: str = "", key: str | None = None) -> policy.Decision:
+        """The agent-side chokepoint: identify the caller, evaluate, meter, audit."""
+        t0 = time.perf_counter()
+        state = self.state
+        try:
+            proc = procinfo.inspect(tid)
+        except procinfo.ProcessGone:
+            d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
+                                permit=False, apply_key=False, audit=True)
+            self._audit_access(d, uid, tid, "", path, action, key, time.perf_counter() - t0,
+                               "process exited before it could be identified")
+            return d
+        if policy_name not in state.engine.policies:
+            d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
+                                permit=False, apply_key=False, audit=True)
+            reason = "policy no longer configured"
+        else:
+            req = policy.Request(uid=uid, gid=gid, groups=proc.groups, process=proc, path=path,
+                                 action=action)
+            d = state.engine.evaluate(policy_name, req)
+            reason = ""
+        elapsed = time.perf_counter() - t0
+        if self.metrics:
+            self.metrics.decisions.labels(effect=d.verdict).inc()
+            self.metrics.decision_latency.observe(elapsed)
+        if d.audit:
+            self._audit_access(d, uid, proc.pid, proc.exe, path, action, key, elapsed, reason,
+                               groups=proc.groups, guard=guard)
+        return d
+
+    def _audit_access(self, d: policy.Decision, uid: int, pid: int, exe: str, path: str,
+                      action: str, key: str | None, elapsed: float, reason: str = "",
+                      groups: tuple[int, ...] = (), guard: str = "") -> None:
+        if self.audit is None:
+            return
+        full = os.path.join(guard, path) if guard else path
+        self.audit.log(audit_event.access_event(
+            uid=uid, pid=pid, exe=exe, path=full, operation=action, decision=d.verdict,
+            effects=sorted(d.effects), policy=d.policy, rule=d.rule,
+            key=key if d.apply_key else None, learn_mode=d.learn_mode,
+            latency_us=elapsed * 1e6, reason=reason, groups=groups))
+
+    def _audit_system(self, kind: str, reason: str, detail: dict[str, Any] | None = None,
+                      path: str = "") -> None:
+        if self.audit is not None:
+            self.audit.log(audit_event.system_event(kind, reason, detail=detail, path=path))
+
+    # guard points -------------------------------------------------------------------------
+    def _reconcile_guards(self, old: C.Config | None) -> None:
+        """Mount what the configuration adds, release what it removes."""
+        want = {os.path.normpath(g.path): g for g in self.config.guard_points if g.enabled}
+        for path in list(self.guards):
+            if path not in want:
+                self._release_guard(path)
+        for path, gp in want.items():
+            if path in self.guards:
+                current = self.guards[path]
+                if getattr(current, "spec", None) == gp:
+                    continue
+                self._release_guard(path)
+            self._mount_guard(gp)
+
+    def _mount_guard(self, gp: C.GuardPoint) -> None:
+        path = os.path.normpath(gp.path)
+        try:
+            from . import guards
+        except ImportError as e:  # pragma: no cover - the FUSE extension is part of the build
+            self.guard_errors[path] = f"FUSE data path unavailable: {e}"
+            return
+        try:
+            self.guards[path] = guards.mount(self, gp)
+            self.guard_errors.pop(path, None)
+            self._audit_system("guard-point", "guard point mounted", {"policy": gp.policy},
+                               path=path)
+            log.info("guard point %s mounted (policy %s, key %s)", path, gp.policy, gp.key)
+        except Exception as e:  # noqa: BLE001 - one bad guard point must not stop the rest
+            self.guard_errors[path] = str(e)
+            log.error("guard point %s: %s", path, e)
+            self._audit_system("guard-point", f"guard point failed to mount: {e}", path=path)
+
+    def _release_guard(self, path: str) -> None:
+        g = self.guards.pop(path, None)
+        if g is None:
+            return
+        try:
+            g.unmount()
+        except Exception as e:  # noqa: BLE001
+            log.error("guard point %s: unmount failed: %s", path, e)
+        self._audit_system("guard-point", "guard point released", path=path)
+        log.info("guard point %s released", path)
+
+    # status -------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        audit = self.audit.stats() if self.audit is not None else {}
+        return {
+            "cache": self.cache.stats() if self.cache is not None else {},
+            "audit": audit,
+            "health": dict(self.health),
+            "breaker_state": self.keys.breaker.state if self.keys else "closed",
+            "guard_points_mounted": sum(1 for g in self.guards.values()
+                                        if getattr(g, "is_mounted", True)),
+            "crypto_bytes": self._crypto_bytes(),
+        }
+
+    def _crypto_bytes(self) -> dict[str, int]:
+        out = dict(self.crypto_bytes)
+        for g in self.guards.values():
+            st = g.stats() if hasattr(g, "stats") else {}
+            out["encrypt"] += int(st.get("bytes_encrypted", 0))
+            out["decrypt"] += int(st.get("bytes_decrypted", 0))
+        return out
+
+    def status(self) -> dict[str, Any]:
+        healthy = all(self.health.values()) if self.health else True
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "config": self.config_path,
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "healthy": healthy,
+            "health": dict(self.health),
+            "key_backend": {"type": self.config.keys.backend,
+                            **(self.keys.breaker.snapshot() if self.keys else {})},
+            "policies": sorted(self.config.policies),
+            "guard_points": self.guard_list(),
+            "requests": self.requests,
+            "inflight": self.inflight,
+            "reloads": dict(self.reloads),
+            "last_reload_error": self.last_reload_error,
+            "cache": self.cache.stats() if self.cache is not None else None,
+            "audit": self.audit.stats() if self.audit is not None else None,
+            "metrics": (f"http://{self.metrics.address[0]}:{self.metrics.address[1]}/metrics"
+                        if self.metrics and self.metrics.address else None),
+            "transports": [t.describe() for t in self.transports],
+        }
+
+    def guard_list(self) -> list[dict[str, Any]]:
+        out = []
+        for gp in self.config.guard_points:
+            path = os.path.normpath(gp.path)
+            g = self.guards.get(path)
+            out.append({"path": path, "policy": gp.policy, "key": gp.key,
+                        "backing": gp.backing or "(in place)", "enabled": gp.enabled,
+                        "mounted": bool(g is not None and getattr(g, "is_mounted", True)),
+                        "error": self.guard_errors.get(path),
+                        "stats": g.stats() if g is not None and hasattr(g, "stats") else None})
+        return out
+
+    # control commands ---------------------------------------------------------------------
+    def control(self, req: dict[str, Any]) -> Any:
+        cmd = req["cmd"]
+        if cmd == "status":
+            return self.status()
+        if cmd == "reload":
+            return self.reload()
+        if cmd == "guard_list":
+            return self.guard_list()
+        if cmd == "keys_list":
+            import msgspec
+
+            if self.keys is None:
+                raise UsageError("no key backend open")
+            return [msgspec.to_builtins(k) for k in self.keys.list()]
+        if cmd == "audit_stats":
+            return self.audit.stats() if self.audit is not None else {}
+        if cmd == "health":
+            return {"healthy": all(self.health.values()) if self.health else True,
+                    "checks": dict(self.health)}
+        if cmd == "policy_check":
+            return self._control_policy_check(req)
+        raise UsageError(f"unknown command {cmd!r}")
+
+    def _control_policy_check(self, req: dict[str, Any]) -> Any:
+        """Evaluate against the LIVE policy (same engine the data path uses)."""
+        from ..cli import policy_check_request
+
+        request, pol_name = policy_check_request(self.config, req)
+        d = self.state.engine.evaluate(pol_name, request, explain=True)
+        return d.as_dict() | {"generation": self.cache.generation if self.cache is not None else None}
+
+    # health -------------------------------------------------------------------------------
+    def check_health(self) -> dict[str, bool]:
+        checks: dict[str, bool] = {}
+        checks["key_backend"] = self.keys.probe() if self.keys else False
+        if self.audit is not None:
+            sinks = self.audit.stats().get("sinks", {})
+            checks["audit_sinks"] = all(not s.get("failing", False) for s in sinks.values())
+        for gp in self.config.guard_points:
+            if not gp.enabled:
+                continue
+            path = os.path.normpath(gp.path)
+            g = self.guards.get(path)
+            checks[f"guard:{path}"] = bool(g is not None and getattr(g, "is_mounted", False))
+        self.health = checks
+        return checks
+
+
+# ------------------------------------------------------------------------------------------
+# running
+
+
+async def run(agent: Agent, *, pid_file: str | None = None,
+              ready: Callable[[], None] | None = None) -> int:
+    from ..audit.config import build_logger
+
+    loop = asyncio.get_running_loop()
+    cfg = agent.config
+    agent.pidfile = PidFile(pid_file or cfg.agent.pid_file)
+    agent.pidfile.acquire()
+    try:
+        agent.keys = KeyManager(open_backend(cfg.keys), name=cfg.keys.backend,
+                                breaker=CircuitBreaker(cfg.keys.backend))
+        agent.audit = build_logger(cfg.audit) if cfg.audit is not None else build_logger({})
+        from .._cache import DecisionCache
+
+        agent.cache = DecisionCache(max_entries=cfg.agent.cache.max_entries,
+                                    default_ttl=cfg.agent.cache.ttl_seconds)
+        if cfg.agent.metrics is not None and cfg.agent.metrics.enabled:
+            from .metrics import Metrics
+
+            agent.metrics = Metrics(agent.stats)
+            agent.metrics.serve(cfg.agent.metrics.address, cfg.agent.metrics.port)
+        agent.control_server = ControlServer(cfg.agent.control_socket, agent.control)
+        await agent.control_server.start()
+        from . import transports
+
+        agent.transports = await transports.start_all(agent)
+        agent._reconcile_guards(None)
+        agent.check_health()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, agent.reload)
+        agent._tasks.append(asyncio.ensure_future(_health_loop(agent)))
+        if agent.notifier.watchdog_interval:
+            agent._tasks.append(asyncio.ensure_future(_watchdog_loop(agent)))
+        agent._audit_system("agent", "takakryptd started", {"version": __version__})
+        log.info("takakryptd %s ready (config %s, %d guard point(s))", __version__,
+                 agent.config_path, len(agent.guards))
+        agent.notifier.ready("running")
+        if ready:
+            ready()
+        await agent.stopping.wait()
+        log.info("stopping")
+        agent.notifier.stopping()
+        return 0
+    finally:
+        await _shutdown(agent)
+
+
+async def _health_loop(agent: Agent, interval: float = 10.0) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.get_running_loop().run_in_executor(None, agent.check_health)
+
+
+async def _watchdog_loop(agent: Agent) -> None:
+    assert agent.notifier.watchdog_interval
+    while True:
+        agent.notifier.watchdog()  # sent from the loop itself: a stuck loop stops pinging
+        await asyncio.sleep(agent.notifier.watchdog_interval)
+
+
+async def _shutdown(agent: Agent) -> None:
+    for t in agent._tasks:
+        t.cancel()
+    if agent.control_server is not None:
+        await agent.control_server.close()
+    for t in agent.transports:
+        with contextlib.suppress(Exception):
+            await t.close()  # stops accepting, answers what is in flight
+    for _ in range(500):  # in-flight requests get up to 5 s to be answered
+        if agent.inflight == 0:
+            break
+        await asyncio.sleep(0.01)
+    for path in list(agent.guards):
+        agent._release_guard(path)
+    if agent.audit is not None:
+        agent._audit_system("agent", "takakryptd stopped")
+        agent.audit.close(timeout=5)
+    if agent.keys is not None:
+        agent.keys.close()
+    if agent.metrics is not None:
+        agent.metrics.close()
+    if agent.pidfile is not None:
+        agent.pidfile.release()
+    agent.notifier.close()
+
+
+def _daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    fd = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)
+
+
+def _setup_logging(level: str, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    if foreground or not os.path.exists("/dev/log"):
+        h: logging.Handler = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s takakryptd[%(process)d] %(levelname)s "
+                                         "%(message)s"))
+    else:
+        from logging.handlers import SysLogHandler
+
+        h = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_DAEMON)
+        h.setFormatter(logging.Formatter("takakryptd[%(process)d]: %(message)s"))
+    root.addHandler(h)
+    root.setLevel(level.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli import _exit_table, _Formatter
+
+    p = argparse.ArgumentParser(
+        prog="takakryptd", formatter_class=_Formatter,
+        description="The Takakrypt agent: decides every access to guard points by policy, "
+                    "hands keys to the data path, writes the audit trail.\n\n"
+                    "Signals: SIGHUP reloads the configuration (a bad one is rejected and the "
+                    "running one kept), SIGTERM/SIGINT stop gracefully.\n"
+                    "Under systemd (Type=notify) it reports READY=1 and pings the watchdog.",
+        epilog=_exit_table())
+    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help=f"configuration file (default {DEFAULT_CONFIG})")
+    p.add_argument("--foreground", action="store_true",
+                   help="do not fork into the background; log to stderr")
+    p.add_argument("--pid-file", metavar="PATH", help="override agent.pid_file")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..cli import harden_process
+
+    args = build_parser().parse_args(argv)
+    harden_process()
+    try:
+        agent_cfg = C.load(args.config)  # validate before forking: errors reach the caller
+    except ConfigError as e:
+        for line in getattr(e, "all", None) or [str(e)]:
+            print(f"takakryptd: error: {line}", file=sys.stderr)
+        return e.exit_code
+    if not args.foreground and not os.environ.get("NOTIFY_SOCKET"):
+        _daemonize()
+    _setup_logging(agent_cfg.agent.log_level, args.foreground or bool(os.environ.get(
+        "NOTIFY_SOCKET")))
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    try:
+        agent = Agent(args.config)
+
+        async def _main() -> int:
+            return await run(agent, pid_file=args.pid_file)
+
+        return int(runner(_main()))
+    except Error as e:
+        log.error("%s", e)
+        print(f"takakryptd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The agent's request handler: one TAKA protocol message in, one answer out.
+
+It does not know which transport a message came from (seqpacket socket, in-process
+ring, generic netlink): transports call :meth:`RequestHandler.handle` with the bytes
+and send back what it returns.  A malformed message is logged and dropped (no answer:
+the sender times out and denies), never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from .. import protocol as P
+from .. import procinfo
+from ..errors import Error, ProtocolError
+
+log = logging.getLogger("takakryptd.handler")
+
+_EFFECT_BITS = {"permit": P.Effect.PERMIT, "deny": P.Effect.DENY,
+                "apply_key": P.Effect.APPLY_KEY, "audit": P.Effect.AUDIT}
+
+
+def effects_of(d: Any) -> P.Effect:
+    """Protocol effects of a policy.Decision (learn mode: permit + would_deny)."""
+    e = P.Effect(0)
+    if d.permit:
+        e |= P.Effect.PERMIT
+        if d.apply_key:
+            e |= P.Effect.APPLY_KEY
+    else:
+        e |= P.Effect.DENY
+    if d.audit:
+        e |= P.Effect.AUDIT
+    if d.would_deny:
+        e |= P.Effect.WOULD_DENY
+    return e
+
+
+def _version(agent_version: str) -> int:
+    parts = [int(x) for x in agent_version.split(".")[:3] if x.isdigit()]
+    parts += [0] * (3 - len(parts))
+    return parts[0] << 16 | parts[1] << 8 | parts[2]
+
+
+class RequestHandler:
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.processed = 0
+        self.malformed = 0
+        self.by_op: dict[str, int] = {}
+
+    def observe(self, transport: str, t0: float, op: str = "any") -> None:
+        m = self.agent.metrics
+        if m is not None:
+            m.latency.labels(transport=transport, operation=op).observe(time.perf_counter() - t0)
+
+    async def handle(self, data: bytes, *, transport: str = "?") -> bytes | None:
+        try:
+            msg = P.decode(data)
+        except ProtocolError as e:
+            self.malformed += 1
+            log.warning("%s: dropped malformed message (%d bytes): %s", transport, len(data), e)
+            if self.agent.metrics:
+                self.agent.metrics.requests.labels(transport=transport, operation="malformed",
+                                                   status="dropped").inc()
+            return None
+        if msg.is_response:
+            # answers to requests the agent sent (CONFIG_UPDATE to the kernel) arrive here
+            pending = getattr(self.agent, "pending", None)
+            if pending is not None:
+                try:
+                    pending.resolve(msg)
+                except ProtocolError as e:
+                    log.warning("%s: %s", transport, e)
+            return None
+        self.agent.requests += 1
+        self.processed += 1
+        op = msg.operation.name.lower()
+        self.by_op[op] = self.by_op.get(op, 0) + 1
+        try:
+            reply = self._dispatch(msg)
+            status = "ok"
+        except Error as e:
+            reply = P.error_reply(msg, _status_for(e), str(e))
+            status = e.kind
+        except Exception as e:  # noqa: BLE001 - answer INTERNAL, keep serving
+            log.exception("%s: %s request failed", transport, op)
+            reply = P.error_reply(msg, P.Status.INTERNAL, f"internal error: {type(e).__name__}")
+            status = "internal"
+        if self.agent.metrics:
+            self.agent.metrics.requests.labels(transport=transport, operation=op,
+                                               status=status).inc()
+        return P.encode(reply)
+
+    # ---------------------------------------------------------------------------------------
+    def _dispatch(self, msg: P.Message) -> P.Message:
+        op = msg.operation
+        if op == P.Operation.HEALTH_CHECK:
+            from .. import __version__
+
+            return P.reply(msg, P.HealthCheckResponse(
+                agent_version=_version(__version__),
+                uptime_seconds=int(time.time() - self.agent.started) & 0xFFFFFFFF,
+                active_workers=self.agent.inflight, processed_requests=self.processed & 0xFFFFFFFF))
+        if op == P.Operation.POLICY_CHECK:
+            return self._policy_check(msg)
+        if op == P.Operation.KEY_REQUEST:
+            return self._key_request(msg)
+        if op == P.Operation.AUDIT_EVENT:
+            return self._audit(msg)
+        if op in (P.Operation.ENCRYPT, P.Operation.DECRYPT):
+            return self._crypto(msg)
+        return P.error_reply(msg, P.Status.INVALID,
+                             f"{op.name} is sent by the agent, not to it")
+
+    def _guard_for(self, req: P.PolicyCheckRequest) -> tuple[Any, str] | None:
+        gps = [g for g in self.agent.config.guard_points if g.enabled]
+        if req.guard_point_id:
+            if 1 <= req.guard_point_id <= len(self.agent.config.guard_points):
+                gp = self.agent.config.guard_points[req.guard_point_id - 1]
+                rel = os.path.relpath(os.path.normpath(req.path), os.path.normpath(gp.path))
+                if not rel.startswith(".."):
+                    return gp, "" if rel == "." else rel
+            return None
+        path = os.path.normpath(req.path)
+        best = None
+        for gp in gps:
+            root = os.path.normpath(gp.path)
+            if path == root or path.startswith(root.rstrip("/") + "/"):
+                if best is None or len(root) > len(os.path.normpath(best.path)):
+                    best = gp
+        if best is None:
+            return None
+        rel = os.path.relpath(path, os.path.normpath(best.path))
+        return best, "" if rel == "." else rel
+
+    def _policy_check(self, msg: P.Message) -> P.Message:
+        req: P.PolicyCheckRequest = msg.payload  # type: ignore[assignment]
+        found = self._guard_for(req)
+        if found is None:
+            return P.error_reply(msg, P.Status.NOT_FOUND, "path is not in a guard point")
+        gp, rel = found
+        action = req.action.policy_name
+        cache = self.agent.cache
+        ckey = (req.uid, req.gid, req.pid, req.start_time, req.exe_dev, req.exe_ino,
+                os.fsencode(req.path), int(req.action))
+        if cache is not None and req.start_time:
+            hit = cache.lookup(*ckey)
+            if hit is not None:
+                effects, rule, key_version, _flags = hit
+                if effects & P.Effect.AUDIT:
+                    self._audit_hit(req, gp, effects, rule)
+                return P.reply(msg, P.PolicyCheckResponse.from_effects(
+                    P.Effect(effects), key_id=gp.key if effects & P.Effect.APPLY_KEY else "",
+                    key_version=key_version, policy=gp.policy, rule_index=rule,
+                    cache_ttl_ms=int(cache.default_ttl * 1000)))
+        generation = cache.generation if cache is not None else 0
+        if req.start_time:
+            try:
+                if procinfo.start_time_of(req.pid) != req.start_time:
+                    raise procinfo.ProcessGone(req.pid)
+            except procinfo.ProcessGone:
+                return P.reply(msg, P.PolicyCheckResponse.from_effects(
+                    P.Effect.DENY | P.Effect.AUDIT, policy=gp.policy,
+                    reason="process exited or pid reused"))
+        d = self.agent.decide(gp.policy, req.uid, req.gid, req.tid or req.pid, rel, action,
+                              guard=gp.path, key=gp.key)
+        effects = effects_of(d)
+        key_version = 0
+        if effects & P.Effect.APPLY_KEY:
+            key_version = self.agent.keys.current_version(gp.key)
+        ttl = d.cache_ttl if d.cache_ttl is not None else (cache.default_ttl if cache is not None else 0)
+        if cache is not None and req.start_time:
+            cache.insert(*ckey, int(effects), d.rule, key_version, 0, ttl=ttl,
+                         generation=generation)
+        return P.reply(msg, P.PolicyCheckResponse.from_effects(
+            effects, key_id=gp.key if effects & P.Effect.APPLY_KEY else "",
+            key_version=key_version, policy=d.policy, rule_index=d.rule,
+            reason="; ".join(d.explanation)[:200], cache_ttl_ms=int(ttl * 1000)))
+
+    def _audit_hit(self, req: P.PolicyCheckRequest, gp: Any, effects: int, rule: int) -> None:
+        from ..audit import event as ev
+
+        if self.agent.audit is None:
+            return
+        verdict = ("would-deny" if effects & P.Effect.WOULD_DENY else
+                   "permit" if effects & P.Effect.PERMIT else "deny")
+        names = [n for n, b in _EFFECT_BITS.items() if effects & b]
+        self.agent.audit.log(ev.access_event(
+            uid=req.uid, pid=req.pid, exe=req.process, path=req.path,
+            operation=req.action.policy_name, decision=verdict, effects=names,
+            policy=gp.policy, rule=rule, key=gp.key if effects & P.Effect.APPLY_KEY else None,
+            reason="cached decision"))
+
+    def _key_request(self, msg: P.Message) -> P.Message:
+        req: P.KeyRequest = msg.payload  # type: ignore[assignment]
+        version = req.key_version or self.agent.keys.current_version(req.key_id)
+        key = self.agent.keys.get(req.key_id, version)
+        try:
+            return P.reply(msg, P.KeyResponse(key_id=req.key_id, key_version=version,
+                                              key=bytes(key)))
+        finally:
+            key[:] = bytes(len(key))
+
+    def _audit(self, msg: P.Message) -> P.Message:
+        from ..audit import event as ev
+
+        req: P.AuditEventRequest = msg.payload  # type: ignore[assignment]
+        if self.agent.audit is not None:
+            self.agent.audit.log(ev.system_event(
+                req.kind.name.lower().replace("_", "-"), req.detail or req.kind.name.lower(),
+                path=req.path, detail={"pid": req.pid, "uid": req.uid, "process": req.process,
+                                       "action": req.action.policy_name if req.action else "",
+                                       "errno": req.error, "count": req.count}))
+        return P.reply(msg, P.AuditEventResponse())
+
+    def _crypto(self, msg: P.Message) -> P.Message:
+        """The seed's ENCRYPT/DECRYPT: a measured fallback, never the data path default."""
+        from .._aesgcm import BlockCipher
+
+        req = msg.payload
+        if req.algorithm != P.Algorithm.AES_256_GCM:
+            return P.error_reply(msg, P.Status.INVALID, f"unknown algorithm {req.algorithm}")
+        version = req.key_version or self.agent.keys.current_version(req.key_id)
+        key = self.agent.keys.get(req.key_id, version)
+        try:
+            c = BlockCipher(key, block_size=1 << 20)
+        finally:
+            key[:] = bytes(len(key))
+        with c:
+            if msg.operation == P.Operation.ENCRYPT:
+                if len(req.data) > (1 << 20):
+                    return P.error_reply(msg, P.Status.INVALID, "data too large")
+                sealed = c.encrypt(req.data, req.metadata, 0) if req.data else b""
+                self.agent.crypto_bytes["encrypt"] += len(req.data)
+                return P.reply(msg, P.EncryptResponse(encrypted=sealed, iv_len=12, tag_len=16,
+                                                      key_version=version))
+            sealed = req.iv + req.encrypted + req.tag
+            try:
+                plain = c.decrypt(sealed, req.metadata, 0) if req.encrypted else b""
+            except Error:
+                return P.error_reply(msg, P.Status.CRYPTO, "authentication failed")
+            self.agent.crypto_bytes["decrypt"] += len(plain)
+            return P.reply(msg, P.DecryptResponse(plaintext=plain))
+
+
+def _status_for(e: Error) -> P.Status:
+    from ..errors import BackendUnavailable, KeyNotFound
+
+    if isinstance(e, KeyNotFound):
+        return P.Status.NOT_FOUND
+    if isinstance(e, BackendUnavailable):
+        return P.Status.NETWORK
+    if isinstance(e, ProtocolError):
+        return P.Status.INVALID
+    return P.Status.INTERNAL

@@ -1,0 +1,100 @@
+"""Prometheus metrics of the agent, on a configurable localhost address.
+
+Labels never carry a uid, pid or path (unbounded cardinality, and they identify people):
+only effect, action, transport, operation, check and sink names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
+                   50e-3, 100e-3, 250e-3, 1.0, 5.0)
+
+
+class _StatsCollector:
+    """Reads live counters (decision cache, audit logger, breaker) at scrape time."""
+
+    def __init__(self, source: Callable[[], dict[str, Any]]) -> None:
+        self.source = source
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        s = self.source()
+        cache = s.get("cache") or {}
+        for key in ("hits", "misses", "evictions", "expirations", "inserts"):
+            if key in cache:
+                c = CounterMetricFamily(f"takakrypt_cache_{key}", f"decision cache {key}")
+                c.add_metric([], float(cache[key]))
+                yield c
+        if "entries" in cache:
+            g = GaugeMetricFamily("takakrypt_cache_entries", "decision cache entries")
+            g.add_metric([], float(cache["entries"]))
+            yield g
+        audit = s.get("audit") or {}
+        g = GaugeMetricFamily("takakrypt_audit_queue_depth", "audit events waiting")
+        g.add_metric([], float(audit.get("queue_depth", 0)))
+        yield g
+        c = CounterMetricFamily("takakrypt_audit_dropped", "audit events dropped (queue full)")
+        c.add_metric([], float(audit.get("dropped", 0)))
+        yield c
+        c = CounterMetricFamily("takakrypt_audit_written", "audit events written by sink",
+                                labels=["sink"])
+        for name, st in (audit.get("sinks") or {}).items():
+            c.add_metric([str(name)], float(st.get("written", 0)))
+        yield c
+        g = GaugeMetricFamily("takakrypt_health_ok", "1 if the health check passes",
+                              labels=["check"])
+        for name, ok in (s.get("health") or {}).items():
+            g.add_metric([name], 1.0 if ok else 0.0)
+        yield g
+        g = GaugeMetricFamily("takakrypt_key_backend_circuit_open",
+                              "1 if the key backend circuit breaker is open or half-open")
+        g.add_metric([], 0.0 if s.get("breaker_state", "closed") == "closed" else 1.0)
+        yield g
+        g = GaugeMetricFamily("takakrypt_guard_points_mounted", "guard points mounted")
+        g.add_metric([], float(s.get("guard_points_mounted", 0)))
+        yield g
+        c = CounterMetricFamily("takakrypt_crypto_bytes", "bytes through block crypto",
+                                labels=["direction"])
+        for d in ("encrypt", "decrypt"):
+            c.add_metric([d], float((s.get("crypto_bytes") or {}).get(d, 0)))
+        yield c
+
+
+class Metrics:
+    def __init__(self, stats_source: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        self.decisions = Counter("takakrypt_decisions", "policy decisions by effect",
+                                 ["effect"], registry=self.registry)
+        self.requests = Counter("takakrypt_requests", "protocol requests",
+                                ["transport", "operation", "status"], registry=self.registry)
+        self.latency = Histogram("takakrypt_request_latency_seconds",
+                                 "time to answer a protocol request",
+                                 ["transport", "operation"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self.decision_latency = Histogram("takakrypt_decision_latency_seconds",
+                                          "policy evaluation time", buckets=LATENCY_BUCKETS,
+                                          registry=self.registry)
+        self.reloads = Counter("takakrypt_reloads", "configuration reloads", ["result"],
+                               registry=self.registry)
+        self.up = Gauge("takakrypt_up", "1 while the agent runs", registry=self.registry)
+        self.up.set(1)
+        self.registry.register(_StatsCollector(stats_source))
+        self.server: Any = None
+        self.address: tuple[str, int] | None = None
+
+    def serve(self, address: str, port: int) -> tuple[str, int]:
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        self.server = server
+        self.address = server.server_address[:2]
+        return self.address  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None

@@ -1,0 +1,128 @@
+"""Start takakryptd in a subprocess for tests: own keystore, config, sockets, notify."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_config(tmp: Path, **extra) -> dict:
+    from takakrypt.keys import generate_master_key_file, open_keystore
+
+    mk = tmp / "master.key"
+    if not mk.exists():
+        generate_master_key_file(str(mk))
+        with open_keystore(str(tmp / "keystore.json"), master_key_file=str(mk), create=True) as ks:
+            ks.create("k1")
+    cfg = {
+        "agent": {
+            "control_socket": str(tmp / "run" / "control.sock"),
+            "protocol_socket": str(tmp / "run" / "agent.sock"),
+            "pid_file": str(tmp / "run" / "takakryptd.pid"),
+            "metrics": {"address": "127.0.0.1", "port": free_port()},
+            "log_level": "debug",
+        },
+        "keys": {"backend": "local", "local": {"path": str(tmp / "keystore.json"),
+                                               "master_key_file": str(mk)}},
+        "user_sets": {"root": {"users": [0]}},
+        "policies": {"p": {"rules": [
+            {"user_set": "root", "actions": ["read_ops"], "effects": ["permit", "apply_key"]},
+            {"actions": ["all_ops"], "effects": ["deny", "audit"]},
+        ]}},
+        "audit": {"sinks": [{"type": "file", "path": str(tmp / "audit.jsonl")}]},
+    }
+    for k, v in extra.items():
+        cfg[k] = v
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> None:
+    path.write_text(yaml.safe_dump(cfg))
+
+
+class Daemon:
+    """takakryptd --foreground in a child process, with a NOTIFY_SOCKET we bind."""
+
+    def __init__(self, tmp: Path, cfg: dict, *, watchdog_usec: int | None = None) -> None:
+        self.tmp, self.cfg = tmp, cfg
+        self.config_path = tmp / "takakrypt.yaml"
+        write_config(self.config_path, cfg)
+        self.notify_path = str(tmp / "notify.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.notify.settimeout(30)
+        self.log = open(tmp / "takakryptd.log", "wb")
+        env = dict(os.environ, NOTIFY_SOCKET=self.notify_path)
+        if watchdog_usec:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "takakrypt.agent.daemon", "--config", str(self.config_path),
+             "--foreground"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.messages: list[str] = []
+
+    def wait_for(self, field: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in self.messages:
+                if field in m.split("\n"):
+                    self.messages.remove(m)
+                    return m
+            if self.proc.poll() is not None:
+                raise AssertionError(f"takakryptd exited {self.proc.returncode}: {self.logtext()}")
+            try:
+                self.messages.append(self.notify.recv(4096).decode())
+            except socket.timeout:
+                break
+        raise AssertionError(f"no {field} from takakryptd; log: {self.logtext()}")
+
+    def logtext(self) -> str:
+        self.log.flush()
+        return (self.tmp / "takakryptd.log").read_text(errors="replace")
+
+    def cli(self, *args, check=True, timeout=60):
+        env = dict(os.environ, TAKAKRYPT_CONTROL_SOCKET=self.cfg["agent"]["control_socket"])
+        r = subprocess.run([sys.executable, "-m", "takakrypt", *args], env=env,
+                           capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"takakrypt {args} -> {r.returncode}: {r.stderr}")
+        return r
+
+    def jcli(self, *args):
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.notify.close()
+        self.log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running(tmp: Path, cfg: dict, **kw):
+    d = Daemon(tmp, cfg, **kw)
+    try:
+        d.wait_for("READY=1")
+        yield d
+    finally:
+        d.stop()
