@@ -160,3 +160,20 @@ def test_docs_policy_examples_are_valid():
     for b in blocks:
         cfg = config.loads(b, source="docs/policy.md")
         assert cfg.guard_points and cfg.policies
+
+
+def test_packaged_example_config_is_valid():
+    from pathlib import Path
+    cfg = config.load(str(Path(__file__).parents[1] / "packaging" / "takakrypt.yaml.example"))
+    assert cfg.guard_points[0].policy == "pgdata"
+
+
+def test_unit_file_is_type_notify_with_watchdog():
+    import configparser
+    from pathlib import Path
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    cp.read(Path(__file__).parents[1] / "packaging" / "takakryptd.service")
+    svc = cp["Service"]
+    assert svc["Type"] == "notify" and svc["WatchdogSec"] and "--foreground" in svc["ExecStart"]
+    assert svc["ExecReload"].endswith("-HUP $MAINPID") and svc["LimitCORE"] == "0"
