@@ -94,8 +94,47 @@ extensions = [
         libraries=libs["libraries"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-    )
+    ),
+    Extension(
+        "takakrypt._cache",
+        sources=["src/_native/cache.pyx", "src/_native/cache_impl.c"],
+        depends=["src/_native/cache_impl.h"],
+        include_dirs=["src/_native"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    ),
 ]
+
+def find_fuse3() -> dict[str, list[str]]:
+    """libfuse3 via pkg-config; exit with a clear message if absent."""
+    cflags = _pkg_config("--cflags", "fuse3")
+    libs_ = _pkg_config("--libs", "fuse3")
+    if cflags is None or libs_ is None:
+        sys.exit("takakrypt: cannot build takakrypt._fuse, missing libfuse3 >= 3.12 "
+                 "development files: on Debian/Ubuntu `apt-get install libfuse3-dev fuse3`")
+    return {"include_dirs": [t[2:] for t in cflags.split() if t.startswith("-I")],
+            "library_dirs": [t[2:] for t in libs_.split() if t.startswith("-L")],
+            "libraries": [t[2:] for t in libs_.split() if t.startswith("-l")]}
+
+
+# The guard point data path: its own copies of the AES-GCM and decision cache cores.
+_fuse = find_fuse3()
+extensions.append(
+    Extension(
+        "takakrypt._fuse",
+        sources=["src/_native/fuse.pyx", "src/_native/fuse_impl.c",
+                 "src/_native/fuse_inode.c", "src/_native/fuse_ops.c",
+                 "src/_native/fuse_taka.c", "src/_native/aesgcm_impl.c",
+                 "src/_native/cache_impl.c"],
+        depends=["src/_native/fuse_impl.h", "src/_native/fuse_int.h",
+                 "src/_native/aesgcm_impl.h", "src/_native/cache_impl.h"],
+        include_dirs=["src/_native", *libs["include_dirs"], *_fuse["include_dirs"]],
+        library_dirs=[*libs["library_dirs"], *_fuse["library_dirs"]],
+        libraries=[*libs["libraries"], *_fuse["libraries"]],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    )
+)
 
 setup(
     ext_modules=cythonize(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run the native AES-GCM tests against an ASan+UBSan build of takakrypt._aesgcm.
+# Run the native tests against an ASan+UBSan build of the extensions
+# (takakrypt._aesgcm: tests/test_native_aesgcm.py, takakrypt._cache: tests/test_native_cache.py).
 #
-# The sanitized extension is built in a throw-away copy of the tree, so the normal
+# The sanitized extensions are built in a throw-away copy of the tree, so the normal
 # in-place / installed build is never touched.  Exits non-zero on a build failure,
 # a test failure or any sanitizer report.
 #
@@ -29,20 +30,22 @@ trap 'rm -rf "$WORK"' EXIT
 cp -r src tests setup.py pyproject.toml "$WORK"/
 [ -e README.md ] && cp README.md "$WORK"/
 find "$WORK" \( -name '*.so' -o -name '__pycache__' -o -name '.pytest_cache' \) -prune -exec rm -rf {} +
-rm -f "$WORK/src/_native/aesgcm.c"
+rm -f "$WORK/src/_native/aesgcm.c" "$WORK/src/_native/cache.c"
 
-echo "asan.sh: building sanitized extension in $WORK"
+echo "asan.sh: building sanitized extensions in $WORK"
 if ! (cd "$WORK" && TAKAKRYPT_SANITIZE=1 "$PY" setup.py build_ext --inplace) >"$WORK/build.log" 2>&1; then
     cat "$WORK/build.log" >&2
     echo "asan.sh: build failed" >&2
     exit 1
 fi
-SO=$(find "$WORK/src/takakrypt" -maxdepth 1 -name '_aesgcm*.so')
-LDD=$(ldd "$SO" 2>&1 || true) # captured first: grep -q on a pipe + pipefail = SIGPIPE races
-if [ -z "$SO" ] || [[ "$LDD" != *libasan* ]] || [[ "$LDD" != *libubsan* ]]; then
-    echo "asan.sh: $SO is not linked against libasan/libubsan" >&2
-    exit 1
-fi
+for MOD in _aesgcm _cache; do
+    SO=$(find "$WORK/src/takakrypt" -maxdepth 1 -name "$MOD*.so")
+    LDD=$(ldd "$SO" 2>&1 || true) # captured first: grep -q on a pipe + pipefail = SIGPIPE races
+    if [ -z "$SO" ] || [[ "$LDD" != *libasan* ]] || [[ "$LDD" != *libubsan* ]]; then
+        echo "asan.sh: $MOD ($SO) is not linked against libasan/libubsan" >&2
+        exit 1
+    fi
+done
 
 export PYTHONPATH="$WORK/src"
 export PYTHONMALLOC=malloc # let ASan see every Python allocation (bytes we fill)
@@ -50,16 +53,18 @@ export ASAN_OPTIONS=detect_leaks=0 # leaks from CPython itself are noise
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export PYTHONDONTWRITEBYTECODE=1
 
-# The sanitized module, not the normal build, must be the one imported.
+# The sanitized modules, not the normal build, must be the ones imported.
 LD_PRELOAD="$LIBASAN" "$PY" -c "
-import sys, takakrypt._aesgcm as m
-assert m.__file__.startswith(sys.argv[1]), m.__file__
+import sys, takakrypt._aesgcm as m, takakrypt._cache as c
+for mod in (m, c):
+    assert mod.__file__.startswith(sys.argv[1]), mod.__file__
 print('asan.sh: testing', m.__file__, 'engines', m.engines())
+print('asan.sh: testing', c.__file__)
 " "$WORK/src/"
 
 set +e
 (cd "$WORK" && LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:cacheprovider \
-    --capture=sys tests/test_native_aesgcm.py "$@") 2>&1 | tee "$WORK/test.log"
+    --capture=sys tests/test_native_aesgcm.py tests/test_native_cache.py "$@") 2>&1 | tee "$WORK/test.log"
 # --capture=sys: pytest's default fd-level capture would swallow the report written
 # to fd 2 by a sanitizer that then aborts the process.
 rc=${PIPESTATUS[0]}
