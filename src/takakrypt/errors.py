@@ -120,6 +120,17 @@ class AgentError(Error):
     kind = "agent"
 
 
+class XformError(Error):
+    """`takakrypt xform` could not convert some files (the summary lists them)."""
+
+    exit_code = 14
+    kind = "xform"
+
+    def __init__(self, message: str, summary: object = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 def error_from_kind(kind: str, message: str) -> Error:
     """Rebuild the error a remote side (takakryptd) reported, so the CLI exits with the
     same code as if the work had been done locally."""
@@ -156,5 +167,6 @@ EXIT_CODES: dict[int, str] = {
     ProtocolError.exit_code: "malformed protocol message",
     AgentUnavailable.exit_code: "takakryptd not running / not answering",
     AgentError.exit_code: "takakryptd reported an error",
+    XformError.exit_code: "xform: some files could not be converted",
     130: "interrupted (SIGINT)",
 }

@@ -136,6 +136,9 @@ class Agent:
         self.state = new
         if self.cache is not None:
             self.cache.bump_generation()
+        for g in self.guards.values():  # the data path's own cache: nothing stale survives
+            if hasattr(g, "bump_generation"):
+                g.bump_generation()
         self.reloads["ok"] += 1
         self.last_reload_error = None
         self._audit_system("config-reload", "configuration reloaded", {"result": "ok"})

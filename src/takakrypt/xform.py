@@ -1,0 +1,407 @@
+"""Initial encryption of a directory in place (`takakrypt xform`), and its reverse.
+
+Before a directory becomes a guard point, its existing files are converted to TAKA
+files under a key; ``--decrypt`` converts back.  For every regular file:
+
+1. write the converted copy to a temporary file in the same directory (O_EXCL, 0600),
+   fsync it;
+2. verify it: read it back through the reverse transformation and compare the SHA-256
+   with the source's (computed while converting);
+3. copy ownership, mode, timestamps and ``user.*`` xattrs;
+4. rename it over the original and fsync the directory.
+
+A journal (``.takakrypt-xform.journal`` in the directory, JSON lines, fsync'd) records
+the run's direction and key and each file begun/done, so a run interrupted at any point
+(power loss included) is resumed by running the same command again: leftover
+temporaries are removed (when decrypting they hold plaintext, so they are overwritten
+with zeros first), files already converted are recognised (a TAKA header that verifies
+under the key) and skipped.  A directory that is a mount point, or contains one (a
+mounted guard point), is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import format as fmt
+from ._aesgcm import BlockCipher
+from .errors import Error, FormatError, IntegrityError, UsageError, XformError
+from .keys.secret import wipe
+
+JOURNAL = ".takakrypt-xform.journal"
+TMP_SUFFIX = ".takakrypt-xform-tmp"
+CHUNK_BLOCKS = 256
+
+KeyLookup = Callable[[str, int], bytearray]
+
+
+@dataclass
+class Summary:
+    direction: str
+    converted: int = 0
+    already: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    bytes: int = 0
+    resumed: bool = False
+    cleaned_temporaries: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def mounts_under(path: str) -> list[str]:
+    """Mount points at or below ``path`` (from /proc/self/mountinfo)."""
+    root = os.path.realpath(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp == root or mp.startswith(root.rstrip("/") + "/"):
+                out.append(mp)
+    return out
+
+
+def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name == JOURNAL or name.endswith(TMP_SUFFIX):
+                continue
+            p = os.path.join(dirpath, name)
+            yield p, os.lstat(p)
+
+
+class _Journal:
+    def __init__(self, root: str) -> None:
+        self.path = os.path.join(root, JOURNAL)
+        self.f: Any = None
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                break  # a torn last line from a crash
+        return out
+
+    def open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.f = os.fdopen(fd, "ab", buffering=0)
+
+    def write(self, **rec: Any) -> None:
+        self.f.write(json.dumps(rec).encode() + b"\n")
+        os.fsync(self.f.fileno())
+
+    def finish(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        os.unlink(self.path)
+        _fsync_dir(os.path.dirname(self.path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_header(path: str) -> fmt.Header | None:
+    try:
+        with open(path, "rb") as f:
+            return fmt.parse_header(f.read(fmt.HEADER_SIZE))
+    except FormatError:
+        return None
+
+
+def _is_taka_under(path: str, keys: KeyLookup, key_name: str | None) -> bool:
+    h = _read_header(path)
+    if h is None or (key_name is not None and h.key_id != key_name):
+        return False
+    data_key = keys(h.key_id, h.key_version)
+    try:
+        _enc, mac = fmt.derive_file_keys(data_key, h.file_id)
+        wipe(_enc)
+        try:
+            h.verify(mac)
+        finally:
+            wipe(mac)
+    except IntegrityError:
+        return False
+    finally:
+        wipe(data_key)
+    return True
+
+
+def _copy_metadata(src_fd: int, dst_fd: int) -> None:
+    st = os.fstat(src_fd)
+    os.fchown(dst_fd, st.st_uid, st.st_gid)
+    os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+    try:
+        for name in os.listxattr(src_fd):
+            if name.startswith("user."):
+                os.setxattr(dst_fd, name, os.getxattr(src_fd, name))
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _wipe_and_remove(path: str) -> None:
+    """Overwrite a leftover temporary with zeros before unlinking (it may hold plaintext
+    from an interrupted --decrypt).  Best effort: the filesystem may keep old blocks."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        zeros = bytes(1 << 20)
+        off = 0
+        while off < size:
+            off += os.pwrite(fd, zeros[: min(len(zeros), size - off)], off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.unlink(path)
+
+
+def _encrypt_to(src_fd: int, dst_fd: int, key_name: str, key_version: int,
+                data_key: bytearray, progress: Callable[[int], None]) -> tuple[str, fmt.Header]:
+    header = fmt.Header(key_id=key_name, key_version=key_version)
+    enc, mac = fmt.derive_file_keys(data_key, header.file_id)
+    try:
+        cipher = BlockCipher(enc)
+    finally:
+        wipe(enc)
+    h = hashlib.sha256()
+    bs = header.block_size
+    plain = bytearray(CHUNK_BLOCKS * bs)
+    out = bytearray(CHUNK_BLOCKS * (bs + fmt.OVERHEAD))
+    try:
+        os.pwrite(dst_fd, header.pack(mac), 0)
+        pos, opos, block = 0, fmt.HEADER_SIZE, 0
+        while True:
+            n = _pread_full(src_fd, plain, pos)
+            if n == 0:
+                break
+            h.update(memoryview(plain)[:n])
+            m = cipher.encrypt_into(memoryview(plain)[:n], out, header.static, block)
+            _pwrite_full(dst_fd, memoryview(out)[:m], opos)
+            pos, opos, block = pos + n, opos + m, block + fmt.blocks_for(n, bs)
+            progress(n)
+            if n < len(plain):
+                break
+        header.plaintext_size = pos
+        os.pwrite(dst_fd, header.pack(mac), 0)
+        os.fsync(dst_fd)
+    finally:
+        cipher.wipe()
+        wipe(mac)
+        plain[:] = bytes(len(plain))
+    return h.hexdigest(), header
+
+
+def _decrypt_hash(fd: int, keys: KeyLookup, sink_fd: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> str:
+    """SHA-256 of a TAKA file's plaintext (every block verified); optionally write it."""
+    h = hashlib.sha256()
+    raw = os.pread(fd, fmt.HEADER_SIZE, 0)
+    header = fmt.parse_header(raw)
+    data_key = keys(header.key_id, header.key_version)
+    try:
+        enc, mac = fmt.derive_file_keys(data_key, header.file_id)
+    finally:
+        wipe(data_key)
+    try:
+        header.verify(mac)
+    finally:
+        wipe(mac)
+    try:
+        cipher = BlockCipher(enc, block_size=header.block_size)
+    finally:
+        wipe(enc)
+    sbs = header.stored_block_size
+    sealed = bytearray(CHUNK_BLOCKS * sbs)
+    plain = bytearray(CHUNK_BLOCKS * header.block_size)
+    try:
+        done, block, size = 0, 0, header.plaintext_size
+        while done < size:
+            n = _pread_full(fd, sealed, header.block_offset(block))
+            want_blocks = min(CHUNK_BLOCKS, header.nblocks - block)
+            last_len = size - (header.nblocks - 1) * header.block_size + fmt.OVERHEAD
+            need = (want_blocks - 1) * sbs + (last_len if block + want_blocks == header.nblocks
+                                              else sbs)
+            if n < need:
+                raise IntegrityError(f"file truncated at block {block + n // sbs}",
+                                     block=block + n // sbs)
+            m = cipher.decrypt_into(memoryview(sealed)[:need], plain, header.static, block,
+                                    holes=True)
+            m = min(m, size - done)
+            h.update(memoryview(plain)[:m])
+            if sink_fd is not None:
+                _pwrite_full(sink_fd, memoryview(plain)[:m], done)
+                if progress:
+                    progress(m)
+            done += m
+            block += want_blocks
+        if sink_fd is not None:
+            os.fsync(sink_fd)
+    finally:
+        cipher.wipe()
+        plain[:] = bytes(len(plain))
+    return h.hexdigest()
+
+
+def _pread_full(fd: int, buf: bytearray, offset: int) -> int:
+    view, got = memoryview(buf), 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def _pwrite_full(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    pos = 0
+    while n := _pread_full(fd, buf, pos):
+        h.update(memoryview(buf)[:n])
+        pos += n
+        if n < len(buf):
+            break
+    return h.hexdigest()
+
+
+def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | None,
+        decrypt: bool, progress: Callable[[int], None] = lambda n: None,
+        on_file: Callable[[str], None] | None = None) -> Summary:
+    """Convert every regular file below ``root``.  See the module docstring."""
+    root = os.path.realpath(root)
+    if not os.path.isdir(root):
+        raise UsageError(f"{root}: not a directory")
+    busy = mounts_under(root)
+    if busy:
+        raise UsageError(f"{root}: refusing to transform a mounted guard point or a tree "
+                         f"containing mount points ({', '.join(busy[:3])}); unmount first")
+    direction = "decrypt" if decrypt else "encrypt"
+    journal = _Journal(root)
+    previous = journal.read()
+    summary = Summary(direction=direction, resumed=bool(previous))
+    if previous:
+        head = previous[0]
+        if head.get("direction") != direction or (not decrypt and head.get("key") != key_name):
+            raise UsageError(f"{root}: an interrupted xform ({head.get('direction')} with key "
+                             f"{head.get('key')}) must be finished first: run it again with "
+                             "the same arguments")
+        key_version = head.get("version", key_version)
+    # leftovers of an interrupted run: never plaintext copies left lying around
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.endswith(TMP_SUFFIX):
+                _wipe_and_remove(os.path.join(dirpath, name))
+                summary.cleaned_temporaries += 1
+    journal.open()
+    if not previous:
+        journal.write(direction=direction, key=key_name, version=key_version)
+    data_key = keys(key_name, key_version) if not decrypt and key_name else None
+    try:
+        for path, st in _walk(root):
+            rel = os.path.relpath(path, root)
+            if not stat.S_ISREG(st.st_mode):
+                if not stat.S_ISDIR(st.st_mode):
+                    summary.skipped.append({"path": rel, "reason": "not a regular file"})
+                continue
+            if st.st_nlink > 1:
+                summary.skipped.append({"path": rel, "reason": "hard-linked (would be split)"})
+                continue
+            try:
+                done = _convert_one(path, st, rel, decrypt, keys, key_name, key_version,
+                                    data_key, journal, progress)
+            except Error as e:
+                summary.failed.append({"path": rel, "reason": str(e)})
+                continue
+            except OSError as e:
+                summary.failed.append({"path": rel, "reason": e.strerror or str(e)})
+                continue
+            if done is None:
+                summary.already += 1
+            else:
+                summary.converted += 1
+                summary.bytes += done
+            if on_file:
+                on_file(rel)
+    finally:
+        if data_key is not None:
+            wipe(data_key)
+    if summary.failed:
+        journal.f.close()
+        raise XformError(f"{len(summary.failed)} file(s) failed, first: "
+                         f"{summary.failed[0]['path']}: {summary.failed[0]['reason']}",
+                         summary)
+    journal.finish()
+    return summary
+
+
+def _convert_one(path: str, st: os.stat_result, rel: str, decrypt: bool, keys: KeyLookup,
+                 key_name: str | None, key_version: int | None, data_key: bytearray | None,
+                 journal: _Journal, progress: Callable[[int], None]) -> int | None:
+    """Convert one file; None if it was already in the target form."""
+    is_taka = _is_taka_under(path, keys, None if decrypt else key_name)
+    if decrypt and not is_taka:
+        if _read_header(path) is not None:
+            raise IntegrityError(f"{rel}: TAKA header does not verify under its key")
+        return None  # plaintext already
+    if not decrypt and is_taka:
+        return None
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_SUFFIX}")
+    journal.write(begin=rel)
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        dst = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if decrypt:
+                src_hash = _decrypt_hash(src, keys, sink_fd=dst, progress=progress)
+                check = _sha256_fd(dst)
+            else:
+                assert data_key is not None and key_name is not None and key_version
+                src_hash, _h = _encrypt_to(src, dst, key_name, key_version, data_key, progress)
+                check = _decrypt_hash(dst, keys)
+            if check != src_hash:
+                raise IntegrityError(f"{rel}: verification after writing failed")
+            _copy_metadata(src, dst)
+        except BaseException:
+            os.close(dst)
+            _wipe_and_remove(tmp)
+            raise
+        os.close(dst)
+        size = st.st_size
+    finally:
+        os.close(src)
+    os.rename(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+    journal.write(done=rel)
+    return size
