@@ -103,7 +103,16 @@ extensions = [
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     ),
+    Extension(
+        "takakrypt._ring",
+        sources=["src/_native/ring.pyx", "src/_native/ring_impl.c"],
+        depends=["src/_native/ring_impl.h"],
+        include_dirs=["src/_native"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    ),
 ]
+
 
 def find_fuse3() -> dict[str, list[str]]:
     """libfuse3 via pkg-config; exit with a clear message if absent."""

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Run the native tests against an ASan+UBSan build of the extensions
-# (takakrypt._aesgcm: tests/test_native_aesgcm.py, takakrypt._cache: tests/test_native_cache.py).
+# (takakrypt._aesgcm: tests/test_native_aesgcm.py, takakrypt._cache: tests/test_native_cache.py,
+# takakrypt._ring: tests/test_native_ring.py, takakrypt._fuse: tests/test_fuse*.py (the
+# mount server child inherits LD_PRELOAD; fuse_helpers fails a test whose server log holds a
+# sanitizer report), stress sizes scaled down under the sanitizers).
 #
 # The sanitized extensions are built in a throw-away copy of the tree, so the normal
 # in-place / installed build is never touched.  Exits non-zero on a build failure,
@@ -30,7 +33,7 @@ trap 'rm -rf "$WORK"' EXIT
 cp -r src tests setup.py pyproject.toml "$WORK"/
 [ -e README.md ] && cp README.md "$WORK"/
 find "$WORK" \( -name '*.so' -o -name '__pycache__' -o -name '.pytest_cache' \) -prune -exec rm -rf {} +
-rm -f "$WORK/src/_native/aesgcm.c" "$WORK/src/_native/cache.c"
+rm -f "$WORK/src/_native/aesgcm.c" "$WORK/src/_native/cache.c" "$WORK/src/_native/ring.c"
 
 echo "asan.sh: building sanitized extensions in $WORK"
 if ! (cd "$WORK" && TAKAKRYPT_SANITIZE=1 "$PY" setup.py build_ext --inplace) >"$WORK/build.log" 2>&1; then
@@ -38,7 +41,7 @@ if ! (cd "$WORK" && TAKAKRYPT_SANITIZE=1 "$PY" setup.py build_ext --inplace) >"$
     echo "asan.sh: build failed" >&2
     exit 1
 fi
-for MOD in _aesgcm _cache; do
+for MOD in _aesgcm _cache _ring; do
     SO=$(find "$WORK/src/takakrypt" -maxdepth 1 -name "$MOD*.so")
     LDD=$(ldd "$SO" 2>&1 || true) # captured first: grep -q on a pipe + pipefail = SIGPIPE races
     if [ -z "$SO" ] || [[ "$LDD" != *libasan* ]] || [[ "$LDD" != *libubsan* ]]; then
@@ -55,16 +58,19 @@ export PYTHONDONTWRITEBYTECODE=1
 
 # The sanitized modules, not the normal build, must be the ones imported.
 LD_PRELOAD="$LIBASAN" "$PY" -c "
-import sys, takakrypt._aesgcm as m, takakrypt._cache as c
-for mod in (m, c):
+import sys, takakrypt._aesgcm as m, takakrypt._cache as c, takakrypt._ring as r
+for mod in (m, c, r):
     assert mod.__file__.startswith(sys.argv[1]), mod.__file__
 print('asan.sh: testing', m.__file__, 'engines', m.engines())
 print('asan.sh: testing', c.__file__)
+print('asan.sh: testing', r.__file__)
 " "$WORK/src/"
 
 set +e
 (cd "$WORK" && LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:cacheprovider \
-    --capture=sys tests/test_native_aesgcm.py tests/test_native_cache.py "$@") 2>&1 | tee "$WORK/test.log"
+    --capture=sys tests/test_native_aesgcm.py tests/test_native_cache.py \
+    tests/test_native_ring.py tests/test_fuse.py tests/test_fuse_model.py "$@") 2>&1 \
+    | tee "$WORK/test.log"
 # --capture=sys: pytest's default fd-level capture would swallow the report written
 # to fd 2 by a sanitizer that then aborts the process.
 rc=${PIPESTATUS[0]}

@@ -1,0 +1,261 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Thin Cython shim over fuse_impl.c; the contract is in src/takakrypt/_fuse.pyi."""
+
+cimport cython
+from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
+from libc.string cimport memcpy, memset
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+
+import atexit
+import os
+import weakref
+
+cdef extern from "<errno.h>":
+    enum:
+        EIO
+        EACCES
+        ENOKEY
+
+cdef extern from "fuse_impl.h" nogil:
+    enum:
+        TK_ACT_COUNT
+    ctypedef struct tk_decision:
+        uint32_t effects
+        int32_t rule
+        uint32_t key_version
+        double ttl_seconds
+    ctypedef struct tk_callbacks:
+        void *ctx
+        int (*decide)(void *ctx, uint32_t uid, uint32_t gid, uint32_t pid, const char *path,
+                      const char *action, tk_decision *out) noexcept nogil
+        int (*get_key)(void *ctx, const char *name, uint32_t version, uint32_t *version_out,
+                       uint8_t *key) noexcept nogil
+        void (*audit)(void *ctx, const char *kind, uint32_t uid, uint32_t gid, uint32_t pid,
+                      const char *path, const char *action, uint32_t effects,
+                      const char *detail) noexcept nogil
+    ctypedef struct tk_fs_config:
+        const char *mountpoint
+        const char *backing
+        const char *key_name
+        int threads
+        size_t cache_entries
+        int debug
+    ctypedef struct tk_fs_stats:
+        uint64_t ops[15]
+        uint64_t denied
+        uint64_t cache_hits
+        uint64_t cache_misses
+        uint64_t decide_errors
+        uint64_t bytes_encrypted
+        uint64_t bytes_decrypted
+        uint64_t integrity_failures
+        uint64_t key_fetches
+        uint64_t generation
+    ctypedef struct tk_fs:
+        pass
+    const char *tk_action_name(int action)
+    tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, size_t errlen)
+    int tk_fs_mount(tk_fs *fs, char *err, size_t errlen)
+    int tk_fs_unmount(tk_fs *fs)
+    int tk_fs_is_mounted(const tk_fs *fs)
+    uint64_t tk_fs_bump_generation(tk_fs *fs)
+    void tk_fs_invalidate(tk_fs *fs)
+    void tk_fs_stats_get(const tk_fs *fs, tk_fs_stats *out)
+    void tk_fs_free(tk_fs *fs)
+
+PERMIT = 1
+DENY = 2
+APPLY_KEY = 4
+AUDIT = 8
+WOULD_DENY = 16
+
+ACTIONS = tuple(tk_action_name(i).decode() for i in range(TK_ACT_COUNT))
+
+# SAFETY: _alive is written only with the GIL held (at exit) and read by FUSE threads
+# before they ask for the GIL; once the interpreter starts finalising, callbacks deny
+# without touching Python (a stale read merely lets one more callback run while the
+# interpreter is still fully alive: atexit handlers run before finalisation).
+cdef int _alive = 1
+_mounts = weakref.WeakSet()
+
+
+def _at_exit():
+    global _alive
+    for m in list(_mounts):
+        try:
+            m.unmount()
+        except Exception:
+            pass
+    _alive = 0
+
+
+atexit.register(_at_exit)
+
+
+cdef int _decide_py(void *ctx, uint32_t uid, uint32_t gid, uint32_t pid, const char *path,
+                    const char *action, tk_decision *out) noexcept with gil:
+    cdef Mount m = <Mount>ctx
+    try:
+        effects, rule, key_version, ttl = m._decide(uid, gid, pid, os.fsdecode(path),
+                                                     action.decode())
+        out.effects = <uint32_t>effects
+        out.rule = <int32_t>rule
+        out.key_version = <uint32_t>key_version
+        out.ttl_seconds = <double>ttl
+        return 0
+    except BaseException as e:  # a failing policy callback denies, never crashes
+        m.last_callback_error = f"decide: {type(e).__name__}: {e}"
+        return -EACCES
+
+
+cdef int _decide_cb(void *ctx, uint32_t uid, uint32_t gid, uint32_t pid, const char *path,
+                    const char *action, tk_decision *out) noexcept nogil:
+    if not _alive:
+        return -EACCES
+    return _decide_py(ctx, uid, gid, pid, path, action, out)
+
+
+cdef int _get_key_py(void *ctx, const char *name, uint32_t version, uint32_t *vout,
+                     uint8_t *key) noexcept with gil:
+    cdef Mount m = <Mount>ctx
+    cdef Py_buffer view
+    try:
+        got, data = m._get_key(name.decode(), version if version else None)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len != 32:
+                raise ValueError(f"key must be 32 bytes, got {view.len}")
+            memcpy(key, view.buf, 32)
+        finally:
+            PyBuffer_Release(&view)
+        if isinstance(data, bytearray):  # the glue hands out a copy: wipe it
+            data[:] = bytes(32)
+        vout[0] = <uint32_t>got
+        return 0
+    except BaseException as e:
+        m.last_callback_error = f"get_key: {type(e).__name__}: {e}"
+        return -ENOKEY
+
+
+cdef int _get_key_cb(void *ctx, const char *name, uint32_t version, uint32_t *vout,
+                     uint8_t *key) noexcept nogil:
+    if not _alive:
+        return -ENOKEY
+    return _get_key_py(ctx, name, version, vout, key)
+
+
+cdef void _audit_py(void *ctx, const char *kind, uint32_t uid, uint32_t gid, uint32_t pid,
+                    const char *path, const char *action, uint32_t effects,
+                    const char *detail) noexcept with gil:
+    cdef Mount m = <Mount>ctx
+    if m._audit is None:
+        return
+    try:
+        m._audit(kind.decode(), uid, gid, pid, os.fsdecode(path), action.decode(), effects,
+                 detail.decode("utf-8", "replace"))
+    except BaseException as e:
+        m.last_callback_error = f"audit: {type(e).__name__}: {e}"
+
+
+cdef void _audit_cb(void *ctx, const char *kind, uint32_t uid, uint32_t gid, uint32_t pid,
+                    const char *path, const char *action, uint32_t effects,
+                    const char *detail) noexcept nogil:
+    if _alive:
+        _audit_py(ctx, kind, uid, gid, pid, path, action, effects, detail)
+
+
+@cython.auto_pickle(False)
+@cython.final
+cdef class Mount:
+    """One guard point served by the C engine; see takakrypt/_fuse.pyi."""
+
+    cdef tk_fs *_fs
+    cdef object _decide
+    cdef object _get_key
+    cdef object _audit
+    cdef readonly str mountpoint
+    cdef readonly str backing
+    cdef readonly str key_name
+    cdef public object last_callback_error
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self._fs = NULL
+
+    def __init__(self, mountpoint, backing, key_name, decide, get_key, audit=None, *,
+                 int threads=4, size_t cache_entries=0, bint debug=False):
+        cdef tk_fs_config cfg
+        cdef tk_callbacks cb
+        cdef char err[512]
+        if self._fs != NULL:
+            raise ValueError("Mount is already initialised")
+        self.mountpoint = os.fspath(mountpoint)
+        self.backing = os.fspath(backing) if backing is not None else self.mountpoint
+        self.key_name = key_name
+        self._decide, self._get_key, self._audit = decide, get_key, audit
+        self.last_callback_error = None
+        mp = os.fsencode(self.mountpoint)
+        bk = os.fsencode(self.backing)
+        kn = key_name.encode()
+        memset(&cfg, 0, sizeof(cfg))
+        cfg.mountpoint = mp
+        cfg.backing = bk
+        cfg.key_name = kn
+        cfg.threads = threads
+        cfg.cache_entries = cache_entries
+        cfg.debug = debug
+        cb.ctx = <void *>self
+        cb.decide = _decide_cb
+        cb.get_key = _get_key_cb
+        cb.audit = _audit_cb
+        err[0] = 0
+        self._fs = tk_fs_new(&cfg, &cb, err, sizeof(err))
+        if self._fs == NULL:
+            raise ValueError(err.decode(errors="replace"))
+
+    def __dealloc__(self):
+        # The FUSE threads may be waiting for the GIL: never join them while holding it.
+        if self._fs != NULL:
+            with nogil:
+                tk_fs_free(self._fs)
+            self._fs = NULL
+
+    def mount(self):
+        cdef char err[512]
+        cdef int rc
+        err[0] = 0
+        _mounts.add(self)
+        with nogil:
+            rc = tk_fs_mount(self._fs, err, sizeof(err))
+        if rc:
+            raise OSError(-rc, err.decode(errors="replace"))
+
+    def unmount(self):
+        with nogil:
+            tk_fs_unmount(self._fs)
+
+    @property
+    def is_mounted(self):
+        return bool(tk_fs_is_mounted(self._fs))
+
+    def bump_generation(self):
+        return tk_fs_bump_generation(self._fs)
+
+    def invalidate(self):
+        tk_fs_invalidate(self._fs)
+
+    def stats(self):
+        cdef tk_fs_stats s
+        tk_fs_stats_get(self._fs, &s)
+        return {
+            "ops": {ACTIONS[i]: s.ops[i] for i in range(TK_ACT_COUNT)},
+            "denied": s.denied,
+            "cache_hits": s.cache_hits,
+            "cache_misses": s.cache_misses,
+            "decide_errors": s.decide_errors,
+            "bytes_encrypted": s.bytes_encrypted,
+            "bytes_decrypted": s.bytes_decrypted,
+            "integrity_failures": s.integrity_failures,
+            "key_fetches": s.key_fetches,
+            "generation": s.generation,
+        }

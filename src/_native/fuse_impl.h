@@ -1,0 +1,141 @@
+/*
+ * fuse_impl.h -- Takakrypt guard point data path on the libfuse3 low-level API
+ * (pure C; the Python glue is fuse.pyx, the contract for Python is _fuse.pyi).
+ *
+ * One tk_fs serves one guard point: a backing directory (opened BEFORE the mount, so
+ * an in-place mount over the same path still reaches the files underneath) exported
+ * at a mount point.  Every operation passes tk_check() (fuse_impl.c): decision cache
+ * (cache_impl.h) hit -> act; miss -> the `decide` callback.  Regular files are served
+ * in one of two views bound to the kernel inode the caller was routed to at lookup
+ * (see docs/guard-points.md):
+ *
+ *   plaintext (effects permit+apply_key): TAKA v1 decrypted/encrypted per block in C
+ *   raw       (effects permit):           the stored bytes, FOPEN_DIRECT_IO
+ *
+ * Callbacks are called from FUSE worker threads WITHOUT any interpreter state; the
+ * shim acquires the GIL itself.  They MUST be thread-safe and MUST NOT block on the
+ * mount (they run while a file system request waits for them).
+ */
+#ifndef TAKAKRYPT_FUSE_IMPL_H
+#define TAKAKRYPT_FUSE_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Actions of the policy language (docs/policy.md).  The value is the `op` of the
+ * decision cache key; the order is part of the cache key ABI: append only. */
+typedef enum {
+    TK_ACT_READ = 0,
+    TK_ACT_WRITE,
+    TK_ACT_APPEND,
+    TK_ACT_TRUNCATE,
+    TK_ACT_CREATE,
+    TK_ACT_DELETE,
+    TK_ACT_RENAME,
+    TK_ACT_LINK,
+    TK_ACT_GETATTR,
+    TK_ACT_SETATTR,
+    TK_ACT_LIST,
+    TK_ACT_MKDIR,
+    TK_ACT_RMDIR,
+    TK_ACT_GETXATTR,
+    TK_ACT_SETXATTR,
+    TK_ACT_COUNT
+} tk_action;
+
+/* Name of an action ("read", ...), "?" if out of range. */
+const char *tk_action_name(int action);
+
+/* Effects bits (same values as TK_EFFECT_* in cache_impl.h). */
+#define TK_FX_PERMIT      (1u << 0)
+#define TK_FX_DENY        (1u << 1)
+#define TK_FX_APPLY_KEY   (1u << 2)
+#define TK_FX_AUDIT       (1u << 3)
+#define TK_FX_WOULD_DENY  (1u << 4)
+
+typedef struct {
+    uint32_t effects;
+    int32_t rule;
+    uint32_t key_version;
+    double ttl_seconds;     /* <= 0: do not cache */
+} tk_decision;
+
+typedef struct {
+    void *ctx;
+    /* 0 and *out filled, or a negative errno (the request is then denied). */
+    int (*decide)(void *ctx, uint32_t uid, uint32_t gid, uint32_t pid, const char *path,
+                  const char *action, tk_decision *out);
+    /* Data key `name` at `version` (0 = current; *version_out receives the version).
+     * 0 and key[0..32) filled, or a negative errno. */
+    int (*get_key)(void *ctx, const char *name, uint32_t version, uint32_t *version_out,
+                   uint8_t key[32]);
+    /* kind: "access" or "integrity".  Must not fail; errors are swallowed. */
+    void (*audit)(void *ctx, const char *kind, uint32_t uid, uint32_t gid, uint32_t pid,
+                  const char *path, const char *action, uint32_t effects,
+                  const char *detail);
+} tk_callbacks;
+
+typedef struct {
+    const char *mountpoint;   /* absolute path */
+    const char *backing;      /* NULL or "": in place (backing = mountpoint) */
+    const char *key_name;     /* key for new files (1..63 bytes) */
+    int threads;              /* FUSE worker threads (>= 1) */
+    size_t cache_entries;     /* decision cache bound (0: 65536) */
+    int debug;                /* libfuse debug output on stderr */
+} tk_fs_config;
+
+/* Counters; a snapshot taken with relaxed atomics. */
+typedef struct {
+    uint64_t ops[TK_ACT_COUNT];    /* checks by action */
+    uint64_t denied;
+    uint64_t cache_hits;
+    uint64_t cache_misses;
+    uint64_t decide_errors;        /* callback failed or raised -> denied */
+    uint64_t bytes_encrypted;      /* plaintext bytes encrypted */
+    uint64_t bytes_decrypted;      /* plaintext bytes produced by decryption */
+    uint64_t integrity_failures;
+    uint64_t key_fetches;          /* get_key callbacks */
+    uint64_t generation;
+} tk_fs_stats;
+
+typedef struct tk_fs tk_fs;
+
+/* New unmounted file system; NULL + message in err on failure. */
+tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, size_t errlen);
+
+/*
+ * Open the backing directory, mount, start the worker threads and wait until the
+ * kernel's INIT was answered.  0, or -errno with a message in err.  Blocking: call
+ * without the GIL.
+ */
+int tk_fs_mount(tk_fs *fs, char *err, size_t errlen);
+
+/*
+ * Unmount (lazy), abort the connection if clients still hold files open, join the
+ * threads, wipe every key.  Idempotent.  Blocking: call without the GIL.  Callbacks
+ * may still run while it waits; they must not wait on the caller of this function.
+ */
+int tk_fs_unmount(tk_fs *fs);
+
+/* 1 while the loop serves requests (the kernel side may still be gone: ENOTCONN). */
+int tk_fs_is_mounted(const tk_fs *fs);
+
+/* Policy reload: hide all cached decisions (O(1)) and forget the current key version. */
+uint64_t tk_fs_bump_generation(tk_fs *fs);
+/* Drop every cached decision and the per-file header state. */
+void tk_fs_invalidate(tk_fs *fs);
+
+void tk_fs_stats_get(const tk_fs *fs, tk_fs_stats *out);
+
+/* Unmounts first if needed. NULL accepted. */
+void tk_fs_free(tk_fs *fs);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TAKAKRYPT_FUSE_IMPL_H */

@@ -1,0 +1,171 @@
+/*
+ * fuse_int.h -- internals shared by fuse_impl.c (lifecycle, identity, tk_check, keys),
+ * fuse_inode.c (inode table, paths), fuse_taka.c (TAKA file I/O) and fuse_ops.c (the
+ * low-level operations).  Not an API.
+ */
+#ifndef TAKAKRYPT_FUSE_INT_H
+#define TAKAKRYPT_FUSE_INT_H
+
+#define FUSE_USE_VERSION 312
+#define _GNU_SOURCE
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+
+#include "aesgcm_impl.h"
+#include "cache_impl.h"
+#include "fuse_impl.h"
+
+#define TK_HDR_SIZE      128
+#define TK_HDR_STATIC    96
+#define TK_HDR_TAGOFF    112
+#define TK_KEYID_MAX     63
+#define TK_MAX_PLAIN     ((uint64_t)INT64_MAX)
+
+/* Views.  A regular file has one kernel inode (nodeid) per view, so page cache,
+ * i_size and mmap never mix plaintext and raw bytes. */
+enum { TK_VIEW_PLAIN = 0, TK_VIEW_RAW = 1, TK_NVIEWS = 2 };
+
+/* Per backing inode TAKA state: valid under the inode's lock (rwlock). */
+typedef struct {
+    int state;                    /* 0 unknown, 1 loaded+verified, -errno load failed */
+    uint64_t epoch;               /* fs->taka_epoch when loaded (invalidate() bumps it) */
+    uint8_t hdr[TK_HDR_SIZE];
+    uint64_t size;                /* plaintext size (mirror of hdr[96..104)) */
+    uint32_t bs;
+    tk_gcm *gcm;
+    uint8_t mac_key[32];
+} tk_taka;
+
+struct tk_inode;
+
+typedef struct {
+    struct tk_inode *ino;
+    uint64_t nlookup;             /* kernel references to this nodeid */
+    int view;
+} tk_node;
+
+typedef struct tk_inode {
+    int fd;                       /* O_PATH|O_NOFOLLOW on the backing object */
+    dev_t dev;
+    ino_t ino;
+    mode_t type;                  /* S_IFMT bits */
+    tk_node node[TK_NVIEWS];
+    uint64_t refs;                /* nlookups of both nodes + children naming us + pins */
+    struct tk_inode *parent;      /* for policy paths (the most recent name) */
+    char *name;
+    struct tk_inode *hnext;
+    pthread_rwlock_t lock;        /* TAKA data + header of this file */
+    tk_taka taka;
+} tk_inode;
+
+/* Open file handle (fi->fh). */
+typedef struct {
+    int fd;                       /* real fd on the backing file */
+    int view;
+    int append;                   /* O_APPEND: plaintext appends at the current size */
+    int writable;
+    tk_inode *ino;
+} tk_fh;
+
+typedef struct {
+    uint32_t uid, gid, pid;
+    uint64_t start_time, exe_dev, exe_ino;
+} tk_ident;
+
+typedef struct {
+    char name[TK_KEYID_MAX + 1];
+    uint32_t version;
+    uint8_t key[32];
+} tk_keyent;
+
+struct tk_fs {
+    tk_fs_config cfg;
+    char *mountpoint, *backing, *key_name;
+    tk_callbacks cb;
+    struct fuse_session *se;
+    int root_fd;
+    int proc_fd;
+    dev_t mnt_dev;                /* st_dev of the mount (connection id = minor) */
+    pthread_t loop_thread;
+    int loop_running;             /* 1 from start to loop exit */
+    int mounted;
+    int init_done;
+    pthread_mutex_t state_mu;
+    pthread_cond_t state_cv;
+    tk_cache *cache;
+
+    /* inode table */
+    pthread_mutex_t itab_mu;
+    tk_inode **buckets;
+    size_t nbuckets, ninodes;
+    tk_inode *root;
+
+    /* keys: fetched once per (name, version) for the mount's lifetime */
+    pthread_mutex_t key_mu;
+    tk_keyent *keys;
+    size_t nkeys, capkeys;
+    uint32_t current_version;     /* 0 = ask */
+    uint64_t taka_epoch;          /* bumped by tk_fs_invalidate: reload every header */
+
+    /* root's supplementary groups, restored after creating as the caller */
+    gid_t *root_groups;
+    int nroot_groups;
+
+    tk_fs_stats st;               /* updated with __atomic builtins */
+};
+
+#define TK_INC(fs, field, n) __atomic_fetch_add(&(fs)->st.field, (uint64_t)(n), __ATOMIC_RELAXED)
+
+/* ---- fuse_impl.c ---- */
+/* tk_check flags */
+#define TK_CHK_PROBE  1           /* choose a view: never audited, never counted as denied */
+int tk_check(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *name, tk_action act,
+             int flags, tk_decision *out);
+/* Same with an identity already read (and a caller path). */
+int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act,
+                  int flags, tk_decision *out);
+int tk_ident_get(tk_fs *fs, fuse_req_t req, tk_ident *id);
+void tk_audit(tk_fs *fs, const char *kind, const tk_ident *id, const char *path,
+              const char *action, uint32_t effects, const char *detail);
+void tk_audit_integrity(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *action,
+                        const char *detail);
+/* Data key by name/version (0 = current: *vout receives it). */
+int tk_key_get(tk_fs *fs, const char *name, uint32_t version, uint32_t *vout,
+               uint8_t key[32]);
+
+/* ---- fuse_inode.c ---- */
+int tk_itab_init(tk_fs *fs);
+void tk_itab_free(tk_fs *fs);
+tk_inode *tk_node_inode(tk_fs *fs, fuse_ino_t nodeid, int *view);
+fuse_ino_t tk_nodeid(tk_fs *fs, tk_inode *ino, int view);
+/* Find or add the inode for (st_dev, st_ino) named `name` in `parent`; takes over
+ * fd (closed if the inode was known).  Adds one kernel lookup to node[view]. */
+tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
+                      const struct stat *st, int view);
+void tk_itab_forget(tk_fs *fs, fuse_ino_t nodeid, uint64_t n);
+/* After a rename/link: point the inode now named parent/name at that name. */
+void tk_itab_fix_name(tk_fs *fs, tk_inode *parent, const char *name);
+/* Policy path of ino (+ "/" name if name), relative to the guard point; malloc'd. */
+char *tk_path(tk_fs *fs, tk_inode *ino, const char *name);
+void tk_inode_set_name(tk_fs *fs, tk_inode *ino, tk_inode *parent, const char *name);
+
+/* ---- fuse_taka.c ---- (callers hold ino->lock: read for reads, write otherwise) */
+int tk_taka_load(tk_fs *fs, tk_inode *ino, int fd);        /* wrlock */
+int tk_taka_valid(tk_fs *fs, const tk_taka *t);            /* any lock */
+void tk_taka_reset(tk_taka *t);                             /* wrlock */
+int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd);      /* wrlock; empty TAKA file */
+ssize_t tk_taka_read(tk_fs *fs, tk_taka *t, int fd, char *out, size_t len, uint64_t off,
+                     uint64_t *bad_block);                 /* rdlock */
+int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t len,
+                  uint64_t off, uint64_t *bad_block);      /* wrlock */
+int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size,
+                     uint64_t *bad_block);                 /* wrlock */
+uint64_t tk_taka_stored_size(uint64_t plain, uint32_t bs);
+
+/* ---- fuse_ops.c ---- */
+extern const struct fuse_lowlevel_ops tk_ops;
+
+#endif /* TAKAKRYPT_FUSE_INT_H */

@@ -1,0 +1,976 @@
+/*
+ * fuse_ops.c -- the low-level operations of a guard point.
+ *
+ * Every operation starts with tk_check() (fuse_impl.c) for the action of the policy
+ * language; only forget, flush, release, releasedir, init and destroy do not (they
+ * release resources and must never fail).  Backing access is relative to O_PATH
+ * inode fds (fuse_inode.c); plaintext I/O is fuse_taka.c under the inode's rwlock.
+ *
+ * Kernel caching: entry and attribute timeouts are 0 (every path walk asks us, so
+ * every caller is routed to the node of its own view and sees its own sizes);
+ * plaintext opens use the page cache (mmap, including shared writable, works),
+ * raw opens use FOPEN_DIRECT_IO.  Locks (flock, fcntl) are left to the kernel.
+ */
+#include "fuse_int.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+void tk_fs_init_done(tk_fs *fs);
+
+#define FS(req) ((tk_fs *)fuse_req_userdata(req))
+#define PROCPATH(buf, fd) snprintf((buf), sizeof(buf), "/proc/self/fd/%d", (fd))
+
+static void reply_rc(fuse_req_t req, int rc) {
+    if (rc == -EBADMSG || rc == -EKEYREJECTED || rc == -ENOKEY) rc = -EIO;
+    fuse_reply_err(req, rc < 0 ? -rc : rc);
+}
+
+static int kernel_req(fuse_req_t req) { return fuse_req_ctx(req)->pid <= 0; }
+
+/* ---- views -------------------------------------------------------------------------- */
+
+/* Which node a caller gets for a regular file: the view of the first permitted of
+ * read, write, getattr (never denies by itself: the operations on the node do). */
+static int choose_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *name) {
+    static const tk_action probes[] = {TK_ACT_READ, TK_ACT_WRITE, TK_ACT_GETATTR};
+    tk_ident id;
+    tk_decision d;
+    if (tk_ident_get(fs, req, &id)) return TK_VIEW_RAW;
+    char *path = tk_path(fs, parent, name);
+    if (!path) return TK_VIEW_RAW;
+    int view = TK_VIEW_RAW;
+    for (size_t i = 0; i < sizeof probes / sizeof probes[0]; i++) {
+        if (tk_check_path(fs, &id, path, probes[i], TK_CHK_PROBE, &d) == 0) {
+            view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
+            break;
+        }
+    }
+    free(path);
+    return view;
+}
+
+/* A decision grants a view if it permits and, for the plaintext view, applies the key. */
+static int grants(const tk_decision *d, int view) {
+    return view == TK_VIEW_RAW || (d->effects & TK_FX_APPLY_KEY);
+}
+
+/* Check `act` on ino for this caller and require the node's view. */
+static int check_view(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_action act) {
+    tk_decision d;
+    int rc = tk_check(fs, req, ino, NULL, act, 0, &d);
+    if (rc == 0 && S_ISREG(ino->type) && !grants(&d, view)) {
+        tk_ident id;
+        tk_ident_get(fs, req, &id);
+        char *path = tk_path(fs, ino, NULL);
+        tk_audit(fs, "access", &id, path, tk_action_name(act), d.effects,
+                 "view mismatch: raw-only caller on a plaintext handle");
+        free(path);
+        TK_INC(fs, denied, 1);
+        rc = -EACCES;
+    }
+    return rc;
+}
+
+/* Make sure ino's TAKA state is loaded; called with the write lock held. */
+static int ensure_loaded(tk_fs *fs, fuse_req_t req, tk_inode *ino, int fd) {
+    if (tk_taka_valid(fs, &ino->taka)) return 0;
+    int own = -1;
+    if (fd < 0) {
+        char p[64];
+        PROCPATH(p, ino->fd);
+        fd = own = open(p, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) return -errno;
+    }
+    int rc = tk_taka_load(fs, ino, fd);
+    if (own >= 0) close(own);
+    if (rc == -EBADMSG && req)
+        tk_audit_integrity(fs, req, ino, "read", "invalid or unauthenticated TAKA header");
+    else if ((rc == -EKEYREJECTED || rc == -ENOKEY) && req)
+        tk_audit_integrity(fs, req, ino, "read", "key of the file header unavailable");
+    return rc;
+}
+
+/* stat of ino as seen through `view` (plaintext size from the header). */
+static int view_stat(tk_fs *fs, tk_inode *ino, int view, struct stat *st) {
+    if (fstatat(ino->fd, "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) return -errno;
+    if (view != TK_VIEW_PLAIN || !S_ISREG(st->st_mode)) return 0;
+    pthread_rwlock_rdlock(&ino->lock);
+    int ok = tk_taka_valid(fs, &ino->taka);
+    if (ok) st->st_size = (off_t)ino->taka.size;
+    pthread_rwlock_unlock(&ino->lock);
+    if (ok) return 0;
+    pthread_rwlock_wrlock(&ino->lock);
+    /* an invalid file keeps its stored size here: opening it fails with EIO */
+    if (ensure_loaded(fs, NULL, ino, -1) == 0) st->st_size = (off_t)ino->taka.size;
+    pthread_rwlock_unlock(&ino->lock);
+    return 0;
+}
+
+static int make_entry(tk_fs *fs, tk_inode *parent, const char *name, int view,
+                      struct fuse_entry_param *e, tk_inode **out) {
+    memset(e, 0, sizeof *e);
+    int fd = openat(parent->fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    struct stat st;
+    if (fstatat(fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) {
+        int rc = -errno;
+        close(fd);
+        return rc;
+    }
+    if (!S_ISREG(st.st_mode)) view = TK_VIEW_PLAIN;
+    tk_inode *ino = tk_itab_add(fs, parent, name, fd, &st, view);
+    if (!ino) return -ENOMEM;
+    int rc = view_stat(fs, ino, view, &e->attr);
+    if (rc) {
+        tk_itab_forget(fs, tk_nodeid(fs, ino, view), 1);
+        return rc;
+    }
+    e->ino = tk_nodeid(fs, ino, view);
+    e->generation = 0;
+    e->attr_timeout = 0.0;
+    e->entry_timeout = 0.0;
+    if (out) *out = ino;
+    return 0;
+}
+
+static int lookup_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *name,
+                       struct fuse_entry_param *e) {
+    struct stat st;
+    if (fstatat(parent->fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0) return -errno;
+    int view = S_ISREG(st.st_mode) ? choose_view(fs, req, parent, name) : TK_VIEW_PLAIN;
+    return make_entry(fs, parent, name, view, e, NULL);
+}
+
+/* ---- creating as the caller ----------------------------------------------------------
+ * The daemon is root.  Objects are created with the caller's fsuid/fsgid and groups on
+ * this thread only (raw syscalls: glibc's setgroups would change every thread), so
+ * ownership, setgid directories and quotas are right from the first instant. */
+typedef struct {
+    int active;
+} tk_creds;
+
+static int become_caller(tk_fs *fs, fuse_req_t req, tk_creds *c) {
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    gid_t groups[256];
+    c->active = 0;
+    if (ctx->uid == 0 && ctx->gid == 0) return 0;
+    int n = fuse_req_getgroups(req, 256, groups);
+    if (n < 0 || n > 256) n = 0;
+    if (syscall(SYS_setgroups, n, groups) < 0) return -errno;
+    c->active = 1;
+    syscall(SYS_setfsgid, ctx->gid);
+    syscall(SYS_setfsuid, ctx->uid);
+    if ((uid_t)syscall(SYS_setfsuid, -1) != ctx->uid ||
+        (gid_t)syscall(SYS_setfsgid, -1) != ctx->gid) {
+        (void)fs;
+        return -EPERM;
+    }
+    return 0;
+}
+
+static void become_root(tk_fs *fs, tk_creds *c) {
+    if (!c->active) return;
+    syscall(SYS_setfsuid, geteuid());
+    syscall(SYS_setfsgid, getegid());
+    syscall(SYS_setgroups, fs->nroot_groups, fs->root_groups);
+    c->active = 0;
+}
+
+/* ---- operations ----------------------------------------------------------------------- */
+
+static void op_init(void *userdata, struct fuse_conn_info *conn) {
+    tk_fs *fs = userdata;
+    if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+    conn->want &= ~(unsigned)FUSE_CAP_WRITEBACK_CACHE;  /* we own sizes and RMW */
+    if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
+    if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+    tk_fs_init_done(fs);
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    tk_fs *fs = FS(req);
+    struct fuse_entry_param e;
+    int rc = lookup_view(fs, req, tk_node_inode(fs, parent, NULL), name, &e);
+    if (rc) reply_rc(req, rc);
+    else fuse_reply_entry(req, &e);
+}
+
+static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t n) {
+    tk_itab_forget(FS(req), ino, n);
+    fuse_reply_none(req);
+}
+
+static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *f) {
+    for (size_t i = 0; i < count; i++) tk_itab_forget(FS(req), f[i].ino, f[i].nlookup);
+    fuse_reply_none(req);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
+    tk_fs *fs = FS(req);
+    int view;
+    tk_inode *ino = tk_node_inode(fs, nodeid, &view);
+    (void)fi;
+    int rc = tk_check(fs, req, ino, NULL, TK_ACT_GETATTR, 0, NULL);
+    struct stat st;
+    if (rc == 0) rc = view_stat(fs, ino, view, &st);
+    if (rc) reply_rc(req, rc);
+    else fuse_reply_attr(req, &st, 0.0);
+}
+
+static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_fh *fh,
+                         uint64_t size) {
+    char p[64];
+    int fd = fh ? fh->fd : -1, own = -1, rc = 0;
+    if (fd < 0) {
+        PROCPATH(p, ino->fd);
+        fd = own = open(p, O_RDWR | O_CLOEXEC);
+        if (fd < 0) return -errno;
+    }
+    pthread_rwlock_wrlock(&ino->lock);
+    if (view == TK_VIEW_PLAIN) {
+        uint64_t bad = 0;
+        rc = ensure_loaded(fs, req, ino, fd);
+        if (rc == 0) rc = tk_taka_truncate(fs, &ino->taka, fd, size, &bad);
+        if (rc == -EBADMSG) {
+            char d[96];
+            snprintf(d, sizeof d, "block %llu failed authentication", (unsigned long long)bad);
+            tk_audit_integrity(fs, req, ino, "truncate", d);
+        }
+    } else {
+        if (ftruncate(fd, (off_t)size) < 0) rc = -errno;
+        tk_taka_reset(&ino->taka);  /* the raw bytes changed under any cached header */
+    }
+    pthread_rwlock_unlock(&ino->lock);
+    if (own >= 0) close(own);
+    return rc;
+}
+
+static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int to_set,
+                       struct fuse_file_info *fi) {
+    tk_fs *fs = FS(req);
+    int view, rc = 0;
+    tk_inode *ino = tk_node_inode(fs, nodeid, &view);
+    tk_fh *fh = fi ? (tk_fh *)(uintptr_t)fi->fh : NULL;
+    char p[64];
+    PROCPATH(p, ino->fd);
+    if (to_set & FUSE_SET_ATTR_SIZE)
+        rc = check_view(fs, req, ino, view, TK_ACT_TRUNCATE);
+    if (rc == 0 && (to_set & ~FUSE_SET_ATTR_SIZE))
+        rc = tk_check(fs, req, ino, NULL, TK_ACT_SETATTR, 0, NULL);
+    if (rc == 0 && (to_set & FUSE_SET_ATTR_MODE)) {
+        if (S_ISLNK(ino->type)) rc = -EOPNOTSUPP;
+        else if ((fh ? fchmod(fh->fd, attr->st_mode) : chmod(p, attr->st_mode)) < 0) rc = -errno;
+    }
+    if (rc == 0 && (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))) {
+        uid_t u = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1;
+        gid_t g = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1;
+        if (fchownat(ino->fd, "", u, g, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) rc = -errno;
+    }
+    if (rc == 0 && (to_set & FUSE_SET_ATTR_SIZE)) {
+        if (!S_ISREG(ino->type)) rc = -EINVAL;
+        else rc = truncate_node(fs, req, ino, view, fh, (uint64_t)attr->st_size);
+    }
+    if (rc == 0 && (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME))) {
+        struct timespec tv[2];
+        tv[0].tv_sec = tv[1].tv_sec = 0;
+        tv[0].tv_nsec = tv[1].tv_nsec = UTIME_OMIT;
+        if (to_set & FUSE_SET_ATTR_ATIME_NOW) tv[0].tv_nsec = UTIME_NOW;
+        else if (to_set & FUSE_SET_ATTR_ATIME) tv[0] = attr->st_atim;
+        if (to_set & FUSE_SET_ATTR_MTIME_NOW) tv[1].tv_nsec = UTIME_NOW;
+        else if (to_set & FUSE_SET_ATTR_MTIME) tv[1] = attr->st_mtim;
+        int r = fh ? futimens(fh->fd, tv)
+                   : S_ISLNK(ino->type) ? utimensat(ino->fd, "", tv, AT_EMPTY_PATH)
+                                        : utimensat(AT_FDCWD, p, tv, 0);
+        if (r < 0) rc = -errno;
+    }
+    struct stat st;
+    if (rc == 0) rc = view_stat(fs, ino, view, &st);
+    if (rc) reply_rc(req, rc);
+    else fuse_reply_attr(req, &st, 0.0);
+}
+
+static void op_readlink(fuse_req_t req, fuse_ino_t nodeid) {
+    tk_fs *fs = FS(req);
+    tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
+    int rc = tk_check(fs, req, ino, NULL, TK_ACT_READ, 0, NULL);
+    if (rc) { reply_rc(req, rc); return; }
+    char buf[PATH_MAX + 1];
+    ssize_t n = readlinkat(ino->fd, "", buf, sizeof buf);
+    if (n < 0) { reply_rc(req, -errno); return; }
+    if (n >= (ssize_t)sizeof buf) { reply_rc(req, -ENAMETOOLONG); return; }
+    buf[n] = 0;
+    fuse_reply_readlink(req, buf);
+}
+
+/* Create a directory entry of any kind as the caller; then reply with its entry. */
+static void make_node(fuse_req_t req, fuse_ino_t parent_id, const char *name, mode_t mode,
+                      dev_t rdev, const char *link, tk_action act) {
+    tk_fs *fs = FS(req);
+    tk_inode *parent = tk_node_inode(fs, parent_id, NULL);
+    tk_decision d;
+    int rc = tk_check(fs, req, parent, name, act, 0, &d);
+    if (rc) { reply_rc(req, rc); return; }
+    int view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
+    tk_creds c;
+    rc = become_caller(fs, req, &c);
+    if (rc == 0) {
+        int r;
+        if (link) r = symlinkat(link, parent->fd, name);
+        else if (S_ISDIR(mode)) r = mkdirat(parent->fd, name, mode & 07777);
+        else r = mknodat(parent->fd, name, mode, rdev);
+        if (r < 0) rc = -errno;
+    }
+    become_root(fs, &c);
+    if (rc) { reply_rc(req, rc); return; }
+    struct fuse_entry_param e;
+    tk_inode *ino = NULL;
+    int ev = S_ISREG(mode) ? view : TK_VIEW_PLAIN;
+    if (S_ISREG(mode) && view == TK_VIEW_PLAIN) {
+        /* a regular file made in the plaintext view is an empty TAKA file */
+        int fd = openat(parent->fd, name, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) rc = -errno;
+        if (rc == 0) rc = make_entry(fs, parent, name, ev, &e, &ino);
+        if (rc == 0) {
+            pthread_rwlock_wrlock(&ino->lock);
+            rc = tk_taka_create(fs, ino, fd);
+            pthread_rwlock_unlock(&ino->lock);
+            if (rc == 0) rc = view_stat(fs, ino, ev, &e.attr);
+            if (rc) tk_itab_forget(fs, e.ino, 1);
+        }
+        if (fd >= 0) close(fd);
+        if (rc) {
+            unlinkat(parent->fd, name, 0);
+            { reply_rc(req, rc); return; }
+        }
+    } else {
+        rc = make_entry(fs, parent, name, ev, &e, NULL);
+        if (rc) { reply_rc(req, rc); return; }
+    }
+    fuse_reply_entry(req, &e);
+}
+
+static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                     dev_t rdev) {
+    make_node(req, parent, name, mode, rdev, NULL, TK_ACT_CREATE);
+}
+
+static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode) {
+    make_node(req, parent, name, S_IFDIR | mode, 0, NULL, TK_ACT_MKDIR);
+}
+
+static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name) {
+    make_node(req, parent, name, S_IFLNK | 0777, 0, link, TK_ACT_CREATE);
+}
+
+static void remove_entry(fuse_req_t req, fuse_ino_t parent_id, const char *name, int dir) {
+    tk_fs *fs = FS(req);
+    tk_inode *parent = tk_node_inode(fs, parent_id, NULL);
+    int rc = tk_check(fs, req, parent, name, dir ? TK_ACT_RMDIR : TK_ACT_DELETE, 0, NULL);
+    if (rc == 0 && unlinkat(parent->fd, name, dir ? AT_REMOVEDIR : 0) < 0) rc = -errno;
+    reply_rc(req, rc);
+}
+
+static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    remove_entry(req, parent, name, 0);
+}
+
+static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    remove_entry(req, parent, name, 1);
+}
+
+static void op_rename(fuse_req_t req, fuse_ino_t parent_id, const char *name,
+                      fuse_ino_t newparent_id, const char *newname, unsigned int flags) {
+    tk_fs *fs = FS(req);
+    tk_inode *parent = tk_node_inode(fs, parent_id, NULL);
+    tk_inode *newparent = tk_node_inode(fs, newparent_id, NULL);
+    int rc = tk_check(fs, req, parent, name, TK_ACT_RENAME, 0, NULL);
+    if (rc == 0) rc = tk_check(fs, req, newparent, newname, TK_ACT_RENAME, 0, NULL);
+    if (rc == 0 && (flags & ~(unsigned)(RENAME_NOREPLACE | RENAME_EXCHANGE))) rc = -EINVAL;
+    if (rc == 0 && renameat2(parent->fd, name, newparent->fd, newname, flags) < 0) rc = -errno;
+    if (rc == 0) {
+        tk_itab_fix_name(fs, newparent, newname);
+        if (flags & RENAME_EXCHANGE) tk_itab_fix_name(fs, parent, name);
+    }
+    reply_rc(req, rc);
+}
+
+static void op_link(fuse_req_t req, fuse_ino_t nodeid, fuse_ino_t newparent_id,
+                    const char *newname) {
+    tk_fs *fs = FS(req);
+    tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
+    tk_inode *newparent = tk_node_inode(fs, newparent_id, NULL);
+    int rc = tk_check(fs, req, ino, NULL, TK_ACT_LINK, 0, NULL);
+    if (rc == 0) rc = tk_check(fs, req, newparent, newname, TK_ACT_LINK, 0, NULL);
+    char p[64];
+    PROCPATH(p, ino->fd);
+    if (rc == 0 && linkat(AT_FDCWD, p, newparent->fd, newname, AT_SYMLINK_FOLLOW) < 0)
+        rc = -errno;
+    struct fuse_entry_param e;
+    if (rc == 0) rc = lookup_view(fs, req, newparent, newname, &e);
+    if (rc) reply_rc(req, rc);
+    else fuse_reply_entry(req, &e);
+}
+
+/* ---- files ---------------------------------------------------------------------------- */
+
+static tk_fh *new_fh(int fd, int view, int flags, tk_inode *ino) {
+    tk_fh *fh = calloc(1, sizeof *fh);
+    if (!fh) return NULL;
+    fh->fd = fd;
+    fh->view = view;
+    fh->append = (flags & O_APPEND) != 0;
+    fh->writable = (flags & O_ACCMODE) != O_RDONLY;
+    fh->ino = ino;
+    return fh;
+}
+
+static int raw_flags(int flags) {
+    /* O_DIRECT would impose alignment on our buffers; O_NOFOLLOW/O_CREAT are ours */
+    return (flags & ~(O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW | O_DIRECT)) | O_CLOEXEC;
+}
+
+/* Checks for an open with `flags`: read, write/append, truncate as requested. */
+static int check_open(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int flags) {
+    int acc = flags & O_ACCMODE, rc = 0;
+    if (acc != O_WRONLY) rc = check_view(fs, req, ino, view, TK_ACT_READ);
+    if (rc == 0 && acc != O_RDONLY)
+        rc = check_view(fs, req, ino, view, (flags & O_APPEND) ? TK_ACT_APPEND : TK_ACT_WRITE);
+    if (rc == 0 && (flags & O_TRUNC)) rc = check_view(fs, req, ino, view, TK_ACT_TRUNCATE);
+    return rc;
+}
+
+/* Open the backing file of ino for `view`; plaintext: verify the header, O_TRUNC. */
+static int open_backing(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int flags,
+                        int *fdp) {
+    char p[64];
+    PROCPATH(p, ino->fd);
+    int acc = flags & O_ACCMODE, fd, rc = 0;
+    if (view == TK_VIEW_PLAIN)  /* partial blocks need read-modify-write */
+        fd = open(p, (acc == O_RDONLY && !(flags & O_TRUNC) ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    else
+        fd = open(p, raw_flags(flags));
+    if (fd < 0) return -errno;
+    pthread_rwlock_wrlock(&ino->lock);
+    if (view == TK_VIEW_PLAIN) {
+        rc = ensure_loaded(fs, req, ino, fd);
+        uint64_t bad = 0;
+        if (rc == 0 && (flags & O_TRUNC)) rc = tk_taka_truncate(fs, &ino->taka, fd, 0, &bad);
+    } else if (flags & O_TRUNC) {
+        tk_taka_reset(&ino->taka);
+    }
+    pthread_rwlock_unlock(&ino->lock);
+    if (rc) {
+        close(fd);
+        return rc;
+    }
+    *fdp = fd;
+    return 0;
+}
+
+static void op_open(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
+    tk_fs *fs = FS(req);
+    int view, fd = -1;
+    tk_inode *ino = tk_node_inode(fs, nodeid, &view);
+    int rc = check_open(fs, req, ino, view, fi->flags);
+    if (rc == 0) rc = open_backing(fs, req, ino, view, fi->flags, &fd);
+    if (rc) { reply_rc(req, rc); return; }
+    tk_fh *fh = new_fh(fd, view, fi->flags, ino);
+    if (!fh) {
+        close(fd);
+        { reply_rc(req, -ENOMEM); return; }
+    }
+    fi->fh = (uint64_t)(uintptr_t)fh;
+    fi->direct_io = view == TK_VIEW_RAW;
+    fi->keep_cache = 0;
+    if (fuse_reply_open(req, fi) != 0) {  /* interrupted: the kernel will not release */
+        close(fd);
+        free(fh);
+    }
+}
+
+static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mode_t mode,
+                      struct fuse_file_info *fi) {
+    tk_fs *fs = FS(req);
+    tk_inode *parent = tk_node_inode(fs, parent_id, NULL);
+    tk_decision d;
+    int rc = tk_check(fs, req, parent, name, TK_ACT_CREATE, 0, &d);
+    if (rc) { reply_rc(req, rc); return; }
+    int view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
+    int flags = view == TK_VIEW_PLAIN ? O_RDWR | O_CLOEXEC : raw_flags(fi->flags);
+    tk_creds c;
+    int fd = -1;
+    rc = become_caller(fs, req, &c);
+    if (rc == 0) {
+        fd = openat(parent->fd, name, flags | O_CREAT | O_EXCL | O_NOFOLLOW, mode);
+        if (fd < 0) rc = -errno;
+    }
+    become_root(fs, &c);
+    struct fuse_entry_param e;
+    tk_inode *ino = NULL;
+    if (rc == -EEXIST && !(fi->flags & O_EXCL)) {
+        /* raced with another creator: open the existing file like open(2) would */
+        rc = lookup_view(fs, req, parent, name, &e);
+        if (rc) { reply_rc(req, rc); return; }
+        ino = tk_node_inode(fs, e.ino, &view);
+        rc = check_open(fs, req, ino, view, fi->flags);
+        if (rc == 0) rc = open_backing(fs, req, ino, view, fi->flags, &fd);
+        if (rc == 0) rc = view_stat(fs, ino, view, &e.attr);
+        if (rc) {
+            if (fd >= 0) close(fd);
+            tk_itab_forget(fs, e.ino, 1);
+            { reply_rc(req, rc); return; }
+        }
+    } else if (rc) {
+        { reply_rc(req, rc); return; }
+    } else {
+        rc = make_entry(fs, parent, name, view, &e, &ino);
+        if (rc == 0 && view == TK_VIEW_PLAIN) {
+            pthread_rwlock_wrlock(&ino->lock);
+            rc = tk_taka_create(fs, ino, fd);
+            pthread_rwlock_unlock(&ino->lock);
+            if (rc == 0) rc = view_stat(fs, ino, view, &e.attr);
+            if (rc) tk_itab_forget(fs, e.ino, 1);
+        }
+        if (rc) {
+            close(fd);
+            unlinkat(parent->fd, name, 0);
+            { reply_rc(req, rc); return; }
+        }
+    }
+    tk_fh *fh = new_fh(fd, view, fi->flags, ino);
+    if (!fh) {
+        close(fd);
+        tk_itab_forget(fs, e.ino, 1);
+        { reply_rc(req, -ENOMEM); return; }
+    }
+    fi->fh = (uint64_t)(uintptr_t)fh;
+    fi->direct_io = view == TK_VIEW_RAW;
+    fi->keep_cache = 0;
+    if (fuse_reply_create(req, &e, fi) != 0) {
+        close(fd);
+        free(fh);
+    }
+}
+
+/* read/write are checked per request for the calling process; requests the kernel
+ * makes on its own (mmap writeback: no pid) act for the opener, checked at open. */
+static int check_io(tk_fs *fs, fuse_req_t req, tk_fh *fh, tk_action act,
+                    struct fuse_file_info *fi) {
+    if (kernel_req(req) || (fi && fi->writepage)) return 0;
+    return check_view(fs, req, fh->ino, fh->view, act);
+}
+
+static void integrity_fail(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *act,
+                           uint64_t bad) {
+    char d[96];
+    snprintf(d, sizeof d, "block %llu failed authentication", (unsigned long long)bad);
+    tk_audit_integrity(fs, req, ino, act, d);
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
+                    struct fuse_file_info *fi) {
+    tk_fs *fs = FS(req);
+    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    (void)nodeid;
+    int rc = check_io(fs, req, fh, TK_ACT_READ, fi);
+    if (rc) { reply_rc(req, rc); return; }
+    char *buf = malloc(size ? size : 1);
+    if (!buf) { reply_rc(req, -ENOMEM); return; }
+    ssize_t n;
+    if (fh->view == TK_VIEW_RAW) {
+        n = pread(fh->fd, buf, size, off);
+        if (n < 0) n = -errno;
+    } else {
+        tk_inode *ino = fh->ino;
+        uint64_t bad = 0;
+        pthread_rwlock_rdlock(&ino->lock);
+        if (!tk_taka_valid(fs, &ino->taka)) {  /* reload after invalidate / raw write */
+            pthread_rwlock_unlock(&ino->lock);
+            pthread_rwlock_wrlock(&ino->lock);
+            n = ensure_loaded(fs, req, ino, fh->fd);
+            if (n == 0) n = tk_taka_read(fs, &ino->taka, fh->fd, buf, size, (uint64_t)off, &bad);
+        } else {
+            n = tk_taka_read(fs, &ino->taka, fh->fd, buf, size, (uint64_t)off, &bad);
+        }
+        pthread_rwlock_unlock(&ino->lock);
+        if (n == -EBADMSG) integrity_fail(fs, req, ino, "read", bad);
+    }
+    if (n < 0) reply_rc(req, (int)n);
+    else fuse_reply_buf(req, buf, (size_t)n);
+    free(buf);
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t size,
+                     off_t off, struct fuse_file_info *fi) {
+    tk_fs *fs = FS(req);
+    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    (void)nodeid;
+    int rc = check_io(fs, req, fh, fh->append ? TK_ACT_APPEND : TK_ACT_WRITE, fi);
+    if (rc) { reply_rc(req, rc); return; }
+    tk_inode *ino = fh->ino;
+    if (fh->view == TK_VIEW_RAW) {
+        ssize_t n = pwrite(fh->fd, buf, size, off);
+        if (n < 0) { reply_rc(req, -errno); return; }
+        if (off < TK_HDR_SIZE || fh->append) {  /* the header may have changed */
+            pthread_rwlock_wrlock(&ino->lock);
+            tk_taka_reset(&ino->taka);
+            pthread_rwlock_unlock(&ino->lock);
+        }
+        fuse_reply_write(req, (size_t)n);
+        return;
+    }
+    uint64_t bad = 0;
+    pthread_rwlock_wrlock(&ino->lock);
+    rc = ensure_loaded(fs, req, ino, fh->fd);
+    if (rc == 0) {
+        /* O_APPEND: append at OUR size, atomically under the inode lock */
+        uint64_t at = fh->append && !fi->writepage ? ino->taka.size : (uint64_t)off;
+        rc = tk_taka_write(fs, &ino->taka, fh->fd, buf, size, at, &bad);
+    }
+    pthread_rwlock_unlock(&ino->lock);
+    if (rc == -EBADMSG) integrity_fail(fs, req, ino, "write", bad);
+    if (rc) reply_rc(req, rc);
+    else fuse_reply_write(req, size);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
+    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    (void)nodeid;
+    /* close a duplicate: flushes like a close(2) of the backing file would */
+    int d = dup(fh->fd);
+    reply_rc(req, d < 0 ? -errno : (close(d) < 0 ? -errno : 0));
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
+    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    (void)nodeid;
+    close(fh->fd);
+    free(fh);
+    fuse_reply_err(req, 0);
+}
+
+static void op_fsync(fuse_req_t req, fuse_ino_t nodeid, int datasync,
+                     struct fuse_file_info *fi) {
+    tk_fs *fs = FS(req);
+    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    (void)nodeid;
+    int rc = kernel_req(req) ? 0
+             : tk_check(fs, req, fh->ino, NULL, fh->writable ? TK_ACT_WRITE : TK_ACT_READ,
+                        0, NULL);
+    if (rc == 0 && (datasync ? fdatasync(fh->fd) : fsync(fh->fd)) < 0) rc = -errno;
+    reply_rc(req, rc);
+}
+
+static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off, off_t len,
+                         struct fuse_file_info *fi) {
+    tk_fs *fs = FS(req);
+    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    (void)nodeid;
+    int rc = check_io(fs, req, fh, TK_ACT_WRITE, NULL);
+    if (rc) { reply_rc(req, rc); return; }
+    if (fh->view == TK_VIEW_RAW) {
+        if (fallocate(fh->fd, mode, off, len) < 0) rc = -errno;
+        pthread_rwlock_wrlock(&fh->ino->lock);
+        tk_taka_reset(&fh->ino->taka);
+        pthread_rwlock_unlock(&fh->ino->lock);
+        { reply_rc(req, rc); return; }
+    }
+    /* plaintext: mode 0 and KEEP_SIZE only.  Growing is a truncate up (a hole); the
+     * stored range is reserved best effort (reserved zeros still read as holes). */
+    if (mode & ~FALLOC_FL_KEEP_SIZE) { reply_rc(req, -EOPNOTSUPP); return; }
+    if (off < 0 || len <= 0) { reply_rc(req, -EINVAL); return; }
+    tk_inode *ino = fh->ino;
+    uint64_t bad = 0, end = (uint64_t)off + (uint64_t)len;
+    pthread_rwlock_wrlock(&ino->lock);
+    rc = ensure_loaded(fs, req, ino, fh->fd);
+    if (rc == 0 && !(mode & FALLOC_FL_KEEP_SIZE) && end > ino->taka.size)
+        rc = tk_taka_truncate(fs, &ino->taka, fh->fd, end, &bad);
+    if (rc == 0) {
+        uint64_t bs = ino->taka.bs;
+        uint64_t s0 = tk_taka_stored_size((uint64_t)off / bs * bs, (uint32_t)bs);
+        uint64_t s1 = tk_taka_stored_size((end + bs - 1) / bs * bs, (uint32_t)bs);
+        if (fallocate(fh->fd, FALLOC_FL_KEEP_SIZE, (off_t)s0, (off_t)(s1 - s0)) < 0) {
+            /* best effort: the data semantics hold without the reservation */
+        }
+    }
+    pthread_rwlock_unlock(&ino->lock);
+    if (rc == -EBADMSG) integrity_fail(fs, req, ino, "write", bad);
+    reply_rc(req, rc);
+}
+
+/* ---- directories ---------------------------------------------------------------------- */
+
+typedef struct {
+    DIR *dp;
+    off_t offset;
+    struct dirent *entry;
+} tk_dir;
+
+static void op_opendir(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
+    tk_fs *fs = FS(req);
+    tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
+    int rc = tk_check(fs, req, ino, NULL, TK_ACT_LIST, 0, NULL);
+    if (rc) { reply_rc(req, rc); return; }
+    tk_dir *d = calloc(1, sizeof *d);
+    if (!d) { reply_rc(req, -ENOMEM); return; }
+    int fd = openat(ino->fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || !(d->dp = fdopendir(fd))) {
+        rc = -errno;
+        if (fd >= 0) close(fd);
+        free(d);
+        { reply_rc(req, rc); return; }
+    }
+    fi->fh = (uint64_t)(uintptr_t)d;
+    if (fuse_reply_open(req, fi) != 0) {
+        closedir(d->dp);
+        free(d);
+    }
+}
+
+static mode_t dtype_mode(unsigned char t) {
+    switch (t) {
+    case DT_DIR: return S_IFDIR;
+    case DT_LNK: return S_IFLNK;
+    case DT_CHR: return S_IFCHR;
+    case DT_BLK: return S_IFBLK;
+    case DT_FIFO: return S_IFIFO;
+    case DT_SOCK: return S_IFSOCK;
+    default: return S_IFREG;
+    }
+}
+
+static void do_readdir(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
+                       struct fuse_file_info *fi, int plus) {
+    tk_fs *fs = FS(req);
+    tk_inode *dir = tk_node_inode(fs, nodeid, NULL);
+    tk_dir *d = (tk_dir *)(uintptr_t)fi->fh;
+    int rc = tk_check(fs, req, dir, NULL, TK_ACT_LIST, 0, NULL);
+    if (rc) { reply_rc(req, rc); return; }
+    char *buf = calloc(1, size ? size : 1);
+    if (!buf) { reply_rc(req, -ENOMEM); return; }
+    size_t rem = size;
+    char *p = buf;
+    if (off != d->offset) {
+        seekdir(d->dp, off);
+        d->entry = NULL;
+        d->offset = off;
+    }
+    for (;;) {
+        if (!d->entry) {
+            errno = 0;
+            d->entry = readdir(d->dp);
+            if (!d->entry) {
+                if (errno) rc = -errno;
+                break;
+            }
+        }
+        off_t next = d->entry->d_off;
+        const char *name = d->entry->d_name;
+        size_t n;
+        struct fuse_entry_param e;
+        memset(&e, 0, sizeof e);
+        e.attr.st_ino = d->entry->d_ino;
+        e.attr.st_mode = dtype_mode(d->entry->d_type);
+        int is_dot = strcmp(name, ".") == 0 || strcmp(name, "..") == 0;
+        if (!plus) {
+            n = fuse_add_direntry(req, p, rem, name, &e.attr, next);
+        } else if (is_dot || d->entry->d_type == DT_REG || d->entry->d_type == DT_UNKNOWN) {
+            /* node id 0: the kernel looks regular files up itself, so each caller is
+             * routed to the node of its view */
+            n = fuse_add_direntry_plus(req, p, rem, name, &e, next);
+        } else {
+            if (make_entry(fs, dir, name, TK_VIEW_PLAIN, &e, NULL) != 0) {
+                memset(&e, 0, sizeof e);  /* vanished meanwhile: list it without attrs */
+                e.attr.st_ino = d->entry->d_ino;
+                e.attr.st_mode = dtype_mode(d->entry->d_type);
+            }
+            n = fuse_add_direntry_plus(req, p, rem, name, &e, next);
+            if (n > rem && e.ino) tk_itab_forget(fs, e.ino, 1);
+        }
+        if (n > rem) break;
+        p += n;
+        rem -= n;
+        d->entry = NULL;
+        d->offset = next;
+    }
+    /* an error after some entries: return what we have (the next call reports it) */
+    if (rc && rem != size) rc = 0;
+    if (rc) reply_rc(req, rc);
+    else fuse_reply_buf(req, buf, size - rem);
+    free(buf);
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
+                       struct fuse_file_info *fi) {
+    do_readdir(req, nodeid, size, off, fi, 0);
+}
+
+static void op_readdirplus(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
+                           struct fuse_file_info *fi) {
+    do_readdir(req, nodeid, size, off, fi, 1);
+}
+
+static void op_releasedir(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
+    tk_dir *d = (tk_dir *)(uintptr_t)fi->fh;
+    (void)nodeid;
+    closedir(d->dp);
+    free(d);
+    fuse_reply_err(req, 0);
+}
+
+static void op_fsyncdir(fuse_req_t req, fuse_ino_t nodeid, int datasync,
+                        struct fuse_file_info *fi) {
+    tk_fs *fs = FS(req);
+    tk_dir *d = (tk_dir *)(uintptr_t)fi->fh;
+    int rc = tk_check(fs, req, tk_node_inode(fs, nodeid, NULL), NULL, TK_ACT_LIST, 0, NULL);
+    int fd = dirfd(d->dp);
+    if (rc == 0 && (datasync ? fdatasync(fd) : fsync(fd)) < 0) rc = -errno;
+    reply_rc(req, rc);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t nodeid) {
+    tk_fs *fs = FS(req);
+    tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
+    int rc = tk_check(fs, req, ino, NULL, TK_ACT_GETATTR, 0, NULL);
+    struct statvfs sv;
+    if (rc == 0 && fstatvfs(ino->fd, &sv) < 0) rc = -errno;
+    if (rc) reply_rc(req, rc);
+    else fuse_reply_statfs(req, &sv);
+}
+
+static void op_access(fuse_req_t req, fuse_ino_t nodeid, int mask) {
+    /* with default_permissions the kernel checks modes itself and never sends this */
+    tk_fs *fs = FS(req);
+    (void)mask;
+    reply_rc(req, tk_check(fs, req, tk_node_inode(fs, nodeid, NULL), NULL, TK_ACT_GETATTR, 0,
+                           NULL));
+}
+
+/* ---- xattrs: user.* only -------------------------------------------------------------- */
+
+static int user_xattr(const char *name) { return strncmp(name, "user.", 5) == 0; }
+
+static void op_setxattr(fuse_req_t req, fuse_ino_t nodeid, const char *name,
+                        const char *value, size_t size, int flags) {
+    tk_fs *fs = FS(req);
+    tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
+    if (!user_xattr(name)) { reply_rc(req, -EOPNOTSUPP); return; }
+    int rc = tk_check(fs, req, ino, NULL, TK_ACT_SETXATTR, 0, NULL);
+    char p[64];
+    PROCPATH(p, ino->fd);
+    if (rc == 0 && setxattr(p, name, value, size, flags) < 0) rc = -errno;
+    reply_rc(req, rc);
+}
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t nodeid, const char *name, size_t size) {
+    tk_fs *fs = FS(req);
+    tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
+    if (!user_xattr(name)) { reply_rc(req, -ENODATA); return; }
+    int rc = tk_check(fs, req, ino, NULL, TK_ACT_GETXATTR, 0, NULL);
+    if (rc) { reply_rc(req, rc); return; }
+    char p[64];
+    PROCPATH(p, ino->fd);
+    if (size == 0) {
+        ssize_t n = getxattr(p, name, NULL, 0);
+        if (n < 0) { reply_rc(req, -errno); return; }
+        fuse_reply_xattr(req, (size_t)n);
+        return;
+    }
+    char *buf = malloc(size);
+    if (!buf) { reply_rc(req, -ENOMEM); return; }
+    ssize_t n = getxattr(p, name, buf, size);
+    if (n < 0) reply_rc(req, -errno);
+    else fuse_reply_buf(req, buf, (size_t)n);
+    free(buf);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t nodeid, size_t size) {
+    tk_fs *fs = FS(req);
+    tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
+    int rc = tk_check(fs, req, ino, NULL, TK_ACT_GETXATTR, 0, NULL);
+    if (rc) { reply_rc(req, rc); return; }
+    char p[64];
+    PROCPATH(p, ino->fd);
+    ssize_t n = listxattr(p, NULL, 0);
+    if (n < 0) { reply_rc(req, -errno); return; }
+    char *all = malloc((size_t)n + 1), *out = malloc((size_t)n + 1);
+    if (!all || !out) {
+        free(all);
+        free(out);
+        { reply_rc(req, -ENOMEM); return; }
+    }
+    n = listxattr(p, all, (size_t)n);
+    size_t len = 0;
+    for (ssize_t i = 0; n > 0 && i < n;) {  /* keep only user.* names */
+        size_t l = strnlen(all + i, (size_t)(n - i)) + 1;
+        if (user_xattr(all + i)) {
+            memcpy(out + len, all + i, l);
+            len += l;
+        }
+        i += (ssize_t)l;
+    }
+    if (n < 0) reply_rc(req, -errno);
+    else if (size == 0) fuse_reply_xattr(req, len);
+    else if (len > size) reply_rc(req, -ERANGE);
+    else fuse_reply_buf(req, out, len);
+    free(all);
+    free(out);
+}
+
+static void op_removexattr(fuse_req_t req, fuse_ino_t nodeid, const char *name) {
+    tk_fs *fs = FS(req);
+    tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
+    if (!user_xattr(name)) { reply_rc(req, -EOPNOTSUPP); return; }
+    int rc = tk_check(fs, req, ino, NULL, TK_ACT_SETXATTR, 0, NULL);
+    char p[64];
+    PROCPATH(p, ino->fd);
+    if (rc == 0 && removexattr(p, name) < 0) rc = -errno;
+    reply_rc(req, rc);
+}
+
+const struct fuse_lowlevel_ops tk_ops = {
+    .init = op_init,
+    .lookup = op_lookup,
+    .forget = op_forget,
+    .forget_multi = op_forget_multi,
+    .getattr = op_getattr,
+    .setattr = op_setattr,
+    .readlink = op_readlink,
+    .mknod = op_mknod,
+    .mkdir = op_mkdir,
+    .symlink = op_symlink,
+    .unlink = op_unlink,
+    .rmdir = op_rmdir,
+    .rename = op_rename,
+    .link = op_link,
+    .open = op_open,
+    .create = op_create,
+    .read = op_read,
+    .write = op_write,
+    .flush = op_flush,
+    .release = op_release,
+    .fsync = op_fsync,
+    .fallocate = op_fallocate,
+    .opendir = op_opendir,
+    .readdir = op_readdir,
+    .readdirplus = op_readdirplus,
+    .releasedir = op_releasedir,
+    .fsyncdir = op_fsyncdir,
+    .statfs = op_statfs,
+    .access = op_access,
+    .setxattr = op_setxattr,
+    .getxattr = op_getxattr,
+    .listxattr = op_listxattr,
+    .removexattr = op_removexattr,
+};

@@ -1,0 +1,461 @@
+/*
+ * fuse_taka.c -- TAKA v1 random-access file I/O in C (docs/file-format.md).
+ *
+ * The same rules as src/takakrypt/cryptofile.py (the reference; tests cross-check the
+ * two both ways): blocks touched by a write are re-encrypted whole with fresh nonces,
+ * partial edges are merged from verified plaintext (never from bytes past the size),
+ * gaps stay holes, growing stores blocks before the header, shrinking stores the
+ * header first, and a last block stored longer than the size implies (a crash in
+ * the middle of a growing write) is accepted at its longer length.
+ *
+ * Integrity failures return -EBADMSG (the caller maps them to EIO plus an audit
+ * event) with the absolute block index in *bad_block (UINT64_MAX = the header).
+ * Callers hold the inode's lock: shared for reads, exclusive for everything else.
+ */
+#include "fuse_int.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/kdf.h>
+#include <openssl/params.h>
+
+#define OVH TK_GCM_OVERHEAD
+static const char HKDF_INFO[] = "takakrypt/v1 file keys";
+
+static void put_le32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static void put_le64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint32_t get_le32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t get_le64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+uint64_t tk_taka_stored_size(uint64_t plain, uint32_t bs) {
+    return TK_HDR_SIZE + plain + ((plain + bs - 1) / bs) * OVH;
+}
+
+static uint64_t block_off(const tk_taka *t, uint64_t i) {
+    return TK_HDR_SIZE + i * (uint64_t)(t->bs + OVH);
+}
+
+static ssize_t pread_full(int fd, void *buf, size_t len, uint64_t off) {
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (n == 0) break;
+        done += (size_t)n;
+    }
+    return (ssize_t)done;
+}
+
+static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off) {
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+static int phys_size(int fd, uint64_t *out) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return -errno;
+    *out = (uint64_t)st.st_size;
+    return 0;
+}
+
+static int trunc_to(int fd, uint64_t size) {
+    return ftruncate(fd, (off_t)size) < 0 ? -errno : 0;
+}
+
+/* okm = HKDF-SHA256(data key, salt = file id, info, 64). */
+static int derive(const uint8_t key[32], const uint8_t fid[16], uint8_t okm[64]) {
+    int ok = 0;
+    EVP_KDF *kdf = EVP_KDF_fetch(NULL, "HKDF", NULL);
+    EVP_KDF_CTX *kctx = kdf ? EVP_KDF_CTX_new(kdf) : NULL;
+    if (kctx) {
+        OSSL_PARAM p[5];
+        /* SAFETY: OpenSSL only reads these buffers during EVP_KDF_derive; the casts
+         * drop const because OSSL_PARAM has no const variant for octet strings. */
+        p[0] = OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_DIGEST, (char *)"SHA256", 0);
+        p[1] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_KEY, (void *)key, 32);
+        p[2] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SALT, (void *)fid, 16);
+        p[3] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_INFO, (void *)HKDF_INFO,
+                                                 sizeof HKDF_INFO - 1);
+        p[4] = OSSL_PARAM_construct_end();
+        ok = EVP_KDF_derive(kctx, okm, 64, p) == 1;
+    }
+    EVP_KDF_CTX_free(kctx);
+    EVP_KDF_free(kdf);
+    return ok ? 0 : -EIO;
+}
+
+static int header_tag(const uint8_t mac_key[32], const uint8_t body[TK_HDR_TAGOFF],
+                      uint8_t tag[16]) {
+    uint8_t full[32];
+    unsigned int len = 0;
+    if (!HMAC(EVP_sha256(), mac_key, 32, body, TK_HDR_TAGOFF, full, &len) || len != 32)
+        return -EIO;
+    memcpy(tag, full, 16);
+    OPENSSL_cleanse(full, sizeof full);
+    return 0;
+}
+
+static tk_engine pick_engine(void) {
+    return tk_gcm_engine_available(TK_ENGINE_IPSECMB) ? TK_ENGINE_IPSECMB : TK_ENGINE_OPENSSL;
+}
+
+void tk_taka_reset(tk_taka *t) {
+    tk_gcm_free(t->gcm);
+    OPENSSL_cleanse(t->mac_key, sizeof t->mac_key);
+    memset(t, 0, sizeof *t);
+}
+
+/* Set up gcm + mac key for the header in t->hdr from the data key. */
+static int keys_from(tk_taka *t, const uint8_t key[32]) {
+    uint8_t okm[64];
+    int status = 0, rc = derive(key, t->hdr + 16, okm);
+    if (rc == 0) {
+        t->gcm = tk_gcm_new(okm, t->bs, pick_engine(), &status);
+        memcpy(t->mac_key, okm + 32, 32);
+        if (!t->gcm) rc = status == TK_ERR_NOMEM ? -ENOMEM : -EIO;
+    }
+    OPENSSL_cleanse(okm, sizeof okm);
+    return rc;
+}
+
+/* Parse the static/dynamic fields; -EBADMSG for anything malformed (fail closed). */
+static int parse(tk_taka *t, char name[TK_KEYID_MAX + 1], uint32_t *kver) {
+    const uint8_t *h = t->hdr;
+    if (memcmp(h, "TAKA", 4) != 0 || h[4] != 1 || h[5] != 1 || h[6] || h[7])
+        return -EBADMSG;
+    uint32_t bs = get_le32(h + 8);
+    if (!tk_gcm_block_size_ok(bs)) return -EBADMSG;
+    *kver = get_le32(h + 12);
+    unsigned klen = h[32];
+    if (*kver == 0 || klen < 1 || klen > TK_KEYID_MAX) return -EBADMSG;
+    for (unsigned i = 0; i < TK_KEYID_MAX; i++) {
+        if (i < klen && h[33 + i] == 0) return -EBADMSG;
+        if (i >= klen && h[33 + i] != 0) return -EBADMSG;
+    }
+    uint64_t size = get_le64(h + 96);
+    if (get_le64(h + 104) != 0 || size > TK_MAX_PLAIN) return -EBADMSG;
+    memcpy(name, h + 33, klen);
+    name[klen] = 0;
+    t->bs = bs;
+    t->size = size;
+    return 0;
+}
+
+int tk_taka_load(tk_fs *fs, tk_inode *ino, int fd) {
+    tk_taka *t = &ino->taka;
+    uint64_t epoch = __atomic_load_n(&fs->taka_epoch, __ATOMIC_ACQUIRE);
+    if (t->state != 0 && t->epoch == epoch) return t->state == 1 ? 0 : t->state;
+    tk_taka_reset(t);
+    t->epoch = epoch;
+    char name[TK_KEYID_MAX + 1];
+    uint32_t kver = 0, vout = 0;
+    uint8_t key[32], tag[16];
+    ssize_t n = pread_full(fd, t->hdr, TK_HDR_SIZE, 0);
+    if (n < 0) return (int)n;
+    int rc = n < TK_HDR_SIZE ? -EBADMSG : parse(t, name, &kver);
+    if (rc == 0) {
+        rc = tk_key_get(fs, name, kver, &vout, key);
+        if (rc == 0) {
+            rc = keys_from(t, key);
+            OPENSSL_cleanse(key, sizeof key);
+        } else {
+            rc = -EKEYREJECTED;
+        }
+    }
+    if (rc == 0) rc = header_tag(t->mac_key, t->hdr, tag);
+    if (rc == 0 && CRYPTO_memcmp(tag, t->hdr + TK_HDR_TAGOFF, 16) != 0) rc = -EBADMSG;
+    if (rc != 0) {
+        tk_taka_reset(t);
+        t->state = rc;
+        t->epoch = epoch;
+        return rc;
+    }
+    t->state = 1;
+    return 0;
+}
+
+int tk_taka_valid(tk_fs *fs, const tk_taka *t) {
+    return t->state == 1 && t->epoch == __atomic_load_n(&fs->taka_epoch, __ATOMIC_ACQUIRE);
+}
+
+static int write_header(tk_taka *t, int fd) {
+    put_le64(t->hdr + 96, t->size);
+    memset(t->hdr + 104, 0, 8);
+    int rc = header_tag(t->mac_key, t->hdr, t->hdr + TK_HDR_TAGOFF);
+    return rc ? rc : pwrite_full(fd, t->hdr, TK_HDR_SIZE, 0);
+}
+
+int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
+    tk_taka *t = &ino->taka;
+    tk_taka_reset(t);
+    uint8_t key[32];
+    uint32_t ver = 0;
+    int rc = tk_key_get(fs, fs->key_name, 0, &ver, key);
+    if (rc) return -EKEYREJECTED;
+    size_t klen = strlen(fs->key_name);
+    uint8_t *h = t->hdr;
+    memcpy(h, "TAKA", 4);
+    h[4] = 1;
+    h[5] = 1;
+    t->bs = 4096;
+    put_le32(h + 8, t->bs);
+    put_le32(h + 12, ver);
+    if (getrandom(h + 16, 16, 0) != 16) rc = -EIO;
+    h[32] = (uint8_t)klen;
+    memcpy(h + 33, fs->key_name, klen);
+    t->size = 0;
+    if (rc == 0) rc = keys_from(t, key);
+    OPENSSL_cleanse(key, sizeof key);
+    if (rc == 0) rc = trunc_to(fd, 0);
+    if (rc == 0) rc = write_header(t, fd);
+    if (rc) {
+        tk_taka_reset(t);
+        return rc;
+    }
+    t->state = 1;
+    t->epoch = __atomic_load_n(&fs->taka_epoch, __ATOMIC_ACQUIRE);
+    return 0;
+}
+
+/*
+ * Decrypt blocks first..last (all below `size`) into out (capacity
+ * (last-first+1)*bs); *outlen = plaintext bytes (up to `size`).
+ */
+static int read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t first,
+                       uint64_t last, uint8_t *out, size_t *outlen, uint64_t *bad) {
+    const uint64_t bs = t->bs, sbs = bs + OVH;
+    uint64_t want_end = (last + 1) * bs < size ? (last + 1) * bs : size;
+    uint64_t nfull = last - first;
+    uint64_t last_plain = want_end - last * bs;
+    size_t span = (size_t)((nfull + 1) * sbs);
+    size_t need = (size_t)(nfull * sbs + last_plain + OVH);
+    uint8_t *raw = malloc(span);
+    if (!raw) return -ENOMEM;
+    ssize_t n = pread_full(fd, raw, span, block_off(t, first));
+    int rc = 0;
+    if (n < 0) {
+        rc = (int)n;
+    } else if ((size_t)n < need) {
+        *bad = first + (uint64_t)n / sbs;  /* truncated: first missing/short block */
+        rc = -EBADMSG;
+    } else {
+        size_t w = 0;
+        uint64_t badrel = 0;
+        int st = tk_gcm_decrypt(t->gcm, raw, need, out, t->hdr, TK_HDR_STATIC, first, 1,
+                                &w, &badrel);
+        if (st == TK_ERR_AUTH && badrel == nfull && (size_t)n > need) {
+            /* After a crash inside a growing write the last block may be stored at
+             * its longer (new) length: that is its only other valid form. */
+            uint8_t *tmp = malloc(bs);
+            if (!tmp) {
+                rc = -ENOMEM;
+            } else {
+                st = tk_gcm_decrypt(t->gcm, raw + nfull * sbs, (size_t)n - nfull * sbs, tmp,
+                                    t->hdr, TK_HDR_STATIC, last, 1, &w, &badrel);
+                if (st == TK_OK) memcpy(out + nfull * bs, tmp, last_plain);
+                else badrel = nfull;
+                OPENSSL_cleanse(tmp, bs);
+                free(tmp);
+            }
+        }
+        if (rc == 0 && st != TK_OK) {
+            *bad = first + badrel;
+            rc = st == TK_ERR_AUTH || st == TK_ERR_SHORT_BLOCK ? -EBADMSG : -EIO;
+        }
+    }
+    free(raw);
+    if (rc == 0) {
+        *outlen = (size_t)(nfull * bs + last_plain);
+        TK_INC(fs, bytes_decrypted, *outlen);
+    }
+    return rc;
+}
+
+static int store_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t first, const uint8_t *plain,
+                        size_t len) {
+    uint64_t nb = 0;
+    size_t outlen = 0;
+    if (tk_gcm_encrypt_size(len, t->bs, &nb, &outlen) != TK_OK) return -EFBIG;
+    uint8_t *out = malloc(outlen ? outlen : 1);
+    if (!out) return -ENOMEM;
+    int st = tk_gcm_encrypt(t->gcm, plain, len, out, t->hdr, TK_HDR_STATIC, first, NULL);
+    int rc = st == TK_OK ? pwrite_full(fd, out, outlen, block_off(t, first)) : -EIO;
+    free(out);
+    if (rc == 0) TK_INC(fs, bytes_encrypted, len);
+    return rc;
+}
+
+ssize_t tk_taka_read(tk_fs *fs, tk_taka *t, int fd, char *out, size_t len, uint64_t off,
+                     uint64_t *bad) {
+    uint64_t size = t->size, bs = t->bs;
+    if (off >= size || len == 0) return 0;
+    uint64_t end = size - off < len ? size : off + len;
+    uint64_t first = off / bs, last = (end - 1) / bs;
+    size_t got = 0;
+    int rc;
+    if (off % bs == 0) {  /* aligned: decrypt straight into the reply buffer */
+        rc = read_blocks(fs, t, fd, size, first, last, (uint8_t *)out, &got, bad);
+        return rc ? rc : (ssize_t)(end - off);
+    }
+    uint8_t *buf = malloc((size_t)((last - first + 1) * bs));
+    if (!buf) return -ENOMEM;
+    rc = read_blocks(fs, t, fd, size, first, last, buf, &got, bad);
+    if (rc == 0) memcpy(out, buf + (off - first * bs), (size_t)(end - off));
+    OPENSSL_cleanse(buf, (size_t)((last - first + 1) * bs));
+    free(buf);
+    return rc ? rc : (ssize_t)(end - off);
+}
+
+/* Cut stored bytes past the size (crash leftovers) before the file grows. */
+static int drop_stale_tail(tk_taka *t, int fd) {
+    uint64_t phys, want;
+    int rc = phys_size(fd, &phys);
+    if (rc) return rc;
+    if (t->size == 0) {
+        want = TK_HDR_SIZE;
+    } else {
+        uint64_t start = block_off(t, (t->size - 1) / t->bs), sbs = t->bs + OVH;
+        uint64_t have = phys > start ? phys - start : 0;
+        want = start + (have < sbs ? have : sbs);
+    }
+    return phys > want ? trunc_to(fd, want) : 0;
+}
+
+/* Re-encrypt block k zero-extended to new_len plaintext bytes (k below the size). */
+static int rewrite_block(tk_fs *fs, tk_taka *t, int fd, uint64_t k, uint64_t new_len,
+                         uint64_t *bad) {
+    uint8_t *buf = calloc(1, t->bs);
+    size_t got = 0;
+    if (!buf) return -ENOMEM;
+    int rc = read_blocks(fs, t, fd, t->size, k, k, buf, &got, bad);
+    if (rc == 0) rc = store_blocks(fs, t, fd, k, buf, (size_t)new_len);
+    OPENSSL_cleanse(buf, t->bs);
+    free(buf);
+    return rc;
+}
+
+int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t n, uint64_t off,
+                  uint64_t *bad) {
+    if (n == 0) return 0;
+    if (off > TK_MAX_PLAIN || n > TK_MAX_PLAIN - off) return -EFBIG;
+    const uint64_t bs = t->bs, old = t->size, end = off + n;
+    const uint64_t first = off / bs, last = (end - 1) / bs;
+    int rc;
+    if (end > old && (rc = drop_stale_tail(t, fd))) return rc;
+    /* a partial last block before a gap is zero-extended to a full block first */
+    if (old % bs && (old - 1) / bs < first &&
+        (rc = rewrite_block(fs, t, fd, (old - 1) / bs, bs, bad)))
+        return rc;
+    uint64_t hi = old > end ? old : end;
+    uint64_t block_end = (last + 1) * bs < hi ? (last + 1) * bs : hi;
+    size_t blen = (size_t)(block_end - first * bs);
+    uint8_t *buf = calloc(1, blen);
+    if (!buf) return -ENOMEM;
+    size_t got = 0;
+    rc = 0;
+    /* merge existing plaintext at the partial edges, never bytes past the old size */
+    int head = off % bs != 0 && first * bs < old;
+    if (head) rc = read_blocks(fs, t, fd, old, first, first, buf, &got, bad);
+    uint64_t lim = (last + 1) * bs < old ? (last + 1) * bs : old;
+    if (rc == 0 && end < lim && !(head && last == first)) {
+        uint8_t *dst = buf + (last - first) * bs;
+        if (blen - (last - first) * bs >= bs) {
+            rc = read_blocks(fs, t, fd, old, last, last, dst, &got, bad);
+        } else {
+            uint8_t *tmp = malloc(bs);
+            rc = tmp ? read_blocks(fs, t, fd, old, last, last, tmp, &got, bad) : -ENOMEM;
+            if (rc == 0) memcpy(dst, tmp, blen - (last - first) * bs);
+            if (tmp) OPENSSL_cleanse(tmp, bs);
+            free(tmp);
+        }
+    }
+    if (rc == 0) {
+        memcpy(buf + (off - first * bs), data, n);
+        rc = store_blocks(fs, t, fd, first, buf, blen);
+    }
+    OPENSSL_cleanse(buf, blen);
+    free(buf);
+    if (rc) return rc;
+    if (end >= old) {  /* the last block was rewritten: cut any longer stale copy */
+        uint64_t want = tk_taka_stored_size(end, t->bs), phys;
+        if ((rc = phys_size(fd, &phys))) return rc;
+        if (phys > want && (rc = trunc_to(fd, want))) return rc;
+    }
+    if (end > old) {
+        t->size = end;
+        if ((rc = write_header(t, fd))) {
+            t->size = old;
+            return rc;
+        }
+    }
+    return 0;
+}
+
+int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t *bad) {
+    const uint64_t old = t->size, bs = t->bs;
+    int rc;
+    if (size == old) return 0;
+    if (size > TK_MAX_PLAIN) return -EFBIG;
+    if (size < old) {
+        uint8_t *keep = NULL;
+        size_t got = 0;
+        if (size % bs) {  /* verify the new partial block before anything changes */
+            keep = malloc(bs);
+            if (!keep) return -ENOMEM;
+            rc = read_blocks(fs, t, fd, old, size / bs, size / bs, keep, &got, bad);
+            if (rc) {
+                free(keep);
+                return rc;
+            }
+        }
+        t->size = size;  /* header first when shrinking */
+        rc = write_header(t, fd);
+        if (rc == 0 && keep) rc = store_blocks(fs, t, fd, size / bs, keep, (size_t)(size % bs));
+        if (keep) {
+            OPENSSL_cleanse(keep, bs);
+            free(keep);
+        }
+        if (rc == 0) rc = trunc_to(fd, tk_taka_stored_size(size, t->bs));
+        return rc;
+    }
+    if ((rc = drop_stale_tail(t, fd))) return rc;
+    if (old % bs) {
+        uint64_t k = (old - 1) / bs;
+        uint64_t nl = size - k * bs < bs ? size - k * bs : bs;
+        if ((rc = rewrite_block(fs, t, fd, k, nl, bad))) return rc;
+    }
+    /* the rest is a hole: extend the stored length without writing anything */
+    if ((rc = trunc_to(fd, tk_taka_stored_size(size, t->bs)))) return rc;
+    t->size = size;
+    if ((rc = write_header(t, fd))) t->size = old;
+    return rc;
+}

@@ -1,0 +1,288 @@
+"""Guard points: mount a directory through the C data path (``takakrypt._fuse``).
+
+A guard point serves a backing directory at a mount point.  By default it is *in
+place*: the directory is opened first and then mounted over at the same path, so
+applications keep their paths while the engine reaches the files underneath through
+the descriptor it opened.  Every operation is decided by policy (``decide``); regular
+files are served as plaintext (effects permit+apply_key), as the raw TAKA bytes
+(permit) or not at all (deny).  See docs/guard-points.md.
+
+Callbacks (called from the engine's threads with the GIL; each must be thread-safe
+and must never touch the guard point's own mount, which would deadlock):
+
+``decide(uid, gid, pid, path, action) -> (effects, rule, key_version, ttl_seconds)``
+    ``pid`` is the caller's thread id, ``path`` is relative to the guard point ("" =
+    its root), ``action`` one of :data:`ACTIONS`.  ``effects`` is a bitmask of
+    :data:`PERMIT`, :data:`DENY`, :data:`APPLY_KEY`, :data:`AUDIT`, :data:`WOULD_DENY`
+    (or an iterable of effect names).  ``ttl_seconds <= 0`` disables caching of this
+    answer.  An exception denies.
+``get_key(name, version) -> bytes``
+    The 32-byte data key; ``version`` is an int >= 1.  Fetched once per (name,
+    version) for the mount's lifetime and wiped at unmount.
+``audit(kind, uid, gid, pid, path, action, effects, detail)``
+    ``kind`` is ``"access"`` (deny, audit or would-deny decisions, cache hits too) or
+    ``"integrity"`` (header or block authentication failures).  Exceptions are ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import _fuse
+
+PERMIT = _fuse.PERMIT
+DENY = _fuse.DENY
+APPLY_KEY = _fuse.APPLY_KEY
+AUDIT = _fuse.AUDIT
+WOULD_DENY = _fuse.WOULD_DENY
+ACTIONS: tuple[str, ...] = _fuse.ACTIONS
+_EFFECT_BITS = {"permit": PERMIT, "deny": DENY, "apply_key": APPLY_KEY, "audit": AUDIT,
+                "would_deny": WOULD_DENY}
+
+Decide = Callable[[int, int, int, str, str], tuple[Any, int, int, float]]
+GetKey = Callable[[str, int], bytes | bytearray]
+Audit = Callable[[str, int, int, int, str, str, int, str], None]
+
+
+class GuardError(OSError):
+    """A guard point could not be mounted or cleaned up."""
+
+
+def effects_mask(effects: int | Iterable[str]) -> int:
+    """Effects as the engine's bitmask (accepts a mask or effect names)."""
+    if isinstance(effects, int):
+        return effects
+    mask = 0
+    for e in effects:
+        mask |= _EFFECT_BITS[e.replace("-", "_")]
+    return mask
+
+
+# ---------------------------------------------------------------------------------------
+# mount table helpers
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and len(field[i + 1:i + 4]) == 3 and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def fuse_mounts(under: str | None = None) -> list[str]:
+    """Mount points of takakrypt FUSE mounts (``fuse.takakrypt``), optionally below a
+    directory, deepest first (the order to unmount them in)."""
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fstype = right.split(" ", 1)[0]
+                if fstype != "fuse.takakrypt":
+                    continue
+                mp = _unescape(left.split(" ")[4])
+                if under is None or mp == under or mp.startswith(under.rstrip("/") + "/"):
+                    found.append(mp)
+    except OSError:
+        return []
+    return sorted(set(found), key=len, reverse=True)
+
+
+def is_stale(path: str) -> bool:
+    """True if ``path`` is a FUSE mount whose server is gone (ENOTCONN)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def force_unmount(path: str) -> None:
+    """``fusermount3 -u``, then lazy ``-uz``; raises GuardError if both fail."""
+    exe = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmds = [[exe, "-u", path], [exe, "-uz", path]] if exe else []
+    cmds += [["umount", path], ["umount", "-l", path]]
+    for cmd in cmds:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+    raise GuardError(errno.EBUSY, f"cannot unmount {path}")
+
+
+def cleanup_stale(path: str) -> bool:
+    """Unmount stale takakrypt mounts at ``path`` (a served one is left alone).
+    Returns True if something was unmounted."""
+    path = os.path.abspath(path)
+    done = False
+    while path in fuse_mounts(path) and is_stale(path):
+        force_unmount(path)
+        done = True
+    return done
+
+
+# ---------------------------------------------------------------------------------------
+# the guard point
+
+
+class GuardPoint:
+    """One guard point.  ``mount()`` returns when the mount is live; the engine runs in
+    C threads (``threads`` workers) with the GIL released between callbacks."""
+
+    def __init__(self, path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | None
+                 = None, key_name: str, get_key: GetKey, decide: Decide,
+                 audit: Audit | None = None, threads: int = 4, cache: int | None = None,
+                 current_version: int | Callable[[str], int] = 1, debug: bool = False) -> None:
+        self.path = os.path.realpath(os.fspath(path))
+        self.backing = os.path.realpath(os.fspath(backing)) if backing is not None else None
+        self.key_name = key_name
+        self._get_key = get_key
+        self._decide = decide
+        self._audit = audit
+        self._current = current_version
+        self._m = _fuse.Mount(self.path, self.backing, key_name, self._decide_cb,
+                              self._key_cb, self._audit_cb if audit else None,
+                              threads=threads, cache_entries=cache or 0, debug=debug)
+
+    # callbacks (engine threads) --------------------------------------------------------
+    def _decide_cb(self, uid: int, gid: int, pid: int, path: str, action: str) -> tuple:
+        effects, rule, key_version, ttl = self._decide(uid, gid, pid, path, action)
+        return effects_mask(effects), int(rule), int(key_version), float(ttl)
+
+    def _key_cb(self, name: str, version: int | None) -> tuple[int, bytearray]:
+        if version is None:
+            version = self._current(name) if callable(self._current) else int(self._current)
+        key = bytearray(self._get_key(name, version))
+        return version, key
+
+    def _audit_cb(self, *args: Any) -> None:
+        assert self._audit is not None
+        self._audit(*args)
+
+    # lifecycle ---------------------------------------------------------------------------
+    def mount(self) -> None:
+        if self.is_mounted:
+            raise GuardError(errno.EBUSY, f"{self.path} is already mounted by this guard point")
+        cleanup_stale(self.path)
+        if not os.path.isdir(self.path):
+            raise GuardError(errno.ENOTDIR, f"{self.path} is not a directory")
+        if self.backing is not None and not os.path.isdir(self.backing):
+            raise GuardError(errno.ENOTDIR, f"backing {self.backing} is not a directory")
+        try:
+            self._m.mount()
+        except OSError as e:
+            raise GuardError(e.errno, f"cannot mount guard point {self.path}: {e.strerror}") \
+                from None
+
+    def unmount(self) -> None:
+        self._m.unmount()
+
+    @property
+    def is_mounted(self) -> bool:
+        return self._m.is_mounted
+
+    def bump_generation(self) -> int:
+        """Policy reload: hide every cached decision."""
+        return self._m.bump_generation()
+
+    def invalidate(self) -> None:
+        """Drop cached decisions and per-file header state."""
+        self._m.invalidate()
+
+    def stats(self) -> dict[str, Any]:
+        s = self._m.stats()
+        s["last_callback_error"] = self._m.last_callback_error
+        return s
+
+    def __enter__(self) -> GuardPoint:
+        self.mount()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unmount()
+
+
+def allow_all(uid: int, gid: int, pid: int, path: str, action: str) -> tuple[int, int, int, float]:
+    """Everyone gets plaintext (tests and benchmarks only)."""
+    return PERMIT | APPLY_KEY, 0, 1, 3600.0
+
+
+def policy_decider(engine: Any, policy: str, *, default_ttl: float = 60.0) -> Decide:
+    """A ``decide`` callback on top of :class:`takakrypt.policy.Engine`."""
+    from .policy import Request
+    from .procinfo import ProcessGone, inspect
+
+    def decide(uid: int, gid: int, pid: int, path: str, action: str) -> tuple:
+        try:
+            proc = inspect(pid)
+        except ProcessGone:
+            return DENY, -1, 0, 0.0
+        d = engine.evaluate(policy, Request(uid=uid, gid=gid, groups=proc.groups,
+                                            process=proc, path=path, action=action))
+        mask = (PERMIT if d.permit else DENY) | (APPLY_KEY if d.apply_key else 0)
+        mask |= (AUDIT if d.audit else 0) | (WOULD_DENY if d.would_deny else 0)
+        ttl = default_ttl if d.cache_ttl is None else min(default_ttl, d.cache_ttl)
+        return mask, d.rule, 0, ttl
+
+    return decide
+
+
+# ---------------------------------------------------------------------------------------
+# python -m takakrypt.guard
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m takakrypt.guard",
+        description="Serve one guard point in the foreground (tests and benchmarks).")
+    ap.add_argument("--mountpoint", required=True)
+    ap.add_argument("--backing", help="separate backing directory (default: in place)")
+    ap.add_argument("--key-file", required=True, help="file holding a 32-byte raw key")
+    ap.add_argument("--key-name", default="guard")
+    ap.add_argument("--allow-all", action="store_true", required=True,
+                    help="permit+apply_key for everyone (the only policy offered here)")
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--debug", action="store_true")
+    a = ap.parse_args(argv)
+    with open(a.key_file, "rb") as f:
+        key = f.read()
+    if len(key) != 32:
+        print(f"takakrypt.guard: {a.key_file} must hold exactly 32 bytes", file=sys.stderr)
+        return 2
+    gp = GuardPoint(a.mountpoint, backing=a.backing, key_name=a.key_name,
+                    get_key=lambda name, version: key, decide=allow_all,
+                    threads=a.threads, debug=a.debug)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        gp.mount()
+    except GuardError as e:
+        print(f"takakrypt.guard: {e}", file=sys.stderr)
+        return 1
+    print(f"mounted {gp.path}", flush=True)
+    try:
+        while not stop.wait(1.0):
+            if not gp.is_mounted:  # unmounted from outside
+                break
+    finally:
+        gp.unmount()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Helpers for the guard point mount tests.
+
+The guard point is served by a CHILD process (``python tests/fuse_helpers.py
+SPEC.json``), never by the test process: clients of a mount must not run in the
+process serving it.  ``guard_mount()`` starts it, waits until the mount is live, and
+always unmounts in ``finally`` (SIGTERM to the server, then ``fusermount3 -u``, then
+lazy ``-uz`` if the mount is still there).  ``sweep_stale_mounts()`` removes takakrypt
+mounts left under the temp directory by an earlier crashed run.
+
+Policy for the child: a list of rules ``{"uid": int|None, "actions": [..]|None,
+"prefix": str|None, "effects": [...], "ttl": float}``; the first match decides, no
+match denies.  Audit events are appended to ``audit.jsonl`` as JSON lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SANITIZER_MARKS = ("ERROR: AddressSanitizer", "runtime error:", "UndefinedBehaviorSanitizer")
+SRC = HERE.parent / "src"
+
+
+def fuse_skip_reason() -> str | None:
+    """Why mount tests cannot run here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is absent"
+    if not (shutil.which("fusermount3") or shutil.which("fusermount")):
+        return "fusermount3 is not installed (apt-get install fuse3)"
+    if os.geteuid() != 0:
+        return "guard point tests mount as root (the daemon runs as root)"
+    try:
+        import takakrypt._fuse  # noqa: F401
+    except ImportError as e:
+        return f"takakrypt._fuse is not built ({e})"
+    return None
+
+
+def _mounts_under(root: str) -> list[str]:
+    sys.path.insert(0, str(SRC))
+    from takakrypt.guard import fuse_mounts
+    return fuse_mounts(root)
+
+
+def unmount_path(path: str) -> None:
+    for args in (["-u"], ["-uz"]):
+        if path not in _mounts_under(path):
+            return
+        subprocess.run(["fusermount3", *args, path], capture_output=True)
+
+
+def sweep_stale_mounts(root: str | None = None) -> list[str]:
+    """Unmount every takakrypt mount below the temp directory (session start/end)."""
+    root = root or tempfile.gettempdir()
+    done = []
+    for mp in _mounts_under(root):
+        unmount_path(mp)
+        done.append(mp)
+    return done
+
+
+class Guard:
+    """A running guard point served by a child process."""
+
+    def __init__(self, mnt: Path, backing: Path, key: bytes, workdir: Path,
+                 proc: subprocess.Popen[bytes]) -> None:
+        self.mnt, self.backing, self.key, self.workdir, self.proc = mnt, backing, key, workdir, proc
+
+    def audit_events(self) -> list[dict]:
+        p = self.workdir / "audit.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def stats(self) -> dict:
+        """Ask the server for its counters (SIGUSR1 -> stats.json)."""
+        p = self.workdir / "stats.json"
+        p.unlink(missing_ok=True)
+        self.proc.send_signal(signal.SIGUSR1)
+        for _ in range(500):  # a wait, not a timed assertion
+            if p.exists() and p.stat().st_size:
+                try:
+                    return json.loads(p.read_text())
+                except json.JSONDecodeError:
+                    pass
+            time.sleep(0.01)
+        raise RuntimeError("guard server did not write its stats")
+
+    def keys(self):
+        """Key lookup for takakrypt.cryptofile.TakaFile.open."""
+        return lambda name, version: bytearray(self.key)
+
+
+@contextlib.contextmanager
+def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = False,
+                path: Path | None = None, key: bytes | None = None, threads: int = 4,
+                key_name: str = "guard"):
+    """Mount a guard point served by a child process; yields a :class:`Guard`."""
+    tmp = Path(tmp)
+    workdir = Path(tempfile.mkdtemp(prefix="guard-", dir=tmp))
+    if in_place:
+        mnt = backing = Path(path or tmp / "data")
+    else:
+        backing = Path(path or tmp / "backing")
+        mnt = tmp / "mnt"
+        mnt.mkdir(exist_ok=True)
+    backing.mkdir(exist_ok=True)
+    key = key if key is not None else os.urandom(32)
+    spec = {
+        "mountpoint": str(mnt), "backing": None if in_place else str(backing),
+        "key": key.hex(), "key_name": key_name, "threads": threads,
+        "rules": rules if rules is not None else [{"effects": ["permit", "apply_key"]}],
+        "audit_log": str(workdir / "audit.jsonl"), "stats_file": str(workdir / "stats.json"),
+    }
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    proc = subprocess.Popen([sys.executable, str(HERE / "fuse_helpers.py"),
+                             str(workdir / "spec.json")],
+                            stdout=subprocess.PIPE, stderr=open(workdir / "stderr", "wb"),
+                            env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        line = proc.stdout.readline() if ready else b""
+        if not line.startswith(b"ready"):
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"guard server failed to mount: {line!r} "
+                               f"{(workdir / 'stderr').read_text()}")
+        yield Guard(mnt, backing, key, workdir, proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        unmount_path(str(mnt))
+        log = (workdir / "stderr").read_text(errors="replace")
+        if any(m in log for m in SANITIZER_MARKS):  # ci/asan.sh: the server is sanitized too
+            raise AssertionError(f"sanitizer report from the guard server:\n{log}")
+
+
+# ---------------------------------------------------------------------------------------
+# clients as another user
+
+
+def run_as(uid: int, gid: int, fn, *args):
+    """Run ``fn(*args)`` in a forked child with the given uid/gid (no supplementary
+    groups); return its result or re-raise its exception."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            out = (True, fn(*args))
+        except BaseException as e:  # noqa: BLE001 - shipped to the parent
+            out = (False, e)
+        try:
+            data = pickle.dumps(out)
+        except Exception as e:  # noqa: BLE001
+            data = pickle.dumps((False, RuntimeError(repr(e))))
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    ok, val = pickle.loads(data)
+    if not ok:
+        raise val
+    return val
+
+
+def errno_of(fn, *args) -> int:
+    """0 if fn(*args) succeeds, else the OSError's errno."""
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# the server (child process)
+
+
+def _serve(spec_path: str) -> int:
+    sys.path.insert(0, str(SRC))
+    from takakrypt.guard import GuardPoint, effects_mask
+
+    spec = json.loads(Path(spec_path).read_text())
+    key = bytes.fromhex(spec["key"])
+    rules = spec["rules"]
+    lock = threading.Lock()
+    audit_log = open(spec["audit_log"], "a", buffering=1)
+
+    def decide(uid, gid, pid, path, action):
+        for i, r in enumerate(rules):
+            if r.get("uid") is not None and r["uid"] != uid:
+                continue
+            if r.get("actions") is not None and action not in r["actions"]:
+                continue
+            if r.get("prefix") is not None and not path.startswith(r["prefix"]):
+                continue
+            return effects_mask(r["effects"]), i, 0, r.get("ttl", 60.0)
+        return effects_mask(["deny"]), -1, 0, 60.0
+
+    def audit(kind, uid, gid, pid, path, action, effects, detail):
+        with lock:
+            audit_log.write(json.dumps({"kind": kind, "uid": uid, "gid": gid, "pid": pid,
+                                        "path": path, "action": action, "effects": effects,
+                                        "detail": detail}) + "\n")
+
+    gp = GuardPoint(spec["mountpoint"], backing=spec["backing"], key_name=spec["key_name"],
+                    get_key=lambda name, version: key, decide=decide, audit=audit,
+                    threads=spec["threads"])
+    stop = threading.Event()
+    dump = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: dump.set())
+    gp.mount()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    try:
+        while not stop.is_set():
+            if dump.wait(0.05):
+                dump.clear()
+                tmpf = spec["stats_file"] + ".tmp"
+                Path(tmpf).write_text(json.dumps(gp.stats()))
+                os.rename(tmpf, spec["stats_file"])
+    finally:
+        gp.unmount()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(sys.argv[1]))
