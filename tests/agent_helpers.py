@@ -64,6 +64,8 @@ class Daemon:
         write_config(self.config_path, cfg)
         self.notify_path = str(tmp / "notify.sock")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if os.path.exists(self.notify_path):
+            os.unlink(self.notify_path)
         self.notify.bind(self.notify_path)
         self.notify.settimeout(30)
         self.log = open(tmp / "takakryptd.log", "wb")
@@ -114,6 +116,8 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self.notify.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.notify_path)
         self.log.close()
         return self.proc.returncode
 

@@ -166,7 +166,8 @@ class GuardPoint:
     def _key_cb(self, name: str, version: int | None) -> tuple[int, bytearray]:
         if version is None:
             version = self._current(name) if callable(self._current) else int(self._current)
-        key = bytearray(self._get_key(name, version))
+        raw = self._get_key(name, version)
+        key = raw if isinstance(raw, bytearray) else bytearray(raw)
         return version, key
 
     def _audit_cb(self, *args: Any) -> None:

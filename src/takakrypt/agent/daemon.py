@@ -151,7 +151,8 @@ class Agent:
 
     # decisions ----------------------------------------------------------------------------
     def decide(self, policy_name: str, uid: int, gid: int, tid: int, path: str, action: str,
-               *, guard: str = "", key: str | None = None) -> policy.Decision:
+               *, guard: str = "", key: str | None = None,
+               audit: bool = True) -> policy.Decision:
         """The agent-side chokepoint: identify the caller, evaluate, meter, audit."""
         t0 = time.perf_counter()
         state = self.state
@@ -160,8 +161,10 @@ class Agent:
         except procinfo.ProcessGone:
             d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
                                 permit=False, apply_key=False, audit=True)
-            self._audit_access(d, uid, tid, "", path, action, key, time.perf_counter() - t0,
-                               "process exited before it could be identified")
+            if audit:
+                self._audit_access(d, uid, tid, "", path, action, key,
+                                   time.perf_counter() - t0,
+                                   "process exited before it could be identified")
             return d
         if policy_name not in state.engine.policies:
             d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
@@ -176,7 +179,7 @@ class Agent:
         if self.metrics:
             self.metrics.decisions.labels(effect=d.verdict).inc()
             self.metrics.decision_latency.observe(elapsed)
-        if d.audit:
+        if d.audit and audit:
             self._audit_access(d, uid, proc.pid, proc.exe, path, action, key, elapsed, reason,
                                groups=proc.groups, guard=guard)
         return d

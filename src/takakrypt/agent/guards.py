@@ -1,0 +1,66 @@
+"""Guard points served by the agent: the FUSE data path wired to the agent's policy
+engine, key manager and audit trail.
+
+The data path calls back (from its own C threads, with the GIL) on decision-cache
+misses, for keys, and for audit events.  The C side audits every deny, every decision
+whose effects say audit, and every integrity failure — cache hits included — so the
+agent-side decision here does not audit a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .. import config as C
+from ..audit import event as ev
+from ..guard import GuardPoint
+from .handler import effects_of
+
+log = logging.getLogger("takakryptd.guards")
+
+_NAMES = (("permit", 1), ("deny", 2), ("apply_key", 4), ("audit", 8), ("would_deny", 16))
+
+
+def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
+    policy_name, key_name = gp.policy, gp.key
+    root = os.path.normpath(gp.path)
+
+    def decide(uid: int, gid: int, tid: int, path: str, action: str) -> tuple:
+        d = agent.decide(policy_name, uid, gid, tid, path, action, guard=root, key=key_name,
+                         audit=False)
+        ttl = d.cache_ttl if d.cache_ttl is not None else agent.config.agent.cache.ttl_seconds
+        return int(effects_of(d)), d.rule, 0, ttl
+
+    def get_key(name: str, version: int) -> bytearray:
+        return agent.keys.get(name, version)
+
+    def audit(kind: str, uid: int, gid: int, pid: int, path: str, action: str, effects: int,
+              detail: str) -> None:
+        if agent.audit is None:
+            return
+        full = os.path.join(root, path) if path else root
+        if kind != "access":
+            agent.audit.log(ev.system_event(kind, detail or kind, path=full,
+                                            detail={"uid": uid, "pid": pid, "action": action}))
+            return
+        exe = ""
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            pass
+        verdict = ("would-deny" if effects & 16 else "permit" if effects & 1 and not effects & 2
+                   else "deny")
+        agent.audit.log(ev.access_event(
+            uid=uid, pid=pid, exe=exe, path=full, operation=action, decision=verdict,
+            effects=[n for n, b in _NAMES if effects & b], policy=policy_name,
+            key=key_name if effects & 4 else None, reason=detail, groups=(gid,)))
+
+    g = GuardPoint(gp.path, backing=gp.backing, key_name=key_name, get_key=get_key,
+                   decide=decide, audit=audit, threads=4,
+                   cache=agent.config.agent.cache.max_entries,
+                   current_version=lambda name: agent.keys.current_version(name))
+    g.spec = gp  # type: ignore[attr-defined]
+    g.mount()
+    return g
