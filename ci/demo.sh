@@ -1,57 +1,121 @@
 #!/usr/bin/env bash
-# The offline demo: create a key, encrypt a file, inspect it, decrypt it, then flip one
-# byte and watch the tamper being caught. Uses a throw-away keystore in a temp dir.
+# The Takakrypt demo, on the embedded defaults (local keystore, local audit file, FUSE):
+# an existing directory is encrypted in place, guarded by takakryptd, and then
+#   - the authorised "database" process reads and writes plaintext,
+#   - the backup tool (tar) sees only ciphertext,
+#   - nobody, and a root shell that is not in the policy, are denied,
+#   - every decision that matters is in the audit trail,
+# and the agent stops cleanly, leaving TAKA files at rest.  Needs root and /dev/fuse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-T=${TAKAKRYPT:-$PWD/.venv/bin/takakrypt}
+here=$PWD
+T=${TAKAKRYPT:-$here/.venv/bin/takakrypt}
+D=${TAKAKRYPTD:-$here/.venv/bin/takakryptd}
 work=$(mktemp -d /tmp/takakrypt-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+chmod 755 "$work"
+agent_pid=
+cleanup() {
+  if [ -n "$agent_pid" ] && kill -0 "$agent_pid" 2>/dev/null; then
+    kill -TERM "$agent_pid"; wait "$agent_pid" 2>/dev/null || true
+  fi
+  fusermount3 -u "$work/data" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+bold() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
+fail() { echo "DEMO FAILED: $*" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || fail "run as root (FUSE guard points, acting as other users)"
+
 export TAKAKRYPT_KEYSTORE=$work/keystore.json
-head -c 24 /dev/urandom | base64 > "$work/passphrase"; chmod 600 "$work/passphrase"
-export TAKAKRYPT_PASSPHRASE_FILE=$work/passphrase
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+export TAKAKRYPT_MASTER_KEY_FILE=$work/master.key
+export TAKAKRYPT_CONTROL_SOCKET=$work/run/control.sock
 
-step "1. create a key in a new local keystore (passphrase-protected, Argon2id)"
-run "$T" keys create demo-key
-run "$T" keys list
-ls -l "$TAKAKRYPT_KEYSTORE"
+bold "1. a directory with data in it, and a key in a new local keystore"
+mkdir -p "$work/data" "$work/bin"
+printf 'id,name,salary\n1,alice,91000\n2,bob,87000\n' > "$work/data/payroll.csv"
+head -c 3000000 /dev/urandom > "$work/data/blob.bin"
+chmod 666 "$work/data/"*
+# the "database": its own binary, authorised by path AND by SHA-256 signature
+cp /usr/bin/dd "$work/bin/demo-db"
+sig=$(sha256sum "$work/bin/demo-db" | cut -d' ' -f1)
+"$here/.venv/bin/python" -c "from takakrypt.keys import generate_master_key_file as g; g('$work/master.key')"
+run "$T" keys create payroll
+ls -l "$work/data"
 
-step "2. encrypt a 20 MiB file"
-head -c $((20 * 1024 * 1024)) /dev/urandom > "$work/data.bin"
-run "$T" encrypt --key demo-key "$work/data.bin" "$work/data.taka"
-ls -l "$work/data.bin" "$work/data.taka"
+bold "2. initial encryption in place (takakrypt xform): resumable, verified, no plaintext left"
+run "$T" xform "$work/data" --key payroll
+run "$T" inspect "$work/data/payroll.csv" | sed -n '1,12p'
 
-step "3. inspect the header (no key needed, no key material shown)"
-run "$T" inspect "$work/data.taka"
+bold "3. the policy: demo-db gets plaintext, tar gets ciphertext, everyone else EACCES"
+cat > "$work/takakrypt.yaml" <<EOF
+agent:
+  control_socket: $work/run/control.sock
+  protocol_socket: $work/run/agent.sock
+  pid_file: $work/run/takakryptd.pid
+keys:
+  backend: local
+  local: {path: $work/keystore.json, master_key_file: $work/master.key}
+process_sets:
+  database: {executables: ["$work/bin/demo-db"], sha256: ["$sig"]}
+  backup: {executables: ["/usr/bin/tar", "/bin/tar"]}
+policies:
+  payroll:
+    rules:
+      - {process_set: database, actions: [all_ops], effects: [permit, apply_key, audit]}
+      - {process_set: backup, actions: [read_ops], effects: [permit, audit]}
+      - {actions: [getattr, list], effects: [permit]}
+      - {actions: [all_ops], effects: [deny, audit]}
+guard_points:
+  - {path: $work/data, policy: payroll, key: payroll}
+audit:
+  sinks:
+    - {type: file, path: $work/audit.jsonl}
+    - {type: file, path: $work/audit.cef, format: cef}
+EOF
+sed -n '/^process_sets/,/^guard_points/p' "$work/takakrypt.yaml"
+run "$T" config check "$work/takakrypt.yaml"
 
-step "4. decrypt and compare"
-run "$T" decrypt "$work/data.taka" "$work/data.out"
-run cmp "$work/data.bin" "$work/data.out" && echo "round trip: identical"
+bold "4. start takakryptd: it mounts the guard point over the same path"
+"$D" --config "$work/takakrypt.yaml" --foreground 2> "$work/takakryptd.log" &
+agent_pid=$!
+for _ in $(seq 1 100); do [ -S "$work/run/control.sock" ] && "$T" status >/dev/null 2>&1 && break; sleep 0.1; done
+run "$T" status || fail "agent not healthy: $(cat "$work/takakryptd.log")"
 
-step "5. rotate the key: old files still decrypt, new files use version 2"
-run "$T" keys rotate demo-key
-run "$T" decrypt --force "$work/data.taka" "$work/data.out"
-run "$T" encrypt --key demo-key "$work/data.bin" "$work/data2.taka"
-"$T" inspect --json "$work/data2.taka" | grep key_version
+bold "5. the authorised process reads and writes plaintext"
+run "$work/bin/demo-db" if="$work/data/payroll.csv" status=none
+printf '3,carol,99000\n' | "$work/bin/demo-db" of="$work/data/payroll.csv" oflag=append conv=notrunc status=none
+run "$work/bin/demo-db" if="$work/data/payroll.csv" status=none | tail -1
 
-step "6. flip one byte in block 1234 and decrypt again"
-off=$((128 + 1234 * (4096 + 28) + 500))
-printf '\x5a' | dd of="$work/data.taka" bs=1 seek=$off conv=notrunc status=none
-set +e
-"$T" decrypt "$work/data.taka" "$work/tampered.out"
-rc=$?
-set -e
-echo "exit status: $rc (5 = authentication failed)"
-[ "$rc" -eq 5 ] || { echo "demo FAILED: tamper not caught" >&2; exit 1; }
-[ ! -e "$work/tampered.out" ] && echo "no output file was left behind"
+bold "6. the backup tool sees only ciphertext (what it archives is the TAKA file)"
+run tar -C "$work/data" -cf "$work/backup.tar" payroll.csv
+tar -xOf "$work/backup.tar" payroll.csv | head -c 64 | od -A d -c | head -3
+tar -xOf "$work/backup.tar" payroll.csv | grep -q alice && fail "backup saw plaintext"
+echo "(no 'alice' in the archive)"
 
-step "7. a wrong passphrase is refused"
-echo wrong > "$work/wrong"
-set +e
-"$T" keys list --passphrase-file "$work/wrong"
-rc=$?
-set -e
-echo "exit status: $rc (7 = keystore locked)"
-[ "$rc" -eq 7 ] || { echo "demo FAILED: wrong passphrase accepted" >&2; exit 1; }
+bold "7. nobody, and a root shell outside the policy, are denied"
+if su -s /bin/sh nobody -c "cat $work/data/payroll.csv" 2>&1; then fail "nobody could read"; fi
+if cat "$work/data/payroll.csv" 2>&1; then fail "root cat could read"; fi
+echo "(root is not special: the policy decides)"
+
+bold "8. the audit trail (JSON lines; the same events in CEF beside it)"
+"$T" audit stats
+"$here/.venv/bin/python" - "$work/audit.jsonl" <<'PY'
+import json, sys
+events = [json.loads(line) for line in open(sys.argv[1])]
+shown = [e for e in events if e["kind"] == "access" and e["operation"] not in ("getattr", "list")]
+print(f"{len(events)} events; reads, writes and denies:")
+for e in shown:
+    if True:
+        print(f'{e["time"]}  {e["decision"]:<6} {e["operation"]:<8} uid={e["uid"]:<6} '
+              f'{e["exe"].rsplit("/", 1)[-1]:<8} {e["path"].rsplit("/", 1)[-1]}')
+PY
+tail -1 "$work/audit.cef" | cut -c1-160
+
+bold "9. stop the agent cleanly: the guard point is released, files stay encrypted at rest"
+kill -TERM "$agent_pid"; wait "$agent_pid"; agent_pid=
+grep -q " $work/data fuse" /proc/mounts && fail "still mounted"
+head -c 4 "$work/data/payroll.csv"; echo " <- payroll.csv at rest"
+grep -q alice "$work/data/payroll.csv" && fail "plaintext at rest"
+run "$T" decrypt "$work/data/payroll.csv" - | tail -2
 printf '\ndemo finished OK\n'
