@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from typing import Any
 
@@ -39,6 +40,18 @@ def effects_of(d: Any) -> P.Effect:
     return e
 
 
+# Fast path for POLICY_CHECK cache hits: the bulk of the traffic once caches are warm.
+# It parses the fixed v2 layout with one struct call and builds the answer bytes
+# directly; anything unusual (other versions, malformed fields, misses) falls back to
+# the full decoder, which validates everything.  Layouts: docs/protocol.md.
+_HDR = struct.Struct("<IIIIIIQ")
+_PCQ = struct.Struct("<IIIIIIIIQQQII")      # v2 policy request fixed part after the header
+_PCR = struct.Struct("<IIIIIIIiII")         # v2 policy response fixed part after the header
+_PCQ_END = P.HEADER_SIZE + _PCQ.size        # 96
+_RENAME_LINK = (int(P.Action.RENAME), int(P.Action.LINK))
+_NACTIONS = max(int(a) for a in P.Action)
+
+
 def _version(agent_version: str) -> int:
     parts = [int(x) for x in agent_version.split(".")[:3] if x.isdigit()]
     parts += [0] * (3 - len(parts))
@@ -57,7 +70,50 @@ class RequestHandler:
         if m is not None:
             m.latency.labels(transport=transport, operation=op).observe(time.perf_counter() - t0)
 
+    def fast_policy_hit(self, data: bytes) -> bytes | None:
+        """The answer to a well-formed v2 POLICY_CHECK that hits the decision cache, or
+        None (then the caller takes the full path)."""
+        n = len(data)
+        if n < _PCQ_END:
+            return None
+        magic, version, op, seq, psize, status, _ts = _HDR.unpack_from(data, 0)
+        if magic != P.MAGIC or version != 2 or op != 1 or status or psize != n - P.HEADER_SIZE:
+            return None
+        (pid, uid, gid, action, path_len, proc_len, cwd_len, _tid, start_time, exe_dev, exe_ino,
+         gp_id, target_len) = _PCQ.unpack_from(data, P.HEADER_SIZE)
+        if (not start_time or gp_id or not 1 <= action <= _NACTIONS or action in _RENAME_LINK
+                or target_len or not path_len
+                or _PCQ_END + path_len + proc_len + cwd_len != n or b"\0" in data[_PCQ_END:]):
+            return None
+        cache = self.agent.cache
+        path_b = data[_PCQ_END:_PCQ_END + path_len]
+        hit = cache.lookup(uid, gid, pid, start_time, exe_dev, exe_ino, path_b, action)
+        if hit is None:
+            return None
+        found = self._guard_for_path(os.fsdecode(path_b))
+        if found is None:
+            return None
+        gp = found[0]
+        effects, rule, key_version, _flags = hit
+        if effects & P.Effect.AUDIT:
+            proc = data[_PCQ_END + path_len:_PCQ_END + path_len + proc_len]
+            self._audit_hit_fields(uid, pid, os.fsdecode(proc), os.fsdecode(path_b),
+                                   P.Action(action).policy_name, gp, effects, rule)
+        self.agent.requests += 1
+        self.processed += 1
+        key = gp.key.encode() if effects & P.Effect.APPLY_KEY else b""
+        pol = gp.policy.encode()
+        body = _PCR.pack(effects & 1, (effects >> 2) & 1, (effects >> 3) & 1, len(key),
+                         len(pol), 0, effects, rule, key_version,
+                         int(cache.default_ttl * 1000)) + key + pol
+        return _HDR.pack(P.MAGIC, 2, 1 | P.RESPONSE_FLAG, seq, len(body), 0,
+                         time.time_ns()) + body
+
     async def handle(self, data: bytes, *, transport: str = "?") -> bytes | None:
+        if self.agent.cache is not None:
+            fast = self.fast_policy_hit(data)
+            if fast is not None:
+                return fast
         try:
             msg = P.decode(data)
         except ProtocolError as e:
@@ -116,18 +172,12 @@ class RequestHandler:
         return P.error_reply(msg, P.Status.INVALID,
                              f"{op.name} is sent by the agent, not to it")
 
-    def _guard_for(self, req: P.PolicyCheckRequest) -> tuple[Any, str] | None:
-        gps = [g for g in self.agent.config.guard_points if g.enabled]
-        if req.guard_point_id:
-            if 1 <= req.guard_point_id <= len(self.agent.config.guard_points):
-                gp = self.agent.config.guard_points[req.guard_point_id - 1]
-                rel = os.path.relpath(os.path.normpath(req.path), os.path.normpath(gp.path))
-                if not rel.startswith(".."):
-                    return gp, "" if rel == "." else rel
-            return None
-        path = os.path.normpath(req.path)
+    def _guard_for_path(self, path_s: str) -> tuple[Any, str] | None:
+        path = os.path.normpath(path_s)
         best = None
-        for gp in gps:
+        for gp in self.agent.config.guard_points:
+            if not gp.enabled:
+                continue
             root = os.path.normpath(gp.path)
             if path == root or path.startswith(root.rstrip("/") + "/"):
                 if best is None or len(root) > len(os.path.normpath(best.path)):
@@ -136,6 +186,16 @@ class RequestHandler:
             return None
         rel = os.path.relpath(path, os.path.normpath(best.path))
         return best, "" if rel == "." else rel
+
+    def _guard_for(self, req: P.PolicyCheckRequest) -> tuple[Any, str] | None:
+        if req.guard_point_id:
+            if 1 <= req.guard_point_id <= len(self.agent.config.guard_points):
+                gp = self.agent.config.guard_points[req.guard_point_id - 1]
+                rel = os.path.relpath(os.path.normpath(req.path), os.path.normpath(gp.path))
+                if not rel.startswith(".."):
+                    return gp, "" if rel == "." else rel
+            return None
+        return self._guard_for_path(req.path)
 
     def _policy_check(self, msg: P.Message) -> P.Message:
         req: P.PolicyCheckRequest = msg.payload  # type: ignore[assignment]
@@ -182,6 +242,11 @@ class RequestHandler:
             reason="; ".join(d.explanation)[:200], cache_ttl_ms=int(ttl * 1000)))
 
     def _audit_hit(self, req: P.PolicyCheckRequest, gp: Any, effects: int, rule: int) -> None:
+        self._audit_hit_fields(req.uid, req.pid, req.process, req.path,
+                               req.action.policy_name, gp, effects, rule)
+
+    def _audit_hit_fields(self, uid: int, pid: int, process: str, path: str, action: str,
+                          gp: Any, effects: int, rule: int) -> None:
         from ..audit import event as ev
 
         if self.agent.audit is None:
@@ -190,8 +255,8 @@ class RequestHandler:
                    "permit" if effects & P.Effect.PERMIT else "deny")
         names = [n for n, b in _EFFECT_BITS.items() if effects & b]
         self.agent.audit.log(ev.access_event(
-            uid=req.uid, pid=req.pid, exe=req.process, path=req.path,
-            operation=req.action.policy_name, decision=verdict, effects=names,
+            uid=uid, pid=pid, exe=process, path=path,
+            operation=action, decision=verdict, effects=names,
             policy=gp.policy, rule=rule, key=gp.key if effects & P.Effect.APPLY_KEY else None,
             reason="cached decision"))
 
