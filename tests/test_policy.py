@@ -251,7 +251,12 @@ def test_first_match_decides_and_explanation_agrees(rules, reqs):
 def test_inspect_real_process_and_thread():
     child = subprocess.Popen(["sleep", "30"])
     try:
-        p = procinfo.inspect(child.pid)
+        # Popen may return while the child is still inside execve (vfork): wait for it
+        for _ in range(1000):
+            p = procinfo.inspect(child.pid)
+            if p.cmdline == ("sleep", "30") and p.comm == "sleep":
+                break
+            threading.Event().wait(0.005)
         assert p.pid == child.pid and p.exe == os.path.realpath(shutil.which("sleep"))
         assert p.comm == "sleep" and p.cmdline == ("sleep", "30")
         assert p.start_time > 0 and p.uid == os.geteuid()

@@ -71,8 +71,15 @@ class ProcessGone(Exception):
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        out = os.read(fd, 65536)
+        if len(out) == 65536:  # long command lines
+            while chunk := os.read(fd, 65536):
+                out += chunk
+        return out
+    finally:
+        os.close(fd)
 
 
 def tgid_of(tid: int) -> int:
@@ -97,8 +104,28 @@ def start_time_of(pid: int) -> int:
 
 def inspect(tid: int) -> Process:
     """Inspect the process that thread ``tid`` belongs to (raises ProcessGone)."""
-    pid = tgid_of(tid)
     try:
+        status = _read(f"/proc/{tid}/status")
+        pid = uid = gid = -1
+        comm = ""
+        groups: tuple[int, ...] = ()
+        for line in status.splitlines():
+            key, _, val = line.partition(b":")
+            if key == b"Name":
+                comm = val.strip().decode("utf-8", "replace")
+            elif key == b"Tgid":
+                pid = int(val)
+            elif key == b"Uid":
+                uid = int(val.split()[3])  # filesystem uid
+            elif key == b"Gid":
+                gid = int(val.split()[3])
+            elif key == b"Groups":
+                groups = tuple(int(g) for g in val.split())
+                break  # Groups follows Tgid, Uid and Gid in /proc/PID/status
+        if pid < 0:
+            raise ProcessGone(tid)
+        if pid != tid:  # a thread's Name is its own; the process name is the leader's
+            comm = _read(f"/proc/{pid}/comm").decode("utf-8", "replace").rstrip("\n")
         start = start_time_of(pid)
         try:
             exe = os.readlink(f"/proc/{pid}/exe")
@@ -109,23 +136,13 @@ def inspect(tid: int) -> Process:
             exe, exe_id = "", None  # kernel threads have no exe
         if exe.endswith(" (deleted)"):
             exe = exe[: -len(" (deleted)")]
-        comm = _read(f"/proc/{pid}/comm").decode("utf-8", "replace").rstrip("\n")
         raw = _read(f"/proc/{pid}/cmdline")
         cmdline = tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)
-        uid = gid = -1
-        groups: tuple[int, ...] = ()
-        for line in _read(f"/proc/{pid}/status").splitlines():
-            if line.startswith(b"Uid:"):
-                uid = int(line.split()[4])  # filesystem uid
-            elif line.startswith(b"Gid:"):
-                gid = int(line.split()[4])
-            elif line.startswith(b"Groups:"):
-                groups = tuple(int(g) for g in line.split()[1:])
         # the pid may have been reused while we read: the start time must not change
         if start_time_of(pid) != start:
             raise ProcessGone(pid)
     except (FileNotFoundError, ProcessLookupError):
-        raise ProcessGone(pid) from None
+        raise ProcessGone(tid) from None
     return Process(pid=pid, start_time=start, exe=exe, comm=comm, cmdline=cmdline, uid=uid,
                    gid=gid, groups=groups, exe_id=exe_id,
                    database=detect_database(exe, comm, cmdline))

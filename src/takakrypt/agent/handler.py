@@ -49,6 +49,7 @@ _PCQ = struct.Struct("<IIIIIIIIQQQII")      # v2 policy request fixed part after
 _PCR = struct.Struct("<IIIIIIIiII")         # v2 policy response fixed part after the header
 _PCQ_END = P.HEADER_SIZE + _PCQ.size        # 96
 _RENAME_LINK = (int(P.Action.RENAME), int(P.Action.LINK))
+_E_PERMIT, _E_APPLY, _E_AUDIT = int(P.Effect.PERMIT), int(P.Effect.APPLY_KEY), int(P.Effect.AUDIT)
 _NACTIONS = max(int(a) for a in P.Action)
 
 
@@ -63,6 +64,8 @@ class RequestHandler:
         self.agent = agent
         self.processed = 0
         self.malformed = 0
+        self._roots: list[tuple[bytes, bytes, Any]] = []
+        self._roots_for: Any = None
         self.by_op: dict[str, int] = {}
 
     def observe(self, transport: str, t0: float, op: str = "any") -> None:
@@ -70,7 +73,7 @@ class RequestHandler:
         if m is not None:
             m.latency.labels(transport=transport, operation=op).observe(time.perf_counter() - t0)
 
-    def fast_policy_hit(self, data: bytes) -> bytes | None:
+    def fast_policy_hit(self, data: bytes, *, audit: bool = True) -> bytes | None:
         """The answer to a well-formed v2 POLICY_CHECK that hits the decision cache, or
         None (then the caller takes the full path)."""
         n = len(data)
@@ -83,31 +86,41 @@ class RequestHandler:
          gp_id, target_len) = _PCQ.unpack_from(data, P.HEADER_SIZE)
         if (not start_time or gp_id or not 1 <= action <= _NACTIONS or action in _RENAME_LINK
                 or target_len or not path_len
-                or _PCQ_END + path_len + proc_len + cwd_len != n or b"\0" in data[_PCQ_END:]):
+                or _PCQ_END + path_len + proc_len + cwd_len != n
+                or data.find(b"\0", _PCQ_END) != -1):
             return None
         cache = self.agent.cache
         path_b = data[_PCQ_END:_PCQ_END + path_len]
         hit = cache.lookup(uid, gid, pid, start_time, exe_dev, exe_ino, path_b, action)
         if hit is None:
             return None
-        found = self._guard_for_path(os.fsdecode(path_b))
-        if found is None:
+        gp = self._guard_for_bytes(path_b)
+        if gp is None:
             return None
-        gp = found[0]
         effects, rule, key_version, _flags = hit
-        if effects & P.Effect.AUDIT:
+        if effects & _E_AUDIT and audit:
             proc = data[_PCQ_END + path_len:_PCQ_END + path_len + proc_len]
             self._audit_hit_fields(uid, pid, os.fsdecode(proc), os.fsdecode(path_b),
                                    P.Action(action).policy_name, gp, effects, rule)
         self.agent.requests += 1
         self.processed += 1
-        key = gp.key.encode() if effects & P.Effect.APPLY_KEY else b""
+        key = gp.key.encode() if effects & _E_APPLY else b""
         pol = gp.policy.encode()
-        body = _PCR.pack(effects & 1, (effects >> 2) & 1, (effects >> 3) & 1, len(key),
+        body = _PCR.pack(effects & _E_PERMIT, (effects >> 2) & 1, (effects >> 3) & 1, len(key),
                          len(pol), 0, effects, rule, key_version,
                          int(cache.default_ttl * 1000)) + key + pol
         return _HDR.pack(P.MAGIC, 2, 1 | P.RESPONSE_FLAG, seq, len(body), 0,
                          time.time_ns()) + body
+
+    def handle_ring(self, data: bytes) -> Any:
+        """Consumer of the in-process ring (the FUSE data path): cache hits are answered
+        synchronously, everything else returns the coroutine of :meth:`handle`.  The
+        data path audits its own decisions, so ring requests are not audited here."""
+        if self.agent.cache is not None:
+            fast = self.fast_policy_hit(data, audit=False)
+            if fast is not None:
+                return fast
+        return self.handle(data, transport="ring")
 
     async def handle(self, data: bytes, *, transport: str = "?") -> bytes | None:
         if self.agent.cache is not None:
@@ -137,7 +150,7 @@ class RequestHandler:
         op = msg.operation.name.lower()
         self.by_op[op] = self.by_op.get(op, 0) + 1
         try:
-            reply = self._dispatch(msg)
+            reply = self._dispatch(msg, audit=transport != "ring")
             status = "ok"
         except Error as e:
             reply = P.error_reply(msg, _status_for(e), str(e))
@@ -152,7 +165,7 @@ class RequestHandler:
         return P.encode(reply)
 
     # ---------------------------------------------------------------------------------------
-    def _dispatch(self, msg: P.Message) -> P.Message:
+    def _dispatch(self, msg: P.Message, *, audit: bool = True) -> P.Message:
         op = msg.operation
         if op == P.Operation.HEALTH_CHECK:
             from .. import __version__
@@ -162,7 +175,7 @@ class RequestHandler:
                 uptime_seconds=int(time.time() - self.agent.started) & 0xFFFFFFFF,
                 active_workers=self.agent.inflight, processed_requests=self.processed & 0xFFFFFFFF))
         if op == P.Operation.POLICY_CHECK:
-            return self._policy_check(msg)
+            return self._policy_check(msg, audit=audit)
         if op == P.Operation.KEY_REQUEST:
             return self._key_request(msg)
         if op == P.Operation.AUDIT_EVENT:
@@ -171,6 +184,24 @@ class RequestHandler:
             return self._crypto(msg)
         return P.error_reply(msg, P.Status.INVALID,
                              f"{op.name} is sent by the agent, not to it")
+
+    def _guard_for_bytes(self, path: bytes) -> Any:
+        """Guard point of an already normalised absolute path (fast path), or None."""
+        cfg = self.agent.config
+        if self._roots_for is not cfg:
+            roots = []
+            for gp in cfg.guard_points:
+                if gp.enabled:
+                    r = os.fsencode(os.path.normpath(gp.path))
+                    roots.append((r, r.rstrip(b"/") + b"/", gp))
+            roots.sort(key=lambda t: -len(t[0]))
+            self._roots, self._roots_for = roots, cfg
+        if b"//" in path or b"/." in path or path.endswith(b"/") or not path.startswith(b"/"):
+            return None  # not normalised: the full path handles it
+        for root, prefix, gp in self._roots:
+            if path == root or path.startswith(prefix):
+                return gp
+        return None
 
     def _guard_for_path(self, path_s: str) -> tuple[Any, str] | None:
         path = os.path.normpath(path_s)
@@ -197,7 +228,7 @@ class RequestHandler:
             return None
         return self._guard_for_path(req.path)
 
-    def _policy_check(self, msg: P.Message) -> P.Message:
+    def _policy_check(self, msg: P.Message, *, audit: bool = True) -> P.Message:
         req: P.PolicyCheckRequest = msg.payload  # type: ignore[assignment]
         found = self._guard_for(req)
         if found is None:
@@ -211,7 +242,7 @@ class RequestHandler:
             hit = cache.lookup(*ckey)
             if hit is not None:
                 effects, rule, key_version, _flags = hit
-                if effects & P.Effect.AUDIT:
+                if effects & P.Effect.AUDIT and audit:
                     self._audit_hit(req, gp, effects, rule)
                 return P.reply(msg, P.PolicyCheckResponse.from_effects(
                     P.Effect(effects), key_id=gp.key if effects & P.Effect.APPLY_KEY else "",
@@ -227,7 +258,7 @@ class RequestHandler:
                     P.Effect.DENY | P.Effect.AUDIT, policy=gp.policy,
                     reason="process exited or pid reused"))
         d = self.agent.decide(gp.policy, req.uid, req.gid, req.tid or req.pid, rel, action,
-                              guard=gp.path, key=gp.key)
+                              guard=gp.path, key=gp.key, audit=audit)
         effects = effects_of(d)
         key_version = 0
         if effects & P.Effect.APPLY_KEY:

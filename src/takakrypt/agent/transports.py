@@ -124,11 +124,34 @@ class SeqpacketServer:
             self._drop_client(c)
 
 
+class RingTransport:
+    """The in-process request ring the FUSE data path sends cache misses through."""
+
+    name = "ring"
+
+    def __init__(self, agent: Any, slots: int = 4096) -> None:
+        from .. import ringserver
+        from .._ring import Ring
+
+        self.ring = Ring(slots=slots)
+        self.server = ringserver.attach(asyncio.get_running_loop(), self.ring,
+                                        agent.handler.handle_ring)
+
+    def describe(self) -> dict[str, Any]:
+        return {"transport": self.name, **self.ring.stats()}
+
+    async def close(self) -> None:
+        self.server.close()
+        self.ring.close()
+
+
 async def start_all(agent: Any) -> list[Any]:
     from .handler import RequestHandler
 
     agent.handler = RequestHandler(agent)
     servers: list[Any] = []
+    agent.ring_transport = RingTransport(agent)
+    servers.append(agent.ring_transport)
     if agent.config.agent.protocol_socket:
         s = SeqpacketServer(agent.config.agent.protocol_socket, agent.handler, agent)
         await s.start()
