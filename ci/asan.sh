@@ -30,7 +30,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/takakrypt-asan.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 # Copy only what the build and the test need; drop any prebuilt extension.
-cp -r src tests setup.py pyproject.toml "$WORK"/
+cp -r src tests kernel setup.py pyproject.toml "$WORK"/
 [ -e README.md ] && cp README.md "$WORK"/
 find "$WORK" \( -name '*.so' -o -name '__pycache__' -o -name '.pytest_cache' \) -prune -exec rm -rf {} +
 rm -f "$WORK/src/_native/aesgcm.c" "$WORK/src/_native/cache.c" "$WORK/src/_native/ring.c"

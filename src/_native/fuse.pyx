@@ -5,6 +5,7 @@ cimport cython
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.pycapsule cimport PyCapsule_GetPointer
 
 import atexit
 import os
@@ -40,6 +41,8 @@ cdef extern from "fuse_impl.h" nogil:
         int threads
         size_t cache_entries
         int debug
+        void *ring
+        int ring_timeout_ms
     ctypedef struct tk_fs_stats:
         uint64_t ops[15]
         uint64_t denied
@@ -50,10 +53,16 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t bytes_decrypted
         uint64_t integrity_failures
         uint64_t key_fetches
+        uint64_t ring_requests
+        uint64_t ring_timeouts
+        uint64_t ring_errors
+        uint64_t ring_error_status
+        uint64_t ring_malformed
         uint64_t generation
     ctypedef struct tk_fs:
         pass
     const char *tk_action_name(int action)
+    uint32_t tk_action_protocol_code(int action)
     tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, size_t errlen)
     int tk_fs_mount(tk_fs *fs, char *err, size_t errlen)
     int tk_fs_unmount(tk_fs *fs)
@@ -70,6 +79,10 @@ AUDIT = 8
 WOULD_DENY = 16
 
 ACTIONS = tuple(tk_action_name(i).decode() for i in range(TK_ACT_COUNT))
+# action name -> the TAKA protocol's action code the ring requests carry (uapi enum)
+PROTOCOL_ACTIONS = {tk_action_name(i).decode(): tk_action_protocol_code(i)
+                    for i in range(TK_ACT_COUNT)}
+RING_TIMEOUT_MS = 5000  # TAKAKRYPT_TIMEOUT_MS
 
 # SAFETY: _alive is written only with the GIL held (at exit) and read by FUSE threads
 # before they ask for the GIL; once the interpreter starts finalising, callbacks deny
@@ -173,6 +186,11 @@ cdef class Mount:
     cdef object _decide
     cdef object _get_key
     cdef object _audit
+    # SAFETY: the tk_fs holds a raw pointer to this Ring's tk_ring.  The reference is
+    # set once in __init__ and dropped only after __dealloc__ has freed the tk_fs
+    # (which joins every worker thread), so no thread uses the ring after it is freed.
+    cdef readonly object ring
+    cdef readonly int ring_timeout_ms
     cdef readonly str mountpoint
     cdef readonly str backing
     cdef readonly str key_name
@@ -183,12 +201,25 @@ cdef class Mount:
         self._fs = NULL
 
     def __init__(self, mountpoint, backing, key_name, decide, get_key, audit=None, *,
-                 int threads=4, size_t cache_entries=0, bint debug=False):
+                 int threads=4, size_t cache_entries=0, bint debug=False, ring=None,
+                 int ring_timeout_ms=RING_TIMEOUT_MS):
         cdef tk_fs_config cfg
         cdef tk_callbacks cb
         cdef char err[512]
+        cdef void *ring_ptr = NULL
         if self._fs != NULL:
             raise ValueError("Mount is already initialised")
+        if ring is not None:
+            from takakrypt._ring import Ring
+            if not isinstance(ring, Ring):
+                raise TypeError(f"ring must be a takakrypt._ring.Ring, not {type(ring).__name__}")
+            ring_ptr = PyCapsule_GetPointer(ring._capsule(), b"takakrypt._ring.tk_ring")
+        elif decide is None:
+            raise ValueError("decide is required without a ring")
+        if ring_timeout_ms < 1:
+            raise ValueError(f"ring_timeout_ms must be >= 1, got {ring_timeout_ms}")
+        self.ring = ring
+        self.ring_timeout_ms = ring_timeout_ms
         self.mountpoint = os.fspath(mountpoint)
         self.backing = os.fspath(backing) if backing is not None else self.mountpoint
         self.key_name = key_name
@@ -204,8 +235,12 @@ cdef class Mount:
         cfg.threads = threads
         cfg.cache_entries = cache_entries
         cfg.debug = debug
+        cfg.ring = ring_ptr
+        cfg.ring_timeout_ms = ring_timeout_ms
         cb.ctx = <void *>self
-        cb.decide = _decide_cb
+        cb.decide = NULL  # no callback: rename/link (the only ring actions it serves) deny
+        if decide is not None:
+            cb.decide = _decide_cb
         cb.get_key = _get_key_cb
         cb.audit = _audit_cb
         err[0] = 0
@@ -257,5 +292,10 @@ cdef class Mount:
             "bytes_decrypted": s.bytes_decrypted,
             "integrity_failures": s.integrity_failures,
             "key_fetches": s.key_fetches,
+            "ring_requests": s.ring_requests,
+            "ring_timeouts": s.ring_timeouts,
+            "ring_errors": s.ring_errors,
+            "ring_error_status": s.ring_error_status,
+            "ring_malformed": s.ring_malformed,
             "generation": s.generation,
         }

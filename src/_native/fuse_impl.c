@@ -3,10 +3,15 @@
  * identity from /proc, the one policy chokepoint tk_check(), the key cache.
  *
  * Decision source: the decision cache (cache_impl.h) answers hits without Python;
- * a miss goes through decide_miss(), the ONE function to swap when the request ring
- * (ring_impl.h) replaces the Python callback.
+ * a miss goes through decide_miss(): with a request ring (tk_fs_config.ring) it sends a
+ * TAKA POLICY_CHECK v2 request built here from the uapi structs and waits for the
+ * agent's answer without the GIL (ring_decide); without one (and for rename/link) it
+ * calls the Python `decide` callback.
  */
 #include "fuse_int.h"
+#include "ring_impl.h"
+/* The protocol's C structs (the same header the kernel module uses). */
+#include "../../kernel/include/uapi/takakrypt.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -32,6 +37,39 @@ const char *tk_action_name(int a) {
     return a >= 0 && a < TK_ACT_COUNT ? ACTION_NAMES[a] : "?";
 }
 
+/* Engine action (0-based, the cache key's op) -> protocol action code (1-based). */
+static const uint32_t PROTOCOL_ACTIONS[TK_ACT_COUNT] = {
+    [TK_ACT_READ] = TAKAKRYPT_ACTION_READ,
+    [TK_ACT_WRITE] = TAKAKRYPT_ACTION_WRITE,
+    [TK_ACT_APPEND] = TAKAKRYPT_ACTION_APPEND,
+    [TK_ACT_TRUNCATE] = TAKAKRYPT_ACTION_TRUNCATE,
+    [TK_ACT_CREATE] = TAKAKRYPT_ACTION_CREATE,
+    [TK_ACT_DELETE] = TAKAKRYPT_ACTION_DELETE,
+    [TK_ACT_RENAME] = TAKAKRYPT_ACTION_RENAME,
+    [TK_ACT_LINK] = TAKAKRYPT_ACTION_LINK,
+    [TK_ACT_GETATTR] = TAKAKRYPT_ACTION_GETATTR,
+    [TK_ACT_SETATTR] = TAKAKRYPT_ACTION_SETATTR,
+    [TK_ACT_LIST] = TAKAKRYPT_ACTION_LIST,
+    [TK_ACT_MKDIR] = TAKAKRYPT_ACTION_MKDIR,
+    [TK_ACT_RMDIR] = TAKAKRYPT_ACTION_RMDIR,
+    [TK_ACT_GETXATTR] = TAKAKRYPT_ACTION_GETXATTR,
+    [TK_ACT_SETXATTR] = TAKAKRYPT_ACTION_SETXATTR,
+};
+_Static_assert(TK_ACT_COUNT == 15 && TAKAKRYPT_ACTION_SETXATTR == 15,
+               "engine and protocol action sets differ: update PROTOCOL_ACTIONS");
+_Static_assert(TK_FX_PERMIT == TAKAKRYPT_EFFECT_PERMIT && TK_FX_DENY == TAKAKRYPT_EFFECT_DENY &&
+               TK_FX_APPLY_KEY == TAKAKRYPT_EFFECT_APPLY_KEY &&
+               TK_FX_AUDIT == TAKAKRYPT_EFFECT_AUDIT &&
+               TK_FX_WOULD_DENY == TAKAKRYPT_EFFECT_WOULD_DENY,
+               "engine effect bits must be the protocol's");
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the TAKA protocol is little-endian: this code copies structs as they are"
+#endif
+
+uint32_t tk_action_protocol_code(int a) {
+    return a >= 0 && a < TK_ACT_COUNT ? PROTOCOL_ACTIONS[a] : TAKAKRYPT_ACTION_NONE;
+}
+
 static void seterr(char *err, size_t n, const char *fmt, ...) {
     if (!err || !n) return;
     va_list ap;
@@ -55,11 +93,12 @@ static int read_start_time(int fd, uint64_t *out) {
     buf[n] = 0;
     char *p = strrchr(buf, ')');  /* comm may contain spaces and parentheses */
     if (!p) return -ESRCH;
-    /* after ") " comes field 3 (state); start time is field 22 */
+    /* p is on field 2's closing ')'; each space starts the next field: after the
+     * loop p is on the first character of field 22 (start time) */
     int field = 2;
-    for (p++; *p && field < 21; p++)
+    for (p++; *p && field < 22; p++)
         if (*p == ' ') field++;
-    if (field != 21) return -ESRCH;
+    if (field != 22 || *p < '0' || *p > '9') return -ESRCH;
     *out = strtoull(p, NULL, 10);
     return 0;
 }
@@ -116,13 +155,263 @@ void tk_audit_integrity(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *ac
     free(path);
 }
 
-/* The miss path: ask the policy engine.  Swap this for the request ring. */
+/* ------------------------------------------------------------------------------------
+ * the miss path over the request ring: TAKA POLICY_CHECK v2 (docs/protocol.md)
+ */
+#define RING_DETAIL_UNAVAILABLE "agent unavailable"
+#define RING_DETAIL_MALFORMED "malformed agent answer"
+
+/* "Tgid:" of /proc/TID/status. */
+static int read_tgid(tk_fs *fs, uint32_t tid, uint32_t *tgid) {
+    char name[64], buf[2048];
+    snprintf(name, sizeof name, "%u/status", tid);
+    int fd = openat(fs->proc_fd, name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -ESRCH;
+    ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+    close(fd);
+    if (n <= 0) return -ESRCH;
+    buf[n] = 0;
+    char *p = strstr(buf, "\nTgid:");
+    if (!p) return -ESRCH;
+    char *end;
+    unsigned long v = strtoul(p + 6, &end, 10);
+    if (end == p + 6 || v == 0 || v > UINT32_MAX) return -ESRCH;
+    *tgid = (uint32_t)v;
+    return 0;
+}
+
+/*
+ * What a POLICY_CHECK needs beyond tk_ident: the thread group id, the PROCESS's start
+ * time (the agent compares it with /proc/<pid>/stat; tk_ident has the calling
+ * thread's) and the executable's path.  Same pinning as tk_ident_get: the thread's
+ * stat file is opened first, must still show the start time the identity was read
+ * with, and is read again at the end.  exe[] receives the path, not NUL-terminated.
+ */
+static int proc_details(tk_fs *fs, const tk_ident *id, uint32_t *tgid, uint64_t *pstart,
+                        char *exe, size_t cap, size_t *exelen) {
+    char name[64];
+    snprintf(name, sizeof name, "%u/stat", id->pid);
+    int fd = openat(fs->proc_fd, name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -ESRCH;
+    uint64_t t = 0;
+    int rc = read_start_time(fd, &t);
+    if (rc == 0 && t != id->start_time) rc = -ESRCH;
+    if (rc == 0) rc = read_tgid(fs, id->pid, tgid);
+    if (rc == 0) {
+        snprintf(name, sizeof name, "%u/exe", id->pid);
+        ssize_t n = readlinkat(fs->proc_fd, name, exe, cap);
+        if (n < 0) n = 0;  /* kernel thread / zombie: no executable, empty as specified */
+        if ((size_t)n >= cap) rc = -ENAMETOOLONG;
+        *exelen = (size_t)n;
+    }
+    if (rc == 0) {
+        if (*tgid == id->pid) {
+            *pstart = t;
+        } else {
+            snprintf(name, sizeof name, "%u/stat", *tgid);
+            int pfd = openat(fs->proc_fd, name, O_RDONLY | O_CLOEXEC);
+            if (pfd < 0) {
+                rc = -ESRCH;
+            } else {
+                rc = read_start_time(pfd, pstart);
+                close(pfd);
+            }
+        }
+    }
+    if (rc == 0 && (read_start_time(fd, &t) != 0 || t != id->start_time)) rc = -ESRCH;
+    close(fd);
+    return rc;
+}
+
+/* Strict UTF-8 (no overlongs, no surrogates, <= U+10FFFF), as the Python decoder. */
+static int utf8_ok(const uint8_t *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t k;
+        uint32_t cp;
+        if (c >= 0xC2 && c <= 0xDF) {
+            k = 1;
+            cp = c & 0x1F;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            k = 2;
+            cp = c & 0x0F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            k = 3;
+            cp = c & 0x07;
+        } else {
+            return 0;
+        }
+        if (n - i <= k) return 0;
+        for (size_t j = 1; j <= k; j++) {
+            if ((s[i + j] & 0xC0) != 0x80) return 0;
+            cp = cp << 6 | (s[i + j] & 0x3F);
+        }
+        if ((k == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+            (k == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
+            return 0;
+        i += k + 1;
+    }
+    return 1;
+}
+
+/*
+ * Validate the agent's answer to request `seq` and fill *out.  0: a decision;
+ * -EREMOTEIO: a well-formed non-SUCCESS answer (*status set); -EBADMSG: malformed.
+ */
+static int parse_policy_answer(const uint8_t *a, size_t n, uint32_t seq, tk_decision *out,
+                               uint32_t *status) {
+    struct takakrypt_msg_header h;
+    if (n < sizeof h) return -EBADMSG;
+    memcpy(&h, a, sizeof h);
+    if (h.magic != TAKAKRYPT_MSG_MAGIC || h.version != TAKAKRYPT_PROTOCOL_VERSION ||
+        h.operation != (TAKAKRYPT_OP_POLICY_CHECK | TAKAKRYPT_MSG_RESPONSE) ||
+        h.sequence != seq || h.payload_size != n - sizeof h ||
+        h.status > TAKAKRYPT_ERROR_INTERNAL)
+        return -EBADMSG;
+    if (h.status != TAKAKRYPT_SUCCESS) {
+        struct takakrypt_error_response e;  /* v2: reason_len + reason */
+        if (n < sizeof e) return -EBADMSG;
+        memcpy(&e, a, sizeof e);
+        if ((uint64_t)e.reason_len != n - sizeof e || memchr(a + sizeof e, 0, e.reason_len) ||
+            !utf8_ok(a + sizeof e, e.reason_len))
+            return -EBADMSG;
+        *status = h.status;
+        return -EREMOTEIO;
+    }
+    struct takakrypt_policy_response r;
+    if (n < sizeof r) return -EBADMSG;
+    memcpy(&r, a, sizeof r);
+    const uint8_t *var = a + sizeof r;
+    size_t nvar = n - sizeof r;
+    if ((uint64_t)r.key_id_len + r.policy_len + r.reason_len != nvar || memchr(var, 0, nvar) ||
+        !utf8_ok(var, r.key_id_len) || !utf8_ok(var + r.key_id_len, r.policy_len) ||
+        !utf8_ok(var + r.key_id_len + r.policy_len, r.reason_len))
+        return -EBADMSG;
+    uint32_t fx = r.effects;
+    int permit = !!(fx & TAKAKRYPT_EFFECT_PERMIT);
+    if ((fx & ~TAKAKRYPT_EFFECT_MASK) || permit == !!(fx & TAKAKRYPT_EFFECT_DENY) ||
+        (!permit && (fx & (TAKAKRYPT_EFFECT_APPLY_KEY | TAKAKRYPT_EFFECT_WOULD_DENY))) ||
+        r.allow_access != (uint32_t)permit ||
+        r.encrypt_file != !!(fx & TAKAKRYPT_EFFECT_APPLY_KEY) ||
+        r.audit_action != !!(fx & TAKAKRYPT_EFFECT_AUDIT) ||
+        ((fx & TAKAKRYPT_EFFECT_APPLY_KEY) && (r.key_id_len == 0 || r.key_version < 1)))
+        return -EBADMSG;
+    out->effects = fx;
+    out->rule = r.rule_index;
+    out->key_version = r.key_version;
+    out->ttl_seconds = r.cache_ttl_ms / 1000.0;
+    return 0;
+}
+
+static int ring_decide(tk_fs *fs, const tk_ident *id, const char *relpath, tk_action act,
+                       tk_decision *out, const char **detail) {
+    struct takakrypt_policy_request q;
+    uint8_t msg[TAKAKRYPT_MAX_MSG_SIZE];
+    uint8_t answer[TK_RING_MAX_MSG];
+    char exe[4096];
+    size_t exelen = 0;
+    uint32_t tgid = 0;
+    uint64_t pstart = 0;
+    int rc = proc_details(fs, id, &tgid, &pstart, exe, sizeof exe, &exelen);
+    if (rc) return rc;  /* the caller vanished: "decision unavailable" */
+
+    /* path = guard point mount path + "/" + relative path; the root is the mount path */
+    size_t mlen = strlen(fs->mountpoint), rlen = strlen(relpath);
+    if (rlen && mlen == 1) mlen = 0;  /* mounted at "/": no "//" */
+    size_t plen = rlen ? mlen + 1 + rlen : strlen(fs->mountpoint);
+    size_t total = sizeof q + plen + exelen;
+    if (total > sizeof msg) return -ENAMETOOLONG;
+    uint8_t *p = msg + sizeof q;
+    if (rlen) {
+        memcpy(p, fs->mountpoint, mlen);
+        p[mlen] = '/';
+        memcpy(p + mlen + 1, relpath, rlen);
+    } else {
+        memcpy(p, fs->mountpoint, plen);
+    }
+    memcpy(p + plen, exe, exelen);
+
+    uint32_t seq;
+    do {
+        seq = __atomic_add_fetch(&fs->ring_seq, 1, __ATOMIC_RELAXED);
+    } while (seq == 0);  /* never 0: a zeroed header must not match */
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    memset(&q, 0, sizeof q);
+    q.header.magic = TAKAKRYPT_MSG_MAGIC;
+    q.header.version = TAKAKRYPT_PROTOCOL_VERSION;
+    q.header.operation = TAKAKRYPT_OP_POLICY_CHECK;
+    q.header.sequence = seq;
+    q.header.payload_size = (uint32_t)(total - sizeof q.header);
+    q.header.status = TAKAKRYPT_SUCCESS;
+    q.header.timestamp = (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
+    q.pid = tgid;
+    q.uid = id->uid;
+    q.gid = id->gid;
+    q.action = tk_action_protocol_code(act);
+    q.path_len = (uint32_t)plen;
+    q.process_len = (uint32_t)exelen;
+    q.cwd_len = 0;
+    q.tid = id->pid;
+    q.start_time = pstart;
+    q.exe_dev = id->exe_dev;
+    q.exe_ino = id->exe_ino;
+    q.guard_point_id = 0;
+    q.target_len = 0;
+    memcpy(msg, &q, sizeof q);
+
+    size_t n = 0;
+    int timeout = fs->cfg.ring_timeout_ms > 0 ? fs->cfg.ring_timeout_ms
+                                              : (int)TAKAKRYPT_TIMEOUT_MS;
+    TK_INC(fs, ring_requests, 1);
+    rc = tk_ring_call(fs->cfg.ring, msg, total, answer, sizeof answer, &n, timeout);
+    if (rc) {
+        if (rc == -ETIMEDOUT) {
+            TK_INC(fs, ring_timeouts, 1);
+        } else if (rc == -EMSGSIZE && n > sizeof answer) {
+            TK_INC(fs, ring_malformed, 1);  /* an answer longer than any message */
+            *detail = RING_DETAIL_MALFORMED;
+            return -EACCES;
+        } else {
+            TK_INC(fs, ring_errors, 1);  /* closed, consumer error, request too big */
+        }
+        *detail = RING_DETAIL_UNAVAILABLE;
+        return -EACCES;
+    }
+    uint32_t status = 0;
+    rc = parse_policy_answer(answer, n, seq, out, &status);
+    if (rc == -EREMOTEIO) {
+        TK_INC(fs, ring_error_status, 1);
+        *detail = RING_DETAIL_UNAVAILABLE;
+        return -EACCES;
+    }
+    if (rc) {
+        TK_INC(fs, ring_malformed, 1);
+        *detail = RING_DETAIL_MALFORMED;
+        return -EACCES;
+    }
+    return 0;
+}
+
+/* The miss path: ask the agent over the ring, or the Python policy callback. */
 static int decide_miss(tk_fs *fs, const tk_ident *id, const char *path, tk_action act,
-                       tk_decision *out) {
-    if (!fs->cb.decide) return -EACCES;
+                       tk_decision *out, const char **detail) {
     memset(out, 0, sizeof *out);
-    int rc = fs->cb.decide(fs->cb.ctx, id->uid, id->gid, id->pid, path, tk_action_name(act),
+    int rc;
+    if (fs->cfg.ring && act != TK_ACT_RENAME && act != TK_ACT_LINK) {
+        rc = ring_decide(fs, id, path, act, out, detail);
+    } else {
+        /* rename/link: the protocol needs the other path as `target`, which a per-path
+         * check does not have: the callback decides them (none: deny) */
+        if (!fs->cb.decide) return -EACCES;
+        rc = fs->cb.decide(fs->cb.ctx, id->uid, id->gid, id->pid, path, tk_action_name(act),
                            out);
+    }
     if (rc) return rc;
     /* exactly one of permit/deny, apply_key only with permit: anything else is deny */
     uint32_t fx = out->effects;
@@ -138,6 +427,7 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
         .path = (const uint8_t *)path, .path_len = strlen(path),
     };
     tk_cache_value v;
+    const char *detail = NULL;
     int rc = 0;
     TK_INC(fs, ops[act], 1);
     if (tk_cache_lookup(fs->cache, &k, &v) == TK_CACHE_HIT) {
@@ -149,7 +439,7 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
     } else {
         TK_INC(fs, cache_misses, 1);
         uint64_t gen = tk_cache_generation(fs->cache);
-        rc = decide_miss(fs, id, path, act, out);
+        rc = decide_miss(fs, id, path, act, out, &detail);
         if (rc) {
             TK_INC(fs, decide_errors, 1);
             out->effects = TK_FX_DENY | TK_FX_AUDIT;
@@ -169,7 +459,8 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
         if (!permit) TK_INC(fs, denied, 1);
         if (!permit || (out->effects & (TK_FX_AUDIT | TK_FX_WOULD_DENY)))
             tk_audit(fs, "access", id, path, tk_action_name(act), out->effects,
-                     rc ? "decision unavailable" : (permit ? "" : "denied"));
+                     rc ? (detail ? detail : "decision unavailable")
+                        : (permit ? "" : "denied"));
     }
     return permit ? 0 : -EACCES;
 }

@@ -5,7 +5,8 @@
  * One tk_fs serves one guard point: a backing directory (opened BEFORE the mount, so
  * an in-place mount over the same path still reaches the files underneath) exported
  * at a mount point.  Every operation passes tk_check() (fuse_impl.c): decision cache
- * (cache_impl.h) hit -> act; miss -> the `decide` callback.  Regular files are served
+ * (cache_impl.h) hit -> act; miss -> a TAKA POLICY_CHECK v2 request over the request
+ * ring (ring_impl.h) when the config names one, else the `decide` callback.  Regular files are served
  * in one of two views bound to the kernel inode the caller was routed to at lookup
  * (see docs/guard-points.md):
  *
@@ -50,6 +51,11 @@ typedef enum {
 /* Name of an action ("read", ...), "?" if out of range. */
 const char *tk_action_name(int action);
 
+/* The protocol's action code (enum takakrypt_action in kernel/include/uapi/takakrypt.h,
+ * 1..15) of an engine action; 0 (TAKAKRYPT_ACTION_NONE) if out of range.  The engine's
+ * enum starts at 0 (it is the cache key's op), the protocol's at 1: never cast. */
+uint32_t tk_action_protocol_code(int action);
+
 /* Effects bits (same values as TK_EFFECT_* in cache_impl.h). */
 #define TK_FX_PERMIT      (1u << 0)
 #define TK_FX_DENY        (1u << 1)
@@ -66,7 +72,9 @@ typedef struct {
 
 typedef struct {
     void *ctx;
-    /* 0 and *out filled, or a negative errno (the request is then denied). */
+    /* 0 and *out filled, or a negative errno (the request is then denied).  With a
+     * ring (tk_fs_config.ring) only rename and link come here (the engine checks them
+     * per path and does not know the other path the protocol's `target` needs). */
     int (*decide)(void *ctx, uint32_t uid, uint32_t gid, uint32_t pid, const char *path,
                   const char *action, tk_decision *out);
     /* Data key `name` at `version` (0 = current; *version_out receives the version).
@@ -79,6 +87,8 @@ typedef struct {
                   const char *detail);
 } tk_callbacks;
 
+struct tk_ring;
+
 typedef struct {
     const char *mountpoint;   /* absolute path */
     const char *backing;      /* NULL or "": in place (backing = mountpoint) */
@@ -86,6 +96,11 @@ typedef struct {
     int threads;              /* FUSE worker threads (>= 1) */
     size_t cache_entries;     /* decision cache bound (0: 65536) */
     int debug;                /* libfuse debug output on stderr */
+    /* Decision-cache misses: NULL -> the `decide` callback (with the GIL); else a TAKA
+     * POLICY_CHECK v2 request over this ring, answered by the agent's event loop (no
+     * GIL).  The ring must outlive the tk_fs (the Python Mount holds the Ring). */
+    struct tk_ring *ring;
+    int ring_timeout_ms;      /* submit + answer under one deadline; <= 0: 5000 */
 } tk_fs_config;
 
 /* Counters; a snapshot taken with relaxed atomics. */
@@ -99,6 +114,11 @@ typedef struct {
     uint64_t bytes_decrypted;      /* plaintext bytes produced by decryption */
     uint64_t integrity_failures;
     uint64_t key_fetches;          /* get_key callbacks */
+    uint64_t ring_requests;        /* POLICY_CHECK requests sent over the ring */
+    uint64_t ring_timeouts;        /* ... no answer in time (denied) */
+    uint64_t ring_errors;          /* ... ring closed, error answer from the consumer (denied) */
+    uint64_t ring_error_status;    /* ... answered with a non-SUCCESS status (denied) */
+    uint64_t ring_malformed;       /* ... answer failed validation (denied) */
     uint64_t generation;
 } tk_fs_stats;
 

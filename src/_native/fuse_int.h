@@ -114,6 +114,8 @@ struct tk_fs {
     gid_t *root_groups;
     int nroot_groups;
 
+    uint32_t ring_seq;            /* POLICY_CHECK sequence numbers (atomic, never 0) */
+
     tk_fs_stats st;               /* updated with __atomic builtins */
 };
 

@@ -7,6 +7,19 @@ the descriptor it opened.  Every operation is decided by policy (``decide``); re
 files are served as plaintext (effects permit+apply_key), as the raw TAKA bytes
 (permit) or not at all (deny).  See docs/guard-points.md.
 
+Decisions come from the engine's decision cache; a miss asks, in this order:
+
+* ``ring`` (a :class:`takakrypt._ring.Ring` whose consumer is the agent's event loop,
+  e.g. ``ringserver.attach(loop, ring, handler.handle_ring)``): the C engine sends a
+  TAKA POLICY_CHECK v2 request (absolute path = mount path + "/" + relative path,
+  pid = thread group id, process = executable path, start time, exe dev/ino) and waits
+  up to ``ring_timeout_ms`` (default 5000, the protocol's timeout) without the GIL.
+  No answer, a closed ring, a non-SUCCESS status or a malformed answer deny and are
+  audited (``"agent unavailable"`` / ``"malformed agent answer"``).  rename and link
+  still go to ``decide`` (the protocol wants the other path as ``target``, which the
+  engine's per-path checks do not have); without ``decide`` they are denied.
+* otherwise ``decide``.
+
 Callbacks (called from the engine's threads with the GIL; each must be thread-safe
 and must never touch the guard point's own mount, which would deadlock):
 
@@ -38,6 +51,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _fuse
+from ._ring import Ring
 
 PERMIT = _fuse.PERMIT
 DENY = _fuse.DENY
@@ -45,6 +59,8 @@ APPLY_KEY = _fuse.APPLY_KEY
 AUDIT = _fuse.AUDIT
 WOULD_DENY = _fuse.WOULD_DENY
 ACTIONS: tuple[str, ...] = _fuse.ACTIONS
+#: action name -> TAKA protocol action code (what ring requests carry)
+PROTOCOL_ACTIONS: dict[str, int] = _fuse.PROTOCOL_ACTIONS
 _EFFECT_BITS = {"permit": PERMIT, "deny": DENY, "apply_key": APPLY_KEY, "audit": AUDIT,
                 "would_deny": WOULD_DENY}
 
@@ -144,9 +160,12 @@ class GuardPoint:
     C threads (``threads`` workers) with the GIL released between callbacks."""
 
     def __init__(self, path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | None
-                 = None, key_name: str, get_key: GetKey, decide: Decide,
+                 = None, key_name: str, get_key: GetKey, decide: Decide | None = None,
                  audit: Audit | None = None, threads: int = 4, cache: int | None = None,
-                 current_version: int | Callable[[str], int] = 1, debug: bool = False) -> None:
+                 current_version: int | Callable[[str], int] = 1, debug: bool = False,
+                 ring: Ring | None = None, ring_timeout_ms: int = _fuse.RING_TIMEOUT_MS) -> None:
+        if decide is None and ring is None:
+            raise ValueError("a guard point needs decide or ring")
         self.path = os.path.realpath(os.fspath(path))
         self.backing = os.path.realpath(os.fspath(backing)) if backing is not None else None
         self.key_name = key_name
@@ -154,12 +173,16 @@ class GuardPoint:
         self._decide = decide
         self._audit = audit
         self._current = current_version
-        self._m = _fuse.Mount(self.path, self.backing, key_name, self._decide_cb,
+        self.ring = ring
+        self._m = _fuse.Mount(self.path, self.backing, key_name,
+                              self._decide_cb if decide is not None else None,
                               self._key_cb, self._audit_cb if audit else None,
-                              threads=threads, cache_entries=cache or 0, debug=debug)
+                              threads=threads, cache_entries=cache or 0, debug=debug,
+                              ring=ring, ring_timeout_ms=ring_timeout_ms)
 
     # callbacks (engine threads) --------------------------------------------------------
     def _decide_cb(self, uid: int, gid: int, pid: int, path: str, action: str) -> tuple:
+        assert self._decide is not None
         effects, rule, key_version, ttl = self._decide(uid, gid, pid, path, action)
         return effects_mask(effects), int(rule), int(key_version), float(ttl)
 

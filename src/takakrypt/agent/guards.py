@@ -57,8 +57,11 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
             effects=[n for n, b in _NAMES if effects & b], policy=policy_name,
             key=key_name if effects & 4 else None, reason=detail, groups=(gid,)))
 
+    ring = getattr(getattr(agent, "ring_transport", None), "ring", None)
+    # cache misses go through the ring (no GIL on the data path's threads); rename and
+    # link (which need a second path) still use the decide callback
     g = GuardPoint(gp.path, backing=gp.backing, key_name=key_name, get_key=get_key,
-                   decide=decide, audit=audit, threads=4,
+                   decide=decide, audit=audit, threads=4, ring=ring,
                    cache=agent.config.agent.cache.max_entries,
                    current_version=lambda name: agent.keys.current_version(name))
     g.spec = gp  # type: ignore[attr-defined]
