@@ -155,6 +155,29 @@ def cleanup_stale(path: str) -> bool:
 # the guard point
 
 
+def raise_nofile_limit() -> int:
+    """The engine keeps an O_PATH descriptor per inode the kernel remembers (like a
+    low-level passthrough filesystem), so a tree of many files needs many descriptors.
+    Raise RLIMIT_NOFILE as far as allowed (root: up to fs.nr_open); returns the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = max(hard, min(int(f.read()), 1 << 20))
+        except (OSError, ValueError):
+            pass
+    for target in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
 class GuardPoint:
     """One guard point.  ``mount()`` returns when the mount is live; the engine runs in
     C threads (``threads`` workers) with the GIL released between callbacks."""
@@ -202,6 +225,7 @@ class GuardPoint:
         if self.is_mounted:
             raise GuardError(errno.EBUSY, f"{self.path} is already mounted by this guard point")
         cleanup_stale(self.path)
+        raise_nofile_limit()
         if not os.path.isdir(self.path):
             raise GuardError(errno.ENOTDIR, f"{self.path} is not a directory")
         if self.backing is not None and not os.path.isdir(self.backing):
