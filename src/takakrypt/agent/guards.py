@@ -34,6 +34,14 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
         return int(effects_of(d)), d.rule, 0, ttl
 
     def get_key(name: str, version: int) -> bytearray:
+        # Each guard point serves only files under its own key: a TAKA file of another
+        # guard point (copied or restored raw into this one) fails closed (EIO + audit)
+        # instead of being decrypted with the other guard point's key.
+        if name != key_name:
+            from ..errors import KeyNotFound
+
+            raise KeyNotFound(f"file names key {name!r}, but guard point {root} uses "
+                              f"{key_name!r}")
         return agent.keys.get(name, version)
 
     def audit(kind: str, uid: int, gid: int, pid: int, path: str, action: str, effects: int,
