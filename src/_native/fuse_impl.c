@@ -582,11 +582,13 @@ tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, siz
     fs->backing = strdup(cfg->backing && cfg->backing[0] ? cfg->backing : cfg->mountpoint);
     fs->key_name = strdup(cfg->key_name);
     fs->cb = *cb;
-    fs->root_fd = fs->proc_fd = -1;
+    fs->root_fd = fs->proc_fd = fs->handle_fd = -1;
+    fs->handle_mnt_id = -1;
     if (fs->cfg.threads < 1) fs->cfg.threads = 1;
     pthread_mutex_init(&fs->state_mu, NULL);
     pthread_cond_init(&fs->state_cv, NULL);
     pthread_mutex_init(&fs->itab_mu, NULL);
+    pthread_mutex_init(&fs->fdc_mu, NULL);
     pthread_mutex_init(&fs->key_mu, NULL);
     int status = 0;
     fs->cache = tk_cache_new(cfg->cache_entries ? cfg->cache_entries : 65536,
@@ -738,10 +740,12 @@ int tk_fs_mount(tk_fs *fs, char *err, size_t errlen) {
     fs->mnt_dev = mountinfo_dev(fs->mountpoint);
     return 0;
 fail:
-    tk_itab_free(fs);
+    tk_itab_free(fs);  /* also closes handle_fd */
     if (fs->root_fd >= 0) close(fs->root_fd);
     if (fs->proc_fd >= 0) close(fs->proc_fd);
     fs->root_fd = fs->proc_fd = -1;
+    free(fs->root_groups);
+    fs->root_groups = NULL;
     return rc;
 }
 
@@ -839,6 +843,7 @@ void tk_fs_free(tk_fs *fs) {
     pthread_mutex_destroy(&fs->state_mu);
     pthread_cond_destroy(&fs->state_cv);
     pthread_mutex_destroy(&fs->itab_mu);
+    pthread_mutex_destroy(&fs->fdc_mu);
     pthread_mutex_destroy(&fs->key_mu);
     free(fs);
 }

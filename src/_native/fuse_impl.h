@@ -101,6 +101,10 @@ typedef struct {
      * GIL).  The ring must outlive the tk_fs (the Python Mount holds the Ring). */
     struct tk_ring *ring;
     int ring_timeout_ms;      /* submit + answer under one deadline; <= 0: 5000 */
+    /* O_PATH fds kept open for inodes the kernel remembers (an LRU; the others are
+     * reopened from kernel file handles).  0: $TAKAKRYPT_FD_CACHE, else 4096.  At
+     * least 16, at most a quarter of RLIMIT_NOFILE. */
+    size_t fd_cache;
 } tk_fs_config;
 
 /* Counters; a snapshot taken with relaxed atomics. */
@@ -120,6 +124,13 @@ typedef struct {
     uint64_t ring_error_status;    /* ... answered with a non-SUCCESS status (denied) */
     uint64_t ring_malformed;       /* ... answer failed validation (denied) */
     uint64_t generation;
+    /* inode table / fd cache (gauges, then counters) */
+    uint64_t inodes;               /* inodes known (kernel references or named children) */
+    uint64_t fds_cached;           /* O_PATH fds in the LRU (bound: fd_cache) */
+    uint64_t fds_pinned;           /* inodes whose fd is pinned (root, no file handle) */
+    uint64_t fd_reopens;           /* open_by_handle_at on a cache miss */
+    uint64_t fd_evictions;         /* fds closed by the LRU */
+    uint64_t stale_handles;        /* reopen found the object gone (ESTALE -> ENOENT) */
 } tk_fs_stats;
 
 typedef struct tk_fs tk_fs;

@@ -2,19 +2,40 @@
  * fuse_inode.c -- the inode table: backing (st_dev, st_ino) -> tk_inode, and the
  * kernel's node ids.
  *
- * Like libfuse's passthrough_ll, each known backing object is held by an O_PATH fd
- * and all access goes through *at() calls relative to these fds, never through the
- * mount path.  Unlike it, a regular file has TWO node ids, one per view (plaintext,
- * raw): lookup routes each caller to the node of its view, so the kernel keeps a
- * separate page cache and i_size per view.  A node id is the address of the tk_node
- * inside its tk_inode (FUSE_ROOT_ID is the root's plaintext node).
+ * Like libfuse's passthrough_ll, all access goes through *at() calls relative to
+ * O_PATH fds on the backing objects, never through the mount path.  Unlike it, a
+ * regular file has TWO node ids, one per view (plaintext, raw): lookup routes each
+ * caller to the node of its view, so the kernel keeps a separate page cache and
+ * i_size per view.  A node id is the address of the tk_node inside its tk_inode
+ * (FUSE_ROOT_ID is the root's plaintext node).
+ *
+ * Bounded fds: the kernel may remember any number of inodes (a tree of a million
+ * files), but RLIMIT_NOFILE is fixed.  So an inode is identified by a kernel FILE
+ * HANDLE (name_to_handle_at; inode number + generation, stable across renames) and
+ * (st_dev, st_ino); its O_PATH fd lives in an LRU of at most fd_cap fds and is
+ * reopened with open_by_handle_at(handle_fd, ...) (needs CAP_DAC_READ_SEARCH) on a
+ * miss.  A handle whose object is gone reopens with ESTALE: the operation gets ENOENT.
+ * Operations borrow the fd (tk_inode_fd .. tk_inode_put); a borrowed fd is never
+ * evicted, so the LRU may exceed fd_cap by the fds borrowed at that moment (a few per
+ * worker thread).  Pinned (fd kept for the inode's lifetime, as before): the root,
+ * and objects without a usable handle (a file system without export support, or on
+ * another mount below the backing directory).
+ *
+ * Reuse of inode numbers: while an O_PATH fd is open the object cannot be freed, so a
+ * cached (or pinned) fd proves that (st_dev, st_ino) still names the same object.  An
+ * inode WITHOUT a cached fd may have been deleted and its number reused by a new
+ * object: lookup compares the file handles (the generation differs) and, if they do,
+ * unhashes the old tk_inode (it stays valid for the node ids the kernel still holds:
+ * their operations get ENOENT) and adds a new one.
  *
  * Lifetime: refs = kernel lookups of both nodes + children whose name points here +
  * 1 for the root.  The kernel never uses a node id after its last forget, so an
- * inode is freed (under itab_mu) when refs reaches zero.
+ * inode is freed (under itab_mu) when refs reaches zero; its fd, if cached, is closed.
  *
  * Names: each inode remembers its most recent (parent, name) for policy paths;
  * rename and lookup update it.  A hard-linked file is named by its last lookup.
+ *
+ * Locks: itab_mu (table, names, refs) before fdc_mu (LRU, fd, fd_users).
  */
 #include "fuse_int.h"
 
@@ -22,7 +43,14 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
+
+#define TK_FD_CACHE_DEFAULT 4096
+#define TK_FD_CACHE_MIN     16
+#define TK_EVICT_BATCH      8
+
+#define GAUGE(fs, field, v) __atomic_store_n(&(fs)->st.field, (uint64_t)(v), __ATOMIC_RELAXED)
 
 static size_t hash_of(const tk_fs *fs, dev_t dev, ino_t ino) {
     uint64_t h = ((uint64_t)ino * 0x9e3779b97f4a7c15ULL) ^ ((uint64_t)dev * 0xff51afd7ed558ccdULL);
@@ -56,19 +84,177 @@ static void grow_locked(tk_fs *fs) {
     free(old);
 }
 
+/* ---- file handles ---------------------------------------------------------------- */
+
+/* The file handle of the object fd refers to, malloc'd; NULL if it has none usable
+ * with handle_fd (no export support, another mount, handles disabled). */
+static struct file_handle *handle_of(tk_fs *fs, int fd) {
+    if (fs->handle_mnt_id < 0) return NULL;
+    uint64_t buf[(sizeof(struct file_handle) + MAX_HANDLE_SZ) / sizeof(uint64_t) + 1];
+    struct file_handle *h = (struct file_handle *)buf;
+    int mnt = -1;
+    h->handle_bytes = MAX_HANDLE_SZ;
+    if (name_to_handle_at(fd, "", h, &mnt, AT_EMPTY_PATH) < 0 || mnt != fs->handle_mnt_id)
+        return NULL;
+    size_t n = sizeof *h + h->handle_bytes;
+    struct file_handle *out = malloc(n);
+    if (out) memcpy(out, h, n);
+    return out;
+}
+
+static int same_handle(const struct file_handle *a, const struct file_handle *b) {
+    return a->handle_type == b->handle_type && a->handle_bytes == b->handle_bytes &&
+           memcmp(a->f_handle, b->f_handle, a->handle_bytes) == 0;
+}
+
+/* ---- fd cache (fdc_mu) ------------------------------------------------------------- */
+
+static void lru_unlink_locked(tk_fs *fs, tk_inode *ino) {
+    if (ino->lru_prev) ino->lru_prev->lru_next = ino->lru_next;
+    else fs->lru_head = ino->lru_next;
+    if (ino->lru_next) ino->lru_next->lru_prev = ino->lru_prev;
+    else fs->lru_tail = ino->lru_prev;
+    ino->lru_prev = ino->lru_next = NULL;
+}
+
+static void lru_push_locked(tk_fs *fs, tk_inode *ino) {
+    ino->lru_prev = NULL;
+    ino->lru_next = fs->lru_head;
+    if (fs->lru_head) fs->lru_head->lru_prev = ino;
+    else fs->lru_tail = ino;
+    fs->lru_head = ino;
+}
+
+/* Give ino (not pinned, fd < 0) the fd and make it the most recent. */
+static void cache_fd_locked(tk_fs *fs, tk_inode *ino, int fd) {
+    ino->fd = fd;
+    lru_push_locked(fs, ino);
+    fs->fd_cached++;
+    GAUGE(fs, fds_cached, fs->fd_cached);
+}
+
+/* Take up to TK_EVICT_BATCH least recently used fds that nobody borrows while the
+ * cache is over its bound; they go to out[] (closed by the caller outside the locks:
+ * the last close of a deleted object frees it on disk). */
+static int evict_locked(tk_fs *fs, int *out) {
+    int n = 0;
+    tk_inode *p = fs->lru_tail;
+    while (p && fs->fd_cached > fs->fd_cap && n < TK_EVICT_BATCH) {
+        tk_inode *prev = p->lru_prev;
+        if (p->fd_users == 0) {
+            lru_unlink_locked(fs, p);
+            out[n++] = p->fd;
+            p->fd = -1;
+            fs->fd_cached--;
+        }
+        p = prev;
+    }
+    if (n) {
+        TK_INC(fs, fd_evictions, n);
+        GAUGE(fs, fds_cached, fs->fd_cached);
+    }
+    return n;
+}
+
+static void close_all(const int *fds, int n) {
+    for (int i = 0; i < n; i++) close(fds[i]);
+}
+
+int tk_inode_fd(tk_fs *fs, tk_inode *ino) {
+    if (ino->pinned) return ino->fd;  /* immutable until the inode is freed */
+    pthread_mutex_lock(&fs->fdc_mu);
+    if (ino->fd >= 0) {
+        ino->fd_users++;
+        if (fs->lru_head != ino) {
+            lru_unlink_locked(fs, ino);
+            lru_push_locked(fs, ino);
+        }
+        int fd = ino->fd;
+        pthread_mutex_unlock(&fs->fdc_mu);
+        return fd;
+    }
+    pthread_mutex_unlock(&fs->fdc_mu);
+
+    /* miss: reopen outside the lock (the handle is immutable) */
+    int fd = open_by_handle_at(fs->handle_fd, ino->handle, O_PATH | O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        if (e == ESTALE) {
+            TK_INC(fs, stale_handles, 1);
+            return -ENOENT;  /* deleted (its number may already name another object) */
+        }
+        return -e;
+    }
+    TK_INC(fs, fd_reopens, 1);
+    int drop[TK_EVICT_BATCH + 1], ndrop;
+    pthread_mutex_lock(&fs->fdc_mu);
+    ndrop = 0;
+    if (ino->fd >= 0) drop[ndrop++] = fd;  /* another thread reopened it meanwhile */
+    else cache_fd_locked(fs, ino, fd);
+    ino->fd_users++;
+    fd = ino->fd;
+    ndrop += evict_locked(fs, drop + ndrop);
+    pthread_mutex_unlock(&fs->fdc_mu);
+    close_all(drop, ndrop);
+    return fd;
+}
+
+void tk_inode_put(tk_fs *fs, tk_inode *ino) {
+    if (ino->pinned) return;
+    pthread_mutex_lock(&fs->fdc_mu);
+    if (ino->fd_users) ino->fd_users--;
+    pthread_mutex_unlock(&fs->fdc_mu);
+}
+
+/* ---- inodes (itab_mu) -------------------------------------------------------------- */
+
 static void unref_locked(tk_fs *fs, tk_inode *ino, uint64_t n);
 
-static void free_inode_locked(tk_fs *fs, tk_inode *ino) {
+static void unhash_locked(tk_fs *fs, tk_inode *ino) {
     tk_inode **pp = &fs->buckets[hash_of(fs, ino->dev, ino->ino)];
     while (*pp && *pp != ino) pp = &(*pp)->hnext;
     if (*pp) *pp = ino->hnext;
+    ino->hashed = 0;
     fs->ninodes--;
-    tk_inode *parent = ino->parent;
-    close(ino->fd);
+}
+
+static void destroy_inode(tk_inode *ino) {
     free(ino->name);
+    free(ino->handle);
     tk_taka_reset(&ino->taka);
     pthread_rwlock_destroy(&ino->lock);
     free(ino);
+}
+
+static void free_inode_locked(tk_fs *fs, tk_inode *ino) {
+    if (ino->hashed) {
+        unhash_locked(fs, ino);
+    } else {
+        tk_inode **pp = &fs->stale;
+        while (*pp && *pp != ino) pp = &(*pp)->hnext;
+        if (*pp) *pp = ino->hnext;
+    }
+    GAUGE(fs, inodes, fs->ninodes);
+    int fd = -1;
+    if (ino->pinned) {
+        fd = ino->fd;
+        __atomic_fetch_sub(&fs->st.fds_pinned, 1, __ATOMIC_RELAXED);
+    } else {
+        /* nobody borrows it: the kernel sends no more requests on a forgotten node,
+         * and children name their parent through refs (so this is not a parent) */
+        pthread_mutex_lock(&fs->fdc_mu);
+        if (ino->fd >= 0) {
+            lru_unlink_locked(fs, ino);
+            fd = ino->fd;
+            ino->fd = -1;
+            fs->fd_cached--;
+            GAUGE(fs, fds_cached, fs->fd_cached);
+        }
+        pthread_mutex_unlock(&fs->fdc_mu);
+    }
+    if (fd >= 0) close(fd);
+    tk_inode *parent = ino->parent;
+    destroy_inode(ino);
     if (parent) unref_locked(fs, parent, 1);
 }
 
@@ -78,10 +264,13 @@ static void unref_locked(tk_fs *fs, tk_inode *ino, uint64_t n) {
     if (ino->refs == 0) free_inode_locked(fs, ino);
 }
 
-static tk_inode *new_inode(int fd, const struct stat *st) {
+/* A new inode; handle NULL: pinned on fd.  Does not take over fd. */
+static tk_inode *new_inode(const struct stat *st, struct file_handle *handle) {
     tk_inode *ino = calloc(1, sizeof *ino);
     if (!ino) return NULL;
-    ino->fd = fd;
+    ino->fd = -1;
+    ino->handle = handle;
+    ino->pinned = handle == NULL;
     ino->dev = st->st_dev;
     ino->ino = st->st_ino;
     ino->type = st->st_mode & S_IFMT;
@@ -93,37 +282,97 @@ static tk_inode *new_inode(int fd, const struct stat *st) {
     return ino;
 }
 
+static size_t fd_cap_of(const tk_fs *fs) {
+    size_t cap = fs->cfg.fd_cache;
+    if (!cap) {
+        const char *e = getenv("TAKAKRYPT_FD_CACHE");
+        char *end;
+        unsigned long long v = e && *e ? strtoull(e, &end, 10) : 0;
+        cap = e && *e && !*end && v ? (size_t)v : TK_FD_CACHE_DEFAULT;
+    }
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        cap > rl.rlim_cur / 4)
+        cap = (size_t)(rl.rlim_cur / 4);
+    return cap < TK_FD_CACHE_MIN ? TK_FD_CACHE_MIN : cap;
+}
+
 int tk_itab_init(tk_fs *fs) {
     struct stat st;
+    fs->fd_cap = fd_cap_of(fs);
+    fs->fd_cached = 0;
+    fs->lru_head = fs->lru_tail = NULL;
+    fs->stale = NULL;
+    fs->handle_fd = -1;
+    fs->handle_mnt_id = -1;
     fs->nbuckets = 1024;
     fs->buckets = calloc(fs->nbuckets, sizeof *fs->buckets);
     if (!fs->buckets) return -ENOMEM;
     if (fstatat(fs->root_fd, "", &st, AT_EMPTY_PATH) < 0) return -errno;
-    fs->root = new_inode(fs->root_fd, &st);
+    /* open_by_handle_at needs a mount fd that is not O_PATH; "." of the root fd is the
+     * backing directory itself, also for an in-place guard point mounted over it */
+    fs->handle_fd = openat(fs->root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fs->handle_fd >= 0) {
+        /* usable only if the root has a handle that opens again (export support,
+         * CAP_DAC_READ_SEARCH): else every inode keeps a pinned fd, as before */
+        uint64_t buf[(sizeof(struct file_handle) + MAX_HANDLE_SZ) / sizeof(uint64_t) + 1];
+        struct file_handle *h = (struct file_handle *)buf;
+        int mnt = -1;
+        h->handle_bytes = MAX_HANDLE_SZ;
+        if (name_to_handle_at(fs->root_fd, "", h, &mnt, AT_EMPTY_PATH) == 0) {
+            int fd = open_by_handle_at(fs->handle_fd, h, O_PATH | O_CLOEXEC);
+            if (fd >= 0) {
+                struct stat st2;
+                if (fstat(fd, &st2) == 0 && st2.st_dev == st.st_dev && st2.st_ino == st.st_ino)
+                    fs->handle_mnt_id = mnt;
+                close(fd);
+            }
+        }
+    }
+    fs->root = new_inode(&st, NULL);
     if (!fs->root) return -ENOMEM;
+    fs->root->fd = fs->root_fd;  /* pinned; closed by the owner */
     fs->root->refs = 1;  /* pinned */
     fs->root->node[0].nlookup = 1;
+    fs->root->hashed = 1;
     fs->buckets[hash_of(fs, st.st_dev, st.st_ino)] = fs->root;
     fs->ninodes = 1;
+    GAUGE(fs, inodes, 1);
+    GAUGE(fs, fds_pinned, 1);
+    GAUGE(fs, fds_cached, 0);
     return 0;
 }
 
+static void free_one(tk_fs *fs, tk_inode *p) {
+    if (p != fs->root && p->fd >= 0) close(p->fd);
+    destroy_inode(p);
+}
+
 void tk_itab_free(tk_fs *fs) {
-    if (!fs->buckets) return;
-    for (size_t i = 0; i < fs->nbuckets; i++) {
-        tk_inode *p = fs->buckets[i];
-        while (p) {
-            tk_inode *next = p->hnext;
-            if (p != fs->root) close(p->fd);
-            free(p->name);
-            tk_taka_reset(&p->taka);
-            pthread_rwlock_destroy(&p->lock);
-            free(p);
-            p = next;
+    if (fs->buckets) {
+        for (size_t i = 0; i < fs->nbuckets; i++) {
+            tk_inode *p = fs->buckets[i];
+            while (p) {
+                tk_inode *next = p->hnext;
+                free_one(fs, p);
+                p = next;
+            }
         }
+    }
+    for (tk_inode *p = fs->stale; p;) {
+        tk_inode *next = p->hnext;
+        free_one(fs, p);
+        p = next;
     }
     free(fs->buckets);
     fs->buckets = NULL;
+    fs->stale = NULL;
+    fs->lru_head = fs->lru_tail = NULL;
+    fs->fd_cached = 0;
+    fs->ninodes = 0;
+    if (fs->handle_fd >= 0) close(fs->handle_fd);
+    fs->handle_fd = -1;
+    fs->handle_mnt_id = -1;
     fs->root = NULL;  /* root_fd is closed by the owner */
 }
 
@@ -167,26 +416,76 @@ void tk_inode_set_name(tk_fs *fs, tk_inode *ino, tk_inode *parent, const char *n
 
 tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
                       const struct stat *st, int view) {
+    int drop[TK_EVICT_BATCH + 1], ndrop = 0;
+    struct file_handle *h = NULL;
     pthread_mutex_lock(&fs->itab_mu);
     tk_inode *ino = find_locked(fs, st->st_dev, st->st_ino);
-    if (ino) {
-        close(fd);
-    } else {
-        ino = new_inode(fd, st);
+    if (ino && !ino->pinned) {
+        pthread_mutex_lock(&fs->fdc_mu);
+        int cached = ino->fd >= 0;
+        pthread_mutex_unlock(&fs->fdc_mu);
+        if (cached) {
+            /* its open fd keeps the object alive: (dev, ino) cannot have been reused */
+            drop[ndrop++] = fd;
+            fd = -1;
+        } else {
+            h = handle_of(fs, fd);
+            if (h && !same_handle(h, ino->handle)) {
+                /* the object was deleted and its number reused: the old tk_inode
+                 * stays for the node ids the kernel holds (they now get ENOENT) */
+                unhash_locked(fs, ino);
+                ino->hnext = fs->stale;
+                fs->stale = ino;
+                ino = NULL;
+            } else {
+                free(h);
+                h = NULL;
+                pthread_mutex_lock(&fs->fdc_mu);
+                if (ino->fd < 0) {
+                    cache_fd_locked(fs, ino, fd);  /* keep the fd we just opened */
+                    ndrop += evict_locked(fs, drop + ndrop);
+                } else {
+                    drop[ndrop++] = fd;
+                }
+                pthread_mutex_unlock(&fs->fdc_mu);
+                fd = -1;
+            }
+        }
+    } else if (ino) {
+        drop[ndrop++] = fd;  /* pinned: the known fd stays */
+        fd = -1;
+    }
+    if (!ino) {
+        if (!h) h = handle_of(fs, fd);
+        ino = new_inode(st, h);
         if (!ino) {
             pthread_mutex_unlock(&fs->itab_mu);
+            free(h);
             close(fd);
             return NULL;
         }
-        size_t h = hash_of(fs, st->st_dev, st->st_ino);
-        ino->hnext = fs->buckets[h];
-        fs->buckets[h] = ino;
+        size_t hb = hash_of(fs, st->st_dev, st->st_ino);
+        ino->hnext = fs->buckets[hb];
+        ino->hashed = 1;
+        fs->buckets[hb] = ino;
         if (++fs->ninodes > 2 * fs->nbuckets) grow_locked(fs);
+        GAUGE(fs, inodes, fs->ninodes);
+        if (ino->pinned) {
+            ino->fd = fd;
+            TK_INC(fs, fds_pinned, 1);
+        } else {
+            pthread_mutex_lock(&fs->fdc_mu);
+            cache_fd_locked(fs, ino, fd);
+            ndrop += evict_locked(fs, drop + ndrop);
+            pthread_mutex_unlock(&fs->fdc_mu);
+        }
+        fd = -1;
     }
     ino->node[view].nlookup++;
     ino->refs++;
     set_name_locked(fs, ino, parent, name);
     pthread_mutex_unlock(&fs->itab_mu);
+    close_all(drop, ndrop);
     return ino;
 }
 
@@ -207,7 +506,11 @@ void tk_itab_forget(tk_fs *fs, fuse_ino_t nodeid, uint64_t n) {
 
 void tk_itab_fix_name(tk_fs *fs, tk_inode *parent, const char *name) {
     struct stat st;
-    if (fstatat(parent->fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0) return;
+    int pfd = tk_inode_fd(fs, parent);
+    if (pfd < 0) return;
+    int r = fstatat(pfd, name, &st, AT_SYMLINK_NOFOLLOW);
+    tk_inode_put(fs, parent);
+    if (r < 0) return;
     pthread_mutex_lock(&fs->itab_mu);
     tk_inode *ino = find_locked(fs, st.st_dev, st.st_ino);
     if (ino) set_name_locked(fs, ino, parent, name);

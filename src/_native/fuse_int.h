@@ -8,6 +8,7 @@
 
 #define FUSE_USE_VERSION 312
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -48,7 +49,14 @@ typedef struct {
 } tk_node;
 
 typedef struct tk_inode {
-    int fd;                       /* O_PATH|O_NOFOLLOW on the backing object */
+    /* Backing object: a kernel file handle, reopened (O_PATH) on demand.  fd is an
+     * O_PATH|O_NOFOLLOW fd or -1; NEVER use it directly: borrow it with tk_inode_fd()
+     * and give it back with tk_inode_put() (fuse_inode.c: bounded fd cache). */
+    int fd;                       /* under fs->fdc_mu unless pinned */
+    int pinned;                   /* fd kept until the inode goes (root, no handle) */
+    uint32_t fd_users;            /* borrowers right now (fdc_mu); never evicted while > 0 */
+    struct file_handle *handle;   /* NULL iff pinned */
+    struct tk_inode *lru_prev, *lru_next;  /* fd cache LRU (fdc_mu), when fd >= 0 */
     dev_t dev;
     ino_t ino;
     mode_t type;                  /* S_IFMT bits */
@@ -56,7 +64,8 @@ typedef struct tk_inode {
     uint64_t refs;                /* nlookups of both nodes + children naming us + pins */
     struct tk_inode *parent;      /* for policy paths (the most recent name) */
     char *name;
-    struct tk_inode *hnext;
+    struct tk_inode *hnext;       /* hash chain, or the stale list when !hashed */
+    int hashed;                   /* 0: (dev, ino) was reused by another object */
     pthread_rwlock_t lock;        /* TAKA data + header of this file */
     tk_taka taka;
 } tk_inode;
@@ -102,6 +111,14 @@ struct tk_fs {
     tk_inode **buckets;
     size_t nbuckets, ninodes;
     tk_inode *root;
+    tk_inode *stale;              /* unhashed inodes still known to the kernel */
+
+    /* fd cache (fuse_inode.c): O_PATH fds of non-pinned inodes, LRU, bounded */
+    pthread_mutex_t fdc_mu;       /* lock order: itab_mu before fdc_mu */
+    tk_inode *lru_head, *lru_tail;
+    size_t fd_cached, fd_cap;
+    int handle_fd;                /* O_RDONLY on the backing root: open_by_handle_at mount fd */
+    int handle_mnt_id;            /* mount id of the backing root; -1: handles unusable */
 
     /* keys: fetched once per (name, version) for the mount's lifetime */
     pthread_mutex_t key_mu;
@@ -144,7 +161,8 @@ void tk_itab_free(tk_fs *fs);
 tk_inode *tk_node_inode(tk_fs *fs, fuse_ino_t nodeid, int *view);
 fuse_ino_t tk_nodeid(tk_fs *fs, tk_inode *ino, int view);
 /* Find or add the inode for (st_dev, st_ino) named `name` in `parent`; takes over
- * fd (closed if the inode was known).  Adds one kernel lookup to node[view]. */
+ * fd (an O_PATH fd on the object: cached, or closed).  Adds one kernel lookup to
+ * node[view]. */
 tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
                       const struct stat *st, int view);
 void tk_itab_forget(tk_fs *fs, fuse_ino_t nodeid, uint64_t n);
@@ -153,6 +171,11 @@ void tk_itab_fix_name(tk_fs *fs, tk_inode *parent, const char *name);
 /* Policy path of ino (+ "/" name if name), relative to the guard point; malloc'd. */
 char *tk_path(tk_fs *fs, tk_inode *ino, const char *name);
 void tk_inode_set_name(tk_fs *fs, tk_inode *ino, tk_inode *parent, const char *name);
+/* Borrow ino's O_PATH fd (from the cache, or reopened from its file handle): the fd,
+ * or -errno (-ENOENT: the object no longer exists).  Every fd >= 0 must be given back
+ * with tk_inode_put() once the syscalls using it are done; never close it. */
+int tk_inode_fd(tk_fs *fs, tk_inode *ino);
+void tk_inode_put(tk_fs *fs, tk_inode *ino);
 
 /* ---- fuse_taka.c ---- (callers hold ino->lock: read for reads, write otherwise) */
 int tk_taka_load(tk_fs *fs, tk_inode *ino, int fd);        /* wrlock */

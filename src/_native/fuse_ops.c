@@ -4,7 +4,9 @@
  * Every operation starts with tk_check() (fuse_impl.c) for the action of the policy
  * language; only forget, flush, release, releasedir, init and destroy do not (they
  * release resources and must never fail).  Backing access is relative to O_PATH
- * inode fds (fuse_inode.c); plaintext I/O is fuse_taka.c under the inode's rwlock.
+ * inode fds (fuse_inode.c), BORROWED for the syscalls that use them (tk_inode_fd ..
+ * tk_inode_put: the fds live in a bounded cache and are reopened from file handles);
+ * plaintext I/O is fuse_taka.c under the inode's rwlock.
  *
  * Kernel caching: entry and attribute timeouts are 0 (every path walk asks us, so
  * every caller is routed to the node of its own view and sees its own sizes);
@@ -82,15 +84,26 @@ static int check_view(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_act
     return rc;
 }
 
+/* A real fd on ino's backing object (open(2) of /proc/self/fd/N of its O_PATH fd):
+ * the fd, or -errno.  The caller closes it. */
+static int reopen(tk_fs *fs, tk_inode *ino, int flags) {
+    int pfd = tk_inode_fd(fs, ino);
+    if (pfd < 0) return pfd;
+    char p[64];
+    PROCPATH(p, pfd);
+    int fd = open(p, flags);
+    int rc = fd < 0 ? -errno : fd;
+    tk_inode_put(fs, ino);
+    return rc;
+}
+
 /* Make sure ino's TAKA state is loaded; called with the write lock held. */
 static int ensure_loaded(tk_fs *fs, fuse_req_t req, tk_inode *ino, int fd) {
     if (tk_taka_valid(fs, &ino->taka)) return 0;
     int own = -1;
     if (fd < 0) {
-        char p[64];
-        PROCPATH(p, ino->fd);
-        fd = own = open(p, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) return -errno;
+        fd = own = reopen(fs, ino, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) return fd;
     }
     int rc = tk_taka_load(fs, ino, fd);
     if (own >= 0) close(own);
@@ -103,7 +116,11 @@ static int ensure_loaded(tk_fs *fs, fuse_req_t req, tk_inode *ino, int fd) {
 
 /* stat of ino as seen through `view` (plaintext size from the header). */
 static int view_stat(tk_fs *fs, tk_inode *ino, int view, struct stat *st) {
-    if (fstatat(ino->fd, "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) return -errno;
+    int pfd = tk_inode_fd(fs, ino);
+    if (pfd < 0) return pfd;
+    int r = fstatat(pfd, "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0 ? -errno : 0;
+    tk_inode_put(fs, ino);
+    if (r) return r;
     if (view != TK_VIEW_PLAIN || !S_ISREG(st->st_mode)) return 0;
     pthread_rwlock_rdlock(&ino->lock);
     int ok = tk_taka_valid(fs, &ino->taka);
@@ -117,10 +134,13 @@ static int view_stat(tk_fs *fs, tk_inode *ino, int view, struct stat *st) {
     return 0;
 }
 
-static int make_entry(tk_fs *fs, tk_inode *parent, const char *name, int view,
-                      struct fuse_entry_param *e, tk_inode **out) {
+/* Entry for parent/name (pfd: parent's borrowed fd), one kernel lookup added to the
+ * node of `view`; view < 0: routed by choose_view (regular files).  Directories,
+ * symlinks and special files have the plaintext node only. */
+static int make_entry(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd, const char *name,
+                      int view, struct fuse_entry_param *e, tk_inode **out) {
     memset(e, 0, sizeof *e);
-    int fd = openat(parent->fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) return -errno;
     struct stat st;
     if (fstatat(fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) {
@@ -129,7 +149,8 @@ static int make_entry(tk_fs *fs, tk_inode *parent, const char *name, int view,
         return rc;
     }
     if (!S_ISREG(st.st_mode)) view = TK_VIEW_PLAIN;
-    tk_inode *ino = tk_itab_add(fs, parent, name, fd, &st, view);
+    else if (view < 0) view = choose_view(fs, req, parent, name);
+    tk_inode *ino = tk_itab_add(fs, parent, name, fd, &st, view);  /* takes fd */
     if (!ino) return -ENOMEM;
     int rc = view_stat(fs, ino, view, &e->attr);
     if (rc) {
@@ -146,10 +167,17 @@ static int make_entry(tk_fs *fs, tk_inode *parent, const char *name, int view,
 
 static int lookup_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *name,
                        struct fuse_entry_param *e) {
-    struct stat st;
-    if (fstatat(parent->fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0) return -errno;
-    int view = S_ISREG(st.st_mode) ? choose_view(fs, req, parent, name) : TK_VIEW_PLAIN;
-    return make_entry(fs, parent, name, view, e, NULL);
+    int pfd = tk_inode_fd(fs, parent);
+    if (pfd < 0) return pfd;
+    int rc = make_entry(fs, req, parent, pfd, name, -1, e, NULL);
+    tk_inode_put(fs, parent);
+    return rc;
+}
+
+/* Reply with an entry; if the kernel did not take it (interrupted), drop the lookup
+ * it would have forgotten. */
+static void reply_entry(tk_fs *fs, fuse_req_t req, const struct fuse_entry_param *e) {
+    if (fuse_reply_entry(req, e) != 0) tk_itab_forget(fs, e->ino, 1);
 }
 
 /* ---- creating as the caller ----------------------------------------------------------
@@ -203,7 +231,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
     struct fuse_entry_param e;
     int rc = lookup_view(fs, req, tk_node_inode(fs, parent, NULL), name, &e);
     if (rc) reply_rc(req, rc);
-    else fuse_reply_entry(req, &e);
+    else reply_entry(fs, req, &e);
 }
 
 static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t n) {
@@ -230,12 +258,10 @@ static void op_getattr(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info 
 
 static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_fh *fh,
                          uint64_t size) {
-    char p[64];
     int fd = fh ? fh->fd : -1, own = -1, rc = 0;
     if (fd < 0) {
-        PROCPATH(p, ino->fd);
-        fd = own = open(p, O_RDWR | O_CLOEXEC);
-        if (fd < 0) return -errno;
+        fd = own = reopen(fs, ino, O_RDWR | O_CLOEXEC);
+        if (fd < 0) return fd;
     }
     pthread_rwlock_wrlock(&ino->lock);
     if (view == TK_VIEW_PLAIN) {
@@ -263,11 +289,16 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
     tk_inode *ino = tk_node_inode(fs, nodeid, &view);
     tk_fh *fh = fi ? (tk_fh *)(uintptr_t)fi->fh : NULL;
     char p[64];
-    PROCPATH(p, ino->fd);
     if (to_set & FUSE_SET_ATTR_SIZE)
         rc = check_view(fs, req, ino, view, TK_ACT_TRUNCATE);
     if (rc == 0 && (to_set & ~FUSE_SET_ATTR_SIZE))
         rc = tk_check(fs, req, ino, NULL, TK_ACT_SETATTR, 0, NULL);
+    int pfd = -1;  /* borrowed for the whole request */
+    if (rc == 0) {
+        pfd = tk_inode_fd(fs, ino);
+        if (pfd < 0) rc = pfd;
+        else PROCPATH(p, pfd);
+    }
     if (rc == 0 && (to_set & FUSE_SET_ATTR_MODE)) {
         if (S_ISLNK(ino->type)) rc = -EOPNOTSUPP;
         else if ((fh ? fchmod(fh->fd, attr->st_mode) : chmod(p, attr->st_mode)) < 0) rc = -errno;
@@ -275,7 +306,7 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
     if (rc == 0 && (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))) {
         uid_t u = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1;
         gid_t g = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1;
-        if (fchownat(ino->fd, "", u, g, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) rc = -errno;
+        if (fchownat(pfd, "", u, g, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) rc = -errno;
     }
     if (rc == 0 && (to_set & FUSE_SET_ATTR_SIZE)) {
         if (!S_ISREG(ino->type)) rc = -EINVAL;
@@ -290,10 +321,11 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
         if (to_set & FUSE_SET_ATTR_MTIME_NOW) tv[1].tv_nsec = UTIME_NOW;
         else if (to_set & FUSE_SET_ATTR_MTIME) tv[1] = attr->st_mtim;
         int r = fh ? futimens(fh->fd, tv)
-                   : S_ISLNK(ino->type) ? utimensat(ino->fd, "", tv, AT_EMPTY_PATH)
+                   : S_ISLNK(ino->type) ? utimensat(pfd, "", tv, AT_EMPTY_PATH)
                                         : utimensat(AT_FDCWD, p, tv, 0);
         if (r < 0) rc = -errno;
     }
+    if (pfd >= 0) tk_inode_put(fs, ino);
     struct stat st;
     if (rc == 0) rc = view_stat(fs, ino, view, &st);
     if (rc) reply_rc(req, rc);
@@ -306,8 +338,12 @@ static void op_readlink(fuse_req_t req, fuse_ino_t nodeid) {
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_READ, 0, NULL);
     if (rc) { reply_rc(req, rc); return; }
     char buf[PATH_MAX + 1];
-    ssize_t n = readlinkat(ino->fd, "", buf, sizeof buf);
-    if (n < 0) { reply_rc(req, -errno); return; }
+    int pfd = tk_inode_fd(fs, ino);
+    if (pfd < 0) { reply_rc(req, pfd); return; }
+    ssize_t n = readlinkat(pfd, "", buf, sizeof buf);
+    int e = errno;
+    tk_inode_put(fs, ino);
+    if (n < 0) { reply_rc(req, -e); return; }
     if (n >= (ssize_t)sizeof buf) { reply_rc(req, -ENAMETOOLONG); return; }
     buf[n] = 0;
     fuse_reply_readlink(req, buf);
@@ -322,25 +358,28 @@ static void make_node(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
     int rc = tk_check(fs, req, parent, name, act, 0, &d);
     if (rc) { reply_rc(req, rc); return; }
     int view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
+    int pfd = tk_inode_fd(fs, parent);
+    if (pfd < 0) { reply_rc(req, pfd); return; }
     tk_creds c;
     rc = become_caller(fs, req, &c);
     if (rc == 0) {
         int r;
-        if (link) r = symlinkat(link, parent->fd, name);
-        else if (S_ISDIR(mode)) r = mkdirat(parent->fd, name, mode & 07777);
-        else r = mknodat(parent->fd, name, mode, rdev);
+        if (link) r = symlinkat(link, pfd, name);
+        else if (S_ISDIR(mode)) r = mkdirat(pfd, name, mode & 07777);
+        else r = mknodat(pfd, name, mode, rdev);
         if (r < 0) rc = -errno;
     }
     become_root(fs, &c);
-    if (rc) { reply_rc(req, rc); return; }
     struct fuse_entry_param e;
     tk_inode *ino = NULL;
     int ev = S_ISREG(mode) ? view : TK_VIEW_PLAIN;
-    if (S_ISREG(mode) && view == TK_VIEW_PLAIN) {
+    if (rc) {
+        /* nothing made */
+    } else if (S_ISREG(mode) && view == TK_VIEW_PLAIN) {
         /* a regular file made in the plaintext view is an empty TAKA file */
-        int fd = openat(parent->fd, name, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+        int fd = openat(pfd, name, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0) rc = -errno;
-        if (rc == 0) rc = make_entry(fs, parent, name, ev, &e, &ino);
+        if (rc == 0) rc = make_entry(fs, req, parent, pfd, name, ev, &e, &ino);
         if (rc == 0) {
             pthread_rwlock_wrlock(&ino->lock);
             rc = tk_taka_create(fs, ino, fd);
@@ -349,15 +388,13 @@ static void make_node(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
             if (rc) tk_itab_forget(fs, e.ino, 1);
         }
         if (fd >= 0) close(fd);
-        if (rc) {
-            unlinkat(parent->fd, name, 0);
-            { reply_rc(req, rc); return; }
-        }
+        if (rc) unlinkat(pfd, name, 0);
     } else {
-        rc = make_entry(fs, parent, name, ev, &e, NULL);
-        if (rc) { reply_rc(req, rc); return; }
+        rc = make_entry(fs, req, parent, pfd, name, ev, &e, NULL);
     }
-    fuse_reply_entry(req, &e);
+    tk_inode_put(fs, parent);
+    if (rc) reply_rc(req, rc);
+    else reply_entry(fs, req, &e);
 }
 
 static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
@@ -377,7 +414,12 @@ static void remove_entry(fuse_req_t req, fuse_ino_t parent_id, const char *name,
     tk_fs *fs = FS(req);
     tk_inode *parent = tk_node_inode(fs, parent_id, NULL);
     int rc = tk_check(fs, req, parent, name, dir ? TK_ACT_RMDIR : TK_ACT_DELETE, 0, NULL);
-    if (rc == 0 && unlinkat(parent->fd, name, dir ? AT_REMOVEDIR : 0) < 0) rc = -errno;
+    int pfd = rc ? -1 : tk_inode_fd(fs, parent);
+    if (rc == 0 && pfd < 0) rc = pfd;
+    if (rc == 0) {
+        if (unlinkat(pfd, name, dir ? AT_REMOVEDIR : 0) < 0) rc = -errno;
+        tk_inode_put(fs, parent);
+    }
     reply_rc(req, rc);
 }
 
@@ -397,7 +439,15 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent_id, const char *name,
     int rc = tk_check(fs, req, parent, name, TK_ACT_RENAME, 0, NULL);
     if (rc == 0) rc = tk_check(fs, req, newparent, newname, TK_ACT_RENAME, 0, NULL);
     if (rc == 0 && (flags & ~(unsigned)(RENAME_NOREPLACE | RENAME_EXCHANGE))) rc = -EINVAL;
-    if (rc == 0 && renameat2(parent->fd, name, newparent->fd, newname, flags) < 0) rc = -errno;
+    if (rc == 0) {
+        int pfd = tk_inode_fd(fs, parent);
+        int npfd = pfd < 0 ? pfd : tk_inode_fd(fs, newparent);
+        if (pfd < 0) rc = pfd;
+        else if (npfd < 0) rc = npfd;
+        else if (renameat2(pfd, name, npfd, newname, flags) < 0) rc = -errno;
+        if (npfd >= 0) tk_inode_put(fs, newparent);
+        if (pfd >= 0) tk_inode_put(fs, parent);
+    }
     if (rc == 0) {
         tk_itab_fix_name(fs, newparent, newname);
         if (flags & RENAME_EXCHANGE) tk_itab_fix_name(fs, parent, name);
@@ -412,14 +462,21 @@ static void op_link(fuse_req_t req, fuse_ino_t nodeid, fuse_ino_t newparent_id,
     tk_inode *newparent = tk_node_inode(fs, newparent_id, NULL);
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_LINK, 0, NULL);
     if (rc == 0) rc = tk_check(fs, req, newparent, newname, TK_ACT_LINK, 0, NULL);
-    char p[64];
-    PROCPATH(p, ino->fd);
-    if (rc == 0 && linkat(AT_FDCWD, p, newparent->fd, newname, AT_SYMLINK_FOLLOW) < 0)
-        rc = -errno;
+    if (rc == 0) {
+        int fd = tk_inode_fd(fs, ino);
+        int npfd = fd < 0 ? fd : tk_inode_fd(fs, newparent);
+        char p[64];
+        if (fd >= 0) PROCPATH(p, fd);
+        if (fd < 0) rc = fd;
+        else if (npfd < 0) rc = npfd;
+        else if (linkat(AT_FDCWD, p, npfd, newname, AT_SYMLINK_FOLLOW) < 0) rc = -errno;
+        if (npfd >= 0) tk_inode_put(fs, newparent);
+        if (fd >= 0) tk_inode_put(fs, ino);
+    }
     struct fuse_entry_param e;
     if (rc == 0) rc = lookup_view(fs, req, newparent, newname, &e);
     if (rc) reply_rc(req, rc);
-    else fuse_reply_entry(req, &e);
+    else reply_entry(fs, req, &e);
 }
 
 /* ---- files ---------------------------------------------------------------------------- */
@@ -453,14 +510,12 @@ static int check_open(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int fl
 /* Open the backing file of ino for `view`; plaintext: verify the header, O_TRUNC. */
 static int open_backing(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int flags,
                         int *fdp) {
-    char p[64];
-    PROCPATH(p, ino->fd);
     int acc = flags & O_ACCMODE, fd, rc = 0;
     if (view == TK_VIEW_PLAIN)  /* partial blocks need read-modify-write */
-        fd = open(p, (acc == O_RDONLY && !(flags & O_TRUNC) ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+        fd = reopen(fs, ino, (acc == O_RDONLY && !(flags & O_TRUNC) ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     else
-        fd = open(p, raw_flags(flags));
-    if (fd < 0) return -errno;
+        fd = reopen(fs, ino, raw_flags(flags));
+    if (fd < 0) return fd;
     pthread_rwlock_wrlock(&ino->lock);
     if (view == TK_VIEW_PLAIN) {
         rc = ensure_loaded(fs, req, ino, fd);
@@ -508,11 +563,13 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
     if (rc) { reply_rc(req, rc); return; }
     int view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
     int flags = view == TK_VIEW_PLAIN ? O_RDWR | O_CLOEXEC : raw_flags(fi->flags);
+    int pfd = tk_inode_fd(fs, parent);
+    if (pfd < 0) { reply_rc(req, pfd); return; }
     tk_creds c;
     int fd = -1;
     rc = become_caller(fs, req, &c);
     if (rc == 0) {
-        fd = openat(parent->fd, name, flags | O_CREAT | O_EXCL | O_NOFOLLOW, mode);
+        fd = openat(pfd, name, flags | O_CREAT | O_EXCL | O_NOFOLLOW, mode);
         if (fd < 0) rc = -errno;
     }
     become_root(fs, &c);
@@ -520,21 +577,20 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
     tk_inode *ino = NULL;
     if (rc == -EEXIST && !(fi->flags & O_EXCL)) {
         /* raced with another creator: open the existing file like open(2) would */
-        rc = lookup_view(fs, req, parent, name, &e);
-        if (rc) { reply_rc(req, rc); return; }
-        ino = tk_node_inode(fs, e.ino, &view);
-        rc = check_open(fs, req, ino, view, fi->flags);
-        if (rc == 0) rc = open_backing(fs, req, ino, view, fi->flags, &fd);
-        if (rc == 0) rc = view_stat(fs, ino, view, &e.attr);
-        if (rc) {
-            if (fd >= 0) close(fd);
-            tk_itab_forget(fs, e.ino, 1);
-            { reply_rc(req, rc); return; }
+        rc = make_entry(fs, req, parent, pfd, name, -1, &e, NULL);
+        if (rc == 0) {
+            ino = tk_node_inode(fs, e.ino, &view);
+            rc = check_open(fs, req, ino, view, fi->flags);
+            if (rc == 0) rc = open_backing(fs, req, ino, view, fi->flags, &fd);
+            if (rc == 0) rc = view_stat(fs, ino, view, &e.attr);
+            if (rc) {
+                if (fd >= 0) close(fd);
+                fd = -1;
+                tk_itab_forget(fs, e.ino, 1);
+            }
         }
-    } else if (rc) {
-        { reply_rc(req, rc); return; }
-    } else {
-        rc = make_entry(fs, parent, name, view, &e, &ino);
+    } else if (rc == 0) {
+        rc = make_entry(fs, req, parent, pfd, name, view, &e, &ino);
         if (rc == 0 && view == TK_VIEW_PLAIN) {
             pthread_rwlock_wrlock(&ino->lock);
             rc = tk_taka_create(fs, ino, fd);
@@ -544,10 +600,12 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
         }
         if (rc) {
             close(fd);
-            unlinkat(parent->fd, name, 0);
-            { reply_rc(req, rc); return; }
+            fd = -1;
+            unlinkat(pfd, name, 0);
         }
     }
+    tk_inode_put(fs, parent);
+    if (rc) { reply_rc(req, rc); return; }
     tk_fh *fh = new_fh(fd, view, fi->flags, ino);
     if (!fh) {
         close(fd);
@@ -557,9 +615,10 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
     fi->fh = (uint64_t)(uintptr_t)fh;
     fi->direct_io = view == TK_VIEW_RAW;
     fi->keep_cache = 0;
-    if (fuse_reply_create(req, &e, fi) != 0) {
+    if (fuse_reply_create(req, &e, fi) != 0) {  /* interrupted: no release, no forget */
         close(fd);
         free(fh);
+        tk_itab_forget(fs, e.ino, 1);
     }
 }
 
@@ -724,9 +783,9 @@ static void op_opendir(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info 
     if (rc) { reply_rc(req, rc); return; }
     tk_dir *d = calloc(1, sizeof *d);
     if (!d) { reply_rc(req, -ENOMEM); return; }
-    int fd = openat(ino->fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = reopen(fs, ino, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0 || !(d->dp = fdopendir(fd))) {
-        rc = -errno;
+        rc = fd < 0 ? fd : -errno;
         if (fd >= 0) close(fd);
         free(d);
         { reply_rc(req, rc); return; }
@@ -761,6 +820,9 @@ static void do_readdir(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off
     if (!buf) { reply_rc(req, -ENOMEM); return; }
     size_t rem = size;
     char *p = buf;
+    int dfd = -1;              /* dir's fd, borrowed for the first full entry */
+    fuse_ino_t *added = NULL;  /* lookups handed out: dropped if the reply fails */
+    size_t nadded = 0, capadded = 0;
     if (off != d->offset) {
         seekdir(d->dp, off);
         d->entry = NULL;
@@ -790,13 +852,25 @@ static void do_readdir(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off
              * routed to the node of its view */
             n = fuse_add_direntry_plus(req, p, rem, name, &e, next);
         } else {
-            if (make_entry(fs, dir, name, TK_VIEW_PLAIN, &e, NULL) != 0) {
+            if (nadded == capadded) {  /* room first: never hand out an untracked lookup */
+                size_t nc = capadded ? capadded * 2 : 32;
+                fuse_ino_t *na = realloc(added, nc * sizeof *na);
+                if (!na) {
+                    rc = -ENOMEM;
+                    break;
+                }
+                added = na;
+                capadded = nc;
+            }
+            if (dfd < 0) dfd = tk_inode_fd(fs, dir);
+            if (dfd < 0 || make_entry(fs, req, dir, dfd, name, TK_VIEW_PLAIN, &e, NULL) != 0) {
                 memset(&e, 0, sizeof e);  /* vanished meanwhile: list it without attrs */
                 e.attr.st_ino = d->entry->d_ino;
                 e.attr.st_mode = dtype_mode(d->entry->d_type);
             }
             n = fuse_add_direntry_plus(req, p, rem, name, &e, next);
             if (n > rem && e.ino) tk_itab_forget(fs, e.ino, 1);
+            else if (e.ino) added[nadded++] = e.ino;
         }
         if (n > rem) break;
         p += n;
@@ -804,10 +878,13 @@ static void do_readdir(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off
         d->entry = NULL;
         d->offset = next;
     }
+    if (dfd >= 0) tk_inode_put(fs, dir);
     /* an error after some entries: return what we have (the next call reports it) */
     if (rc && rem != size) rc = 0;
     if (rc) reply_rc(req, rc);
-    else fuse_reply_buf(req, buf, size - rem);
+    else if (fuse_reply_buf(req, buf, size - rem) != 0)  /* the kernel took no entry */
+        for (size_t i = 0; i < nadded; i++) tk_itab_forget(fs, added[i], 1);
+    free(added);
     free(buf);
 }
 
@@ -844,7 +921,12 @@ static void op_statfs(fuse_req_t req, fuse_ino_t nodeid) {
     tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_GETATTR, 0, NULL);
     struct statvfs sv;
-    if (rc == 0 && fstatvfs(ino->fd, &sv) < 0) rc = -errno;
+    if (rc == 0) {
+        int pfd = tk_inode_fd(fs, ino);
+        if (pfd < 0) rc = pfd;
+        else if (fstatvfs(pfd, &sv) < 0) rc = -errno;
+        if (pfd >= 0) tk_inode_put(fs, ino);
+    }
     if (rc) reply_rc(req, rc);
     else fuse_reply_statfs(req, &sv);
 }
@@ -867,9 +949,13 @@ static void op_setxattr(fuse_req_t req, fuse_ino_t nodeid, const char *name,
     tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
     if (!user_xattr(name)) { reply_rc(req, -EOPNOTSUPP); return; }
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_SETXATTR, 0, NULL);
+    if (rc) { reply_rc(req, rc); return; }
+    int pfd = tk_inode_fd(fs, ino);
+    if (pfd < 0) { reply_rc(req, pfd); return; }
     char p[64];
-    PROCPATH(p, ino->fd);
-    if (rc == 0 && setxattr(p, name, value, size, flags) < 0) rc = -errno;
+    PROCPATH(p, pfd);
+    if (setxattr(p, name, value, size, flags) < 0) rc = -errno;
+    tk_inode_put(fs, ino);
     reply_rc(req, rc);
 }
 
@@ -879,20 +965,63 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t nodeid, const char *name, siz
     if (!user_xattr(name)) { reply_rc(req, -ENODATA); return; }
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_GETXATTR, 0, NULL);
     if (rc) { reply_rc(req, rc); return; }
-    char p[64];
-    PROCPATH(p, ino->fd);
-    if (size == 0) {
-        ssize_t n = getxattr(p, name, NULL, 0);
-        if (n < 0) { reply_rc(req, -errno); return; }
-        fuse_reply_xattr(req, (size_t)n);
-        return;
+    char *buf = size ? malloc(size) : NULL;
+    if (size && !buf) { reply_rc(req, -ENOMEM); return; }
+    int pfd = tk_inode_fd(fs, ino);
+    ssize_t n = pfd;
+    if (pfd >= 0) {
+        char p[64];
+        PROCPATH(p, pfd);
+        n = getxattr(p, name, buf, size);
+        if (n < 0) n = -errno;
+        tk_inode_put(fs, ino);
     }
-    char *buf = malloc(size);
-    if (!buf) { reply_rc(req, -ENOMEM); return; }
-    ssize_t n = getxattr(p, name, buf, size);
-    if (n < 0) reply_rc(req, -errno);
+    if (n < 0) reply_rc(req, (int)n);
+    else if (size == 0) fuse_reply_xattr(req, (size_t)n);
     else fuse_reply_buf(req, buf, (size_t)n);
     free(buf);
+}
+
+/* listxattr of ino, only user.* names: a malloc'd list in *out, or -errno. */
+static ssize_t user_xattrs(tk_fs *fs, tk_inode *ino, char **out) {
+    *out = NULL;
+    int pfd = tk_inode_fd(fs, ino);
+    if (pfd < 0) return pfd;
+    char p[64];
+    PROCPATH(p, pfd);
+    ssize_t n = 0;
+    char *all = NULL, *keep = NULL;
+    for (int tries = 0; tries < 8; tries++) {  /* the list may grow between the calls */
+        n = listxattr(p, NULL, 0);
+        if (n < 0) { n = -errno; break; }
+        free(all);
+        all = malloc((size_t)n + 1);
+        if (!all) { n = -ENOMEM; break; }
+        n = listxattr(p, all, (size_t)n);
+        if (n >= 0 || errno != ERANGE) {
+            if (n < 0) n = -errno;
+            break;
+        }
+    }
+    tk_inode_put(fs, ino);
+    if (n >= 0) keep = malloc((size_t)n + 1);
+    if (n >= 0 && !keep) n = -ENOMEM;
+    if (n < 0) {
+        free(all);
+        return n;
+    }
+    size_t len = 0;
+    for (ssize_t i = 0; i < n;) {
+        size_t l = strnlen(all + i, (size_t)(n - i)) + 1;
+        if (user_xattr(all + i)) {
+            memcpy(keep + len, all + i, l);
+            len += l;
+        }
+        i += (ssize_t)l;
+    }
+    free(all);
+    *out = keep;
+    return (ssize_t)len;
 }
 
 static void op_listxattr(fuse_req_t req, fuse_ino_t nodeid, size_t size) {
@@ -900,31 +1029,12 @@ static void op_listxattr(fuse_req_t req, fuse_ino_t nodeid, size_t size) {
     tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_GETXATTR, 0, NULL);
     if (rc) { reply_rc(req, rc); return; }
-    char p[64];
-    PROCPATH(p, ino->fd);
-    ssize_t n = listxattr(p, NULL, 0);
-    if (n < 0) { reply_rc(req, -errno); return; }
-    char *all = malloc((size_t)n + 1), *out = malloc((size_t)n + 1);
-    if (!all || !out) {
-        free(all);
-        free(out);
-        { reply_rc(req, -ENOMEM); return; }
-    }
-    n = listxattr(p, all, (size_t)n);
-    size_t len = 0;
-    for (ssize_t i = 0; n > 0 && i < n;) {  /* keep only user.* names */
-        size_t l = strnlen(all + i, (size_t)(n - i)) + 1;
-        if (user_xattr(all + i)) {
-            memcpy(out + len, all + i, l);
-            len += l;
-        }
-        i += (ssize_t)l;
-    }
-    if (n < 0) reply_rc(req, -errno);
-    else if (size == 0) fuse_reply_xattr(req, len);
-    else if (len > size) reply_rc(req, -ERANGE);
-    else fuse_reply_buf(req, out, len);
-    free(all);
+    char *out;
+    ssize_t len = user_xattrs(fs, ino, &out);
+    if (len < 0) reply_rc(req, (int)len);
+    else if (size == 0) fuse_reply_xattr(req, (size_t)len);
+    else if ((size_t)len > size) reply_rc(req, -ERANGE);
+    else fuse_reply_buf(req, out, (size_t)len);
     free(out);
 }
 
@@ -933,9 +1043,13 @@ static void op_removexattr(fuse_req_t req, fuse_ino_t nodeid, const char *name) 
     tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
     if (!user_xattr(name)) { reply_rc(req, -EOPNOTSUPP); return; }
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_SETXATTR, 0, NULL);
+    if (rc) { reply_rc(req, rc); return; }
+    int pfd = tk_inode_fd(fs, ino);
+    if (pfd < 0) { reply_rc(req, pfd); return; }
     char p[64];
-    PROCPATH(p, ino->fd);
-    if (rc == 0 && removexattr(p, name) < 0) rc = -errno;
+    PROCPATH(p, pfd);
+    if (removexattr(p, name) < 0) rc = -errno;
+    tk_inode_put(fs, ino);
     reply_rc(req, rc);
 }
 
