@@ -48,12 +48,21 @@ static int choose_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *
     static const tk_action probes[] = {TK_ACT_READ, TK_ACT_WRITE, TK_ACT_GETATTR};
     tk_ident id;
     tk_decision d;
-    if (tk_ident_get(fs, req, &id)) return TK_VIEW_RAW;
+    /* A transient failure to identify the caller (it is being traced, /proc raced an
+     * exec) must not route it to the raw node: try again before giving up.  Giving up
+     * is still safe: grants() refuses the raw node to a caller whose key applies. */
+    int got = -1;
+    for (int attempt = 0; attempt < 3 && got != 0; attempt++)
+        got = tk_ident_get(fs, req, &id);
+    if (got) return TK_VIEW_RAW;
     char *path = tk_path(fs, parent, name);
     if (!path) return TK_VIEW_RAW;
     int view = TK_VIEW_RAW;
     for (size_t i = 0; i < sizeof probes / sizeof probes[0]; i++) {
-        if (tk_check_path(fs, &id, path, probes[i], TK_CHK_PROBE, &d) == 0) {
+        int rc = tk_check_path(fs, &id, path, probes[i], TK_CHK_PROBE, &d);
+        if (rc != 0 && i == 0)  /* once more: a decision that failed is never cached */
+            rc = tk_check_path(fs, &id, path, probes[i], TK_CHK_PROBE, &d);
+        if (rc == 0) {
             view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
             break;
         }
@@ -62,9 +71,13 @@ static int choose_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *
     return view;
 }
 
-/* A decision grants a view if it permits and, for the plaintext view, applies the key. */
+/* A decision grants a view if it permits and matches it: apply_key for the plaintext
+ * node, and NOT apply_key for the raw node.  A caller whose key applies never gets the
+ * stored bytes, even if a race routed it to the raw node: it would read ciphertext, or
+ * worse, write plaintext straight into the backing store.  Fail closed instead. */
 static int grants(const tk_decision *d, int view) {
-    return view == TK_VIEW_RAW || (d->effects & TK_FX_APPLY_KEY);
+    int applies = (d->effects & TK_FX_APPLY_KEY) != 0;
+    return view == TK_VIEW_RAW ? !applies : applies;
 }
 
 /* Check `act` on ino for this caller and require the node's view. */
@@ -76,7 +89,7 @@ static int check_view(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_act
         tk_ident_get(fs, req, &id);
         char *path = tk_path(fs, ino, NULL);
         tk_audit(fs, "access", &id, path, tk_action_name(act), d.effects,
-                 "view mismatch: raw-only caller on a plaintext handle");
+                 "view mismatch: the caller's decision does not match this node's view");
         free(path);
         TK_INC(fs, denied, 1);
         rc = -EACCES;
