@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent_helpers import Daemon, base_config, running, write_config
+from agent_helpers import base_config, running, write_config
 
 
 def test_lifecycle_status_reload_and_stop(tmp_path):

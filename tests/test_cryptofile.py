@@ -4,7 +4,7 @@ import os
 
 import pytest
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from takakrypt import format as fmt
 from takakrypt.cryptofile import TakaFile

@@ -150,56 +150,80 @@ def decrypt_file(src: str, dst: str | None, keys: Callable[[str, int], bytearray
     """
     with _open_input(src) as fin:
         header = read_header(fin, src)
-        data_key = keys(header.key_id, header.key_version)
         try:
-            enc_key, mac_key = fmt.derive_file_keys(data_key, header.file_id)
-        finally:
-            wipe(data_key)
-        try:
-            header.verify(mac_key)
+            cipher = open_cipher(header, keys)
         except IntegrityError as e:
             raise IntegrityError(f"{src}: {e}") from None
-        finally:
-            wipe(mac_key)
-        try:
-            cipher = BlockCipher(enc_key, block_size=header.block_size)
-        finally:
-            wipe(enc_key)
-        sbs = header.stored_block_size
-        sealed = bytearray(chunk_blocks * sbs)
-        plain = bytearray(chunk_blocks * header.block_size)
-        sview, pview = memoryview(sealed), memoryview(plain)
-        size, block, done = header.plaintext_size, 0, 0
         try:
             out = _null_output() if dst is None else atomic_output(dst, force=force)
             with out as fout:
-                while done < size:
-                    remaining_blocks = header.nblocks - block
-                    want = min(chunk_blocks, remaining_blocks)
-                    # the last block of the file may be shorter than a full stored block
-                    last_len = size - (header.nblocks - 1) * header.block_size + fmt.OVERHEAD
-                    nbytes = (want - 1) * sbs + (last_len if want == remaining_blocks else sbs)
-                    n = _readfull(fin, sview[:nbytes])
-                    if n < nbytes:
-                        missing = block + n // sbs
-                        raise IntegrityError(
-                            f"{src}: file truncated: block {missing} is missing or short",
-                            block=missing)
-                    try:
-                        m = cipher.decrypt_into(sview[:n], pview, header.static, block,
-                                                holes=True)
-                    except IntegrityError as e:
-                        raise IntegrityError(f"{src}: {e} (tampered or corrupt)",
-                                             block=e.block) from None
-                    m = min(m, size - done)
-                    _write_all(fout, pview[:m])
-                    done += m
-                    block += want
-                    progress(m)
+                try:
+                    for chunk in plaintext_chunks(lambda v: _readfull(fin, v), header, cipher,
+                                                  chunk_blocks):
+                        _write_all(fout, chunk)
+                        progress(len(chunk))
+                except IntegrityError as e:
+                    raise IntegrityError(f"{src}: {e}", block=e.block) from None
         finally:
             cipher.wipe()
-            plain[:] = bytes(len(plain))
     return header
+
+
+def open_cipher(header: fmt.Header, keys: Callable[[str, int], bytearray]) -> BlockCipher:
+    """The block cipher of a file after checking its header tag; key buffers are wiped."""
+    data_key = keys(header.key_id, header.key_version)
+    try:
+        enc_key, mac_key = fmt.derive_file_keys(data_key, header.file_id)
+    finally:
+        wipe(data_key)
+    try:
+        header.verify(mac_key)
+    except IntegrityError:
+        wipe(enc_key)
+        raise
+    finally:
+        wipe(mac_key)
+    try:
+        return BlockCipher(enc_key, block_size=header.block_size)
+    finally:
+        wipe(enc_key)
+
+
+def plaintext_chunks(read: Callable[[memoryview], int], header: fmt.Header,
+                     cipher: BlockCipher,
+                     chunk_blocks: int = DEFAULT_CHUNK_BLOCKS) -> Iterator[memoryview]:
+    """Verified plaintext of a TAKA file, chunk by chunk.  ``read(view)`` fills ``view``
+    with the stored bytes that follow the header, sequentially, and returns the count.
+    A missing block raises IntegrityError("file truncated ..."), a failing one
+    IntegrityError("block N failed authentication (tampered or corrupt)").  The chunk
+    buffer is reused between yields and wiped at the end."""
+    sbs = header.stored_block_size
+    sealed = bytearray(chunk_blocks * sbs)
+    plain = bytearray(chunk_blocks * header.block_size)
+    sview, pview = memoryview(sealed), memoryview(plain)
+    size, block, done = header.plaintext_size, 0, 0
+    try:
+        while done < size:
+            remaining_blocks = header.nblocks - block
+            want = min(chunk_blocks, remaining_blocks)
+            # the last block of the file may be shorter than a full stored block
+            last_len = size - (header.nblocks - 1) * header.block_size + fmt.OVERHEAD
+            nbytes = (want - 1) * sbs + (last_len if want == remaining_blocks else sbs)
+            n = read(sview[:nbytes])
+            if n < nbytes:
+                missing = block + n // sbs
+                raise IntegrityError(f"file truncated: block {missing} is missing or short",
+                                     block=missing)
+            try:
+                m = cipher.decrypt_into(sview[:n], pview, header.static, block, holes=True)
+            except IntegrityError as e:
+                raise IntegrityError(f"{e} (tampered or corrupt)", block=e.block) from None
+            m = min(m, size - done)
+            yield pview[:m]
+            done += m
+            block += want
+    finally:
+        plain[:] = bytes(len(plain))
 
 
 def inspect_file(path: str) -> dict[str, object]:

@@ -34,6 +34,7 @@ from . import format as fmt
 from ._aesgcm import BlockCipher
 from .errors import Error, FormatError, IntegrityError, UsageError, XformError
 from .keys.secret import wipe
+from .stream import open_cipher, plaintext_chunks
 
 JOURNAL = ".takakrypt-xform.journal"
 TMP_SUFFIX = ".takakrypt-xform-tmp"
@@ -221,54 +222,32 @@ def _decrypt_hash(fd: int, keys: KeyLookup, sink_fd: int | None = None,
                   progress: Callable[[int], None] | None = None) -> str:
     """SHA-256 of a TAKA file's plaintext (every block verified); optionally write it."""
     h = hashlib.sha256()
-    raw = os.pread(fd, fmt.HEADER_SIZE, 0)
-    header = fmt.parse_header(raw)
-    data_key = keys(header.key_id, header.key_version)
+    header = fmt.parse_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+    cipher = open_cipher(header, keys)
+    pos = [fmt.HEADER_SIZE]
+
+    def read(view: memoryview) -> int:
+        n = _pread_full(fd, view, pos[0])
+        pos[0] += n
+        return n
+
     try:
-        enc, mac = fmt.derive_file_keys(data_key, header.file_id)
-    finally:
-        wipe(data_key)
-    try:
-        header.verify(mac)
-    finally:
-        wipe(mac)
-    try:
-        cipher = BlockCipher(enc, block_size=header.block_size)
-    finally:
-        wipe(enc)
-    sbs = header.stored_block_size
-    sealed = bytearray(CHUNK_BLOCKS * sbs)
-    plain = bytearray(CHUNK_BLOCKS * header.block_size)
-    try:
-        done, block, size = 0, 0, header.plaintext_size
-        while done < size:
-            n = _pread_full(fd, sealed, header.block_offset(block))
-            want_blocks = min(CHUNK_BLOCKS, header.nblocks - block)
-            last_len = size - (header.nblocks - 1) * header.block_size + fmt.OVERHEAD
-            need = (want_blocks - 1) * sbs + (last_len if block + want_blocks == header.nblocks
-                                              else sbs)
-            if n < need:
-                raise IntegrityError(f"file truncated at block {block + n // sbs}",
-                                     block=block + n // sbs)
-            m = cipher.decrypt_into(memoryview(sealed)[:need], plain, header.static, block,
-                                    holes=True)
-            m = min(m, size - done)
-            h.update(memoryview(plain)[:m])
+        done = 0
+        for chunk in plaintext_chunks(read, header, cipher, CHUNK_BLOCKS):
+            h.update(chunk)
             if sink_fd is not None:
-                _pwrite_full(sink_fd, memoryview(plain)[:m], done)
+                _pwrite_full(sink_fd, chunk, done)
                 if progress:
-                    progress(m)
-            done += m
-            block += want_blocks
+                    progress(len(chunk))
+            done += len(chunk)
         if sink_fd is not None:
             os.fsync(sink_fd)
     finally:
         cipher.wipe()
-        plain[:] = bytes(len(plain))
     return h.hexdigest()
 
 
-def _pread_full(fd: int, buf: bytearray, offset: int) -> int:
+def _pread_full(fd: int, buf: bytearray | memoryview, offset: int) -> int:
     view, got = memoryview(buf), 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
