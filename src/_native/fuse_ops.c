@@ -48,27 +48,30 @@ static int choose_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *
     static const tk_action probes[] = {TK_ACT_READ, TK_ACT_WRITE, TK_ACT_GETATTR};
     tk_ident id;
     tk_decision d;
-    /* A transient failure to identify the caller (it is being traced, /proc raced an
-     * exec) must not route it to the raw node: try again before giving up.  Giving up
-     * is still safe: grants() refuses the raw node to a caller whose key applies. */
+    /* A transient failure to identify the caller or to get a decision must not route
+     * it to the raw node: try again (briefly) before giving up.  Giving up is still
+     * safe: grants() refuses the raw node to a caller whose key applies, so the worst
+     * outcome of a failure here is EACCES, never ciphertext to an authorised process. */
     int got = -1;
-    for (int attempt = 0; attempt < 3 && got != 0; attempt++)
+    for (int attempt = 0; attempt < 3 && got != 0; attempt++) {
+        if (attempt) usleep(500);
         got = tk_ident_get(fs, req, &id);
+    }
     if (got) return TK_VIEW_RAW;
     char *path = tk_path(fs, parent, name);
     if (!path) return TK_VIEW_RAW;
-    int view = TK_VIEW_RAW;
-    for (size_t i = 0; i < sizeof probes / sizeof probes[0]; i++) {
-        int rc = tk_check_path(fs, &id, path, probes[i], TK_CHK_PROBE, &d);
-        if (rc != 0 && i == 0)  /* once more: a decision that failed is never cached */
-            rc = tk_check_path(fs, &id, path, probes[i], TK_CHK_PROBE, &d);
-        if (rc == 0) {
-            view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
-            break;
+    int view = -1;
+    for (int round = 0; round < 2 && view < 0; round++) {
+        if (round) usleep(1000);
+        for (size_t i = 0; i < sizeof probes / sizeof probes[0]; i++) {
+            if (tk_check_path(fs, &id, path, probes[i], TK_CHK_PROBE, &d) == 0) {
+                view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
+                break;
+            }
         }
     }
     free(path);
-    return view;
+    return view < 0 ? TK_VIEW_RAW : view;
 }
 
 /* A decision grants a view if it permits and matches it: apply_key for the plaintext
