@@ -12,7 +12,6 @@ any path can be mapped back to its line.  docs/policy.md documents every field.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import re
 import zoneinfo
@@ -457,6 +456,3 @@ def _check(cfg: Config, errors: _Errors) -> None:
     if cfg.agent.log_level not in ("debug", "info", "warning", "error"):
         errors.add("$.agent.log_level", f"unknown log level '{cfg.agent.log_level}'")
 
-
-def now_in(tz: str) -> dt.datetime:
-    return dt.datetime.now(zoneinfo.ZoneInfo(tz))

@@ -13,22 +13,12 @@ size, and never use stale bytes past the size when they merge a partial block.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
-from typing import Protocol
 
 from . import format as fmt
 from ._aesgcm import BlockCipher
 from .errors import FormatError, IntegrityError
 from .keys.secret import wipe
-
-
-class KeySource(Protocol):
-    """What TakaFile needs from a key backend (see keys.backend.KeyBackend)."""
-
-    def get(self, name: str, version: int | None = None) -> bytearray: ...
-
-    def current_version(self, name: str) -> int: ...
 
 
 KeyLookup = Callable[[str, int], bytearray]
@@ -294,6 +284,3 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
-
-def is_regular(fd: int) -> bool:
-    return stat.S_ISREG(os.fstat(fd).st_mode)
