@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from conftest import _cpu_model
 from takakrypt._cache import BENCH_PATH, DecisionCache, _bench_lookup_loop
 
 KEY = (1000, 1000, 4242, 123456789, 2049, 1311768, BENCH_PATH, 1)
@@ -51,16 +52,6 @@ def _write_results():
                    "python": platform.python_version(), "results": RESULTS}, f, indent=1)
         f.write("\n")
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _c_loop(benchmark, name, **kw):

@@ -125,9 +125,16 @@ def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = 
         "audit_log": str(workdir / "audit.jsonl"), "stats_file": str(workdir / "stats.json"),
     }
     (workdir / "spec.json").write_text(json.dumps(spec))
+    with serve_child(HERE / "fuse_helpers.py", workdir, mnt) as proc:
+        yield Guard(mnt, backing, key, workdir, proc)
+
+
+@contextlib.contextmanager
+def serve_child(script: Path, workdir: Path, mnt: Path):
+    """Run ``script workdir/spec.json`` as the guard server; wait for its "ready" line;
+    always stop it, unmount, and fail if its log holds a sanitizer report."""
     env = dict(os.environ, PYTHONPATH=str(SRC))
-    proc = subprocess.Popen([sys.executable, str(HERE / "fuse_helpers.py"),
-                             str(workdir / "spec.json")],
+    proc = subprocess.Popen([sys.executable, str(script), str(workdir / "spec.json")],
                             stdout=subprocess.PIPE, stderr=open(workdir / "stderr", "wb"),
                             env=env)
     try:
@@ -136,9 +143,9 @@ def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = 
         if not line.startswith(b"ready"):
             proc.kill()
             proc.wait()
-            raise RuntimeError(f"guard server failed to mount: {line!r} "
+            raise RuntimeError(f"guard server {script.name} failed to mount: {line!r} "
                                f"{(workdir / 'stderr').read_text()}")
-        yield Guard(mnt, backing, key, workdir, proc)
+        yield proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

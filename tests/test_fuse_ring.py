@@ -21,7 +21,6 @@ import contextlib
 import errno
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -198,8 +197,8 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
-from fuse_helpers import (SANITIZER_MARKS, Guard, errno_of, fuse_skip_reason, run_as,  # noqa: E402
-                          sweep_stale_mounts, unmount_path)
+from fuse_helpers import (Guard, serve_child, errno_of, fuse_skip_reason, run_as,  # noqa: E402
+                          sweep_stale_mounts)
 
 pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None,
                                 reason=fuse_skip_reason() or "")
@@ -247,31 +246,8 @@ def ring_guard(tmp: Path, *, ring_timeout_ms: int = RING_TIMEOUT_MS):
     for f in ("requests.jsonl", "pydecide.jsonl", "audit.jsonl"):
         (workdir / f).touch()
     (workdir / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=str(SRC))
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
-                             str(workdir / "spec.json")], stdout=subprocess.PIPE,
-                            stderr=open(workdir / "stderr", "wb"), env=env)
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        line = proc.stdout.readline() if ready else b""
-        if not line.startswith(b"ready"):
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"ring guard server failed to mount: {line!r} "
-                               f"{(workdir / 'stderr').read_text()}")
+    with serve_child(Path(__file__).resolve(), workdir, mnt) as proc:
         yield RingGuard(mnt, backing, key, workdir, proc)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        unmount_path(str(mnt))
-        log = (workdir / "stderr").read_text(errors="replace")
-        if any(m in log for m in SANITIZER_MARKS):
-            raise AssertionError(f"sanitizer report from the guard server:\n{log}")
 
 
 @pytest.fixture(scope="module")
