@@ -157,7 +157,9 @@ input(type="imtcp" address="127.0.0.1" port="{self.ports['mtls']}" name="mtls" r
         while True:
             recs = []
             if self.out.exists():
-                for line in self.out.read_text().splitlines():
+                text = self.out.read_text()
+                # rsyslog may be mid-write: a line counts once its newline is there
+                for line in text[:text.rfind("\n") + 1].splitlines():
                     rec = json.loads(line)
                     if run_id in rec["raw"]:
                         recs.append(rec)
