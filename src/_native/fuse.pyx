@@ -43,6 +43,7 @@ cdef extern from "fuse_impl.h" nogil:
         int debug
         void *ring
         int ring_timeout_ms
+        double meta_timeout
     ctypedef struct tk_fs_stats:
         uint64_t ops[15]
         uint64_t denied
@@ -59,6 +60,14 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t ring_error_status
         uint64_t ring_malformed
         uint64_t generation
+        uint64_t inodes
+        uint64_t fds_cached
+        uint64_t fds_pinned
+        uint64_t fd_reopens
+        uint64_t fd_evictions
+        uint64_t stale_handles
+        uint64_t ident_hits
+        uint64_t ident_reads
     ctypedef struct tk_fs:
         pass
     const char *tk_action_name(int action)
@@ -77,6 +86,7 @@ DENY = 2
 APPLY_KEY = 4
 AUDIT = 8
 WOULD_DENY = 16
+ANY_PATH = 32  # caching hint (not an effect): the answer holds for every path
 
 ACTIONS = tuple(tk_action_name(i).decode() for i in range(TK_ACT_COUNT))
 # action name -> the TAKA protocol's action code the ring requests carry (uapi enum)
@@ -202,7 +212,7 @@ cdef class Mount:
 
     def __init__(self, mountpoint, backing, key_name, decide, get_key, audit=None, *,
                  int threads=4, size_t cache_entries=0, bint debug=False, ring=None,
-                 int ring_timeout_ms=RING_TIMEOUT_MS):
+                 int ring_timeout_ms=RING_TIMEOUT_MS, double meta_timeout=1.0):
         cdef tk_fs_config cfg
         cdef tk_callbacks cb
         cdef char err[512]
@@ -218,6 +228,8 @@ cdef class Mount:
             raise ValueError("decide is required without a ring")
         if ring_timeout_ms < 1:
             raise ValueError(f"ring_timeout_ms must be >= 1, got {ring_timeout_ms}")
+        if not 0.0 <= meta_timeout <= 3600.0:
+            raise ValueError(f"meta_timeout must be in [0, 3600] seconds, got {meta_timeout}")
         self.ring = ring
         self.ring_timeout_ms = ring_timeout_ms
         self.mountpoint = os.fspath(mountpoint)
@@ -237,6 +249,7 @@ cdef class Mount:
         cfg.debug = debug
         cfg.ring = ring_ptr
         cfg.ring_timeout_ms = ring_timeout_ms
+        cfg.meta_timeout = meta_timeout
         cb.ctx = <void *>self
         cb.decide = NULL  # no callback: rename/link (the only ring actions it serves) deny
         if decide is not None:
@@ -298,4 +311,12 @@ cdef class Mount:
             "ring_error_status": s.ring_error_status,
             "ring_malformed": s.ring_malformed,
             "generation": s.generation,
+            "inodes": s.inodes,
+            "fds_cached": s.fds_cached,
+            "fds_pinned": s.fds_pinned,
+            "fd_reopens": s.fd_reopens,
+            "fd_evictions": s.fd_evictions,
+            "stale_handles": s.stale_handles,
+            "ident_hits": s.ident_hits,
+            "ident_reads": s.ident_reads,
         }

@@ -10,6 +10,8 @@
  */
 #include "fuse_int.h"
 #include "ring_impl.h"
+
+#define TK_CACHE_OP_ANY_PATH 0x80000000u
 /* The protocol's C structs (the same header the kernel module uses). */
 #include "../../kernel/include/uapi/takakrypt.h"
 
@@ -81,10 +83,14 @@ static void seterr(char *err, size_t n, const char *fmt, ...) {
 /* ------------------------------------------------------------------------------------
  * caller identity
  *
- * FUSE reports the thread id.  Start time (stat field 22) and the executable's
- * (st_dev, st_ino) are read from /proc on every check: the stat file is opened first
- * and read again after the exe stat; the open fd pins the task, so a second read that
- * fails means the task died (and its pid may have been reused) while we looked.
+ * FUSE reports the thread id.  The identity is (uid, gid from the request; start time,
+ * stat field 22; the executable's (st_dev, st_ino)).  First sight of a tid: open
+ * /proc/<tid> as a directory, read the start time from its stat file, stat its exe, read
+ * the start time again (equal: the task did not die and get replaced while we looked).
+ * The directory fd is kept in a slot of fs->idc: it pins THAT task (lookups under it
+ * fail with ENOENT/ESRCH once it is gone, whatever now has the number), so afterwards
+ * one fstatat(dfd, "exe") per request both proves the task is the same and reads its
+ * current executable (an execve changes it; the start time survives an execve).
  */
 static int read_start_time(int fd, uint64_t *out) {
     char buf[1024];
@@ -103,6 +109,59 @@ static int read_start_time(int fd, uint64_t *out) {
     return 0;
 }
 
+static int idc_init(tk_fs *fs) {
+    fs->idc = calloc(TK_IDC_SLOTS, sizeof *fs->idc);
+    if (!fs->idc) return -ENOMEM;
+    for (size_t i = 0; i < TK_IDC_SLOTS; i++) {
+        pthread_mutex_init(&fs->idc[i].mu, NULL);
+        fs->idc[i].dfd = -1;
+    }
+    return 0;
+}
+
+static void idc_free(tk_fs *fs) {
+    if (!fs->idc) return;
+    for (size_t i = 0; i < TK_IDC_SLOTS; i++) {
+        if (fs->idc[i].dfd >= 0) close(fs->idc[i].dfd);
+        pthread_mutex_destroy(&fs->idc[i].mu);
+    }
+    free(fs->idc);
+    fs->idc = NULL;
+}
+
+/* The slow path: *dfd_out receives the /proc/<tid> fd (to keep) when the identity is
+ * complete (an exe was found), else -1. */
+static int ident_read(tk_fs *fs, uint32_t tid, tk_ident *id, int *dfd_out) {
+    char name[16];
+    *dfd_out = -1;
+    snprintf(name, sizeof name, "%u", tid);
+    int dfd = openat(fs->proc_fd, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) return -ESRCH;
+    int fd = openat(dfd, "stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        close(dfd);
+        return -ESRCH;
+    }
+    uint64_t t1 = 0, t2 = 0;
+    int have_exe = 0;
+    int rc = read_start_time(fd, &t1);
+    if (rc == 0) {
+        struct stat st;
+        if (fstatat(dfd, "exe", &st, 0) == 0) {
+            id->exe_dev = (uint64_t)st.st_dev;
+            id->exe_ino = (uint64_t)st.st_ino;
+            have_exe = 1;
+        }  /* kernel threads / zombies have no exe: (0, 0), never cached */
+        rc = read_start_time(fd, &t2);
+        if (rc == 0 && t1 != t2) rc = -ESRCH;
+    }
+    close(fd);
+    id->start_time = t1;
+    if (rc == 0 && have_exe) *dfd_out = dfd;
+    else close(dfd);
+    return rc;
+}
+
 int tk_ident_get(tk_fs *fs, fuse_req_t req, tk_ident *id) {
     const struct fuse_ctx *c = fuse_req_ctx(req);
     memset(id, 0, sizeof *id);
@@ -110,24 +169,36 @@ int tk_ident_get(tk_fs *fs, fuse_req_t req, tk_ident *id) {
     id->gid = c->gid;
     id->pid = (uint32_t)c->pid;
     if (c->pid <= 0) return -EPERM;  /* kernel-internal: no process to ask about */
-    char name[64];
-    snprintf(name, sizeof name, "%d/stat", (int)c->pid);
-    int fd = openat(fs->proc_fd, name, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -ESRCH;
-    uint64_t t1 = 0, t2 = 0;
-    int rc = read_start_time(fd, &t1);
-    if (rc == 0) {
+    uint32_t tid = (uint32_t)c->pid;
+    tk_idslot *s = &fs->idc[(tid * 2654435761u) % TK_IDC_SLOTS];
+    pthread_mutex_lock(&s->mu);
+    if (s->tid == tid && s->dfd >= 0) {
         struct stat st;
-        snprintf(name, sizeof name, "%d/exe", (int)c->pid);
-        if (fstatat(fs->proc_fd, name, &st, 0) == 0) {
+        if (fstatat(s->dfd, "exe", &st, 0) == 0) {
             id->exe_dev = (uint64_t)st.st_dev;
             id->exe_ino = (uint64_t)st.st_ino;
-        }  /* kernel threads / zombies have no exe: (0, 0) */
-        rc = read_start_time(fd, &t2);
-        if (rc == 0 && t1 != t2) rc = -ESRCH;
+            id->start_time = s->start_time;
+            pthread_mutex_unlock(&s->mu);
+            TK_INC(fs, ident_hits, 1);
+            return 0;
+        }
+        close(s->dfd);  /* that task is gone (or has no exe any more): ask afresh */
+        s->dfd = -1;
+        s->tid = 0;
     }
-    close(fd);
-    id->start_time = t1;
+    pthread_mutex_unlock(&s->mu);
+    int dfd;
+    int rc = ident_read(fs, tid, id, &dfd);
+    TK_INC(fs, ident_reads, 1);
+    if (dfd >= 0) {
+        pthread_mutex_lock(&s->mu);
+        int old = s->dfd;
+        s->tid = tid;
+        s->dfd = dfd;
+        s->start_time = id->start_time;
+        pthread_mutex_unlock(&s->mu);
+        if (old >= 0) close(old);
+    }
     return rc;
 }
 
@@ -426,11 +497,18 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
         .exe_dev = id->exe_dev, .exe_ino = id->exe_ino, .op = (uint32_t)act,
         .path = (const uint8_t *)path, .path_len = strlen(path),
     };
+    /* the same caller and action with no path: where ANY_PATH answers are cached (the
+     * op's top bit keeps those keys apart from the root's, whose path is "" too) */
+    tk_cache_key kany = k;
+    kany.op |= TK_CACHE_OP_ANY_PATH;
+    kany.path = (const uint8_t *)"";
+    kany.path_len = 0;
     tk_cache_value v;
     const char *detail = NULL;
     int rc = 0;
     TK_INC(fs, ops[act], 1);
-    if (tk_cache_lookup(fs->cache, &k, &v) == TK_CACHE_HIT) {
+    if (tk_cache_lookup(fs->cache, &k, &v) == TK_CACHE_HIT ||
+        tk_cache_lookup(fs->cache, &kany, &v) == TK_CACHE_HIT) {
         TK_INC(fs, cache_hits, 1);
         out->effects = v.effects;
         out->rule = v.rule;
@@ -440,6 +518,8 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
         TK_INC(fs, cache_misses, 1);
         uint64_t gen = tk_cache_generation(fs->cache);
         rc = decide_miss(fs, id, path, act, out, &detail);
+        int any_path = rc == 0 && (out->effects & TK_FX_ANY_PATH);
+        out->effects &= ~TK_FX_ANY_PATH;  /* a hint for us, not an effect */
         if (rc) {
             TK_INC(fs, decide_errors, 1);
             out->effects = TK_FX_DENY | TK_FX_AUDIT;
@@ -451,7 +531,7 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
             v.rule = out->rule;
             v.key_version = out->key_version;
             v.flags = 0;
-            if (ttl) tk_cache_insert(fs->cache, &k, &v, ttl, gen);
+            if (ttl) tk_cache_insert(fs->cache, any_path ? &kany : &k, &v, ttl, gen);
         }
     }
     int permit = (out->effects & TK_FX_PERMIT) && !(out->effects & TK_FX_DENY);
@@ -591,6 +671,11 @@ tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, siz
     pthread_mutex_init(&fs->fdc_mu, NULL);
     pthread_mutex_init(&fs->key_mu, NULL);
     int status = 0;
+    if (idc_init(fs)) {
+        seterr(err, errlen, "out of memory");
+        tk_fs_free(fs);
+        return NULL;
+    }
     fs->cache = tk_cache_new(cfg->cache_entries ? cfg->cache_entries : 65536,
                              60ULL * 1000000000ULL, &status);
     if (!fs->mountpoint || !fs->backing || !fs->key_name || !fs->cache) {
@@ -837,6 +922,7 @@ void tk_fs_free(tk_fs *fs) {
     tk_fs_unmount(fs);
     keys_wipe(fs);
     tk_cache_free(fs->cache);
+    idc_free(fs);
     free(fs->mountpoint);
     free(fs->backing);
     free(fs->key_name);

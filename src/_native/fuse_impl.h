@@ -62,6 +62,9 @@ uint32_t tk_action_protocol_code(int action);
 #define TK_FX_APPLY_KEY   (1u << 2)
 #define TK_FX_AUDIT       (1u << 3)
 #define TK_FX_WOULD_DENY  (1u << 4)
+/* Not an effect: a caching hint from the decider.  The answer holds for every path of
+ * the guard point (same caller, action): cached once for all paths. */
+#define TK_FX_ANY_PATH    (1u << 5)
 
 typedef struct {
     uint32_t effects;
@@ -105,6 +108,12 @@ typedef struct {
      * reopened from kernel file handles).  0: $TAKAKRYPT_FD_CACHE, else 4096.  At
      * least 16, at most a quarter of RLIMIT_NOFILE. */
     size_t fd_cache;
+    /* Seconds the kernel may keep what it learnt from us (docs/guard-points.md,
+     * "Kernel caching"): directory entries and the attributes of directories and
+     * symlinks; a regular file's attributes after a lookup, getattr or setattr by a
+     * caller permitted getattr.  Never a regular file's entry (views are per caller).
+     * 0: the kernel asks every time. */
+    double meta_timeout;
 } tk_fs_config;
 
 /* Counters; a snapshot taken with relaxed atomics. */
@@ -131,6 +140,9 @@ typedef struct {
     uint64_t fd_reopens;           /* open_by_handle_at on a cache miss */
     uint64_t fd_evictions;         /* fds closed by the LRU */
     uint64_t stale_handles;        /* reopen found the object gone (ESTALE -> ENOENT) */
+    /* caller identity */
+    uint64_t ident_hits;           /* answered by the cached /proc/<tid> directory */
+    uint64_t ident_reads;          /* read afresh from /proc */
 } tk_fs_stats;
 
 typedef struct tk_fs tk_fs;

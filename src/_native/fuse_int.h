@@ -84,6 +84,16 @@ typedef struct {
     uint64_t start_time, exe_dev, exe_ino;
 } tk_ident;
 
+/* One identity cache slot: a /proc/<tid> directory fd pins the task it was opened
+ * for (lookups under it fail once that task is gone, even if the tid is reused). */
+typedef struct tk_idslot {
+    pthread_mutex_t mu;
+    uint32_t tid;
+    int dfd;                      /* O_DIRECTORY fd on /proc/<tid>, or -1 */
+    uint64_t start_time;
+} tk_idslot;
+#define TK_IDC_SLOTS 512
+
 typedef struct {
     char name[TK_KEYID_MAX + 1];
     uint32_t version;
@@ -132,6 +142,9 @@ struct tk_fs {
     int nroot_groups;
 
     uint32_t ring_seq;            /* POLICY_CHECK sequence numbers (atomic, never 0) */
+
+    /* caller identity cache (fuse_impl.c): tid -> its /proc/<tid> directory */
+    struct tk_idslot *idc;
 
     tk_fs_stats st;               /* updated with __atomic builtins */
 };

@@ -43,11 +43,15 @@ static int kernel_req(fuse_req_t req) { return fuse_req_ctx(req)->pid <= 0; }
 /* ---- views -------------------------------------------------------------------------- */
 
 /* Which node a caller gets for a regular file: the view of the first permitted of
- * read, write, getattr (never denies by itself: the operations on the node do). */
-static int choose_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *name) {
+ * read, write, getattr (never denies by itself: the operations on the node do).
+ * *attr_ok: whether the caller may see the node's attributes (getattr permitted), which
+ * lets the kernel keep them for meta_timeout. */
+static int choose_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *name,
+                       int *attr_ok) {
     static const tk_action probes[] = {TK_ACT_READ, TK_ACT_WRITE, TK_ACT_GETATTR};
     tk_ident id;
     tk_decision d;
+    *attr_ok = 0;
     /* A transient failure to identify the caller or to get a decision must not route
      * it to the raw node: try again (briefly) before giving up.  Giving up is still
      * safe: grants() refuses the raw node to a caller whose key applies, so the worst
@@ -66,12 +70,27 @@ static int choose_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *
         for (size_t i = 0; i < sizeof probes / sizeof probes[0]; i++) {
             if (tk_check_path(fs, &id, path, probes[i], TK_CHK_PROBE, &d) == 0) {
                 view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
+                *attr_ok = probes[i] == TK_ACT_GETATTR ||
+                           (fs->cfg.meta_timeout > 0 &&
+                            tk_check_path(fs, &id, path, TK_ACT_GETATTR, TK_CHK_PROBE, &d) == 0);
                 break;
             }
         }
     }
     free(path);
     return view < 0 ? TK_VIEW_RAW : view;
+}
+
+/* How long the kernel may keep ino's attributes (fuse_impl.h: meta_timeout): a regular
+ * file's only when this caller may see them (getattr_ok). */
+static double attr_ttl(tk_fs *fs, mode_t type, int getattr_ok) {
+    return !S_ISREG(type) || getattr_ok ? fs->cfg.meta_timeout : 0.0;
+}
+
+/* Whether this caller is permitted getattr on ino (or parent/name): a probe, no audit. */
+static int may_getattr(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *name) {
+    return fs->cfg.meta_timeout > 0 &&
+           tk_check(fs, req, ino, name, TK_ACT_GETATTR, TK_CHK_PROBE, NULL) == 0;
 }
 
 /* A decision grants a view if it permits and matches it: apply_key for the plaintext
@@ -164,8 +183,10 @@ static int make_entry(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd, cons
         close(fd);
         return rc;
     }
+    int attr_ok = 0;
     if (!S_ISREG(st.st_mode)) view = TK_VIEW_PLAIN;
-    else if (view < 0) view = choose_view(fs, req, parent, name);
+    else if (view < 0) view = choose_view(fs, req, parent, name, &attr_ok);
+    else if (req) attr_ok = may_getattr(fs, req, parent, name);
     tk_inode *ino = tk_itab_add(fs, parent, name, fd, &st, view);  /* takes fd */
     if (!ino) return -ENOMEM;
     int rc = view_stat(fs, ino, view, &e->attr);
@@ -175,8 +196,9 @@ static int make_entry(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd, cons
     }
     e->ino = tk_nodeid(fs, ino, view);
     e->generation = 0;
-    e->attr_timeout = 0.0;
-    e->entry_timeout = 0.0;
+    /* a regular file's entry is never cached: every walk must reach choose_view */
+    e->attr_timeout = attr_ttl(fs, st.st_mode, attr_ok);
+    e->entry_timeout = S_ISREG(st.st_mode) ? 0.0 : fs->cfg.meta_timeout;
     if (out) *out = ino;
     return 0;
 }
@@ -269,7 +291,17 @@ static void op_getattr(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info 
     struct stat st;
     if (rc == 0) rc = view_stat(fs, ino, view, &st);
     if (rc) reply_rc(req, rc);
-    else fuse_reply_attr(req, &st, 0.0);
+    else fuse_reply_attr(req, &st, attr_ttl(fs, ino->type, 1));
+}
+
+/* A change of size or contents through one view changes what the other view's node
+ * reports: drop the kernel's cached attributes of that node if the kernel knows it
+ * (offset -1: attributes only, no page-cache work, safe from a request handler). */
+static void inval_other_view(tk_fs *fs, tk_inode *ino, int view) {
+    if (fs->cfg.meta_timeout <= 0 || !S_ISREG(ino->type)) return;
+    int other = view == TK_VIEW_PLAIN ? TK_VIEW_RAW : TK_VIEW_PLAIN;
+    if (__atomic_load_n(&ino->node[other].nlookup, __ATOMIC_RELAXED) == 0) return;
+    fuse_lowlevel_notify_inval_inode(fs->se, tk_nodeid(fs, ino, other), -1, 0);
 }
 
 static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_fh *fh,
@@ -295,6 +327,7 @@ static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_
     }
     pthread_rwlock_unlock(&ino->lock);
     if (own >= 0) close(own);
+    if (rc == 0) inval_other_view(fs, ino, view);
     return rc;
 }
 
@@ -345,7 +378,7 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
     struct stat st;
     if (rc == 0) rc = view_stat(fs, ino, view, &st);
     if (rc) reply_rc(req, rc);
-    else fuse_reply_attr(req, &st, 0.0);
+    else fuse_reply_attr(req, &st, attr_ttl(fs, ino->type, 1));
 }
 
 static void op_readlink(fuse_req_t req, fuse_ino_t nodeid) {
@@ -703,6 +736,7 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
             pthread_rwlock_unlock(&ino->lock);
         }
         fuse_reply_write(req, (size_t)n);
+        inval_other_view(fs, ino, TK_VIEW_RAW);
         return;
     }
     uint64_t bad = 0;
@@ -716,7 +750,10 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
     pthread_rwlock_unlock(&ino->lock);
     if (rc == -EBADMSG) integrity_fail(fs, req, ino, "write", bad);
     if (rc) reply_rc(req, rc);
-    else fuse_reply_write(req, size);
+    else {
+        fuse_reply_write(req, size);
+        inval_other_view(fs, ino, TK_VIEW_PLAIN);
+    }
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
@@ -759,7 +796,9 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
         pthread_rwlock_wrlock(&fh->ino->lock);
         tk_taka_reset(&fh->ino->taka);
         pthread_rwlock_unlock(&fh->ino->lock);
-        { reply_rc(req, rc); return; }
+        reply_rc(req, rc);
+        if (rc == 0) inval_other_view(fs, fh->ino, TK_VIEW_RAW);
+        return;
     }
     /* plaintext: mode 0 and KEEP_SIZE only.  Growing is a truncate up (a hole); the
      * stored range is reserved best effort (reserved zeros still read as holes). */
@@ -782,6 +821,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
     pthread_rwlock_unlock(&ino->lock);
     if (rc == -EBADMSG) integrity_fail(fs, req, ino, "write", bad);
     reply_rc(req, rc);
+    if (rc == 0) inval_other_view(fs, ino, fh->view);
 }
 
 /* ---- directories ---------------------------------------------------------------------- */

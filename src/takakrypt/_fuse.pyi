@@ -32,6 +32,7 @@ DENY: int
 APPLY_KEY: int
 AUDIT: int
 WOULD_DENY: int
+ANY_PATH: int
 ACTIONS: tuple[str, ...]
 PROTOCOL_ACTIONS: dict[str, int]   # action name -> enum takakrypt_action code
 RING_TIMEOUT_MS: int               # 5000, TAKAKRYPT_TIMEOUT_MS

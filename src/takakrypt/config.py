@@ -98,6 +98,7 @@ class GuardPoint(_S):
     key: str
     backing: str | None = None    # None: in place (serve from the directory itself)
     enabled: bool = True
+    metadata_cache: float = 1.0   # seconds the kernel may cache entries/attributes; 0: none
 
 
 class LocalKeys(_S):
@@ -443,6 +444,8 @@ def _check(cfg: Config, errors: _Errors) -> None:
             errors.add(f"{p}.policy", f"unknown policy '{gp.policy}'")
         if gp.backing is not None and not os.path.isabs(gp.backing):
             errors.add(f"{p}.backing", "backing directory must be absolute")
+        if not 0 <= gp.metadata_cache <= 60:
+            errors.add(f"{p}.metadata_cache", "must be between 0 and 60 seconds")
     if cfg.keys.backend not in ("local", "kmip"):
         errors.add("$.keys.backend", f"unknown key backend '{cfg.keys.backend}'")
     if cfg.keys.backend == "kmip" and cfg.keys.kmip is None:

@@ -27,7 +27,9 @@ and must never touch the guard point's own mount, which would deadlock):
     ``pid`` is the caller's thread id, ``path`` is relative to the guard point ("" =
     its root), ``action`` one of :data:`ACTIONS`.  ``effects`` is a bitmask of
     :data:`PERMIT`, :data:`DENY`, :data:`APPLY_KEY`, :data:`AUDIT`, :data:`WOULD_DENY`
-    (or an iterable of effect names).  ``ttl_seconds <= 0`` disables caching of this
+    (or an iterable of effect names), plus the caching hint :data:`ANY_PATH` (the
+    answer holds for every path of the guard point for this caller and action: it
+    is cached once for all of them).  ``ttl_seconds <= 0`` disables caching of this
     answer.  An exception denies.
 ``get_key(name, version) -> bytes``
     The 32-byte data key; ``version`` is an int >= 1.  Fetched once per (name,
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import shutil
 import signal
@@ -58,11 +61,15 @@ DENY = _fuse.DENY
 APPLY_KEY = _fuse.APPLY_KEY
 AUDIT = _fuse.AUDIT
 WOULD_DENY = _fuse.WOULD_DENY
+ANY_PATH = _fuse.ANY_PATH
+#: seconds the kernel may cache directory entries and permitted attributes
+#: (docs/guard-points.md, "Kernel caching"); 0 asks the engine on every access
+DEFAULT_METADATA_CACHE = 1.0
 ACTIONS: tuple[str, ...] = _fuse.ACTIONS
 #: action name -> TAKA protocol action code (what ring requests carry)
 PROTOCOL_ACTIONS: dict[str, int] = _fuse.PROTOCOL_ACTIONS
 _EFFECT_BITS = {"permit": PERMIT, "deny": DENY, "apply_key": APPLY_KEY, "audit": AUDIT,
-                "would_deny": WOULD_DENY}
+                "would_deny": WOULD_DENY, "any_path": ANY_PATH}
 
 Decide = Callable[[int, int, int, str, str], tuple[Any, int, int, float]]
 GetKey = Callable[[str, int], bytes | bytearray]
@@ -186,7 +193,8 @@ class GuardPoint:
                  = None, key_name: str, get_key: GetKey, decide: Decide | None = None,
                  audit: Audit | None = None, threads: int = 4, cache: int | None = None,
                  current_version: int | Callable[[str], int] = 1, debug: bool = False,
-                 ring: Ring | None = None, ring_timeout_ms: int = _fuse.RING_TIMEOUT_MS) -> None:
+                 ring: Ring | None = None, ring_timeout_ms: int = _fuse.RING_TIMEOUT_MS,
+                 metadata_cache: float = DEFAULT_METADATA_CACHE) -> None:
         if decide is None and ring is None:
             raise ValueError("a guard point needs decide or ring")
         self.path = os.path.realpath(os.fspath(path))
@@ -201,7 +209,8 @@ class GuardPoint:
                               self._decide_cb if decide is not None else None,
                               self._key_cb, self._audit_cb if audit else None,
                               threads=threads, cache_entries=cache or 0, debug=debug,
-                              ring=ring, ring_timeout_ms=ring_timeout_ms)
+                              ring=ring, ring_timeout_ms=ring_timeout_ms,
+                              meta_timeout=metadata_cache)
 
     # callbacks (engine threads) --------------------------------------------------------
     def _decide_cb(self, uid: int, gid: int, pid: int, path: str, action: str) -> tuple:
@@ -266,7 +275,7 @@ class GuardPoint:
 
 def allow_all(uid: int, gid: int, pid: int, path: str, action: str) -> tuple[int, int, int, float]:
     """Everyone gets plaintext (tests and benchmarks only)."""
-    return PERMIT | APPLY_KEY, 0, 1, 3600.0
+    return PERMIT | APPLY_KEY | ANY_PATH, 0, 1, 3600.0
 
 
 def policy_decider(engine: Any, policy: str, *, default_ttl: float = 60.0) -> Decide:
@@ -283,6 +292,7 @@ def policy_decider(engine: Any, policy: str, *, default_ttl: float = 60.0) -> De
                                             process=proc, path=path, action=action))
         mask = (PERMIT if d.permit else DENY) | (APPLY_KEY if d.apply_key else 0)
         mask |= (AUDIT if d.audit else 0) | (WOULD_DENY if d.would_deny else 0)
+        mask |= ANY_PATH if d.any_path else 0
         ttl = default_ttl if d.cache_ttl is None else min(default_ttl, d.cache_ttl)
         return mask, d.rule, 0, ttl
 
@@ -304,7 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-all", action="store_true", required=True,
                     help="permit+apply_key for everyone (the only policy offered here)")
     ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--metadata-cache", type=float, default=DEFAULT_METADATA_CACHE,
+                    metavar="SECONDS", help="kernel caching of directory entries and "
+                    "attributes (docs/guard-points.md); 0: none")
     ap.add_argument("--debug", action="store_true")
+    ap.add_argument("--stats-file", help="write the guard point's counters (JSON) here on "
+                    "SIGUSR1 and at exit")
     a = ap.parse_args(argv)
     with open(a.key_file, "rb") as f:
         key = f.read()
@@ -313,10 +328,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     gp = GuardPoint(a.mountpoint, backing=a.backing, key_name=a.key_name,
                     get_key=lambda name, version: key, decide=allow_all,
-                    threads=a.threads, debug=a.debug)
+                    threads=a.threads, debug=a.debug, metadata_cache=a.metadata_cache)
     stop = threading.Event()
+    dump = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: dump.set())
+
+    def write_stats() -> None:
+        if a.stats_file:
+            tmp = a.stats_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(gp.stats(), f, indent=1, default=str)
+            os.replace(tmp, a.stats_file)
     try:
         gp.mount()
     except GuardError as e:
@@ -324,10 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"mounted {gp.path}", flush=True)
     try:
-        while not stop.wait(1.0):
+        while not stop.wait(0.2):
+            if dump.is_set():
+                dump.clear()
+                write_stats()
             if not gp.is_mounted:  # unmounted from outside
                 break
     finally:
+        write_stats()
         gp.unmount()
     return 0
 

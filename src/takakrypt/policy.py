@@ -94,6 +94,7 @@ class Decision:
     learn_mode: bool = False
     would_deny: bool = False       # learn mode turned a deny into a permit
     cache_ttl: float | None = None  # None: the configured TTL; else a shorter bound
+    any_path: bool = False         # no resource set took part: the same for every path
     explanation: list[str] = field(default_factory=list)
 
     @property
@@ -268,6 +269,7 @@ class _Rule:
         order = {"user_set": 0, "resource_set": 1, "time_set": 2, "process_set": 3}
         self.checks.sort(key=lambda c: order[c[0]])
         self.uses_time = any(k == "time_set" for k, _, _ in self.checks)
+        self.uses_path = any(k == "resource_set" for k, _, _ in self.checks)
 
     def matches(self, req: Request) -> bool:
         if req.action not in self.actions:
@@ -276,6 +278,13 @@ class _Rule:
             if s.match(req) == neg:  # type: ignore[attr-defined]
                 return False
         return True
+
+    def matches_but_path(self, req: Request) -> bool:
+        """Whether everything but the resource set matches (another path could)."""
+        if req.action not in self.actions:
+            return False
+        return all(s.match(req) != neg  # type: ignore[attr-defined]
+                   for kind, s, neg in self.checks if kind != "resource_set")
 
     def reasons(self, req: Request) -> list[str]:
         out = []
@@ -328,6 +337,10 @@ class Engine:
                           dt.datetime.now(dt.timezone.utc))
         notes: list[str] = []
         ttl: float | None = None
+        # any_path: the outcome cannot change with the path (for this caller, action and
+        # time) as long as no rule with a resource set decided, or was kept from deciding
+        # by its resource set alone
+        any_path = True
         for rule in pol.rules:
             if rule.uses_time:
                 for kind, s, _neg in rule.checks:
@@ -338,21 +351,24 @@ class Engine:
                 if explain:
                     notes.append(f"rule {rule.index} matched: effects "
                                  f"{', '.join(sorted(rule.effects))}")
-                return self._decide(pol, rule.index, rule.effects, notes, ttl)
+                return self._decide(pol, rule.index, rule.effects, notes, ttl,
+                                    any_path and not rule.uses_path)
+            if any_path and rule.uses_path and rule.matches_but_path(req):
+                any_path = False
             if explain:
                 notes.append(f"rule {rule.index} skipped: " + "; ".join(rule.reasons(req)))
         if explain:
             notes.append("no rule matched: default deny")
-        return self._decide(pol, -1, frozenset({"deny"}), notes, ttl)
+        return self._decide(pol, -1, frozenset({"deny"}), notes, ttl, any_path)
 
     @staticmethod
     def _decide(pol: CompiledPolicy, index: int, effects: frozenset[str], notes: list[str],
-                ttl: float | None) -> Decision:
+                ttl: float | None, any_path: bool) -> Decision:
         permit = "permit" in effects
         d = Decision(policy=pol.name, rule=index, effects=effects, permit=permit,
                      apply_key=permit and "apply_key" in effects,
                      audit="audit" in effects or not permit, learn_mode=pol.learn_mode,
-                     cache_ttl=ttl, explanation=notes)
+                     cache_ttl=ttl, any_path=any_path, explanation=notes)
         if not permit and pol.learn_mode:
             # learn mode: log what deny would have done, then let the access through
             # with the plaintext view a permit+apply_key rule would give

@@ -127,8 +127,12 @@ enum takakrypt_effect {
 	TAKAKRYPT_EFFECT_APPLY_KEY = 1u << 2,	/* plaintext view; else raw ciphertext */
 	TAKAKRYPT_EFFECT_AUDIT = 1u << 3,
 	TAKAKRYPT_EFFECT_WOULD_DENY = 1u << 4,	/* learn mode let a deny through */
+	/* not an effect: a caching hint.  The decision holds for every path of the guard
+	 * point for this caller and action (no resource set took part in it), so the
+	 * enforcement point may cache it once for all paths (same TTL). */
+	TAKAKRYPT_EFFECT_ANY_PATH = 1u << 5,
 };
-#define TAKAKRYPT_EFFECT_MASK 0x1Fu
+#define TAKAKRYPT_EFFECT_MASK 0x3Fu
 
 enum takakrypt_algorithm {
 	TAKAKRYPT_ALG_AES_256_GCM = 1,

@@ -37,6 +37,8 @@ def effects_of(d: Any) -> P.Effect:
         e |= P.Effect.AUDIT
     if d.would_deny:
         e |= P.Effect.WOULD_DENY
+    if d.any_path:
+        e |= P.Effect.ANY_PATH
     return e
 
 

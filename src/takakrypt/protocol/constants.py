@@ -89,9 +89,10 @@ class Effect(enum.IntFlag):
     APPLY_KEY = 1 << 2      # plaintext view; PERMIT without it = raw ciphertext
     AUDIT = 1 << 3
     WOULD_DENY = 1 << 4     # learn mode: a deny that was let through
+    ANY_PATH = 1 << 5       # caching hint: the decision holds for every path (same caller, action)
 
 
-EFFECT_MASK = 0x1F
+EFFECT_MASK = 0x3F
 
 
 class Algorithm(enum.IntEnum):
