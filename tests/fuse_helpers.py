@@ -8,8 +8,9 @@ lazy ``-uz`` if the mount is still there).  ``sweep_stale_mounts()`` removes tak
 mounts left under the temp directory by an earlier crashed run.
 
 Policy for the child: a list of rules ``{"uid": int|None, "actions": [..]|None,
-"prefix": str|None, "effects": [...], "ttl": float}``; the first match decides, no
-match denies.  Audit events are appended to ``audit.jsonl`` as JSON lines.
+"prefix": str|None, "exe": str|None, "effects": [...], "ttl": float}`` (``exe``: the
+caller's /proc/PID/exe; ``effects`` may include the caching hint "any_path"); the
+first match decides, no match denies.  Audit events are appended to ``audit.jsonl`` as JSON lines.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class Guard:
 @contextlib.contextmanager
 def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = False,
                 path: Path | None = None, key: bytes | None = None, threads: int = 4,
-                key_name: str = "guard"):
+                key_name: str = "guard", metadata_cache: float | None = None,
+                policy_yaml: str | None = None):
     """Mount a guard point served by a child process; yields a :class:`Guard`."""
     tmp = Path(tmp)
     workdir = Path(tempfile.mkdtemp(prefix="guard-", dir=tmp))
@@ -123,6 +125,7 @@ def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = 
         "key": key.hex(), "key_name": key_name, "threads": threads,
         "rules": rules if rules is not None else [{"effects": ["permit", "apply_key"]}],
         "audit_log": str(workdir / "audit.jsonl"), "stats_file": str(workdir / "stats.json"),
+        "metadata_cache": metadata_cache, "policy_yaml": policy_yaml,
     }
     (workdir / "spec.json").write_text(json.dumps(spec))
     with serve_child(HERE / "fuse_helpers.py", workdir, mnt) as proc:
@@ -226,8 +229,20 @@ def _serve(spec_path: str) -> int:
                 continue
             if r.get("prefix") is not None and not path.startswith(r["prefix"]):
                 continue
+            if r.get("exe") is not None:
+                try:
+                    if os.readlink(f"/proc/{pid}/exe") != r["exe"]:
+                        continue
+                except OSError:
+                    continue
             return effects_mask(r["effects"]), i, 0, r.get("ttl", 60.0)
         return effects_mask(["deny"]), -1, 0, 60.0
+
+    if spec.get("policy_yaml"):  # the real engine (policy "p") instead of the rules
+        from takakrypt import config as tkconfig
+        from takakrypt.guard import policy_decider
+        from takakrypt.policy import Engine
+        decide = policy_decider(Engine(tkconfig.loads(spec["policy_yaml"])), "p")
 
     def audit(kind, uid, gid, pid, path, action, effects, detail):
         with lock:
@@ -237,7 +252,9 @@ def _serve(spec_path: str) -> int:
 
     gp = GuardPoint(spec["mountpoint"], backing=spec["backing"], key_name=spec["key_name"],
                     get_key=lambda name, version: key, decide=decide, audit=audit,
-                    threads=spec["threads"])
+                    threads=spec["threads"],
+                    **({} if spec.get("metadata_cache") is None
+                       else {"metadata_cache": spec["metadata_cache"]}))
     stop = threading.Event()
     dump = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

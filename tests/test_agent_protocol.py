@@ -47,6 +47,8 @@ def test_policy_check_hit_miss_and_audit(tmp_path):
             p = r.payload
             assert p.effects & P.Effect.APPLY_KEY and p.key_id == "k1" and p.key_version == 1
             assert p.rule_index == 0 and p.cache_ttl_ms > 0
+            # no resource set in this policy: the answer holds for every path (hint bit)
+            assert p.effects & P.Effect.ANY_PATH
             r2 = c.policy_check(path=path, action="write", uid=0, gid=0, **ident)
             assert r2.payload.effects == p.effects
             r3 = c.policy_check(path=path, action="delete", uid=0, gid=0, **ident)
@@ -68,6 +70,25 @@ def test_policy_check_hit_miss_and_audit(tmp_path):
     assert len(writes) == 2 and {e["decision"] for e in writes} == {"permit"}
     assert any(e["operation"] == "delete" and e["decision"] == "deny" for e in access)
     assert all("k1" != e.get("key") or e["decision"] == "permit" for e in access)
+
+
+def test_any_path_hint_only_without_resource_sets(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg["guard_points"] = [{"path": str(tmp_path / "gp"), "policy": "p", "key": "k1"}]
+    cfg["resource_sets"] = {"logs": {"paths": ["logs/**"]}}
+    cfg["policies"]["p"]["rules"].insert(0, {"resource_set": "logs", "actions": ["write"],
+                                             "effects": ["deny", "audit"]})
+    with running(tmp_path, cfg) as d:
+        del d
+        with AgentClient(cfg["agent"]["protocol_socket"]) as c:
+            ident = _identity()
+            gp = tmp_path / "gp"
+            w = c.policy_check(path=str(gp / "data/f"), action="write", uid=0, gid=0, **ident)
+            assert permitted(w) and not w.payload.effects & P.Effect.ANY_PATH
+            lw = c.policy_check(path=str(gp / "logs/f"), action="write", uid=0, gid=0, **ident)
+            assert not permitted(lw) and not lw.payload.effects & P.Effect.ANY_PATH
+            r = c.policy_check(path=str(gp / "logs/f"), action="read", uid=0, gid=0, **ident)
+            assert permitted(r) and r.payload.effects & P.Effect.ANY_PATH
 
 
 def test_pid_reuse_is_denied(tmp_path):

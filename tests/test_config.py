@@ -42,6 +42,7 @@ def test_good_config_decodes():
     assert cfg.user_sets["dba"].users == ["postgres", 1001]
     assert cfg.policies["pgdata"].rules[1].user_set == "!dba"
     assert cfg.guard_points[0].backing is None
+    assert cfg.guard_points[0].metadata_cache == 1.0
     assert config.expand_actions(["read_ops"]) == {"read", "getattr", "list", "getxattr"}
 
 
@@ -76,6 +77,8 @@ def _err(text):
      "c.yaml:22: $.policies.pgdata.rules[2].effects: a rule needs exactly one of permit or deny"),
     ("path: /var/lib/postgresql/15/main", "path: relative/dir",
      "c.yaml:24: $.guard_points[0].path: guard point path must be absolute"),
+    ("key: pgkey}", "key: pgkey, metadata_cache: 90}",
+     "c.yaml:24: $.guard_points[0].metadata_cache: must be between 0 and 60 seconds"),
 ])
 def test_errors_name_path_and_line(old, new, expect):
     assert old in GOOD

@@ -301,3 +301,46 @@ def test_database_detection():
     assert d("/usr/bin/mongod", "mongod", ()) == "mongodb"
     assert d("/u01/app/oracle/bin/oracle", "ora_pmon_orcl", ()) == "oracle"
     assert d("/usr/bin/cat", "cat", ("cat",)) is None
+
+
+# ANY_PATH: the caching hint must be sound (the data path caches such an answer once for
+# every path of the guard point) -----------------------------------------------------------
+
+_PATHS = ["a", "b/c", "data", "data/x", "data/y/z", ""]
+
+
+@given(st.lists(_rule, min_size=1, max_size=6), st.lists(_req, min_size=1, max_size=5))
+def test_any_path_decisions_hold_for_every_path(rules, reqs):
+    eng = engine(rules, **SETS)
+    for r in reqs:
+        d = decide(eng, r)
+        if not d.any_path:
+            continue
+        for p in _PATHS:
+            o = decide(eng, req(uid=r.uid, path=p, action=r.action))
+            assert (o.rule, o.effects, o.any_path) == (d.rule, d.effects, True), (p, r)
+
+
+def test_any_path_cases():
+    rs = {"r": {"paths": ["data/**"]}}
+    us = {"u": {"users": [5]}}
+    # no resource set anywhere: every answer holds for every path
+    eng = engine([{"user_set": "u", "effects": ["permit"]}], user_sets=us)
+    assert decide(eng, req(uid=5)).any_path and decide(eng, req(uid=6)).any_path
+    # a rule with a resource set decides: path-specific
+    eng = engine([{"resource_set": "r", "effects": ["permit"]},
+                  {"effects": ["deny"]}], resource_sets=rs)
+    assert not decide(eng, req(path="data/x")).any_path
+    # ... and a rule kept from deciding by its path alone makes later answers specific
+    assert not decide(eng, req(path="other")).any_path
+    # a rule with a resource set that cannot match this caller does not matter
+    eng = engine([{"user_set": "u", "resource_set": "r", "effects": ["permit"]},
+                  {"effects": ["permit", "apply_key"]}], resource_sets=rs, user_sets=us)
+    d = decide(eng, req(uid=6, path="data/x"))
+    assert d.any_path and d.apply_key
+    assert not decide(eng, req(uid=5, path="other")).any_path
+    # nor one for another action
+    eng = engine([{"actions": ["write"], "resource_set": "r", "effects": ["deny"]},
+                  {"effects": ["permit"]}], resource_sets=rs)
+    assert decide(eng, req(action="read")).any_path
+    assert not decide(eng, req(action="write", path="x")).any_path

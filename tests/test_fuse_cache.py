@@ -1,0 +1,200 @@
+"""What the data path remembers, and that remembering never changes a decision.
+
+* kernel caching (metadata_cache): directory entries and permitted attributes are kept
+  by the kernel, but every caller still reaches its own view, a caller denied getattr
+  never gets attributes someone else made the kernel keep, and a write through one
+  view refreshes what the other view reports;
+* the caller identity cache (/proc/<tid> directory fds): an execve in the same process
+  is a new identity at once;
+* ANY_PATH answers: cached once per caller and action, for every path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from fuse_helpers import errno_of, fuse_skip_reason, guard_mount, run_as, sweep_stale_mounts
+
+pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None,
+                                reason=fuse_skip_reason() or "")
+
+NOBODY = 65534
+OUTSIDER = 23456  # no rule names this uid: denied
+LONG = 30.0       # seconds: far longer than any test step, so a stale cache would show
+
+
+@pytest.fixture
+def wtmp():
+    d = Path(tempfile.mkdtemp(prefix="tkcache-"))
+    d.chmod(0o755)
+    yield d
+    sweep_stale_mounts(str(d))
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _stat(p: str) -> tuple[int, int]:
+    st = os.stat(p)
+    return st.st_size, st.st_mode
+
+
+def test_views_stay_per_caller_with_kernel_caching(wtmp):
+    rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
+             {"uid": NOBODY, "effects": ["permit"]}]
+    with guard_mount(wtmp, rules=rules, metadata_cache=LONG) as g:
+        os.chmod(g.mnt, 0o777)
+        os.makedirs(g.mnt / "a" / "b")
+        os.chmod(g.mnt / "a", 0o777)
+        os.chmod(g.mnt / "a" / "b", 0o777)
+        f = g.mnt / "a" / "b" / "f"
+        f.write_bytes(b"x" * 5000)
+        stored = (g.backing / "a" / "b" / "f").stat().st_size
+        assert stored > 5000
+        for _ in range(3):  # alternate: each caller gets its own view every time
+            assert os.stat(f).st_size == 5000 and f.read_bytes() == b"x" * 5000
+            size, _ = run_as(NOBODY, NOBODY, _stat, str(f))
+            assert size == stored
+            assert run_as(NOBODY, NOBODY, lambda p: Path(p).read_bytes(), str(f)) == \
+                (g.backing / "a" / "b" / "f").read_bytes()
+
+
+def test_denied_caller_never_gets_cached_attributes(wtmp):
+    # NOBODY (raw view) and OUTSIDER (denied) land on the same raw node: what NOBODY
+    # made the kernel keep must not answer OUTSIDER's stat
+    rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
+             {"uid": NOBODY, "effects": ["permit"]},
+             {"uid": OUTSIDER, "actions": ["list"], "effects": ["permit"]}]
+    with guard_mount(wtmp, rules=rules, metadata_cache=LONG) as g:
+        os.chmod(g.mnt, 0o777)
+        (g.mnt / "f").write_bytes(b"secret")
+        for _ in range(3):
+            run_as(NOBODY, NOBODY, _stat, str(g.mnt / "f"))
+            assert run_as(OUTSIDER, OUTSIDER, errno_of, os.stat, str(g.mnt / "f")) == \
+                errno.EACCES
+            assert run_as(OUTSIDER, OUTSIDER, errno_of, os.open, str(g.mnt / "f"),
+                          os.O_RDONLY) == errno.EACCES
+        # listing is what OUTSIDER may do; the names are there, their attributes are not
+        assert run_as(OUTSIDER, OUTSIDER, os.listdir, str(g.mnt)) == ["f"]
+        denied = [e for e in g.audit_events()
+                  if e["uid"] == OUTSIDER and e["action"] == "getattr" and e["effects"] & 2]
+        assert denied
+
+
+def test_strict_mode_asks_for_directories_too(wtmp):
+    rules = [{"uid": 0, "effects": ["permit", "apply_key"]}]
+    with guard_mount(wtmp, rules=rules, metadata_cache=0) as g:
+        os.chmod(g.mnt, 0o777)
+        os.mkdir(g.mnt / "d", 0o755)
+        assert os.stat(g.mnt / "d").st_mode & 0o777 == 0o755
+        # with metadata_cache 0 a denied caller's stat of a directory root just looked at
+        # is asked about, and denied
+        assert run_as(OUTSIDER, OUTSIDER, errno_of, os.stat, str(g.mnt / "d")) == errno.EACCES
+
+
+def test_write_through_one_view_refreshes_the_other(wtmp):
+    rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
+             {"uid": NOBODY, "effects": ["permit"]}]
+    with guard_mount(wtmp, rules=rules, metadata_cache=LONG) as g:
+        os.chmod(g.mnt, 0o777)
+        f = g.mnt / "f"
+        f.write_bytes(b"a" * 100)
+        os.chmod(f, 0o644)
+        r, w = os.pipe()
+        r2, w2 = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a raw reader holding its file open across the plaintext write
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                fd = os.open(f, os.O_RDONLY)
+                first = os.fstat(fd).st_size
+                os.write(w, b"1")
+                os.read(r2, 1)
+                second = os.fstat(fd).st_size
+                os.write(w, f"{first} {second}".encode())
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.read(r, 1) == b"1"
+        with open(f, "ab") as fh:
+            fh.write(b"b" * 20000)
+        os.write(w2, b"2")
+        first, second = map(int, os.read(r, 100).split())
+        _, status = os.waitpid(pid, 0)
+        assert status == 0
+        assert first == 100 + 128 + 16 + 12  # header + one block (nonce, tag)
+        assert second == (g.backing / "f").stat().st_size > first
+
+
+def test_execve_is_a_new_identity_at_once(wtmp):
+    cat = os.path.realpath(shutil.which("cat") or "/bin/cat")
+    py = os.path.realpath(sys.executable)
+    rules = [{"exe": py, "effects": ["permit", "apply_key"]},
+             {"exe": cat, "effects": ["deny", "audit"]}]
+    with guard_mount(wtmp, rules=rules) as g:
+        (g.mnt / "f").write_bytes(b"plaintext\n")
+        # one process: python reads (its identity is cached), then execs cat in place
+        code = ("import os, sys\n"
+                "p = sys.argv[1]\n"
+                "assert open(p, 'rb').read() == b'plaintext\\n'\n"
+                "os.execv(sys.argv[2], [sys.argv[2], p])\n")
+        r = subprocess.run([py, "-c", code, str(g.mnt / "f"), cat], capture_output=True)
+        assert r.returncode != 0 and b"Permission denied" in r.stderr, r
+        assert r.stdout == b""
+        ev = [e for e in g.audit_events() if e["path"] == "f" and e["effects"] & 2]
+        assert ev, g.audit_events()
+        s = g.stats()
+        assert s["ident_hits"] > 0 and s["ident_reads"] >= 2
+
+
+def test_any_path_answers_are_asked_once(wtmp):
+    counts = {}
+    for name, effects in (("per-path", ["permit", "apply_key"]),
+                          ("any-path", ["permit", "apply_key", "any_path"])):
+        d = wtmp / name
+        d.mkdir()
+        with guard_mount(d, rules=[{"effects": effects}]) as g:
+            for i in range(40):
+                (g.mnt / f"f{i}").write_bytes(b"%d" % i)
+            for i in range(40):
+                assert (g.mnt / f"f{i}").read_bytes() == b"%d" % i
+            counts[name] = g.stats()["cache_misses"]
+    # per path: every file is a miss for each action; any path: one per caller+action
+    assert counts["per-path"] >= 80, counts
+    assert counts["any-path"] <= 20, counts
+
+
+POLICY = """
+resource_sets:
+  secret: {paths: ["secret/**"]}
+policies:
+  p:
+    rules:
+      - {resource_set: secret, actions: [write_ops], effects: [deny, audit]}
+      - {effects: [permit, apply_key]}
+"""
+
+
+def test_engine_hints_keep_resource_rules_per_path(wtmp):
+    # the real engine behind the data path: answers for actions a resource-set rule
+    # could decide stay per path, the others are cached once
+    with guard_mount(wtmp, policy_yaml=POLICY) as g:
+        os.mkdir(g.mnt / "secret")
+        for i in range(20):
+            (g.mnt / f"open{i}").write_bytes(b"ok")
+            assert (g.mnt / f"open{i}").read_bytes() == b"ok"
+        assert errno_of(lambda: (g.mnt / "secret" / "x").write_bytes(b"x")) == errno.EACCES
+        assert not (g.backing / "secret" / "x").exists()
+        assert (g.mnt / "open3").read_bytes() == b"ok"
+        s = g.stats()
+        # create/write are per path (20 files each), read/getattr once
+        assert s["cache_misses"] >= 40 and s["ops"]["read"] >= 20
