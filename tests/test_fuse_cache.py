@@ -198,3 +198,27 @@ def test_engine_hints_keep_resource_rules_per_path(wtmp):
         s = g.stats()
         # create/write are per path (20 files each), read/getattr once
         assert s["cache_misses"] >= 40 and s["ops"]["read"] >= 20
+
+
+def test_page_cache_kept_across_opens_until_the_raw_view_writes(wtmp):
+    rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
+             {"uid": NOBODY, "effects": ["permit"]}]
+    with guard_mount(wtmp, rules=rules) as g:
+        os.chmod(g.mnt, 0o777)
+        a, b = os.urandom(64 * 1024), os.urandom(64 * 1024)
+        for name, data in (("f", a), ("g", b)):
+            (g.mnt / name).write_bytes(data)
+            os.chmod(g.mnt / name, 0o666)
+        assert (g.mnt / "f").read_bytes() == a
+        before = g.stats()["bytes_decrypted"]
+        assert (g.mnt / "f").read_bytes() == a  # a new open: served from the page cache
+        assert g.stats()["bytes_decrypted"] == before
+        stored_g = (g.backing / "g").read_bytes()
+
+        def restore(p, data):  # the raw view overwrites f with g's stored bytes
+            with open(p, "r+b") as fh:
+                fh.write(data)
+
+        run_as(NOBODY, NOBODY, restore, str(g.mnt / "f"), stored_g)
+        assert (g.mnt / "f").read_bytes() == b  # never the cached plaintext of before
+        assert g.stats()["bytes_decrypted"] > before

@@ -274,6 +274,7 @@ static tk_inode *new_inode(const struct stat *st, struct file_handle *handle) {
     ino->dev = st->st_dev;
     ino->ino = st->st_ino;
     ino->type = st->st_mode & S_IFMT;
+    ino->plain_stale = 1;
     for (int v = 0; v < TK_NVIEWS; v++) {
         ino->node[v].ino = ino;
         ino->node[v].view = v;

@@ -68,6 +68,10 @@ typedef struct tk_inode {
     int hashed;                   /* 0: (dev, ino) was reused by another object */
     pthread_rwlock_t lock;        /* TAKA data + header of this file */
     tk_taka taka;
+    /* 1: the stored bytes changed other than through the plaintext node (raw view
+     * writes, truncates, new inode): the next plaintext open drops the kernel's page
+     * cache of the plaintext node (keep_cache 0).  Atomic. */
+    int plain_stale;
 } tk_inode;
 
 /* Open file handle (fi->fh). */
@@ -77,6 +81,9 @@ typedef struct {
     int append;                   /* O_APPEND: plaintext appends at the current size */
     int writable;
     tk_inode *ino;
+    /* write-behind (fuse_ops.c): the stored range written sequentially and not yet
+     * handed to writeback.  Atomics: one handle may serve several threads at once. */
+    uint64_t wb_start, wb_end;
 } tk_fh;
 
 typedef struct {

@@ -294,6 +294,42 @@ static void op_getattr(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info 
     else fuse_reply_attr(req, &st, attr_ttl(fs, ino->type, 1));
 }
 
+/* ---- the kernel's page cache of the plaintext node -----------------------------------
+ * Kept across opens (keep_cache) unless the stored bytes changed other than through
+ * that node since the last plaintext open: raw-view writes, truncates and fallocates
+ * mark the inode (plaintext writes go through the node's page cache and keep it
+ * right).  The backing store has no other writers (in place it is hidden under the
+ * mount; a separate backing directory must not be written directly). */
+static void mark_plain_stale(tk_inode *ino) {
+    __atomic_store_n(&ino->plain_stale, 1, __ATOMIC_RELEASE);
+}
+
+static int keep_cache(tk_inode *ino, int view) {
+    if (view != TK_VIEW_PLAIN) return 0;  /* raw opens are direct I/O */
+    return !__atomic_exchange_n(&ino->plain_stale, 0, __ATOMIC_ACQ_REL);
+}
+
+/* ---- write-behind ----------------------------------------------------------------------
+ * A sequential stream of writes is handed to the kernel's writeback every 8 MiB of
+ * stored bytes (sync_file_range WRITE: starts the I/O, waits for nothing), so a final
+ * fsync finds most of it already on disk, as it would for a native file whose writes
+ * were not doubled through the FUSE page cache.  Random writes are left alone. */
+#define TK_WRITE_BEHIND (8u << 20)
+
+static void write_behind(tk_fh *fh, uint64_t s0, uint64_t s1) {
+    uint64_t start = __atomic_load_n(&fh->wb_start, __ATOMIC_RELAXED);
+    uint64_t end = __atomic_load_n(&fh->wb_end, __ATOMIC_RELAXED);
+    if (s0 > end || s1 < end || s0 < start) start = s0;  /* not a continuation: restart */
+    end = s1;
+    if (end - start >= TK_WRITE_BEHIND) {
+        (void)sync_file_range(fh->fd, (off64_t)start, (off64_t)(end - start),
+                              SYNC_FILE_RANGE_WRITE);
+        start = end;
+    }
+    __atomic_store_n(&fh->wb_start, start, __ATOMIC_RELAXED);
+    __atomic_store_n(&fh->wb_end, end, __ATOMIC_RELAXED);
+}
+
 /* A change of size or contents through one view changes what the other view's node
  * reports: drop the kernel's cached attributes of that node if the kernel knows it
  * (offset -1: attributes only, no page-cache work, safe from a request handler). */
@@ -324,6 +360,7 @@ static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_
     } else {
         if (ftruncate(fd, (off_t)size) < 0) rc = -errno;
         tk_taka_reset(&ino->taka);  /* the raw bytes changed under any cached header */
+        mark_plain_stale(ino);
     }
     pthread_rwlock_unlock(&ino->lock);
     if (own >= 0) close(own);
@@ -572,6 +609,7 @@ static int open_backing(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int 
         if (rc == 0 && (flags & O_TRUNC)) rc = tk_taka_truncate(fs, &ino->taka, fd, 0, &bad);
     } else if (flags & O_TRUNC) {
         tk_taka_reset(&ino->taka);
+        mark_plain_stale(ino);
     }
     pthread_rwlock_unlock(&ino->lock);
     if (rc) {
@@ -596,7 +634,7 @@ static void op_open(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi
     }
     fi->fh = (uint64_t)(uintptr_t)fh;
     fi->direct_io = view == TK_VIEW_RAW;
-    fi->keep_cache = 0;
+    fi->keep_cache = keep_cache(ino, view);
     if (fuse_reply_open(req, fi) != 0) {  /* interrupted: the kernel will not release */
         close(fd);
         free(fh);
@@ -663,7 +701,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
     }
     fi->fh = (uint64_t)(uintptr_t)fh;
     fi->direct_io = view == TK_VIEW_RAW;
-    fi->keep_cache = 0;
+    fi->keep_cache = keep_cache(ino, view);
     if (fuse_reply_create(req, &e, fi) != 0) {  /* interrupted: no release, no forget */
         close(fd);
         free(fh);
@@ -730,6 +768,8 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
     if (fh->view == TK_VIEW_RAW) {
         ssize_t n = pwrite(fh->fd, buf, size, off);
         if (n < 0) { reply_rc(req, -errno); return; }
+        mark_plain_stale(ino);
+        write_behind(fh, (uint64_t)off, (uint64_t)off + (uint64_t)n);
         if (off < TK_HDR_SIZE || fh->append) {  /* the header may have changed */
             pthread_rwlock_wrlock(&ino->lock);
             tk_taka_reset(&ino->taka);
@@ -739,10 +779,11 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
         inval_other_view(fs, ino, TK_VIEW_RAW);
         return;
     }
-    uint64_t bad = 0;
+    uint64_t bad = 0, bs = 0;
     pthread_rwlock_wrlock(&ino->lock);
     rc = ensure_loaded(fs, req, ino, fh->fd);
     if (rc == 0) {
+        bs = ino->taka.bs;
         /* O_APPEND: append at OUR size, atomically under the inode lock */
         uint64_t at = fh->append && !fi->writepage ? ino->taka.size : (uint64_t)off;
         rc = tk_taka_write(fs, &ino->taka, fh->fd, buf, size, at, &bad);
@@ -753,6 +794,8 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
     else {
         fuse_reply_write(req, size);
         inval_other_view(fs, ino, TK_VIEW_PLAIN);
+        write_behind(fh, tk_taka_stored_size((uint64_t)off / bs * bs, (uint32_t)bs),
+                     tk_taka_stored_size((uint64_t)off + size, (uint32_t)bs));
     }
 }
 
@@ -793,6 +836,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
     if (rc) { reply_rc(req, rc); return; }
     if (fh->view == TK_VIEW_RAW) {
         if (fallocate(fh->fd, mode, off, len) < 0) rc = -errno;
+        mark_plain_stale(fh->ino);
         pthread_rwlock_wrlock(&fh->ino->lock);
         tk_taka_reset(&fh->ino->taka);
         pthread_rwlock_unlock(&fh->ino->lock);
