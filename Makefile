@@ -7,7 +7,7 @@ VENV     := .venv
 VPY      := $(VENV)/bin/python
 STAMP    := $(VENV)/.takakrypt-installed
 DEB_PKGS := gcc make pkg-config python3-dev python3-venv libssl-dev libipsec-mb-dev \
-            libfuse3-dev fuse3 openssl rsyslog rsyslog-gnutls postgresql-15 postgresql-client-15 tar
+            libfuse3-dev fuse3 liburing-dev openssl rsyslog rsyslog-gnutls postgresql-15 postgresql-client-15 tar
 SOURCES  := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.c' -o -name '*.h' -o -name '*.pyi') \
             setup.py pyproject.toml
 

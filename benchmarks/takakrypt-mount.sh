@@ -11,7 +11,7 @@ key=${TAKAKRYPT_BENCH_KEY:-${TMPDIR:-/tmp}/takakrypt-bench.key}
 [ -s "$key" ] || { (umask 077; head -c 32 /dev/urandom > "$key"); }
 log=${TMPDIR:-/tmp}/takakrypt-mount.$(basename "$mnt").log
 setsid "$PY" -m takakrypt.guard --backing "$back" --mountpoint "$mnt" --key-file "$key" \
-  --allow-all --threads "${TAKAKRYPT_THREADS:-4}" >"$log" 2>&1 < /dev/null &
+  --allow-all --threads "${TAKAKRYPT_THREADS:-4}" ${TAKAKRYPT_GUARD_EXTRA:-} >"$log" 2>&1 < /dev/null &
 for _ in $(seq 1 200); do
   if awk -v m="$(realpath "$mnt")" '$2 == m && $3 ~ /^fuse/ {found=1} END {exit !found}' /proc/mounts; then
     exit 0

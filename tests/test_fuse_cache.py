@@ -222,3 +222,31 @@ def test_page_cache_kept_across_opens_until_the_raw_view_writes(wtmp):
         run_as(NOBODY, NOBODY, restore, str(g.mnt / "f"), stored_g)
         assert (g.mnt / "f").read_bytes() == b  # never the cached plaintext of before
         assert g.stats()["bytes_decrypted"] > before
+
+
+def _uring_reason() -> str | None:
+    p = Path("/sys/module/fuse/parameters/enable_uring")
+    if not p.exists():
+        return "this kernel has no FUSE over io_uring (fuse.enable_uring absent)"
+    return None
+
+
+@pytest.mark.skipif(_uring_reason() is not None, reason=_uring_reason() or "")
+def test_requests_go_through_the_rings_when_the_kernel_offers_them(wtmp):
+    with guard_mount(wtmp) as g:
+        assert Path("/sys/module/fuse/parameters/enable_uring").read_text().strip() in ("Y", "1")
+        data = os.urandom(3 * 1024 * 1024 + 17)  # bigger than one ring payload (1 MiB)
+        (g.mnt / "f").write_bytes(data)
+        assert (g.mnt / "f").read_bytes() == data
+        os.mkdir(g.mnt / "d")
+        assert sorted(os.listdir(g.mnt)) == ["d", "f"]
+        s = g.stats()
+        assert s["uring_threads"] >= os.cpu_count(), s
+        assert s["uring_requests"] > 10 and s["uring_bad_requests"] == 0, s
+    classic = wtmp / "classic"
+    classic.mkdir()
+    with guard_mount(classic, io_uring=False) as g:
+        (g.mnt / "f").write_bytes(b"classic")
+        assert (g.mnt / "f").read_bytes() == b"classic"
+        s = g.stats()
+        assert s["uring_threads"] == 0 and s["uring_requests"] == 0, s

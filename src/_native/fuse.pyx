@@ -44,6 +44,8 @@ cdef extern from "fuse_impl.h" nogil:
         void *ring
         int ring_timeout_ms
         double meta_timeout
+        int io_uring
+        int io_uring_per_queue
     ctypedef struct tk_fs_stats:
         uint64_t ops[15]
         uint64_t denied
@@ -68,6 +70,9 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t stale_handles
         uint64_t ident_hits
         uint64_t ident_reads
+        uint64_t uring_threads
+        uint64_t uring_requests
+        uint64_t uring_bad_requests
     ctypedef struct tk_fs:
         pass
     const char *tk_action_name(int action)
@@ -212,7 +217,8 @@ cdef class Mount:
 
     def __init__(self, mountpoint, backing, key_name, decide, get_key, audit=None, *,
                  int threads=4, size_t cache_entries=0, bint debug=False, ring=None,
-                 int ring_timeout_ms=RING_TIMEOUT_MS, double meta_timeout=1.0):
+                 int ring_timeout_ms=RING_TIMEOUT_MS, double meta_timeout=1.0,
+                 bint io_uring=False, int io_uring_per_queue=0):
         cdef tk_fs_config cfg
         cdef tk_callbacks cb
         cdef char err[512]
@@ -250,6 +256,8 @@ cdef class Mount:
         cfg.ring = ring_ptr
         cfg.ring_timeout_ms = ring_timeout_ms
         cfg.meta_timeout = meta_timeout
+        cfg.io_uring = io_uring
+        cfg.io_uring_per_queue = io_uring_per_queue
         cb.ctx = <void *>self
         cb.decide = NULL  # no callback: rename/link (the only ring actions it serves) deny
         if decide is not None:
@@ -319,4 +327,7 @@ cdef class Mount:
             "stale_handles": s.stale_handles,
             "ident_hits": s.ident_hits,
             "ident_reads": s.ident_reads,
+            "uring_threads": s.uring_threads,
+            "uring_requests": s.uring_requests,
+            "uring_bad_requests": s.uring_bad_requests,
         }

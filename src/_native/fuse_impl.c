@@ -804,6 +804,14 @@ int tk_fs_mount(tk_fs *fs, char *err, size_t errlen) {
         fs->se = NULL;
         goto fail;
     }
+    if (tk_uring_attach_io(fs) != 0) {
+        rc = -EIO;
+        seterr(err, errlen, "cannot attach the session I/O");
+        fuse_session_unmount(fs->se);
+        fuse_session_destroy(fs->se);
+        fs->se = NULL;
+        goto fail;
+    }
     fs->loop_running = 1;
     fs->mounted = 1;
     if ((rc = -pthread_create(&fs->loop_thread, NULL, loop_main, fs))) {
@@ -814,8 +822,9 @@ int tk_fs_mount(tk_fs *fs, char *err, size_t errlen) {
     }
     /* Live = the kernel's INIT request was answered (or the loop died). */
     pthread_mutex_lock(&fs->state_mu);
-    while (!fs->init_done && fs->loop_running) pthread_cond_wait(&fs->state_cv, &fs->state_mu);
-    int ok = fs->init_done;
+    while ((!fs->init_done || !fs->init_replied) && fs->loop_running)
+        pthread_cond_wait(&fs->state_cv, &fs->state_mu);
+    int ok = fs->init_done && fs->init_replied > 0;
     pthread_mutex_unlock(&fs->state_mu);
     if (!ok) {
         seterr(err, errlen, "the FUSE loop ended before INIT");
@@ -823,6 +832,7 @@ int tk_fs_mount(tk_fs *fs, char *err, size_t errlen) {
         return -EIO;
     }
     fs->mnt_dev = mountinfo_dev(fs->mountpoint);
+    if (fs->cfg.io_uring) (void)tk_uring_start(fs);  /* failing: the classic channel serves */
     return 0;
 fail:
     tk_itab_free(fs);  /* also closes handle_fd */
@@ -874,6 +884,7 @@ int tk_fs_unmount(tk_fs *fs) {
         abort_connection(fs);  /* readers get ENODEV and the loop ends */
     }
     pthread_join(fs->loop_thread, NULL);
+    tk_uring_stop(fs);  /* the connection is gone: its ring commands were cancelled */
     /* The connection is gone now, so this only closes the fd (libfuse polls it and
      * skips the umount on POLLERR). */
     fuse_session_unmount(fs->se);
@@ -881,6 +892,9 @@ int tk_fs_unmount(tk_fs *fs) {
     fs->se = NULL;
     fs->mounted = 0;
     fs->init_done = 0;
+    fs->init_replied = 0;
+    fs->init_unique = 0;
+    fs->uring_offered = 0;
     tk_itab_free(fs);  /* wipes per-file keys */
     if (fs->root_fd >= 0) close(fs->root_fd);
     if (fs->proc_fd >= 0) close(fs->proc_fd);

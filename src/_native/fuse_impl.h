@@ -114,6 +114,10 @@ typedef struct {
      * caller permitted getattr.  Never a regular file's entry (views are per caller).
      * 0: the kernel asks every time. */
     double meta_timeout;
+    /* FUSE over io_uring (fuse_uring.c): 1 = offer it in INIT and serve per-CPU ring
+     * queues when the kernel takes it (else the classic channel serves everything). */
+    int io_uring;
+    int io_uring_per_queue;   /* threads (one entry each) per CPU queue; 0: `threads` */
 } tk_fs_config;
 
 /* Counters; a snapshot taken with relaxed atomics. */
@@ -143,6 +147,10 @@ typedef struct {
     /* caller identity */
     uint64_t ident_hits;           /* answered by the cached /proc/<tid> directory */
     uint64_t ident_reads;          /* read afresh from /proc */
+    /* FUSE over io_uring */
+    uint64_t uring_threads;        /* ring threads with a registered entry (gauge) */
+    uint64_t uring_requests;       /* requests that came through a ring */
+    uint64_t uring_bad_requests;   /* ... with a layout we do not know (EIO) */
 } tk_fs_stats;
 
 typedef struct tk_fs tk_fs;

@@ -153,10 +153,22 @@ struct tk_fs {
     /* caller identity cache (fuse_impl.c): tid -> its /proc/<tid> directory */
     struct tk_idslot *idc;
 
+    /* FUSE over io_uring (fuse_uring.c) */
+    uint64_t init_unique;         /* unique of the kernel's INIT request (atomic) */
+    int init_replied;             /* 1: our INIT reply is written, -1: it failed (state_mu) */
+    int uring_offered;            /* FUSE_OVER_IO_URING was set in the INIT reply */
+    int uring_error;              /* errno of a refused ring command (atomic), 0: none */
+    struct tk_uring *uring;
+
     tk_fs_stats st;               /* updated with __atomic builtins */
 };
 
 #define TK_INC(fs, field, n) __atomic_fetch_add(&(fs)->st.field, (uint64_t)(n), __ATOMIC_RELAXED)
+
+/* fuse_uring.c */
+int tk_uring_attach_io(tk_fs *fs);
+int tk_uring_start(tk_fs *fs);
+void tk_uring_stop(tk_fs *fs);
 
 /* ---- fuse_impl.c ---- */
 /* tk_check flags */

@@ -99,6 +99,7 @@ class GuardPoint(_S):
     backing: str | None = None    # None: in place (serve from the directory itself)
     enabled: bool = True
     metadata_cache: float = 1.0   # seconds the kernel may cache entries/attributes; 0: none
+    io_uring: bool = True         # FUSE over io_uring where the kernel offers it
 
 
 class LocalKeys(_S):

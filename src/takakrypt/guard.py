@@ -127,11 +127,12 @@ def fuse_mounts(under: str | None = None) -> list[str]:
 
 
 def is_stale(path: str) -> bool:
-    """True if ``path`` is a FUSE mount whose server is gone (ENOTCONN)."""
+    """True if ``path`` is a FUSE mount whose server is gone: ENOTCONN, or ECONNABORTED
+    when the connection was aborted (a server using io_uring died: its rings went)."""
     try:
         os.stat(path)
     except OSError as e:
-        return e.errno == errno.ENOTCONN
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
 
 
@@ -194,7 +195,8 @@ class GuardPoint:
                  audit: Audit | None = None, threads: int = 4, cache: int | None = None,
                  current_version: int | Callable[[str], int] = 1, debug: bool = False,
                  ring: Ring | None = None, ring_timeout_ms: int = _fuse.RING_TIMEOUT_MS,
-                 metadata_cache: float = DEFAULT_METADATA_CACHE) -> None:
+                 metadata_cache: float = DEFAULT_METADATA_CACHE,
+                 io_uring: bool = True) -> None:
         if decide is None and ring is None:
             raise ValueError("a guard point needs decide or ring")
         self.path = os.path.realpath(os.fspath(path))
@@ -210,7 +212,8 @@ class GuardPoint:
                               self._key_cb, self._audit_cb if audit else None,
                               threads=threads, cache_entries=cache or 0, debug=debug,
                               ring=ring, ring_timeout_ms=ring_timeout_ms,
-                              meta_timeout=metadata_cache)
+                              meta_timeout=metadata_cache, io_uring=io_uring)
+        self.io_uring = io_uring
 
     # callbacks (engine threads) --------------------------------------------------------
     def _decide_cb(self, uid: int, gid: int, pid: int, path: str, action: str) -> tuple:
@@ -235,6 +238,8 @@ class GuardPoint:
             raise GuardError(errno.EBUSY, f"{self.path} is already mounted by this guard point")
         cleanup_stale(self.path)
         raise_nofile_limit()
+        if self.io_uring:
+            enable_fuse_io_uring()
         if not os.path.isdir(self.path):
             raise GuardError(errno.ENOTDIR, f"{self.path} is not a directory")
         if self.backing is not None and not os.path.isdir(self.backing):
@@ -271,6 +276,26 @@ class GuardPoint:
 
     def __exit__(self, *exc: object) -> None:
         self.unmount()
+
+
+FUSE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+def enable_fuse_io_uring(param: str = FUSE_URING_PARAM) -> bool:
+    """Let FUSE servers use io_uring (kernel >= 6.14; the module parameter is off by
+    default).  It only allows servers that ask for it; others are unaffected.  True if
+    it is on afterwards; False where the kernel has no such parameter or we may not
+    set it (the guard point then uses the classic /dev/fuse channel)."""
+    try:
+        with open(param) as f:
+            if f.read().strip() in ("Y", "1"):
+                return True
+        with open(param, "w") as f:
+            f.write("Y")
+        with open(param) as f:
+            return f.read().strip() in ("Y", "1")
+    except OSError:
+        return False
 
 
 def allow_all(uid: int, gid: int, pid: int, path: str, action: str) -> tuple[int, int, int, float]:
@@ -318,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                     metavar="SECONDS", help="kernel caching of directory entries and "
                     "attributes (docs/guard-points.md); 0: none")
     ap.add_argument("--debug", action="store_true")
+    ap.add_argument("--no-io-uring", dest="io_uring", action="store_false",
+                    help="serve over the classic /dev/fuse channel only")
     ap.add_argument("--stats-file", help="write the guard point's counters (JSON) here on "
                     "SIGUSR1 and at exit")
     a = ap.parse_args(argv)
@@ -328,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     gp = GuardPoint(a.mountpoint, backing=a.backing, key_name=a.key_name,
                     get_key=lambda name, version: key, decide=allow_all,
-                    threads=a.threads, debug=a.debug, metadata_cache=a.metadata_cache)
+                    threads=a.threads, debug=a.debug, metadata_cache=a.metadata_cache,
+                    io_uring=a.io_uring)
     stop = threading.Event()
     dump = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -71,7 +71,7 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
     g = GuardPoint(gp.path, backing=gp.backing, key_name=key_name, get_key=get_key,
                    decide=decide, audit=audit, threads=4, ring=ring,
                    cache=agent.config.agent.cache.max_entries,
-                   metadata_cache=gp.metadata_cache,
+                   metadata_cache=gp.metadata_cache, io_uring=gp.io_uring,
                    current_version=lambda name: agent.keys.current_version(name))
     g.spec = gp  # type: ignore[attr-defined]
     g.mount()

@@ -1,0 +1,357 @@
+/*
+ * fuse_uring.c -- FUSE over io_uring for a guard point, under libfuse 3.14.
+ *
+ * Why: on a VM every classic FUSE request pays two cross-CPU wake-ups (the caller's CPU
+ * queues the request, a worker on the other CPU wakes from halt; the reply wakes the
+ * caller back).  Kernel >= 6.14 can instead hand each request to a ring entry of the
+ * queue of the CPU it was issued on; a worker pinned to that CPU is woken locally,
+ * which is several times cheaper (docs/guard-points.md, "FUSE over io_uring").
+ *
+ * libfuse 3.14 predates the feature, so this file does the transport and keeps
+ * libfuse for everything else: decoding requests (fuse_session_process_buf) and
+ * encoding replies (they reach io_writev() below, the session's custom I/O):
+ *
+ *  - io_read/io_writev: the classic /dev/fuse channel stays in use (INIT, FORGET,
+ *    INTERRUPT, notifications, and every request until all queues are registered).
+ *    io_writev sets FUSE_OVER_IO_URING in our INIT reply when asked to, and routes a
+ *    reply to the ring entry whose request this thread is handling (thread-local).
+ *  - per CPU q, `per_queue` threads pinned to q, each with its own io_uring (SQE128)
+ *    and ONE entry: REGISTER, then for every request: rebuild the classic request
+ *    buffer in place (header and per-op struct copied in front of the payload, so the
+ *    payload is never copied), let libfuse dispatch it, COMMIT_AND_FETCH the reply.
+ *  - stop: an eventfd polled by every ring; the connection's abort also cancels them.
+ *
+ * Anything failing here (no io_uring, the module parameter off, an old kernel that
+ * rejects the commands) leaves the classic channel serving every request: the ring is
+ * an accelerator, never a requirement.  Kernel ABI: include/uapi/linux/fuse.h 7.42.
+ */
+#include "fuse_int.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fuse.h>  /* fuse_in_header, fuse_out_header (ABI 7.x, stable) */
+#include <liburing.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* ---- kernel ABI (fuse.h 7.42), not in Debian 12's headers ------------------------- */
+#define TK_FUSE_INIT_EXT (1u << 30)
+#define TK_FUSE_OVER_IO_URING_FLAGS2 (1u << (41 - 32))
+#define TK_URING_CMD_REGISTER 1u
+#define TK_URING_CMD_COMMIT_AND_FETCH 2u
+#define TK_FUSE_INIT 26u
+#define TK_INIT_OUT_FLAGS 12   /* offsets in struct fuse_init_out */
+#define TK_INIT_OUT_FLAGS2 32
+
+struct tk_uring_ent_in_out {
+    uint64_t flags;
+    uint64_t commit_id;   /* set by the kernel with each request; echoed in the commit */
+    uint32_t payload_sz;  /* bytes valid in the payload buffer, both directions */
+    uint32_t padding;
+    uint64_t reserved;
+};
+
+struct tk_uring_req_header {
+    char in_out[128];     /* struct fuse_in_header / struct fuse_out_header */
+    char op_in[128];      /* the request's per-op struct (in_args[0]) */
+    struct tk_uring_ent_in_out ent;
+};
+
+struct tk_uring_cmd_req {  /* in the SQE128 command area */
+    uint64_t flags;
+    uint64_t commit_id;
+    uint16_t qid;
+    uint8_t padding[6];
+};
+
+_Static_assert(sizeof(struct tk_uring_req_header) == 288, "fuse_uring_req_header is 288 bytes");
+_Static_assert(sizeof(struct tk_uring_cmd_req) == 24, "fuse_uring_cmd_req is 24 bytes");
+_Static_assert(sizeof(struct fuse_in_header) == 40, "fuse_in_header is 40 bytes");
+_Static_assert(sizeof(struct fuse_out_header) == 16, "fuse_out_header is 16 bytes");
+
+#define TK_STOP_TAG ((uint64_t)1)
+#define TK_SLACK 256  /* room in front of the payload for the rebuilt request head */
+
+typedef struct {
+    struct tk_uring_req_header hdr;  /* registered iov[0] */
+    struct iovec iov[2];
+    char *area;                      /* TK_SLACK + payload_cap bytes */
+    char *payload;                   /* registered iov[1] */
+    size_t payload_cap;
+    uint64_t unique;                 /* request being handled */
+    int replied;
+} tk_uent;
+
+typedef struct tk_uthread {
+    tk_fs *fs;
+    unsigned qid;
+    pthread_t th;
+    int started;
+    struct io_uring ring;
+    int ring_ok;
+    tk_uent ent;
+} tk_uthread;
+
+struct tk_uring {
+    unsigned nthreads;
+    int stop_fd;                     /* eventfd */
+    tk_uthread *t;
+};
+
+static __thread tk_uent *tl_cur;     /* the entry this thread is answering, if any */
+
+/* ---- the session's I/O ------------------------------------------------------------- */
+
+static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
+    tk_fs *fs = ud;
+    ssize_t n = read(fd, buf, len);
+    if (n >= (ssize_t)sizeof(struct fuse_in_header)) {
+        const struct fuse_in_header *h = buf;
+        if (h->opcode == TK_FUSE_INIT)
+            __atomic_store_n(&fs->init_unique, h->unique, __ATOMIC_RELEASE);
+    }
+    return n;
+}
+
+static ssize_t reply_to_entry(tk_uent *e, const struct iovec *iov, int count) {
+    struct fuse_out_header out;
+    memcpy(&out, iov[0].iov_base, sizeof out);
+    size_t len = 0;
+    for (int i = 1; i < count; i++) {
+        if (iov[i].iov_len > e->payload_cap - len) {  /* cannot happen: max_write bound */
+            out.error = -EIO;
+            len = 0;
+            break;
+        }
+        memcpy(e->payload + len, iov[i].iov_base, iov[i].iov_len);
+        len += iov[i].iov_len;
+    }
+    out.len = (uint32_t)(sizeof out + len);
+    memcpy(e->hdr.in_out, &out, sizeof out);
+    e->hdr.ent.payload_sz = (uint32_t)len;
+    e->replied = 1;
+    return (ssize_t)out.len;
+}
+
+static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud) {
+    tk_fs *fs = ud;
+    struct fuse_out_header out;
+    if (count < 1 || iov[0].iov_len < sizeof out) return writev(fd, iov, count);
+    memcpy(&out, iov[0].iov_base, sizeof out);
+    tk_uent *e = tl_cur;
+    if (e && out.unique != 0 && out.unique == e->unique) return reply_to_entry(e, iov, count);
+    uint64_t init = __atomic_load_n(&fs->init_unique, __ATOMIC_ACQUIRE);
+    if (init && out.unique == init) {
+        /* our INIT reply: offer FUSE_OVER_IO_URING (libfuse 3.14 cannot) */
+        struct iovec v[8];
+        char init_out[256];
+        ssize_t r;
+        if (fs->cfg.io_uring && out.error == 0 && count == 2 && count <= 8 &&
+            iov[1].iov_len >= TK_INIT_OUT_FLAGS2 + 4 && iov[1].iov_len <= sizeof init_out) {
+            uint32_t flags, flags2;
+            memcpy(init_out, iov[1].iov_base, iov[1].iov_len);
+            memcpy(&flags, init_out + TK_INIT_OUT_FLAGS, 4);
+            memcpy(&flags2, init_out + TK_INIT_OUT_FLAGS2, 4);
+            if (flags & TK_FUSE_INIT_EXT) {
+                flags2 |= TK_FUSE_OVER_IO_URING_FLAGS2;
+                memcpy(init_out + TK_INIT_OUT_FLAGS2, &flags2, 4);
+                fs->uring_offered = 1;
+            }
+            v[0] = iov[0];
+            v[1].iov_base = init_out;
+            v[1].iov_len = iov[1].iov_len;
+            r = writev(fd, v, 2);
+        } else {
+            r = writev(fd, iov, count);
+        }
+        pthread_mutex_lock(&fs->state_mu);
+        fs->init_replied = r >= 0 ? 1 : -1;
+        pthread_cond_broadcast(&fs->state_cv);
+        pthread_mutex_unlock(&fs->state_mu);
+        return r;
+    }
+    return writev(fd, iov, count);
+}
+
+static const struct fuse_custom_io tk_io = {
+    .writev = io_writev,
+    .read = io_read,
+};
+
+int tk_uring_attach_io(tk_fs *fs) {
+    return fuse_session_custom_io(fs->se, &tk_io, fuse_session_fd(fs->se));
+}
+
+/* ---- ring threads ------------------------------------------------------------------- */
+
+static int queue_cmd(tk_uthread *t, uint32_t op, uint64_t commit_id) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&t->ring);
+    if (!sqe) return -EBUSY;
+    memset(sqe, 0, 128);  /* SQE128 */
+    sqe->opcode = IORING_OP_URING_CMD;
+    sqe->fd = fuse_session_fd(t->fs->se);
+    sqe->cmd_op = op;
+    sqe->user_data = (uint64_t)(uintptr_t)&t->ent;
+    if (op == TK_URING_CMD_REGISTER) {
+        sqe->addr = (uint64_t)(uintptr_t)t->ent.iov;
+        sqe->len = 2;
+    }
+    struct tk_uring_cmd_req c = {.flags = 0, .commit_id = commit_id, .qid = (uint16_t)t->qid};
+    memcpy(sqe->cmd, &c, sizeof c);
+    return 0;
+}
+
+/* Rebuild the classic request (header, per-op struct, payload) in front of the payload,
+ * dispatch it through libfuse, and commit the reply. */
+static int handle_request(tk_uthread *t) {
+    tk_fs *fs = t->fs;
+    tk_uent *e = &t->ent;
+    struct fuse_in_header ih;
+    memcpy(&ih, e->hdr.in_out, sizeof ih);
+    uint64_t commit_id = e->hdr.ent.commit_id;
+    uint32_t psz = e->hdr.ent.payload_sz;
+    size_t opsz = (size_t)ih.len - sizeof ih - psz;
+    TK_INC(fs, uring_requests, 1);
+    if (ih.len < sizeof ih + psz || psz > e->payload_cap || opsz > sizeof e->hdr.op_in) {
+        /* not the layout we know: fail this request, loudly in the counters */
+        TK_INC(fs, uring_bad_requests, 1);
+        struct fuse_out_header out = {.len = sizeof out, .error = -EIO, .unique = ih.unique};
+        memcpy(e->hdr.in_out, &out, sizeof out);
+        e->hdr.ent.payload_sz = 0;
+    } else {
+        char *start = e->payload - sizeof ih - opsz;
+        memcpy(start, &ih, sizeof ih);
+        memcpy(start + sizeof ih, e->hdr.op_in, opsz);
+        struct fuse_buf b;
+        memset(&b, 0, sizeof b);
+        b.mem = start;
+        b.size = ih.len;
+        e->unique = ih.unique;
+        e->replied = 0;
+        tl_cur = e;
+        fuse_session_process_buf(fs->se, &b);
+        tl_cur = NULL;
+        if (!e->replied) {  /* an operation without a reply: none comes this way */
+            struct fuse_out_header out = {.len = sizeof out, .error = -ENOSYS,
+                                          .unique = ih.unique};
+            memcpy(e->hdr.in_out, &out, sizeof out);
+            e->hdr.ent.payload_sz = 0;
+        }
+    }
+    int rc = queue_cmd(t, TK_URING_CMD_COMMIT_AND_FETCH, commit_id);
+    if (rc == 0) rc = io_uring_submit(&t->ring) < 0 ? -EIO : 0;
+    return rc;
+}
+
+static void *uring_main(void *arg) {
+    tk_uthread *t = arg;
+    tk_fs *fs = t->fs;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(t->qid, &set);
+    (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);  /* best effort */
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&t->ring);
+    if (sqe) {
+        io_uring_prep_poll_add(sqe, fs->uring->stop_fd, POLLIN);
+        sqe->user_data = TK_STOP_TAG;
+    }
+    int rc = queue_cmd(t, TK_URING_CMD_REGISTER, 0);
+    if (rc == 0 && io_uring_submit(&t->ring) < 0) rc = -EIO;
+    int registered = rc == 0;
+    if (registered) TK_INC(fs, uring_threads, 1);
+    while (registered) {
+        struct io_uring_cqe *cqe;
+        int r = io_uring_wait_cqe(&t->ring, &cqe);
+        if (r == -EINTR) continue;
+        if (r < 0) break;
+        uint64_t ud = cqe->user_data;
+        int res = cqe->res;
+        io_uring_cqe_seen(&t->ring, cqe);
+        if (ud == TK_STOP_TAG) break;
+        if (res < 0) {  /* refused (no io_uring for FUSE here) or the connection ended */
+            if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV)
+                __atomic_store_n(&fs->uring_error, -res, __ATOMIC_RELAXED);
+            break;
+        }
+        if (handle_request(t)) break;
+    }
+    if (registered) __atomic_fetch_sub(&fs->st.uring_threads, 1, __ATOMIC_RELAXED);
+    return NULL;
+}
+
+/* Start the ring threads once our INIT reply is written.  0, or -errno (then the
+ * classic channel simply carries everything). */
+int tk_uring_start(tk_fs *fs) {
+    if (!fs->cfg.io_uring || !fs->uring_offered) return -EOPNOTSUPP;
+    long ncpu = sysconf(_SC_NPROCESSORS_CONF);
+    if (ncpu < 1 || ncpu > 1024) return -EINVAL;
+    /* one entry per thread: a thread blocked in a slow request (an agent round trip,
+     * an fsync) holds only its own entry */
+    unsigned per = fs->cfg.io_uring_per_queue > 0 ? (unsigned)fs->cfg.io_uring_per_queue
+                                                  : (unsigned)fs->cfg.threads;
+    /* payload: what the kernel may send or want back in one request (max_write, a
+     * readdir/read of max_pages) -- libfuse 3.14 negotiates 1 MiB */
+    size_t cap = (size_t)256 * 4096 + 4096;
+    struct tk_uring *u = calloc(1, sizeof *u);
+    if (!u) return -ENOMEM;
+    u->nthreads = (unsigned)ncpu * per;
+    u->stop_fd = eventfd(0, EFD_CLOEXEC);
+    u->t = calloc(u->nthreads, sizeof *u->t);
+    if (u->stop_fd < 0 || !u->t) {
+        if (u->stop_fd >= 0) close(u->stop_fd);
+        free(u->t);
+        free(u);
+        return -ENOMEM;
+    }
+    fs->uring = u;
+    int rc = 0;
+    for (unsigned i = 0; i < u->nthreads && rc == 0; i++) {
+        tk_uthread *t = &u->t[i];
+        t->fs = fs;
+        t->qid = i / per;
+        t->ent.payload_cap = cap;
+        t->ent.area = aligned_alloc(4096, TK_SLACK + cap + 4096 - (TK_SLACK + cap) % 4096);
+        if (!t->ent.area) {
+            rc = -ENOMEM;
+            break;
+        }
+        t->ent.payload = t->ent.area + TK_SLACK;
+        t->ent.iov[0].iov_base = &t->ent.hdr;
+        t->ent.iov[0].iov_len = sizeof t->ent.hdr;
+        t->ent.iov[1].iov_base = t->ent.payload;
+        t->ent.iov[1].iov_len = cap;
+        struct io_uring_params p;
+        memset(&p, 0, sizeof p);
+        p.flags = IORING_SETUP_SQE128;
+        rc = io_uring_queue_init_params(4, &t->ring, &p);
+        if (rc < 0) break;
+        t->ring_ok = 1;
+        rc = -pthread_create(&t->th, NULL, uring_main, t);
+        if (rc == 0) t->started = 1;
+    }
+    if (rc) tk_uring_stop(fs);
+    return rc;
+}
+
+void tk_uring_stop(tk_fs *fs) {
+    struct tk_uring *u = fs->uring;
+    if (!u) return;
+    uint64_t one = 1;
+    if (write(u->stop_fd, &one, sizeof one) < 0) { /* threads also end with the connection */ }
+    for (unsigned i = 0; i < u->nthreads; i++) {
+        tk_uthread *t = &u->t[i];
+        if (t->started) pthread_join(t->th, NULL);
+        if (t->ring_ok) io_uring_queue_exit(&t->ring);
+        free(t->ent.area);
+    }
+    close(u->stop_fd);
+    free(u->t);
+    free(u);
+    fs->uring = NULL;
+}
