@@ -129,3 +129,26 @@ def test_reload_removes_and_adds_guard_points(tmp_path):
         write_config(d.config_path, cfg)
         assert d.jcli("reload")["reloaded"]
         assert _mounted(gp)
+
+
+def test_rename_and_link_are_decided_by_the_agent(tmp_path):
+    # rename/link misses go through the ring with the destination as `target`: the
+    # authorised process may, an unlisted process (cat: read_ops only) may not
+    cfg, gp = _cfg(tmp_path)
+    with running(tmp_path, cfg) as d:
+        r = _py("import os, sys\n"
+                "d = sys.argv[1]\n"
+                "open(d + '/a', 'w').write('payload')\n"
+                "os.rename(d + '/a', d + '/b')\n"
+                "os.link(d + '/b', d + '/c')\n"
+                "print(open(d + '/c').read())", str(gp))
+        assert r.stdout.strip() == "payload", r.stderr + d.logtext()
+        mv = subprocess.run(["/bin/mv", str(gp / "b"), str(gp / "moved")], capture_output=True,
+                            timeout=30)
+        assert mv.returncode != 0 and b"Permission denied" in mv.stderr
+        assert sorted(os.listdir(gp)) == ["b", "c"]
+        st = d.jcli("guard", "list")[0]["stats"]
+        assert st["ring_requests"] >= 4 and st["ops"]["rename"] >= 2 and st["ops"]["link"] >= 2
+    events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "access" and e["operation"] == "rename" and e["decision"] == "deny"
+               for e in events), [e for e in events if e.get("operation") == "rename"]

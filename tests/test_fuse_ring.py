@@ -11,8 +11,8 @@ this Python) get PERMIT|APPLY_KEY, the "raw" ones (dd) PERMIT, everything else D
 Paths whose last component starts with a marker get a broken answer instead:
 ``silent-*`` none at all, ``notfound-*`` an ERROR_NOT_FOUND response, ``raise-*`` a
 handler exception (the producer gets EIO), ``bad-<kind>-*`` a malformed answer.
-Every request is logged as a JSON line (requests.jsonl); rename/link, which still use
-the Python ``decide`` callback, are logged to pydecide.jsonl.
+Every request is logged as a JSON line (requests.jsonl); the Python ``decide``
+callback (which a ring-backed guard point should no longer need) logs to pydecide.jsonl.
 """
 
 from __future__ import annotations
@@ -419,7 +419,8 @@ def test_thread_caller_sends_tgid_and_process_start_time(g):
 
 def test_root_and_every_ring_action(g):
     """Each operation sends its action code for the absolute path; the guard point
-    root is the mount path itself.  rename and link go to the Python callback."""
+    root is the mount path itself.  rename and link check both paths, each request
+    carrying the destination as `target`."""
     def ops(mnt: str) -> None:
         os.listdir(mnt)
         os.mkdir(f"{mnt}/d")
@@ -446,10 +447,14 @@ def test_root_and_every_ring_action(g):
                  ("setxattr", f), ("getxattr", f), ("list", d), ("delete", g.abs("d/h")),
                  ("delete", g.abs("d/g")), ("rmdir", d)]:
         assert want in seen, want
-    assert not {a for a, _ in seen} & {"rename", "link"}
-    py = {(q["action"], q["path"]) for q in g.py_decisions()}
-    assert {("rename", "d/f"), ("rename", "d/g"), ("link", "d/g"), ("link", "d/h")} <= py
-    assert {a for a, _ in py} <= {"rename", "link"}
+    moves = {(q["action"], q["path"], q["target"]) for q in g.requests()
+             if q["action"] in ("rename", "link")}
+    dg, dh = g.abs("d/g"), g.abs("d/h")
+    assert moves == {("rename", f, dg), ("rename", dg, dg), ("link", dg, dh),
+                     ("link", dh, dh)}, moves
+    others = {q["target"] for q in g.requests() if q["action"] not in ("rename", "link")}
+    assert others == {""}
+    assert g.py_decisions() == []  # nothing needs the GIL any more
 
 
 def _two_reads(path: str, log: str) -> tuple[int, int, int]:

@@ -379,8 +379,26 @@ static int parse_policy_answer(const uint8_t *a, size_t n, uint32_t seq, tk_deci
     return 0;
 }
 
-static int ring_decide(tk_fs *fs, const tk_ident *id, const char *relpath, tk_action act,
-                       tk_decision *out, const char **detail) {
+/* mount path + "/" + relative path (the root: the mount path) into buf: its length,
+ * or 0 if it does not fit. */
+static size_t abs_path(const tk_fs *fs, const char *relpath, uint8_t *buf, size_t cap) {
+    size_t mlen = strlen(fs->mountpoint), rlen = strlen(relpath);
+    if (rlen && mlen == 1) mlen = 0;  /* mounted at "/": no "//" */
+    size_t plen = rlen ? mlen + 1 + rlen : strlen(fs->mountpoint);
+    if (plen > cap) return 0;
+    if (rlen) {
+        memcpy(buf, fs->mountpoint, mlen);
+        buf[mlen] = '/';
+        memcpy(buf + mlen + 1, relpath, rlen);
+    } else {
+        memcpy(buf, fs->mountpoint, plen);
+    }
+    return plen;
+}
+
+static int ring_decide(tk_fs *fs, const tk_ident *id, const char *relpath,
+                       const char *target, tk_action act, tk_decision *out,
+                       const char **detail) {
     struct takakrypt_policy_request q;
     uint8_t msg[TAKAKRYPT_MAX_MSG_SIZE];
     uint8_t answer[TK_RING_MAX_MSG];
@@ -391,21 +409,19 @@ static int ring_decide(tk_fs *fs, const tk_ident *id, const char *relpath, tk_ac
     int rc = proc_details(fs, id, &tgid, &pstart, exe, sizeof exe, &exelen);
     if (rc) return rc;  /* the caller vanished: "decision unavailable" */
 
-    /* path = guard point mount path + "/" + relative path; the root is the mount path */
-    size_t mlen = strlen(fs->mountpoint), rlen = strlen(relpath);
-    if (rlen && mlen == 1) mlen = 0;  /* mounted at "/": no "//" */
-    size_t plen = rlen ? mlen + 1 + rlen : strlen(fs->mountpoint);
-    size_t total = sizeof q + plen + exelen;
-    if (total > sizeof msg) return -ENAMETOOLONG;
+    /* path, target = guard point mount path + "/" + relative path; the root is the
+     * mount path.  Layout: fixed part, path, process, cwd (empty), target. */
     uint8_t *p = msg + sizeof q;
-    if (rlen) {
-        memcpy(p, fs->mountpoint, mlen);
-        p[mlen] = '/';
-        memcpy(p + mlen + 1, relpath, rlen);
-    } else {
-        memcpy(p, fs->mountpoint, plen);
-    }
+    size_t room = sizeof msg - sizeof q;
+    size_t plen = abs_path(fs, relpath, p, room);
+    if (!plen || plen + exelen > room) return -ENAMETOOLONG;
     memcpy(p + plen, exe, exelen);
+    size_t tlen = 0;
+    if (target) {
+        tlen = abs_path(fs, target, p + plen + exelen, room - plen - exelen);
+        if (!tlen) return -ENAMETOOLONG;
+    }
+    size_t total = sizeof q + plen + exelen + tlen;
 
     uint32_t seq;
     do {
@@ -433,7 +449,7 @@ static int ring_decide(tk_fs *fs, const tk_ident *id, const char *relpath, tk_ac
     q.exe_dev = id->exe_dev;
     q.exe_ino = id->exe_ino;
     q.guard_point_id = 0;
-    q.target_len = 0;
+    q.target_len = (uint32_t)tlen;
     memcpy(msg, &q, sizeof q);
 
     size_t n = 0;
@@ -470,15 +486,15 @@ static int ring_decide(tk_fs *fs, const tk_ident *id, const char *relpath, tk_ac
 }
 
 /* The miss path: ask the agent over the ring, or the Python policy callback. */
-static int decide_miss(tk_fs *fs, const tk_ident *id, const char *path, tk_action act,
-                       tk_decision *out, const char **detail) {
+static int decide_miss(tk_fs *fs, const tk_ident *id, const char *path, const char *target,
+                       tk_action act, tk_decision *out, const char **detail) {
     memset(out, 0, sizeof *out);
     int rc;
-    if (fs->cfg.ring && act != TK_ACT_RENAME && act != TK_ACT_LINK) {
-        rc = ring_decide(fs, id, path, act, out, detail);
+    int needs_target = act == TK_ACT_RENAME || act == TK_ACT_LINK;
+    if (fs->cfg.ring && (!needs_target || target)) {
+        rc = ring_decide(fs, id, path, needs_target ? target : NULL, act, out, detail);
     } else {
-        /* rename/link: the protocol needs the other path as `target`, which a per-path
-         * check does not have: the callback decides them (none: deny) */
+        /* no ring, or rename/link without a destination: the callback (none: deny) */
         if (!fs->cb.decide) return -EACCES;
         rc = fs->cb.decide(fs->cb.ctx, id->uid, id->gid, id->pid, path, tk_action_name(act),
                            out);
@@ -492,6 +508,11 @@ static int decide_miss(tk_fs *fs, const tk_ident *id, const char *path, tk_actio
 
 int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act,
                   int flags, tk_decision *out) {
+    return tk_check_path_target(fs, id, path, NULL, act, flags, out);
+}
+
+int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
+                         const char *target, tk_action act, int flags, tk_decision *out) {
     tk_cache_key k = {
         .uid = id->uid, .gid = id->gid, .pid = id->pid, .start_time = id->start_time,
         .exe_dev = id->exe_dev, .exe_ino = id->exe_ino, .op = (uint32_t)act,
@@ -517,7 +538,7 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
     } else {
         TK_INC(fs, cache_misses, 1);
         uint64_t gen = tk_cache_generation(fs->cache);
-        rc = decide_miss(fs, id, path, act, out, &detail);
+        rc = decide_miss(fs, id, path, target, act, out, &detail);
         int any_path = rc == 0 && (out->effects & TK_FX_ANY_PATH);
         out->effects &= ~TK_FX_ANY_PATH;  /* a hint for us, not an effect */
         if (rc) {
@@ -545,8 +566,21 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
     return permit ? 0 : -EACCES;
 }
 
+static int check_common(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *name,
+                        tk_action act, const char *target, int flags, tk_decision *out);
+
 int tk_check(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *name, tk_action act,
              int flags, tk_decision *out) {
+    return check_common(fs, req, dir, name, act, NULL, flags, out);
+}
+
+int tk_check_target(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *name,
+                    tk_action act, const char *target, tk_decision *out) {
+    return check_common(fs, req, dir, name, act, target, 0, out);
+}
+
+static int check_common(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *name,
+                        tk_action act, const char *target, int flags, tk_decision *out) {
     tk_ident id;
     tk_decision dummy;
     if (!out) out = &dummy;
@@ -566,7 +600,7 @@ int tk_check(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *name, tk_acti
         free(path);
         return -EACCES;
     }
-    rc = tk_check_path(fs, &id, path, act, flags, out);
+    rc = tk_check_path_target(fs, &id, path, target, act, flags, out);
     free(path);
     return rc;
 }

@@ -175,9 +175,16 @@ void tk_uring_stop(tk_fs *fs);
 #define TK_CHK_PROBE  1           /* choose a view: never audited, never counted as denied */
 int tk_check(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *name, tk_action act,
              int flags, tk_decision *out);
-/* Same with an identity already read (and a caller path). */
+/* rename and link: the same check, carrying the destination (`target`, relative to
+ * the guard point) that the protocol's POLICY_CHECK wants for those actions. */
+int tk_check_target(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *name,
+                    tk_action act, const char *target, tk_decision *out);
+/* Same with an identity already read (and a caller path; target NULL but for
+ * rename/link). */
 int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act,
                   int flags, tk_decision *out);
+int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
+                         const char *target, tk_action act, int flags, tk_decision *out);
 int tk_ident_get(tk_fs *fs, fuse_req_t req, tk_ident *id);
 void tk_audit(tk_fs *fs, const char *kind, const tk_ident *id, const char *path,
               const char *action, uint32_t effects, const char *detail);

@@ -522,8 +522,12 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent_id, const char *name,
     tk_fs *fs = FS(req);
     tk_inode *parent = tk_node_inode(fs, parent_id, NULL);
     tk_inode *newparent = tk_node_inode(fs, newparent_id, NULL);
-    int rc = tk_check(fs, req, parent, name, TK_ACT_RENAME, 0, NULL);
-    if (rc == 0) rc = tk_check(fs, req, newparent, newname, TK_ACT_RENAME, 0, NULL);
+    /* both paths are checked; each check carries the destination as the protocol's
+     * `target` (so a miss goes through the ring like any other) */
+    char *dest = tk_path(fs, newparent, newname);
+    int rc = dest ? tk_check_target(fs, req, parent, name, TK_ACT_RENAME, dest, NULL) : -ENOMEM;
+    if (rc == 0) rc = tk_check_target(fs, req, newparent, newname, TK_ACT_RENAME, dest, NULL);
+    free(dest);
     if (rc == 0 && (flags & ~(unsigned)(RENAME_NOREPLACE | RENAME_EXCHANGE))) rc = -EINVAL;
     if (rc == 0) {
         int pfd = tk_inode_fd(fs, parent);
@@ -546,8 +550,10 @@ static void op_link(fuse_req_t req, fuse_ino_t nodeid, fuse_ino_t newparent_id,
     tk_fs *fs = FS(req);
     tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
     tk_inode *newparent = tk_node_inode(fs, newparent_id, NULL);
-    int rc = tk_check(fs, req, ino, NULL, TK_ACT_LINK, 0, NULL);
-    if (rc == 0) rc = tk_check(fs, req, newparent, newname, TK_ACT_LINK, 0, NULL);
+    char *dest = tk_path(fs, newparent, newname);
+    int rc = dest ? tk_check_target(fs, req, ino, NULL, TK_ACT_LINK, dest, NULL) : -ENOMEM;
+    if (rc == 0) rc = tk_check_target(fs, req, newparent, newname, TK_ACT_LINK, dest, NULL);
+    free(dest);
     if (rc == 0) {
         int fd = tk_inode_fd(fs, ino);
         int npfd = fd < 0 ? fd : tk_inode_fd(fs, newparent);

@@ -16,8 +16,7 @@ Decisions come from the engine's decision cache; a miss asks, in this order:
   up to ``ring_timeout_ms`` (default 5000, the protocol's timeout) without the GIL.
   No answer, a closed ring, a non-SUCCESS status or a malformed answer deny and are
   audited (``"agent unavailable"`` / ``"malformed agent answer"``).  rename and link
-  still go to ``decide`` (the protocol wants the other path as ``target``, which the
-  engine's per-path checks do not have); without ``decide`` they are denied.
+  check both paths, each request carrying the destination as ``target``.
 * otherwise ``decide``.
 
 Callbacks (called from the engine's threads with the GIL; each must be thread-safe

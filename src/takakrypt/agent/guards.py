@@ -66,8 +66,8 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
             key=key_name if effects & 4 else None, reason=detail, groups=(gid,)))
 
     ring = getattr(getattr(agent, "ring_transport", None), "ring", None)
-    # cache misses go through the ring (no GIL on the data path's threads); rename and
-    # link (which need a second path) still use the decide callback
+    # cache misses go through the ring (no GIL on the data path's threads), rename and
+    # link included; the decide callback only serves a guard point without a ring
     g = GuardPoint(gp.path, backing=gp.backing, key_name=key_name, get_key=get_key,
                    decide=decide, audit=audit, threads=4, ring=ring,
                    cache=agent.config.agent.cache.max_entries,
