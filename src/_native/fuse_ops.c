@@ -8,10 +8,13 @@
  * tk_inode_put: the fds live in a bounded cache and are reopened from file handles);
  * plaintext I/O is fuse_taka.c under the inode's rwlock.
  *
- * Kernel caching: entry and attribute timeouts are 0 (every path walk asks us, so
- * every caller is routed to the node of its own view and sees its own sizes);
- * plaintext opens use the page cache (mmap, including shared writable, works),
- * raw opens use FOPEN_DIRECT_IO.  Locks (flock, fcntl) are left to the kernel.
+ * Kernel caching (docs/guard-points.md): a regular file's entry is never cached (every
+ * path walk asks us, so every caller is routed to the node of its own view and sees
+ * its own sizes); directory entries and attributes, and a file's attributes for a
+ * caller permitted getattr, are kept for cfg.meta_timeout.  Plaintext opens use the
+ * page cache (mmap, including shared writable, works; kept across opens unless the raw
+ * view changed the file), raw opens use FOPEN_DIRECT_IO.  Locks (flock, fcntl) are
+ * left to the kernel.
  */
 #include "fuse_int.h"
 
