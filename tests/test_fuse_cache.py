@@ -250,3 +250,22 @@ def test_requests_go_through_the_rings_when_the_kernel_offers_them(wtmp):
         assert (g.mnt / "f").read_bytes() == b"classic"
         s = g.stats()
         assert s["uring_threads"] == 0 and s["uring_requests"] == 0, s
+
+
+@pytest.mark.skipif(_uring_reason() is not None, reason=_uring_reason() or "")
+def test_a_lost_ring_entry_fails_closed_never_hangs(wtmp, monkeypatch):
+    # every ring worker "breaks" after 20 requests: the connection must be aborted
+    # (callers get an error at once), never left with requests nobody will take
+    monkeypatch.setenv("TAKAKRYPT_TEST_URING_BREAK_AFTER", "20")
+    with guard_mount(wtmp) as g:
+        (g.mnt / "f").write_bytes(b"x")
+        errors = set()
+        for i in range(400):  # far more requests than the workers will serve
+            try:
+                os.stat(g.mnt / "f")
+                (g.mnt / f"n{i}").write_bytes(b"y")
+            except OSError as e:
+                errors.add(e.errno)
+                break
+        assert errors and errors <= {errno.ECONNABORTED, errno.ENOTCONN, errno.EIO}, errors
+        assert g.proc.poll() is None  # the server is alive; its mount failed closed

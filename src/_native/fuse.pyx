@@ -73,6 +73,7 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t uring_threads
         uint64_t uring_requests
         uint64_t uring_bad_requests
+        uint64_t uring_lost
     ctypedef struct tk_fs:
         pass
     const char *tk_action_name(int action)
@@ -330,4 +331,5 @@ cdef class Mount:
             "uring_threads": s.uring_threads,
             "uring_requests": s.uring_requests,
             "uring_bad_requests": s.uring_bad_requests,
+            "uring_lost": s.uring_lost,
         }

@@ -879,7 +879,11 @@ fail:
 }
 
 /* Abort the FUSE connection (clients still holding files get ENOTCONN). */
-static void abort_connection(tk_fs *fs) {
+void tk_fs_abort(tk_fs *fs);
+static void abort_connection(tk_fs *fs) { tk_fs_abort(fs); }
+
+/* Abort the FUSE connection: every pending and later request fails (fail closed). */
+void tk_fs_abort(tk_fs *fs) {
     if (!fs->mnt_dev) return;
     char path[128];
     snprintf(path, sizeof path, "/sys/fs/fuse/connections/%u/abort", minor(fs->mnt_dev));
@@ -895,8 +899,17 @@ static void abort_connection(tk_fs *fs) {
     }
 }
 
+/* From a ring worker that lost its entry: abort OUR connection only -- never after
+ * unmount began (the connection number may already belong to another mount). */
+void tk_fs_abort_live(tk_fs *fs) {
+    if (__atomic_load_n(&fs->unmounting, __ATOMIC_ACQUIRE)) return;
+    if (!fs->mnt_dev || mountinfo_dev(fs->mountpoint) != fs->mnt_dev) return;
+    tk_fs_abort(fs);
+}
+
 int tk_fs_unmount(tk_fs *fs) {
     if (!fs || !fs->mounted) return 0;
+    __atomic_store_n(&fs->unmounting, 1, __ATOMIC_RELEASE);
     /* Detach the mount ourselves (never close the /dev/fuse fd while workers read it:
      * libfuse's fuse_session_unmount would).  Only if our mount is still the one at
      * the path: a stale path must never make us unmount someone else's file system. */
@@ -926,6 +939,7 @@ int tk_fs_unmount(tk_fs *fs) {
     fs->se = NULL;
     fs->mounted = 0;
     fs->init_done = 0;
+    __atomic_store_n(&fs->unmounting, 0, __ATOMIC_RELEASE);
     fs->init_replied = 0;
     fs->init_unique = 0;
     fs->uring_offered = 0;

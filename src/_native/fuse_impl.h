@@ -151,6 +151,7 @@ typedef struct {
     uint64_t uring_threads;        /* ring threads with a registered entry (gauge) */
     uint64_t uring_requests;       /* requests that came through a ring */
     uint64_t uring_bad_requests;   /* ... with a layout we do not know (EIO) */
+    uint64_t uring_lost;           /* ring entries lost while serving: connection aborted */
 } tk_fs_stats;
 
 typedef struct tk_fs tk_fs;

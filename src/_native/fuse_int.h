@@ -158,6 +158,7 @@ struct tk_fs {
     int init_replied;             /* 1: our INIT reply is written, -1: it failed (state_mu) */
     int uring_offered;            /* FUSE_OVER_IO_URING was set in the INIT reply */
     int uring_error;              /* errno of a refused ring command (atomic), 0: none */
+    int unmounting;               /* tk_fs_unmount began (atomic) */
     struct tk_uring *uring;
 
     tk_fs_stats st;               /* updated with __atomic builtins */
@@ -167,6 +168,8 @@ struct tk_fs {
 
 /* fuse_uring.c */
 int tk_uring_attach_io(tk_fs *fs);
+void tk_fs_abort(tk_fs *fs);        /* fuse_impl.c */
+void tk_fs_abort_live(tk_fs *fs);   /* ... only while mounted and not unmounting */
 int tk_uring_start(tk_fs *fs);
 void tk_uring_stop(tk_fs *fs);
 

@@ -263,7 +263,11 @@ static void *uring_main(void *arg) {
     }
     int rc = queue_cmd(t, TK_URING_CMD_REGISTER, 0);
     if (rc == 0 && io_uring_submit(&t->ring) < 0) rc = -EIO;
-    int registered = rc == 0;
+    int registered = rc == 0, lost = 0;
+    uint64_t served = 0;
+    /* fault injection for the tests: this thread's entry "breaks" after N requests */
+    const char *fault = getenv("TAKAKRYPT_TEST_URING_BREAK_AFTER");
+    uint64_t break_after = fault ? strtoull(fault, NULL, 10) : 0;
     if (registered) TK_INC(fs, uring_threads, 1);
     while (registered) {
         struct io_uring_cqe *cqe;
@@ -275,11 +279,25 @@ static void *uring_main(void *arg) {
         io_uring_cqe_seen(&t->ring, cqe);
         if (ud == TK_STOP_TAG) break;
         if (res < 0) {  /* refused (no io_uring for FUSE here) or the connection ended */
-            if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV)
+            if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV &&
+                res != -ECONNABORTED) {
                 __atomic_store_n(&fs->uring_error, -res, __ATOMIC_RELAXED);
+                lost = served > 0;
+            }
             break;
         }
-        if (handle_request(t)) break;
+        served++;
+        if ((break_after && served > break_after) || handle_request(t)) {
+            lost = 1;
+            break;
+        }
+    }
+    /* An entry that served requests and is gone while the connection lives would leave
+     * its CPU's requests waiting forever once the others are busy: fail closed instead
+     * (the connection is aborted; callers get an error, the agent sees the mount dead). */
+    if (lost) {
+        TK_INC(fs, uring_lost, 1);
+        tk_fs_abort_live(fs);
     }
     if (registered) __atomic_fetch_sub(&fs->st.uring_threads, 1, __ATOMIC_RELAXED);
     return NULL;
