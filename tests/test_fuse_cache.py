@@ -225,9 +225,11 @@ def test_page_cache_kept_across_opens_until_the_raw_view_writes(wtmp):
 
 
 def _uring_reason() -> str | None:
-    p = Path("/sys/module/fuse/parameters/enable_uring")
-    if not p.exists():
+    from takakrypt.guard import FUSE_URING_PARAM, enable_fuse_io_uring
+    if not Path(FUSE_URING_PARAM).exists():
         return "this kernel has no FUSE over io_uring (fuse.enable_uring absent)"
+    if not enable_fuse_io_uring():
+        return "fuse.enable_uring cannot be switched on here"
     return None
 
 
