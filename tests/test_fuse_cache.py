@@ -271,3 +271,37 @@ def test_a_lost_ring_entry_fails_closed_never_hangs(wtmp, monkeypatch):
                 break
         assert errors and errors <= {errno.ECONNABORTED, errno.ENOTCONN, errno.EIO}, errors
         assert g.proc.poll() is None  # the server is alive; its mount failed closed
+
+
+def test_sizes_after_the_kernel_forgot_need_no_header_reads(wtmp):
+    rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
+             {"uid": NOBODY, "effects": ["permit"]}]
+    with guard_mount(wtmp, rules=rules) as g:
+        os.chmod(g.mnt, 0o777)
+        sizes = {f"f{i}": i * 1000 + i for i in range(60)}
+        for name, n in sizes.items():
+            (g.mnt / name).write_bytes(b"z" * n)
+        assert {n: os.stat(g.mnt / n).st_size for n in sizes} == sizes
+        # the kernel forgets every inode (FORGET), the engine drops their header state
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        before = g.stats()
+        assert {n: os.stat(g.mnt / n).st_size for n in sizes} == sizes
+        after = g.stats()
+        assert after["size_cache_hits"] - before["size_cache_hits"] >= len(sizes) // 2
+        assert after["header_loads"] - before["header_loads"] < len(sizes) // 2
+        # a change makes the remembered size stale: the size shown follows the file
+        with open(g.mnt / "f7", "ab") as fh:
+            fh.write(b"more")
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        assert os.stat(g.mnt / "f7").st_size == sizes["f7"] + 4
+
+        def restore(src, dst):  # raw view: f3's stored bytes over f9 (other size)
+            Path(dst).write_bytes(Path(src).read_bytes())
+
+        os.chmod(g.mnt / "f9", 0o666)
+        run_as(NOBODY, NOBODY, restore, str(g.mnt / "f3"), str(g.mnt / "f9"))
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        assert os.stat(g.mnt / "f9").st_size == sizes["f3"]
+        assert (g.mnt / "f9").read_bytes() == b"z" * sizes["f3"]

@@ -74,6 +74,8 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t uring_requests
         uint64_t uring_bad_requests
         uint64_t uring_lost
+        uint64_t header_loads
+        uint64_t size_cache_hits
     ctypedef struct tk_fs:
         pass
     const char *tk_action_name(int action)
@@ -332,4 +334,6 @@ cdef class Mount:
             "uring_requests": s.uring_requests,
             "uring_bad_requests": s.uring_bad_requests,
             "uring_lost": s.uring_lost,
+            "header_loads": s.header_loads,
+            "size_cache_hits": s.size_cache_hits,
         }

@@ -705,7 +705,9 @@ tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, siz
     pthread_mutex_init(&fs->fdc_mu, NULL);
     pthread_mutex_init(&fs->key_mu, NULL);
     int status = 0;
-    if (idc_init(fs)) {
+    pthread_mutex_init(&fs->szc_mu, NULL);
+    fs->szc = calloc(TK_SZC_SLOTS, sizeof *fs->szc);
+    if (!fs->szc || idc_init(fs)) {
         seterr(err, errlen, "out of memory");
         tk_fs_free(fs);
         return NULL;
@@ -985,6 +987,8 @@ void tk_fs_free(tk_fs *fs) {
     keys_wipe(fs);
     tk_cache_free(fs->cache);
     idc_free(fs);
+    free(fs->szc);
+    pthread_mutex_destroy(&fs->szc_mu);
     free(fs->mountpoint);
     free(fs->backing);
     free(fs->key_name);

@@ -152,6 +152,8 @@ typedef struct {
     uint64_t uring_requests;       /* requests that came through a ring */
     uint64_t uring_bad_requests;   /* ... with a layout we do not know (EIO) */
     uint64_t uring_lost;           /* ring entries lost while serving: connection aborted */
+    uint64_t header_loads;         /* TAKA headers read and verified */
+    uint64_t size_cache_hits;      /* stats answered from remembered header sizes */
 } tk_fs_stats;
 
 typedef struct tk_fs tk_fs;

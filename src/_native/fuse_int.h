@@ -101,6 +101,11 @@ typedef struct tk_idslot {
 } tk_idslot;
 #define TK_IDC_SLOTS 512
 
+typedef struct tk_szent {
+    uint64_t dev, ino, stored, ctime_ns, epoch, plain;
+} tk_szent;
+#define TK_SZC_SLOTS 65536
+
 typedef struct {
     char name[TK_KEYID_MAX + 1];
     uint32_t version;
@@ -152,6 +157,11 @@ struct tk_fs {
 
     /* caller identity cache (fuse_impl.c): tid -> its /proc/<tid> directory */
     struct tk_idslot *idc;
+
+    /* plaintext sizes of verified headers, by backing (dev, ino, stored size, ctime):
+     * a stat after the kernel forgot the inode needs no header read (fuse_ops.c) */
+    pthread_mutex_t szc_mu;
+    struct tk_szent *szc;
 
     /* FUSE over io_uring (fuse_uring.c) */
     uint64_t init_unique;         /* unique of the kernel's INIT request (atomic) */

@@ -152,6 +152,46 @@ static int ensure_loaded(tk_fs *fs, fuse_req_t req, tk_inode *ino, int fd) {
     return rc;
 }
 
+/* ---- plaintext sizes without header reads ---------------------------------------------
+ * A stat shows the plaintext size from the file's authenticated header.  Once a header
+ * was verified, its size is remembered under the backing file's (dev, ino, stored
+ * size, ctime) and the key epoch: any change to the file through us or anyone else
+ * changes its ctime (and a size change its stored size), so a stale entry never
+ * matches.  This spares the header read (a disk read after the kernel dropped its
+ * caches) for files the kernel forgot; opening a file always verifies the header. */
+static tk_szent *szc_slot(tk_fs *fs, const struct stat *st) {
+    uint64_t h = ((uint64_t)st->st_ino * 0x9E3779B97F4A7C15ULL) ^ (uint64_t)st->st_dev;
+    return &fs->szc[(h >> 17) % TK_SZC_SLOTS];
+}
+
+static uint64_t ctime_ns(const struct stat *st) {
+    return (uint64_t)st->st_ctim.tv_sec * 1000000000ULL + (uint64_t)st->st_ctim.tv_nsec;
+}
+
+static int szc_get(tk_fs *fs, const struct stat *st, uint64_t *plain) {
+    uint64_t epoch = __atomic_load_n(&fs->taka_epoch, __ATOMIC_ACQUIRE);
+    pthread_mutex_lock(&fs->szc_mu);
+    const tk_szent *e = szc_slot(fs, st);
+    int hit = e->ino == (uint64_t)st->st_ino && e->dev == (uint64_t)st->st_dev &&
+              e->stored == (uint64_t)st->st_size && e->ctime_ns == ctime_ns(st) &&
+              e->epoch == epoch && e->ino != 0;
+    if (hit) *plain = e->plain;
+    pthread_mutex_unlock(&fs->szc_mu);
+    return hit;
+}
+
+static void szc_put(tk_fs *fs, const struct stat *st, uint64_t plain, uint64_t epoch) {
+    pthread_mutex_lock(&fs->szc_mu);
+    tk_szent *e = szc_slot(fs, st);
+    e->dev = (uint64_t)st->st_dev;
+    e->ino = (uint64_t)st->st_ino;
+    e->stored = (uint64_t)st->st_size;
+    e->ctime_ns = ctime_ns(st);
+    e->epoch = epoch;
+    e->plain = plain;
+    pthread_mutex_unlock(&fs->szc_mu);
+}
+
 /* stat of ino as seen through `view` (plaintext size from the header). */
 static int view_stat(tk_fs *fs, tk_inode *ino, int view, struct stat *st) {
     int pfd = tk_inode_fd(fs, ino);
@@ -160,15 +200,34 @@ static int view_stat(tk_fs *fs, tk_inode *ino, int view, struct stat *st) {
     tk_inode_put(fs, ino);
     if (r) return r;
     if (view != TK_VIEW_PLAIN || !S_ISREG(st->st_mode)) return 0;
+    struct stat raw = *st;
+    uint64_t plain = 0, epoch = 0;
     pthread_rwlock_rdlock(&ino->lock);
     int ok = tk_taka_valid(fs, &ino->taka);
-    if (ok) st->st_size = (off_t)ino->taka.size;
+    if (ok) {
+        plain = ino->taka.size;
+        epoch = ino->taka.epoch;
+    }
     pthread_rwlock_unlock(&ino->lock);
-    if (ok) return 0;
-    pthread_rwlock_wrlock(&ino->lock);
-    /* an invalid file keeps its stored size here: opening it fails with EIO */
-    if (ensure_loaded(fs, NULL, ino, -1) == 0) st->st_size = (off_t)ino->taka.size;
-    pthread_rwlock_unlock(&ino->lock);
+    if (!ok && szc_get(fs, &raw, &plain)) {
+        TK_INC(fs, size_cache_hits, 1);
+        st->st_size = (off_t)plain;
+        return 0;
+    }
+    if (!ok) {
+        pthread_rwlock_wrlock(&ino->lock);
+        /* an invalid file keeps its stored size here: opening it fails with EIO */
+        ok = ensure_loaded(fs, NULL, ino, -1) == 0;
+        if (ok) {
+            plain = ino->taka.size;
+            epoch = ino->taka.epoch;
+        }
+        pthread_rwlock_unlock(&ino->lock);
+    }
+    if (ok) {
+        st->st_size = (off_t)plain;
+        szc_put(fs, &raw, plain, epoch);
+    }
     return 0;
 }
 

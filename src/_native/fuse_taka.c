@@ -180,6 +180,7 @@ int tk_taka_load(tk_fs *fs, tk_inode *ino, int fd) {
     uint32_t kver = 0, vout = 0;
     uint8_t key[32], tag[16];
     ssize_t n = pread_full(fd, t->hdr, TK_HDR_SIZE, 0);
+    TK_INC(fs, header_loads, 1);
     if (n < 0) return (int)n;
     int rc = n < TK_HDR_SIZE ? -EBADMSG : parse(t, name, &kver);
     if (rc == 0) {
