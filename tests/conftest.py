@@ -1,5 +1,7 @@
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,3 +18,15 @@ VECTORS = json.loads((Path(__file__).parent / "vectors" / "taka_v1.json").read_t
 @pytest.fixture(params=VECTORS, ids=[v["name"] for v in VECTORS])
 def vector(request):
     return request.param
+
+
+@pytest.fixture
+def wtmp():
+    """A temp dir other users can traverse (pytest's own are 0700); guard point mounts
+    left under it are swept at the end."""
+    from fuse_helpers import sweep_stale_mounts
+    d = Path(tempfile.mkdtemp(prefix="tkfuse-"))
+    d.chmod(0o755)
+    yield d
+    sweep_stale_mounts(str(d))
+    shutil.rmtree(d, ignore_errors=True)

@@ -41,18 +41,6 @@ def _sweep():
 
 
 @pytest.fixture
-def wtmp(tmp_path):
-    """A temp dir other users can traverse (pytest's own are 0700)."""
-    import shutil
-    import tempfile
-    d = Path(tempfile.mkdtemp(prefix="tkfuse-"))
-    d.chmod(0o755)
-    yield d
-    sweep_stale_mounts(str(d))
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
 def guard(wtmp):
     with guard_mount(wtmp) as g:
         yield g

@@ -16,12 +16,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from fuse_helpers import errno_of, fuse_skip_reason, guard_mount, run_as, sweep_stale_mounts
+from fuse_helpers import errno_of, fuse_skip_reason, guard_mount, run_as
 
 pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None,
                                 reason=fuse_skip_reason() or "")
@@ -29,15 +28,6 @@ pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None,
 NOBODY = 65534
 OUTSIDER = 23456  # no rule names this uid: denied
 LONG = 30.0       # seconds: far longer than any test step, so a stale cache would show
-
-
-@pytest.fixture
-def wtmp():
-    d = Path(tempfile.mkdtemp(prefix="tkcache-"))
-    d.chmod(0o755)
-    yield d
-    sweep_stale_mounts(str(d))
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _stat(p: str) -> tuple[int, int]:

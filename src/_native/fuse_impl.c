@@ -881,9 +881,6 @@ fail:
 }
 
 /* Abort the FUSE connection (clients still holding files get ENOTCONN). */
-void tk_fs_abort(tk_fs *fs);
-static void abort_connection(tk_fs *fs) { tk_fs_abort(fs); }
-
 /* Abort the FUSE connection: every pending and later request fails (fail closed). */
 void tk_fs_abort(tk_fs *fs) {
     if (!fs->mnt_dev) return;
@@ -930,7 +927,7 @@ int tk_fs_unmount(tk_fs *fs) {
     pthread_mutex_unlock(&fs->state_mu);
     if (running) {
         fuse_session_exit(fs->se);
-        abort_connection(fs);  /* readers get ENODEV and the loop ends */
+        tk_fs_abort(fs);  /* readers get ENODEV and the loop ends */
     }
     pthread_join(fs->loop_thread, NULL);
     tk_uring_stop(fs);  /* the connection is gone: its ring commands were cancelled */

@@ -149,10 +149,10 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud) {
     uint64_t init = __atomic_load_n(&fs->init_unique, __ATOMIC_ACQUIRE);
     if (init && out.unique == init) {
         /* our INIT reply: offer FUSE_OVER_IO_URING (libfuse 3.14 cannot) */
-        struct iovec v[8];
+        struct iovec v[2];
         char init_out[256];
         ssize_t r;
-        if (fs->cfg.io_uring && out.error == 0 && count == 2 && count <= 8 &&
+        if (fs->cfg.io_uring && out.error == 0 && count == 2 &&
             iov[1].iov_len >= TK_INIT_OUT_FLAGS2 + 4 && iov[1].iov_len <= sizeof init_out) {
             uint32_t flags, flags2;
             memcpy(init_out, iov[1].iov_base, iov[1].iov_len);
