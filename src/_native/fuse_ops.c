@@ -843,8 +843,8 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
             tk_taka_reset(&ino->taka);
             pthread_rwlock_unlock(&ino->lock);
         }
+        inval_other_view(fs, ino, TK_VIEW_RAW);  /* before the reply: then fh may go */
         fuse_reply_write(req, (size_t)n);
-        inval_other_view(fs, ino, TK_VIEW_RAW);
         return;
     }
     uint64_t bad = 0, bs = 0;
@@ -860,10 +860,11 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
     if (rc == -EBADMSG) integrity_fail(fs, req, ino, "write", bad);
     if (rc) reply_rc(req, rc);
     else {
-        fuse_reply_write(req, size);
+        /* before the reply: once it is sent a RELEASE may free fh (and the inode) */
         inval_other_view(fs, ino, TK_VIEW_PLAIN);
         write_behind(fh, tk_taka_stored_size((uint64_t)off / bs * bs, (uint32_t)bs),
                      tk_taka_stored_size((uint64_t)off + size, (uint32_t)bs));
+        fuse_reply_write(req, size);
     }
 }
 
@@ -908,8 +909,8 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
         pthread_rwlock_wrlock(&fh->ino->lock);
         tk_taka_reset(&fh->ino->taka);
         pthread_rwlock_unlock(&fh->ino->lock);
-        reply_rc(req, rc);
         if (rc == 0) inval_other_view(fs, fh->ino, TK_VIEW_RAW);
+        reply_rc(req, rc);
         return;
     }
     /* plaintext: mode 0 and KEEP_SIZE only.  Growing is a truncate up (a hole); the
@@ -932,8 +933,8 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
     }
     pthread_rwlock_unlock(&ino->lock);
     if (rc == -EBADMSG) integrity_fail(fs, req, ino, "write", bad);
-    reply_rc(req, rc);
     if (rc == 0) inval_other_view(fs, ino, fh->view);
+    reply_rc(req, rc);
 }
 
 /* ---- directories ---------------------------------------------------------------------- */
