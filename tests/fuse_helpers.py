@@ -11,6 +11,8 @@ Policy for the child: a list of rules ``{"uid": int|None, "actions": [..]|None,
 "prefix": str|None, "exe": str|None, "effects": [...], "ttl": float}`` (``exe``: the
 caller's /proc/PID/exe; ``effects`` may include the caching hint "any_path"); the
 first match decides, no match denies.  Audit events are appended to ``audit.jsonl`` as JSON lines.
+The server gives the data path the policy hints these rules prove (``rules_hints``, the
+same reasoning as ``Engine.metadata_hints``) unless ``hints=False``.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class Guard:
 def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = False,
                 path: Path | None = None, key: bytes | None = None, threads: int = 4,
                 key_name: str = "guard", metadata_cache: float | None = None,
-                policy_yaml: str | None = None, io_uring: bool = True):
+                policy_yaml: str | None = None, io_uring: bool = True, hints: bool = True):
     """Mount a guard point served by a child process; yields a :class:`Guard`."""
     tmp = Path(tmp)
     workdir = Path(tempfile.mkdtemp(prefix="guard-", dir=tmp))
@@ -126,6 +128,7 @@ def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = 
         "rules": rules if rules is not None else [{"effects": ["permit", "apply_key"]}],
         "audit_log": str(workdir / "audit.jsonl"), "stats_file": str(workdir / "stats.json"),
         "metadata_cache": metadata_cache, "policy_yaml": policy_yaml, "io_uring": io_uring,
+        "hints": hints,
     }
     (workdir / "spec.json").write_text(json.dumps(spec))
     with serve_child(HERE / "fuse_helpers.py", workdir, mnt) as proc:
@@ -211,6 +214,23 @@ def errno_of(fn, *args) -> int:
 # the server (child process)
 
 
+def rules_hints(rules: list[dict]) -> tuple[bool, bool]:
+    """(plain_only, getattr_all) for a list of test rules, like Engine.metadata_hints."""
+    view_actions = {"read", "write", "append", "truncate", "create", "getattr"}
+    plain_only = all("apply_key" in r["effects"] for r in rules if "permit" in r["effects"]
+                     and (r.get("actions") is None or view_actions & set(r["actions"])))
+    getattr_all = False
+    for r in rules:
+        if r.get("actions") is not None and "getattr" not in r["actions"]:
+            continue
+        if "permit" not in r["effects"] or "audit" in r["effects"]:
+            break
+        if all(r.get(k) is None for k in ("uid", "prefix", "exe")):
+            getattr_all = True
+            break
+    return plain_only, plain_only and getattr_all
+
+
 def _serve(spec_path: str) -> int:
     sys.path.insert(0, str(SRC))
     from takakrypt.guard import GuardPoint, effects_mask
@@ -238,11 +258,14 @@ def _serve(spec_path: str) -> int:
             return effects_mask(r["effects"]), i, 0, r.get("ttl", 60.0)
         return effects_mask(["deny"]), -1, 0, 60.0
 
+    hints = rules_hints(rules)
     if spec.get("policy_yaml"):  # the real engine (policy "p") instead of the rules
         from takakrypt import config as tkconfig
         from takakrypt.guard import policy_decider
         from takakrypt.policy import Engine
-        decide = policy_decider(Engine(tkconfig.loads(spec["policy_yaml"])), "p")
+        engine = Engine(tkconfig.loads(spec["policy_yaml"]))
+        decide = policy_decider(engine, "p")
+        hints = engine.metadata_hints("p")
 
     def audit(kind, uid, gid, pid, path, action, effects, detail):
         with lock:
@@ -260,6 +283,8 @@ def _serve(spec_path: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: dump.set())
+    if spec.get("hints", True):
+        gp.set_policy_hints(*hints)
     gp.mount()
     sys.stdout.write("ready\n")
     sys.stdout.flush()

@@ -129,6 +129,18 @@ def test_reload_removes_and_adds_guard_points(tmp_path):
         write_config(d.config_path, cfg)
         assert d.jcli("reload")["reloaded"]
         assert _mounted(gp)
+        # the backup tool's raw view: no policy hints for the data path
+        assert d.jcli("guard", "list")[0]["stats"]["policy_hints"] == 0
+        # a reload to a policy without any raw view: regular files' entries may be kept
+        plain = dict(cfg, policies={"gp": {"rules": [cfg["policies"]["gp"]["rules"][0],
+                                                     cfg["policies"]["gp"]["rules"][-1]]}})
+        write_config(d.config_path, plain)
+        assert d.jcli("reload")["reloaded"]
+        assert d.jcli("guard", "list")[0]["stats"]["policy_hints"] == 1
+        r = _py("import sys; open(sys.argv[1], 'w').write('x'); print(open(sys.argv[1]).read())",
+                str(gp / "h.txt"))
+        assert r.stdout.strip() == "x", r.stderr
+        assert subprocess.run([CAT, str(gp / "h.txt")], capture_output=True).returncode != 0
 
 
 def test_rename_and_link_are_decided_by_the_agent(tmp_path):

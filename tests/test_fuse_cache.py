@@ -319,3 +319,123 @@ def test_many_short_lived_files(wtmp, io_uring):
             for i in (0, 150, 299):
                 assert (g.mnt / f"t{k}-{i}").read_bytes() == b"%d" % i * 700
         assert g.proc.poll() is None
+
+
+def _setid_story(d: Path) -> list[tuple[str, int]]:
+    """The set-id bits after each step, in directory d (a guard point or a plain one)."""
+    out = []
+
+    def step(name: str, mode: int, fn, *, as_nobody: bool = True, gid: int = 0) -> None:
+        f = d / name
+        f.write_bytes(b"0123456789")
+        os.chown(f, 0, gid)
+        os.chmod(f, mode)
+        if as_nobody:
+            run_as(NOBODY, NOBODY, fn, str(f))
+        else:
+            fn(str(f))
+        out.append((name, os.stat(f).st_mode & 0o7777))
+
+    def append(p):
+        with open(p, "ab") as fh:
+            fh.write(b"x")
+
+    step("w", 0o6777, append)                       # both bits go (group may execute)
+    step("w-nogx", 0o6767, append)                  # setgid goes: not in the group
+    step("w-nogx-grp", 0o6767, append, gid=NOBODY)  # setgid stays: in it, no execute
+    step("w-root", 0o6777, append, as_nobody=False)  # CAP_FSETID: nothing changes
+    step("t", 0o6777, lambda p: os.truncate(p, 3))
+    step("otrunc", 0o6777, lambda p: open(p, "wb").close())
+    step("chown", 0o6755, lambda p: os.chown(p, NOBODY, -1), as_nobody=False)
+    return out
+
+
+@pytest.mark.parametrize("io_uring", [False, True], ids=["classic", "io_uring"])
+def test_setid_bits_cleared_as_the_kernel_would(wtmp, io_uring):
+    # With FUSE_HANDLE_KILLPRIV_V2 the engine, not the kernel, clears S_ISUID/S_ISGID
+    # on writes, truncates and chowns; the result must be what ext4 does itself.
+    plain = wtmp / "plain"
+    plain.mkdir()
+    os.chmod(plain, 0o777)
+    expected = _setid_story(plain)
+    assert dict(expected)["w"] == 0o777 and dict(expected)["w-root"] == 0o6777
+    assert dict(expected)["w-nogx-grp"] == 0o2767
+    with guard_mount(wtmp, io_uring=io_uring) as g:
+        os.chmod(g.mnt, 0o777)
+        assert _setid_story(g.mnt) == expected
+        s = g.stats()
+        assert s["killpriv_v2"] == 1, s
+        assert s["suid_kills"] >= 4, s
+        # ... and in return the kernel no longer asks for security.capability before
+        # every write(2): once per inode at most
+        before = g.stats()["getxattr_requests"]
+        fd = os.open(g.mnt / "many", os.O_CREAT | os.O_WRONLY, 0o644)
+        for _ in range(200):
+            os.write(fd, b"y" * 4096)
+        os.close(fd)
+        assert g.stats()["getxattr_requests"] - before <= 2
+        assert (g.mnt / "many").read_bytes() == b"y" * 4096 * 200
+
+
+def test_plain_only_policy_keeps_file_entries_never_attributes(wtmp):
+    # No rule grants the raw view: every permitted caller reaches the same plaintext
+    # node, so the kernel may keep regular files' entries; getattr is not for everyone,
+    # so their attributes are still asked for on every stat, and denied
+    rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
+             {"uid": OUTSIDER, "actions": ["list"], "effects": ["permit"]}]
+    with guard_mount(wtmp, rules=rules, metadata_cache=LONG) as g:
+        assert g.stats()["policy_hints"] == 1
+        os.chmod(g.mnt, 0o777)
+        os.mkdir(g.mnt / "d")
+        os.chmod(g.mnt / "d", 0o777)
+        f = g.mnt / "d" / "f"
+        f.write_bytes(b"secret" * 100)
+        for _ in range(3):
+            assert os.stat(f).st_size == 600 and f.read_bytes() == b"secret" * 100
+            assert run_as(OUTSIDER, OUTSIDER, errno_of, os.stat, str(f)) == errno.EACCES
+            assert run_as(OUTSIDER, OUTSIDER, errno_of, os.open, str(f),
+                          os.O_RDONLY) == errno.EACCES
+            assert run_as(NOBODY, NOBODY, errno_of, os.open, str(f),
+                          os.O_RDONLY) == errno.EACCES
+        # the entry is kept (no lookup per walk); each stat is still a getattr of ours
+        before = g.stats()
+        for _ in range(20):
+            os.stat(f)
+        after = g.stats()
+        assert after["ops"]["getattr"] - before["ops"]["getattr"] >= 20
+
+
+def test_allow_all_policy_keeps_file_attributes_too(wtmp):
+    with guard_mount(wtmp, metadata_cache=LONG) as g:  # permit + apply_key for everyone
+        assert g.stats()["policy_hints"] == 3
+        os.chmod(g.mnt, 0o777)
+        for i in range(50):
+            (g.mnt / f"f{i}").write_bytes(b"x" * i)
+        listing = subprocess.run(["ls", "-l", str(g.mnt)], capture_output=True, text=True,
+                                 check=True).stdout
+        before = g.stats()
+        again = subprocess.run(["ls", "-l", str(g.mnt)], capture_output=True, text=True,
+                               check=True).stdout
+        after = g.stats()
+        assert again == listing
+        # the files' attributes are all kept by the kernel (the directory's may not be)
+        assert after["ops"]["getattr"] - before["ops"]["getattr"] <= 2
+        assert {os.stat(g.mnt / f"f{i}").st_size for i in range(50)} == set(range(50))
+        # kept attributes follow writes through the (only) view
+        with open(g.mnt / "f3", "ab") as fh:
+            fh.write(b"yy")
+        assert os.stat(g.mnt / "f3").st_size == 5
+        assert run_as(NOBODY, NOBODY, lambda p: os.stat(p).st_size, str(g.mnt / "f3")) == 5
+
+
+def test_without_hints_every_walk_reaches_the_engine(wtmp):
+    # the same allow-all rules, hints withheld: regular files' entries are not kept
+    with guard_mount(wtmp, metadata_cache=LONG, hints=False) as g:
+        assert g.stats()["policy_hints"] == 0
+        (g.mnt / "f").write_bytes(b"abc")
+        before = g.stats()
+        for _ in range(10):
+            os.stat(g.mnt / "f")
+        after = g.stats()
+        # each walk looks the file up again: routed (read, then getattr probe) each time
+        assert after["ops"]["read"] - before["ops"]["read"] >= 10

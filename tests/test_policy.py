@@ -344,3 +344,61 @@ def test_any_path_cases():
                   {"effects": ["permit"]}], resource_sets=rs)
     assert decide(eng, req(action="read")).any_path
     assert not decide(eng, req(action="write", path="x")).any_path
+
+
+# metadata hints: facts for every caller and path (the data path lets the kernel keep
+# regular files' entries and attributes on them) --------------------------------------------
+
+_hint_rule = st.fixed_dictionaries({
+    "effects": st.sampled_from([["permit"], ["deny"], ["permit", "apply_key"],
+                                ["deny", "audit"], ["permit", "apply_key", "audit"]]),
+    "actions": st.lists(st.sampled_from(list(config.ACTIONS) + ["read_ops", "write_ops"]),
+                        min_size=1, max_size=3),
+}, optional={
+    "user_set": st.sampled_from(["u", "!u"]),
+    "resource_set": st.sampled_from(["r", "!r"]),
+})
+
+
+@given(st.lists(_hint_rule, min_size=1, max_size=6))
+def test_metadata_hints_hold_for_every_caller_and_path(rules):
+    eng = engine(rules, **SETS)
+    plain_only, getattr_all = eng.metadata_hints("p")
+    assert not getattr_all or plain_only
+    for uid in (0, 5, 1000):
+        for path in _PATHS:
+            if plain_only:
+                for action in policy.VIEW_ACTIONS:
+                    d = decide(eng, req(uid=uid, path=path, action=action))
+                    assert not d.permit or d.apply_key, (uid, path, action)
+            if getattr_all:
+                d = decide(eng, req(uid=uid, path=path, action="getattr"))
+                assert d.permit and d.apply_key and not d.audit, (uid, path)
+
+
+def test_metadata_hints_cases():
+    us = {"u": {"users": [5]}}
+    allow = {"effects": ["permit", "apply_key"]}
+    assert engine([allow]).metadata_hints("p") == (True, True)
+    # a raw view for anyone (backup): neither
+    assert engine([{"user_set": "u", "effects": ["permit"]}, allow],
+                  user_sets=us).metadata_hints("p") == (False, False)
+    # ... unless the permit picks no view (listing a directory)
+    assert engine([{"actions": ["list"], "effects": ["permit"]}, allow]
+                  ).metadata_hints("p") == (True, True)
+    # the usual database policy: plaintext for some, deny for the rest
+    assert engine([{"user_set": "u", "effects": ["permit", "apply_key"]},
+                   {"effects": ["deny", "audit"]}], user_sets=us).metadata_hints("p") == \
+        (True, False)
+    # getattr for everyone, data for some
+    assert engine([{"actions": ["getattr", "list"], "effects": ["permit", "apply_key"]},
+                   {"user_set": "u", "effects": ["permit", "apply_key"]}],
+                  user_sets=us).metadata_hints("p") == (True, True)
+    # an audited getattr must reach the engine every time
+    assert engine([{"actions": ["getattr"], "effects": ["permit", "apply_key", "audit"]},
+                   allow]).metadata_hints("p") == (True, False)
+    # learn mode writes would-deny events: no getattr_all
+    import yaml
+    doc = {"policies": {"p": {"learn_mode": True, "rules": [allow]}}}
+    assert policy.Engine(config.loads(yaml.safe_dump(doc))).metadata_hints("p") == \
+        (True, False)

@@ -76,6 +76,10 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t uring_lost
         uint64_t header_loads
         uint64_t size_cache_hits
+        uint64_t killpriv_v2
+        uint64_t suid_kills
+        uint64_t getxattr_requests
+        uint64_t policy_hints
     ctypedef struct tk_fs:
         pass
     const char *tk_action_name(int action)
@@ -86,6 +90,7 @@ cdef extern from "fuse_impl.h" nogil:
     int tk_fs_is_mounted(const tk_fs *fs)
     uint64_t tk_fs_bump_generation(tk_fs *fs)
     void tk_fs_invalidate(tk_fs *fs)
+    void tk_fs_set_hints(tk_fs *fs, unsigned hints)
     void tk_fs_stats_get(const tk_fs *fs, tk_fs_stats *out)
     void tk_fs_free(tk_fs *fs)
 
@@ -100,6 +105,8 @@ ACTIONS = tuple(tk_action_name(i).decode() for i in range(TK_ACT_COUNT))
 # action name -> the TAKA protocol's action code the ring requests carry (uapi enum)
 PROTOCOL_ACTIONS = {tk_action_name(i).decode(): tk_action_protocol_code(i)
                     for i in range(TK_ACT_COUNT)}
+HINT_PLAIN_ONLY = 1   # tk_fs_set_hints: no rule grants the raw view
+HINT_GETATTR_ALL = 2  # ... and getattr is permitted, unaudited, to everyone
 RING_TIMEOUT_MS = 5000  # TAKAKRYPT_TIMEOUT_MS
 
 # SAFETY: _alive is written only with the GIL held (at exit) and read by FUSE threads
@@ -303,6 +310,11 @@ cdef class Mount:
     def invalidate(self):
         tk_fs_invalidate(self._fs)
 
+    def set_hints(self, unsigned int hints):
+        """Policy facts (HINT_PLAIN_ONLY | HINT_GETATTR_ALL) that let the kernel keep
+        regular files' entries and attributes (fuse_impl.h, tk_fs_set_hints)."""
+        tk_fs_set_hints(self._fs, hints)
+
     def stats(self):
         cdef tk_fs_stats s
         tk_fs_stats_get(self._fs, &s)
@@ -336,4 +348,8 @@ cdef class Mount:
             "uring_lost": s.uring_lost,
             "header_loads": s.header_loads,
             "size_cache_hits": s.size_cache_hits,
+            "killpriv_v2": s.killpriv_v2,
+            "suid_kills": s.suid_kills,
+            "getxattr_requests": s.getxattr_requests,
+            "policy_hints": s.policy_hints,
         }

@@ -942,6 +942,7 @@ int tk_fs_unmount(tk_fs *fs) {
     fs->init_replied = 0;
     fs->init_unique = 0;
     fs->uring_offered = 0;
+    __atomic_store_n(&fs->st.killpriv_v2, 0, __ATOMIC_RELAXED);
     tk_itab_free(fs);  /* wipes per-file keys */
     if (fs->root_fd >= 0) close(fs->root_fd);
     if (fs->proc_fd >= 0) close(fs->proc_fd);
@@ -968,6 +969,12 @@ void tk_fs_invalidate(tk_fs *fs) {
     tk_cache_clear(fs->cache);
     tk_fs_bump_generation(fs);
     __atomic_fetch_add(&fs->taka_epoch, 1, __ATOMIC_ACQ_REL);
+}
+
+void tk_fs_set_hints(tk_fs *fs, unsigned hints) {
+    hints &= TK_HINT_PLAIN_ONLY | TK_HINT_GETATTR_ALL;
+    if (!(hints & TK_HINT_PLAIN_ONLY)) hints = 0;  /* attributes alone: still per view */
+    __atomic_store_n(&fs->st.policy_hints, (uint64_t)hints, __ATOMIC_RELEASE);
 }
 
 void tk_fs_stats_get(const tk_fs *fs, tk_fs_stats *out) {

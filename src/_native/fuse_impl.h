@@ -154,6 +154,10 @@ typedef struct {
     uint64_t uring_lost;           /* ring entries lost while serving: connection aborted */
     uint64_t header_loads;         /* TAKA headers read and verified */
     uint64_t size_cache_hits;      /* stats answered from remembered header sizes */
+    uint64_t killpriv_v2;          /* 1: FUSE_HANDLE_KILLPRIV_V2 negotiated (gauge) */
+    uint64_t suid_kills;           /* setuid/setgid bits cleared for a write/truncate/open */
+    uint64_t getxattr_requests;    /* GETXATTR requests, any name */
+    uint64_t policy_hints;         /* TK_HINT_* in force (gauge) */
 } tk_fs_stats;
 
 typedef struct tk_fs tk_fs;
@@ -182,6 +186,17 @@ int tk_fs_is_mounted(const tk_fs *fs);
 uint64_t tk_fs_bump_generation(tk_fs *fs);
 /* Drop every cached decision and the per-file header state. */
 void tk_fs_invalidate(tk_fs *fs);
+
+/* Facts the policy engine proved for every caller and path of this guard point
+ * (takakrypt.policy.Engine.metadata_hints); they let the kernel keep more:
+ *   TK_HINT_PLAIN_ONLY   no rule grants the raw view: every caller a regular file is
+ *                        permitted to gets its plaintext node, so its entry can be kept;
+ *   TK_HINT_GETATTR_ALL  getattr is permitted, unaudited, to everyone on every path, so
+ *                        a regular file's attributes can be kept whoever asked.
+ * Any time, from any thread; 0 (the default) keeps the per-caller routing. */
+#define TK_HINT_PLAIN_ONLY 1u
+#define TK_HINT_GETATTR_ALL 2u
+void tk_fs_set_hints(tk_fs *fs, unsigned hints);
 
 void tk_fs_stats_get(const tk_fs *fs, tk_fs_stats *out);
 

@@ -165,6 +165,7 @@ struct tk_fs {
 
     /* FUSE over io_uring (fuse_uring.c) */
     uint64_t init_unique;         /* unique of the kernel's INIT request (atomic) */
+    uint32_t init_in_flags;       /* what the kernel offered in it (written before unique) */
     int init_replied;             /* 1: our INIT reply is written, -1: it failed (state_mu) */
     int uring_offered;            /* FUSE_OVER_IO_URING was set in the INIT reply */
     int uring_error;              /* errno of a refused ring command (atomic), 0: none */

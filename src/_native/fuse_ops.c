@@ -8,10 +8,11 @@
  * tk_inode_put: the fds live in a bounded cache and are reopened from file handles);
  * plaintext I/O is fuse_taka.c under the inode's rwlock.
  *
- * Kernel caching (docs/guard-points.md): a regular file's entry is never cached (every
+ * Kernel caching (docs/guard-points.md): a regular file's entry is not cached (every
  * path walk asks us, so every caller is routed to the node of its own view and sees
- * its own sizes); directory entries and attributes, and a file's attributes for a
- * caller permitted getattr, are kept for cfg.meta_timeout.  Plaintext opens use the
+ * its own sizes) unless the policy grants no raw view at all (TK_HINT_PLAIN_ONLY);
+ * directory entries and attributes, and a file's attributes for a caller permitted
+ * getattr, are kept for cfg.meta_timeout.  Plaintext opens use the
  * page cache (mmap, including shared writable, works; kept across opens unless the raw
  * view changed the file), raw opens use FOPEN_DIRECT_IO.  Locks (flock, fcntl) are
  * left to the kernel.
@@ -22,6 +23,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/fuse.h>  /* fuse_write_in, FUSE_WRITE_KILL_SUIDGID (ABI 7.33) */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,10 +86,26 @@ static int choose_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *
     return view < 0 ? TK_VIEW_RAW : view;
 }
 
+static unsigned hints(tk_fs *fs) {
+    return (unsigned)__atomic_load_n(&fs->st.policy_hints, __ATOMIC_ACQUIRE);
+}
+
 /* How long the kernel may keep ino's attributes (fuse_impl.h: meta_timeout): a regular
- * file's only when this caller may see them (getattr_ok). */
+ * file's only when this caller may see them (getattr_ok) and no other caller can reach
+ * the node without a lookup of ours, or when everyone may (TK_HINT_GETATTR_ALL). */
 static double attr_ttl(tk_fs *fs, mode_t type, int getattr_ok) {
-    return !S_ISREG(type) || getattr_ok ? fs->cfg.meta_timeout : 0.0;
+    if (!S_ISREG(type)) return fs->cfg.meta_timeout;
+    unsigned h = hints(fs);
+    if (h & TK_HINT_PLAIN_ONLY)  /* entries kept: a denied caller would not ask us */
+        return (h & TK_HINT_GETATTR_ALL) ? fs->cfg.meta_timeout : 0.0;
+    return getattr_ok ? fs->cfg.meta_timeout : 0.0;
+}
+
+/* How long the kernel may keep an entry: a regular file's only if every permitted
+ * caller gets the same (plaintext) node, else each walk must reach choose_view. */
+static double entry_ttl(tk_fs *fs, mode_t type) {
+    if (S_ISREG(type) && !(hints(fs) & TK_HINT_PLAIN_ONLY)) return 0.0;
+    return fs->cfg.meta_timeout;
 }
 
 /* Whether this caller is permitted getattr on ino (or parent/name): a probe, no audit. */
@@ -246,9 +264,10 @@ static int make_entry(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd, cons
         return rc;
     }
     int attr_ok = 0;
-    if (!S_ISREG(st.st_mode)) view = TK_VIEW_PLAIN;
+    if (!S_ISREG(st.st_mode) || (view < 0 && (hints(fs) & TK_HINT_PLAIN_ONLY)))
+        view = TK_VIEW_PLAIN;  /* the only node a permitted caller can be given */
     else if (view < 0) view = choose_view(fs, req, parent, name, &attr_ok);
-    else if (req) attr_ok = may_getattr(fs, req, parent, name);
+    else if (req && !(hints(fs) & TK_HINT_PLAIN_ONLY)) attr_ok = may_getattr(fs, req, parent, name);
     tk_inode *ino = tk_itab_add(fs, parent, name, fd, &st, view);  /* takes fd */
     if (!ino) return -ENOMEM;
     int rc = view_stat(fs, ino, view, &e->attr);
@@ -258,9 +277,8 @@ static int make_entry(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd, cons
     }
     e->ino = tk_nodeid(fs, ino, view);
     e->generation = 0;
-    /* a regular file's entry is never cached: every walk must reach choose_view */
     e->attr_timeout = attr_ttl(fs, st.st_mode, attr_ok);
-    e->entry_timeout = S_ISREG(st.st_mode) ? 0.0 : fs->cfg.meta_timeout;
+    e->entry_timeout = entry_ttl(fs, st.st_mode);
     if (out) *out = ino;
     return 0;
 }
@@ -402,6 +420,50 @@ static void inval_other_view(tk_fs *fs, tk_inode *ino, int view) {
     fuse_lowlevel_notify_inval_inode(fs->se, tk_nodeid(fs, ino, other), -1, 0);
 }
 
+/* ---- setuid/setgid on write, truncate, chown (FUSE_HANDLE_KILLPRIV_V2) ----------------
+ * With KILLPRIV_V2 negotiated (fuse_uring.c patches it into the INIT reply) the kernel
+ * leaves clearing the set-id bits to us and, in return, stops asking for
+ * security.capability before every write (one round trip per write(2) otherwise).
+ * Rules, as the VFS applies them: a write or truncate by a caller without CAP_FSETID,
+ * and every chown, clears S_ISUID, and S_ISGID if the group may execute or the caller
+ * is not in the file's group.  The kernel
+ * says which writes and truncates need it; opens with O_TRUNC are judged by fsuid 0
+ * (libfuse 3.14 hides the open flag).  security.capability itself is dropped by the
+ * backing file system when we write, truncate or chown the backing file. */
+static int caller_in_group(fuse_req_t req, gid_t g) {
+    const struct fuse_ctx *c = fuse_req_ctx(req);
+    if (c->uid == 0 || c->gid == g) return 1;  /* fsuid 0: CAP_FSETID */
+    gid_t list[64];
+    int n = fuse_req_getgroups(req, 64, list);
+    for (int i = 0; i < n && i < 64; i++)
+        if (list[i] == g) return 1;
+    return 0;
+}
+
+static void kill_suidgid(tk_fs *fs, fuse_req_t req, int fd, const char *path) {
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) return;
+    mode_t m = st.st_mode & 07777, n = m & ~(mode_t)S_ISUID;
+    /* setgid goes if the group may execute, or if the caller is not in the group */
+    if ((m & S_ISGID) && ((m & S_IXGRP) || !caller_in_group(req, st.st_gid)))
+        n &= ~(mode_t)S_ISGID;
+    if (n == m) return;
+    if ((path ? chmod(path, n) : fchmod(fd, n)) == 0) TK_INC(fs, suid_kills, 1);
+}
+
+/* Did the kernel ask us to clear the set-id bits with this WRITE?  The request's
+ * fuse_write_in sits right before the payload libfuse hands us (classic channel and
+ * our io_uring rebuild alike); if it does not look like ours, assume yes unless the
+ * caller is root. */
+static int write_kills_suidgid(fuse_req_t req, const char *buf, size_t size, off_t off,
+                               const struct fuse_file_info *fi) {
+    struct fuse_write_in wi;
+    memcpy(&wi, buf - sizeof wi, sizeof wi);
+    if (wi.size == size && wi.offset == (uint64_t)off && wi.fh == fi->fh)
+        return (wi.write_flags & FUSE_WRITE_KILL_SUIDGID) != 0;
+    return fuse_req_ctx(req)->uid != 0;
+}
+
 static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_fh *fh,
                          uint64_t size) {
     int fd = fh ? fh->fd : -1, own = -1, rc = 0;
@@ -439,7 +501,8 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
     char p[64];
     if (to_set & FUSE_SET_ATTR_SIZE)
         rc = check_view(fs, req, ino, view, TK_ACT_TRUNCATE);
-    if (rc == 0 && (to_set & ~FUSE_SET_ATTR_SIZE))
+    /* the set-id clearing that comes with a truncate is part of the truncate */
+    if (rc == 0 && (to_set & ~(FUSE_SET_ATTR_SIZE | FATTR_KILL_SUIDGID)))
         rc = tk_check(fs, req, ino, NULL, TK_ACT_SETATTR, 0, NULL);
     int pfd = -1;  /* borrowed for the whole request */
     if (rc == 0) {
@@ -460,6 +523,8 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
         if (!S_ISREG(ino->type)) rc = -EINVAL;
         else rc = truncate_node(fs, req, ino, view, fh, (uint64_t)attr->st_size);
     }
+    if (rc == 0 && (to_set & FATTR_KILL_SUIDGID) && S_ISREG(ino->type))
+        kill_suidgid(fs, req, pfd, p);  /* after a chown, which may reset the mode */
     if (rc == 0 && (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME))) {
         struct timespec tv[2];
         tv[0].tv_sec = tv[1].tv_sec = 0;
@@ -684,6 +749,9 @@ static int open_backing(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int 
         close(fd);
         return rc;
     }
+    if ((flags & O_TRUNC) && fuse_req_ctx(req)->uid != 0 &&
+        __atomic_load_n(&fs->st.killpriv_v2, __ATOMIC_RELAXED))
+        kill_suidgid(fs, req, fd, NULL);
     *fdp = fd;
     return 0;
 }
@@ -833,6 +901,9 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
     int rc = check_io(fs, req, fh, fh->append ? TK_ACT_APPEND : TK_ACT_WRITE, fi);
     if (rc) { reply_rc(req, rc); return; }
     tk_inode *ino = fh->ino;
+    if (__atomic_load_n(&fs->st.killpriv_v2, __ATOMIC_RELAXED) &&
+        write_kills_suidgid(req, buf, size, off, fi))
+        kill_suidgid(fs, req, fh->fd, NULL);
     if (fh->view == TK_VIEW_RAW) {
         ssize_t n = pwrite(fh->fd, buf, size, off);
         if (n < 0) { reply_rc(req, -errno); return; }
@@ -1016,9 +1087,10 @@ static void do_readdir(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off
         int is_dot = strcmp(name, ".") == 0 || strcmp(name, "..") == 0;
         if (!plus) {
             n = fuse_add_direntry(req, p, rem, name, &e.attr, next);
-        } else if (is_dot || d->entry->d_type == DT_REG || d->entry->d_type == DT_UNKNOWN) {
+        } else if (is_dot || d->entry->d_type == DT_UNKNOWN ||
+                   (d->entry->d_type == DT_REG && !(hints(fs) & TK_HINT_PLAIN_ONLY))) {
             /* node id 0: the kernel looks regular files up itself, so each caller is
-             * routed to the node of its view */
+             * routed to the node of its view (with TK_HINT_PLAIN_ONLY there is one) */
             n = fuse_add_direntry_plus(req, p, rem, name, &e, next);
         } else {
             if (nadded == capadded) {  /* room first: never hand out an untracked lookup */
@@ -1131,6 +1203,7 @@ static void op_setxattr(fuse_req_t req, fuse_ino_t nodeid, const char *name,
 static void op_getxattr(fuse_req_t req, fuse_ino_t nodeid, const char *name, size_t size) {
     tk_fs *fs = FS(req);
     tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
+    TK_INC(fs, getxattr_requests, 1);
     if (!user_xattr(name)) { reply_rc(req, -ENODATA); return; }
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_GETXATTR, 0, NULL);
     if (rc) { reply_rc(req, rc); return; }

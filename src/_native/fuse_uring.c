@@ -45,7 +45,10 @@
 #define TK_FUSE_OVER_IO_URING_FLAGS2 (1u << (41 - 32))
 #define TK_URING_CMD_REGISTER 1u
 #define TK_URING_CMD_COMMIT_AND_FETCH 2u
+#define TK_FUSE_HANDLE_KILLPRIV (1u << 19)
+#define TK_FUSE_HANDLE_KILLPRIV_V2 (1u << 28)
 #define TK_FUSE_INIT 26u
+#define TK_INIT_IN_FLAGS 12    /* offset in struct fuse_init_in */
 #define TK_INIT_OUT_FLAGS 12   /* offsets in struct fuse_init_out */
 #define TK_INIT_OUT_FLAGS2 32
 
@@ -113,8 +116,13 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
     ssize_t n = read(fd, buf, len);
     if (n >= (ssize_t)sizeof(struct fuse_in_header)) {
         const struct fuse_in_header *h = buf;
-        if (h->opcode == TK_FUSE_INIT)
+        if (h->opcode == TK_FUSE_INIT) {
+            uint32_t offered = 0;
+            if ((size_t)n >= sizeof *h + TK_INIT_IN_FLAGS + 4)
+                memcpy(&offered, (const char *)buf + sizeof *h + TK_INIT_IN_FLAGS, 4);
+            fs->init_in_flags = offered;
             __atomic_store_n(&fs->init_unique, h->unique, __ATOMIC_RELEASE);
+        }
     }
     return n;
 }
@@ -148,21 +156,29 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud) {
     if (e && out.unique != 0 && out.unique == e->unique) return reply_to_entry(e, iov, count);
     uint64_t init = __atomic_load_n(&fs->init_unique, __ATOMIC_ACQUIRE);
     if (init && out.unique == init) {
-        /* our INIT reply: offer FUSE_OVER_IO_URING (libfuse 3.14 cannot) */
+        /* our INIT reply: libfuse 3.14 cannot offer FUSE_OVER_IO_URING nor
+         * HANDLE_KILLPRIV_V2; both are patched in here (docs/guard-points.md) */
         struct iovec v[2];
         char init_out[256];
         ssize_t r;
-        if (fs->cfg.io_uring && out.error == 0 && count == 2 &&
+        if (out.error == 0 && count == 2 &&
             iov[1].iov_len >= TK_INIT_OUT_FLAGS2 + 4 && iov[1].iov_len <= sizeof init_out) {
             uint32_t flags, flags2;
             memcpy(init_out, iov[1].iov_base, iov[1].iov_len);
             memcpy(&flags, init_out + TK_INIT_OUT_FLAGS, 4);
             memcpy(&flags2, init_out + TK_INIT_OUT_FLAGS2, 4);
-            if (flags & TK_FUSE_INIT_EXT) {
+            if (fs->cfg.io_uring && (flags & TK_FUSE_INIT_EXT)) {
                 flags2 |= TK_FUSE_OVER_IO_URING_FLAGS2;
-                memcpy(init_out + TK_INIT_OUT_FLAGS2, &flags2, 4);
                 fs->uring_offered = 1;
             }
+            /* we clear setuid/setgid ourselves (fuse_ops.c, kill_suidgid); the kernel
+             * then stops asking for security.capability before every write */
+            if (fs->init_in_flags & TK_FUSE_HANDLE_KILLPRIV_V2) {
+                flags = (flags & ~TK_FUSE_HANDLE_KILLPRIV) | TK_FUSE_HANDLE_KILLPRIV_V2;
+                __atomic_store_n(&fs->st.killpriv_v2, 1, __ATOMIC_RELAXED);
+            }
+            memcpy(init_out + TK_INIT_OUT_FLAGS, &flags, 4);
+            memcpy(init_out + TK_INIT_OUT_FLAGS2, &flags2, 4);
             v[0] = iov[0];
             v[1].iov_base = init_out;
             v[1].iov_len = iov[1].iov_len;

@@ -298,6 +298,12 @@ class _Rule:
         return out
 
 
+#: actions whose decision picks the view of a regular file (plaintext with apply_key,
+#: the stored bytes without): the data path routes a caller by read, write, getattr,
+#: creates by create, and requires the view for append and truncate
+VIEW_ACTIONS = frozenset({"read", "write", "append", "truncate", "create", "getattr"})
+
+
 class CompiledPolicy:
     def __init__(self, name: str, pol: C.Policy, sets: dict[str, dict[str, object]]) -> None:
         self.name = name
@@ -360,6 +366,34 @@ class Engine:
         if explain:
             notes.append("no rule matched: default deny")
         return self._decide(pol, -1, frozenset({"deny"}), notes, ttl, any_path)
+
+    def metadata_hints(self, policy: str) -> tuple[bool, bool]:
+        """Two facts about ``policy`` that hold for every caller, path and time, which
+        let the data path have the kernel keep more (docs/guard-points.md, "Policy
+        hints"):
+
+        * ``plain_only``: no rule grants the raw view (every permit of an action that
+          chooses a regular file's view — :data:`VIEW_ACTIONS` — applies the key), so
+          every caller permitted a regular file reaches the same plaintext node;
+        * ``getattr_all``: every caller is permitted getattr on every path, unaudited:
+          the first rule that can decide getattr for everyone permits it without
+          ``audit``, and no rule before it denies or audits getattr.  Not in learn mode
+          (its would-deny events must be written).
+        """
+        pol = self.policies[policy]
+        plain_only = all("apply_key" in r.effects for r in pol.rules
+                         if "permit" in r.effects and r.actions & VIEW_ACTIONS)
+        getattr_all = False
+        if not pol.learn_mode:
+            for r in pol.rules:
+                if "getattr" not in r.actions:
+                    continue
+                if "permit" not in r.effects or "audit" in r.effects:
+                    break
+                if not r.checks:
+                    getattr_all = True
+                    break
+        return plain_only, plain_only and getattr_all
 
     @staticmethod
     def _decide(pol: CompiledPolicy, index: int, effects: frozenset[str], notes: list[str],

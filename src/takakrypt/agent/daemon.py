@@ -139,6 +139,9 @@ class Agent:
         for g in self.guards.values():  # the data path's own cache: nothing stale survives
             if hasattr(g, "bump_generation"):
                 g.bump_generation()
+            if hasattr(g, "set_policy_hints") and hasattr(g, "spec"):
+                from .guards import apply_policy_hints
+                apply_policy_hints(self, g)  # what the new policy proves
         self.reloads["ok"] += 1
         self.last_reload_error = None
         self._audit_system("config-reload", "configuration reloaded", {"result": "ok"})

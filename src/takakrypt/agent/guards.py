@@ -74,5 +74,16 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
                    metadata_cache=gp.metadata_cache, io_uring=gp.io_uring,
                    current_version=lambda name: agent.keys.current_version(name))
     g.spec = gp  # type: ignore[attr-defined]
+    apply_policy_hints(agent, g)
     g.mount()
     return g
+
+
+def apply_policy_hints(agent: Any, g: GuardPoint) -> None:
+    """Tell the data path what the guard point's policy proves for every caller (kernel
+    caching of regular files, docs/guard-points.md "Policy hints"); after a mount and
+    after every reload.  A policy that is gone gets no hints."""
+    engine = agent.state.engine
+    name = g.spec.policy  # type: ignore[attr-defined]
+    hints = engine.metadata_hints(name) if name in engine.policies else (False, False)
+    g.set_policy_hints(*hints)
