@@ -7,6 +7,9 @@
 #   TAR       a tar of a directory tree (default: the tree peers.sh uses)
 #   PIN=1     pin ls to CPU 0 (shows the cost of cross-CPU wake-ups on a VM)
 #   GUARD_ARGS="--no-io-uring"   extra arguments for python -m takakrypt.guard
+#   PAUSE=40  seconds between the native run and the guard point's: ext4 skips inodes
+#             freed in the last 5-35 s when it allocates new ones (recently_deleted),
+#             which would slow the second untar after the first rm -rf
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$here/.venv/bin/python}
@@ -28,6 +31,7 @@ run() {  # target dir
 }
 mkdir -p "$W/native" "$W/back" "$W/mnt"
 run native "$W/native"
+sleep "${PAUSE:-40}"
 head -c 32 /dev/urandom > "$W/key"
 # shellcheck disable=SC2086
 setsid "$PY" -m takakrypt.guard --backing "$W/back" --mountpoint "$W/mnt" --key-file "$W/key" \

@@ -486,6 +486,9 @@ def test_user_xattrs(guard):
     assert os.getxattr(guard.backing / "x", "user.color") == b"blue"
     assert errno_of(os.setxattr, p, "trusted.x", b"1") == errno.EOPNOTSUPP
     assert errno_of(os.getxattr, p, "user.nope") == errno.ENODATA
+    # other namespaces are not supported at all, and say so (tools then stop asking)
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+        assert errno_of(os.getxattr, p, name) == errno.EOPNOTSUPP, name
 
 
 def _try_locks(path: str) -> tuple[int, int]:

@@ -2,8 +2,10 @@
  * fuse_ops.c -- the low-level operations of a guard point.
  *
  * Every operation starts with tk_check() (fuse_impl.c) for the action of the policy
- * language; only forget, flush, release, releasedir, init and destroy do not (they
- * release resources and must never fail).  Backing access is relative to O_PATH
+ * language; only forget, release, releasedir, init and destroy do not (they
+ * release resources and must never fail).  There is no flush: libfuse answers ENOSYS
+ * once and the kernel stops sending it (writes reach the backing file synchronously,
+ * a close has nothing to flush; docs/guard-points.md).  Backing access is relative to O_PATH
  * inode fds (fuse_inode.c), BORROWED for the syscalls that use them (tk_inode_fd ..
  * tk_inode_put: the fds live in a bounded cache and are reopened from file handles);
  * plaintext I/O is fuse_taka.c under the inode's rwlock.
@@ -252,8 +254,9 @@ static int view_stat(tk_fs *fs, tk_inode *ino, int view, struct stat *st) {
 /* Entry for parent/name (pfd: parent's borrowed fd), one kernel lookup added to the
  * node of `view`; view < 0: routed by choose_view (regular files).  Directories,
  * symlinks and special files have the plaintext node only. */
-static int make_entry(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd, const char *name,
-                      int view, struct fuse_entry_param *e, tk_inode **out) {
+static int make_entry_ex(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd,
+                         const char *name, int view, int fresh, struct fuse_entry_param *e,
+                         tk_inode **out) {
     memset(e, 0, sizeof *e);
     int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) return -errno;
@@ -270,7 +273,9 @@ static int make_entry(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd, cons
     else if (req && !(hints(fs) & TK_HINT_PLAIN_ONLY)) attr_ok = may_getattr(fs, req, parent, name);
     tk_inode *ino = tk_itab_add(fs, parent, name, fd, &st, view);  /* takes fd */
     if (!ino) return -ENOMEM;
-    int rc = view_stat(fs, ino, view, &e->attr);
+    /* fresh: a file we just created, still without its header; the caller writes the
+     * header and then fills e->attr (no pointless header read of an empty file) */
+    int rc = fresh ? (e->attr = st, 0) : view_stat(fs, ino, view, &e->attr);
     if (rc) {
         tk_itab_forget(fs, tk_nodeid(fs, ino, view), 1);
         return rc;
@@ -281,6 +286,11 @@ static int make_entry(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd, cons
     e->entry_timeout = entry_ttl(fs, st.st_mode);
     if (out) *out = ino;
     return 0;
+}
+
+static int make_entry(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd, const char *name,
+                      int view, struct fuse_entry_param *e, tk_inode **out) {
+    return make_entry_ex(fs, req, parent, pfd, name, view, 0, e, out);
 }
 
 static int lookup_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *name,
@@ -592,7 +602,7 @@ static void make_node(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
         /* a regular file made in the plaintext view is an empty TAKA file */
         int fd = openat(pfd, name, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0) rc = -errno;
-        if (rc == 0) rc = make_entry(fs, req, parent, pfd, name, ev, &e, &ino);
+        if (rc == 0) rc = make_entry_ex(fs, req, parent, pfd, name, ev, 1, &e, &ino);
         if (rc == 0) {
             pthread_rwlock_wrlock(&ino->lock);
             rc = tk_taka_create(fs, ino, fd);
@@ -813,7 +823,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
             }
         }
     } else if (rc == 0) {
-        rc = make_entry(fs, req, parent, pfd, name, view, &e, &ino);
+        rc = make_entry_ex(fs, req, parent, pfd, name, view, view == TK_VIEW_PLAIN, &e, &ino);
         if (rc == 0 && view == TK_VIEW_PLAIN) {
             pthread_rwlock_wrlock(&ino->lock);
             rc = tk_taka_create(fs, ino, fd);
@@ -937,14 +947,6 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
                      tk_taka_stored_size((uint64_t)off + size, (uint32_t)bs));
         fuse_reply_write(req, size);
     }
-}
-
-static void op_flush(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
-    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
-    (void)nodeid;
-    /* close a duplicate: flushes like a close(2) of the backing file would */
-    int d = dup(fh->fd);
-    reply_rc(req, d < 0 ? -errno : (close(d) < 0 ? -errno : 0));
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
@@ -1204,7 +1206,10 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t nodeid, const char *name, siz
     tk_fs *fs = FS(req);
     tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
     TK_INC(fs, getxattr_requests, 1);
-    if (!user_xattr(name)) { reply_rc(req, -ENODATA); return; }
+    /* other namespaces are not supported (set/remove say so too): EOPNOTSUPP, not
+     * ENODATA, lets tools stop asking (ls -l probes SELinux labels and ACLs once per
+     * file system instead of twice per file) */
+    if (!user_xattr(name)) { reply_rc(req, -EOPNOTSUPP); return; }
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_GETXATTR, 0, NULL);
     if (rc) { reply_rc(req, rc); return; }
     char *buf = size ? malloc(size) : NULL;
@@ -1314,7 +1319,6 @@ const struct fuse_lowlevel_ops tk_ops = {
     .create = op_create,
     .read = op_read,
     .write = op_write,
-    .flush = op_flush,
     .release = op_release,
     .fsync = op_fsync,
     .fallocate = op_fallocate,

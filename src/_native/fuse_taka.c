@@ -236,7 +236,10 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
     t->size = 0;
     if (rc == 0) rc = keys_from(t, key);
     OPENSSL_cleanse(key, sizeof key);
-    if (rc == 0) rc = trunc_to(fd, 0);
+    /* a new file is empty: truncating it anyway would make ext4 flush it on close
+     * (auto_da_alloc), one synchronous writeback start per created file */
+    struct stat st;
+    if (rc == 0 && (fstat(fd, &st) < 0 || st.st_size != 0)) rc = trunc_to(fd, 0);
     if (rc == 0) rc = write_header(t, fd);
     if (rc) {
         tk_taka_reset(t);
