@@ -442,3 +442,17 @@ def test_without_hints_every_walk_reaches_the_engine(wtmp):
         after = g.stats()
         # each walk looks the file up again: routed (read, then getattr probe) each time
         assert after["ops"]["read"] - before["ops"]["read"] >= 10
+
+
+def test_read_ahead_is_one_full_request(wtmp):
+    # the kernel's 128 KiB default would split a sequential read into 8x more requests
+    with guard_mount(wtmp) as g:
+        assert g.stats()["read_ahead_kb"] == 1024
+        dev = os.stat(g.mnt).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        assert bdi.read_text().strip() == "1024"
+        data = os.urandom(3 * 1024 * 1024 + 5)
+        (g.mnt / "f").write_bytes(data)
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+        assert (g.mnt / "f").read_bytes() == data

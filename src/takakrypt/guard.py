@@ -213,6 +213,7 @@ class GuardPoint:
                               ring=ring, ring_timeout_ms=ring_timeout_ms,
                               meta_timeout=metadata_cache, io_uring=io_uring)
         self.io_uring = io_uring
+        self.read_ahead_kb: int | None = None  # set by mount()
 
     # callbacks (engine threads) --------------------------------------------------------
     def _decide_cb(self, uid: int, gid: int, pid: int, path: str, action: str) -> tuple:
@@ -248,6 +249,7 @@ class GuardPoint:
         except OSError as e:
             raise GuardError(e.errno, f"cannot mount guard point {self.path}: {e.strerror}") \
                 from None
+        self.read_ahead_kb = set_read_ahead(self.path, READ_AHEAD_KB)
 
     def unmount(self) -> None:
         self._m.unmount()
@@ -275,6 +277,7 @@ class GuardPoint:
     def stats(self) -> dict[str, Any]:
         s = self._m.stats()
         s["last_callback_error"] = self._m.last_callback_error
+        s["read_ahead_kb"] = self.read_ahead_kb
         return s
 
     def __enter__(self) -> GuardPoint:
@@ -286,6 +289,25 @@ class GuardPoint:
 
 
 FUSE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+#: kernel readahead for a guard point (KiB): one FUSE read request of the largest size
+#: the engine negotiates (1 MiB) instead of the default 128 KiB, so a sequential read is
+#: 8x fewer round trips and decrypts in larger batches (docs/guard-points.md)
+READ_AHEAD_KB = 1024
+
+
+def set_read_ahead(mountpoint: str, kb: int) -> int | None:
+    """Set the readahead of the FUSE mount at ``mountpoint`` (its bdi in sysfs; FUSE
+    cannot raise it through INIT).  Returns the value in force, or None where it cannot
+    be read or set (not root, no sysfs): the kernel's default stays."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(int(kb)))
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def enable_fuse_io_uring(param: str = FUSE_URING_PARAM) -> bool:
