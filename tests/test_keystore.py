@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import takakrypt
@@ -867,6 +867,8 @@ FUZZ = settings(max_examples=150, deadline=None,
 
 @FUZZ
 @given(data=st.binary(max_size=2000))
+@example(data=b'"\x80"')  # bad UTF-8 in a string: msgspec raises UnicodeDecodeError
+@example(data=b'{"format": "\xff"}')
 def test_fuzz_random_bytes(fuzz_store: Any, data: bytes) -> None:
     dp, mk, _, _ = fuzz_store
     p = dp / "fuzz-bytes.json"

@@ -305,6 +305,8 @@ def _parse(raw: bytes, shown: str) -> _Doc:
         obj = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
         raise KeystoreCorrupt(f"keystore {shown} is not valid JSON ({e})") from None
+    except UnicodeDecodeError:  # msgspec raises it for bad UTF-8 inside a string
+        raise KeystoreCorrupt(f"keystore {shown} is not valid JSON (not UTF-8)") from None
     except RecursionError:
         raise KeystoreCorrupt(f"keystore {shown} is not valid JSON (nested too deeply)") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
