@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # FUSE requests by kind that untar, cold and warm ls -lR and rm -rf of a tree cause on a
 # takakrypt guard point (--allow-all), counted from the kernel's fuse:fuse_request_send
-# tracepoint (tracefs; no eBPF needed).  Counts, not times: the figures quoted in
-# docs/guard-points.md ("Policy hints", xattrs) come from this script.
+# and fuse_request_end tracepoints (tracefs; no eBPF needed): per kind the count and the
+# mean time from send to reply in microseconds (tracing adds a little to each).  The
+# request counts and latencies quoted in docs/guard-points.md and docs/performance.md
+# come from this script.
 #   usage: benchmarks/fuse_requests.sh [TAR]      (run as root)
 #   GUARD_ARGS="--no-io-uring"   extra arguments for python -m takakrypt.guard
 set -euo pipefail
@@ -14,13 +16,20 @@ T=/sys/kernel/tracing
 mountpoint -q $T || mount -t tracefs nodev $T
 [ -d $T/events/fuse ] || { echo "fuse_requests.sh: no fuse tracepoints in this kernel" >&2; exit 2; }
 W=$(mktemp -d "${TMPDIR:-/var/tmp}/tkreq.XXXXXX")
-trap 'echo 0 > $T/events/fuse/fuse_request_send/enable; fusermount3 -u "$W/mnt" 2>/dev/null || true; rm -rf "$W"' EXIT
-echo 65536 > $T/buffer_size_kb
-on() { echo > $T/trace; echo 1 > $T/events/fuse/fuse_request_send/enable; }
-off() {  # $1 phase
-  echo 0 > $T/events/fuse/fuse_request_send/enable
-  printf '%-9s %7d requests: ' "$1" "$(grep -c fuse_request_send $T/trace || true)"
-  grep -o '(FUSE_[A-Z0-9_]*)' $T/trace | sort | uniq -c | sort -rn | awk '{printf "%s %s  ", $2, $1}'
+trap 'ev 0; fusermount3 -u "$W/mnt" 2>/dev/null || true; rm -rf "$W"' EXIT
+echo 262144 > $T/buffer_size_kb  # per CPU: 2 events per request
+ev() { echo "$1" > $T/events/fuse/fuse_request_send/enable; echo "$1" > $T/events/fuse/fuse_request_end/enable; }
+on() { echo > $T/trace; ev 1; }
+off() {  # $1 phase: "KIND count mean-us" for each kind, most frequent first
+  ev 0
+  printf '%-9s %7d requests: ' "$1" "$(grep -c fuse_request_send: $T/trace || true)"
+  awk '/fuse_request_send:/ { for (i = 1; i <= NF; i++) if ($i == "req") r = $(i + 1);
+                              t[r] = $4 + 0; k[r] = substr($0, index($0, "(FUSE_") + 6);
+                              sub(/\).*/, "", k[r]) }
+       /fuse_request_end:/  { for (i = 1; i <= NF; i++) if ($i == "req") r = $(i + 1);
+                              if (r in t) { n[k[r]]++; s[k[r]] += $4 - t[r]; delete t[r] } }
+       END { for (x in n) printf "%d %s %.0f\n", n[x], x, s[x] / n[x] * 1e6 }' $T/trace |
+    sort -rn | awk '{printf "%s %s %sus  ", $2, $1, $3}'
   echo
 }
 mkdir -p "$W/back" "$W/mnt"

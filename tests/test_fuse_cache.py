@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,61 @@ def test_page_cache_kept_across_opens_until_the_raw_view_writes(wtmp):
         run_as(NOBODY, NOBODY, restore, str(g.mnt / "f"), stored_g)
         assert (g.mnt / "f").read_bytes() == b  # never the cached plaintext of before
         assert g.stats()["bytes_decrypted"] > before
+
+
+def test_own_writes_keep_the_page_cache(wtmp):
+    """PostgreSQL's pattern: write a page, lseek(SEEK_END), read other pages.  The size
+    lookup refreshes attributes with a new mtime; the cached pages stay (the kernel's
+    auto_inval_data would drop the whole file and send every later read to the engine)."""
+    with guard_mount(wtmp, rules=[{"uid": 0, "effects": ["permit", "apply_key"]}]) as g:
+        data = bytearray(os.urandom(256 * 1024))
+        (g.mnt / "rel").write_bytes(data)
+        fd = os.open(g.mnt / "rel", os.O_RDWR)
+        try:
+            assert os.pread(fd, len(data), 0) == data
+            before = g.stats()["bytes_decrypted"]
+            for i in range(8):
+                page = os.urandom(8192)
+                os.pwrite(fd, page, i * 8192)
+                data[i * 8192:(i + 1) * 8192] = page
+                time.sleep(0.02)  # a new mtime for the refresh to see
+                assert os.lseek(fd, 0, os.SEEK_END) == len(data)
+                assert os.fstat(fd).st_size == len(data)
+                assert os.pread(fd, len(data), 0) == data
+            assert g.stats()["bytes_decrypted"] == before  # every read from the cache
+        finally:
+            os.close(fd)
+        assert (g.mnt / "rel").read_bytes() == data
+
+
+def test_raw_restore_reaches_a_reader_holding_the_file_open(wtmp):
+    """The raw view rewriting a file (a restore) drops the plaintext node's cached pages
+    at once, also for a reader that keeps the file open and never stats it."""
+    rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
+             {"uid": NOBODY, "effects": ["permit"]}]
+    with guard_mount(wtmp, rules=rules) as g:
+        os.chmod(g.mnt, 0o777)
+        a, b = os.urandom(64 * 1024), os.urandom(64 * 1024)
+        for name, data in (("f", a), ("g", b)):
+            (g.mnt / name).write_bytes(data)
+            os.chmod(g.mnt / name, 0o666)
+        stored_g = (g.backing / "g").read_bytes()
+        fd = os.open(g.mnt / "f", os.O_RDONLY)
+        try:
+            assert os.pread(fd, len(a), 0) == a  # cached now
+
+            def restore(p, data):
+                with open(p, "r+b") as fh:
+                    fh.write(data)
+
+            run_as(NOBODY, NOBODY, restore, str(g.mnt / "f"), stored_g)
+            deadline = time.monotonic() + 10
+            while (got := os.pread(fd, len(b), 0)) != b and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert got == b
+            assert g.stats()["inval_data"] >= 1
+        finally:
+            os.close(fd)
 
 
 def _uring_reason() -> str | None:

@@ -78,6 +78,8 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t size_cache_hits
         uint64_t killpriv_v2
         uint64_t suid_kills
+        uint64_t inval_data
+        uint64_t inval_dropped
         uint64_t getxattr_requests
         uint64_t policy_hints
     ctypedef struct tk_fs:
@@ -350,6 +352,8 @@ cdef class Mount:
             "size_cache_hits": s.size_cache_hits,
             "killpriv_v2": s.killpriv_v2,
             "suid_kills": s.suid_kills,
+            "inval_data": s.inval_data,
+            "inval_dropped": s.inval_dropped,
             "getxattr_requests": s.getxattr_requests,
             "policy_hints": s.policy_hints,
         }

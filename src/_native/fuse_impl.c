@@ -704,6 +704,8 @@ tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, siz
     pthread_mutex_init(&fs->itab_mu, NULL);
     pthread_mutex_init(&fs->fdc_mu, NULL);
     pthread_mutex_init(&fs->key_mu, NULL);
+    pthread_mutex_init(&fs->nq_mu, NULL);
+    pthread_cond_init(&fs->nq_cv, NULL);
     int status = 0;
     pthread_mutex_init(&fs->szc_mu, NULL);
     fs->szc = calloc(TK_SZC_SLOTS, sizeof *fs->szc);
@@ -738,6 +740,84 @@ static void *loop_main(void *arg) {
     pthread_cond_broadcast(&fs->state_cv);
     pthread_mutex_unlock(&fs->state_mu);
     return NULL;
+}
+
+/* ---- the notifier thread ----------------------------------------------------------
+ * Page-cache invalidation of a plaintext node whose stored bytes changed through the
+ * raw view (the kernel's auto_inval_data is off: our own writes keep the page cache
+ * right, and an mtime change seen in GETATTR must not throw it away).  The kernel
+ * locks each cached page to drop it; a page may be locked by a READ waiting for the
+ * very thread that would notify, so notifications are sent from this thread only. */
+#define TK_NQ_MAX 65536
+
+void tk_inval_data_async(tk_fs *fs, fuse_ino_t nodeid) {
+    pthread_mutex_lock(&fs->nq_mu);
+    int queued = 0;
+    for (size_t i = fs->nq_len; i > 0 && i + 8 > fs->nq_len; i--)  /* recent duplicates */
+        if (fs->nq[i - 1] == nodeid) queued = 1;
+    if (!queued && fs->nq_len == fs->nq_cap && fs->nq_cap < TK_NQ_MAX) {
+        size_t cap = fs->nq_cap ? fs->nq_cap * 2 : 64;
+        fuse_ino_t *q = realloc(fs->nq, cap * sizeof *q);
+        if (q) {
+            fs->nq = q;
+            fs->nq_cap = cap;
+        }
+    }
+    if (!queued && fs->nq_len < fs->nq_cap) {
+        fs->nq[fs->nq_len++] = nodeid;
+        pthread_cond_signal(&fs->nq_cv);
+    } else if (!queued) {
+        /* no room: the node's next open drops its pages anyway (plain_stale) */
+        TK_INC(fs, inval_dropped, 1);
+    }
+    pthread_mutex_unlock(&fs->nq_mu);
+}
+
+static void *notify_main(void *arg) {
+    tk_fs *fs = arg;
+    fuse_ino_t *batch = NULL;
+    size_t cap = 0;
+    pthread_mutex_lock(&fs->nq_mu);
+    for (;;) {
+        while (!fs->nq_len && !fs->nq_stop) pthread_cond_wait(&fs->nq_cv, &fs->nq_mu);
+        if (fs->nq_stop) break;
+        /* swap the queue out: handlers keep queueing while we notify */
+        fuse_ino_t *q = fs->nq;
+        size_t n = fs->nq_len, qcap = fs->nq_cap;
+        fs->nq = batch;
+        fs->nq_cap = cap;
+        fs->nq_len = 0;
+        batch = q;
+        cap = qcap;
+        pthread_mutex_unlock(&fs->nq_mu);
+        for (size_t i = 0; i < n; i++) {
+            /* -ENOENT: the kernel forgot the node, nothing cached */
+            (void)fuse_lowlevel_notify_inval_inode(fs->se, batch[i], 0, 0);
+            TK_INC(fs, inval_data, 1);
+        }
+        pthread_mutex_lock(&fs->nq_mu);
+    }
+    pthread_mutex_unlock(&fs->nq_mu);
+    free(batch);
+    return NULL;
+}
+
+static void notifier_start(tk_fs *fs) {
+    pthread_mutex_lock(&fs->nq_mu);
+    fs->nq_stop = 0;
+    fs->nq_len = 0;
+    pthread_mutex_unlock(&fs->nq_mu);
+    fs->nq_started = pthread_create(&fs->nq_thread, NULL, notify_main, fs) == 0;
+}
+
+static void notifier_stop(tk_fs *fs) {
+    if (!fs->nq_started) return;
+    pthread_mutex_lock(&fs->nq_mu);
+    fs->nq_stop = 1;
+    pthread_cond_signal(&fs->nq_cv);
+    pthread_mutex_unlock(&fs->nq_mu);
+    pthread_join(fs->nq_thread, NULL);
+    fs->nq_started = 0;
 }
 
 /* Called from the INIT handler (fuse_ops.c) through fs->init_done. */
@@ -868,6 +948,7 @@ int tk_fs_mount(tk_fs *fs, char *err, size_t errlen) {
         return -EIO;
     }
     fs->mnt_dev = mountinfo_dev(fs->mountpoint);
+    notifier_start(fs);  /* not started: raw-view changes reach plaintext at next open */
     if (fs->cfg.io_uring) (void)tk_uring_start(fs);  /* failing: the classic channel serves */
     return 0;
 fail:
@@ -931,6 +1012,7 @@ int tk_fs_unmount(tk_fs *fs) {
     }
     pthread_join(fs->loop_thread, NULL);
     tk_uring_stop(fs);  /* the connection is gone: its ring commands were cancelled */
+    notifier_stop(fs);  /* a notification now fails at once: no connection */
     /* The connection is gone now, so this only closes the fd (libfuse polls it and
      * skips the umount on POLLERR). */
     fuse_session_unmount(fs->se);
@@ -1001,5 +1083,8 @@ void tk_fs_free(tk_fs *fs) {
     pthread_mutex_destroy(&fs->itab_mu);
     pthread_mutex_destroy(&fs->fdc_mu);
     pthread_mutex_destroy(&fs->key_mu);
+    pthread_mutex_destroy(&fs->nq_mu);
+    pthread_cond_destroy(&fs->nq_cv);
+    free(fs->nq);
     free(fs);
 }

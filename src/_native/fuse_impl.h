@@ -156,6 +156,8 @@ typedef struct {
     uint64_t size_cache_hits;      /* stats answered from remembered header sizes */
     uint64_t killpriv_v2;          /* 1: FUSE_HANDLE_KILLPRIV_V2 negotiated (gauge) */
     uint64_t suid_kills;           /* setuid/setgid bits cleared for a write/truncate/open */
+    uint64_t inval_data;           /* page caches of plaintext nodes dropped (notifier) */
+    uint64_t inval_dropped;        /* ... not queued (queue full; next open drops them) */
     uint64_t getxattr_requests;    /* GETXATTR requests, any name */
     uint64_t policy_hints;         /* TK_HINT_* in force (gauge) */
 } tk_fs_stats;

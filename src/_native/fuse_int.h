@@ -172,10 +172,22 @@ struct tk_fs {
     int unmounting;               /* tk_fs_unmount began (atomic) */
     struct tk_uring *uring;
 
+    /* page-cache invalidations queued for the notifier thread (fuse_impl.c) */
+    pthread_mutex_t nq_mu;
+    pthread_cond_t nq_cv;
+    fuse_ino_t *nq;
+    size_t nq_len, nq_cap;
+    int nq_stop, nq_started;
+    pthread_t nq_thread;
+
     tk_fs_stats st;               /* updated with __atomic builtins */
 };
 
 #define TK_INC(fs, field, n) __atomic_fetch_add(&(fs)->st.field, (uint64_t)(n), __ATOMIC_RELAXED)
+
+/* Drop the kernel's cached pages (and attributes) of nodeid, from the notifier thread:
+ * never from a request handler, whose thread a locked page's READ may be waiting for. */
+void tk_inval_data_async(tk_fs *fs, fuse_ino_t nodeid);
 
 /* fuse_uring.c */
 int tk_uring_attach_io(tk_fs *fs);

@@ -349,6 +349,11 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
     tk_fs *fs = userdata;
     if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
     conn->want &= ~(unsigned)FUSE_CAP_WRITEBACK_CACHE;  /* we own sizes and RMW */
+    /* Our own writes keep the page cache right: an mtime they changed, seen in the
+     * next GETATTR, must not drop every cached page of the file (auto_inval_data
+     * does; PostgreSQL's lseek after each write made that one READ per transaction).
+     * Raw-view changes drop the plaintext pages explicitly (mark_plain_stale). */
+    conn->want &= ~(unsigned)FUSE_CAP_AUTO_INVAL_DATA;
     if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
     tk_fs_init_done(fs);
@@ -390,8 +395,12 @@ static void op_getattr(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info 
  * mark the inode (plaintext writes go through the node's page cache and keep it
  * right).  The backing store has no other writers (in place it is hidden under the
  * mount; a separate backing directory must not be written directly). */
-static void mark_plain_stale(tk_inode *ino) {
+static void mark_plain_stale(tk_fs *fs, tk_inode *ino) {
     __atomic_store_n(&ino->plain_stale, 1, __ATOMIC_RELEASE);
+    /* a plaintext node the kernel knows may have pages cached (held open, or kept):
+     * drop them now, from the notifier thread */
+    if (__atomic_load_n(&ino->node[TK_VIEW_PLAIN].nlookup, __ATOMIC_RELAXED))
+        tk_inval_data_async(fs, tk_nodeid(fs, ino, TK_VIEW_PLAIN));
 }
 
 static int keep_cache(tk_inode *ino, int view) {
@@ -494,7 +503,7 @@ static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_
     } else {
         if (ftruncate(fd, (off_t)size) < 0) rc = -errno;
         tk_taka_reset(&ino->taka);  /* the raw bytes changed under any cached header */
-        mark_plain_stale(ino);
+        mark_plain_stale(fs, ino);
     }
     pthread_rwlock_unlock(&ino->lock);
     if (own >= 0) close(own);
@@ -752,7 +761,7 @@ static int open_backing(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int 
         if (rc == 0 && (flags & O_TRUNC)) rc = tk_taka_truncate(fs, &ino->taka, fd, 0, &bad);
     } else if (flags & O_TRUNC) {
         tk_taka_reset(&ino->taka);
-        mark_plain_stale(ino);
+        mark_plain_stale(fs, ino);
     }
     pthread_rwlock_unlock(&ino->lock);
     if (rc) {
@@ -917,7 +926,7 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
     if (fh->view == TK_VIEW_RAW) {
         ssize_t n = pwrite(fh->fd, buf, size, off);
         if (n < 0) { reply_rc(req, -errno); return; }
-        mark_plain_stale(ino);
+        mark_plain_stale(fs, ino);
         write_behind(fh, (uint64_t)off, (uint64_t)off + (uint64_t)n);
         if (off < TK_HDR_SIZE || fh->append) {  /* the header may have changed */
             pthread_rwlock_wrlock(&ino->lock);
@@ -978,7 +987,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
     if (rc) { reply_rc(req, rc); return; }
     if (fh->view == TK_VIEW_RAW) {
         if (fallocate(fh->fd, mode, off, len) < 0) rc = -errno;
-        mark_plain_stale(fh->ino);
+        mark_plain_stale(fs, fh->ino);
         pthread_rwlock_wrlock(&fh->ino->lock);
         tk_taka_reset(&fh->ino->taka);
         pthread_rwlock_unlock(&fh->ino->lock);

@@ -382,6 +382,12 @@ int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t n, uin
     uint64_t hi = old > end ? old : end;
     uint64_t block_end = (last + 1) * bs < hi ? (last + 1) * bs : hi;
     size_t blen = (size_t)(block_end - first * bs);
+    if (off % bs == 0 && blen == n) {
+        /* whole blocks (or a new tail): nothing to merge, encrypt the caller's bytes */
+        rc = store_blocks(fs, t, fd, first, (const uint8_t *)data, n);
+        if (rc) return rc;
+        goto stored;
+    }
     uint8_t *buf = calloc(1, blen);
     if (!buf) return -ENOMEM;
     size_t got = 0;
@@ -409,6 +415,7 @@ int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t n, uin
     OPENSSL_cleanse(buf, blen);
     free(buf);
     if (rc) return rc;
+stored:
     if (end >= old) {  /* the last block was rewritten: cut any longer stale copy */
         uint64_t want = tk_taka_stored_size(end, t->bs), phys;
         if ((rc = phys_size(fd, &phys))) return rc;
