@@ -500,13 +500,13 @@ def test_without_hints_every_walk_reaches_the_engine(wtmp):
         assert after["ops"]["read"] - before["ops"]["read"] >= 10
 
 
-def test_read_ahead_is_one_full_request(wtmp):
+def test_read_ahead_is_two_full_requests(wtmp):
     # the kernel's 128 KiB default would split a sequential read into 8x more requests
     with guard_mount(wtmp) as g:
-        assert g.stats()["read_ahead_kb"] == 1024
+        assert g.stats()["read_ahead_kb"] == 2048
         dev = os.stat(g.mnt).st_dev
         bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-        assert bdi.read_text().strip() == "1024"
+        assert bdi.read_text().strip() == "2048"
         data = os.urandom(3 * 1024 * 1024 + 5)
         (g.mnt / "f").write_bytes(data)
         os.sync()
