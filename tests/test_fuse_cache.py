@@ -500,6 +500,43 @@ def test_without_hints_every_walk_reaches_the_engine(wtmp):
         assert after["ops"]["read"] - before["ops"]["read"] >= 10
 
 
+def test_sequential_reads_prefetch_the_backing_file_random_reads_do_not(wtmp):
+    rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
+             {"uid": NOBODY, "effects": ["permit"]}]
+    with guard_mount(wtmp, rules=rules) as g:
+        os.chmod(g.mnt, 0o777)
+        data = os.urandom(8 * 1024 * 1024 + 123)
+        (g.mnt / "f").write_bytes(data)
+        os.chmod(g.mnt / "f", 0o644)
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+        base = g.stats()["read_prefetches"]
+        fd = os.open(g.mnt / "f", os.O_RDONLY)
+        try:
+            for off in (5 * 4096 * 29, 3 * 1024 * 1024 + 17, 4096, 6 * 1024 * 1024):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert os.pread(fd, 4096, off) == data[off:off + 4096]  # small: no hint
+            assert g.stats()["read_prefetches"] == base
+        finally:
+            os.close(fd)
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+        assert (g.mnt / "f").read_bytes() == data  # sequential, in 1 MiB requests
+        plain = g.stats()["read_prefetches"]
+        assert plain > base
+        # the raw view (direct I/O: the reader's own request sizes) is prefetched too
+        stored = (g.backing / "f").read_bytes()
+
+        def read_raw(p):
+            out = bytearray()
+            with open(p, "rb", buffering=0) as fh:
+                while chunk := fh.read(1 << 20):
+                    out += chunk
+            return bytes(out)
+
+        assert run_as(NOBODY, NOBODY, read_raw, str(g.mnt / "f")) == stored
+        assert g.stats()["read_prefetches"] > plain
+
+
 def test_read_ahead_is_two_full_requests(wtmp):
     # the kernel's 128 KiB default would split a sequential read into 8x more requests
     with guard_mount(wtmp) as g:

@@ -80,6 +80,7 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t suid_kills
         uint64_t inval_data
         uint64_t inval_dropped
+        uint64_t read_prefetches
         uint64_t getxattr_requests
         uint64_t policy_hints
     ctypedef struct tk_fs:
@@ -354,6 +355,7 @@ cdef class Mount:
             "suid_kills": s.suid_kills,
             "inval_data": s.inval_data,
             "inval_dropped": s.inval_dropped,
+            "read_prefetches": s.read_prefetches,
             "getxattr_requests": s.getxattr_requests,
             "policy_hints": s.policy_hints,
         }

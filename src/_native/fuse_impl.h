@@ -158,6 +158,7 @@ typedef struct {
     uint64_t suid_kills;           /* setuid/setgid bits cleared for a write/truncate/open */
     uint64_t inval_data;           /* page caches of plaintext nodes dropped (notifier) */
     uint64_t inval_dropped;        /* ... not queued (queue full; next open drops them) */
+    uint64_t read_prefetches;      /* backing ranges asked for ahead of a sequential read */
     uint64_t getxattr_requests;    /* GETXATTR requests, any name */
     uint64_t policy_hints;         /* TK_HINT_* in force (gauge) */
 } tk_fs_stats;

@@ -879,6 +879,39 @@ static void integrity_fail(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char 
     tk_audit_integrity(fs, req, ino, act, d);
 }
 
+/* ---- read prefetch --------------------------------------------------------------------
+ * The kernel reads a guard point's file ahead in requests of up to 1 MiB (readahead
+ * 2 MiB, guard.py), but each request's pread of the backing file only gets the backing
+ * device's own readahead (128 KiB by default): the disk then idles while the engine
+ * decrypts and replies.  When a handle's reads are sequential and large, the engine
+ * asks the backing file for the next two requests' worth of stored bytes
+ * (POSIX_FADV_WILLNEED: the I/O is started, not waited for), so the disk works on the
+ * next range while this one is decrypted.  Random and small reads are never hinted. */
+#define TK_PREFETCH_MIN (64u << 10)
+
+static void read_prefetch(tk_fs *fs, tk_fh *fh, uint64_t off, size_t size, uint32_t bs) {
+    if (size < TK_PREFETCH_MIN) return;
+    const uint64_t end = off + size, span = 4 * (uint64_t)size;
+    /* ra_next - 1 is the head of the stream: the furthest end read so far.  Requests
+     * of one readahead window are served by several threads in any order, so a read
+     * near the head (within two requests) counts as sequential; a jump does not. */
+    uint64_t prev = __atomic_load_n(&fh->ra_next, __ATOMIC_RELAXED);
+    while (end + 1 > prev &&
+           !__atomic_compare_exchange_n(&fh->ra_next, &prev, end + 1, 1, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+    }
+    if (!prev) return;  /* the handle's first read */
+    const uint64_t head = prev - 1;
+    if (off + span < head || off > head + span) return;  /* a jump */
+    uint64_t from = end > head ? end : head, to = from + span;
+    if (bs) {  /* plaintext offsets -> the stored blocks holding them */
+        from = tk_taka_stored_size(from / bs * bs, bs);
+        to = tk_taka_stored_size((to + bs - 1) / bs * bs, bs);
+    }
+    if (posix_fadvise(fh->fd, (off_t)from, (off_t)(to - from), POSIX_FADV_WILLNEED) == 0)
+        TK_INC(fs, read_prefetches, 1);
+}
+
 static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
                     struct fuse_file_info *fi) {
     tk_fs *fs = FS(req);
@@ -890,6 +923,7 @@ static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
     if (!buf) { reply_rc(req, -ENOMEM); return; }
     ssize_t n;
     if (fh->view == TK_VIEW_RAW) {
+        read_prefetch(fs, fh, (uint64_t)off, size, 0);
         n = pread(fh->fd, buf, size, off);
         if (n < 0) n = -errno;
     } else {
@@ -902,6 +936,7 @@ static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
             n = ensure_loaded(fs, req, ino, fh->fd);
             if (n == 0) n = tk_taka_read(fs, &ino->taka, fh->fd, buf, size, (uint64_t)off, &bad);
         } else {
+            read_prefetch(fs, fh, (uint64_t)off, size, ino->taka.bs);
             n = tk_taka_read(fs, &ino->taka, fh->fd, buf, size, (uint64_t)off, &bad);
         }
         pthread_rwlock_unlock(&ino->lock);
