@@ -23,12 +23,7 @@ on() { echo > $T/trace; ev 1; }
 off() {  # $1 phase: "KIND count mean-us" for each kind, most frequent first
   ev 0
   printf '%-9s %7d requests: ' "$1" "$(grep -c fuse_request_send: $T/trace || true)"
-  awk '/fuse_request_send:/ { for (i = 1; i <= NF; i++) if ($i == "req") r = $(i + 1);
-                              t[r] = $4 + 0; k[r] = substr($0, index($0, "(FUSE_") + 6);
-                              sub(/\).*/, "", k[r]) }
-       /fuse_request_end:/  { for (i = 1; i <= NF; i++) if ($i == "req") r = $(i + 1);
-                              if (r in t) { n[k[r]]++; s[k[r]] += $4 - t[r]; delete t[r] } }
-       END { for (x in n) printf "%d %s %.0f\n", n[x], x, s[x] / n[x] * 1e6 }' $T/trace |
+  awk -f "$here/benchmarks/fuse_trace_summary.awk" $T/trace |
     sort -rn | awk '{printf "%s %s %sus  ", $2, $1, $3}'
   echo
 }

@@ -31,10 +31,5 @@ echo 262144 > $T/buffer_size_kb
 echo > $T/trace; ev 1
 su postgres -c "pgbench -h $sock -c 4 -j 2 -T ${PGTIME:-10} postgres" 2>/dev/null | awk '/^tps/{print "pgbench:", $3, "TPS (traced)"}'
 ev 0
-awk '/fuse_request_send:/ { for (i = 1; i <= NF; i++) if ($i == "req") r = $(i + 1);
-                            t[r] = $4 + 0; k[r] = substr($0, index($0, "(FUSE_") + 6);
-                            sub(/\).*/, "", k[r]) }
-     /fuse_request_end:/  { for (i = 1; i <= NF; i++) if ($i == "req") r = $(i + 1);
-                            if (r in t) { n[k[r]]++; s[k[r]] += $4 - t[r]; delete t[r] } }
-     END { for (x in n) printf "%d %s %.0f\n", n[x], x, s[x] / n[x] * 1e6 }' $T/trace |
+awk -f "$here/benchmarks/fuse_trace_summary.awk" $T/trace |
   sort -rn | awk '{printf "%-12s %8d requests  mean %6d us\n", $2, $1, $3}'

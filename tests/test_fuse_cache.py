@@ -191,15 +191,23 @@ def test_engine_hints_keep_resource_rules_per_path(wtmp):
         assert s["cache_misses"] >= 40 and s["ops"]["read"] >= 20
 
 
+ROOT_PLAIN_NOBODY_RAW = [{"uid": 0, "effects": ["permit", "apply_key"]},
+                         {"uid": NOBODY, "effects": ["permit"]}]
+
+
+def _two_files(g) -> tuple[bytes, bytes]:
+    """f and g, 64 KiB of random plaintext each, writable by everyone (nobody: raw)."""
+    os.chmod(g.mnt, 0o777)
+    a, b = os.urandom(64 * 1024), os.urandom(64 * 1024)
+    for name, data in (("f", a), ("g", b)):
+        (g.mnt / name).write_bytes(data)
+        os.chmod(g.mnt / name, 0o666)
+    return a, b
+
+
 def test_page_cache_kept_across_opens_until_the_raw_view_writes(wtmp):
-    rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
-             {"uid": NOBODY, "effects": ["permit"]}]
-    with guard_mount(wtmp, rules=rules) as g:
-        os.chmod(g.mnt, 0o777)
-        a, b = os.urandom(64 * 1024), os.urandom(64 * 1024)
-        for name, data in (("f", a), ("g", b)):
-            (g.mnt / name).write_bytes(data)
-            os.chmod(g.mnt / name, 0o666)
+    with guard_mount(wtmp, rules=ROOT_PLAIN_NOBODY_RAW) as g:
+        a, b = _two_files(g)
         assert (g.mnt / "f").read_bytes() == a
         before = g.stats()["bytes_decrypted"]
         assert (g.mnt / "f").read_bytes() == a  # a new open: served from the page cache
@@ -243,14 +251,8 @@ def test_own_writes_keep_the_page_cache(wtmp):
 def test_raw_restore_reaches_a_reader_holding_the_file_open(wtmp):
     """The raw view rewriting a file (a restore) drops the plaintext node's cached pages
     at once, also for a reader that keeps the file open and never stats it."""
-    rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
-             {"uid": NOBODY, "effects": ["permit"]}]
-    with guard_mount(wtmp, rules=rules) as g:
-        os.chmod(g.mnt, 0o777)
-        a, b = os.urandom(64 * 1024), os.urandom(64 * 1024)
-        for name, data in (("f", a), ("g", b)):
-            (g.mnt / name).write_bytes(data)
-            os.chmod(g.mnt / name, 0o666)
+    with guard_mount(wtmp, rules=ROOT_PLAIN_NOBODY_RAW) as g:
+        a, b = _two_files(g)
         stored_g = (g.backing / "g").read_bytes()
         fd = os.open(g.mnt / "f", os.O_RDONLY)
         try:
