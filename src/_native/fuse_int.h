@@ -84,8 +84,8 @@ typedef struct {
     /* write-behind (fuse_ops.c): the stored range written sequentially and not yet
      * handed to writeback.  Atomics: one handle may serve several threads at once. */
     uint64_t wb_start, wb_end;
-    /* read prefetch (fuse_ops.c): where the next sequential read would start, +1
-     * (0: no read yet) */
+    /* read prefetch (fuse_ops.c): the furthest end of the current read stream, +1
+     * (0: no read yet).  Atomic. */
     uint64_t ra_next;
 } tk_fh;
 

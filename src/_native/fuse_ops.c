@@ -884,9 +884,9 @@ static void integrity_fail(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char 
  * 2 MiB, guard.py), but each request's pread of the backing file only gets the backing
  * device's own readahead (128 KiB by default): the disk then idles while the engine
  * decrypts and replies.  When a handle's reads are sequential and large, the engine
- * asks the backing file for the next two requests' worth of stored bytes
+ * asks the backing file for the stored bytes of the next four requests
  * (POSIX_FADV_WILLNEED: the I/O is started, not waited for), so the disk works on the
- * next range while this one is decrypted.  Random and small reads are never hinted. */
+ * next range while this one is decrypted.  Small reads and jumps are never hinted. */
 #define TK_PREFETCH_MIN (64u << 10)
 
 static void read_prefetch(tk_fs *fs, tk_fh *fh, uint64_t off, size_t size, uint32_t bs) {
@@ -894,15 +894,18 @@ static void read_prefetch(tk_fs *fs, tk_fh *fh, uint64_t off, size_t size, uint3
     const uint64_t end = off + size, span = 4 * (uint64_t)size;
     /* ra_next - 1 is the head of the stream: the furthest end read so far.  Requests
      * of one readahead window are served by several threads in any order, so a read
-     * near the head (within two requests) counts as sequential; a jump does not. */
+     * within four requests of the head counts as sequential.  The first read and a
+     * jump start a new stream at their own end, unhinted. */
     uint64_t prev = __atomic_load_n(&fh->ra_next, __ATOMIC_RELAXED);
+    const uint64_t head = prev ? prev - 1 : 0;
+    if (!prev || off + span < head || off > head + span) {
+        __atomic_store_n(&fh->ra_next, end + 1, __ATOMIC_RELAXED);
+        return;
+    }
     while (end + 1 > prev &&
            !__atomic_compare_exchange_n(&fh->ra_next, &prev, end + 1, 1, __ATOMIC_RELAXED,
                                         __ATOMIC_RELAXED)) {
     }
-    if (!prev) return;  /* the handle's first read */
-    const uint64_t head = prev - 1;
-    if (off + span < head || off > head + span) return;  /* a jump */
     uint64_t from = end > head ? end : head, to = from + span;
     if (bs) {  /* plaintext offsets -> the stored blocks holding them */
         from = tk_taka_stored_size(from / bs * bs, bs);
