@@ -367,32 +367,17 @@ static int rewrite_block(tk_fs *fs, tk_taka *t, int fd, uint64_t k, uint64_t new
     return rc;
 }
 
-int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t n, uint64_t off,
-                  uint64_t *bad) {
-    if (n == 0) return 0;
-    if (off > TK_MAX_PLAIN || n > TK_MAX_PLAIN - off) return -EFBIG;
-    const uint64_t bs = t->bs, old = t->size, end = off + n;
+/* Store blocks first..last holding [off, off + n) of new data: the existing plaintext
+ * at the partial edges is read, verified and merged first, never bytes past the old
+ * size; blen is the plaintext length from block `first` on that the blocks will hold. */
+static int store_merged(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t n,
+                        uint64_t off, uint64_t old, size_t blen, uint64_t *bad) {
+    const uint64_t bs = t->bs, end = off + n;
     const uint64_t first = off / bs, last = (end - 1) / bs;
-    int rc;
-    if (end > old && (rc = drop_stale_tail(t, fd))) return rc;
-    /* a partial last block before a gap is zero-extended to a full block first */
-    if (old % bs && (old - 1) / bs < first &&
-        (rc = rewrite_block(fs, t, fd, (old - 1) / bs, bs, bad)))
-        return rc;
-    uint64_t hi = old > end ? old : end;
-    uint64_t block_end = (last + 1) * bs < hi ? (last + 1) * bs : hi;
-    size_t blen = (size_t)(block_end - first * bs);
-    if (off % bs == 0 && blen == n) {
-        /* whole blocks (or a new tail): nothing to merge, encrypt the caller's bytes */
-        rc = store_blocks(fs, t, fd, first, (const uint8_t *)data, n);
-        if (rc) return rc;
-        goto stored;
-    }
     uint8_t *buf = calloc(1, blen);
     if (!buf) return -ENOMEM;
     size_t got = 0;
-    rc = 0;
-    /* merge existing plaintext at the partial edges, never bytes past the old size */
+    int rc = 0;
     int head = off % bs != 0 && first * bs < old;
     if (head) rc = read_blocks(fs, t, fd, old, first, first, buf, &got, bad);
     uint64_t lim = (last + 1) * bs < old ? (last + 1) * bs : old;
@@ -414,8 +399,29 @@ int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t n, uin
     }
     OPENSSL_cleanse(buf, blen);
     free(buf);
+    return rc;
+}
+
+int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t n, uint64_t off,
+                  uint64_t *bad) {
+    if (n == 0) return 0;
+    if (off > TK_MAX_PLAIN || n > TK_MAX_PLAIN - off) return -EFBIG;
+    const uint64_t bs = t->bs, old = t->size, end = off + n;
+    const uint64_t first = off / bs, last = (end - 1) / bs;
+    int rc;
+    if (end > old && (rc = drop_stale_tail(t, fd))) return rc;
+    /* a partial last block before a gap is zero-extended to a full block first */
+    if (old % bs && (old - 1) / bs < first &&
+        (rc = rewrite_block(fs, t, fd, (old - 1) / bs, bs, bad)))
+        return rc;
+    uint64_t hi = old > end ? old : end;
+    uint64_t block_end = (last + 1) * bs < hi ? (last + 1) * bs : hi;
+    size_t blen = (size_t)(block_end - first * bs);
+    if (off % bs == 0 && blen == n)  /* whole blocks (or a new tail): nothing to merge */
+        rc = store_blocks(fs, t, fd, first, (const uint8_t *)data, n);
+    else
+        rc = store_merged(fs, t, fd, data, n, off, old, blen, bad);
     if (rc) return rc;
-stored:
     if (end >= old) {  /* the last block was rewritten: cut any longer stale copy */
         uint64_t want = tk_taka_stored_size(end, t->bs), phys;
         if ((rc = phys_size(fd, &phys))) return rc;
