@@ -81,6 +81,7 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t inval_data
         uint64_t inval_dropped
         uint64_t read_prefetches
+        uint64_t read_splits
         uint64_t getxattr_requests
         uint64_t policy_hints
     ctypedef struct tk_fs:
@@ -356,6 +357,7 @@ cdef class Mount:
             "inval_data": s.inval_data,
             "inval_dropped": s.inval_dropped,
             "read_prefetches": s.read_prefetches,
+            "read_splits": s.read_splits,
             "getxattr_requests": s.getxattr_requests,
             "policy_hints": s.policy_hints,
         }

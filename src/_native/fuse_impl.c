@@ -706,6 +706,8 @@ tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, siz
     pthread_mutex_init(&fs->key_mu, NULL);
     pthread_mutex_init(&fs->nq_mu, NULL);
     pthread_cond_init(&fs->nq_cv, NULL);
+    pthread_mutex_init(&fs->sp_mu, NULL);
+    pthread_cond_init(&fs->sp_done_cv, NULL);
     int status = 0;
     pthread_mutex_init(&fs->szc_mu, NULL);
     fs->szc = calloc(TK_SZC_SLOTS, sizeof *fs->szc);
@@ -949,6 +951,7 @@ int tk_fs_mount(tk_fs *fs, char *err, size_t errlen) {
     }
     fs->mnt_dev = mountinfo_dev(fs->mountpoint);
     notifier_start(fs);  /* not started: raw-view changes reach plaintext at next open */
+    tk_split_start(fs);  /* none started: large reads are decrypted by the worker alone */
     if (fs->cfg.io_uring) (void)tk_uring_start(fs);  /* failing: the classic channel serves */
     return 0;
 fail:
@@ -1013,6 +1016,7 @@ int tk_fs_unmount(tk_fs *fs) {
     pthread_join(fs->loop_thread, NULL);
     tk_uring_stop(fs);  /* the connection is gone: its ring commands were cancelled */
     notifier_stop(fs);  /* a notification now fails at once: no connection */
+    tk_split_stop(fs);  /* no request is running any more */
     /* The connection is gone now, so this only closes the fd (libfuse polls it and
      * skips the umount on POLLERR). */
     fuse_session_unmount(fs->se);

@@ -159,6 +159,7 @@ typedef struct {
     uint64_t inval_data;           /* page caches of plaintext nodes dropped (notifier) */
     uint64_t inval_dropped;        /* ... not queued (queue full; next open drops them) */
     uint64_t read_prefetches;      /* backing ranges asked for ahead of a sequential read */
+    uint64_t read_splits;          /* parts of large reads decrypted by helper threads */
     uint64_t getxattr_requests;    /* GETXATTR requests, any name */
     uint64_t policy_hints;         /* TK_HINT_* in force (gauge) */
 } tk_fs_stats;

@@ -24,6 +24,10 @@
 #define TK_HDR_TAGOFF    112
 #define TK_KEYID_MAX     63
 #define TK_MAX_PLAIN     ((uint64_t)INT64_MAX)
+/* a read of at least 2 x TK_SPLIT_MIN_BLOCKS blocks is decrypted in parts of at least
+ * that many blocks, one per CPU, on at most TK_SPLIT_MAX_CPUS CPUs (fuse_split.c) */
+#define TK_SPLIT_MIN_BLOCKS  64
+#define TK_SPLIT_MAX_CPUS    8
 
 /* Views.  A regular file has one kernel inode (nodeid) per view, so page cache,
  * i_size and mmap never mix plaintext and raw bytes. */
@@ -183,6 +187,14 @@ struct tk_fs {
     int nq_stop, nq_started;
     pthread_t nq_thread;
 
+    /* helpers decrypting parts of large reads (fuse_split.c) */
+    pthread_mutex_t sp_mu;
+    pthread_cond_t sp_done_cv;
+    struct tk_split_helper *sp_helpers;  /* one per CPU */
+    int sp_stop;
+    unsigned sp_nthreads;         /* running helpers (atomic); 0: reads are not split */
+    unsigned sp_force_parts;      /* tests: parts per read, 0: one per other CPU */
+
     tk_fs_stats st;               /* updated with __atomic builtins */
 };
 
@@ -198,6 +210,10 @@ void tk_fs_abort(tk_fs *fs);        /* fuse_impl.c */
 void tk_fs_abort_live(tk_fs *fs);   /* ... only while mounted and not unmounting */
 int tk_uring_start(tk_fs *fs);
 void tk_uring_stop(tk_fs *fs);
+/* Where the reply data of the request this thread is serving may be built in place
+ * (its ring entry's payload: the reply then copies nothing), or NULL (classic channel,
+ * or more than the entry holds).  Valid until the reply is sent. */
+char *tk_uring_reply_space(size_t size);
 
 /* ---- fuse_impl.c ---- */
 /* tk_check flags */
@@ -250,13 +266,31 @@ int tk_taka_load(tk_fs *fs, tk_inode *ino, int fd);        /* wrlock */
 int tk_taka_valid(tk_fs *fs, const tk_taka *t);            /* any lock */
 void tk_taka_reset(tk_taka *t);                             /* wrlock */
 int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd);      /* wrlock; empty TAKA file */
+/* a backing range worth reading ahead (POSIX_FADV_WILLNEED); len 0: none */
+typedef struct tk_hint {
+    uint64_t off, len;
+} tk_hint;
+void tk_hint_apply(tk_fs *fs, int fd, const tk_hint *hint);  /* fuse_split.c */
+/* hint: given to the backing file while (or before) the blocks are read; may be NULL */
 ssize_t tk_taka_read(tk_fs *fs, tk_taka *t, int fd, char *out, size_t len, uint64_t off,
-                     uint64_t *bad_block);                 /* rdlock */
+                     uint64_t *bad_block, const tk_hint *hint);  /* rdlock */
 int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t len,
                   uint64_t off, uint64_t *bad_block);      /* wrlock */
 int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size,
                      uint64_t *bad_block);                 /* wrlock */
 uint64_t tk_taka_stored_size(uint64_t plain, uint32_t bs);
+/* Decrypt blocks first..last (all below size) into out; *outlen = plaintext bytes. */
+int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t first,
+                        uint64_t last, uint8_t *out, size_t *outlen,
+                        uint64_t *bad_block);      /* rdlock */
+
+/* ---- fuse_split.c ---- a large read decrypted in parts on several CPUs */
+void tk_split_start(tk_fs *fs);
+void tk_split_stop(tk_fs *fs);
+/* tk_taka_read_blocks' contract and result, the range cut into parts for helpers */
+int tk_split_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t first,
+                         uint64_t last, uint8_t *out, size_t *outlen,
+                         uint64_t *bad_block, const tk_hint *hint);  /* rdlock */
 
 /* ---- fuse_ops.c ---- */
 extern const struct fuse_lowlevel_ops tk_ops;

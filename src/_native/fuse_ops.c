@@ -886,10 +886,16 @@ static void integrity_fail(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char 
  * decrypts and replies.  When a handle's reads are sequential and large, the engine
  * asks the backing file for the stored bytes of the next four requests
  * (POSIX_FADV_WILLNEED: the I/O is started, not waited for), so the disk works on the
- * next range while this one is decrypted.  Small reads and jumps are never hinted. */
+ * next range while this one is decrypted.  Small reads and jumps are never hinted.
+ * For the plaintext view the hint goes with the read to tk_taka_read, which gives it
+ * to the helper decrypting a part of it (fuse_split.c): starting the I/O allocates the
+ * backing's page cache, work better done off the reader's CPU. */
 #define TK_PREFETCH_MIN (64u << 10)
 
-static void read_prefetch(tk_fs *fs, tk_fh *fh, uint64_t off, size_t size, uint32_t bs) {
+/* The backing range to hint for this read, in *hint (len 0: none). */
+static void read_prefetch(tk_fh *fh, uint64_t off, size_t size, uint32_t bs,
+                          tk_hint *hint) {
+    hint->off = hint->len = 0;
     if (size < TK_PREFETCH_MIN) return;
     const uint64_t end = off + size, span = 4 * (uint64_t)size;
     /* ra_next - 1 is the head of the stream: the furthest end read so far.  Requests
@@ -911,8 +917,8 @@ static void read_prefetch(tk_fs *fs, tk_fh *fh, uint64_t off, size_t size, uint3
         from = tk_taka_stored_size(from / bs * bs, bs);
         to = tk_taka_stored_size((to + bs - 1) / bs * bs, bs);
     }
-    if (posix_fadvise(fh->fd, (off_t)from, (off_t)(to - from), POSIX_FADV_WILLNEED) == 0)
-        TK_INC(fs, read_prefetches, 1);
+    hint->off = from;
+    hint->len = to - from;
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
@@ -922,11 +928,14 @@ static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
     (void)nodeid;
     int rc = check_io(fs, req, fh, TK_ACT_READ, fi);
     if (rc) { reply_rc(req, rc); return; }
-    char *buf = malloc(size ? size : 1);
+    char *ring = tk_uring_reply_space(size);  /* decrypt straight into the reply */
+    char *buf = ring ? ring : malloc(size ? size : 1);
     if (!buf) { reply_rc(req, -ENOMEM); return; }
     ssize_t n;
+    tk_hint hint;
     if (fh->view == TK_VIEW_RAW) {
-        read_prefetch(fs, fh, (uint64_t)off, size, 0);
+        read_prefetch(fh, (uint64_t)off, size, 0, &hint);
+        tk_hint_apply(fs, fh->fd, &hint);
         n = pread(fh->fd, buf, size, off);
         if (n < 0) n = -errno;
     } else {
@@ -937,17 +946,18 @@ static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
             pthread_rwlock_unlock(&ino->lock);
             pthread_rwlock_wrlock(&ino->lock);
             n = ensure_loaded(fs, req, ino, fh->fd);
-            if (n == 0) n = tk_taka_read(fs, &ino->taka, fh->fd, buf, size, (uint64_t)off, &bad);
+            if (n == 0)
+                n = tk_taka_read(fs, &ino->taka, fh->fd, buf, size, (uint64_t)off, &bad, NULL);
         } else {
-            read_prefetch(fs, fh, (uint64_t)off, size, ino->taka.bs);
-            n = tk_taka_read(fs, &ino->taka, fh->fd, buf, size, (uint64_t)off, &bad);
+            read_prefetch(fh, (uint64_t)off, size, ino->taka.bs, &hint);
+            n = tk_taka_read(fs, &ino->taka, fh->fd, buf, size, (uint64_t)off, &bad, &hint);
         }
         pthread_rwlock_unlock(&ino->lock);
         if (n == -EBADMSG) integrity_fail(fs, req, ino, "read", bad);
     }
     if (n < 0) reply_rc(req, (int)n);
     else fuse_reply_buf(req, buf, (size_t)n);
-    free(buf);
+    if (!ring) free(buf);
 }
 
 static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t size,

@@ -254,8 +254,8 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
  * Decrypt blocks first..last (all below `size`) into out (capacity
  * (last-first+1)*bs); *outlen = plaintext bytes (up to `size`).
  */
-static int read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t first,
-                       uint64_t last, uint8_t *out, size_t *outlen, uint64_t *bad) {
+int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t first,
+                        uint64_t last, uint8_t *out, size_t *outlen, uint64_t *bad) {
     const uint64_t bs = t->bs, sbs = bs + OVH;
     uint64_t want_end = (last + 1) * bs < size ? (last + 1) * bs : size;
     uint64_t nfull = last - first;
@@ -319,20 +319,24 @@ static int store_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t first, const uin
 }
 
 ssize_t tk_taka_read(tk_fs *fs, tk_taka *t, int fd, char *out, size_t len, uint64_t off,
-                     uint64_t *bad) {
+                     uint64_t *bad, const tk_hint *hint) {
     uint64_t size = t->size, bs = t->bs;
-    if (off >= size || len == 0) return 0;
+    if (off >= size || len == 0) {
+        if (hint) tk_hint_apply(fs, fd, hint);
+        return 0;
+    }
     uint64_t end = size - off < len ? size : off + len;
     uint64_t first = off / bs, last = (end - 1) / bs;
     size_t got = 0;
     int rc;
     if (off % bs == 0) {  /* aligned: decrypt straight into the reply buffer */
-        rc = read_blocks(fs, t, fd, size, first, last, (uint8_t *)out, &got, bad);
+        rc = tk_split_read_blocks(fs, t, fd, size, first, last, (uint8_t *)out, &got, bad,
+                                  hint);
         return rc ? rc : (ssize_t)(end - off);
     }
     uint8_t *buf = malloc((size_t)((last - first + 1) * bs));
     if (!buf) return -ENOMEM;
-    rc = read_blocks(fs, t, fd, size, first, last, buf, &got, bad);
+    rc = tk_split_read_blocks(fs, t, fd, size, first, last, buf, &got, bad, hint);
     if (rc == 0) memcpy(out, buf + (off - first * bs), (size_t)(end - off));
     OPENSSL_cleanse(buf, (size_t)((last - first + 1) * bs));
     free(buf);
@@ -360,7 +364,7 @@ static int rewrite_block(tk_fs *fs, tk_taka *t, int fd, uint64_t k, uint64_t new
     uint8_t *buf = calloc(1, t->bs);
     size_t got = 0;
     if (!buf) return -ENOMEM;
-    int rc = read_blocks(fs, t, fd, t->size, k, k, buf, &got, bad);
+    int rc = tk_taka_read_blocks(fs, t, fd, t->size, k, k, buf, &got, bad);
     if (rc == 0) rc = store_blocks(fs, t, fd, k, buf, (size_t)new_len);
     OPENSSL_cleanse(buf, t->bs);
     free(buf);
@@ -379,15 +383,15 @@ static int store_merged(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t 
     size_t got = 0;
     int rc = 0;
     int head = off % bs != 0 && first * bs < old;
-    if (head) rc = read_blocks(fs, t, fd, old, first, first, buf, &got, bad);
+    if (head) rc = tk_taka_read_blocks(fs, t, fd, old, first, first, buf, &got, bad);
     uint64_t lim = (last + 1) * bs < old ? (last + 1) * bs : old;
     if (rc == 0 && end < lim && !(head && last == first)) {
         uint8_t *dst = buf + (last - first) * bs;
         if (blen - (last - first) * bs >= bs) {
-            rc = read_blocks(fs, t, fd, old, last, last, dst, &got, bad);
+            rc = tk_taka_read_blocks(fs, t, fd, old, last, last, dst, &got, bad);
         } else {
             uint8_t *tmp = malloc(bs);
-            rc = tmp ? read_blocks(fs, t, fd, old, last, last, tmp, &got, bad) : -ENOMEM;
+            rc = tmp ? tk_taka_read_blocks(fs, t, fd, old, last, last, tmp, &got, bad) : -ENOMEM;
             if (rc == 0) memcpy(dst, tmp, blen - (last - first) * bs);
             if (tmp) OPENSSL_cleanse(tmp, bs);
             free(tmp);
@@ -448,7 +452,7 @@ int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t *bad
         if (size % bs) {  /* verify the new partial block before anything changes */
             keep = malloc(bs);
             if (!keep) return -ENOMEM;
-            rc = read_blocks(fs, t, fd, old, size / bs, size / bs, keep, &got, bad);
+            rc = tk_taka_read_blocks(fs, t, fd, old, size / bs, size / bs, keep, &got, bad);
             if (rc) {
                 free(keep);
                 return rc;

@@ -137,7 +137,8 @@ static ssize_t reply_to_entry(tk_uent *e, const struct iovec *iov, int count) {
             len = 0;
             break;
         }
-        memcpy(e->payload + len, iov[i].iov_base, iov[i].iov_len);
+        if (iov[i].iov_base != e->payload + len)  /* else already in place */
+            memmove(e->payload + len, iov[i].iov_base, iov[i].iov_len);
         len += iov[i].iov_len;
     }
     out.len = (uint32_t)(sizeof out + len);
@@ -145,6 +146,11 @@ static ssize_t reply_to_entry(tk_uent *e, const struct iovec *iov, int count) {
     e->hdr.ent.payload_sz = (uint32_t)len;
     e->replied = 1;
     return (ssize_t)out.len;
+}
+
+char *tk_uring_reply_space(size_t size) {
+    tk_uent *e = tl_cur;
+    return e && size <= e->payload_cap ? e->payload : NULL;
 }
 
 static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud) {
@@ -272,6 +278,9 @@ static void *uring_main(void *arg) {
     CPU_ZERO(&set);
     CPU_SET(t->qid, &set);
     (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);  /* best effort */
+    char name[16];
+    snprintf(name, sizeof name, "tk-uring%u", t->qid);
+    (void)pthread_setname_np(pthread_self(), name);  /* top -H, perf */
     struct io_uring_sqe *sqe = io_uring_get_sqe(&t->ring);
     if (sqe) {
         io_uring_prep_poll_add(sqe, fs->uring->stop_fd, POLLIN);
