@@ -110,7 +110,8 @@ class Guard:
 def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = False,
                 path: Path | None = None, key: bytes | None = None, threads: int = 4,
                 key_name: str = "guard", metadata_cache: float | None = None,
-                policy_yaml: str | None = None, io_uring: bool = True, hints: bool = True):
+                policy_yaml: str | None = None, io_uring: bool = True, hints: bool = True,
+                read_helpers: bool = True):
     """Mount a guard point served by a child process; yields a :class:`Guard`."""
     tmp = Path(tmp)
     workdir = Path(tempfile.mkdtemp(prefix="guard-", dir=tmp))
@@ -128,7 +129,7 @@ def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = 
         "rules": rules if rules is not None else [{"effects": ["permit", "apply_key"]}],
         "audit_log": str(workdir / "audit.jsonl"), "stats_file": str(workdir / "stats.json"),
         "metadata_cache": metadata_cache, "policy_yaml": policy_yaml, "io_uring": io_uring,
-        "hints": hints,
+        "hints": hints, "read_helpers": read_helpers,
     }
     (workdir / "spec.json").write_text(json.dumps(spec))
     with serve_child(HERE / "fuse_helpers.py", workdir, mnt) as proc:
@@ -276,6 +277,7 @@ def _serve(spec_path: str) -> int:
     gp = GuardPoint(spec["mountpoint"], backing=spec["backing"], key_name=spec["key_name"],
                     get_key=lambda name, version: key, decide=decide, audit=audit,
                     threads=spec["threads"], io_uring=spec.get("io_uring", True),
+                    read_helpers=spec.get("read_helpers", True),
                     **({} if spec.get("metadata_cache") is None
                        else {"metadata_cache": spec["metadata_cache"]}))
     stop = threading.Event()

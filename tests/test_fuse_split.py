@@ -61,6 +61,8 @@ def test_large_reads_go_to_helpers_and_read_back_exactly(wtmp):
         # at least one part per 1 MiB request, and the hint for the next requests went
         # with them (given by the helper doing the last part)
         assert after["read_splits"] - base["read_splits"] >= 8
+        names = {p.read_text().strip() for p in Path(f"/proc/{g.proc.pid}/task").glob("*/comm")}
+        assert {f"tk-split{c}" for c in range(min(os.cpu_count() or 1, 8))} <= names
         assert after["read_prefetches"] > base["read_prefetches"]
         # small reads are the worker's own: nothing handed over
         fd = os.open(g.mnt / "f", os.O_RDONLY)
@@ -71,6 +73,19 @@ def test_large_reads_go_to_helpers_and_read_back_exactly(wtmp):
         finally:
             os.close(fd)
         assert g.stats()["read_splits"] == after["read_splits"]
+
+
+def test_without_read_helpers_the_worker_reads_alone(wtmp):
+    # read_helpers: false (config), --no-read-helpers: no helper threads, same bytes
+    with guard_mount(wtmp, read_helpers=False) as g:
+        data = os.urandom(4 * MiB + 5)
+        (g.mnt / "f").write_bytes(data)
+        _drop_caches()
+        assert (g.mnt / "f").read_bytes() == data
+        st = g.stats()
+        assert st["read_splits"] == 0 and st["read_prefetches"] > 0
+        names = {p.read_text().strip() for p in Path(f"/proc/{g.proc.pid}/task").glob("*/comm")}
+        assert not any(n.startswith("tk-split") for n in names)
 
 
 def test_parts_read_back_exactly_at_every_cut(wtmp, monkeypatch):

@@ -46,6 +46,7 @@ cdef extern from "fuse_impl.h" nogil:
         double meta_timeout
         int io_uring
         int io_uring_per_queue
+        int read_helpers
     ctypedef struct tk_fs_stats:
         uint64_t ops[15]
         uint64_t denied
@@ -232,7 +233,7 @@ cdef class Mount:
     def __init__(self, mountpoint, backing, key_name, decide, get_key, audit=None, *,
                  int threads=4, size_t cache_entries=0, bint debug=False, ring=None,
                  int ring_timeout_ms=RING_TIMEOUT_MS, double meta_timeout=1.0,
-                 bint io_uring=False, int io_uring_per_queue=0):
+                 bint io_uring=False, int io_uring_per_queue=0, bint read_helpers=True):
         cdef tk_fs_config cfg
         cdef tk_callbacks cb
         cdef char err[512]
@@ -272,6 +273,7 @@ cdef class Mount:
         cfg.meta_timeout = meta_timeout
         cfg.io_uring = io_uring
         cfg.io_uring_per_queue = io_uring_per_queue
+        cfg.read_helpers = read_helpers
         cb.ctx = <void *>self
         cb.decide = NULL  # no callback: rename/link (the only ring actions it serves) deny
         if decide is not None:

@@ -118,6 +118,9 @@ typedef struct {
      * queues when the kernel takes it (else the classic channel serves everything). */
     int io_uring;
     int io_uring_per_queue;   /* threads (one entry each) per CPU queue; 0: `threads` */
+    /* 1: large reads are read and decrypted by helper threads pinned to the other CPUs
+     * (fuse_split.c, docs/guard-points.md "Large reads on the other CPUs") */
+    int read_helpers;
 } tk_fs_config;
 
 /* Counters; a snapshot taken with relaxed atomics. */

@@ -97,7 +97,7 @@ void tk_split_start(tk_fs *fs) {
     /* one helper pinned to each CPU: a worker hands parts to the helpers of the
      * other CPUs, so a part never queues behind the worker on its own CPU */
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    if (ncpu < 2) return;  /* nothing to spread over */
+    if (!fs->cfg.read_helpers || ncpu < 2) return;  /* off, or nothing to spread over */
     if (ncpu > TK_SPLIT_MAX_CPUS) ncpu = TK_SPLIT_MAX_CPUS;
     struct tk_split_helper *h = calloc((size_t)ncpu, sizeof *h);
     if (!h) return;

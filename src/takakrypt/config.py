@@ -100,6 +100,7 @@ class GuardPoint(_S):
     enabled: bool = True
     metadata_cache: float = 1.0   # seconds the kernel may cache entries/attributes; 0: none
     io_uring: bool = True         # FUSE over io_uring where the kernel offers it
+    read_helpers: bool = True     # large reads decrypted on the other CPUs too
 
 
 class LocalKeys(_S):

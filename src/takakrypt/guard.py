@@ -195,7 +195,7 @@ class GuardPoint:
                  current_version: int | Callable[[str], int] = 1, debug: bool = False,
                  ring: Ring | None = None, ring_timeout_ms: int = _fuse.RING_TIMEOUT_MS,
                  metadata_cache: float = DEFAULT_METADATA_CACHE,
-                 io_uring: bool = True) -> None:
+                 io_uring: bool = True, read_helpers: bool = True) -> None:
         if decide is None and ring is None:
             raise ValueError("a guard point needs decide or ring")
         self.path = os.path.realpath(os.fspath(path))
@@ -211,7 +211,8 @@ class GuardPoint:
                               self._key_cb, self._audit_cb if audit else None,
                               threads=threads, cache_entries=cache or 0, debug=debug,
                               ring=ring, ring_timeout_ms=ring_timeout_ms,
-                              meta_timeout=metadata_cache, io_uring=io_uring)
+                              meta_timeout=metadata_cache, io_uring=io_uring,
+                              read_helpers=read_helpers)
         self.io_uring = io_uring
         self.read_ahead_kb: int | None = None  # set by mount()
 
@@ -375,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--debug", action="store_true")
     ap.add_argument("--no-io-uring", dest="io_uring", action="store_false",
                     help="serve over the classic /dev/fuse channel only")
+    ap.add_argument("--no-read-helpers", dest="read_helpers", action="store_false",
+                    help="decrypt large reads on the serving thread alone, not on helper "
+                    "threads pinned to the other CPUs")
     ap.add_argument("--stats-file", help="write the guard point's counters (JSON) here on "
                     "SIGUSR1 and at exit")
     a = ap.parse_args(argv)
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     gp = GuardPoint(a.mountpoint, backing=a.backing, key_name=a.key_name,
                     get_key=lambda name, version: key, decide=allow_all,
                     threads=a.threads, debug=a.debug, metadata_cache=a.metadata_cache,
-                    io_uring=a.io_uring)
+                    io_uring=a.io_uring, read_helpers=a.read_helpers)
     gp.set_policy_hints(plain_only=True, getattr_all=True)  # what allow_all decides
     stop = threading.Event()
     dump = threading.Event()

@@ -72,6 +72,7 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
                    decide=decide, audit=audit, threads=4, ring=ring,
                    cache=agent.config.agent.cache.max_entries,
                    metadata_cache=gp.metadata_cache, io_uring=gp.io_uring,
+                   read_helpers=gp.read_helpers,
                    current_version=lambda name: agent.keys.current_version(name))
     g.spec = gp  # type: ignore[attr-defined]
     apply_policy_hints(agent, g)
