@@ -7,8 +7,14 @@ flush begin (pgbench's TPS follows it).  This times that chain in one process, o
 plain directory and on a guard point (--allow-all) over the same file system, in the
 same run, and prints the mean latency of each step and the ratio of the totals.
 
-  usage: benchmarks/wal_commit.py [--commits N] [--json]      (run as root)
+  usage: benchmarks/wal_commit.py [--commits N] [--cpus LIST] [--json]   (run as root)
   BENCH_ROOT   where to work (default /var/tmp/tkbench)
+
+--cpus 0,1 repeats both targets with the committing process pinned to each CPU in turn
+(as well as unpinned): on a VM whose disk interrupts all land on one CPU, an fdatasync
+waited for on another CPU pays the wake-up of that halted vCPU, and a guard point's
+worker always waits on the caller's CPU (FUSE over io_uring), where a native process is
+free to be woken on the interrupt's CPU.
 
 The difference per step is what a FUSE round trip adds on this machine (the WAL
 segment is preallocated, as PostgreSQL does, so no step changes the file size).
@@ -59,8 +65,11 @@ def commits(d: Path, n: int) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--commits", type=int, default=3000, help="commits per target (3000)")
+    ap.add_argument("--cpus", default="", help="comma-separated CPUs to pin the committing "
+                    "process to, one round each after the unpinned one (default: none)")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = ap.parse_args()
+    cpus = [int(c) for c in args.cpus.split(",") if c.strip()]
     root = Path(os.environ.get("BENCH_ROOT", "/var/tmp/tkbench"))
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tkwal.", dir=root) as w:
@@ -75,6 +84,14 @@ def main() -> int:
         try:
             out = {"native": commits(native, args.commits),
                    "takakrypt": commits(mnt, args.commits)}
+            allowed = os.sched_getaffinity(0)
+            for c in cpus:
+                os.sched_setaffinity(0, {c})
+                try:
+                    out[f"native_cpu{c}"] = commits(native, args.commits)
+                    out[f"takakrypt_cpu{c}"] = commits(mnt, args.commits)
+                finally:
+                    os.sched_setaffinity(0, allowed)
         finally:
             subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
     out["ratio_commit_time"] = out["takakrypt"]["commit_us"] / out["native"]["commit_us"]
@@ -82,11 +99,14 @@ def main() -> int:
         json.dump(out, sys.stdout)
         print()
     else:
-        for t in ("native", "takakrypt"):
+        for t in [k for k in out if k.startswith(("native", "takakrypt"))]:
             r = out[t]
-            print(f"{t:10s} write {r['write_us']:7.1f} us  fdatasync {r['fdatasync_us']:7.1f} us"
+            print(f"{t:15s} write {r['write_us']:7.1f} us  fdatasync {r['fdatasync_us']:7.1f} us"
                   f"  commit {r['commit_us']:7.1f} us")
         print(f"commit time takakrypt/native: {out['ratio_commit_time']:.2f}x")
+        for c in cpus:
+            print(f"pinned to CPU {c}: takakrypt/native "
+                  f"{out[f'takakrypt_cpu{c}']['commit_us'] / out[f'native_cpu{c}']['commit_us']:.2f}x")
     return 0
 
 
