@@ -653,3 +653,39 @@ def test_guard_cli_entry_point(tmp_path):
         assert proc.wait(timeout=60) == 0
     assert not os.path.ismount(tmp_path / "m")
     assert (tmp_path / "m" / "f").exists() is False
+
+
+def test_a_released_guard_point_never_unmounts_its_successor(tmp_path):
+    # The mount is detached from outside (fusermount3 -u) while the server is stopped,
+    # and a new guard point is mounted on the same path at once: the kernel hands the
+    # new mount the same anonymous device number.  When the old server then notices
+    # and releases its guard point it must not take the device number for its own
+    # mount and detach the successor's.
+    keyf = tmp_path / "key"
+    keyf.write_bytes(os.urandom(32))
+    keyf.chmod(0o600)
+    back, mnt = tmp_path / "backing", tmp_path / "mnt"
+    back.mkdir()
+    mnt.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent / "src"))
+    old = subprocess.Popen([sys.executable, "-m", "takakrypt.guard", "--backing", str(back),
+                            "--mountpoint", str(mnt), "--key-file", str(keyf),
+                            "--allow-all"], stdout=subprocess.PIPE, env=env)
+    try:
+        assert old.stdout.readline().startswith(b"mounted")
+        old_dev = os.stat(mnt).st_dev
+        os.kill(old.pid, signal.SIGSTOP)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        with guard_mount(tmp_path) as g:
+            assert g.mnt == mnt
+            write_file(g.mnt / "f", b"successor")
+            reused = os.stat(g.mnt).st_dev == old_dev
+            os.kill(old.pid, signal.SIGCONT)
+            assert old.wait(timeout=60) == 0  # it saw its mount go and released it
+            assert os.path.ismount(g.mnt), f"successor unmounted (device reused: {reused})"
+            assert (g.mnt / "f").read_bytes() == b"successor"
+    finally:
+        if old.poll() is None:
+            os.kill(old.pid, signal.SIGCONT)
+            old.kill()
+            old.wait()

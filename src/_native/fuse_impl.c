@@ -994,9 +994,14 @@ int tk_fs_unmount(tk_fs *fs) {
     if (!fs || !fs->mounted) return 0;
     __atomic_store_n(&fs->unmounting, 1, __ATOMIC_RELEASE);
     /* Detach the mount ourselves (never close the /dev/fuse fd while workers read it:
-     * libfuse's fuse_session_unmount would).  Only if our mount is still the one at
-     * the path: a stale path must never make us unmount someone else's file system. */
-    if (fs->mnt_dev && mountinfo_dev(fs->mountpoint) == fs->mnt_dev)
+     * libfuse's fuse_session_unmount would).  Only while our connection lives (the
+     * loop still reads it) and our mount is the one at the path: once our mount was
+     * detached from outside, its anonymous device number is free, and the next mount
+     * on the path -- a successor guard point -- usually gets the same one. */
+    pthread_mutex_lock(&fs->state_mu);
+    int live = fs->loop_running;
+    pthread_mutex_unlock(&fs->state_mu);
+    if (live && fs->mnt_dev && mountinfo_dev(fs->mountpoint) == fs->mnt_dev)
         umount2(fs->mountpoint, MNT_DETACH);
     /* A lazily detached mount lives on while clients hold files: give the loop a
      * moment to see the connection end, then abort it. */
@@ -1089,6 +1094,8 @@ void tk_fs_free(tk_fs *fs) {
     pthread_mutex_destroy(&fs->key_mu);
     pthread_mutex_destroy(&fs->nq_mu);
     pthread_cond_destroy(&fs->nq_cv);
+    pthread_mutex_destroy(&fs->sp_mu);
+    pthread_cond_destroy(&fs->sp_done_cv);
     free(fs->nq);
     free(fs);
 }
