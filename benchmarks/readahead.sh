@@ -5,14 +5,8 @@
 #   usage: benchmarks/readahead.sh          (run as root)
 #   RAS="1024 2048 4096"   readahead sizes to try, KiB, each ROUNDS times, interleaved
 #   ROUNDS=3  SIZE_MB=1024
-set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PY:-$here/.venv/bin/python}
-ROOT=${BENCH_ROOT:-${TMPDIR:-/var/tmp}/tkbench}
-SIZE_MB=${SIZE_MB:-1024}
-mkdir -p "$ROOT"
-W=$(mktemp -d "$ROOT/tkra.XXXXXX")
-trap 'fusermount3 -u "$W/mnt" 2>/dev/null || true; rm -rf "$W"' EXIT
+COLD_PREFIX=tkra
+. "$(dirname "$0")/coldread.sh"
 mkdir -p "$W/native" "$W/back" "$W/mnt"
 TAKAKRYPT_BENCH_KEY=$W/key PY=$PY "$here/benchmarks/takakrypt-mount.sh" "$W/back" "$W/mnt"
 dd if=/dev/zero of="$W/mnt/big" bs=1M count="$SIZE_MB" conv=fsync status=none
@@ -20,11 +14,6 @@ dd if=/dev/zero of="$W/native/big" bs=1M count="$SIZE_MB" conv=fsync status=none
 dev=$(mountpoint -d "$W/mnt")
 bdi=/sys/class/bdi/$dev/read_ahead_kb
 echo "guard point readahead after mount: $(cat "$bdi") KiB"
-cold() {  # file -> MB/s
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  local s e; s=$(date +%s.%N); dd if="$1" of=/dev/null bs=1M status=none; e=$(date +%s.%N)
-  echo "$SIZE_MB/($e-$s)" | bc -l | xargs printf %.0f
-}
 for r in $(seq "${ROUNDS:-3}"); do
   line="round $r: native $(cold "$W/native/big") MB/s"
   for ra in ${RAS:-1024 2048 4096}; do

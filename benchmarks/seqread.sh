@@ -5,14 +5,8 @@
 # the ratios.  Shows what the read helpers (fuse_split.c) are worth on this machine.
 #   usage: benchmarks/seqread.sh          (run as root)
 #   ROUNDS=5  SIZE_MB=1024
-set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PY:-$here/.venv/bin/python}
-ROOT=${BENCH_ROOT:-${TMPDIR:-/var/tmp}/tkbench}
-SIZE_MB=${SIZE_MB:-1024}
-mkdir -p "$ROOT"
-W=$(mktemp -d "$ROOT/tkseq.XXXXXX")
-trap 'for m in on off; do fusermount3 -u "$W/$m.mnt" 2>/dev/null || true; done; rm -rf "$W"' EXIT
+COLD_PREFIX=tkseq
+. "$(dirname "$0")/coldread.sh"
 mkdir -p "$W/native" "$W"/{on,off}.{back,mnt}
 TAKAKRYPT_BENCH_KEY=$W/key PY=$PY "$here/benchmarks/takakrypt-mount.sh" "$W/on.back" "$W/on.mnt"
 TAKAKRYPT_BENCH_KEY=$W/key PY=$PY TAKAKRYPT_GUARD_EXTRA=--no-read-helpers \
@@ -20,11 +14,6 @@ TAKAKRYPT_BENCH_KEY=$W/key PY=$PY TAKAKRYPT_GUARD_EXTRA=--no-read-helpers \
 for d in native on.mnt off.mnt; do
   dd if=/dev/zero of="$W/$d/big" bs=1M count="$SIZE_MB" conv=fsync status=none
 done
-cold() {  # file -> MB/s
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  local s e; s=$(date +%s.%N); dd if="$1" of=/dev/null bs=1M status=none; e=$(date +%s.%N)
-  echo "$SIZE_MB/($e-$s)" | bc -l | xargs printf %.0f
-}
 declare -A R=([native]="" [on]="" [off]="")
 for r in $(seq "${ROUNDS:-5}"); do
   n=$(cold "$W/native/big"); a=$(cold "$W/on.mnt/big"); b=$(cold "$W/off.mnt/big")

@@ -20,6 +20,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <stdarg.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -725,6 +726,16 @@ tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, siz
         return NULL;
     }
     return fs;
+}
+
+void tk_thread_pin(int cpu, const char *prefix) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);  /* best effort */
+    char name[16];
+    snprintf(name, sizeof name, "%.10s%d", prefix, cpu);
+    (void)pthread_setname_np(pthread_self(), name);
 }
 
 static void *loop_main(void *arg) {

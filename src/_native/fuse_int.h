@@ -285,6 +285,8 @@ int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t f
                         uint64_t *bad_block);      /* rdlock */
 
 /* ---- fuse_split.c ---- a large read decrypted in parts on several CPUs */
+/* Pin the calling thread to cpu (best effort) and name it <prefix><cpu> (top -H, perf). */
+void tk_thread_pin(int cpu, const char *prefix);  /* fuse_impl.c */
 void tk_split_start(tk_fs *fs);
 void tk_split_stop(tk_fs *fs);
 /* tk_taka_read_blocks' contract and result, the range cut into parts for helpers */

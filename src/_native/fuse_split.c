@@ -23,7 +23,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -69,13 +68,7 @@ struct tk_split_helper {
 static void *split_main(void *arg) {
     struct tk_split_helper *h = arg;
     tk_fs *fs = h->fs;
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(h->cpu, &set);
-    (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);  /* best effort */
-    char name[16];
-    snprintf(name, sizeof name, "tk-split%d", h->cpu);
-    (void)pthread_setname_np(pthread_self(), name);  /* top -H, perf */
+    tk_thread_pin(h->cpu, "tk-split");
     pthread_mutex_lock(&fs->sp_mu);
     for (;;) {
         while (!h->head && !fs->sp_stop) pthread_cond_wait(&h->cv, &fs->sp_mu);

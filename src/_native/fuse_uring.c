@@ -274,13 +274,7 @@ static int handle_request(tk_uthread *t) {
 static void *uring_main(void *arg) {
     tk_uthread *t = arg;
     tk_fs *fs = t->fs;
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(t->qid, &set);
-    (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);  /* best effort */
-    char name[16];
-    snprintf(name, sizeof name, "tk-uring%u", t->qid);
-    (void)pthread_setname_np(pthread_self(), name);  /* top -H, perf */
+    tk_thread_pin((int)t->qid, "tk-uring");
     struct io_uring_sqe *sqe = io_uring_get_sqe(&t->ring);
     if (sqe) {
         io_uring_prep_poll_add(sqe, fs->uring->stop_fd, POLLIN);
