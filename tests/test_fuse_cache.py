@@ -321,6 +321,26 @@ def test_a_lost_ring_entry_fails_closed_never_hangs(wtmp, monkeypatch):
         assert g.proc.poll() is None  # the server is alive; its mount failed closed
 
 
+def test_remembered_sizes_do_not_evict_each_other(wtmp):
+    # 3,000 files, written and closed, never stat'ed (the size is remembered when the
+    # writer's handle is released): in a direct-mapped table of 65,536 slots about 70
+    # of them would share a slot and lose their size; in 4-way sets none should
+    with guard_mount(wtmp) as g:
+        for d in range(10):
+            (g.mnt / f"d{d}").mkdir()
+            for i in range(300):
+                (g.mnt / f"d{d}" / f"f{i}").write_bytes(b"q" * (i % 50))
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        before = g.stats()
+        total = sum(os.stat(g.mnt / f"d{d}" / f"f{i}").st_size
+                    for d in range(10) for i in range(300))
+        after = g.stats()
+        assert total == 10 * sum(i % 50 for i in range(300))
+        assert after["header_loads"] == before["header_loads"]
+        assert after["size_cache_hits"] - before["size_cache_hits"] == 3000
+
+
 def test_sizes_after_the_kernel_forgot_need_no_header_reads(wtmp):
     rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
              {"uid": NOBODY, "effects": ["permit"]}]

@@ -711,7 +711,7 @@ tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, siz
     pthread_cond_init(&fs->sp_done_cv, NULL);
     int status = 0;
     pthread_mutex_init(&fs->szc_mu, NULL);
-    fs->szc = calloc(TK_SZC_SLOTS, sizeof *fs->szc);
+    fs->szc = calloc((size_t)TK_SZC_SETS * TK_SZC_WAYS, sizeof *fs->szc);
     if (!fs->szc || idc_init(fs)) {
         seterr(err, errlen, "out of memory");
         tk_fs_free(fs);

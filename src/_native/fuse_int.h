@@ -111,7 +111,10 @@ typedef struct tk_idslot {
 typedef struct tk_szent {
     uint64_t dev, ino, stored, ctime_ns, epoch, plain;
 } tk_szent;
-#define TK_SZC_SLOTS 65536
+/* remembered header sizes (fuse_ops.c): TK_SZC_SETS sets of TK_SZC_WAYS entries, least
+ * recently used first out; 262,144 files, 12 MiB of address space touched as it fills */
+#define TK_SZC_SETS 65536
+#define TK_SZC_WAYS 4
 
 typedef struct {
     char name[TK_KEYID_MAX + 1];
