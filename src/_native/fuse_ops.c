@@ -180,8 +180,8 @@ static int ensure_loaded(tk_fs *fs, fuse_req_t req, tk_inode *ino, int fd) {
  * matches.  This spares the header read (a disk read after the kernel dropped its
  * caches) for files the kernel forgot; opening a file always verifies the header.
  * Set-associative, least recently used out: a direct-mapped table of as many entries
- * lost a third of a 56,000-file tree to collisions, and a cold `ls -lR` then read
- * 21,600 headers from disk (counters header_loads, size_cache_hits; benchmarks/metadata.sh). */
+ * lost many of a 56,000-file tree's sizes to collisions, and the cold `ls -lR` after
+ * its untar read 24,284 headers from disk (benchmarks/metadata.sh, header_loads). */
 static tk_szent *szc_set(tk_fs *fs, const struct stat *st) {
     uint64_t h = ((uint64_t)st->st_ino * 0x9E3779B97F4A7C15ULL) ^ (uint64_t)st->st_dev;
     return &fs->szc[((h >> 17) % TK_SZC_SETS) * TK_SZC_WAYS];
