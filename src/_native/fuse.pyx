@@ -85,6 +85,8 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t read_splits
         uint64_t getxattr_requests
         uint64_t policy_hints
+        uint64_t forgets
+        uint64_t forget_messages
     ctypedef struct tk_fs:
         pass
     const char *tk_action_name(int action)
@@ -362,4 +364,6 @@ cdef class Mount:
             "read_splits": s.read_splits,
             "getxattr_requests": s.getxattr_requests,
             "policy_hints": s.policy_hints,
+            "forgets": s.forgets,
+            "forget_messages": s.forget_messages,
         }

@@ -165,6 +165,8 @@ typedef struct {
     uint64_t read_splits;          /* parts of large reads decrypted by helper threads */
     uint64_t getxattr_requests;    /* GETXATTR requests, any name */
     uint64_t policy_hints;         /* TK_HINT_* in force (gauge) */
+    uint64_t forgets;              /* nodes forgotten by the kernel (FORGET, BATCH_FORGET) */
+    uint64_t forget_messages;      /* ... messages carrying them */
 } tk_fs_stats;
 
 typedef struct tk_fs tk_fs;

@@ -226,6 +226,37 @@ static void destroy_inode(tk_inode *ino) {
     free(ino);
 }
 
+/* The last close of a deleted file or directory frees it on disk (ext4: its blocks,
+ * a discard, a journal update -- 100 us and more): never under itab_mu, which every
+ * lookup needs.  Freed inodes' fds wait here; itab_unlock() closes them. */
+static void defer_close_locked(tk_fs *fs, int fd) {
+    if (fs->ndead == fs->dead_cap) {
+        size_t cap = fs->dead_cap ? fs->dead_cap * 2 : 64;
+        int *p = realloc(fs->dead_fds, cap * sizeof *p);
+        if (!p) {
+            close(fd);  /* no memory: close it now, slowly but correctly */
+            return;
+        }
+        fs->dead_fds = p;
+        fs->dead_cap = cap;
+    }
+    fs->dead_fds[fs->ndead++] = fd;
+}
+
+static void itab_unlock(tk_fs *fs) {
+    int *fds = fs->dead_fds;
+    size_t n = fs->ndead;
+    if (n) {
+        fs->dead_fds = NULL;
+        fs->ndead = fs->dead_cap = 0;
+    }
+    pthread_mutex_unlock(&fs->itab_mu);
+    if (n) {
+        for (size_t i = 0; i < n; i++) close(fds[i]);
+        free(fds);
+    }
+}
+
 static void free_inode_locked(tk_fs *fs, tk_inode *ino) {
     if (ino->hashed) {
         unhash_locked(fs, ino);
@@ -252,7 +283,7 @@ static void free_inode_locked(tk_fs *fs, tk_inode *ino) {
         }
         pthread_mutex_unlock(&fs->fdc_mu);
     }
-    if (fd >= 0) close(fd);
+    if (fd >= 0) defer_close_locked(fs, fd);
     tk_inode *parent = ino->parent;
     destroy_inode(ino);
     if (parent) unref_locked(fs, parent, 1);
@@ -368,6 +399,10 @@ void tk_itab_free(tk_fs *fs) {
     free(fs->buckets);
     fs->buckets = NULL;
     fs->stale = NULL;
+    for (size_t i = 0; i < fs->ndead; i++) close(fs->dead_fds[i]);
+    free(fs->dead_fds);
+    fs->dead_fds = NULL;
+    fs->ndead = fs->dead_cap = 0;
     fs->lru_head = fs->lru_tail = NULL;
     fs->fd_cached = 0;
     fs->ninodes = 0;
@@ -412,7 +447,7 @@ static void set_name_locked(tk_fs *fs, tk_inode *ino, tk_inode *parent, const ch
 void tk_inode_set_name(tk_fs *fs, tk_inode *ino, tk_inode *parent, const char *name) {
     pthread_mutex_lock(&fs->itab_mu);
     set_name_locked(fs, ino, parent, name);
-    pthread_mutex_unlock(&fs->itab_mu);
+    itab_unlock(fs);
 }
 
 tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
@@ -460,7 +495,7 @@ tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
         if (!h) h = handle_of(fs, fd);
         ino = new_inode(st, h);
         if (!ino) {
-            pthread_mutex_unlock(&fs->itab_mu);
+            itab_unlock(fs);
             free(h);
             close(fd);
             return NULL;
@@ -485,7 +520,7 @@ tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
     ino->node[view].nlookup++;
     ino->refs++;
     set_name_locked(fs, ino, parent, name);
-    pthread_mutex_unlock(&fs->itab_mu);
+    itab_unlock(fs);
     close_all(drop, ndrop);
     return ino;
 }
@@ -495,14 +530,14 @@ void tk_itab_forget(tk_fs *fs, fuse_ino_t nodeid, uint64_t n) {
     pthread_mutex_lock(&fs->itab_mu);
     tk_inode *ino = tk_node_inode(fs, nodeid, &view);
     if (ino == fs->root && nodeid == FUSE_ROOT_ID) {
-        pthread_mutex_unlock(&fs->itab_mu);
+        itab_unlock(fs);
         return;
     }
     tk_node *nd = &ino->node[view];
     if (n > nd->nlookup) n = nd->nlookup;
     nd->nlookup -= n;
     unref_locked(fs, ino, n);
-    pthread_mutex_unlock(&fs->itab_mu);
+    itab_unlock(fs);
 }
 
 void tk_itab_fix_name(tk_fs *fs, tk_inode *parent, const char *name) {
@@ -515,7 +550,7 @@ void tk_itab_fix_name(tk_fs *fs, tk_inode *parent, const char *name) {
     pthread_mutex_lock(&fs->itab_mu);
     tk_inode *ino = find_locked(fs, st.st_dev, st.st_ino);
     if (ino) set_name_locked(fs, ino, parent, name);
-    pthread_mutex_unlock(&fs->itab_mu);
+    itab_unlock(fs);
 }
 
 char *tk_path(tk_fs *fs, tk_inode *ino, const char *name) {
@@ -528,7 +563,7 @@ char *tk_path(tk_fs *fs, tk_inode *ino, const char *name) {
     }
     char *out = malloc(len + 1);
     if (!out) {
-        pthread_mutex_unlock(&fs->itab_mu);
+        itab_unlock(fs);
         return NULL;
     }
     size_t pos = len;
@@ -547,7 +582,7 @@ char *tk_path(tk_fs *fs, tk_inode *ino, const char *name) {
         memcpy(out + pos, nm, n);
         out[--pos] = '/';
     }
-    pthread_mutex_unlock(&fs->itab_mu);
+    itab_unlock(fs);
     /* out[pos] is the leading '/' (or pos == len for the root): drop it */
     char *res = strdup(pos < len ? out + pos + 1 : "");
     free(out);

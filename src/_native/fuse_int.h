@@ -144,6 +144,8 @@ struct tk_fs {
     size_t nbuckets, ninodes;
     tk_inode *root;
     tk_inode *stale;              /* unhashed inodes still known to the kernel */
+    int *dead_fds;                /* fds of freed inodes, closed after itab_mu is let go */
+    size_t ndead, dead_cap;
 
     /* fd cache (fuse_inode.c): O_PATH fds of non-pinned inodes, LRU, bounded */
     pthread_mutex_t fdc_mu;       /* lock order: itab_mu before fdc_mu */
@@ -181,6 +183,12 @@ struct tk_fs {
     int uring_error;              /* errno of a refused ring command (atomic), 0: none */
     int unmounting;               /* tk_fs_unmount began (atomic) */
     struct tk_uring *uring;
+    /* the classic channel once every ring entry is registered: one reader at a time,
+     * reads at most every TK_CLASSIC_GATE_NS (fuse_uring.c, io_read) */
+    int classic_gated;            /* 1: every ring entry registered (atomic) */
+    int classic_reader;           /* 1: a thread is reading (atomic) */
+    uint64_t classic_next_ns;     /* CLOCK_MONOTONIC time of the next read (atomic) */
+    uint64_t classic_gate_ns;     /* set before the ring threads start; 0: no gate */
 
     /* page-cache invalidations queued for the notifier thread (fuse_impl.c) */
     pthread_mutex_t nq_mu;

@@ -393,11 +393,15 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
 }
 
 static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t n) {
+    TK_INC(FS(req), forgets, 1);
+    TK_INC(FS(req), forget_messages, 1);
     tk_itab_forget(FS(req), ino, n);
     fuse_reply_none(req);
 }
 
 static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *f) {
+    TK_INC(FS(req), forgets, count);
+    TK_INC(FS(req), forget_messages, 1);
     for (size_t i = 0; i < count; i++) tk_itab_forget(FS(req), f[i].ino, f[i].nlookup);
     fuse_reply_none(req);
 }

@@ -38,6 +38,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- kernel ABI (fuse.h 7.42), not in Debian 12's headers ------------------------- */
@@ -111,9 +112,58 @@ static __thread tk_uent *tl_cur;     /* the entry this thread is answering, if a
 
 /* ---- the session's I/O ------------------------------------------------------------- */
 
+/* Once every ring entry is registered, the classic channel carries only FORGETs (one
+ * per inode the kernel drops: one per unlinked file), INTERRUPTs and the like.  Read as
+ * they come, each FORGET wakes a reader -- on a VM an inter-processor interrupt paid by
+ * the unlinking caller -- and each reader's close(2) of the backing inode competes with
+ * that caller.  So then one thread reads at a time, at most every TK_CLASSIC_GATE_NS:
+ * FORGETs queue in the kernel meanwhile and arrive as one BATCH_FORGET.  An INTERRUPT
+ * waits at most that long.  benchmarks/rmrf.sh measures the effect (its A/B knob:
+ * TAKAKRYPT_CLASSIC_GATE_US, 0 = read as they come). */
+#define TK_CLASSIC_GATE_NS 1000000ull
+
+static uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void classic_release(void *arg) {
+    tk_fs *fs = arg;
+    __atomic_store_n(&fs->classic_next_ns, mono_ns() + fs->classic_gate_ns, __ATOMIC_RELAXED);
+    __atomic_store_n(&fs->classic_reader, 0, __ATOMIC_RELEASE);
+}
+
+/* Wait for the reader's turn; sleeps are cancellation points (libfuse cancels idle
+ * workers at the end of the loop), so nothing is held while waiting. */
+static void classic_acquire(tk_fs *fs) {
+    for (;;) {
+        if (!__atomic_exchange_n(&fs->classic_reader, 1, __ATOMIC_ACQUIRE)) break;
+        struct timespec d = {0, (long)fs->classic_gate_ns};
+        nanosleep(&d, NULL);
+    }
+    uint64_t next = __atomic_load_n(&fs->classic_next_ns, __ATOMIC_RELAXED);
+    uint64_t now = mono_ns();
+    if (next > now) {
+        uint64_t w = next - now < fs->classic_gate_ns ? next - now : fs->classic_gate_ns;
+        struct timespec d = {0, (long)w};
+        pthread_cleanup_push(classic_release, fs);
+        nanosleep(&d, NULL);
+        pthread_cleanup_pop(0);
+    }
+}
+
 static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
     tk_fs *fs = ud;
-    ssize_t n = read(fd, buf, len);
+    ssize_t n;
+    if (__atomic_load_n(&fs->classic_gated, __ATOMIC_ACQUIRE)) {
+        classic_acquire(fs);
+        pthread_cleanup_push(classic_release, fs);
+        n = read(fd, buf, len);
+        pthread_cleanup_pop(1);
+    } else {
+        n = read(fd, buf, len);
+    }
     if (n >= (ssize_t)sizeof(struct fuse_in_header)) {
         const struct fuse_in_header *h = buf;
         if (h->opcode == TK_FUSE_INIT) {
@@ -287,7 +337,10 @@ static void *uring_main(void *arg) {
     /* fault injection for the tests: this thread's entry "breaks" after N requests */
     const char *fault = getenv("TAKAKRYPT_TEST_URING_BREAK_AFTER");
     uint64_t break_after = fault ? strtoull(fault, NULL, 10) : 0;
-    if (registered) TK_INC(fs, uring_threads, 1);
+    if (registered &&
+        __atomic_add_fetch(&fs->st.uring_threads, 1, __ATOMIC_RELAXED) == fs->uring->nthreads &&
+        fs->classic_gate_ns)
+        __atomic_store_n(&fs->classic_gated, 1, __ATOMIC_RELEASE);
     while (registered) {
         struct io_uring_cqe *cqe;
         int r = io_uring_wait_cqe(&t->ring, &cqe);
@@ -318,7 +371,10 @@ static void *uring_main(void *arg) {
         TK_INC(fs, uring_lost, 1);
         tk_fs_abort_live(fs);
     }
-    if (registered) __atomic_fetch_sub(&fs->st.uring_threads, 1, __ATOMIC_RELAXED);
+    if (registered) {
+        __atomic_store_n(&fs->classic_gated, 0, __ATOMIC_RELEASE);
+        __atomic_fetch_sub(&fs->st.uring_threads, 1, __ATOMIC_RELAXED);
+    }
     return NULL;
 }
 
@@ -347,6 +403,8 @@ int tk_uring_start(tk_fs *fs) {
         return -ENOMEM;
     }
     fs->uring = u;
+    const char *gate = getenv("TAKAKRYPT_CLASSIC_GATE_US");
+    fs->classic_gate_ns = gate ? strtoull(gate, NULL, 10) % 1000000 * 1000 : TK_CLASSIC_GATE_NS;
     int rc = 0;
     for (unsigned i = 0; i < u->nthreads && rc == 0; i++) {
         tk_uthread *t = &u->t[i];
