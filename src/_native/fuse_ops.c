@@ -147,9 +147,14 @@ static int check_view(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_act
 static int reopen(tk_fs *fs, tk_inode *ino, int flags) {
     int pfd = tk_inode_fd(fs, ino);
     if (pfd < 0) return pfd;
-    char p[64];
-    PROCPATH(p, pfd);
-    int fd = open(p, flags);
+    int fd;
+    if (S_ISDIR(ino->type)) {  /* a directory's "." needs no walk through /proc */
+        fd = openat(pfd, ".", flags);
+    } else {
+        char p[64];
+        PROCPATH(p, pfd);
+        fd = open(p, flags);
+    }
     int rc = fd < 0 ? -errno : fd;
     tk_inode_put(fs, ino);
     return rc;
