@@ -403,8 +403,9 @@ int tk_uring_start(tk_fs *fs) {
         return -ENOMEM;
     }
     fs->uring = u;
-    const char *gate = getenv("TAKAKRYPT_CLASSIC_GATE_US");
-    fs->classic_gate_ns = gate ? strtoull(gate, NULL, 10) % 1000000 * 1000 : TK_CLASSIC_GATE_NS;
+    const char *gate = getenv("TAKAKRYPT_CLASSIC_GATE_US");  /* 0 .. 100000 */
+    unsigned long long us = gate ? strtoull(gate, NULL, 10) : TK_CLASSIC_GATE_NS / 1000;
+    fs->classic_gate_ns = (us > 100000 ? 100000 : us) * 1000;
     int rc = 0;
     for (unsigned i = 0; i < u->nthreads && rc == 0; i++) {
         tk_uthread *t = &u->t[i];
