@@ -17,19 +17,14 @@ mkdir -p "$ROOT"
 W=$(mktemp -d "$ROOT/tkpg.XXXXXX")
 chmod 755 "$W"
 ev() { echo "$1" > $T/events/fuse/fuse_request_send/enable; echo "$1" > $T/events/fuse/fuse_request_end/enable; }
-pgstop() { su postgres -c "$PGBIN/pg_ctl -D $W/mnt/pg -w stop" >/dev/null 2>&1 || true; }
-trap 'ev 0; pgstop; fusermount3 -u "$W/mnt" 2>/dev/null || true; rm -rf "$W"' EXIT
+. "$here/benchmarks/pgsetup.sh"
+trap 'ev 0; pg_stop "$W/mnt"; fusermount3 -u "$W/mnt" 2>/dev/null || true; rm -rf "$W"' EXIT
 mkdir -p "$W/back" "$W/mnt"
 TAKAKRYPT_BENCH_KEY=$W/key "$here/benchmarks/takakrypt-mount.sh" "$W/back" "$W/mnt"
-chmod 777 "$W/mnt"
-d=$W/mnt/pg sock=$W/sock
-mkdir -p "$d" "$sock"; chown postgres "$d" "$sock"
-su postgres -c "$PGBIN/initdb -D $d -A trust" >/dev/null
-su postgres -c "$PGBIN/pg_ctl -D $d -o '-k $sock -c listen_addresses= -c shared_buffers=128MB' -w -l $sock/pg.log start" >/dev/null
-su postgres -c "pgbench -h $sock -i -s 20 postgres" >/dev/null 2>&1
+pg_setup "$W/mnt" "$W/sock"
 echo 262144 > $T/buffer_size_kb
 echo > $T/trace; ev 1
-su postgres -c "pgbench -h $sock -c 4 -j 2 -T ${PGTIME:-10} postgres" 2>/dev/null | awk '/^tps/{print "pgbench:", $3, "TPS (traced)"}'
+echo "pgbench: $(pg_bench "$W/sock") TPS (traced)"
 ev 0
 awk -f "$here/benchmarks/fuse_trace_summary.awk" $T/trace |
   sort -rn | awk '{printf "%-12s %8d requests  mean %6d us\n", $2, $1, $3}'

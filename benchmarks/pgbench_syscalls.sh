@@ -25,9 +25,9 @@ chmod 755 "$W"
 EVS="syscalls/sys_enter_fdatasync syscalls/sys_exit_fdatasync syscalls/sys_enter_pwrite64
      syscalls/sys_exit_pwrite64 fuse/fuse_request_send fuse/fuse_request_end"
 ev() { for e in $EVS; do echo "$1" > "$T/events/$e/enable"; done; }
-pgstop() { su postgres -c "$PGBIN/pg_ctl -D $W/mnt/pg -w stop" >/dev/null 2>&1 || true; }
+. "$here/benchmarks/pgsetup.sh"
 cleanup() {
-  ev 0; pgstop
+  ev 0; pg_stop "$W/mnt"
   fusermount3 -u "$W/mnt" 2>/dev/null || umount "$W/mnt" 2>/dev/null || true
 }
 trap 'cleanup; rm -rf "$W"' EXIT
@@ -71,15 +71,10 @@ for target in native takakrypt; do
   else
     mount --bind "$W/back" "$W/mnt"
   fi
-  chmod 777 "$W/mnt"
-  d=$W/mnt/pg sock=$W/sock
-  mkdir -p "$d" "$sock"; chown postgres "$d" "$sock"
-  su postgres -c "$PGBIN/initdb -D $d -A trust" >/dev/null
-  su postgres -c "$PGBIN/pg_ctl -D $d -o '-k $sock -c listen_addresses= -c shared_buffers=128MB' -w -l $sock/pg.log start" >/dev/null
-  su postgres -c "pgbench -h $sock -i -s 20 postgres" >/dev/null 2>&1
+  pg_setup "$W/mnt" "$W/sock"
   echo 262144 > $T/buffer_size_kb
   echo > $T/trace; ev 1
-  tps=$(su postgres -c "pgbench -h $sock -c 4 -j 2 -T ${PGTIME:-10} postgres" 2>/dev/null | awk '/^tps/{print $3; exit}')
+  tps=$(pg_bench "$W/sock")
   ev 0
   echo "$target: $tps TPS (traced)"
   summary
