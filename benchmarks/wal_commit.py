@@ -7,8 +7,13 @@ flush begin (pgbench's TPS follows it).  This times that chain in one process, o
 plain directory and on a guard point (--allow-all) over the same file system, in the
 same run, and prints the mean latency of each step and the ratio of the totals.
 
-  usage: benchmarks/wal_commit.py [--commits N] [--cpus LIST] [--json]   (run as root)
+  usage: benchmarks/wal_commit.py [--commits N] [--cpus LIST] [--user NAME] [--json]
+                                                                         (run as root)
   BENCH_ROOT   where to work (default /var/tmp/tkbench)
+
+--user NAME commits as that user, as a database server does (PostgreSQL runs as
+postgres): a write by a caller without CAP_FSETID is one the kernel asks the server to
+clear set-id bits for, so this is the path pgbench's writes take.
 
 --cpus 0,1 repeats both targets with the committing process pinned to each CPU in turn
 (as well as unpinned): on a VM whose disk interrupts all land on one CPU, an fdatasync
@@ -62,11 +67,40 @@ def commits(d: Path, n: int) -> dict[str, float]:
         p.unlink()
 
 
+def as_user(user: str | None, fn, *a):
+    """fn(*a) in a child running as user (None: in this process); its dict result."""
+    if user is None:
+        return fn(*a)
+    import pwd
+    pw = pwd.getpwnam(user)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to the user, run, send the result back
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            os.write(w, json.dumps(fn(*a)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status:
+        raise SystemExit(f"wal_commit: the run as {user} failed")
+    return json.loads(data)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--commits", type=int, default=3000, help="commits per target (3000)")
     ap.add_argument("--cpus", default="", help="comma-separated CPUs to pin the committing "
                     "process to, one round each after the unpinned one (default: none)")
+    ap.add_argument("--user", default=None, help="commit as this user (default: the caller)")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = ap.parse_args()
     cpus = [int(c) for c in args.cpus.split(",") if c.strip()]
@@ -77,19 +111,25 @@ def main() -> int:
         native, back, mnt = work / "native", work / "back", work / "mnt"
         for x in (native, back, mnt):
             x.mkdir()
+        if args.user:
+            os.chmod(work, 0o755)
+            os.chmod(native, 0o777)
         mount = subprocess.run([str(HERE / "takakrypt-mount.sh"), str(back), str(mnt)],
                                env={**os.environ, "TAKAKRYPT_BENCH_KEY": str(work / "key")})
         if mount.returncode:
             return 1
         try:
-            out = {"native": commits(native, args.commits),
-                   "takakrypt": commits(mnt, args.commits)}
+            if args.user:
+                os.chmod(mnt, 0o777)
+            u = args.user
+            out = {"native": as_user(u, commits, native, args.commits),
+                   "takakrypt": as_user(u, commits, mnt, args.commits)}
             allowed = os.sched_getaffinity(0)
             for c in cpus:
                 os.sched_setaffinity(0, {c})
                 try:
-                    out[f"native_cpu{c}"] = commits(native, args.commits)
-                    out[f"takakrypt_cpu{c}"] = commits(mnt, args.commits)
+                    out[f"native_cpu{c}"] = as_user(u, commits, native, args.commits)
+                    out[f"takakrypt_cpu{c}"] = as_user(u, commits, mnt, args.commits)
                 finally:
                     os.sched_setaffinity(0, allowed)
         finally:

@@ -8,6 +8,7 @@
 
 #define FUSE_USE_VERSION 312
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
@@ -307,5 +308,15 @@ int tk_split_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t 
 
 /* ---- fuse_ops.c ---- */
 extern const struct fuse_lowlevel_ops tk_ops;
+
+/* statx of an fd for fields that are not timestamps.  On a file system with
+ * multigrain timestamps (ext4, xfs, btrfs, tmpfs since Linux 6.13) a stat that reports
+ * ctime/mtime marks them as seen, and the file's next write then stores a fine-grained
+ * time: the inode is dirtied by every write, and an fsync of the backing file writes
+ * its inode block too (docs/guard-points.md, "Backing-file stats without timestamps").
+ * The engine's own bookkeeping (size, mode, owner) asks for what it needs only. */
+static inline int tk_statx_fd(int fd, unsigned mask, struct statx *stx) {
+    return statx(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, mask, stx) < 0 ? -errno : 0;
+}
 
 #endif /* TAKAKRYPT_FUSE_INT_H */

@@ -494,11 +494,13 @@ static int caller_in_group(fuse_req_t req, gid_t g) {
 }
 
 static void kill_suidgid(tk_fs *fs, fuse_req_t req, int fd, const char *path) {
-    struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) return;
-    mode_t m = st.st_mode & 07777, n = m & ~(mode_t)S_ISUID;
+    struct statx st;  /* no timestamps asked: see tk_statx_fd */
+    if (tk_statx_fd(fd, STATX_TYPE | STATX_MODE | STATX_GID, &st) < 0 ||
+        !S_ISREG(st.stx_mode))
+        return;
+    mode_t m = st.stx_mode & 07777, n = m & ~(mode_t)S_ISUID;
     /* setgid goes if the group may execute, or if the caller is not in the group */
-    if ((m & S_ISGID) && ((m & S_IXGRP) || !caller_in_group(req, st.st_gid)))
+    if ((m & S_ISGID) && ((m & S_IXGRP) || !caller_in_group(req, st.stx_gid)))
         n &= ~(mode_t)S_ISGID;
     if (n == m) return;
     if ((path ? chmod(path, n) : fchmod(fd, n)) == 0) TK_INC(fs, suid_kills, 1);

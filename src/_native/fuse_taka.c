@@ -81,10 +81,10 @@ static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off) {
 }
 
 static int phys_size(int fd, uint64_t *out) {
-    struct stat st;
-    if (fstat(fd, &st) < 0) return -errno;
-    *out = (uint64_t)st.st_size;
-    return 0;
+    struct statx stx;
+    int rc = tk_statx_fd(fd, STATX_SIZE, &stx);
+    if (rc == 0) *out = (uint64_t)stx.stx_size;
+    return rc;
 }
 
 static int trunc_to(int fd, uint64_t size) {
@@ -238,8 +238,8 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
     OPENSSL_cleanse(key, sizeof key);
     /* a new file is empty: truncating it anyway would make ext4 flush it on close
      * (auto_da_alloc), one synchronous writeback start per created file */
-    struct stat st;
-    if (rc == 0 && (fstat(fd, &st) < 0 || st.st_size != 0)) rc = trunc_to(fd, 0);
+    uint64_t phys = 0;
+    if (rc == 0 && (phys_size(fd, &phys) < 0 || phys != 0)) rc = trunc_to(fd, 0);
     if (rc == 0) rc = write_header(t, fd);
     if (rc) {
         tk_taka_reset(t);
