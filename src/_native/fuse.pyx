@@ -87,6 +87,8 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t policy_hints
         uint64_t forgets
         uint64_t forget_messages
+        uint64_t wronly_direct
+        uint64_t direct_opens
     ctypedef struct tk_fs:
         pass
     const char *tk_action_name(int action)
@@ -366,4 +368,6 @@ cdef class Mount:
             "policy_hints": s.policy_hints,
             "forgets": s.forgets,
             "forget_messages": s.forget_messages,
+            "wronly_direct": s.wronly_direct,
+            "direct_opens": s.direct_opens,
         }

@@ -167,6 +167,8 @@ typedef struct {
     uint64_t policy_hints;         /* TK_HINT_* in force (gauge) */
     uint64_t forgets;              /* nodes forgotten by the kernel (FORGET, BATCH_FORGET) */
     uint64_t forget_messages;      /* ... messages carrying them */
+    uint64_t wronly_direct;        /* 1: write-only plaintext opens use direct I/O (gauge) */
+    uint64_t direct_opens;         /* ... opens and creates given it */
 } tk_fs_stats;
 
 typedef struct tk_fs tk_fs;

@@ -386,6 +386,13 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
     conn->want &= ~(unsigned)FUSE_CAP_AUTO_INVAL_DATA;
     if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+    /* Write-only plaintext opens bypass the page cache (see direct_for) where the
+     * kernel drops cached pages of a range before a direct write to it: Linux 6.6,
+     * protocol 7.39.  TAKAKRYPT_WRONLY_DIRECT=0 turns it off (A/B benchmarks). */
+    const char *wd = getenv("TAKAKRYPT_WRONLY_DIRECT");
+    __atomic_store_n(&fs->st.wronly_direct,
+                     conn->proto_major == 7 && conn->proto_minor >= 39 && !(wd && !strcmp(wd, "0")),
+                     __ATOMIC_RELAXED);
     tk_fs_init_done(fs);
 }
 
@@ -766,6 +773,23 @@ static tk_fh *new_fh(int fd, int view, int flags, tk_inode *ino) {
     return fh;
 }
 
+/* Direct I/O for an open: always for the raw view (the page cache never mixes views);
+ * for the plaintext view when the open is write-only.  A write-only handle can neither
+ * read nor map the file, so the page cache gives its writes nothing but splits: the
+ * kernel ends a write-through WRITE at every partial page it does not hold (a tar
+ * record of 10 KiB at an unaligned offset became two or three requests, each with its
+ * merge of a partial block), and copies every byte into pages no one may read again.
+ * Direct, each write(2) is one WRITE; the kernel (6.6+) drops the range's cached
+ * pages before it, so other openers re-read it from us. */
+static int direct_for(tk_fs *fs, int view, int flags) {
+    if (view == TK_VIEW_RAW) return 1;
+    if ((flags & O_ACCMODE) != O_WRONLY ||
+        !__atomic_load_n(&fs->st.wronly_direct, __ATOMIC_RELAXED))
+        return 0;
+    TK_INC(fs, direct_opens, 1);
+    return 1;
+}
+
 static int raw_flags(int flags) {
     /* O_DIRECT would impose alignment on our buffers; O_NOFOLLOW/O_CREAT are ours */
     return (flags & ~(O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW | O_DIRECT)) | O_CLOEXEC;
@@ -824,7 +848,7 @@ static void op_open(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi
         { reply_rc(req, -ENOMEM); return; }
     }
     fi->fh = (uint64_t)(uintptr_t)fh;
-    fi->direct_io = view == TK_VIEW_RAW;
+    fi->direct_io = direct_for(fs, view, fi->flags);
     fi->keep_cache = keep_cache(ino, view);
     if (fuse_reply_open(req, fi) != 0) {  /* interrupted: the kernel will not release */
         close(fd);
@@ -891,7 +915,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
         { reply_rc(req, -ENOMEM); return; }
     }
     fi->fh = (uint64_t)(uintptr_t)fh;
-    fi->direct_io = view == TK_VIEW_RAW;
+    fi->direct_io = direct_for(fs, view, fi->flags);
     fi->keep_cache = keep_cache(ino, view);
     if (fuse_reply_create(req, &e, fi) != 0) {  /* interrupted: no release, no forget */
         close(fd);
