@@ -43,6 +43,8 @@ typedef struct {
     uint32_t bs;
     tk_gcm *gcm;
     uint8_t mac_key[32];
+    int phys_ok;                  /* 1: the stored length is exactly what `size` implies
+                                   * (we wrote or cut it so): no stale tail to look for */
 } tk_taka;
 
 struct tk_inode;

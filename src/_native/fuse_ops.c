@@ -500,6 +500,23 @@ static int caller_in_group(fuse_req_t req, gid_t g) {
     return 0;
 }
 
+/* chmod of a node through its O_PATH fd: fchmodat2(fd, "", AT_EMPTY_PATH) (Linux 6.6)
+ * rather than chmod("/proc/self/fd/N"), which walks procfs and follows the magic
+ * link; the path (procpath, that of fd) where the kernel lacks fchmodat2. */
+#ifndef SYS_fchmodat2
+#define SYS_fchmodat2 452
+#endif
+static int no_fchmodat2;
+
+static int chmod_node(int fd, const char *procpath, mode_t mode) {
+    if (!__atomic_load_n(&no_fchmodat2, __ATOMIC_RELAXED)) {
+        if (syscall(SYS_fchmodat2, fd, "", mode, AT_EMPTY_PATH) == 0) return 0;
+        if (errno != ENOSYS && errno != EINVAL) return -errno;
+        __atomic_store_n(&no_fchmodat2, 1, __ATOMIC_RELAXED);
+    }
+    return chmod(procpath, mode) < 0 ? -errno : 0;
+}
+
 static void kill_suidgid(tk_fs *fs, fuse_req_t req, int fd, const char *path) {
     struct statx st;  /* no timestamps asked: see tk_statx_fd */
     if (tk_statx_fd(fd, STATX_TYPE | STATX_MODE | STATX_GID, &st) < 0 ||
@@ -510,7 +527,8 @@ static void kill_suidgid(tk_fs *fs, fuse_req_t req, int fd, const char *path) {
     if ((m & S_ISGID) && ((m & S_IXGRP) || !caller_in_group(req, st.stx_gid)))
         n &= ~(mode_t)S_ISGID;
     if (n == m) return;
-    if ((path ? chmod(path, n) : fchmod(fd, n)) == 0) TK_INC(fs, suid_kills, 1);
+    if ((path ? chmod_node(fd, path, n) : (fchmod(fd, n) < 0 ? -errno : 0)) == 0)
+        TK_INC(fs, suid_kills, 1);
 }
 
 /* Did the kernel ask us to clear the set-id bits with this WRITE?  The request's
@@ -574,7 +592,8 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
     }
     if (rc == 0 && (to_set & FUSE_SET_ATTR_MODE)) {
         if (S_ISLNK(ino->type)) rc = -EOPNOTSUPP;
-        else if ((fh ? fchmod(fh->fd, attr->st_mode) : chmod(p, attr->st_mode)) < 0) rc = -errno;
+        else if (fh) rc = fchmod(fh->fd, attr->st_mode) < 0 ? -errno : 0;
+        else rc = chmod_node(pfd, p, attr->st_mode);
     }
     if (rc == 0 && (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))) {
         uid_t u = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1;
@@ -595,9 +614,11 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
         else if (to_set & FUSE_SET_ATTR_ATIME) tv[0] = attr->st_atim;
         if (to_set & FUSE_SET_ATTR_MTIME_NOW) tv[1].tv_nsec = UTIME_NOW;
         else if (to_set & FUSE_SET_ATTR_MTIME) tv[1] = attr->st_mtim;
-        int r = fh ? futimens(fh->fd, tv)
-                   : S_ISLNK(ino->type) ? utimensat(pfd, "", tv, AT_EMPTY_PATH)
-                                        : utimensat(AT_FDCWD, p, tv, 0);
+        /* through the O_PATH fd itself (AT_EMPTY_PATH, as for symlinks), not a procfs
+         * path; the path where the kernel refuses the flag for this type */
+        int r = fh ? futimens(fh->fd, tv) : utimensat(pfd, "", tv, AT_EMPTY_PATH);
+        if (r < 0 && errno == EINVAL && !fh && !S_ISLNK(ino->type))
+            r = utimensat(AT_FDCWD, p, tv, 0);
         if (r < 0) rc = -errno;
     }
     if (pfd >= 0) tk_inode_put(fs, ino);

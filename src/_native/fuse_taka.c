@@ -247,6 +247,7 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
     }
     t->state = 1;
     t->epoch = __atomic_load_n(&fs->taka_epoch, __ATOMIC_ACQUIRE);
+    t->phys_ok = 1;  /* the header alone */
     return 0;
 }
 
@@ -262,6 +263,13 @@ int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t f
     uint64_t last_plain = want_end - last * bs;
     size_t span = (size_t)((nfull + 1) * sbs);
     size_t need = (size_t)(nfull * sbs + last_plain + OVH);
+    if (t->phys_ok && size == t->size) {
+        /* the stored length is known: ask for no byte past it (a short read would
+         * otherwise cost a second pread that finds the end of the file) */
+        uint64_t phys = tk_taka_stored_size(size, t->bs), at = block_off(t, first);
+        if (phys > at && phys - at < span) span = (size_t)(phys - at);
+        if (span < need) span = need;
+    }
     uint8_t *raw = malloc(span);
     if (!raw) return -ENOMEM;
     ssize_t n = pread_full(fd, raw, span, block_off(t, first));
@@ -343,8 +351,11 @@ ssize_t tk_taka_read(tk_fs *fs, tk_taka *t, int fd, char *out, size_t len, uint6
     return rc ? rc : (ssize_t)(end - off);
 }
 
-/* Cut stored bytes past the size (crash leftovers) before the file grows. */
+/* Cut stored bytes past the size (crash leftovers) before the file grows.  Once the
+ * engine has written or cut the stored length itself (phys_ok) there are none: the
+ * backing file has no other writer (the raw view resets the state). */
 static int drop_stale_tail(tk_taka *t, int fd) {
+    if (t->phys_ok) return 0;
     uint64_t phys, want;
     int rc = phys_size(fd, &phys);
     if (rc) return rc;
@@ -416,8 +427,10 @@ int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t n, uin
     if (end > old && (rc = drop_stale_tail(t, fd))) return rc;
     /* a partial last block before a gap is zero-extended to a full block first */
     if (old % bs && (old - 1) / bs < first &&
-        (rc = rewrite_block(fs, t, fd, (old - 1) / bs, bs, bad)))
+        (rc = rewrite_block(fs, t, fd, (old - 1) / bs, bs, bad))) {
+        t->phys_ok = 0;
         return rc;
+    }
     uint64_t hi = old > end ? old : end;
     uint64_t block_end = (last + 1) * bs < hi ? (last + 1) * bs : hi;
     size_t blen = (size_t)(block_end - first * bs);
@@ -425,16 +438,22 @@ int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t n, uin
         rc = store_blocks(fs, t, fd, first, (const uint8_t *)data, n);
     else
         rc = store_merged(fs, t, fd, data, n, off, old, blen, bad);
-    if (rc) return rc;
-    if (end >= old) {  /* the last block was rewritten: cut any longer stale copy */
+    if (rc) {
+        t->phys_ok = 0;
+        return rc;
+    }
+    if (end >= old && !t->phys_ok) {  /* the last block was rewritten: cut any longer
+                                       * stale copy */
         uint64_t want = tk_taka_stored_size(end, t->bs), phys;
         if ((rc = phys_size(fd, &phys))) return rc;
         if (phys > want && (rc = trunc_to(fd, want))) return rc;
+        t->phys_ok = 1;  /* phys >= want: the blocks up to `end` were just stored */
     }
     if (end > old) {
         t->size = end;
         if ((rc = write_header(t, fd))) {
             t->size = old;
+            t->phys_ok = 0;
             return rc;
         }
     }
@@ -466,17 +485,25 @@ int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t *bad
             free(keep);
         }
         if (rc == 0) rc = trunc_to(fd, tk_taka_stored_size(size, t->bs));
+        t->phys_ok = rc == 0;
         return rc;
     }
     if ((rc = drop_stale_tail(t, fd))) return rc;
     if (old % bs) {
         uint64_t k = (old - 1) / bs;
         uint64_t nl = size - k * bs < bs ? size - k * bs : bs;
-        if ((rc = rewrite_block(fs, t, fd, k, nl, bad))) return rc;
+        if ((rc = rewrite_block(fs, t, fd, k, nl, bad))) {
+            t->phys_ok = 0;
+            return rc;
+        }
     }
     /* the rest is a hole: extend the stored length without writing anything */
-    if ((rc = trunc_to(fd, tk_taka_stored_size(size, t->bs)))) return rc;
+    if ((rc = trunc_to(fd, tk_taka_stored_size(size, t->bs)))) {
+        t->phys_ok = 0;
+        return rc;
+    }
     t->size = size;
     if ((rc = write_header(t, fd))) t->size = old;
+    t->phys_ok = rc == 0;
     return rc;
 }
