@@ -211,7 +211,11 @@ def test_page_cache_kept_across_opens_until_the_raw_view_writes(wtmp):
         assert (g.mnt / "f").read_bytes() == a
         before = g.stats()["bytes_decrypted"]
         assert (g.mnt / "f").read_bytes() == a  # a new open: served from the page cache
-        assert g.stats()["bytes_decrypted"] == before
+        # not a byte more would be exact, but the kernel may reclaim an odd clean page at
+        # any time (this machine's kernel runs DAMON "pageout" on physical memory: one
+        # run in 40 re-read a page here); dropping the cache at the open re-reads the
+        # whole file, which is what this must catch
+        assert g.stats()["bytes_decrypted"] - before < len(a)
         stored_g = (g.backing / "g").read_bytes()
 
         def restore(p, data):  # the raw view overwrites f with g's stored bytes
@@ -242,7 +246,9 @@ def test_own_writes_keep_the_page_cache(wtmp):
                 assert os.lseek(fd, 0, os.SEEK_END) == len(data)
                 assert os.fstat(fd).st_size == len(data)
                 assert os.pread(fd, len(data), 0) == data
-            assert g.stats()["bytes_decrypted"] == before  # every read from the cache
+            # every read from the cache: auto_inval_data would re-read the whole file at
+            # each of the 8 refreshes; allow only an odd page reclaimed meanwhile (above)
+            assert g.stats()["bytes_decrypted"] - before < len(data)
         finally:
             os.close(fd)
         assert (g.mnt / "rel").read_bytes() == data
