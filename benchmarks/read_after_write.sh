@@ -25,6 +25,6 @@ one() {  # $1 label, $2 environment for the guard
   fusermount3 -u "$W/mnt"
 }
 for _ in $(seq "${ROUNDS:-3}"); do
-  one "write-only direct (default)" "TAKAKRYPT_BENCH=1"
+  one "write-only direct (default)" ""
   one "TAKAKRYPT_WRONLY_DIRECT=0" "TAKAKRYPT_WRONLY_DIRECT=0"
 done

@@ -28,7 +28,7 @@ cleanup() {
 trap cleanup EXIT
 entries=$(tar -tf "$TAR" | wc -l)
 
-one() {  # $1 name, $2 environment for the guard ("-" = native); prints seconds
+one() {  # $1 name, $2 environment for the guard ("" = none, "-" = native); prints seconds
   mkdir -p "$L"
   rm -f "$IMG"; truncate -s "${IMG_SIZE:-6G}" "$IMG"
   mkfs.ext4 -q -F -O ^has_journal "$IMG"
@@ -47,7 +47,7 @@ one() {  # $1 name, $2 environment for the guard ("-" = native); prints seconds
 }
 
 declare -A times
-targets=("native|-" "takakrypt|TAKAKRYPT_BENCH=1")
+targets=("native|-" "takakrypt|")
 [ -n "$KNOB" ] && targets+=("${KNOB%%=*}=${KNOB#*=}|$KNOB")
 for r in $(seq "$ROUNDS"); do
   for t in "${targets[@]}"; do
