@@ -215,8 +215,9 @@ def errno_of(fn, *args) -> int:
 # the server (child process)
 
 
-def rules_hints(rules: list[dict]) -> tuple[bool, bool]:
-    """(plain_only, getattr_all) for a list of test rules, like Engine.metadata_hints."""
+def rules_hints(rules: list[dict]) -> tuple[bool, bool, bool]:
+    """(plain_only, getattr_all, process_free) for a list of test rules, like
+    Engine.metadata_hints and Engine.process_free (only ``exe`` looks at the process)."""
     view_actions = {"read", "write", "append", "truncate", "create", "getattr"}
     plain_only = all("apply_key" in r["effects"] for r in rules if "permit" in r["effects"]
                      and (r.get("actions") is None or view_actions & set(r["actions"])))
@@ -229,7 +230,7 @@ def rules_hints(rules: list[dict]) -> tuple[bool, bool]:
         if all(r.get(k) is None for k in ("uid", "prefix", "exe")):
             getattr_all = True
             break
-    return plain_only, plain_only and getattr_all
+    return plain_only, plain_only and getattr_all, all(r.get("exe") is None for r in rules)
 
 
 def _serve(spec_path: str) -> int:
@@ -266,7 +267,7 @@ def _serve(spec_path: str) -> int:
         from takakrypt.policy import Engine
         engine = Engine(tkconfig.loads(spec["policy_yaml"]))
         decide = policy_decider(engine, "p")
-        hints = engine.metadata_hints("p")
+        hints = (*engine.metadata_hints("p"), engine.process_free("p"))
 
     def audit(kind, uid, gid, pid, path, action, effects, detail):
         with lock:

@@ -143,6 +143,37 @@ def test_reload_removes_and_adds_guard_points(tmp_path):
         assert subprocess.run([CAT, str(gp / "h.txt")], capture_output=True).returncode != 0
 
 
+def test_reload_from_a_process_free_policy_to_process_rules(tmp_path):
+    # uid rules only: decisions are cached per uid for every process (hint bit 4); the
+    # reload to process rules must not let a process inherit another's cached answer
+    cfg, gp = _cfg(tmp_path)
+    by_uid = dict(cfg, policies={"gp": {"rules": [
+        {"user_set": "root", "actions": ["all_ops"], "effects": ["permit", "apply_key"]},
+        {"actions": ["all_ops"], "effects": ["deny", "audit"]}]}})
+    with running(tmp_path, by_uid) as d:
+        r = _py("import sys; open(sys.argv[1], 'w').write('x' * 5000); "
+                "print(open(sys.argv[1]).read() == 'x' * 5000)", str(gp / "f"))
+        assert r.stdout.strip() == "True", r.stderr
+        for _ in range(3):  # cat as root: plaintext, answered from the uid's cache
+            out = subprocess.run([CAT, str(gp / "f")], capture_output=True, timeout=30)
+            assert out.stdout == b"x" * 5000
+        st = d.jcli("guard", "list")[0]["stats"]
+        assert st["policy_hints"] & 4 and st["ident_skips"] > 0, st
+        write_config(d.config_path, cfg)
+        assert d.jcli("reload")["reloaded"]
+        assert not d.jcli("guard", "list")[0]["stats"]["policy_hints"] & 4
+        # the backup view now: the stored bytes, or EACCES while the kernel still keeps
+        # the plaintext node's entry (metadata_cache, docs/guard-points.md); never text
+        raw = subprocess.run([CAT, str(gp / "f")], capture_output=True, timeout=30)
+        assert raw.stdout[:4] == b"TAKA" if raw.returncode == 0 else \
+            b"Permission denied" in raw.stderr, raw
+        sh = subprocess.run(["/bin/sh", "-c", f"exec head -c 10 {gp / 'f'}"],
+                            capture_output=True, timeout=30)
+        assert sh.returncode != 0 and b"Permission denied" in sh.stderr
+        r = _py("import sys; print(open(sys.argv[1]).read() == 'x' * 5000)", str(gp / "f"))
+        assert r.stdout.strip() == "True", r.stderr
+
+
 def test_rename_and_link_are_decided_by_the_agent(tmp_path):
     # rename/link misses go through the ring with the destination as `target`: the
     # authorised process may, an unlisted process (cat: read_ops only) may not

@@ -164,6 +164,56 @@ def test_any_path_answers_are_asked_once(wtmp):
     assert counts["any-path"] <= 20, counts
 
 
+ROOT_PLAIN_NOBODY_DENIED = [{"uid": 0, "effects": ["permit", "apply_key"]},
+                            {"effects": ["deny", "audit"]}]
+
+
+def _read_in_child(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_process_free_policy_reads_nothing_from_proc(wtmp):
+    # uid rules only (TK_HINT_NO_PROCESS): a hit reads nothing from /proc and holds
+    # for every process of that uid; a miss still identifies the process
+    with guard_mount(wtmp, rules=ROOT_PLAIN_NOBODY_DENIED) as g:
+        (g.mnt / "f").write_bytes(b"plaintext")
+        os.chmod(g.mnt / "f", 0o644)
+        assert g.stats()["policy_hints"] & 4
+        for _ in range(5):  # five processes of root: one set of misses, then hits
+            r = subprocess.run(["cat", str(g.mnt / "f")], capture_output=True)
+            assert r.stdout == b"plaintext", r
+        s = g.stats()
+        # /proc was read for misses only (the agent is told who asks)
+        assert s["ident_skips"] > 0, s
+        assert s["ident_hits"] + s["ident_reads"] <= s["cache_misses"] < s["cache_hits"], s
+        misses = s["cache_misses"]
+        for _ in range(5):
+            assert subprocess.run(["cat", str(g.mnt / "f")], capture_output=True
+                                  ).stdout == b"plaintext"
+        assert g.stats()["cache_misses"] == misses  # the same answers, other processes
+        # another uid: its own decision (denied, audited), never root's
+        assert errno_of(lambda: run_as(NOBODY, NOBODY, _read_in_child, str(g.mnt / "f"))
+                        ) == errno.EACCES
+        assert errno_of(lambda: run_as(NOBODY, NOBODY, _read_in_child, str(g.mnt / "f"))
+                        ) == errno.EACCES
+        denied = [e for e in g.audit_events() if e["uid"] == NOBODY and e["path"] == "f"]
+        assert len(denied) >= 2 and all(e["pid"] > 0 for e in denied), denied
+
+
+def test_process_rules_still_identify_every_process(wtmp):
+    cat = os.path.realpath(shutil.which("cat") or "/bin/cat")
+    rules = [{"exe": cat, "effects": ["deny", "audit"]},
+             {"uid": 0, "effects": ["permit", "apply_key"]}]
+    with guard_mount(wtmp, rules=rules) as g:
+        (g.mnt / "f").write_bytes(b"plaintext")
+        assert not g.stats()["policy_hints"] & 4
+        assert subprocess.run([cat, str(g.mnt / "f")], capture_output=True).returncode != 0
+        assert (g.mnt / "f").read_bytes() == b"plaintext"
+        s = g.stats()
+        assert s["ident_skips"] == 0 and s["ident_hits"] > 0, s
+
+
 POLICY = """
 resource_sets:
   secret: {paths: ["secret/**"]}
@@ -470,7 +520,7 @@ def test_plain_only_policy_keeps_file_entries_never_attributes(wtmp):
     rules = [{"uid": 0, "effects": ["permit", "apply_key"]},
              {"uid": OUTSIDER, "actions": ["list"], "effects": ["permit"]}]
     with guard_mount(wtmp, rules=rules, metadata_cache=LONG) as g:
-        assert g.stats()["policy_hints"] == 1
+        assert g.stats()["policy_hints"] == 1 | 4  # plain_only; uid rules only: no process
         os.chmod(g.mnt, 0o777)
         os.mkdir(g.mnt / "d")
         os.chmod(g.mnt / "d", 0o777)
@@ -493,7 +543,7 @@ def test_plain_only_policy_keeps_file_entries_never_attributes(wtmp):
 
 def test_allow_all_policy_keeps_file_attributes_too(wtmp):
     with guard_mount(wtmp, metadata_cache=LONG) as g:  # permit + apply_key for everyone
-        assert g.stats()["policy_hints"] == 3
+        assert g.stats()["policy_hints"] == 3 | 4  # plain_only, getattr_all, no process
         os.chmod(g.mnt, 0o777)
         for i in range(50):
             (g.mnt / f"f{i}").write_bytes(b"x" * i)

@@ -376,6 +376,56 @@ def test_metadata_hints_hold_for_every_caller_and_path(rules):
                 assert d.permit and d.apply_key and not d.audit, (uid, path)
 
 
+_PF_SETS = {"user_sets": {"u": {"users": [5]}, "g": {"groups": [50]}},
+            "resource_sets": {"r": {"paths": ["data/**"]}},
+            "process_sets": {"cat": {"executables": ["/usr/bin/cat"]}}}
+_pf_rule = st.fixed_dictionaries({
+    "effects": st.sampled_from([["permit"], ["deny"], ["permit", "apply_key"],
+                                ["deny", "audit"]]),
+    "actions": st.lists(st.sampled_from(list(config.ACTIONS)), min_size=1, max_size=3),
+}, optional={
+    "user_set": st.sampled_from(["u", "!u", "g", "!g"]),
+    "resource_set": st.sampled_from(["r", "!r"]),
+    "process_set": st.sampled_from(["cat", "!cat"]),
+})
+_PF_CALLERS = [(proc("/usr/bin/cat"), ()), (proc("/usr/bin/tar"), ()),
+               (proc("/usr/bin/cat"), (50,)), (proc("/usr/sbin/postgres"), (7, 50))]
+
+
+@given(st.lists(_pf_rule, min_size=1, max_size=6))
+def test_process_free_policies_decide_by_uid_and_gid_alone(rules):
+    # what the data path relies on when it caches a decision per uid/gid for every
+    # process: whatever the executable and the supplementary groups, the same answer
+    eng = engine(rules, **_PF_SETS)
+    if not eng.process_free("p"):
+        return
+    for uid in (0, 5, 1000):
+        for path in ("f", "data/x"):
+            for action in ("read", "write", "getattr", "create"):
+                got = {(d.permit, d.apply_key, d.audit, d.rule) for d in
+                       (decide(eng, req(uid=uid, gid=1, groups=g, p=p, path=path,
+                                        action=action)) for p, g in _PF_CALLERS)}
+                assert len(got) == 1, (uid, path, action, got)
+
+
+def test_process_free_cases():
+    allow = {"effects": ["permit", "apply_key"]}
+    assert engine([allow]).process_free("p")
+    assert engine([{"user_set": "u", "effects": ["permit", "apply_key"]},
+                   {"resource_set": "r", "effects": ["deny", "audit"]}],
+                  **_PF_SETS).process_free("p")
+    # a process set, even negated, even in a rule after an unconditional one
+    assert not engine([{"process_set": "cat", "effects": ["permit"]}],
+                      **_PF_SETS).process_free("p")
+    assert not engine([allow, {"process_set": "!cat", "effects": ["deny"]}],
+                      **_PF_SETS).process_free("p")
+    # a user set with groups: supplementary groups come from /proc
+    assert not engine([{"user_set": "g", "effects": ["permit"]}],
+                      **_PF_SETS).process_free("p")
+    us = {"user_sets": {"n": {"users": ["root"], "groups": ["root"]}}}
+    assert not engine([{"user_set": "!n", "effects": ["deny"]}], **us).process_free("p")
+
+
 def test_metadata_hints_cases():
     us = {"u": {"users": [5]}}
     allow = {"effects": ["permit", "apply_key"]}

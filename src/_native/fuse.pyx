@@ -89,6 +89,7 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t forget_messages
         uint64_t wronly_direct
         uint64_t direct_opens
+        uint64_t ident_skips
     ctypedef struct tk_fs:
         pass
     const char *tk_action_name(int action)
@@ -116,6 +117,7 @@ PROTOCOL_ACTIONS = {tk_action_name(i).decode(): tk_action_protocol_code(i)
                     for i in range(TK_ACT_COUNT)}
 HINT_PLAIN_ONLY = 1   # tk_fs_set_hints: no rule grants the raw view
 HINT_GETATTR_ALL = 2  # ... and getattr is permitted, unaudited, to everyone
+HINT_NO_PROCESS = 4   # no rule looks at the process or groups: decide by uid/gid
 RING_TIMEOUT_MS = 5000  # TAKAKRYPT_TIMEOUT_MS
 
 # SAFETY: _alive is written only with the GIL held (at exit) and read by FUSE threads
@@ -321,8 +323,9 @@ cdef class Mount:
         tk_fs_invalidate(self._fs)
 
     def set_hints(self, unsigned int hints):
-        """Policy facts (HINT_PLAIN_ONLY | HINT_GETATTR_ALL) that let the kernel keep
-        regular files' entries and attributes (fuse_impl.h, tk_fs_set_hints)."""
+        """Policy facts (HINT_PLAIN_ONLY | HINT_GETATTR_ALL | HINT_NO_PROCESS) that let
+        the kernel keep regular files' entries and attributes, and checks skip /proc
+        (fuse_impl.h, tk_fs_set_hints)."""
         tk_fs_set_hints(self._fs, hints)
 
     def stats(self):
@@ -370,4 +373,5 @@ cdef class Mount:
             "forget_messages": s.forget_messages,
             "wronly_direct": s.wronly_direct,
             "direct_opens": s.direct_opens,
+            "ident_skips": s.ident_skips,
         }

@@ -203,6 +203,23 @@ int tk_ident_get(tk_fs *fs, fuse_req_t req, tk_ident *id) {
     return rc;
 }
 
+/* With TK_HINT_NO_PROCESS the policy decides on the request's uid and gid alone: no
+ * /proc lookup per request (the fstatat above is most of a cached check's cost); the
+ * process is identified only if the decision has to be asked for (tk_check_path). */
+int tk_ident_for(tk_fs *fs, fuse_req_t req, tk_ident *id) {
+    if (!(__atomic_load_n(&fs->st.policy_hints, __ATOMIC_ACQUIRE) & TK_HINT_NO_PROCESS))
+        return tk_ident_get(fs, req, id);
+    const struct fuse_ctx *c = fuse_req_ctx(req);
+    memset(id, 0, sizeof *id);
+    id->uid = c->uid;
+    id->gid = c->gid;
+    id->pid = (uint32_t)c->pid;
+    if (c->pid <= 0) return -EPERM;  /* kernel-internal: denied, as tk_ident_get does */
+    id->lazy = req;
+    TK_INC(fs, ident_skips, 1);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------
  * audit + decisions
  */
@@ -514,10 +531,11 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
 
 int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
                          const char *target, tk_action act, int flags, tk_decision *out) {
+    /* a uid/gid-only identity caches by uid/gid (pid 0: no process-bound key has it) */
     tk_cache_key k = {
-        .uid = id->uid, .gid = id->gid, .pid = id->pid, .start_time = id->start_time,
-        .exe_dev = id->exe_dev, .exe_ino = id->exe_ino, .op = (uint32_t)act,
-        .path = (const uint8_t *)path, .path_len = strlen(path),
+        .uid = id->uid, .gid = id->gid, .pid = id->lazy ? 0 : id->pid,
+        .start_time = id->start_time, .exe_dev = id->exe_dev, .exe_ino = id->exe_ino,
+        .op = (uint32_t)act, .path = (const uint8_t *)path, .path_len = strlen(path),
     };
     /* the same caller and action with no path: where ANY_PATH answers are cached (the
      * op's top bit keeps those keys apart from the root's, whose path is "" too) */
@@ -539,7 +557,21 @@ int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
     } else {
         TK_INC(fs, cache_misses, 1);
         uint64_t gen = tk_cache_generation(fs->cache);
-        rc = decide_miss(fs, id, path, target, act, out, &detail);
+        tk_ident full;
+        const tk_ident *who = id;
+        if (id->lazy) {  /* the agent is told who asks (its audit, its process checks) */
+            who = &full;
+            if (tk_ident_get(fs, id->lazy, &full)) {
+                rc = -EACCES;
+                detail = "caller identity unavailable";
+            }
+        }
+        if (rc == 0) rc = decide_miss(fs, who, path, target, act, out, &detail);
+        /* a uid/gid key only while the hint still holds: a reload that clears it does
+         * so before the new policy answers anything, so an answer seen with it still
+         * set was given by the process-free policy */
+        int keep = !id->lazy || (__atomic_load_n(&fs->st.policy_hints, __ATOMIC_ACQUIRE) &
+                                 TK_HINT_NO_PROCESS);
         int any_path = rc == 0 && (out->effects & TK_FX_ANY_PATH);
         out->effects &= ~TK_FX_ANY_PATH;  /* a hint for us, not an effect */
         if (rc) {
@@ -553,7 +585,7 @@ int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
             v.rule = out->rule;
             v.key_version = out->key_version;
             v.flags = 0;
-            if (ttl) tk_cache_insert(fs->cache, any_path ? &kany : &k, &v, ttl, gen);
+            if (ttl && keep) tk_cache_insert(fs->cache, any_path ? &kany : &k, &v, ttl, gen);
         }
     }
     int permit = (out->effects & TK_FX_PERMIT) && !(out->effects & TK_FX_DENY);
@@ -588,7 +620,7 @@ static int check_common(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *na
     memset(out, 0, sizeof *out);
     char *path = tk_path(fs, dir, name);
     if (!path) return -ENOMEM;
-    int rc = tk_ident_get(fs, req, &id);
+    int rc = tk_ident_for(fs, req, &id);
     if (rc) {
         /* fail closed: the caller vanished or is not a process we can identify */
         out->effects = TK_FX_DENY;
@@ -1074,8 +1106,10 @@ void tk_fs_invalidate(tk_fs *fs) {
 }
 
 void tk_fs_set_hints(tk_fs *fs, unsigned hints) {
+    unsigned np = hints & TK_HINT_NO_PROCESS;
     hints &= TK_HINT_PLAIN_ONLY | TK_HINT_GETATTR_ALL;
     if (!(hints & TK_HINT_PLAIN_ONLY)) hints = 0;  /* attributes alone: still per view */
+    hints |= np;
     __atomic_store_n(&fs->st.policy_hints, (uint64_t)hints, __ATOMIC_RELEASE);
 }
 

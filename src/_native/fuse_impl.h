@@ -169,6 +169,7 @@ typedef struct {
     uint64_t forget_messages;      /* ... messages carrying them */
     uint64_t wronly_direct;        /* 1: write-only plaintext opens use direct I/O (gauge) */
     uint64_t direct_opens;         /* ... opens and creates given it */
+    uint64_t ident_skips;          /* checks keyed by uid/gid alone (TK_HINT_NO_PROCESS) */
 } tk_fs_stats;
 
 typedef struct tk_fs tk_fs;
@@ -203,10 +204,18 @@ void tk_fs_invalidate(tk_fs *fs);
  *   TK_HINT_PLAIN_ONLY   no rule grants the raw view: every caller a regular file is
  *                        permitted to gets its plaintext node, so its entry can be kept;
  *   TK_HINT_GETATTR_ALL  getattr is permitted, unaudited, to everyone on every path, so
- *                        a regular file's attributes can be kept whoever asked.
- * Any time, from any thread; 0 (the default) keeps the per-caller routing. */
+ *                        a regular file's attributes can be kept whoever asked;
+ *   TK_HINT_NO_PROCESS   no rule looks at the process or at groups: a decision is a
+ *                        function of the request's uid and gid (and path, action, time),
+ *                        so a check reads nothing from /proc and caches by uid/gid;
+ *                        the process is still identified for a decision asked of the
+ *                        agent (a miss).  Independent of the other two.
+ * Any time, from any thread; 0 (the default) keeps the per-caller routing.  A reload
+ * that drops TK_HINT_NO_PROCESS must clear it before the new policy decides anything
+ * (takakrypt.agent.daemon: the hints of both policies first, then the new ones). */
 #define TK_HINT_PLAIN_ONLY 1u
 #define TK_HINT_GETATTR_ALL 2u
+#define TK_HINT_NO_PROCESS 4u
 void tk_fs_set_hints(tk_fs *fs, unsigned hints);
 
 void tk_fs_stats_get(const tk_fs *fs, tk_fs_stats *out);

@@ -99,6 +99,9 @@ typedef struct {
 typedef struct {
     uint32_t uid, gid, pid;
     uint64_t start_time, exe_dev, exe_ino;
+    /* non-NULL: a uid/gid-only identity (TK_HINT_NO_PROCESS; tk_ident_for), the request
+     * to identify the process from if the decision must be asked for */
+    fuse_req_t lazy;
 } tk_ident;
 
 /* One identity cache slot: a /proc/<tid> directory fd pins the task it was opened
@@ -245,6 +248,8 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
 int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
                          const char *target, tk_action act, int flags, tk_decision *out);
 int tk_ident_get(tk_fs *fs, fuse_req_t req, tk_ident *id);
+/* What a check needs: tk_ident_get, or uid/gid alone under TK_HINT_NO_PROCESS. */
+int tk_ident_for(tk_fs *fs, fuse_req_t req, tk_ident *id);
 void tk_audit(tk_fs *fs, const char *kind, const tk_ident *id, const char *path,
               const char *action, uint32_t effects, const char *detail);
 void tk_audit_integrity(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *action,

@@ -66,7 +66,7 @@ static int choose_view(tk_fs *fs, fuse_req_t req, tk_inode *parent, const char *
     int got = -1;
     for (int attempt = 0; attempt < 3 && got != 0; attempt++) {
         if (attempt) usleep(500);
-        got = tk_ident_get(fs, req, &id);
+        got = tk_ident_for(fs, req, &id);
     }
     if (got) return TK_VIEW_RAW;
     char *path = tk_path(fs, parent, name);

@@ -316,9 +316,8 @@ static int handle_request(tk_uthread *t) {
             e->hdr.ent.payload_sz = 0;
         }
     }
-    int rc = queue_cmd(t, TK_URING_CMD_COMMIT_AND_FETCH, commit_id);
-    if (rc == 0) rc = io_uring_submit(&t->ring) < 0 ? -EIO : 0;
-    return rc;
+    /* queued only: uring_main submits it together with the wait for the next request */
+    return queue_cmd(t, TK_URING_CMD_COMMIT_AND_FETCH, commit_id);
 }
 
 static void *uring_main(void *arg) {
@@ -341,9 +340,20 @@ static void *uring_main(void *arg) {
         __atomic_add_fetch(&fs->st.uring_threads, 1, __ATOMIC_RELAXED) == fs->uring->nthreads &&
         fs->classic_gate_ns)
         __atomic_store_n(&fs->classic_gated, 1, __ATOMIC_RELEASE);
+    int pending = 0;  /* a COMMIT_AND_FETCH queued by handle_request, not yet submitted */
     while (registered) {
         struct io_uring_cqe *cqe;
-        int r = io_uring_wait_cqe(&t->ring, &cqe);
+        if (pending) {
+            /* the reply and the wait for the next request: one io_uring_enter */
+            int s = io_uring_submit_and_wait(&t->ring, 1);
+            if (s == -EINTR) continue;  /* nothing submitted: again */
+            if (s < 0) {
+                lost = 1;
+                break;
+            }
+            pending = 0;
+        }
+        int r = io_uring_wait_cqe(&t->ring, &cqe);  /* no system call if it is there */
         if (r == -EINTR) continue;
         if (r < 0) break;
         uint64_t ud = cqe->user_data;
@@ -363,6 +373,7 @@ static void *uring_main(void *arg) {
             lost = 1;
             break;
         }
+        pending = 1;
     }
     /* An entry that served requests and is gone while the connection lives would leave
      * its CPU's requests waiting forever once the others are busy: fail closed instead

@@ -267,13 +267,17 @@ class GuardPoint:
         """Drop cached decisions and per-file header state."""
         self._m.invalidate()
 
-    def set_policy_hints(self, plain_only: bool, getattr_all: bool) -> None:
+    def set_policy_hints(self, plain_only: bool, getattr_all: bool,
+                         process_free: bool = False) -> None:
         """What the policy engine proved for every caller and path
         (:meth:`takakrypt.policy.Engine.metadata_hints`): lets the kernel keep regular
-        files' entries (``plain_only``) and attributes (``getattr_all`` too).  Call again
-        after every policy reload; the default is neither."""
+        files' entries (``plain_only``) and attributes (``getattr_all`` too);
+        ``process_free`` (:meth:`takakrypt.policy.Engine.process_free`): decisions
+        depend on the caller's uid and gid only, so checks read nothing from /proc.
+        Call again after every policy reload; the default is none."""
         self._m.set_hints((_fuse.HINT_PLAIN_ONLY if plain_only else 0)
-                          | (_fuse.HINT_GETATTR_ALL if plain_only and getattr_all else 0))
+                          | (_fuse.HINT_GETATTR_ALL if plain_only and getattr_all else 0)
+                          | (_fuse.HINT_NO_PROCESS if process_free else 0))
 
     def stats(self) -> dict[str, Any]:
         s = self._m.stats()
@@ -391,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                     get_key=lambda name, version: key, decide=allow_all,
                     threads=a.threads, debug=a.debug, metadata_cache=a.metadata_cache,
                     io_uring=a.io_uring, read_helpers=a.read_helpers)
-    gp.set_policy_hints(plain_only=True, getattr_all=True)  # what allow_all decides
+    gp.set_policy_hints(plain_only=True, getattr_all=True,  # what allow_all decides
+                        process_free=True)
     stop = threading.Event()
     dump = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -395,6 +395,21 @@ class Engine:
                     break
         return plain_only, plain_only and getattr_all
 
+    def process_free(self, policy: str) -> bool:
+        """Whether ``policy`` decides on the caller's uid and primary gid alone (with
+        path, action and time): no rule has a process set, and no user set a rule
+        refers to lists groups (a group matches supplementary groups too, which only
+        /proc tells).  The data path then identifies no process per request and caches
+        decisions per uid/gid (docs/guard-points.md, "Policy hints")."""
+        pol = self.policies[policy]
+        for r in pol.rules:
+            for kind, s, _neg in r.checks:
+                if kind == "process_set":
+                    return False
+                if kind == "user_set" and (s.gids or s.gnames):  # type: ignore[attr-defined]
+                    return False
+        return True
+
     @staticmethod
     def _decide(pol: CompiledPolicy, index: int, effects: frozenset[str], notes: list[str],
                 ttl: float | None, any_path: bool) -> Decision:

@@ -133,6 +133,14 @@ class Agent:
             self.notifier.send("READY=1", f"STATUS=reload failed: {e}"[:200])
             return {"reloaded": False, "error": str(e)}
         old = self.state
+        # before the new policy decides anything, only what BOTH policies prove: a
+        # decision it gives must never be cached as one that holds for every process
+        # of a uid (docs/guard-points.md, "Policy hints")
+        from .guards import policy_hints
+        for g in self.guards.values():
+            if hasattr(g, "set_policy_hints") and hasattr(g, "spec"):
+                both = zip(policy_hints(old.engine, g), policy_hints(new.engine, g))
+                g.set_policy_hints(*(a and b for a, b in both))
         self.state = new
         if self.cache is not None:
             self.cache.bump_generation()

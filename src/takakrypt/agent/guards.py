@@ -84,7 +84,13 @@ def apply_policy_hints(agent: Any, g: GuardPoint) -> None:
     """Tell the data path what the guard point's policy proves for every caller (kernel
     caching of regular files, docs/guard-points.md "Policy hints"); after a mount and
     after every reload.  A policy that is gone gets no hints."""
-    engine = agent.state.engine
+    g.set_policy_hints(*policy_hints(agent.state.engine, g))
+
+
+def policy_hints(engine: Any, g: GuardPoint) -> tuple[bool, bool, bool]:
+    """(plain_only, getattr_all, process_free) of the guard point's policy under
+    ``engine``; none for a policy that is gone."""
     name = g.spec.policy  # type: ignore[attr-defined]
-    hints = engine.metadata_hints(name) if name in engine.policies else (False, False)
-    g.set_policy_hints(*hints)
+    if name not in engine.policies:
+        return False, False, False
+    return (*engine.metadata_hints(name), engine.process_free(name))
