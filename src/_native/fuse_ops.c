@@ -500,15 +500,17 @@ static int caller_in_group(fuse_req_t req, gid_t g) {
     return 0;
 }
 
-/* chmod of a node through its O_PATH fd: fchmodat2(fd, "", AT_EMPTY_PATH) (Linux 6.6)
- * rather than chmod("/proc/self/fd/N"), which walks procfs and follows the magic
- * link; the path (procpath, that of fd) where the kernel lacks fchmodat2. */
+/* chmod through an fd: an open file's (procpath NULL) with fchmod; a node's O_PATH fd
+ * with fchmodat2(fd, "", AT_EMPTY_PATH) (Linux 6.6) rather than
+ * chmod("/proc/self/fd/N"), which walks procfs and follows the magic link; that path
+ * (procpath) where the kernel lacks fchmodat2.  0 or -errno. */
 #ifndef SYS_fchmodat2
 #define SYS_fchmodat2 452
 #endif
 static int no_fchmodat2;
 
 static int chmod_node(int fd, const char *procpath, mode_t mode) {
+    if (!procpath) return fchmod(fd, mode) < 0 ? -errno : 0;
     if (!__atomic_load_n(&no_fchmodat2, __ATOMIC_RELAXED)) {
         if (syscall(SYS_fchmodat2, fd, "", mode, AT_EMPTY_PATH) == 0) return 0;
         if (errno != ENOSYS && errno != EINVAL) return -errno;
@@ -527,8 +529,7 @@ static void kill_suidgid(tk_fs *fs, fuse_req_t req, int fd, const char *path) {
     if ((m & S_ISGID) && ((m & S_IXGRP) || !caller_in_group(req, st.stx_gid)))
         n &= ~(mode_t)S_ISGID;
     if (n == m) return;
-    if ((path ? chmod_node(fd, path, n) : (fchmod(fd, n) < 0 ? -errno : 0)) == 0)
-        TK_INC(fs, suid_kills, 1);
+    if (chmod_node(fd, path, n) == 0) TK_INC(fs, suid_kills, 1);
 }
 
 /* Did the kernel ask us to clear the set-id bits with this WRITE?  The request's
@@ -592,8 +593,8 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
     }
     if (rc == 0 && (to_set & FUSE_SET_ATTR_MODE)) {
         if (S_ISLNK(ino->type)) rc = -EOPNOTSUPP;
-        else if (fh) rc = fchmod(fh->fd, attr->st_mode) < 0 ? -errno : 0;
-        else rc = chmod_node(pfd, p, attr->st_mode);
+        else rc = fh ? chmod_node(fh->fd, NULL, attr->st_mode)
+                     : chmod_node(pfd, p, attr->st_mode);
     }
     if (rc == 0 && (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))) {
         uid_t u = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1;
