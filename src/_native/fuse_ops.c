@@ -1042,6 +1042,22 @@ static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
     if (!ring) free(buf);
 }
 
+/* A raw-view change of the stored bytes (a pwrite of buf, or a fallocate with `mode`
+ * when buf is NULL) as one step between the plaintext engine's operations: under the
+ * inode's write lock, after which the engine forgets what it knew of the file (header,
+ * size, stored length) and reads it afresh, and the plaintext pages are dropped.  The
+ * bytes written or -errno. */
+static ssize_t raw_change(tk_fs *fs, tk_inode *ino, int fd, const char *buf, size_t size,
+                          off_t off, int mode) {
+    pthread_rwlock_wrlock(&ino->lock);
+    ssize_t n = buf ? pwrite(fd, buf, size, off) : fallocate(fd, mode, off, (off_t)size);
+    if (n < 0) n = -errno;
+    tk_taka_reset(&ino->taka);
+    pthread_rwlock_unlock(&ino->lock);
+    mark_plain_stale(fs, ino);
+    return n;
+}
+
 static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t size,
                      off_t off, struct fuse_file_info *fi) {
     tk_fs *fs = FS(req);
@@ -1054,15 +1070,9 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
         write_kills_suidgid(req, buf, size, off, fi))
         kill_suidgid(fs, req, fh->fd, NULL);
     if (fh->view == TK_VIEW_RAW) {
-        ssize_t n = pwrite(fh->fd, buf, size, off);
-        if (n < 0) { reply_rc(req, -errno); return; }
-        mark_plain_stale(fs, ino);
+        ssize_t n = raw_change(fs, ino, fh->fd, buf, size, off, 0);
+        if (n < 0) { reply_rc(req, (int)n); return; }
         write_behind(fh, (uint64_t)off, (uint64_t)off + (uint64_t)n);
-        if (off < TK_HDR_SIZE || fh->append) {  /* the header may have changed */
-            pthread_rwlock_wrlock(&ino->lock);
-            tk_taka_reset(&ino->taka);
-            pthread_rwlock_unlock(&ino->lock);
-        }
         inval_other_view(fs, ino, TK_VIEW_RAW);  /* before the reply: then fh may go */
         fuse_reply_write(req, (size_t)n);
         return;
@@ -1123,11 +1133,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
     int rc = check_io(fs, req, fh, TK_ACT_WRITE, NULL);
     if (rc) { reply_rc(req, rc); return; }
     if (fh->view == TK_VIEW_RAW) {
-        if (fallocate(fh->fd, mode, off, len) < 0) rc = -errno;
-        mark_plain_stale(fs, fh->ino);
-        pthread_rwlock_wrlock(&fh->ino->lock);
-        tk_taka_reset(&fh->ino->taka);
-        pthread_rwlock_unlock(&fh->ino->lock);
+        rc = (int)raw_change(fs, fh->ino, fh->fd, NULL, (size_t)len, off, mode);
         if (rc == 0) inval_other_view(fs, fh->ino, TK_VIEW_RAW);
         reply_rc(req, rc);
         return;

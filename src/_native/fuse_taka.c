@@ -252,8 +252,10 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
 }
 
 /*
- * Decrypt blocks first..last (all below `size`) into out (capacity
- * (last-first+1)*bs); *outlen = plaintext bytes (up to `size`).
+ * Decrypt blocks first..last (all below `size`) into out; writes exactly
+ * *outlen = min((last + 1) * bs, size) - first * bs bytes (whole blocks but a last one
+ * cut at the size): out must hold that many.  Readers of an arbitrary byte range use
+ * tk_taka_read, which never writes past the range.
  */
 int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t first,
                         uint64_t last, uint8_t *out, size_t *outlen, uint64_t *bad) {
@@ -326,28 +328,62 @@ static int store_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t first, const uin
     return rc;
 }
 
+/* One block (k, below `size`) through a bounce buffer: copies its plaintext
+ * [from, to) (block-relative) to out.  For the partial edges of a read. */
+static int read_edge(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t k, size_t from,
+                     size_t to, uint8_t *out, uint64_t *bad) {
+    uint8_t *tmp = malloc(t->bs);
+    size_t got = 0;
+    if (!tmp) return -ENOMEM;
+    int rc = tk_taka_read_blocks(fs, t, fd, size, k, k, tmp, &got, bad);
+    if (rc == 0 && got < to) rc = -EIO;  /* cannot happen: k is below the size */
+    if (rc == 0) memcpy(out, tmp + from, to - from);
+    OPENSSL_cleanse(tmp, t->bs);
+    free(tmp);
+    return rc;
+}
+
+/*
+ * The plaintext [off, off + len) clipped to the size, into out: writes exactly the
+ * bytes returned and never one past them (out may be a malloc'ed reply of exactly
+ * `len` bytes).  Blocks wholly inside the range are decrypted straight into out (split
+ * over the helpers when large); a partial first or last block -- an offset or an end
+ * inside a block, as with O_DIRECT, a file of large blocks or a short read -- goes
+ * through a bounce buffer of one block.
+ */
 ssize_t tk_taka_read(tk_fs *fs, tk_taka *t, int fd, char *out, size_t len, uint64_t off,
                      uint64_t *bad, const tk_hint *hint) {
-    uint64_t size = t->size, bs = t->bs;
+    const uint64_t size = t->size, bs = t->bs;
     if (off >= size || len == 0) {
         if (hint) tk_hint_apply(fs, fd, hint);
         return 0;
     }
-    uint64_t end = size - off < len ? size : off + len;
-    uint64_t first = off / bs, last = (end - 1) / bs;
-    size_t got = 0;
-    int rc;
-    if (off % bs == 0) {  /* aligned: decrypt straight into the reply buffer */
-        rc = tk_split_read_blocks(fs, t, fd, size, first, last, (uint8_t *)out, &got, bad,
-                                  hint);
-        return rc ? rc : (ssize_t)(end - off);
+    const uint64_t end = size - off < len ? size : off + len;
+    const uint64_t first = off / bs, last = (end - 1) / bs;
+    uint8_t *o = (uint8_t *)out;
+    /* the blocks [lo, hi] hold nothing outside [off, end): decrypted in place */
+    const int head = off % bs != 0;
+    const uint64_t last_end = (last + 1) * bs < size ? (last + 1) * bs : size;
+    const int tail = last_end > end && !(head && first == last);
+    const uint64_t lo = head ? first + 1 : first, hi = tail ? last - 1 : last;
+    int rc = 0;
+    if (head) {
+        uint64_t to = (first + 1) * bs < end ? (first + 1) * bs : end;
+        rc = read_edge(fs, t, fd, size, first, (size_t)(off - first * bs),
+                       (size_t)(to - first * bs), o, bad);
+    } else if (first == last && last_end > end) {
+        rc = read_edge(fs, t, fd, size, first, 0, (size_t)(end - off), o, bad);
     }
-    uint8_t *buf = malloc((size_t)((last - first + 1) * bs));
-    if (!buf) return -ENOMEM;
-    rc = tk_split_read_blocks(fs, t, fd, size, first, last, buf, &got, bad, hint);
-    if (rc == 0) memcpy(out, buf + (off - first * bs), (size_t)(end - off));
-    OPENSSL_cleanse(buf, (size_t)((last - first + 1) * bs));
-    free(buf);
+    if (rc == 0 && lo <= hi && hi != UINT64_MAX) {
+        size_t got = 0;
+        rc = tk_split_read_blocks(fs, t, fd, size, lo, hi, o + (lo * bs - off), &got, bad,
+                                  hint);
+        hint = NULL;
+    }
+    if (rc == 0 && tail && last > first)
+        rc = read_edge(fs, t, fd, size, last, 0, (size_t)(end - last * bs),
+                       o + (last * bs - off), bad);
+    if (hint) tk_hint_apply(fs, fd, hint);
     return rc ? rc : (ssize_t)(end - off);
 }
 
