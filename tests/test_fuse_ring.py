@@ -8,7 +8,8 @@ the clients are this process's forked children and subprocesses, never the serve
 
 The handler's policy: the guard point root is open to everyone; uid 65534 is denied; the executables listed as "plain" (cat,
 this Python) get PERMIT|APPLY_KEY, the "raw" ones (dd) PERMIT, everything else DENY.
-Paths whose last component starts with a marker get a broken answer instead:
+A rename or link whose destination's name starts with ``nodest`` is denied on its
+source path.  Paths whose last component starts with a marker get a broken answer instead:
 ``silent-*`` none at all, ``notfound-*`` an ERROR_NOT_FOUND response, ``raise-*`` a
 handler exception (the producer gets EIO), ``bad-<kind>-*`` a malformed answer.
 Every request is logged as a JSON line (requests.jsonl); the Python ``decide``
@@ -108,6 +109,9 @@ def _serve(spec_path: str) -> int:
             return P.Effect.PERMIT  # everyone may reach the files below the root
         if req.uid == NOBODY:
             return P.Effect.DENY
+        if req.target and req.target != req.path and \
+                os.path.basename(req.target).startswith("nodest"):
+            return P.Effect.DENY  # a decision on the destination of a rename or link
         who = [req.process, req.exe_dev, req.exe_ino]
         if who in plain:
             return P.Effect.PERMIT | P.Effect.APPLY_KEY
@@ -455,6 +459,29 @@ def test_root_and_every_ring_action(g):
     others = {q["target"] for q in g.requests() if q["action"] not in ("rename", "link")}
     assert others == {""}
     assert g.py_decisions() == []  # nothing needs the GIL any more
+
+
+def test_rename_and_link_decisions_are_cached_with_their_destination(g):
+    """The answer for moving a path is cached for that destination only: after a
+    permitted rename of `src` (cached), a rename of a new `src` to a destination the
+    policy refuses is asked afresh and denied (issue 14, item 7)."""
+    def moves(mnt: str) -> tuple[int, int, int]:
+        for name in ("mv-src", "ln-src"):
+            with open(f"{mnt}/{name}", "wb") as f:
+                f.write(b"x")
+        os.rename(f"{mnt}/mv-src", f"{mnt}/mv-ok")
+        os.link(f"{mnt}/ln-src", f"{mnt}/ln-ok")
+        with open(f"{mnt}/mv-src", "wb") as f:
+            f.write(b"y")
+        return (errno_of(os.rename, f"{mnt}/mv-src", f"{mnt}/nodest-1"),
+                errno_of(os.link, f"{mnt}/ln-src", f"{mnt}/nodest-2"),
+                errno_of(os.rename, f"{mnt}/mv-src", f"{mnt}/mv-ok2"))
+
+    assert run_as(0, 0, moves, str(g.mnt)) == (errno.EACCES, errno.EACCES, 0)
+    assert not (g.backing / "nodest-1").exists() and not (g.backing / "nodest-2").exists()
+    asked = {(q["action"], q["path"], q["target"]) for q in g.requests()}
+    assert ("rename", g.abs("mv-src"), g.abs("nodest-1")) in asked
+    assert ("link", g.abs("ln-src"), g.abs("nodest-2")) in asked
 
 
 def _two_reads(path: str, log: str) -> tuple[int, int, int]:

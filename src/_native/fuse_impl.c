@@ -537,6 +537,19 @@ int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
         .start_time = id->start_time, .exe_dev = id->exe_dev, .exe_ino = id->exe_ino,
         .op = (uint32_t)act, .path = (const uint8_t *)path, .path_len = strlen(path),
     };
+    /* rename and link: the answer is for this path AND this destination, so both are
+     * the key ("path\0target": no path holds a NUL), and never an ANY_PATH one */
+    uint8_t *both = NULL;
+    if (target) {
+        size_t tl = strlen(target);
+        both = malloc(k.path_len + 1 + tl);
+        if (!both) return -ENOMEM;
+        memcpy(both, path, k.path_len);
+        both[k.path_len] = 0;
+        memcpy(both + k.path_len + 1, target, tl);
+        k.path = both;
+        k.path_len += 1 + tl;
+    }
     /* the same caller and action with no path: where ANY_PATH answers are cached (the
      * op's top bit keeps those keys apart from the root's, whose path is "" too) */
     tk_cache_key kany = k;
@@ -548,7 +561,7 @@ int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
     int rc = 0;
     TK_INC(fs, ops[act], 1);
     if (tk_cache_lookup(fs->cache, &k, &v) == TK_CACHE_HIT ||
-        tk_cache_lookup(fs->cache, &kany, &v) == TK_CACHE_HIT) {
+        (!target && tk_cache_lookup(fs->cache, &kany, &v) == TK_CACHE_HIT)) {
         TK_INC(fs, cache_hits, 1);
         out->effects = v.effects;
         out->rule = v.rule;
@@ -585,7 +598,8 @@ int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
             v.rule = out->rule;
             v.key_version = out->key_version;
             v.flags = 0;
-            if (ttl && keep) tk_cache_insert(fs->cache, any_path ? &kany : &k, &v, ttl, gen);
+            if (ttl && keep)
+                tk_cache_insert(fs->cache, any_path && !target ? &kany : &k, &v, ttl, gen);
         }
     }
     int permit = (out->effects & TK_FX_PERMIT) && !(out->effects & TK_FX_DENY);
@@ -596,6 +610,7 @@ int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
                      rc ? (detail ? detail : "decision unavailable")
                         : (permit ? "" : "denied"));
     }
+    free(both);
     return permit ? 0 : -EACCES;
 }
 

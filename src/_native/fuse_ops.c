@@ -45,8 +45,6 @@ static void reply_rc(fuse_req_t req, int rc) {
     fuse_reply_err(req, rc < 0 ? -rc : rc);
 }
 
-static int kernel_req(fuse_req_t req) { return fuse_req_ctx(req)->pid <= 0; }
-
 /* ---- views -------------------------------------------------------------------------- */
 
 /* Which node a caller gets for a regular file: the view of the first permitted of
@@ -125,14 +123,16 @@ static int grants(const tk_decision *d, int view) {
     return view == TK_VIEW_RAW ? !applies : applies;
 }
 
-/* Check `act` on ino for this caller and require the node's view. */
-static int check_view(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_action act) {
+/* Check `act` on ino (or on `name` in directory ino) for this caller and require the
+ * view of the (regular file's) node. */
+static int check_view_at(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *name,
+                         int view, tk_action act) {
     tk_decision d;
-    int rc = tk_check(fs, req, ino, NULL, act, 0, &d);
-    if (rc == 0 && S_ISREG(ino->type) && !grants(&d, view)) {
+    int rc = tk_check(fs, req, ino, name, act, 0, &d);
+    if (rc == 0 && (name || S_ISREG(ino->type)) && !grants(&d, view)) {
         tk_ident id;
         tk_ident_get(fs, req, &id);
-        char *path = tk_path(fs, ino, NULL);
+        char *path = tk_path(fs, ino, name);
         tk_audit(fs, "access", &id, path, tk_action_name(act), d.effects,
                  "view mismatch: the caller's decision does not match this node's view");
         free(path);
@@ -140,6 +140,10 @@ static int check_view(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_act
         rc = -EACCES;
     }
     return rc;
+}
+
+static int check_view(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_action act) {
+    return check_view_at(fs, req, ino, NULL, view, act);
 }
 
 /* A real fd on ino's backing object (open(2) of /proc/self/fd/N of its O_PATH fd):
@@ -422,8 +426,11 @@ static void op_getattr(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info 
     tk_fs *fs = FS(req);
     int view;
     tk_inode *ino = tk_node_inode(fs, nodeid, &view);
-    (void)fi;
-    int rc = tk_check(fs, req, ino, NULL, TK_ACT_GETATTR, 0, NULL);
+    /* A GETATTR that carries a handle is the kernel refreshing the size for that
+     * handle's I/O (a read up to the cached end, lseek SEEK_END, an O_APPEND write):
+     * part of the capability checked at open, not asked again.  fstat(2) and stat(2)
+     * carry none and are checked as `getattr` for the caller. */
+    int rc = fi ? 0 : tk_check(fs, req, ino, NULL, TK_ACT_GETATTR, 0, NULL);
     struct stat st;
     if (rc == 0) rc = view_stat(fs, ino, view, &st);
     if (rc) reply_rc(req, rc);
@@ -817,14 +824,23 @@ static int raw_flags(int flags) {
     return (flags & ~(O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW | O_DIRECT)) | O_CLOEXEC;
 }
 
-/* Checks for an open with `flags`: read, write/append, truncate as requested. */
-static int check_open(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int flags) {
+/* Checks for an open with `flags` of ino (or of `name` in directory ino, a file being
+ * created): read, write/append, truncate as requested.  The handle's reads and writes
+ * are not asked again (see op_read). */
+static int check_open_at(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *name,
+                         int view, int flags) {
     int acc = flags & O_ACCMODE, rc = 0;
-    if (acc != O_WRONLY) rc = check_view(fs, req, ino, view, TK_ACT_READ);
+    if (acc != O_WRONLY) rc = check_view_at(fs, req, ino, name, view, TK_ACT_READ);
     if (rc == 0 && acc != O_RDONLY)
-        rc = check_view(fs, req, ino, view, (flags & O_APPEND) ? TK_ACT_APPEND : TK_ACT_WRITE);
-    if (rc == 0 && (flags & O_TRUNC)) rc = check_view(fs, req, ino, view, TK_ACT_TRUNCATE);
+        rc = check_view_at(fs, req, ino, name, view,
+                           (flags & O_APPEND) ? TK_ACT_APPEND : TK_ACT_WRITE);
+    if (rc == 0 && (flags & O_TRUNC))
+        rc = check_view_at(fs, req, ino, name, view, TK_ACT_TRUNCATE);
     return rc;
+}
+
+static int check_open(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int flags) {
+    return check_open_at(fs, req, ino, NULL, view, flags);
 }
 
 /* Open the backing file of ino for `view`; plaintext: verify the header, O_TRUNC. */
@@ -886,6 +902,10 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
     int rc = tk_check(fs, req, parent, name, TK_ACT_CREATE, 0, &d);
     if (rc) { reply_rc(req, rc); return; }
     int view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
+    /* the new file's handle is the creator's capability: its access mode is checked
+     * now, on the new path (a new file has nothing to truncate) */
+    rc = check_open_at(fs, req, parent, name, view, fi->flags & ~O_TRUNC);
+    if (rc) { reply_rc(req, rc); return; }
     int flags = view == TK_VIEW_PLAIN ? O_RDWR | O_CLOEXEC : raw_flags(fi->flags);
     int pfd = tk_inode_fd(fs, parent);
     if (pfd < 0) { reply_rc(req, pfd); return; }
@@ -946,14 +966,13 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
     }
 }
 
-/* read/write are checked per request for the calling process; requests the kernel
- * makes on its own (mmap writeback: no pid) act for the opener, checked at open. */
-static int check_io(tk_fs *fs, fuse_req_t req, tk_fh *fh, tk_action act,
-                    struct fuse_file_info *fi) {
-    if (kernel_req(req) || (fi && fi->writepage)) return 0;
-    return check_view(fs, req, fh->ino, fh->view, act);
-}
-
+/* An open file description is a capability (docs/guard-points.md, "The chokepoint"):
+ * the policy decides at open -- which view, whether reading and writing are allowed --
+ * and READ, WRITE, FSYNC and FALLOCATE on the handle are not asked again, whoever sends
+ * them (the opener, a child that inherited the fd, a process it was passed to, the
+ * kernel's writeback of a shared mapping).  Asking per request could not be kept
+ * anyway: a read answered from the page cache, an mmap'ed page and a store into a
+ * shared mapping never reach us. */
 static void integrity_fail(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *act,
                            uint64_t bad) {
     char d[96];
@@ -1008,8 +1027,7 @@ static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
     tk_fs *fs = FS(req);
     tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
     (void)nodeid;
-    int rc = check_io(fs, req, fh, TK_ACT_READ, fi);
-    if (rc) { reply_rc(req, rc); return; }
+    (void)fi;
     char *ring = tk_uring_reply_space(size);  /* decrypt straight into the reply */
     char *buf = ring ? ring : malloc(size ? size : 1);
     if (!buf) { reply_rc(req, -ENOMEM); return; }
@@ -1063,8 +1081,7 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
     tk_fs *fs = FS(req);
     tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
     (void)nodeid;
-    int rc = check_io(fs, req, fh, fh->append ? TK_ACT_APPEND : TK_ACT_WRITE, fi);
-    if (rc) { reply_rc(req, rc); return; }
+    int rc;
     tk_inode *ino = fh->ino;
     if (__atomic_load_n(&fs->st.killpriv_v2, __ATOMIC_RELAXED) &&
         write_kills_suidgid(req, buf, size, off, fi))
@@ -1115,13 +1132,10 @@ static void op_release(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info 
 
 static void op_fsync(fuse_req_t req, fuse_ino_t nodeid, int datasync,
                      struct fuse_file_info *fi) {
-    tk_fs *fs = FS(req);
     tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
     (void)nodeid;
-    int rc = kernel_req(req) ? 0
-             : tk_check(fs, req, fh->ino, NULL, fh->writable ? TK_ACT_WRITE : TK_ACT_READ,
-                        0, NULL);
-    if (rc == 0 && (datasync ? fdatasync(fh->fd) : fsync(fh->fd)) < 0) rc = -errno;
+    int rc = 0;
+    if ((datasync ? fdatasync(fh->fd) : fsync(fh->fd)) < 0) rc = -errno;
     reply_rc(req, rc);
 }
 
@@ -1130,8 +1144,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
     tk_fs *fs = FS(req);
     tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
     (void)nodeid;
-    int rc = check_io(fs, req, fh, TK_ACT_WRITE, NULL);
-    if (rc) { reply_rc(req, rc); return; }
+    int rc;
     if (fh->view == TK_VIEW_RAW) {
         rc = (int)raw_change(fs, fh->ino, fh->fd, NULL, (size_t)len, off, mode);
         if (rc == 0) inval_other_view(fs, fh->ino, TK_VIEW_RAW);
