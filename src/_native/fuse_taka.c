@@ -147,6 +147,13 @@ static int keys_from(tk_taka *t, const uint8_t key[32]) {
     return rc;
 }
 
+/* The keystore's key name rule (docs/keys.md): [A-Za-z0-9_][A-Za-z0-9._-]*. */
+static int key_char_ok(uint8_t c, int first) {
+    if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_')
+        return 1;
+    return !first && (c == '.' || c == '-');
+}
+
 /* Parse the static/dynamic fields; -EBADMSG for anything malformed (fail closed). */
 static int parse(tk_taka *t, char name[TK_KEYID_MAX + 1], uint32_t *kver) {
     const uint8_t *h = t->hdr;
@@ -158,7 +165,7 @@ static int parse(tk_taka *t, char name[TK_KEYID_MAX + 1], uint32_t *kver) {
     unsigned klen = h[32];
     if (*kver == 0 || klen < 1 || klen > TK_KEYID_MAX) return -EBADMSG;
     for (unsigned i = 0; i < TK_KEYID_MAX; i++) {
-        if (i < klen && h[33 + i] == 0) return -EBADMSG;
+        if (i < klen && !key_char_ok(h[33 + i], i == 0)) return -EBADMSG;
         if (i >= klen && h[33 + i] != 0) return -EBADMSG;
     }
     uint64_t size = get_le64(h + 96);

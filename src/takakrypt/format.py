@@ -14,7 +14,7 @@ Header (128 bytes, integers little-endian)::
      12     4  key_version      version of the named key, >= 1
      16    16  file_id          random, unique per file
      32     1  key_id_len       1..63
-     33    63  key_id           key name, UTF-8, zero padded
+     33    63  key_id           key name: [A-Za-z0-9_][A-Za-z0-9._-]*, zero padded
     ---  ----  ----- end of the static part (bytes 0..95, bound into every block)
      96     8  plaintext_size   bytes of plaintext in the file
     104     8  reserved         zero
@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import FormatError, IntegrityError
+from .errors import FormatError, IntegrityError, UsageError
+from .keys.backend import validate_key_name
 
 MAGIC = b"TAKA"
 VERSION = 1
@@ -73,12 +74,14 @@ def _valid_block_size(bs: int) -> bool:
 
 
 def validate_key_id(key_id: str) -> bytes:
-    raw = key_id.encode("utf-8")
-    if not 1 <= len(raw) <= KEY_ID_MAX:
-        raise FormatError(f"key id must be 1..{KEY_ID_MAX} bytes of UTF-8, got {len(raw)}")
-    if b"\0" in raw:
-        raise FormatError("key id must not contain NUL")
-    return raw
+    """The key id's bytes; FormatError unless it is a valid key name (the keystore's rule,
+    docs/keys.md: 1..63 of ``[A-Za-z0-9._-]``, not starting with ``.`` or ``-``)."""
+    try:
+        validate_key_name(key_id)
+    except UsageError:
+        raise FormatError("key id is not a valid key name (1-63 of A-Z a-z 0-9 . _ -, "
+                          "not starting with '.' or '-')") from None
+    return key_id.encode("ascii")
 
 
 @dataclass
@@ -186,11 +189,10 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     if any(kraw[klen:]):
         raise FormatError("key id padding is not zero")
     try:
-        key_id = kraw[:klen].decode("utf-8")
+        key_id = kraw[:klen].decode("ascii")
     except UnicodeDecodeError:
-        raise FormatError("key id is not UTF-8") from None
-    if "\0" in key_id:
-        raise FormatError("key id contains NUL")
+        raise FormatError("key id is not a valid key name (not ASCII)") from None
+    validate_key_id(key_id)
     if reserved:
         raise FormatError("reserved header field is not zero")
     if size > MAX_PLAINTEXT_SIZE:
