@@ -267,11 +267,15 @@ def test_every_crash_state_keeps_fsynced_bytes(wtmp, shim, monkeypatch, tmp_path
     log.touch()
     backing = wtmp / "backing"
     backing.mkdir()
-    monkeypatch.setenv("LD_PRELOAD", str(shim))
+    before = os.environ.get("LD_PRELOAD")  # ci/asan.sh preloads the sanitizer runtime
+    monkeypatch.setenv("LD_PRELOAD", f"{before} {shim}" if before else str(shim))
     monkeypatch.setenv("TK_WRLOG", str(log))
     monkeypatch.setenv("TK_WRLOG_PREFIX", str(backing.resolve()) + "/")
     with guard_mount(wtmp, path=backing, key=KEY, io_uring=io_uring) as g:
-        monkeypatch.delenv("LD_PRELOAD")
+        if before:
+            monkeypatch.setenv("LD_PRELOAD", before)
+        else:
+            monkeypatch.delenv("LD_PRELOAD")
         syncs = run_workload(g.mnt / "f", log)
     records = read_log(log, str((backing / "f").resolve()))
     assert sum(op == "S" for _, op, _, _ in records) == len(syncs) - 1
