@@ -112,6 +112,7 @@ def encrypt_file(src: str, dst: str, key_id: str, key_version: int, data_key: by
                 if n < len(pview):
                     break
             header.plaintext_size = total
+            header.encryptions = block  # exact: one encryption per block written
             fout.seek(0)
             _write_all(fout, memoryview(header.pack(mac_key)))
     finally:
