@@ -238,13 +238,16 @@ def test_guard_point_agrees(wtmp):
             f.write(b"\x01" * 10)
         bad_key = _with_key_id(wtmp, "ключ".encode())
         os.rename(bad_key, g.backing / "badkey")
+        zn = bytearray((g.backing / "c0").read_bytes())
+        zn[128:128 + fmt.NONCE_SIZE] = bytes(fmt.NONCE_SIZE)  # not a hole: an ordinary block
+        (g.backing / "zero-nonce").write_bytes(zn)
         forged = bytearray((g.backing / "c0").read_bytes())
         forged[120] ^= 0xFF
         (g.backing / "forged").write_bytes(forged)
         for name, data in want.items():
             assert (g.mnt / name).read_bytes() == data, name
             assert os.stat(g.mnt / name).st_size == len(data)
-        for name in [f"t{i}" for i in range(len(CASES))] + ["x"]:
+        for name in [f"t{i}" for i in range(len(CASES))] + ["x", "zero-nonce"]:
             assert errno_of(lambda: (g.mnt / name).read_bytes()) == errno.EIO, name
         # a header that does not verify (or names no valid key): stat shows the stored
         # size, open fails with EIO
