@@ -107,6 +107,15 @@ def test_stream_encrypt_counts_exactly(tmp_path):
     assert _lease(tmp_path / "out") == 4
 
 
+def test_xform_counts_exactly(tmp_path):
+    from takakrypt import xform
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a").write_bytes(os.urandom(5 * BS + 7))
+    xform.run(str(d), keys=_keys, key_name="k", key_version=1, decrypt=False)
+    assert _lease(d / "a") == 6
+
+
 # --- the C engine -----------------------------------------------------------------------
 
 fuse_only = pytest.mark.skipif(fuse_skip_reason() is not None or not shutil.which("gcc"),
