@@ -73,6 +73,8 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t ident_reads
         uint64_t uring_threads
         uint64_t uring_requests
+        uint64_t nonce_lease_warnings
+        uint64_t nonce_limit_refusals
         uint64_t uring_bad_requests
         uint64_t uring_lost
         uint64_t header_loads
@@ -337,6 +339,8 @@ cdef class Mount:
             "cache_hits": s.cache_hits,
             "cache_misses": s.cache_misses,
             "decide_errors": s.decide_errors,
+            "nonce_lease_warnings": s.nonce_lease_warnings,
+            "nonce_limit_refusals": s.nonce_limit_refusals,
             "bytes_encrypted": s.bytes_encrypted,
             "bytes_decrypted": s.bytes_decrypted,
             "integrity_failures": s.integrity_failures,

@@ -170,6 +170,9 @@ typedef struct {
     uint64_t wronly_direct;        /* 1: write-only plaintext opens use direct I/O (gauge) */
     uint64_t direct_opens;         /* ... opens and creates given it */
     uint64_t ident_skips;          /* checks keyed by uid/gid alone (TK_HINT_NO_PROCESS) */
+    /* per-file GCM nonce budget (docs/file-format.md, "Encryption count") */
+    uint64_t nonce_lease_warnings; /* leases taken past the soft limit (re-key the file) */
+    uint64_t nonce_limit_refusals; /* writes refused at the hard limit (EKEYEXPIRED) */
 } tk_fs_stats;
 
 typedef struct tk_fs tk_fs;

@@ -45,6 +45,7 @@ typedef struct {
     uint8_t mac_key[32];
     int phys_ok;                  /* 1: the stored length is exactly what `size` implies
                                    * (we wrote or cut it so): no stale tail to look for */
+    uint64_t enc_used;            /* block encryptions counted, <= the lease in hdr[104..112) */
 } tk_taka;
 
 struct tk_inode;

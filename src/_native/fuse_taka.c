@@ -15,6 +15,7 @@
 #include "fuse_int.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -147,6 +148,13 @@ static int keys_from(tk_taka *t, const uint8_t key[32]) {
     return rc;
 }
 
+/* The keystore's key name rule (docs/keys.md): [A-Za-z0-9_][A-Za-z0-9._-]*. */
+static int key_char_ok(uint8_t c, int first) {
+    if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_')
+        return 1;
+    return !first && (c == '.' || c == '-');
+}
+
 /* Parse the static/dynamic fields; -EBADMSG for anything malformed (fail closed). */
 static int parse(tk_taka *t, char name[TK_KEYID_MAX + 1], uint32_t *kver) {
     const uint8_t *h = t->hdr;
@@ -158,15 +166,18 @@ static int parse(tk_taka *t, char name[TK_KEYID_MAX + 1], uint32_t *kver) {
     unsigned klen = h[32];
     if (*kver == 0 || klen < 1 || klen > TK_KEYID_MAX) return -EBADMSG;
     for (unsigned i = 0; i < TK_KEYID_MAX; i++) {
-        if (i < klen && h[33 + i] == 0) return -EBADMSG;
+        if (i < klen && !key_char_ok(h[33 + i], i == 0)) return -EBADMSG;
         if (i >= klen && h[33 + i] != 0) return -EBADMSG;
     }
     uint64_t size = get_le64(h + 96);
-    if (get_le64(h + 104) != 0 || size > TK_MAX_PLAIN) return -EBADMSG;
+    if (size > TK_MAX_PLAIN) return -EBADMSG;
     memcpy(name, h + 33, klen);
     name[klen] = 0;
     t->bs = bs;
     t->size = size;
+    /* the lease may have been used up before a crash or by another opener: count it
+     * all as used (conservative), the next encryption takes a new one */
+    t->enc_used = get_le64(h + 104);
     return 0;
 }
 
@@ -210,9 +221,58 @@ int tk_taka_valid(tk_fs *fs, const tk_taka *t) {
 
 static int write_header(tk_taka *t, int fd) {
     put_le64(t->hdr + 96, t->size);
-    memset(t->hdr + 104, 0, 8);
     int rc = header_tag(t->mac_key, t->hdr, t->hdr + TK_HDR_TAGOFF);
     return rc ? rc : pwrite_full(fd, t->hdr, TK_HDR_SIZE, 0);
+}
+
+/* Per-file GCM budget (docs/file-format.md, "Encryption count"): random 96-bit nonces
+ * allow 2^32 encryptions per key (NIST SP 800-38D). Header bytes 104..112 hold the
+ * encryptions reserved so far; they are leased ahead in chunks, each lease written
+ * (header rewrite) before the encryptions it covers, so the count on disk never falls
+ * behind by more than one chunk per crash. At the hard limit the file refuses writes. */
+#define NONCE_CHUNK (1ULL << 16)
+#define NONCE_SOFT  (1ULL << 31)
+#define NONCE_HARD  (3ULL << 30)
+
+static void nonce_limits(uint64_t *chunk, uint64_t *soft, uint64_t *hard) {
+    *chunk = NONCE_CHUNK;
+    *soft = NONCE_SOFT;
+    *hard = NONCE_HARD;
+#ifdef TK_TEST_NONCE_LIMITS
+    /* test builds only (CFLAGS=-DTK_TEST_NONCE_LIMITS): "chunk:soft:hard", lower only */
+    const char *e = getenv("TK_TEST_NONCE_LIMITS");
+    unsigned long long c, s, h;
+    if (e && sscanf(e, "%llu:%llu:%llu", &c, &s, &h) == 3 && c && c <= *chunk && s <= *soft &&
+        h <= *hard) {
+        *chunk = c;
+        *soft = s;
+        *hard = h;
+    }
+#endif
+}
+
+static int reserve(tk_fs *fs, tk_taka *t, int fd, uint64_t n) {
+    uint64_t chunk, soft, hard, lease = get_le64(t->hdr + 104);
+    if (n <= lease && t->enc_used <= lease - n) {
+        t->enc_used += n;
+        return 0;
+    }
+    nonce_limits(&chunk, &soft, &hard);
+    if (t->enc_used > hard || n > hard - t->enc_used) {
+        TK_INC(fs, nonce_limit_refusals, 1);
+        return -EKEYEXPIRED;
+    }
+    uint64_t want = t->enc_used + n + chunk;
+    if (want > hard) want = hard;
+    put_le64(t->hdr + 104, want);
+    int rc = write_header(t, fd);
+    if (rc) {
+        put_le64(t->hdr + 104, lease);
+        return rc;
+    }
+    if (want > soft) TK_INC(fs, nonce_lease_warnings, 1);
+    t->enc_used += n;
+    return 0;
 }
 
 int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
@@ -234,6 +294,9 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
     h[32] = (uint8_t)klen;
     memcpy(h + 33, fs->key_name, klen);
     t->size = 0;
+    uint64_t chunk, soft, hard;
+    nonce_limits(&chunk, &soft, &hard);
+    put_le64(h + 104, chunk);  /* the first lease, in the header written anyway */
     if (rc == 0) rc = keys_from(t, key);
     OPENSSL_cleanse(key, sizeof key);
     /* a new file is empty: truncating it anyway would make ext4 flush it on close
@@ -314,6 +377,8 @@ int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t f
     return rc;
 }
 
+/* Encrypt and store; the caller reserved the encryptions (reserve) before changing
+ * anything, so a refusal leaves the file as it was. */
 static int store_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t first, const uint8_t *plain,
                         size_t len) {
     uint64_t nb = 0;
@@ -459,10 +524,12 @@ int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t n, uin
     if (off > TK_MAX_PLAIN || n > TK_MAX_PLAIN - off) return -EFBIG;
     const uint64_t bs = t->bs, old = t->size, end = off + n;
     const uint64_t first = off / bs, last = (end - 1) / bs;
-    int rc;
-    if (end > old && (rc = drop_stale_tail(t, fd))) return rc;
     /* a partial last block before a gap is zero-extended to a full block first */
-    if (old % bs && (old - 1) / bs < first &&
+    const int extend = old % bs && (old - 1) / bs < first;
+    int rc = reserve(fs, t, fd, last - first + 1 + (uint64_t)extend);
+    if (rc) return rc;
+    if (end > old && (rc = drop_stale_tail(t, fd))) return rc;
+    if (extend &&
         (rc = rewrite_block(fs, t, fd, (old - 1) / bs, bs, bad))) {
         t->phys_ok = 0;
         return rc;
@@ -504,6 +571,7 @@ int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t *bad
     if (size < old) {
         uint8_t *keep = NULL;
         size_t got = 0;
+        if (size % bs && (rc = reserve(fs, t, fd, 1))) return rc;
         if (size % bs) {  /* verify the new partial block before anything changes */
             keep = malloc(bs);
             if (!keep) return -ENOMEM;
@@ -524,6 +592,7 @@ int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t *bad
         t->phys_ok = rc == 0;
         return rc;
     }
+    if (old % bs && (rc = reserve(fs, t, fd, 1))) return rc;
     if ((rc = drop_stale_tail(t, fd))) return rc;
     if (old % bs) {
         uint64_t k = (old - 1) / bs;

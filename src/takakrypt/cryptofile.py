@@ -12,16 +12,18 @@ size, and never use stale bytes past the size when they merge a partial block.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
 from . import format as fmt
 from ._aesgcm import BlockCipher
-from .errors import FormatError, IntegrityError
+from .errors import FormatError, IntegrityError, KeyUsageExhausted
 from .keys.secret import wipe
 
 
 KeyLookup = Callable[[str, int], bytearray]
+log = logging.getLogger(__name__)
 
 
 class TakaFile:
@@ -44,6 +46,8 @@ class TakaFile:
         self._aad = header.static
         self._bs = header.block_size
         self._sbs = header.stored_block_size
+        # the whole lease in the header counts as used: it may have been, before a crash
+        self._enc_used = header.encryptions
 
     # construction -------------------------------------------------------------------------
     @classmethod
@@ -51,7 +55,8 @@ class TakaFile:
                data_key: bytearray, *, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
                exclusive: bool = True, mode: int = 0o600) -> TakaFile:
         """Create an empty TAKA file (``path`` may also be an open read-write fd)."""
-        header = fmt.Header(key_id=key_id, key_version=key_version, block_size=block_size)
+        header = fmt.Header(key_id=key_id, key_version=key_version, block_size=block_size,
+                            encryptions=fmt.NONCE_CHUNK)
         if isinstance(path, int):
             fd, owns = path, False
             os.ftruncate(fd, 0)
@@ -61,6 +66,7 @@ class TakaFile:
             fd, owns = os.open(path, flags, mode), True
         try:
             f = cls(fd, header, data_key, owns_fd=owns, writable=True)
+            f._enc_used = 0  # a new file key: its first lease is unused
             f._write_header()
         except BaseException:
             if owns:
@@ -177,11 +183,13 @@ class TakaFile:
             raise FormatError("write beyond the maximum file size")
         bs, old = self._bs, self.size
         first, last = offset // bs, (end - 1) // bs
-        if end > old:
-            self._drop_stale_tail()
         # A partial last block before a gap must be zero-extended to the block end first.
         old_last = (old - 1) // bs if old else -1
-        if old % bs and old_last < first:
+        extend = bool(old % bs) and old_last < first
+        self._reserve(last - first + 1 + extend)  # before anything changes
+        if end > old:
+            self._drop_stale_tail()
+        if extend:
             self._rewrite_block(old_last, bs)
         block_end = min((last + 1) * bs, max(old, end))
         buf = bytearray(block_end - first * bs)
@@ -213,6 +221,8 @@ class TakaFile:
         old, bs = self.size, self._bs
         if size == old:
             return
+        if (size < old and size % bs) or (size > old and old % bs):
+            self._reserve(1)  # the new (or old) partial last block is re-encrypted
         if size < old:
             self.header.plaintext_size = size  # header first when shrinking
             self._write_header()
@@ -258,7 +268,30 @@ class TakaFile:
         plain.extend(bytes(new_len - len(plain)))
         self._store_blocks(k, plain)
 
+    def _reserve(self, n: int) -> None:
+        """Count n block encryptions against the header's lease, writing a new lease
+        first when it is used up; refuse past the hard limit (docs/file-format.md)."""
+        if self._enc_used + n <= self.header.encryptions:
+            self._enc_used += n
+            return
+        if self._enc_used + n > fmt.NONCE_HARD_LIMIT:
+            raise KeyUsageExhausted(f"file key used up ({self._enc_used} block encryptions, "
+                                    f"limit {fmt.NONCE_HARD_LIMIT}): copy the file to re-key it")
+        lease = self.header.encryptions
+        self.header.encryptions = min(self._enc_used + n + fmt.NONCE_CHUNK, fmt.NONCE_HARD_LIMIT)
+        try:
+            self._write_header()
+        except BaseException:
+            self.header.encryptions = lease
+            raise
+        if self.header.encryptions > fmt.NONCE_SOFT_LIMIT:
+            log.warning("TAKA file %s: %d block encryptions under its key, limit %d: copy the "
+                        "file to re-key it", self.header.file_id.hex(), self._enc_used,
+                        fmt.NONCE_HARD_LIMIT)
+        self._enc_used += n
+
     def _store_blocks(self, first: int, plain: bytearray) -> None:
+        """Encrypt and store; the caller reserved the encryptions before any change."""
         nb = fmt.blocks_for(len(plain), self._bs)
         out = bytearray(len(plain) + nb * fmt.OVERHEAD)
         self._cipher.encrypt_into(plain, out, self._aad, first)

@@ -51,6 +51,14 @@ class IntegrityError(Error):
         self.block = block
 
 
+class KeyUsageExhausted(Error):
+    """A file's key reached its limit of block encryptions (the random-nonce bound):
+    copy the file (a new file id, a new file key) to write it again."""
+
+    exit_code = 15
+    kind = "key-usage-exhausted"
+
+
 class KeyError_(Error):
     """Base for key management errors (named with a trailing underscore so the
     builtin ``KeyError`` is not shadowed)."""
@@ -168,5 +176,6 @@ EXIT_CODES: dict[int, str] = {
     AgentUnavailable.exit_code: "takakryptd not running / not answering",
     AgentError.exit_code: "takakryptd reported an error",
     XformError.exit_code: "xform: some files could not be converted",
+    KeyUsageExhausted.exit_code: "file key used up: copy the file to re-key it",
     130: "interrupted (SIGINT)",
 }

@@ -14,10 +14,10 @@ Header (128 bytes, integers little-endian)::
      12     4  key_version      version of the named key, >= 1
      16    16  file_id          random, unique per file
      32     1  key_id_len       1..63
-     33    63  key_id           key name, UTF-8, zero padded
+     33    63  key_id           key name: [A-Za-z0-9_][A-Za-z0-9._-]*, zero padded
     ---  ----  ----- end of the static part (bytes 0..95, bound into every block)
      96     8  plaintext_size   bytes of plaintext in the file
-    104     8  reserved         zero
+    104     8  encryptions      block encryptions reserved under this file's key (lease)
     112    16  header_tag       HMAC-SHA256(mac_key, bytes 0..111), first 16 bytes
     128        first stored block
 
@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import FormatError, IntegrityError
+from .errors import FormatError, IntegrityError, UsageError
+from .keys.backend import validate_key_name
 
 MAGIC = b"TAKA"
 VERSION = 1
@@ -60,10 +61,17 @@ MAX_BLOCK_SIZE = 1 << 20
 KEY_ID_MAX = 63
 MAX_PLAINTEXT_SIZE = (1 << 63) - 1
 HKDF_INFO = b"takakrypt/v1 file keys"
+# Per-file GCM budget (random 96-bit nonces: 2^32 encryptions per key, NIST SP 800-38D).
+# The header counts encryptions reserved; writers lease NONCE_CHUNK at a time, warn past
+# NONCE_SOFT_LIMIT and refuse past NONCE_HARD_LIMIT (docs/file-format.md, "Encryption
+# count"). The 2^30 below 2^32 cover one lost lease per crash or reload many times over.
+NONCE_CHUNK = 1 << 16
+NONCE_SOFT_LIMIT = 1 << 31
+NONCE_HARD_LIMIT = 3 << 30
 
 # magic, version, algorithm, flags, block_size, key_version, file_id, key_id_len, key_id
 _STATIC = struct.Struct("<4sBBHII16sB63s")
-# plaintext_size, reserved
+# plaintext_size, encryptions
 _DYNAMIC = struct.Struct("<QQ")
 assert _STATIC.size == STATIC_SIZE and STATIC_SIZE + _DYNAMIC.size == TAG_OFFSET
 
@@ -73,12 +81,14 @@ def _valid_block_size(bs: int) -> bool:
 
 
 def validate_key_id(key_id: str) -> bytes:
-    raw = key_id.encode("utf-8")
-    if not 1 <= len(raw) <= KEY_ID_MAX:
-        raise FormatError(f"key id must be 1..{KEY_ID_MAX} bytes of UTF-8, got {len(raw)}")
-    if b"\0" in raw:
-        raise FormatError("key id must not contain NUL")
-    return raw
+    """The key id's bytes; FormatError unless it is a valid key name (the keystore's rule,
+    docs/keys.md: 1..63 of ``[A-Za-z0-9._-]``, not starting with ``.`` or ``-``)."""
+    try:
+        validate_key_name(key_id)
+    except UsageError:
+        raise FormatError("key id is not a valid key name (1-63 of A-Z a-z 0-9 . _ -, "
+                          "not starting with '.' or '-')") from None
+    return key_id.encode("ascii")
 
 
 @dataclass
@@ -90,6 +100,8 @@ class Header:
     file_id: bytes = field(default_factory=lambda: os.urandom(16))
     block_size: int = DEFAULT_BLOCK_SIZE
     plaintext_size: int = 0
+    #: block encryptions reserved so far under the file key (an upper bound of those done)
+    encryptions: int = 0
     flags: int = 0
     algorithm: int = ALG_AES256GCM_HKDF
     version: int = VERSION
@@ -105,6 +117,8 @@ class Header:
             raise FormatError("file id must be 16 bytes")
         if not 0 <= self.plaintext_size <= MAX_PLAINTEXT_SIZE:
             raise FormatError(f"invalid plaintext size {self.plaintext_size}")
+        if not 0 <= self.encryptions < 1 << 64:
+            raise FormatError(f"invalid encryption count {self.encryptions}")
 
     @property
     def static(self) -> bytes:
@@ -114,7 +128,7 @@ class Header:
 
     def unsigned(self) -> bytes:
         """Bytes 0..111: what the header tag covers."""
-        return self.static + _DYNAMIC.pack(self.plaintext_size, 0)
+        return self.static + _DYNAMIC.pack(self.plaintext_size, self.encryptions)
 
     def pack(self, mac_key: bytes | bytearray) -> bytes:
         """Serialise with a fresh tag (also stored in ``self.tag``)."""
@@ -168,7 +182,7 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
         raise FormatError(f"truncated header: {len(data)} of {HEADER_SIZE} bytes")
     (magic, version, algorithm, flags, block_size, key_version, file_id, klen,
      kraw) = _STATIC.unpack_from(data, 0)
-    size, reserved = _DYNAMIC.unpack_from(data, STATIC_SIZE)
+    size, encryptions = _DYNAMIC.unpack_from(data, STATIC_SIZE)
     if magic != MAGIC:
         raise FormatError("not a TAKA file (no TAKA magic)")
     if version != VERSION:
@@ -186,17 +200,15 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     if any(kraw[klen:]):
         raise FormatError("key id padding is not zero")
     try:
-        key_id = kraw[:klen].decode("utf-8")
+        key_id = kraw[:klen].decode("ascii")
     except UnicodeDecodeError:
-        raise FormatError("key id is not UTF-8") from None
-    if "\0" in key_id:
-        raise FormatError("key id contains NUL")
-    if reserved:
-        raise FormatError("reserved header field is not zero")
+        raise FormatError("key id is not a valid key name (not ASCII)") from None
+    validate_key_id(key_id)
     if size > MAX_PLAINTEXT_SIZE:
         raise FormatError(f"invalid plaintext size {size}")
     return Header(key_id=key_id, key_version=key_version, file_id=file_id,
-                  block_size=block_size, plaintext_size=size, flags=flags,
+                  block_size=block_size, plaintext_size=size, encryptions=encryptions,
+                  flags=flags,
                   algorithm=algorithm, version=version, tag=data[TAG_OFFSET:HEADER_SIZE])
 
 

@@ -209,6 +209,7 @@ def _encrypt_to(src_fd: int, dst_fd: int, key_name: str, key_version: int,
             if n < len(plain):
                 break
         header.plaintext_size = pos
+        header.encryptions = block  # the file key's count (docs/file-format.md)
         os.pwrite(dst_fd, header.pack(mac), 0)
         os.fsync(dst_fd)
     finally:
