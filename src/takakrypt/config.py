@@ -461,3 +461,32 @@ def _check(cfg: Config, errors: _Errors) -> None:
     if cfg.agent.log_level not in ("debug", "info", "warning", "error"):
         errors.add("$.agent.log_level", f"unknown log level '{cfg.agent.log_level}'")
 
+
+
+def identity_warnings(cfg: Config) -> list[str]:
+    """Rules whose process criterion is only a name or a database type.
+
+    ``names`` match comm or argv[0], which every program sets as it likes (``exec -a
+    postgres``); ``databases`` match the executable's basename, which anyone who can
+    copy a file chooses.  Such a set grants a key to whoever takes the name (or, negated
+    or in a deny rule, lets a renamed program past the exclusion).  A process set that
+    decides must name ``executables`` (and preferably ``sha256``).  ``config check``
+    warns, ``config check --strict`` refuses (docs/policy.md, "Process identity")."""
+    out = []
+    for pname, pol in cfg.policies.items():
+        for i, r in enumerate(pol.rules):
+            if r.process_set is None:
+                continue
+            neg = r.process_set.startswith("!")
+            name = r.process_set[1:] if neg else r.process_set
+            ps = cfg.process_sets.get(name)
+            if ps is None or ps.executables or ps.sha256:
+                continue
+            by = " and ".join(k for k in ("names", "databases") if getattr(ps, k))
+            what = ("a program that takes that name or type evades the exclusion" if neg
+                    or "deny" in r.effects else
+                    "any program that takes that name or type is granted what it grants")
+            out.append(f"$.policies.{pname}.rules[{i}].process_set: process set '{name}' "
+                       f"identifies callers only by {by}, which the caller chooses: {what}; "
+                       "add executables (and sha256)")
+    return out
