@@ -67,8 +67,8 @@ def test_user_sets(users, groups, r, expect):
 
 def test_process_set_executable_glob_name_and_database():
     ps = {"pg": {"executables": ["/usr/lib/postgresql/*/bin/postgres"]},
-          "named": {"names": ["pg_dump"]},
-          "db": {"databases": ["postgres", "mysql"]},
+          "named": {"executables": ["/usr/bin/*"], "names": ["pg_dump"]},
+          "db": {"executables": ["/**"], "databases": ["postgres", "mysql"]},
           "both": {"executables": ["/usr/sbin/*"], "databases": ["mysql"]}}
     pg = proc("/usr/lib/postgresql/15/bin/postgres")
     for name, p, expect in [

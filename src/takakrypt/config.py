@@ -433,6 +433,7 @@ def _check(cfg: Config, errors: _Errors) -> None:
             _check_ref(errors, f"{rp}.resource_set", r.resource_set, cfg.resource_sets,
                        "resource set")
             _check_ref(errors, f"{rp}.time_set", r.time_set, cfg.time_sets, "time set")
+    _check_identity(cfg, errors)
     seen: dict[str, int] = {}
     for i, gp in enumerate(cfg.guard_points):
         p = f"$.guard_points[{i}]"
@@ -463,30 +464,46 @@ def _check(cfg: Config, errors: _Errors) -> None:
 
 
 
-def identity_warnings(cfg: Config) -> list[str]:
-    """Rules whose process criterion is only a name or a database type.
 
-    ``names`` match comm or argv[0], which every program sets as it likes (``exec -a
-    postgres``); ``databases`` match the executable's basename, which anyone who can
-    copy a file chooses.  Such a set grants a key to whoever takes the name (or, negated
-    or in a deny rule, lets a renamed program past the exclusion).  A process set that
-    decides must name ``executables`` (and preferably ``sha256``).  ``config check``
-    warns, ``config check --strict`` refuses (docs/policy.md, "Process identity")."""
+def _name_only(cfg: Config, ref: str | None) -> tuple[str, bool, str] | None:
+    """(set name, negated, "names and databases") if ``ref`` names a process set that
+    identifies callers only by what they choose (no executables, no sha256)."""
+    if ref is None:
+        return None
+    neg = ref.startswith("!")
+    name = ref[1:] if neg else ref
+    ps = cfg.process_sets.get(name)
+    if ps is None or ps.executables or ps.sha256:
+        return None
+    return name, neg, " and ".join(k for k in ("names", "databases") if getattr(ps, k))
+
+
+def _check_identity(cfg: Config, errors: _Errors) -> None:
+    """A permit must never rest on a name the caller chooses (docs/policy.md, "Process
+    identity"): ``names`` match comm or argv[0], which a program sets as it likes
+    (``exec -a postgres``); ``databases`` match the executable's basename, which anyone
+    who can copy a file chooses."""
+    for pname, pol in cfg.policies.items():
+        for i, r in enumerate(pol.rules):
+            weak = _name_only(cfg, r.process_set)
+            if weak and not weak[1] and "permit" in r.effects:
+                errors.add(f"$.policies.{pname}.rules[{i}].process_set",
+                           f"process set '{weak[0]}' identifies callers only by {weak[2]}, "
+                           "which the caller chooses: a permit must also name executables "
+                           "(and preferably sha256)")
+
+
+def identity_warnings(cfg: Config) -> list[str]:
+    """Rules that exclude callers only by name or database type (a negated process set,
+    or one in a deny rule): a program that takes another name gets past the exclusion.
+    ``config check`` warns, ``config check --strict`` refuses."""
     out = []
     for pname, pol in cfg.policies.items():
         for i, r in enumerate(pol.rules):
-            if r.process_set is None:
-                continue
-            neg = r.process_set.startswith("!")
-            name = r.process_set[1:] if neg else r.process_set
-            ps = cfg.process_sets.get(name)
-            if ps is None or ps.executables or ps.sha256:
-                continue
-            by = " and ".join(k for k in ("names", "databases") if getattr(ps, k))
-            what = ("a program that takes that name or type evades the exclusion" if neg
-                    or "deny" in r.effects else
-                    "any program that takes that name or type is granted what it grants")
-            out.append(f"$.policies.{pname}.rules[{i}].process_set: process set '{name}' "
-                       f"identifies callers only by {by}, which the caller chooses: {what}; "
-                       "add executables (and sha256)")
+            weak = _name_only(cfg, r.process_set)
+            if weak and (weak[1] or "permit" not in r.effects):
+                out.append(f"$.policies.{pname}.rules[{i}].process_set: process set "
+                           f"'{weak[0]}' identifies callers only by {weak[2]}, which the "
+                           "caller chooses: a program under another name is not excluded; "
+                           "add executables (and sha256)")
     return out
