@@ -63,8 +63,8 @@ def _cli(*args):
 
 def test_exec_a_postgres_is_not_a_postgres_process():
     with _child(["bash", "-c", "exec -a postgres sleep 30"]) as c:
-        p = _wait_for(c.pid, lambda p: p.cmdline[:1] == ("postgres",))
-        assert p.exe == SLEEP and p.database is None
+        p = _wait_for(c.pid, lambda p: p.exe == SLEEP and p.cmdline[:1] == ("postgres",))
+        assert p.database is None and p.comm == "sleep"
         eng = _engine({"process_sets": {"pg": {"executables": ["/**"],
                                                "databases": ["postgres"]}},
                        "policies": {"p": {"rules": [
@@ -320,3 +320,58 @@ def test_a_traced_caller_gets_no_plaintext():
     with _child([SLEEP, "30"]) as c:
         p = _wait_for(c.pid, lambda p: p.exe == SLEEP)
         assert p.tracer == 0 and eng.evaluate("p", _req(p)).apply_key
+
+
+# 3b through the agent and a real guard point --------------------------------------------
+
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
+    reason="needs root, /dev/fuse, fusermount3")
+
+
+@needs_fuse
+@pytest.mark.parametrize("shape", ["negated-set", "deny-rule"])
+def test_worker_of_an_exited_main_thread_is_denied_by_the_guard_point(tmp_path, orphan_helper,
+                                                                       shape):
+    from agent_helpers import base_config, running
+
+    cfg = base_config(tmp_path)
+    gp = tmp_path / "guarded"
+    gp.mkdir()
+    cfg["process_sets"] = {"orphan": {"executables": [orphan_helper]}}
+    rules = {"negated-set": [
+        {"process_set": "!orphan", "actions": ["all_ops"], "effects": ["permit", "apply_key"]}],
+        "deny-rule": [
+        {"process_set": "orphan", "actions": ["all_ops"], "effects": ["deny", "audit"]},
+        {"actions": ["all_ops"], "effects": ["permit", "apply_key", "audit"]}]}[shape]
+    cfg["policies"] = {"gp": {"rules": rules}}
+    cfg["guard_points"] = [{"path": str(gp), "policy": "gp", "key": "k1"}]
+    with running(tmp_path, cfg):
+        (gp / "memo.txt").write_text("BOARD-MEMO-CONFIDENTIAL\n")
+        assert (gp / "memo.txt").read_text() == "BOARD-MEMO-CONFIDENTIAL\n"
+        r = subprocess.run([orphan_helper, str(gp / "memo.txt")], capture_output=True,
+                           text=True, timeout=60)
+        assert r.stdout.startswith("tid "), r
+        assert "open: Permission denied" in r.stdout, r.stdout
+        assert "BOARD-MEMO" not in r.stdout
+
+
+def test_agent_denies_a_caller_running_another_executable(tmp_path):
+    from agent_helpers import base_config, write_config
+
+    from takakrypt.agent.daemon import Agent
+
+    cfg = base_config(tmp_path)
+    cfg["policies"] = {"p": {"rules": [
+        {"actions": ["all_ops"], "effects": ["permit", "apply_key"]}]}}
+    write_config(tmp_path / "c.yaml", cfg)
+    agent = Agent(str(tmp_path / "c.yaml"))
+    me = procinfo.inspect(threading.get_native_id())
+    assert me.exe_id is not None
+    ok = agent.decide("p", 0, 0, me.tid, "f", "read", exe=me.exe_id[:2])
+    assert ok.permit and ok.apply_key
+    d = agent.decide("p", 0, 0, me.tid, "f", "read", exe=(me.exe_id[0], me.exe_id[1] + 1))
+    assert not d.permit and d.cache_ttl == 0
+    # a process-free policy does not make an unidentifiable caller acceptable
+    d = agent.decide("p", 0, 0, 2, "f", "read")  # kthreadd: no executable
+    assert not d.permit and d.cache_ttl == 0
