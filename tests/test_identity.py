@@ -375,3 +375,32 @@ def test_agent_denies_a_caller_running_another_executable(tmp_path):
     # a process-free policy does not make an unidentifiable caller acceptable
     d = agent.decide("p", 0, 0, 2, "f", "read")  # kthreadd: no executable
     assert not d.permit and d.cache_ttl == 0
+
+
+@needs_fuse
+def test_a_signed_tool_rewritten_in_place_is_denied_by_the_guard_point(tmp_path):
+    from agent_helpers import base_config, running
+
+    tool = tmp_path / "bin" / "cat"
+    tool.parent.mkdir()
+    shutil.copy2(os.path.realpath(shutil.which("cat")), tool)
+    cfg = base_config(tmp_path)
+    gp = tmp_path / "guarded"
+    gp.mkdir()
+    cfg["process_sets"] = {
+        "signed": {"executables": [str(tool)],
+                   "sha256": [hashlib.sha256(tool.read_bytes()).hexdigest()]},
+        "writer": {"executables": [os.path.realpath(sys.executable)]}}
+    cfg["policies"] = {"gp": {"rules": [
+        {"process_set": "signed", "actions": ["all_ops"], "effects": ["permit", "apply_key"]},
+        {"process_set": "writer", "actions": ["all_ops"], "effects": ["permit", "apply_key"]},
+        {"actions": ["all_ops"], "effects": ["deny", "audit"]}]}}
+    cfg["guard_points"] = [{"path": str(gp), "policy": "gp", "key": "k1"}]
+    with running(tmp_path, cfg):
+        (gp / "memo.txt").write_text("TOP-SECRET\n")
+        r = subprocess.run([str(tool), str(gp / "memo.txt")], capture_output=True, timeout=60)
+        assert r.stdout == b"TOP-SECRET\n", r
+        _patch_same_size(tool)
+        r = subprocess.run([str(tool), str(gp / "memo.txt")], capture_output=True, timeout=60)
+        assert r.returncode != 0 and b"Permission denied" in r.stderr, r
+        assert b"TOP-SECRET" not in r.stdout
