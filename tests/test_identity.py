@@ -188,13 +188,19 @@ def test_a_binary_its_caller_can_rewrite_is_not_trusted(public_dir):
     tool.parent.mkdir()
     shutil.copy(shutil.which("md5sum"), tool)
     eng = _signed_engine(tmp_path, tool)
-    # described (policy check): other users may not write it, its owner may
-    p = procinfo.Process(pid=0, start_time=1, exe=str(tool), comm="md5sum",
-                         exe_id=procinfo.file_identity(str(tool)))
-    assert eng.evaluate("p", _req(p, uid=1000)).permit
+    # described (policy check, as the CLI does): read afresh after every change
+    def described():
+        return procinfo.Process(pid=0, start_time=1, exe=str(tool), comm="md5sum",
+                                exe_id=procinfo.file_identity(str(tool)))
+
+    assert eng.evaluate("p", _req(described(), uid=1000)).permit
     os.chmod(tool, 0o757)
-    d = eng.evaluate("p", _req(p, uid=1000), explain=True)
+    d = eng.evaluate("p", _req(described(), uid=1000), explain=True)
     assert not d.permit and "modified by the caller" in " ".join(d.explanation)
+    os.chown(tool, 0, 4242)
+    os.chmod(tool, 0o775)  # group-writable: for members of group 4242 only
+    assert not eng.evaluate("p", _req(described(), uid=4242)).permit
+    assert eng.evaluate("p", _req(described(), uid=1000)).permit
     os.chmod(tool, 0o755)
     # running as its owner
     os.chown(tool, NOBODY, NOBODY)
