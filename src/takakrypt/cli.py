@@ -573,10 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp = csub.add_parser("check", parents=[jsonp], formatter_class=_Formatter,
                          help="validate a configuration without starting anything",
                          description="Decode and validate FILE. Every error names the field "
-                                     "path and line; exit status 3 if invalid. A rule whose "
-                                     "process set names callers only by name or database "
-                                     "type (both chosen by the caller) is reported with a "
-                                     "WARNING, and refused with --strict (docs/policy.md).",
+                                     "path and line; exit status 3 if invalid. A permit "
+                                     "whose process set names callers only by name or "
+                                     "database type (both chosen by the caller) is invalid; "
+                                     "an exclusion by name only is reported with a WARNING, "
+                                     "and refused with --strict (docs/policy.md, \"Process "
+                                     "identity\").",
                          epilog=_exit_table())
     cp.add_argument("file", metavar="FILE")
     cp.add_argument("--strict", action="store_true",
