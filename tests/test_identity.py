@@ -6,11 +6,9 @@ after the main thread exited), unidentifiable and traced callers get no plaintex
 import contextlib
 import hashlib
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 
 import pytest
@@ -173,17 +171,8 @@ def _signed_engine(tmp_path, tool):
                          "effects": ["permit", "apply_key"]}]}}})
 
 
-@pytest.fixture
-def public_dir():
-    """A directory other users can reach (pytest's tmp_path is under a 0700 one)."""
-    d = tempfile.mkdtemp(prefix="tk-identity-")
-    os.chmod(d, 0o755)
-    yield pathlib.Path(d)
-    shutil.rmtree(d)
-
-
-def test_a_binary_its_caller_can_rewrite_is_not_trusted(public_dir):
-    tmp_path = public_dir
+def test_a_binary_its_caller_can_rewrite_is_not_trusted(wtmp):
+    tmp_path = wtmp  # other users can reach it
     tool = tmp_path / "bin" / "md5sum"
     tool.parent.mkdir()
     shutil.copy(shutil.which("md5sum"), tool)
