@@ -252,16 +252,20 @@ int main(int argc, char **argv) {
 """
 
 
-@pytest.fixture(scope="module")
-def orphan_helper(tmp_path_factory):
+def _compile(tmp_path_factory, name, source):
     if not shutil.which("gcc"):
         pytest.skip("needs gcc")
     d = tmp_path_factory.mktemp("helper")
     os.chmod(d, 0o755)
-    (d / "orphan.c").write_text(HELPER_C)
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / "orphan"), str(d / "orphan.c")],
+    (d / f"{name}.c").write_text(source)
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / name), str(d / f"{name}.c")],
                    check=True, timeout=120)
-    return str(d / "orphan")
+    return str(d / name)
+
+
+@pytest.fixture(scope="module")
+def orphan_helper(tmp_path_factory):
+    return _compile(tmp_path_factory, "orphan", HELPER_C)
 
 
 def test_inspect_identifies_a_thread_whose_main_thread_exited(orphan_helper):
@@ -399,3 +403,60 @@ def test_a_signed_tool_rewritten_in_place_is_denied_by_the_guard_point(tmp_path)
         r = subprocess.run([str(tool), str(gp / "memo.txt")], capture_output=True, timeout=60)
         assert r.returncode != 0 and b"Permission denied" in r.stderr, r
         assert b"TOP-SECRET" not in r.stdout
+
+
+CHAIN_C = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {  /* print FILE's first line (or the error), exec the rest */
+    char buf[128] = {0};
+    FILE *f = fopen(argv[1], "r");
+    if (!f) printf("MARKER-ORIGINAL open: %s\n", strerror(errno));
+    else if (!fgets(buf, sizeof buf, f)) printf("MARKER-ORIGINAL read: %s\n", strerror(errno));
+    else printf("MARKER-ORIGINAL %s", buf);
+    fflush(stdout);
+    if (argc > 2) execv(argv[2], argv + 2);
+    return 0;
+}
+"""
+
+
+@needs_fuse
+def test_the_same_process_exec_ing_a_rewritten_binary_loses_its_cached_permit(
+        tmp_path, tmp_path_factory):
+    # the decision caches (the engine's and the agent's) key on pid, start time and the
+    # executable: an exec keeps pid and start time, an in-place rewrite keeps device and
+    # inode.  Root is the caller here: it may rewrite the binary (a sha256 set trusts
+    # no binary a non-root caller can rewrite).
+    from agent_helpers import base_config, running
+
+    tool = tmp_path / "tool"
+    shutil.copy2(_compile(tmp_path_factory, "chain", CHAIN_C), tool)
+    cfg = base_config(tmp_path)
+    gp = tmp_path / "guarded"
+    gp.mkdir()
+    cfg["process_sets"] = {
+        "signed": {"executables": [str(tool)],
+                   "sha256": [hashlib.sha256(tool.read_bytes()).hexdigest()]},
+        "writer": {"executables": [os.path.realpath(sys.executable)]}}
+    cfg["policies"] = {"gp": {"rules": [
+        {"process_set": "signed", "actions": ["all_ops"], "effects": ["permit", "apply_key"]},
+        {"process_set": "writer", "actions": ["all_ops"], "effects": ["permit", "apply_key"]},
+        {"actions": ["all_ops"], "effects": ["deny", "audit"]}]}}
+    cfg["guard_points"] = [{"path": str(gp), "policy": "gp", "key": "k1"}]
+    memo = str(gp / "memo.txt")
+    rewrite = (f"{os.path.realpath(sys.executable)} -c \"import os; p = {str(tool)!r}; "
+               "st = os.stat(p); d = open(p, 'rb').read().replace(b'MARKER-ORIGINAL', "
+               "b'MARKER-REWRITTE'); open(p, 'r+b').write(d); "
+               "os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))\"")
+    with running(tmp_path, cfg):
+        (gp / "memo.txt").write_text("TOP-SECRET\n")
+        # one pid: tool reads, execs sh, which rewrites tool in place and execs it again
+        r = subprocess.run([str(tool), memo, "/bin/sh", "-c", f"{rewrite} && exec {tool} {memo}"],
+                           capture_output=True, text=True, timeout=60)
+        first, second = r.stdout.splitlines()
+        assert first == "MARKER-ORIGINAL TOP-SECRET", r
+        assert second == "MARKER-REWRITTE open: Permission denied", r

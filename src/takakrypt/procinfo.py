@@ -128,6 +128,13 @@ def exe_identity(st: os.stat_result) -> ExeId:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def exe_ino_key(exe_id: ExeId) -> int:
+    """The executable's inode number with its ctime folded in, as the FUSE engine sends
+    it in ``exe_ino`` (src/_native/fuse_impl.c ``exe_ino_key``): cache keys built on it
+    change when the binary is rewritten in place."""
+    return (exe_id[1] ^ (exe_id[4] * 0x9E3779B97F4A7C15)) & 0xFFFF_FFFF_FFFF_FFFF
+
+
 def _tracer_of_any_thread(pid: int, own: int) -> int:
     """TracerPid of the first traced thread of ``pid`` (``own``: the calling thread's,
     already read), 0 if none: a tracer of any thread reads the whole address space."""

@@ -168,7 +168,9 @@ class Agent:
                exe: tuple[int, int] | None = None) -> policy.Decision:
         """The agent-side chokepoint: identify the calling thread ``tid``, evaluate,
         meter, audit.  ``exe``: the (st_dev, st_ino) of the executable the enforcement
-        point saw; a caller that now runs another one is denied (it exec'd meanwhile)."""
+        point saw (or, from the FUSE engine, st_ino with the ctime folded in:
+        procinfo.exe_ino_key); a caller that now runs another one (it exec'd meanwhile,
+        or the file changed) is denied."""
         t0 = time.perf_counter()
         state = self.state
         try:
@@ -185,7 +187,8 @@ class Agent:
             d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
                                 permit=False, apply_key=False, audit=True)
             reason = "policy no longer configured"
-        elif exe is not None and (proc.exe_id is None or proc.exe_id[:2] != exe):
+        elif exe is not None and (proc.exe_id is None or proc.exe_id[0] != exe[0] or exe[1]
+                                  not in (proc.exe_id[1], procinfo.exe_ino_key(proc.exe_id))):
             d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
                                 permit=False, apply_key=False, audit=True, cache_ttl=0.0)
             reason = "caller runs another executable than the one the request names"
