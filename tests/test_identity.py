@@ -376,13 +376,11 @@ def test_agent_denies_a_caller_running_another_executable(tmp_path):
     assert not d.permit and d.cache_ttl == 0
 
 
-@needs_fuse
-def test_a_signed_tool_rewritten_in_place_is_denied_by_the_guard_point(tmp_path):
-    from agent_helpers import base_config, running
+def _signed_tool_config(tmp_path, tool):
+    """takakryptd's configuration: plaintext for ``tool`` as it is now (sha256) and for
+    this Python (the test writes the file), EACCES for everything else."""
+    from agent_helpers import base_config
 
-    tool = tmp_path / "bin" / "cat"
-    tool.parent.mkdir()
-    shutil.copy2(os.path.realpath(shutil.which("cat")), tool)
     cfg = base_config(tmp_path)
     gp = tmp_path / "guarded"
     gp.mkdir()
@@ -395,6 +393,17 @@ def test_a_signed_tool_rewritten_in_place_is_denied_by_the_guard_point(tmp_path)
         {"process_set": "writer", "actions": ["all_ops"], "effects": ["permit", "apply_key"]},
         {"actions": ["all_ops"], "effects": ["deny", "audit"]}]}}
     cfg["guard_points"] = [{"path": str(gp), "policy": "gp", "key": "k1"}]
+    return cfg, gp
+
+
+@needs_fuse
+def test_a_signed_tool_rewritten_in_place_is_denied_by_the_guard_point(tmp_path):
+    from agent_helpers import running
+
+    tool = tmp_path / "bin" / "cat"
+    tool.parent.mkdir()
+    shutil.copy2(os.path.realpath(shutil.which("cat")), tool)
+    cfg, gp = _signed_tool_config(tmp_path, tool)
     with running(tmp_path, cfg):
         (gp / "memo.txt").write_text("TOP-SECRET\n")
         r = subprocess.run([str(tool), str(gp / "memo.txt")], capture_output=True, timeout=60)
@@ -431,22 +440,11 @@ def test_the_same_process_exec_ing_a_rewritten_binary_loses_its_cached_permit(
     # executable: an exec keeps pid and start time, an in-place rewrite keeps device and
     # inode.  Root is the caller here: it may rewrite the binary (a sha256 set trusts
     # no binary a non-root caller can rewrite).
-    from agent_helpers import base_config, running
+    from agent_helpers import running
 
     tool = tmp_path / "tool"
     shutil.copy2(_compile(tmp_path_factory, "chain", CHAIN_C), tool)
-    cfg = base_config(tmp_path)
-    gp = tmp_path / "guarded"
-    gp.mkdir()
-    cfg["process_sets"] = {
-        "signed": {"executables": [str(tool)],
-                   "sha256": [hashlib.sha256(tool.read_bytes()).hexdigest()]},
-        "writer": {"executables": [os.path.realpath(sys.executable)]}}
-    cfg["policies"] = {"gp": {"rules": [
-        {"process_set": "signed", "actions": ["all_ops"], "effects": ["permit", "apply_key"]},
-        {"process_set": "writer", "actions": ["all_ops"], "effects": ["permit", "apply_key"]},
-        {"actions": ["all_ops"], "effects": ["deny", "audit"]}]}}
-    cfg["guard_points"] = [{"path": str(gp), "policy": "gp", "key": "k1"}]
+    cfg, gp = _signed_tool_config(tmp_path, tool)
     memo = str(gp / "memo.txt")
     rewrite = (f"{os.path.realpath(sys.executable)} -c \"import os; p = {str(tool)!r}; "
                "st = os.stat(p); d = open(p, 'rb').read().replace(b'MARKER-ORIGINAL', "
