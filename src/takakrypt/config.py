@@ -463,8 +463,6 @@ def _check(cfg: Config, errors: _Errors) -> None:
         errors.add("$.agent.log_level", f"unknown log level '{cfg.agent.log_level}'")
 
 
-
-
 def _name_only(cfg: Config, ref: str | None) -> tuple[str, bool, str] | None:
     """(set name, negated, "names and databases") if ``ref`` names a process set that
     identifies callers only by what they choose (no executables, no sha256)."""
