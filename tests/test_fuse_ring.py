@@ -97,9 +97,10 @@ def _serve(spec_path: str) -> int:
     auditlog = open(spec["audit_log"], "a", buffering=1)
     lock = threading.Lock()
 
-    def ident(p: str) -> list:
-        st = os.stat(p)
-        return [p, st.st_dev, st.st_ino]
+    def ident(p: str) -> list:  # exe_ino carries the ctime too (procinfo.exe_ino_key)
+        from takakrypt.procinfo import exe_ino_key, file_identity
+        fid = file_identity(p)
+        return [p, fid[0], exe_ino_key(fid)]
 
     plain = [ident(p) for p in spec["plain_exes"]]
     raw = [ident(p) for p in spec["raw_exes"]]
@@ -281,10 +282,11 @@ def read_file(path: str) -> bytes:
 
 def me_and_read(path: str) -> dict:
     """In a client child: who am I, then read ``path``."""
-    st = os.stat("/proc/self/exe")
+    from takakrypt.procinfo import exe_ino_key, file_identity
+    fid = file_identity("/proc/self/exe")
     data = read_file(path)
-    return {"pid": os.getpid(), "start_time": start_time_of(), "exe_dev": st.st_dev,
-            "exe_ino": st.st_ino, "data": data}
+    return {"pid": os.getpid(), "start_time": start_time_of(), "exe_dev": fid[0],
+            "exe_ino": exe_ino_key(fid), "data": data}
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -375,8 +377,9 @@ def test_requests_carry_the_callers_identity(g):
     reqs = [q for q in g.requests() if q["path"] == g.abs("ident.txt")]
     by_cat = [q for q in reqs if q["pid"] == r.pid]
     assert by_cat and all(q["process"] == CAT and q["tid"] == r.pid for q in by_cat)
-    st = os.stat(CAT)
-    assert all((q["exe_dev"], q["exe_ino"]) == (st.st_dev, st.st_ino) for q in by_cat)
+    from takakrypt.procinfo import exe_ino_key, file_identity
+    fid = file_identity(CAT)  # exe_ino carries the ctime too
+    assert all((q["exe_dev"], q["exe_ino"]) == (fid[0], exe_ino_key(fid)) for q in by_cat)
 
     mine = [q for q in reqs if q["pid"] == me["pid"]]
     assert {q["action"] for q in mine} >= {"read", "getattr"}

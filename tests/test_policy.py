@@ -22,7 +22,7 @@ def proc(exe="/usr/bin/cat", comm=None, cmdline=None, exe_id=None, pid=0):
     cmdline = cmdline or (exe,)
     return procinfo.Process(pid=pid, start_time=1, exe=exe, comm=comm, cmdline=cmdline,
                             exe_id=exe_id,
-                            database=procinfo.detect_database(exe, comm, cmdline))
+                            database=procinfo.detect_database(exe))
 
 
 def req(uid=1000, gid=1000, groups=(), p=None, path="f", action="read", when=None):
@@ -31,11 +31,11 @@ def req(uid=1000, gid=1000, groups=(), p=None, path="f", action="read", when=Non
                           when=when or dt.datetime(2026, 11, 23, 10, 0, tzinfo=UTC))
 
 
-def engine(rules, **sets):
+def engine(rules, hasher=None, **sets):
     doc = {"policies": {"p": {"rules": rules}}}
     doc.update(sets)
     import yaml
-    return policy.Engine(config.loads(yaml.safe_dump(doc)))
+    return policy.Engine(config.loads(yaml.safe_dump(doc)), hasher=hasher)
 
 
 def decide(eng, r, explain=False):
@@ -67,8 +67,8 @@ def test_user_sets(users, groups, r, expect):
 
 def test_process_set_executable_glob_name_and_database():
     ps = {"pg": {"executables": ["/usr/lib/postgresql/*/bin/postgres"]},
-          "named": {"names": ["pg_dump"]},
-          "db": {"databases": ["postgres", "mysql"]},
+          "named": {"executables": ["/usr/bin/*"], "names": ["pg_dump"]},
+          "db": {"executables": ["/**"], "databases": ["postgres", "mysql"]},
           "both": {"executables": ["/usr/sbin/*"], "databases": ["mysql"]}}
     pg = proc("/usr/lib/postgresql/15/bin/postgres")
     for name, p, expect in [
@@ -77,7 +77,11 @@ def test_process_set_executable_glob_name_and_database():
         ("named", proc("/usr/bin/pg_dump"), True), ("named", proc("/usr/bin/cat"), False),
         ("db", pg, True), ("db", proc("/usr/sbin/mariadbd"), True),
         ("db", proc("/usr/bin/cat"), False),
-        ("db", proc("/usr/bin/x", cmdline=("postgres: 15/main: checkpointer",)), True),
+        # a backend rewrites its argv but runs the postgres binary; argv alone is no type
+        ("db", proc("/usr/lib/postgresql/15/bin/postgres",
+                    cmdline=("postgres: 15/main: checkpointer",)), True),
+        ("db", proc("/usr/bin/x", cmdline=("postgres: 15/main: checkpointer",)), False),
+        ("db", proc("/usr/bin/sleep", comm="postgres", cmdline=("postgres",)), False),
         ("both", proc("/usr/sbin/mysqld"), True), ("both", proc("/usr/sbin/nginx"), False),
         ("both", proc("/opt/mysqld"), False),
     ]:
@@ -90,11 +94,12 @@ def test_process_set_sha256_signature(tmp_path):
     shutil.copy("/usr/bin/true", exe)
     digest = hashlib.sha256(exe.read_bytes()).hexdigest()
     ps = {"signed": {"executables": [str(tmp_path) + "/*"], "sha256": [digest]}}
-    eng = engine([{"process_set": "signed", "effects": ["permit"]}], process_sets=ps)
+    eng = engine([{"process_set": "signed", "effects": ["permit"]}], process_sets=ps,
+                 hasher=procinfo.ExeHasher(racy_ctime=0))
     p = proc(str(exe), exe_id=procinfo.file_identity(str(exe)))
     assert decide(eng, req(p=p)).permit
     assert decide(eng, req(p=p)).permit
-    assert eng.hasher.hashes == 1  # cached by (dev, ino, size, mtime)
+    assert eng.hasher.hashes == 1  # cached by (dev, ino, size, mtime, ctime)
     # the same path with other content is not in the set
     exe.write_bytes(exe.read_bytes() + b"\0")
     p2 = proc(str(exe), exe_id=procinfo.file_identity(str(exe)))
@@ -296,11 +301,11 @@ def test_start_time_distinguishes_processes():
 
 def test_database_detection():
     d = procinfo.detect_database
-    assert d("/usr/lib/postgresql/15/bin/postgres", "postgres", ()) == "postgres"
-    assert d("/usr/sbin/mariadbd", "mariadbd", ()) == "mysql"
-    assert d("/usr/bin/mongod", "mongod", ()) == "mongodb"
-    assert d("/u01/app/oracle/bin/oracle", "ora_pmon_orcl", ()) == "oracle"
-    assert d("/usr/bin/cat", "cat", ("cat",)) is None
+    assert d("/usr/lib/postgresql/15/bin/postgres") == "postgres"
+    assert d("/usr/sbin/mariadbd") == "mysql"
+    assert d("/usr/bin/mongod") == "mongodb"
+    assert d("/u01/app/oracle/bin/oracle") == "oracle"  # ora_pmon_SID runs this binary
+    assert d("/usr/bin/cat") is None
 
 
 # ANY_PATH: the caching hint must be sound (the data path caches such an answer once for

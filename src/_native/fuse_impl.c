@@ -130,6 +130,17 @@ static void idc_free(tk_fs *fs) {
     fs->idc = NULL;
 }
 
+/* The executable's inode number with its ctime folded in (multiplied by an odd
+ * constant: distinct ctimes of one inode never collide).  An in-place rewrite keeps
+ * device, inode, size and -- restored by the owner -- mtime, but not the ctime, so a
+ * decision cached for the old content, here or in the agent (which gets this value as
+ * exe_ino), does not serve a process that exec's the new one.  procinfo.exe_ino_key
+ * computes the same (docs/policy.md, "Process identity"). */
+static uint64_t exe_ino_key(const struct stat *st) {
+    uint64_t ct = (uint64_t)st->st_ctim.tv_sec * 1000000000ULL + (uint64_t)st->st_ctim.tv_nsec;
+    return (uint64_t)st->st_ino ^ (ct * 0x9E3779B97F4A7C15ULL);
+}
+
 /* The slow path: *dfd_out receives the /proc/<tid> fd (to keep) when the identity is
  * complete (an exe was found), else -1. */
 static int ident_read(tk_fs *fs, uint32_t tid, tk_ident *id, int *dfd_out) {
@@ -150,7 +161,7 @@ static int ident_read(tk_fs *fs, uint32_t tid, tk_ident *id, int *dfd_out) {
         struct stat st;
         if (fstatat(dfd, "exe", &st, 0) == 0) {
             id->exe_dev = (uint64_t)st.st_dev;
-            id->exe_ino = (uint64_t)st.st_ino;
+            id->exe_ino = exe_ino_key(&st);
             have_exe = 1;
         }  /* kernel threads / zombies have no exe: (0, 0), never cached */
         rc = read_start_time(fd, &t2);
@@ -177,7 +188,7 @@ int tk_ident_get(tk_fs *fs, fuse_req_t req, tk_ident *id) {
         struct stat st;
         if (fstatat(s->dfd, "exe", &st, 0) == 0) {
             id->exe_dev = (uint64_t)st.st_dev;
-            id->exe_ino = (uint64_t)st.st_ino;
+            id->exe_ino = exe_ino_key(&st);
             id->start_time = s->start_time;
             pthread_mutex_unlock(&s->mu);
             TK_INC(fs, ident_hits, 1);

@@ -330,11 +330,21 @@ def cmd_xform(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from . import config
+    from .errors import ConfigError
 
     cfg = config.load(args.file)
+    warnings = config.identity_warnings(cfg)
+    if warnings and args.strict:
+        err = ConfigError(f"{args.file}: {warnings[0]}" + (
+            f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""))
+        err.all = [f"{args.file}: {w}" for w in warnings]  # type: ignore[attr-defined]
+        raise err
+    for w in warnings:
+        print(f"{PROG}: WARNING: {args.file}: {w}", file=sys.stderr)
     summary = {"file": args.file, "valid": True, "policies": sorted(cfg.policies),
                "guard_points": [g.path for g in cfg.guard_points],
-               "rules": sum(len(p.rules) for p in cfg.policies.values())}
+               "rules": sum(len(p.rules) for p in cfg.policies.values()),
+               "warnings": warnings}
     _out(args, summary, f"{args.file}: OK ({len(cfg.policies)} policies, {summary['rules']} "
                         f"rules, {len(cfg.guard_points)} guard points)")
     return 0
@@ -384,7 +394,7 @@ def policy_check_request(cfg, a: dict[str, Any]):  # type: ignore[no-untyped-def
     argv0 = tuple(a["cmdline"].split()) if a.get("cmdline") else (exe,)
     proc = procinfo.Process(pid=0, start_time=0, exe=exe, comm=comm, cmdline=argv0, uid=uid,
                             gid=gid, groups=groups, exe_id=exe_id,
-                            database=procinfo.detect_database(exe, comm, argv0))
+                            database=procinfo.detect_database(exe))
     pol_name, rel = _policy_for_path(cfg, a["path"], a.get("policy"))
     when = None
     if a.get("at"):
@@ -563,9 +573,16 @@ def build_parser() -> argparse.ArgumentParser:
     cp = csub.add_parser("check", parents=[jsonp], formatter_class=_Formatter,
                          help="validate a configuration without starting anything",
                          description="Decode and validate FILE. Every error names the field "
-                                     "path and line; exit status 3 if invalid.",
+                                     "path and line; exit status 3 if invalid. A permit "
+                                     "whose process set names callers only by name or "
+                                     "database type (both chosen by the caller) is invalid; "
+                                     "an exclusion by name only is reported with a WARNING, "
+                                     "and refused with --strict (docs/policy.md, \"Process "
+                                     "identity\").",
                          epilog=_exit_table())
     cp.add_argument("file", metavar="FILE")
+    cp.add_argument("--strict", action="store_true",
+                    help="refuse (exit 3) what is otherwise a warning")
     cp.set_defaults(func=cmd_config_check)
 
     live_desc = "Talks to the running takakryptd over its control socket (root only)."

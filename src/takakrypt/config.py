@@ -433,6 +433,7 @@ def _check(cfg: Config, errors: _Errors) -> None:
             _check_ref(errors, f"{rp}.resource_set", r.resource_set, cfg.resource_sets,
                        "resource set")
             _check_ref(errors, f"{rp}.time_set", r.time_set, cfg.time_sets, "time set")
+    _check_identity(cfg, errors)
     seen: dict[str, int] = {}
     for i, gp in enumerate(cfg.guard_points):
         p = f"$.guard_points[{i}]"
@@ -461,3 +462,46 @@ def _check(cfg: Config, errors: _Errors) -> None:
     if cfg.agent.log_level not in ("debug", "info", "warning", "error"):
         errors.add("$.agent.log_level", f"unknown log level '{cfg.agent.log_level}'")
 
+
+def _name_only(cfg: Config, ref: str | None) -> tuple[str, bool, str] | None:
+    """(set name, negated, "names and databases") if ``ref`` names a process set that
+    identifies callers only by what they choose (no executables, no sha256)."""
+    if ref is None:
+        return None
+    neg = ref.startswith("!")
+    name = ref[1:] if neg else ref
+    ps = cfg.process_sets.get(name)
+    if ps is None or ps.executables or ps.sha256:
+        return None
+    return name, neg, " and ".join(k for k in ("names", "databases") if getattr(ps, k))
+
+
+def _check_identity(cfg: Config, errors: _Errors) -> None:
+    """A permit must never rest on a name the caller chooses (docs/policy.md, "Process
+    identity"): ``names`` match comm or argv[0], which a program sets as it likes
+    (``exec -a postgres``); ``databases`` match the executable's basename, which anyone
+    who can copy a file chooses."""
+    for pname, pol in cfg.policies.items():
+        for i, r in enumerate(pol.rules):
+            weak = _name_only(cfg, r.process_set)
+            if weak and not weak[1] and "permit" in r.effects:
+                errors.add(f"$.policies.{pname}.rules[{i}].process_set",
+                           f"process set '{weak[0]}' identifies callers only by {weak[2]}, "
+                           "which the caller chooses: a permit must also name executables "
+                           "(and preferably sha256)")
+
+
+def identity_warnings(cfg: Config) -> list[str]:
+    """Rules that exclude callers only by name or database type (a negated process set,
+    or one in a deny rule): a program that takes another name gets past the exclusion.
+    ``config check`` warns, ``config check --strict`` refuses."""
+    out = []
+    for pname, pol in cfg.policies.items():
+        for i, r in enumerate(pol.rules):
+            weak = _name_only(cfg, r.process_set)
+            if weak and (weak[1] or "permit" not in r.effects):
+                out.append(f"$.policies.{pname}.rules[{i}].process_set: process set "
+                           f"'{weak[0]}' identifies callers only by {weak[2]}, which the "
+                           "caller chooses: a program under another name is not excluded; "
+                           "add executables (and sha256)")
+    return out

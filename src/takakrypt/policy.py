@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from . import config as C
-from .procinfo import ExeHasher, Process
+from .procinfo import ExeHasher, Process, caller_can_modify
 
 # ---------------------------------------------------------------------------------------
 # globs
@@ -177,8 +177,9 @@ class _ProcessSet:
         self.dbs = set(ps.databases)
         self.hasher = hasher
 
-    def failing(self, p: Process) -> str | None:
-        """None if ``p`` is in the set, else the first criterion it fails."""
+    def failing(self, req: Request) -> str | None:
+        """None if the caller is in the set, else the first criterion it fails."""
+        p = req.process
         if self.exe and not any(r.match(p.exe) for r in self.exe):
             return f"executable {p.exe or '?'} not matched"
         if self.names and p.comm not in self.names and \
@@ -187,6 +188,10 @@ class _ProcessSet:
         if self.dbs and p.database not in self.dbs:
             return f"database type {p.database or 'none'} not listed"
         if self.sha:
+            # a binary its caller can rewrite proves nothing about the code it runs next
+            if caller_can_modify(p, req.uid, req.gid, req.groups):
+                return f"executable {p.exe or '?'} can be modified by the caller: its " \
+                       "signature is not trusted"
             digest = self.hasher.sha256(p)
             if digest not in self.sha:
                 return f"executable signature {digest[:16] + '…' if digest else 'unreadable'} " \
@@ -194,10 +199,10 @@ class _ProcessSet:
         return None
 
     def match(self, req: Request) -> bool:
-        return self.failing(req.process) is None
+        return self.failing(req) is None
 
     def why_not(self, req: Request) -> str:
-        return f"process set {self.name}: {self.failing(req.process)}"
+        return f"process set {self.name}: {self.failing(req)}"
 
 
 class _ResourceSet:
@@ -338,6 +343,25 @@ class Engine:
         pol = self.policies[policy]
         if req.action not in C.ACTIONS:
             raise ValueError(f"unknown action {req.action!r}")
+        if not req.process.exe:
+            return self._refuse(pol, "caller has no executable (a kernel thread, or it "
+                                "exited): it cannot be identified", explain)
+        d = self._evaluate(pol, req, explain)
+        if d.apply_key and req.process.tracer:
+            return self._refuse(pol, f"caller is traced by pid {req.process.tracer}: no "
+                                "plaintext for a process whose memory another reads",
+                                explain)
+        return d
+
+    @staticmethod
+    def _refuse(pol: CompiledPolicy, why: str, explain: bool) -> Decision:
+        """A deny that no rule and no learn mode can turn into a permit, for a caller
+        whose identity cannot be relied on; never cached (cache_ttl 0)."""
+        return Decision(policy=pol.name, rule=-1, effects=frozenset({"deny"}), permit=False,
+                        apply_key=False, audit=True, learn_mode=pol.learn_mode, cache_ttl=0.0,
+                        explanation=[why] if explain else [])
+
+    def _evaluate(self, pol: CompiledPolicy, req: Request, explain: bool) -> Decision:
         if req.when is None and any(r.uses_time for r in pol.rules):
             req = Request(req.uid, req.gid, req.groups, req.process, req.path, req.action,
                           dt.datetime.now(dt.timezone.utc))

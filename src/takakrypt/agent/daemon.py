@@ -108,6 +108,8 @@ class Agent:
     @staticmethod
     def _load(path: str) -> State:
         cfg = C.load(path)
+        for w in C.identity_warnings(cfg):  # `takakrypt config check --strict` refuses these
+            log.warning("%s: %s", path, w)
         return State(cfg, policy.Engine(cfg))
 
     @property
@@ -162,16 +164,20 @@ class Agent:
 
     # decisions ----------------------------------------------------------------------------
     def decide(self, policy_name: str, uid: int, gid: int, tid: int, path: str, action: str,
-               *, guard: str = "", key: str | None = None,
-               audit: bool = True) -> policy.Decision:
-        """The agent-side chokepoint: identify the caller, evaluate, meter, audit."""
+               *, guard: str = "", key: str | None = None, audit: bool = True,
+               exe: tuple[int, int] | None = None) -> policy.Decision:
+        """The agent-side chokepoint: identify the calling thread ``tid``, evaluate,
+        meter, audit.  ``exe``: the (st_dev, st_ino) of the executable the enforcement
+        point saw (or, from the FUSE engine, st_ino with the ctime folded in:
+        procinfo.exe_ino_key); a caller that now runs another one (it exec'd meanwhile,
+        or the file changed) is denied."""
         t0 = time.perf_counter()
         state = self.state
         try:
             proc = procinfo.inspect(tid)
         except procinfo.ProcessGone:
             d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
-                                permit=False, apply_key=False, audit=True)
+                                permit=False, apply_key=False, audit=True, cache_ttl=0.0)
             if audit:
                 self._audit_access(d, uid, tid, "", path, action, key,
                                    time.perf_counter() - t0,
@@ -181,6 +187,11 @@ class Agent:
             d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
                                 permit=False, apply_key=False, audit=True)
             reason = "policy no longer configured"
+        elif exe is not None and (proc.exe_id is None or proc.exe_id[0] != exe[0] or exe[1]
+                                  not in (proc.exe_id[1], procinfo.exe_ino_key(proc.exe_id))):
+            d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
+                                permit=False, apply_key=False, audit=True, cache_ttl=0.0)
+            reason = "caller runs another executable than the one the request names"
         else:
             req = policy.Request(uid=uid, gid=gid, groups=proc.groups, process=proc, path=path,
                                  action=action)

@@ -260,13 +260,14 @@ class RequestHandler:
                     P.Effect.DENY | P.Effect.AUDIT, policy=gp.policy,
                     reason="process exited or pid reused"))
         d = self.agent.decide(gp.policy, req.uid, req.gid, req.tid or req.pid, rel, action,
-                              guard=gp.path, key=gp.key, audit=audit)
+                              guard=gp.path, key=gp.key, audit=audit,
+                              exe=(req.exe_dev, req.exe_ino) if req.exe_ino else None)
         effects = effects_of(d)
         key_version = 0
         if effects & P.Effect.APPLY_KEY:
             key_version = self.agent.keys.current_version(gp.key)
         ttl = d.cache_ttl if d.cache_ttl is not None else (cache.default_ttl if cache is not None else 0)
-        if cache is not None and req.start_time:
+        if cache is not None and req.start_time and ttl > 0:
             cache.insert(*ckey, int(effects), d.rule, key_version, 0, ttl=ttl,
                          generation=generation)
         return P.reply(msg, P.PolicyCheckResponse.from_effects(
