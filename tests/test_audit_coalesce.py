@@ -120,7 +120,7 @@ def test_no_coalescer_keeps_every_record(tmp_path):
 
 def test_config_defaults_and_errors():
     cfg = load_audit_config({})
-    assert cfg.coalesce.window_seconds == 10 and cfg.rate_limit.per_caller == 20
+    assert cfg.coalesce.window_seconds == 10 and cfg.rate_limit.per_caller == 5
     assert cfg.rate_limit.burst == 200
     from takakrypt.errors import ConfigError
     with pytest.raises(ConfigError, match=r"\$\.audit\.rate_limit\.burst"):

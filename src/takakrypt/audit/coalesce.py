@@ -66,7 +66,7 @@ class Coalescer:
     """See the module docstring.  ``window`` 0 turns coalescing off, ``rate`` 0 the
     rate limit."""
 
-    def __init__(self, *, window: float = 10.0, max_open: int = 4096, rate: float = 20.0,
+    def __init__(self, *, window: float = 10.0, max_open: int = 4096, rate: float = 5.0,
                  burst: int = 200, clock: Callable[[], float] = time.monotonic) -> None:
         if window < 0 or max_open < 0 or rate < 0 or burst < 1:
             raise ValueError("window, max_open, rate must be >= 0 and burst >= 1")

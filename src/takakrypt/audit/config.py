@@ -8,7 +8,7 @@
         window_seconds: 10      # identical events within this are one record + a summary
         max_open: 4096          # windows tracked at once (0: no coalescing)
       rate_limit:
-        per_caller: 20          # records per second per uid once the burst is spent
+        per_caller: 5           # records per second per uid once the burst is spent
         burst: 200              # 0 per_caller: no rate limit
       sinks:
         - type: file
@@ -123,7 +123,7 @@ class CoalesceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
 
 
 class RateLimitConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    per_caller: Annotated[float, Meta(ge=0)] = 20.0
+    per_caller: Annotated[float, Meta(ge=0)] = 5.0
     burst: Annotated[int, Meta(ge=1, le=10_000_000)] = 200
 
 
