@@ -11,7 +11,7 @@ import pytest
 
 from takakrypt import xform
 from takakrypt.errors import UsageError
-from takakrypt.keys import generate_master_key_file, open_keystore
+from test_xform import ks  # noqa: F401 - the keystore fixture
 
 
 def _run(*cmd):
@@ -34,13 +34,10 @@ def _mounted(tmp_path, fstype, *opts):
 
 
 @pytest.fixture
-def env(tmp_path):
-    mk = tmp_path / "mk"
-    generate_master_key_file(str(mk))
-    with open_keystore(str(tmp_path / "ks.json"), master_key_file=str(mk), create=True) as k:
-        k.create("data")
+def env(tmp_path, ks):
+    """The CLI's environment for test_xform's keystore (key "data")."""
     return dict(os.environ, TAKAKRYPT_KEYSTORE=str(tmp_path / "ks.json"),
-                TAKAKRYPT_MASTER_KEY_FILE=str(mk))
+                TAKAKRYPT_MASTER_KEY_FILE=str(tmp_path / "mk"))
 
 
 def _xform(env, path, *extra):
