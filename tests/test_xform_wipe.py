@@ -34,7 +34,7 @@ def _mounted(tmp_path, fstype, *opts):
 
 
 @pytest.fixture
-def env(tmp_path, ks):
+def env(tmp_path, ks):  # noqa: F811 - the fixture, by argument
     """The CLI's environment for test_xform's keystore (key "data")."""
     return dict(os.environ, TAKAKRYPT_KEYSTORE=str(tmp_path / "ks.json"),
                 TAKAKRYPT_MASTER_KEY_FILE=str(tmp_path / "mk"))
