@@ -77,6 +77,9 @@ def test_non_root_peer_is_refused_even_if_the_socket_mode_lets_it_in(tmp_path):
         with AgentClient(sock) as c:  # root is still served
             assert c.call(P.HealthCheckRequest()).ok
         assert d.proc.poll() is None
+        st = json.loads(d.cli("status", "--json", check=False).stdout)
+        (sp,) = [t for t in st["transports"] if t["transport"] == "seqpacket"]
+        assert sp["refused"] == 1
     refused = _events(tmp_path, "peer-refused")
     assert refused and refused[0]["uid"] == NOBODY and refused[0]["pid"] > 0
     assert refused[0]["path"] == sock

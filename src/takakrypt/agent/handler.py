@@ -70,8 +70,6 @@ class RequestHandler:
         self._roots: list[tuple[bytes, bytes, Any]] = []
         self._roots_for: Any = None
         self.by_op: dict[str, int] = {}
-        self.keys_served = 0
-        self.keys_refused = 0
         self._self_peer = in_process()  # the ring's sender: the FUSE engine in this process
 
     def observe(self, transport: str, t0: float, op: str = "any") -> None:
@@ -331,10 +329,6 @@ class RequestHandler:
                    decision: str, reason: str) -> None:
         from ..audit import event as ev
 
-        if decision == "permit":
-            self.keys_served += 1
-        else:
-            self.keys_refused += 1
         if self.agent.audit is None:
             return
         pid, uid = (peer.pid, peer.uid) if peer is not None else (0, -1)
