@@ -66,9 +66,13 @@ def test_policy_check_hit_miss_and_audit(tmp_path):
         assert st["cache"]["hits"] >= 1 and st["cache"]["misses"] >= 1
     events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     access = [e for e in events if e["kind"] == "access"]
-    # the first write (miss) and the second (cache hit) are both audited, the delete denied
+    # the first write (miss) and the second (cache hit) are both audited, the second in
+    # the summary of repeated identical events (docs/audit.md "Flood control"); the
+    # delete denied
     writes = [e for e in access if e["operation"] == "write"]
-    assert len(writes) == 2 and {e["decision"] for e in writes} == {"permit"}
+    assert len(writes) == 1 and {e["decision"] for e in writes} == {"permit"}
+    (again,) = [e for e in events if e["kind"] == "coalesced" and e["operation"] == "write"]
+    assert again["detail"]["count"] == 1 and again["decision"] == "permit"
     assert any(e["operation"] == "delete" and e["decision"] == "deny" for e in access)
     assert all("k1" != e.get("key") or e["decision"] == "permit" for e in access)
 

@@ -72,6 +72,9 @@ def test_flood_is_rate_limited_per_caller_and_a_new_caller_is_always_written(tmp
         if i == 50_000:
             lg.log(deny(uid=1001, pid=5000, path="/gp/other"))
             lg.log(system_event("config-reload", "reloaded"))  # no caller: never held
+            for _ in range(3):  # one record per key request, always
+                lg.log(system_event("key-request", "key released", uid=1000, pid=4242,
+                                    decision="permit", key="k1", key_version=1))
     clock.t += 1.0  # one second later: 20 more tokens for uid 1000
     for i in range(30):
         lg.log(deny(path=f"/gp/g{i}"))
@@ -79,14 +82,16 @@ def test_flood_is_rate_limited_per_caller_and_a_new_caller_is_always_written(tmp
     recs = records(log)
     mine = [r for r in recs if r["uid"] == 1000 and r["kind"] == "access"]
     assert len(mine) == 200 + 20
-    assert accounted(recs, uid=1000) == 100_030
+    assert accounted(recs, uid=1000, kind="access") + accounted(
+        recs, uid=1000, kind="rate-limited") == 100_030
     (other,) = [r for r in recs if r["uid"] == 1001]
     assert other["kind"] == "access" and other["path"] == "/gp/other"
     assert any(r["kind"] == "config-reload" for r in recs)
+    assert len([r for r in recs if r["kind"] == "key-request"]) == 3
     limited = [r for r in recs if r["kind"] == "rate-limited"]
     assert len(limited) == 1 and limited[0]["uid"] == 1000
     assert limited[0]["detail"]["count"] == 100_030 - 220
-    assert len(recs) < 230
+    assert len(recs) < 240
 
 
 def test_summary_is_written_on_the_timer_without_further_events(tmp_path):

@@ -2,7 +2,7 @@
 
 A denied program that retries in a loop must not be able to rotate the audit trail
 away.  Every event that names a caller (access events, and system events with a
-``uid``: ``key-request``, ``peer-refused``) passes :meth:`Coalescer.admit`:
+``uid`` such as ``peer-refused``) passes :meth:`Coalescer.admit`:
 
 1. **Coalescing.**  Events with the same (kind, uid, pid, exe, path, operation,
    decision, policy, rule, key, key version) within ``window`` seconds of the first one
@@ -21,7 +21,9 @@ away.  Every event that names a caller (access events, and system events with a
    not pids: only root makes new uids, anyone can make new pids.
 
 Every event is accounted for exactly once: written, or counted in exactly one summary
-record.  System events without a caller (reloads, drops, mounts) are never held back.
+record.  System events without a caller (reloads, drops, mounts) and ``key-request``
+events (one record per key request, always: they come from root peers only, and
+KEY_REQUEST is off unless configured) are never held back.
 
 Contract: not thread-safe; the :class:`~takakrypt.audit.logger.AuditLogger` calls it
 under its producer lock.  :meth:`admit` is O(1); :meth:`expire` is O(windows closed +
@@ -35,11 +37,11 @@ from typing import Callable
 
 import msgspec
 
-from .event import COALESCED, DROPPED, RATE_LIMITED, Event, now_rfc3339
+from .event import COALESCED, DROPPED, KEY_REQUEST, RATE_LIMITED, Event, now_rfc3339
 
 __all__ = ["Coalescer"]
 
-_NEVER_HELD = frozenset({DROPPED, COALESCED, RATE_LIMITED})
+_NEVER_HELD = frozenset({DROPPED, COALESCED, RATE_LIMITED, KEY_REQUEST})
 #: how often rate-limit reports go out when coalescing is off
 _REPORT_INTERVAL = 10.0
 

@@ -274,8 +274,8 @@ def system_event(
 ) -> Event:
     """A system event (``kind`` is not ``"access"``), e.g. ``"config-reload"``.
 
-    ``uid`` >= 0 names a caller (``key-request``, ``peer-refused``): such events are
-    coalesced and rate limited like access events (docs/audit.md)."""
+    ``uid`` >= 0 names a caller (``key-request``, ``peer-refused``); those other than
+    ``key-request`` are coalesced and rate limited like access events (docs/audit.md)."""
     if kind == ACCESS:
         raise ValueError("system_event() kind must not be 'access'")
     return sanitize(Event(
