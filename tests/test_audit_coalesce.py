@@ -157,3 +157,26 @@ def test_agent_coalesces_a_denied_callers_retries(tmp_path):
     assert len(recs) <= 2 * 10  # one record and one summary per 10 s window
     assert recs[0]["kind"] == "access" and recs[0]["decision"] == "deny"
     assert os.path.getsize(tmp_path / "audit.jsonl") < 64 * 1024
+
+
+def test_caller_fields_of_system_events_in_cef_and_syslog():
+    from takakrypt.audit import to_cef, to_syslog
+
+    ev = system_event("key-request", "key released", uid=0, pid=77, exe="/usr/bin/x",
+                      operation="key_request", decision="permit", key="k1", key_version=3)
+    cef = to_cef(ev)
+    assert "|2006|key released|5|" in cef
+    for part in ("suid=0", "spid=77", "sproc=/usr/bin/x", "cs2=k1", "cn2=3", "act=permit"):
+        assert part in cef
+    sd = to_syslog(ev).decode()
+    assert 'uid="0"' in sd and 'key="k1"' in sd and 'keyVersion="3"' in sd
+    refused = system_event("key-request", "off", uid=0, pid=77, decision="deny", key="k1")
+    assert "|2007|key request refused|7|" in to_cef(refused)
+    clock = Clock()
+    co = Coalescer(window=1, clock=clock)
+    assert co.admit(deny()) and not co.admit(deny())
+    clock.t += 2
+    (summary,) = co.expire()
+    cef = to_cef(summary)
+    assert "|2004|" in cef and "suid=1000" in cef and '"count":1' in cef
+    assert to_cef(system_event("config-reload", "ok")).count("suid") == 0
