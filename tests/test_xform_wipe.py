@@ -67,10 +67,15 @@ def test_plaintext_stays_in_free_blocks_unless_wiped(tmp_path, env):
                    b"WIPED-" + os.urandom(12).hex().encode())
     with _mounted(tmp_path, "ext4", "-o", "loop", str(img)) as mnt:
         _plant(mnt / "w", wiped)
+        with open(mnt / "w" / "sparse", "wb") as f:  # data, a 2 MiB hole, data
+            f.write(wiped * 100)
+            f.seek(2 << 20)
+            f.write(wiped * 100)
         _plant(mnt / "k", kept)
+        os.sync()
         # the wiped tree first: what the second run allocates cannot hide its result
         out = _xform(env, mnt / "w", "--wipe")
-        assert out["converted"] == 1 and out["wiped"] == 1 and out["not_wiped"] == []
+        assert out["converted"] == 2 and out["wiped"] == 2 and out["not_wiped"] == []
         out = _xform(env, mnt / "k")
         assert out["converted"] == 1 and out["wiped"] == 0
         for d in ("w", "k"):

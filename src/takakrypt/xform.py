@@ -156,8 +156,17 @@ def _overwrite(fd: int, rel: str, summary: "Summary") -> None:
         return
     noise = os.urandom(1 << 20)  # random, not zeros: a compressing device stores zeros as
     off = 0                      # nothing and keeps the old cells
-    while off < st.st_size:
-        off += os.pwrite(fd, noise[: min(len(noise), st.st_size - off)], off)
+    while off < st.st_size:      # the data extents only: filling holes would allocate
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after off
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), st.st_size)
+        while start < end:
+            start += os.pwrite(fd, noise[: min(len(noise), end - start)], start)
+        off = end
     os.fsync(fd)
     summary.wiped += 1
 
