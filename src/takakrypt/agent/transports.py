@@ -134,13 +134,13 @@ class SeqpacketServer:
                 return
             self.received += 1
             self.agent.inflight += 1
-            asyncio.ensure_future(self._serve(c, data))
+            # the peer as of now: the connection may be gone by the time it is served
+            asyncio.ensure_future(self._serve(c, data, self.clients.get(c)))
 
-    async def _serve(self, c: socket.socket, data: bytes) -> None:
+    async def _serve(self, c: socket.socket, data: bytes, peer: Peer | None) -> None:
         t0 = time.perf_counter()
         try:
-            reply = await self.handler.handle(data, transport=self.name,
-                                              peer=self.clients.get(c))
+            reply = await self.handler.handle(data, transport=self.name, peer=peer)
             if reply is not None:
                 try:
                     c.send(reply)
