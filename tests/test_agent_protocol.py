@@ -38,6 +38,7 @@ def test_policy_check_hit_miss_and_audit(tmp_path):
     # guard points need a path the handler can map; use a configured one without mounting
     cfg["guard_points"] = [{"path": str(tmp_path / "gp"), "policy": "p", "key": "k1",
                             }]
+    cfg["agent"]["key_requests"] = True
     with running(tmp_path, cfg) as d:
         path = str(tmp_path / "gp" / "data" / "f")
         with AgentClient(cfg["agent"]["protocol_socket"]) as c:
@@ -57,17 +58,21 @@ def test_policy_check_hit_miss_and_audit(tmp_path):
             assert r4.header.status == P.Status.NOT_FOUND and not permitted(r4)
             h = c.call(P.HealthCheckRequest())
             assert h.ok and h.payload.processed_requests >= 4
-            k = c.call(P.KeyRequest(key_id="k1"))
+            k = c.call(P.KeyRequest(key_id="k1"))  # agent.key_requests: true above
             assert k.ok and len(k.payload.key) == 32 and k.payload.key_version == 1
             nk = c.call(P.KeyRequest(key_id="nope"))
-            assert nk.header.status == P.Status.NOT_FOUND
+            assert nk.header.status == P.Status.DENIED  # no guard point uses it
         st = json.loads(d.cli("status", "--json", check=False).stdout)
         assert st["cache"]["hits"] >= 1 and st["cache"]["misses"] >= 1
     events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     access = [e for e in events if e["kind"] == "access"]
-    # the first write (miss) and the second (cache hit) are both audited, the delete denied
+    # the first write (miss) and the second (cache hit) are both audited, the second in
+    # the summary of repeated identical events (docs/audit.md "Flood control"); the
+    # delete denied
     writes = [e for e in access if e["operation"] == "write"]
-    assert len(writes) == 2 and {e["decision"] for e in writes} == {"permit"}
+    assert len(writes) == 1 and {e["decision"] for e in writes} == {"permit"}
+    (again,) = [e for e in events if e["kind"] == "coalesced" and e["operation"] == "write"]
+    assert again["detail"]["count"] == 1 and again["decision"] == "permit"
     assert any(e["operation"] == "delete" and e["decision"] == "deny" for e in access)
     assert all("k1" != e.get("key") or e["decision"] == "permit" for e in access)
 

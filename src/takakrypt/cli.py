@@ -311,7 +311,7 @@ def cmd_xform(args: argparse.Namespace) -> int:
                   enabled=False if args.quiet else None)
         try:
             summary = xform.run(args.path, keys=ks.get, key_name=args.key, key_version=version,
-                                decrypt=args.decrypt, progress=bar)
+                                decrypt=args.decrypt, progress=bar, wipe=args.wipe)
         except XformError as e:
             bar.close()
             if args.json and e.summary is not None:
@@ -324,6 +324,13 @@ def cmd_xform(args: argparse.Namespace) -> int:
             + (" (resumed an interrupted run)" if summary.resumed else ""))
     for s in summary.skipped:
         text += f"\n  skipped {s['path']}: {s['reason']}"
+    if args.wipe:
+        text += f"\noverwrote the original blocks of {summary.wiped} file(s)"
+    elif not args.decrypt and summary.converted:
+        text += ("\nthe originals' blocks were freed, not overwritten: see --wipe and "
+                 "docs/operations.md")
+    for s in summary.not_wiped:
+        text += f"\n  not overwritten {s['path']}: {s['reason']}"
     _out(args, d, text)
     return 0
 
@@ -558,12 +565,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "original owner, mode, times and user.* xattrs, and renamed over the "
                     "original. A journal in PATH makes an interrupted run resumable: run the "
                     "same command again. Refuses a mounted guard point (unmount first). "
-                    "Hard-linked files and non-regular files are skipped and listed.",
+                    "Hard-linked files and non-regular files are skipped and listed. "
+                    "The rename frees the original's blocks WITHOUT overwriting them: the "
+                    "plaintext stays readable on the device (raw image, undelete tools) "
+                    "until reused. --wipe overwrites them in place (best effort, ext2/3/4, "
+                    "xfs, jfs, FAT only); SSDs, copy-on-write file systems, snapshots and "
+                    "backups can still hold copies. To leave no plaintext behind, encrypt "
+                    "into a fresh file system and retire the old one: docs/operations.md, "
+                    "\"Encrypting existing data\".",
         epilog=ENVIRONMENT + "\n" + _exit_table())
     sp.add_argument("path", metavar="PATH", help="directory to transform")
     sp.add_argument("--key", metavar="NAME", help="key to encrypt under")
     sp.add_argument("--decrypt", action="store_true", help="convert TAKA files back to "
                                                            "plaintext")
+    sp.add_argument("--wipe", action="store_true",
+                    help="overwrite each original's blocks with random bytes after the "
+                         "rename (best effort; refused on copy-on-write file systems)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_xform)
 

@@ -139,6 +139,7 @@ class Agent(_S):
     protocol_socket: str = "/run/takakrypt/agent.sock"
     pid_file: str = "/run/takakrypt/takakryptd.pid"
     request_timeout: float = 5.0
+    key_requests: bool = False    # serve KEY_REQUEST/ENCRYPT/DECRYPT on the protocol socket
     metrics: Metrics | None = None
     cache: Cache = msgspec.field(default_factory=Cache)
     log_level: str = "info"

@@ -17,15 +17,28 @@ temporaries are removed (when decrypting they hold plaintext, so they are overwr
 with zeros first), files already converted are recognised (a TAKA header that verifies
 under the key) and skipped.  A directory that is a mount point, or contains one (a
 mounted guard point), is refused.
+
+The rename frees the original's blocks without overwriting them: the plaintext stays
+on the device until the file system reuses them.  ``wipe=True`` (``--wipe``) keeps the
+original open, and after the rename overwrites its blocks in place with random bytes
+and fsyncs before the last reference goes — best effort, and only on file systems
+that overwrite in place (ext2/3/4, xfs, jfs, FAT): refused up front on any other
+(btrfs, zfs, bcachefs, f2fs, nilfs2, overlay, network and FUSE file systems), and not
+done for a file whose blocks are shared (reflinks, FIEMAP) or that has other hard
+links.  Flash translation layers, snapshots and the journal in ``data=journal`` mode
+may still hold copies; docs/operations.md "Encrypting existing data" says what to do
+about them.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import stat
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +46,7 @@ from typing import Any
 from . import format as fmt
 from ._aesgcm import BlockCipher
 from .errors import Error, FormatError, IntegrityError, UsageError, XformError
-from .keys.secret import wipe
+from .keys.secret import wipe as zero_key
 from .stream import open_cipher, plaintext_chunks
 
 JOURNAL = ".takakrypt-xform.journal"
@@ -53,6 +66,8 @@ class Summary:
     bytes: int = 0
     resumed: bool = False
     cleaned_temporaries: int = 0
+    wiped: int = 0
+    not_wiped: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -68,6 +83,92 @@ def mounts_under(path: str) -> list[str]:
             if mp == root or mp.startswith(root.rstrip("/") + "/"):
                 out.append(mp)
     return out
+
+
+#: file systems where a write over an existing block goes to that block
+IN_PLACE_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "jfs", "vfat", "msdos", "exfat"})
+
+
+def fs_type(path: str) -> str:
+    """Type of the file system holding ``path`` (from /proc/self/mountinfo), or ""."""
+    st = os.stat(path)
+    want = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    found = ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == want:
+                found = fields[fields.index("-") + 1]  # the last mount of the device wins
+    return found
+
+
+def check_wipe(root: str) -> None:
+    """UsageError unless ``root`` is on a file system that overwrites in place."""
+    kind = fs_type(root)
+    if kind not in IN_PLACE_FS:
+        raise UsageError(
+            f"{root}: --wipe cannot overwrite in place on {kind or 'an unknown'} file system "
+            f"(copy-on-write, log-structured or remote: old blocks stay); supported: "
+            f"{', '.join(sorted(IN_PLACE_FS))}. Encrypt into a fresh file system and swap "
+            "instead (docs/operations.md, \"Encrypting existing data\")")
+
+
+_FIEMAP = 0xC020660B                # _IOWR('f', 11, struct fiemap)
+_FIEMAP_HEAD = struct.Struct("=QQIIII")
+_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")
+_EXTENT_LAST, _EXTENT_SHARED = 0x1, 0x2000
+
+
+def _shares_blocks(fd: int) -> bool | None:
+    """Whether any extent of the file is shared with another file (reflink, dedupe);
+    None if the file system cannot say."""
+    start, n = 0, 64
+    while True:
+        buf = bytearray(_FIEMAP_HEAD.pack(start, (1 << 64) - 1 - start, 0, 0, n, 0)
+                        + bytes(n * _FIEMAP_EXTENT.size))
+        try:
+            fcntl.ioctl(fd, _FIEMAP, buf)
+        except OSError:
+            return None
+        mapped = _FIEMAP_HEAD.unpack_from(buf)[3]
+        if not mapped:
+            return False
+        for i in range(mapped):
+            logical, _phys, length, _r1, _r2, flags, *_ = _FIEMAP_EXTENT.unpack_from(
+                buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size)
+            if flags & _EXTENT_SHARED:
+                return True
+            if flags & _EXTENT_LAST:
+                return False
+            start = logical + length
+
+
+def _overwrite(fd: int, rel: str, summary: "Summary") -> None:
+    """Overwrite the (already renamed-over) original's blocks with random bytes and
+    fsync, unless that would hit another file's data."""
+    st = os.fstat(fd)
+    if st.st_nlink > 0:
+        summary.not_wiped.append({"path": rel, "reason": "other hard links still use it"})
+        return
+    if _shares_blocks(fd):
+        summary.not_wiped.append({"path": rel, "reason": "shares blocks with another file "
+                                                         "(reflink)"})
+        return
+    noise = os.urandom(1 << 20)  # random, not zeros: a compressing device stores zeros as
+    off = 0                      # nothing and keeps the old cells
+    while off < st.st_size:      # the data extents only: filling holes would allocate
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after off
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), st.st_size)
+        while start < end:
+            start += os.pwrite(fd, noise[: min(len(noise), end - start)], start)
+        off = end
+    os.fsync(fd)
+    summary.wiped += 1
 
 
 def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
@@ -137,15 +238,15 @@ def _is_taka_under(path: str, keys: KeyLookup, key_name: str | None) -> bool:
     data_key = keys(h.key_id, h.key_version)
     try:
         _enc, mac = fmt.derive_file_keys(data_key, h.file_id)
-        wipe(_enc)
+        zero_key(_enc)
         try:
             h.verify(mac)
         finally:
-            wipe(mac)
+            zero_key(mac)
     except IntegrityError:
         return False
     finally:
-        wipe(data_key)
+        zero_key(data_key)
     return True
 
 
@@ -189,7 +290,7 @@ def _encrypt_to(src_fd: int, dst_fd: int, key_name: str, key_version: int,
     try:
         cipher = BlockCipher(enc)
     finally:
-        wipe(enc)
+        zero_key(enc)
     h = hashlib.sha256()
     bs = header.block_size
     plain = bytearray(CHUNK_BLOCKS * bs)
@@ -214,7 +315,7 @@ def _encrypt_to(src_fd: int, dst_fd: int, key_name: str, key_version: int,
         os.fsync(dst_fd)
     finally:
         cipher.wipe()
-        wipe(mac)
+        zero_key(mac)
         plain[:] = bytes(len(plain))
     return h.hexdigest(), header
 
@@ -278,11 +379,17 @@ def _sha256_fd(fd: int) -> str:
 
 def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | None,
         decrypt: bool, progress: Callable[[int], None] = lambda n: None,
-        on_file: Callable[[str], None] | None = None) -> Summary:
-    """Convert every regular file below ``root``.  See the module docstring."""
+        on_file: Callable[[str], None] | None = None, wipe: bool = False) -> Summary:
+    """Convert every regular file below ``root``.  See the module docstring.  ``wipe``:
+    overwrite the originals' blocks after the rename."""
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise UsageError(f"{root}: not a directory")
+    if wipe and decrypt:
+        raise UsageError("--wipe overwrites plaintext originals; with --decrypt the "
+                         "originals are ciphertext")
+    if wipe:
+        check_wipe(root)
     busy = mounts_under(root)
     if busy:
         raise UsageError(f"{root}: refusing to transform a mounted guard point or a tree "
@@ -320,7 +427,8 @@ def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | 
                 continue
             try:
                 done = _convert_one(path, st, rel, decrypt, keys, key_name, key_version,
-                                    data_key, journal, progress)
+                                    data_key, journal, progress,
+                                    summary if wipe else None)
             except Error as e:
                 summary.failed.append({"path": rel, "reason": str(e)})
                 continue
@@ -336,7 +444,7 @@ def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | 
                 on_file(rel)
     finally:
         if data_key is not None:
-            wipe(data_key)
+            zero_key(data_key)
     if summary.failed:
         journal.f.close()
         raise XformError(f"{len(summary.failed)} file(s) failed, first: "
@@ -348,8 +456,11 @@ def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | 
 
 def _convert_one(path: str, st: os.stat_result, rel: str, decrypt: bool, keys: KeyLookup,
                  key_name: str | None, key_version: int | None, data_key: bytearray | None,
-                 journal: _Journal, progress: Callable[[int], None]) -> int | None:
-    """Convert one file; None if it was already in the target form."""
+                 journal: _Journal, progress: Callable[[int], None],
+                 wipe_into: Summary | None = None) -> int | None:
+    """Convert one file; None if it was already in the target form.  With
+    ``wipe_into``, the original's blocks are overwritten after the rename (never before:
+    a crash must not leave neither copy)."""
     is_taka = _is_taka_under(path, keys, None if decrypt else key_name)
     if decrypt and not is_taka:
         if _read_header(path) is not None:
@@ -359,7 +470,8 @@ def _convert_one(path: str, st: os.stat_result, rel: str, decrypt: bool, keys: K
         return None
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_SUFFIX}")
     journal.write(begin=rel)
-    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    src = os.open(path, (os.O_RDWR if wipe_into is not None else os.O_RDONLY)
+                  | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         dst = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -379,9 +491,14 @@ def _convert_one(path: str, st: os.stat_result, rel: str, decrypt: bool, keys: K
             raise
         os.close(dst)
         size = st.st_size
+        os.rename(tmp, path)
+        _fsync_dir(os.path.dirname(path))
+        journal.write(done=rel)
+        if wipe_into is not None:
+            try:
+                _overwrite(src, rel, wipe_into)
+            except OSError as e:  # the file is converted; only the wipe failed
+                wipe_into.not_wiped.append({"path": rel, "reason": e.strerror or str(e)})
     finally:
         os.close(src)
-    os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-    journal.write(done=rel)
     return size

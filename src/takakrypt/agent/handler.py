@@ -17,6 +17,7 @@ from typing import Any
 from .. import protocol as P
 from .. import procinfo
 from ..errors import Error, ProtocolError
+from .transports import exe_of, in_process, peer_allowed
 
 log = logging.getLogger("takakryptd.handler")
 
@@ -69,6 +70,7 @@ class RequestHandler:
         self._roots: list[tuple[bytes, bytes, Any]] = []
         self._roots_for: Any = None
         self.by_op: dict[str, int] = {}
+        self._self_peer = in_process()  # the ring's sender: the FUSE engine in this process
 
     def observe(self, transport: str, t0: float, op: str = "any") -> None:
         m = self.agent.metrics
@@ -122,9 +124,12 @@ class RequestHandler:
             fast = self.fast_policy_hit(data, audit=False)
             if fast is not None:
                 return fast
-        return self.handle(data, transport="ring")
+        return self.handle(data, transport="ring", peer=self._self_peer)
 
-    async def handle(self, data: bytes, *, transport: str = "?") -> bytes | None:
+    async def handle(self, data: bytes, *, transport: str = "?",
+                     peer: Any = None) -> bytes | None:
+        """``peer``: the sender's credentials (``transports.Peer``), None if unknown; key
+        services (KEY_REQUEST, ENCRYPT, DECRYPT) are refused to an unknown peer."""
         if self.agent.cache is not None:
             fast = self.fast_policy_hit(data)
             if fast is not None:
@@ -152,7 +157,7 @@ class RequestHandler:
         op = msg.operation.name.lower()
         self.by_op[op] = self.by_op.get(op, 0) + 1
         try:
-            reply = self._dispatch(msg, audit=transport != "ring")
+            reply = self._dispatch(msg, audit=transport != "ring", peer=peer)
             status = "ok"
         except Error as e:
             reply = P.error_reply(msg, _status_for(e), str(e))
@@ -167,7 +172,7 @@ class RequestHandler:
         return P.encode(reply)
 
     # ---------------------------------------------------------------------------------------
-    def _dispatch(self, msg: P.Message, *, audit: bool = True) -> P.Message:
+    def _dispatch(self, msg: P.Message, *, audit: bool = True, peer: Any = None) -> P.Message:
         op = msg.operation
         if op == P.Operation.HEALTH_CHECK:
             from .. import __version__
@@ -179,10 +184,15 @@ class RequestHandler:
         if op == P.Operation.POLICY_CHECK:
             return self._policy_check(msg, audit=audit)
         if op == P.Operation.KEY_REQUEST:
-            return self._key_request(msg)
+            return self._key_request(msg, peer)
         if op == P.Operation.AUDIT_EVENT:
             return self._audit(msg)
         if op in (P.Operation.ENCRYPT, P.Operation.DECRYPT):
+            refused = self._key_refusal(msg.payload.key_id, 0, peer)
+            if refused:
+                self._audit_key(msg, peer, msg.payload.key_id, msg.payload.key_version,
+                                "deny", refused)
+                return P.error_reply(msg, P.Status.DENIED, refused)
             return self._crypto(msg)
         return P.error_reply(msg, P.Status.INVALID,
                              f"{op.name} is sent by the agent, not to it")
@@ -294,10 +304,53 @@ class RequestHandler:
             policy=gp.policy, rule=rule, key=gp.key if effects & P.Effect.APPLY_KEY else None,
             reason="cached decision"))
 
-    def _key_request(self, msg: P.Message) -> P.Message:
+    # key services ----------------------------------------------------------------------
+    # Raw keys (KEY_REQUEST) and key use (ENCRYPT/DECRYPT, an oracle as good as the key)
+    # are served only when agent.key_requests is on, only to a root peer (or the agent's
+    # own uid), and only for the key of an enabled guard point (the one named by
+    # guard_point_id, if given).  Every KEY_REQUEST is audited, served or not; the
+    # record names key, version and peer, never key bytes.  docs/protocol.md "Who may
+    # ask for keys".
+    def _key_refusal(self, key_id: str, gp_id: int, peer: Any) -> str:
+        cfg = self.agent.config
+        if not cfg.agent.key_requests:
+            return "key requests are disabled (agent.key_requests: false)"
+        if peer is None or not peer_allowed(peer):
+            return "key requests are served to root only"
+        gps = cfg.guard_points
+        if gp_id:
+            if not (1 <= gp_id <= len(gps) and gps[gp_id - 1].enabled
+                    and gps[gp_id - 1].key == key_id):
+                return f"key {key_id!r} is not the key of guard point {gp_id}"
+        elif not any(gp.enabled and gp.key == key_id for gp in gps):
+            return f"key {key_id!r} is not the key of any enabled guard point"
+        return ""
+
+    def _audit_key(self, msg: P.Message, peer: Any, key_id: str, version: int | None,
+                   decision: str, reason: str) -> None:
+        from ..audit import event as ev
+
+        if self.agent.audit is None:
+            return
+        pid, uid = (peer.pid, peer.uid) if peer is not None else (0, -1)
+        self.agent.audit.log(ev.system_event(
+            ev.KEY_REQUEST, reason, uid=uid, pid=pid, exe=exe_of(pid) if pid else "",
+            operation=msg.operation.name.lower(), decision=decision, key=key_id,
+            key_version=version or None))
+
+    def _key_request(self, msg: P.Message, peer: Any) -> P.Message:
         req: P.KeyRequest = msg.payload  # type: ignore[assignment]
-        version = req.key_version or self.agent.keys.current_version(req.key_id)
-        key = self.agent.keys.get(req.key_id, version)
+        refused = self._key_refusal(req.key_id, req.guard_point_id, peer)
+        if refused:
+            self._audit_key(msg, peer, req.key_id, req.key_version, "deny", refused)
+            return P.error_reply(msg, P.Status.DENIED, refused)
+        try:
+            version = req.key_version or self.agent.keys.current_version(req.key_id)
+            key = self.agent.keys.get(req.key_id, version)
+        except Error as e:
+            self._audit_key(msg, peer, req.key_id, req.key_version, "error", str(e))
+            raise
+        self._audit_key(msg, peer, req.key_id, version, "permit", "key released")
         try:
             return P.reply(msg, P.KeyResponse(key_id=req.key_id, key_version=version,
                                               key=bytes(key)))

@@ -41,6 +41,11 @@ class _StatsCollector:
         c = CounterMetricFamily("takakrypt_audit_dropped", "audit events dropped (queue full)")
         c.add_metric([], float(audit.get("dropped", 0)))
         yield c
+        for key, what in (("coalesced", "audit events counted in a coalesced summary"),
+                          ("rate_limited", "audit events held back by the per-caller limit")):
+            c = CounterMetricFamily(f"takakrypt_audit_{key}", what)
+            c.add_metric([], float(audit.get(key, 0)))
+            yield c
         c = CounterMetricFamily("takakrypt_audit_written", "audit events written by sink",
                                 labels=["sink"])
         for name, st in (audit.get("sinks") or {}).items():

@@ -4,7 +4,10 @@ The handler (`agent.handler.RequestHandler.handle(bytes) -> bytes | None`) does 
 know where a message came from.  Transports here:
 
 - ``SeqpacketServer``: a Unix ``SOCK_SEQPACKET`` socket (one message per record), for
-  enforcement points in other processes;
+  enforcement points in other processes.  Created mode 0600, and every connection is
+  checked with ``SO_PEERCRED``: only root and the agent's own uid are served; any other
+  peer is closed at once, counted (``refused``) and audited (``kind: peer-refused``).
+  The handler gets the peer's credentials with each message (key requests need them);
 - the in-process request ring (``takakrypt._ring``) used by the FUSE data path, attached
   by ``agent.guards``.
 
@@ -18,12 +21,38 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger("takakryptd.transport")
 
 from ..protocol import MAX_MSG_SIZE as MAX_MESSAGE
+
+
+class Peer(NamedTuple):
+    """Credentials of the process at the other end of a transport (``SO_PEERCRED``:
+    the connecting process, as of ``connect()``)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    return Peer(*struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                     struct.calcsize("3i"))))
+
+
+def in_process() -> Peer:
+    """The peer of the in-process ring: the agent itself."""
+    return Peer(os.getpid(), os.geteuid(), os.getegid())
+
+
+def peer_allowed(peer: Peer) -> bool:
+    """Root and the agent's own uid (an agent run unprivileged, in tests) may talk to the
+    agent; nobody else, whatever the socket file's mode says."""
+    return peer.uid in (0, os.geteuid())
 
 
 class SeqpacketServer:
@@ -34,7 +63,8 @@ class SeqpacketServer:
         self.handler = handler
         self.agent = agent
         self.sock: socket.socket | None = None
-        self.clients: set[socket.socket] = set()
+        self.clients: dict[socket.socket, Peer] = {}
+        self.refused = 0
         self.received = 0
         self.dropped = 0
         self._closing = False
@@ -65,9 +95,31 @@ class SeqpacketServer:
             except OSError as e:
                 log.error("accept: %s", e)
                 return
+            try:
+                peer = peer_of(c)
+            except OSError as e:
+                log.error("SO_PEERCRED: %s", e)
+                c.close()
+                continue
+            if not peer_allowed(peer):
+                self._refuse(c, peer)
+                continue
             c.setblocking(False)
-            self.clients.add(c)
+            self.clients[c] = peer
             loop.add_reader(c.fileno(), self._readable, c)
+
+    def _refuse(self, c: socket.socket, peer: Peer) -> None:
+        c.close()  # before reading anything: the peer gets EOF / ECONNRESET
+        self.refused += 1
+        log.warning("%s: refused a peer with uid %d (pid %d): root only", self.path,
+                    peer.uid, peer.pid)
+        audit = getattr(self.agent, "audit", None)
+        if audit is not None:
+            from ..audit import event as ev
+
+            audit.log(ev.system_event(
+                ev.PEER_REFUSED, "protocol socket is for root only", path=self.path,
+                uid=peer.uid, pid=peer.pid, exe=exe_of(peer.pid)))
 
     def _readable(self, c: socket.socket) -> None:
         for _ in range(64):  # bounded batch per wake-up, then let others run
@@ -82,12 +134,13 @@ class SeqpacketServer:
                 return
             self.received += 1
             self.agent.inflight += 1
-            asyncio.ensure_future(self._serve(c, data))
+            # the peer as of now: the connection may be gone by the time it is served
+            asyncio.ensure_future(self._serve(c, data, self.clients.get(c)))
 
-    async def _serve(self, c: socket.socket, data: bytes) -> None:
+    async def _serve(self, c: socket.socket, data: bytes, peer: Peer | None) -> None:
         t0 = time.perf_counter()
         try:
-            reply = await self.handler.handle(data, transport=self.name)
+            reply = await self.handler.handle(data, transport=self.name, peer=peer)
             if reply is not None:
                 try:
                     c.send(reply)
@@ -100,12 +153,13 @@ class SeqpacketServer:
     def _drop_client(self, c: socket.socket) -> None:
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(c.fileno())
-        self.clients.discard(c)
+        self.clients.pop(c, None)
         c.close()
 
     def describe(self) -> dict[str, Any]:
         return {"transport": self.name, "path": self.path, "clients": len(self.clients),
-                "received": self.received, "dropped_replies": self.dropped}
+                "refused": self.refused, "received": self.received,
+                "dropped_replies": self.dropped}
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,6 +176,13 @@ class SeqpacketServer:
             await asyncio.sleep(0.01)
         for c in list(self.clients):
             self._drop_client(c)
+
+
+def exe_of(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
 
 
 class RingTransport:

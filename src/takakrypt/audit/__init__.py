@@ -15,6 +15,7 @@ Events never carry key material.  Formats, fields and the drop semantics are in
 docs/audit.md.
 """
 
+from .coalesce import Coalescer
 from .config import (
     AuditConfig,
     FileSinkConfig,
@@ -40,6 +41,7 @@ from .sinks import FileSink, Sink, SyslogSink
 __all__ = [
     "AuditConfig",
     "AuditLogger",
+    "Coalescer",
     "Event",
     "FileSink",
     "FileSinkConfig",

@@ -4,6 +4,12 @@
 
     audit:
       queue_size: 8192
+      coalesce:
+        window_seconds: 10      # identical events within this are one record + a summary
+        max_open: 4096          # windows tracked at once (0: no coalescing)
+      rate_limit:
+        per_caller: 5           # records per second per uid once the burst is spent
+        burst: 200              # 0 per_caller: no rate limit
       sinks:
         - type: file
           path: /var/log/takakrypt/audit.json
@@ -36,13 +42,16 @@ import msgspec
 from msgspec import Meta
 
 from ..errors import ConfigError
+from .coalesce import Coalescer
 from .formats import parse_facility
 from .logger import AuditLogger
 from .sinks import FileSink, Sink, SyslogSink
 
 __all__ = [
     "AuditConfig",
+    "CoalesceConfig",
     "FileSinkConfig",
+    "RateLimitConfig",
     "SinkConfig",
     "SyslogSinkConfig",
     "build_logger",
@@ -108,8 +117,20 @@ class SyslogSinkConfig(
 SinkConfig = Union[FileSinkConfig, SyslogSinkConfig]
 
 
+class CoalesceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    window_seconds: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+    max_open: Annotated[int, Meta(ge=0, le=10_000_000)] = 4096
+
+
+class RateLimitConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    per_caller: Annotated[float, Meta(ge=0)] = 5.0
+    burst: Annotated[int, Meta(ge=1, le=10_000_000)] = 200
+
+
 class AuditConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     queue_size: Annotated[int, Meta(ge=1, le=10_000_000)] = 8192
+    coalesce: CoalesceConfig = msgspec.field(default_factory=CoalesceConfig)
+    rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     sinks: list[SinkConfig] = []
 
 
@@ -176,4 +197,6 @@ def build_logger(
         for s in sinks:
             s.close(0)
         raise
-    return AuditLogger(sinks, queue_size=cfg.queue_size, host=host)
+    coalescer = Coalescer(window=cfg.coalesce.window_seconds, max_open=cfg.coalesce.max_open,
+                          rate=cfg.rate_limit.per_caller, burst=cfg.rate_limit.burst)
+    return AuditLogger(sinks, queue_size=cfg.queue_size, host=host, coalescer=coalescer)

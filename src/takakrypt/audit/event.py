@@ -24,8 +24,12 @@ import msgspec
 __all__ = [
     "ACCESS",
     "DROPPED",
+    "COALESCED",
     "CONFIG_RELOAD",
     "INTEGRITY",
+    "KEY_REQUEST",
+    "PEER_REFUSED",
+    "RATE_LIMITED",
     "DetailValue",
     "Event",
     "access_event",
@@ -45,6 +49,14 @@ ACCESS = "access"
 DROPPED = "dropped"
 CONFIG_RELOAD = "config-reload"
 INTEGRITY = "integrity"
+#: a KEY_REQUEST (or refused ENCRYPT/DECRYPT) on the protocol: key name, version, peer
+KEY_REQUEST = "key-request"
+#: a peer the protocol socket refused (SO_PEERCRED: not root)
+PEER_REFUSED = "peer-refused"
+#: summary of repeated identical events (audit/coalesce.py)
+COALESCED = "coalesced"
+#: summary of a caller's events held back by the per-caller rate limit
+RATE_LIMITED = "rate-limited"
 
 #: values allowed in ``Event.detail`` (kept flat so every format can carry it)
 DetailValue = Union[str, int, float, bool, None]
@@ -252,15 +264,33 @@ def system_event(
     path: str = "",
     host: str | None = None,
     time: str | None = None,
+    uid: int = -1,
+    pid: int = 0,
+    exe: str = "",
+    operation: str = "",
+    decision: str = "",
+    key: str | None = None,
+    key_version: int | None = None,
 ) -> Event:
-    """A system event (``kind`` is not ``"access"``), e.g. ``"config-reload"``."""
+    """A system event (``kind`` is not ``"access"``), e.g. ``"config-reload"``.
+
+    ``uid`` >= 0 names a caller (``key-request``, ``peer-refused``); those other than
+    ``key-request`` are coalesced and rate limited like access events (docs/audit.md)."""
     if kind == ACCESS:
         raise ValueError("system_event() kind must not be 'access'")
     return sanitize(Event(
         time=time or now_rfc3339(),
         kind=kind,
         host=host or hostname(),
+        uid=uid,
+        user=user_name(uid) if uid >= 0 else "",
+        pid=pid,
+        exe=exe,
         path=path,
+        operation=operation,
+        decision=decision,
+        key=key,
+        key_version=key_version,
         reason=reason,
         detail=detail,
     ))

@@ -28,7 +28,19 @@ from typing import Callable, Literal
 import msgspec
 
 from .. import __version__
-from .event import ACCESS, CONFIG_RELOAD, DROPPED, INTEGRITY, Event, parse_rfc3339, sanitize
+from .event import (
+    ACCESS,
+    COALESCED,
+    CONFIG_RELOAD,
+    DROPPED,
+    INTEGRITY,
+    KEY_REQUEST,
+    PEER_REFUSED,
+    RATE_LIMITED,
+    Event,
+    parse_rfc3339,
+    sanitize,
+)
 
 __all__ = [
     "CEF_KEYS",
@@ -86,7 +98,13 @@ _SYSTEM_SIG = {
     DROPPED: ("2001", "audit events dropped", 6),
     CONFIG_RELOAD: ("2002", "configuration reloaded", 3),
     INTEGRITY: ("2003", "integrity failure", 9),
+    COALESCED: ("2004", "repeated events coalesced", 5),
+    RATE_LIMITED: ("2005", "events held back by the rate limit", 6),
+    PEER_REFUSED: ("2008", "protocol peer refused", 7),
 }
+#: key-request events: by decision
+_KEY_SIG = {"permit": ("2006", "key released", 5)}
+_KEY_REFUSED = ("2007", "key request refused", 7)
 
 #: extension key -> meaning (custom slots csN/cnN/cfpN carry a csNLabel naming the field)
 CEF_KEYS: dict[str, str] = {
@@ -118,7 +136,14 @@ def cef_signature(event: Event) -> tuple[str, str, int]:
     """(signature id, name, severity) of ``event``."""
     if event.kind == ACCESS:
         return _ACCESS_SIG.get(event.decision, _ACCESS_OTHER)
+    if event.kind == KEY_REQUEST:
+        return _KEY_SIG.get(event.decision, _KEY_REFUSED)
     return _SYSTEM_SIG.get(event.kind, ("2099", event.kind, 5))
+
+
+def has_caller(event: Event) -> bool:
+    """Access events, and system events that name a caller (``uid`` >= 0)."""
+    return event.kind == ACCESS or event.uid >= 0
 
 
 def cef_severity(event: Event) -> int:
@@ -176,9 +201,10 @@ def to_cef(event: Event) -> str:
         ext.append(("rt", str(rt)))
     ext.append(("dvchost", event.host))
     ext.append(("cat", event.kind))
-    if event.kind == ACCESS:
+    if has_caller(event):
         ext.append(("act", event.decision))
-        ext.append(("outcome", "success" if event.decision == "permit" else "failure"))
+        if event.kind == ACCESS:
+            ext.append(("outcome", "success" if event.decision == "permit" else "failure"))
         ext.append(("suid", str(event.uid)))
         ext.append(("suser", event.user))
         ext.append(("spid", str(event.pid)))
@@ -190,7 +216,7 @@ def to_cef(event: Event) -> str:
             ext.append((slot, value))
             ext.append((slot + "Label", label))
 
-    if event.kind == ACCESS:
+    if has_caller(event):
         custom("cs1", "policy", event.policy)
         custom("cs2", "key", event.key)
         custom("cs3", "groups", ",".join(event.groups))
@@ -199,6 +225,7 @@ def to_cef(event: Event) -> str:
         custom("cn1", "rule", str(event.rule))
         if event.key_version is not None:
             custom("cn2", "keyVersion", str(event.key_version))
+    if event.kind == ACCESS:
         custom("cn3", "learnMode", "1" if event.learn_mode else "0")
         custom("cfp1", "latencyUs", repr(event.latency_us))
     if event.detail is not None:
@@ -221,7 +248,8 @@ FACILITIES: dict[str, int] = {
 
 #: syslog severities (0 emerg ... 7 debug) per decision / system kind
 _ACCESS_SEVERITY = {"permit": 6, "would-deny": 5, "deny": 4, "error": 3}
-_SYSTEM_SEVERITY = {DROPPED: 4, CONFIG_RELOAD: 5, INTEGRITY: 2}
+_SYSTEM_SEVERITY = {DROPPED: 4, CONFIG_RELOAD: 5, INTEGRITY: 2, COALESCED: 5, RATE_LIMITED: 4,
+                    PEER_REFUSED: 4}
 
 
 def parse_facility(value: str | int) -> int:
@@ -243,6 +271,8 @@ def parse_facility(value: str | int) -> int:
 def syslog_severity(event: Event) -> int:
     if event.kind == ACCESS:
         return _ACCESS_SEVERITY.get(event.decision, 5)
+    if event.kind == KEY_REQUEST:
+        return 5 if event.decision == "permit" else 4
     return _SYSTEM_SEVERITY.get(event.kind, 5)
 
 
@@ -262,7 +292,7 @@ def _header_field(value: str, maxlen: int) -> str:
 
 def _sd_params(event: Event) -> list[tuple[str, str]]:
     p = [("kind", event.kind)]
-    if event.kind == ACCESS:
+    if has_caller(event):
         p += [
             ("decision", event.decision),
             ("op", event.operation),
@@ -278,7 +308,10 @@ def _sd_params(event: Event) -> list[tuple[str, str]]:
             p.append(("key", event.key))
         if event.key_version is not None:
             p.append(("keyVersion", str(event.key_version)))
-        p.append(("learn", "1" if event.learn_mode else "0"))
+        if event.kind == ACCESS:
+            p.append(("learn", "1" if event.learn_mode else "0"))
+        else:
+            p.append(("reason", event.reason))
     else:
         p.append(("reason", event.reason))
         if event.path:

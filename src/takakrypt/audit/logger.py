@@ -13,8 +13,13 @@ Contract of :class:`AuditLogger`:
   always reaches the sinks, exactly once.
 * Each event is handed to every sink exactly once, in queue order.  A sink that raises
   is counted (``sinks[name]["errors"]``) and the others still get the event.
-* :meth:`~AuditLogger.close` drains the queue (bounded by ``timeout``), closes the sinks
-  and is idempotent.  Events logged after ``close`` are counted as dropped.
+* :meth:`~AuditLogger.close` drains the queue (bounded by ``timeout``), writes the
+  summaries of every open coalescing window, closes the sinks and is idempotent.  Events
+  logged after ``close`` are counted as dropped.
+* With a :class:`~takakrypt.audit.coalesce.Coalescer`, repeated events and a caller's
+  flood are counted instead of queued (that module's docstring); the writer thread
+  queues their summary records when the windows close, whether or not more events
+  arrive.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import threading
 import time
 from typing import Iterable
 
+from .coalesce import Coalescer
 from .event import Event, dropped_event, hostname
 from .sinks import Sink
 
@@ -63,6 +69,7 @@ class AuditLogger:
         *,
         queue_size: int = 8192,
         host: str | None = None,
+        coalescer: Coalescer | None = None,
     ) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be >= 1")
@@ -78,18 +85,24 @@ class AuditLogger:
         self._closed = False
         self._done = threading.Condition()
         self._processed = 0  # queue items fully handed to every sink
+        self._coalescer = coalescer if coalescer is not None and coalescer.enabled else None
+        self._tick_every = (min(_IDLE_POLL, coalescer.window / 4) if coalescer is not None
+                            and coalescer.window > 0 else _IDLE_POLL)
+        self._next_tick = 0.0
         self._thread = threading.Thread(target=self._run, name="takakrypt-audit", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ producers
 
     def log(self, event: Event) -> bool:
-        """Queue ``event`` for every sink.  Never blocks; True if queued, False if
-        dropped (queue full or logger closed)."""
+        """Queue ``event`` for every sink.  Never blocks; True if queued or held back
+        for a summary record, False if dropped (queue full or logger closed)."""
         with self._lock:
             if self._closed:
                 self._dropped += 1
                 return False
+            if self._coalescer is not None and not self._coalescer.admit(event):
+                return True
             item: object = event
             if self._pending_drops:
                 # the marker rides in the same slot, so it cannot be separated from
@@ -126,10 +139,25 @@ class AuditLogger:
             self._q.put_nowait(_Report(dropped_event(self._pending_drops, host=self.host)))
             self._pending_drops = 0
 
+    def _summaries_due(self) -> None:
+        """Queue the summary records of the coalescing windows that have closed (as many
+        as there is room for; the others stay open and keep counting)."""
+        if self._coalescer is None:
+            return
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + self._tick_every
+        with self._lock:
+            # only this thread takes from the queue: the room cannot shrink meanwhile
+            for ev in self._coalescer.expire(limit=self.queue_size - self._q.qsize()):
+                self._q.put_nowait(_Report(ev))
+
     def _run(self) -> None:
         while True:
+            self._summaries_due()
             try:
-                item = self._q.get(timeout=_IDLE_POLL)
+                item = self._q.get(timeout=self._tick_every)
             except queue.Empty:
                 self._report_drops_if_idle()
                 continue
@@ -148,11 +176,14 @@ class AuditLogger:
                 self._done.notify_all()
             if self._q.empty():
                 self._report_drops_if_idle()
-        # after close(): report drops that never saw room again
+        # after close(): report drops that never saw room again, close every window
         with self._lock:
             n, self._pending_drops = self._pending_drops, 0
+            last = self._coalescer.expire(everything=True) if self._coalescer else []
         if n:
             self._dispatch(dropped_event(n, host=self.host))
+        for ev in last:
+            self._dispatch(ev)
 
     # ------------------------------------------------------------------ control
 
@@ -216,6 +247,9 @@ class AuditLogger:
         """
         with self._lock:
             enqueued, dropped, pending = self._enqueued, self._dropped, self._pending_drops
+            flood = (self._coalescer.stats() if self._coalescer is not None else
+                     {"coalesced": 0, "rate_limited": 0, "summaries": 0, "open_windows": 0,
+                      "limited_callers": 0})
         with self._done:
             processed = self._processed
         sinks = {s.name: s.stats() for s in self.sinks}
@@ -227,5 +261,6 @@ class AuditLogger:
             "queue_depth": self._q.qsize(),
             "queue_size": self.queue_size,
             "sink_errors": sum(int(s.get("errors", 0)) for s in sinks.values()),
+            **flood,
             "sinks": sinks,
         }
