@@ -65,12 +65,17 @@ def unmount_path(path: str) -> None:
 
 
 def sweep_stale_mounts(root: str | None = None) -> list[str]:
-    """Unmount every takakrypt mount below the temp directory (session start/end)."""
-    root = root or tempfile.gettempdir()
+    """Unmount takakrypt mounts left behind: below ``root`` (a test's own directory)
+    every one; with no root, those below the temp directory whose server is gone (an
+    earlier run that crashed) -- never a live mount of another test run on the host."""
+    sys.path.insert(0, str(SRC))
+    from takakrypt.guard import is_stale
+    own = root is not None
     done = []
-    for mp in _mounts_under(root):
-        unmount_path(mp)
-        done.append(mp)
+    for mp in _mounts_under(root or tempfile.gettempdir()):
+        if own or is_stale(mp):
+            unmount_path(mp)
+            done.append(mp)
     return done
 
 
@@ -110,9 +115,14 @@ class Guard:
 def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = False,
                 path: Path | None = None, key: bytes | None = None, threads: int = 4,
                 key_name: str = "guard", metadata_cache: float | None = None,
-                policy_yaml: str | None = None, io_uring: bool = True, hints: bool = True,
+                policy_yaml: str | None = None, io_uring: bool | None = None, hints: bool = True,
                 read_helpers: bool = True):
-    """Mount a guard point served by a child process; yields a :class:`Guard`."""
+    """Mount a guard point served by a child process; yields a :class:`Guard`.
+
+    ``io_uring=None``: FUSE over io_uring unless TAKAKRYPT_TEST_IO_URING=0 (ci/asan.sh
+    runs the data-path suite once more on the classic channel that way)."""
+    if io_uring is None:
+        io_uring = os.environ.get("TAKAKRYPT_TEST_IO_URING", "1") != "0"
     tmp = Path(tmp)
     workdir = Path(tempfile.mkdtemp(prefix="guard-", dir=tmp))
     if in_place:
