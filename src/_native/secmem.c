@@ -1,0 +1,245 @@
+/*
+ * secmem.c -- secure memory for key material.  See secmem.h.
+ *
+ * A chunk is CHUNK bytes (16 pages) aligned to CHUNK, so a slot's chunk is found by
+ * masking its address.  Page 0 holds struct chunk and its slot bitmap; it is neither
+ * locked nor wiped on fork (a child must still be able to free what it inherited).
+ */
+#define _GNU_SOURCE 1
+
+#include "secmem.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define CHUNK_PAGES 16
+#define MAGIC 0x4d454d4345534b54ULL /* "TKSECMEM" */
+#define NCLASS 8
+#define LARGE NCLASS
+
+/* 1280: one AES-GCM handle (aesgcm_impl.c) with its 1008-byte ipsec-mb key data. */
+static const uint32_t class_size[NCLASS] = {64, 128, 256, 512, 1024, 1280, 2048, 4096};
+
+struct chunk {
+    uint64_t magic;
+    uint32_t cls;                         /* size class, LARGE: a region of its own */
+    uint32_t slot;                        /* slot size (LARGE: the whole data area) */
+    uint32_t nslots, nfree;
+    size_t len;                           /* the whole mapping, page 0 included */
+    int locked;
+    struct chunk *next_free, *prev_free;  /* chunks of cls with a free slot */
+    struct chunk *next_all, *prev_all;
+    uint64_t used[];                      /* slot bitmap, fits in page 0 */
+};
+
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+static size_t g_page, g_chunk;
+static struct chunk *g_free[NCLASS];      /* per class: chunks with a free slot */
+static unsigned g_empty[NCLASS];          /* per class: fully free chunks kept (<= 1) */
+static struct chunk *g_all;
+static tk_secmem_stats g_st;
+
+static void atfork_prepare(void) { pthread_mutex_lock(&g_mu); }
+static void atfork_release(void) { pthread_mutex_unlock(&g_mu); }
+
+static void init_once(void)
+{
+    long ps = sysconf(_SC_PAGESIZE);
+    g_page = ps > 0 ? (size_t)ps : 4096;
+    g_chunk = g_page * CHUNK_PAGES;
+    (void)pthread_atfork(atfork_prepare, atfork_release, atfork_release);
+}
+
+static inline unsigned char *data_of(struct chunk *c) { return (unsigned char *)c + g_page; }
+
+/* Map len bytes aligned to g_chunk and protect everything past page 0. */
+static struct chunk *map_chunk(size_t len)
+{
+    size_t span = len + g_chunk;
+    unsigned char *raw = mmap(NULL, span, PROT_READ | PROT_WRITE,
+                              MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED)
+        return NULL;
+    uintptr_t base = ((uintptr_t)raw + g_chunk - 1) & ~(uintptr_t)(g_chunk - 1);
+    size_t head = base - (uintptr_t)raw, tail = span - head - len;
+    if (head)
+        munmap(raw, head);
+    if (tail)
+        munmap((unsigned char *)base + len, tail);
+    struct chunk *c = (struct chunk *)base;
+    unsigned char *d = (unsigned char *)base + g_page;
+    size_t dlen = len - g_page;
+    int advised = madvise(d, dlen, MADV_DONTDUMP) == 0;
+#ifdef MADV_WIPEONFORK
+    advised &= madvise(d, dlen, MADV_WIPEONFORK) == 0;
+#else
+    advised = 0;
+#endif
+    c->locked = mlock(d, dlen) == 0;
+    c->len = len;
+    c->magic = MAGIC;
+    g_st.chunks++;
+    g_st.bytes_mapped += dlen;
+    if (c->locked)
+        g_st.bytes_locked += dlen;
+    else
+        g_st.lock_failures++;
+    if (!advised)
+        g_st.advise_failures++;
+    c->next_all = g_all;
+    if (g_all)
+        g_all->prev_all = c;
+    g_all = c;
+    return c;
+}
+
+static void unmap_chunk(struct chunk *c)
+{
+    size_t dlen = c->len - g_page;
+    if (c->prev_all)
+        c->prev_all->next_all = c->next_all;
+    else
+        g_all = c->next_all;
+    if (c->next_all)
+        c->next_all->prev_all = c->prev_all;
+    g_st.chunks--;
+    g_st.bytes_mapped -= dlen;
+    if (c->locked)
+        g_st.bytes_locked -= dlen;
+    c->magic = 0;
+    munmap(c, c->len); /* the slots are already zero; munmap also unlocks */
+}
+
+static void free_list_push(struct chunk *c)
+{
+    c->prev_free = NULL;
+    c->next_free = g_free[c->cls];
+    if (c->next_free)
+        c->next_free->prev_free = c;
+    g_free[c->cls] = c;
+}
+
+static void free_list_drop(struct chunk *c)
+{
+    if (c->prev_free)
+        c->prev_free->next_free = c->next_free;
+    else
+        g_free[c->cls] = c->next_free;
+    if (c->next_free)
+        c->next_free->prev_free = c->prev_free;
+    c->next_free = c->prev_free = NULL;
+}
+
+static void *alloc_large(size_t n)
+{
+    size_t dlen = (n + g_page - 1) / g_page * g_page;
+    struct chunk *c = map_chunk(dlen + g_page);
+    if (c == NULL)
+        return NULL;
+    c->cls = LARGE;
+    c->slot = (uint32_t)dlen;
+    c->nslots = 1;
+    c->nfree = 0;
+    c->used[0] = 1;
+    return data_of(c);
+}
+
+static void *alloc_small(unsigned cls)
+{
+    struct chunk *c = g_free[cls];
+    if (c == NULL) {
+        c = map_chunk(g_chunk);
+        if (c == NULL)
+            return NULL;
+        c->cls = cls;
+        c->slot = class_size[cls];
+        c->nslots = c->nfree = (uint32_t)((g_chunk - g_page) / c->slot);
+        free_list_push(c);
+        g_empty[cls]++;
+    }
+    if (c->nfree == c->nslots)
+        g_empty[cls]--;
+    for (uint32_t w = 0;; w++) {
+        uint64_t freebits = ~c->used[w];
+        if (w == c->nslots / 64 && c->nslots % 64)
+            freebits &= ((uint64_t)1 << (c->nslots % 64)) - 1;
+        if (freebits == 0)
+            continue; /* nfree > 0: some word below nslots has a free bit */
+        uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(freebits);
+        c->used[w] |= (uint64_t)1 << (i % 64);
+        if (--c->nfree == 0)
+            free_list_drop(c);
+        return data_of(c) + (size_t)i * c->slot;
+    }
+}
+
+void *tk_secmem_alloc(size_t n)
+{
+    if (n == 0 || n > SIZE_MAX / 2)
+        return NULL;
+    pthread_once(&g_once, init_once);
+    unsigned cls = 0;
+    while (cls < NCLASS && class_size[cls] < n)
+        cls++;
+    pthread_mutex_lock(&g_mu);
+    void *p = cls == LARGE ? alloc_large(n) : alloc_small(cls);
+    if (p != NULL)
+        g_st.in_use++;
+    pthread_mutex_unlock(&g_mu);
+    return p; /* zero: fresh pages, or wiped by the last free */
+}
+
+void tk_secmem_free(void *p)
+{
+    if (p == NULL)
+        return;
+    struct chunk *c = (struct chunk *)((uintptr_t)p & ~(uintptr_t)(g_chunk - 1));
+    pthread_mutex_lock(&g_mu);
+    size_t off = (size_t)((unsigned char *)p - data_of(c));
+    uint32_t i = c->magic == MAGIC ? (uint32_t)(off / c->slot) : 0;
+    if (c->magic != MAGIC || (unsigned char *)p < data_of(c) || off % c->slot != 0 ||
+        i >= c->nslots || !(c->used[i / 64] & ((uint64_t)1 << (i % 64))))
+        abort(); /* not ours, or freed twice: a memory-safety bug, never go on */
+    explicit_bzero(p, c->slot);
+    c->used[i / 64] &= ~((uint64_t)1 << (i % 64));
+    g_st.in_use--;
+    if (c->cls == LARGE) {
+        unmap_chunk(c);
+    } else {
+        if (c->nfree++ == 0)
+            free_list_push(c);
+        if (c->nfree == c->nslots) {
+            if (g_empty[c->cls] > 0) { /* keep one empty chunk per class, no more */
+                free_list_drop(c);
+                unmap_chunk(c);
+            } else {
+                g_empty[c->cls]++;
+            }
+        }
+    }
+    pthread_mutex_unlock(&g_mu);
+}
+
+void tk_secmem_get_stats(tk_secmem_stats *s)
+{
+    pthread_mutex_lock(&g_mu);
+    *s = g_st;
+    pthread_mutex_unlock(&g_mu);
+}
+
+int tk_secmem_mapped(const void *p, size_t n)
+{
+    int found = 0;
+    uintptr_t a = (uintptr_t)p;
+    pthread_mutex_lock(&g_mu);
+    for (struct chunk *c = g_all; c && !found; c = c->next_all) {
+        uintptr_t lo = (uintptr_t)data_of(c), hi = (uintptr_t)c + c->len;
+        found = a >= lo && a <= hi && n <= hi - a;
+    }
+    pthread_mutex_unlock(&g_mu);
+    return found;
+}
