@@ -305,3 +305,66 @@ def _drop_effective_cap(libc, cap: int) -> None:
     data[word].permitted &= ~(1 << bit)
     if libc.capset(ctypes.byref(hdr), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
+
+
+# -- the Python key buffers ------------------------------------------------------------
+
+def _buffer_address(buf: bytearray) -> int:
+    import ctypes
+    view = (ctypes.c_char * len(buf)).from_buffer(buf)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
+
+
+def test_keystore_buffers_are_locked_undumped_and_released_by_wipe(tmp_path: Path) -> None:
+    from takakrypt.keys import generate_master_key_file, open_keystore, wipe
+    from takakrypt.keys.secret import lock_stats
+
+    mk = tmp_path / "master.key"
+    generate_master_key_file(str(mk))
+    with open_keystore(str(tmp_path / "ks.json"), master_key_file=str(mk), create=True) as ks:
+        ks.create("k")
+        key = ks.get("k")
+        held = lock_stats()["buffers"]
+        for buf in (key, ks._keys.wrap.value, ks._keys.mac.value):
+            m = mapping_of(_buffer_address(buf))
+            assert {"lo", "dd"} <= m["flags"], m
+            assert m["locked_kb"] > 0
+        wipe(key)
+        assert key == bytes(32)
+        assert lock_stats()["buffers"] == held - 1
+    assert lock_stats()["lock_failures"] == 0
+
+
+_KEYSTORE_HOLDER = """
+import sys
+from takakrypt.keys import open_keystore
+ks = open_keystore(sys.argv[1], master_key_file=sys.argv[2])
+key = ks.get("k")
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_no_keystore_key_in_the_dumpable_memory_of_its_holder(tmp_path: Path) -> None:
+    """A process holding an open keystore and an unwrapped data key: neither the key
+    nor the keystore's wrapping and MAC keys are in a mapping a core dump would hold."""
+    from takakrypt.keys import generate_master_key_file, open_keystore
+
+    mk, path = tmp_path / "master.key", tmp_path / "ks.json"
+    generate_master_key_file(str(mk))
+    with open_keystore(str(path), master_key_file=str(mk), create=True) as ks:
+        ks.create("k")
+        secrets = [bytes(ks.get("k")), bytes(ks._keys.wrap.value), bytes(ks._keys.mac.value)]
+    p = subprocess.Popen([sys.executable, "-c", _KEYSTORE_HOLDER, str(path), str(mk)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         env=dict(os.environ, PYTHONPATH=str(SRC)))
+    try:
+        ready, _, _ = select.select([p.stdout], [], [], 60)
+        assert ready and p.stdout.readline() == b"ready\n"
+        assert dumpable_hits(p.pid, secrets) == []
+    finally:
+        p.kill()
+        p.wait()

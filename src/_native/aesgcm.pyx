@@ -58,6 +58,7 @@ cdef extern from "secmem.h" nogil:
         uint64_t chunks, bytes_mapped, bytes_locked, lock_failures, advise_failures, in_use
     void tk_secmem_get_stats(tk_secmem_stats *s)
     int tk_secmem_mapped(const void *p, size_t n)
+    void tk_secmem_scrub_stack()
 
 NONCE_SIZE = TK_GCM_NONCE_SIZE
 TAG_SIZE = TK_GCM_TAG_SIZE
@@ -80,6 +81,12 @@ def secure_memory_stats():
     return {"chunks": st.chunks, "bytes_mapped": st.bytes_mapped,
             "bytes_locked": st.bytes_locked, "lock_failures": st.lock_failures,
             "advise_failures": st.advise_failures, "in_use": st.in_use}
+
+
+def scrub_stack():
+    """Zero 64 KiB of this thread's C stack below the caller's depth, where a key
+    derivation or unwrap just called from Python left copies of keys (docs/keys.md)."""
+    tk_secmem_scrub_stack()
 
 
 def _set_secure_memory(on):

@@ -521,6 +521,7 @@ tk_gcm *tk_gcm_new(const uint8_t key[TK_GCM_KEY_SIZE], size_t block_size,
     g->engine = engine;
     g->block_size = block_size;
     rc = engine == TK_ENGINE_IPSECMB ? imb_setup(g, key) : ossl_setup(g, key);
+    tk_secmem_zero_registers();
     if (rc != TK_OK) {
         tk_gcm_free(g);
         *status = rc;
@@ -617,6 +618,7 @@ int tk_gcm_encrypt(tk_gcm *g, const uint8_t *pt, size_t pt_len, uint8_t *out,
     else
         rc = ossl_encrypt(g, pt, pt_len, out, aad, aad_len, first_block, nonces, nblocks);
     free(nonce_heap); /* nonces are public: no wipe needed */
+    tk_secmem_zero_registers(); /* round keys must not be spilled to the stack later */
     if (rc != TK_OK)
         memset(out, 0, out_len);
     return rc;
@@ -656,6 +658,7 @@ int tk_gcm_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *out,
     else
         rc = ossl_decrypt(g, ct, ct_len, out, aad, aad_len, first_block, holes != 0,
                           nblocks, pt_total, bad_block);
+    tk_secmem_zero_registers();
     if (rc == TK_OK)
         *written = pt_total;
     return rc;

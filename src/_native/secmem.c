@@ -243,3 +243,62 @@ int tk_secmem_mapped(const void *p, size_t n)
     pthread_mutex_unlock(&g_mu);
     return found;
 }
+
+/*
+ * Vector registers: AES code leaves round keys in them, and the next code that saves
+ * them to the stack (the dynamic linker resolving a symbol with XSAVE, a function
+ * spilling them) writes the schedule back into memory after any scrub.  All of them
+ * are caller-saved in the SysV ABI, so zeroing them here disturbs no caller.
+ */
+#if defined(__x86_64__)
+__attribute__((target("avx"), noinline)) static void zero_ymm(void)
+{
+    __asm__ volatile("vzeroall" ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",
+                     "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14",
+                     "xmm15");
+}
+
+__attribute__((target("avx512f"), noinline)) static void zero_zmm_high(void)
+{
+#define Z(n) "vpxord %%zmm" #n ", %%zmm" #n ", %%zmm" #n "\n\t"
+    __asm__ volatile(Z(16) Z(17) Z(18) Z(19) Z(20) Z(21) Z(22) Z(23)
+                     Z(24) Z(25) Z(26) Z(27) Z(28) Z(29) Z(30) Z(31)
+                     ::: "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22",
+                     "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30",
+                     "xmm31");
+#undef Z
+}
+
+__attribute__((noinline)) static void zero_xmm(void)
+{
+#define X(n) "pxor %%xmm" #n ", %%xmm" #n "\n\t"
+    __asm__ volatile(X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
+                     X(13) X(14) X(15)
+                     ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",
+                     "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+#undef X
+}
+
+void tk_secmem_zero_registers(void)
+{
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx"))
+        zero_ymm();
+    else
+        zero_xmm();
+    if (__builtin_cpu_supports("avx512f"))
+        zero_zmm_high();
+}
+#else
+void tk_secmem_zero_registers(void) {}
+#endif
+
+#define SCRUB_BYTES (64 * 1024)
+
+__attribute__((noinline)) void tk_secmem_scrub_stack(void)
+{
+    unsigned char area[SCRUB_BYTES];
+    tk_secmem_zero_registers();
+    explicit_bzero(area, sizeof area);
+    __asm__ volatile("" : : "r"(area) : "memory"); /* keep the frame as large */
+}

@@ -41,6 +41,16 @@ void *tk_secmem_alloc(size_t n);
 /* Zero and release; NULL is accepted.  p must come from tk_secmem_alloc. */
 void tk_secmem_free(void *p);
 
+/* Zero the vector registers (xmm/ymm/zmm): AES code leaves round keys in them, and
+ * whatever saves them next (the dynamic linker's XSAVE, a spill) writes them to the
+ * stack.  A few cycles; all are caller-saved, so no caller is disturbed. */
+void tk_secmem_zero_registers(void);
+
+/* Zero the vector registers, then 64 KiB of the calling thread's stack below this
+ * call: the residue that a library just called at the same depth (a KDF, an AEAD
+ * set-up) left there. */
+void tk_secmem_scrub_stack(void);
+
 typedef struct {
     uint64_t chunks;          /* mapped chunks and large regions */
     uint64_t bytes_mapped;    /* slot pages mapped (bookkeeping pages excluded) */

@@ -67,6 +67,10 @@ def secure_memory_stats() -> dict[str, int]:
     unlocked because ``mlock`` was refused), ``advise_failures`` (chunks without
     ``MADV_DONTDUMP``/``MADV_WIPEONFORK``), ``in_use`` (live allocations)."""
 
+def scrub_stack() -> None:
+    """Zero 64 KiB of this thread's C stack below the caller's depth: the copies of
+    keys that a key derivation or unwrap just called from Python left there."""
+
 def _set_secure_memory(on: bool) -> None:
     """Benchmarks only: ``False`` puts the schedules of ciphers made afterwards on the
     plain heap (to measure what secure memory costs); ``True`` restores the default."""
