@@ -57,7 +57,7 @@ cdef extern from "secmem.h" nogil:
     ctypedef struct tk_secmem_stats:
         uint64_t chunks, bytes_mapped, bytes_locked, lock_failures, advise_failures, in_use
     void tk_secmem_get_stats(tk_secmem_stats *s)
-    int tk_secmem_mapped(const void *p, size_t n)
+    int tk_secmem_peek(const void *p, size_t n, void *out)
     void tk_secmem_scrub_stack()
 
 NONCE_SIZE = TK_GCM_NONCE_SIZE
@@ -96,9 +96,13 @@ def _set_secure_memory(on):
 
 def _secure_peek(Py_ssize_t addr, Py_ssize_t n):
     """Test hook: the n bytes at addr if they lie in mapped secure memory, else None."""
-    if addr <= 0 or n < 0 or not tk_secmem_mapped(<const void *>addr, <size_t>n):
+    cdef bytes res
+    if addr <= 0 or n < 0:
         return None
-    return PyBytes_FromStringAndSize(<const char *>addr, n)
+    res = PyBytes_FromStringAndSize(NULL, n)
+    if not tk_secmem_peek(<const void *>addr, <size_t>n, PyBytes_AS_STRING(res)):
+        return None
+    return res
 
 
 def engines():

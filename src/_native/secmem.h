@@ -62,9 +62,10 @@ typedef struct {
 
 void tk_secmem_get_stats(tk_secmem_stats *s);
 
-/* 1 if [p, p + n) lies inside the slot pages of a chunk mapped right now (test hook:
- * lets a test read a freed slot back without touching unmapped memory). */
-int tk_secmem_mapped(const void *p, size_t n);
+/* Test hook: copy [p, p + n) to out and return 1 if it lies inside the slot pages of
+ * a chunk mapped right now, else return 0 (lets a test read a freed slot back without
+ * touching unmapped memory, and without an ASan report in the sanitized build). */
+int tk_secmem_peek(const void *p, size_t n, void *out);
 
 #ifdef __cplusplus
 }
