@@ -108,6 +108,26 @@ def dumpable_hits(pid: int, needles: list[bytes]) -> list[str]:
     return hits
 
 
+def in_child(fn) -> bytes:
+    """Run ``fn() -> bytes`` in a fork()ed child; return what it returned."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, fn())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return got
+
+
 # -- the native cipher -----------------------------------------------------------------
 
 @needs_ipsecmb
@@ -139,29 +159,20 @@ def test_an_inherited_cipher_is_zero_in_the_child_and_fails_closed() -> None:
     key = os.urandom(32)
     c = BlockCipher(key, engine="ipsecmb")
     addr, size = c._key_area()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
+
+    def child() -> bytes:
+        zero = _aesgcm._secure_peek(addr, size) == bytes(size)
         try:
-            zero = _aesgcm._secure_peek(addr, size) == bytes(size)
-            try:
-                c.encrypt(b"x" * 100, b"", 0)
-                refused = False
-            except RuntimeError as e:
-                refused = "fork" in str(e)
-            c.wipe()  # freeing an inherited slot works
-            fresh = BlockCipher(key, engine="ipsecmb")  # a new one does
-            ok = fresh.decrypt(fresh.encrypt(b"y" * 10, b"", 0), b"", 0) == b"y" * 10
-            os.write(w, bytes([zero, refused, ok]))
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        got = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+            c.encrypt(b"x" * 100, b"", 0)
+            refused = False
+        except RuntimeError as e:
+            refused = "fork" in str(e)
+        c.wipe()  # freeing an inherited slot works
+        fresh = BlockCipher(key, engine="ipsecmb")  # a new one does
+        ok = fresh.decrypt(fresh.encrypt(b"y" * 10, b"", 0), b"", 0) == b"y" * 10
+        return bytes([zero, refused, ok])
+
+    got = in_child(child)
     assert got == b"\x01\x01\x01"  # zeroed, refused with an error, re-creatable
     assert c.decrypt(c.encrypt(b"z", b"", 0), b"", 0) == b"z"  # the parent is unaffected
 
@@ -265,29 +276,19 @@ def test_guard_server_writes_no_core_file(tmp_path: Path) -> None:
 
 def _mem_refused_without_ptrace_cap(pid: int) -> bool:
     """Open /proc/PID/mem from a child that dropped CAP_SYS_PTRACE (still uid 0)."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        code = 1
+    def child() -> bytes:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_CAPBSET_DROP, CAP_SYS_PTRACE = 24, 19
+        libc.prctl(PR_CAPBSET_DROP, CAP_SYS_PTRACE, 0, 0, 0)
+        _drop_effective_cap(libc, CAP_SYS_PTRACE)
         try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            PR_CAPBSET_DROP, CAP_SYS_PTRACE = 24, 19
-            libc.prctl(PR_CAPBSET_DROP, CAP_SYS_PTRACE, 0, 0, 0)
-            _drop_effective_cap(libc, CAP_SYS_PTRACE)
-            try:
-                with open(f"/proc/{pid}/mem", "rb"):
-                    os.write(w, b"0")
-            except PermissionError:
-                os.write(w, b"1")
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        got = f.read()
-    os.waitpid(child, 0)
-    return got == b"1"
+            with open(f"/proc/{pid}/mem", "rb"):
+                return b"0"
+        except PermissionError:
+            return b"1"
+
+    return in_child(child) == b"1"
 
 
 def _drop_effective_cap(libc, cap: int) -> None:
