@@ -262,16 +262,28 @@ def test_guard_server_writes_no_core_file(tmp_path: Path) -> None:
     try:
         ready, _, _ = select.select([p.stdout], [], [], 60)
         assert ready and p.stdout.readline().startswith(b"mounted")
-        limits = Path(f"/proc/{p.pid}/limits").read_text()
-        core = next(ln for ln in limits.splitlines() if ln.startswith("Max core file size"))
-        assert core.split()[4:6] == ["0", "0"], core
-        # not dumpable: the kernel refuses the memory of a non-dumpable process to a
-        # same-uid reader without CAP_SYS_PTRACE (a dumpable one it would hand out)
-        assert _mem_refused_without_ptrace_cap(p.pid)
+        assert_hardened(p.pid)
     finally:
         p.terminate()
         p.wait()
         unmount_path(str(mnt))
+
+
+def test_agent_writes_no_core_file(tmp_path: Path) -> None:
+    """takakryptd (which serves the guard points in production) hardens itself."""
+    from agent_helpers import base_config, running
+
+    with running(tmp_path, base_config(tmp_path)) as d:
+        assert_hardened(d.proc.pid)
+
+
+def assert_hardened(pid: int) -> None:
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    core = next(ln for ln in limits.splitlines() if ln.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core
+    # not dumpable: the kernel refuses the memory of a non-dumpable process to a
+    # same-uid reader without CAP_SYS_PTRACE (a dumpable one it would hand out)
+    assert _mem_refused_without_ptrace_cap(pid)
 
 
 def _mem_refused_without_ptrace_cap(pid: int) -> bool:
