@@ -244,6 +244,69 @@ def test_guard_point_keeps_file_keys_out_of_dumpable_memory(tmp_path: Path) -> N
         assert dumpable_hits(g.proc.pid, needles) == []
 
 
+# -- the processes that hold keys ----------------------------------------------------------
+#
+# Dumpability is seen from outside through /proc/PID/mem: the kernel refuses a
+# non-dumpable process's memory to a reader without CAP_SYS_PTRACE even under the same
+# uid.  Its capability rule (the reader's effective set must cover the target's permitted
+# set) would refuse a full-capability root target anyway, so the targets run without
+# CAP_SYS_PTRACE in their bounding set and the reader drops it from its effective set:
+# then only dumpability decides.
+
+PR_CAPBSET_DROP, CAP_SYS_PTRACE = 24, 19
+
+
+def _libc():
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _without_ptrace_cap() -> None:  # preexec_fn of a target
+    _libc().prctl(PR_CAPBSET_DROP, CAP_SYS_PTRACE, 0, 0, 0)
+
+
+def spawn(argv: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(argv, preexec_fn=_without_ptrace_cap,
+                            env=dict(os.environ, PYTHONPATH=str(SRC)), **kw)
+
+
+def assert_hardened(pid: int) -> None:
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    core = next(ln for ln in limits.splitlines() if ln.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core
+    assert not memory_readable(pid)  # not dumpable
+
+
+def memory_readable(pid: int) -> bool:
+    """Can a same-uid reader without CAP_SYS_PTRACE open /proc/PID/mem?"""
+    def child() -> bytes:
+        _drop_effective_cap(_libc(), CAP_SYS_PTRACE)
+        try:
+            with open(f"/proc/{pid}/mem", "rb"):
+                return b"1"
+        except PermissionError:
+            return b"0"
+
+    return in_child(child) == b"1"
+
+
+def test_the_dumpability_probe_tells_the_two_apart() -> None:
+    plain = spawn([sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()"],
+                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    hardened = spawn([sys.executable, "-c", "import sys; from takakrypt.cli import "
+                      "harden_process; harden_process(); print(flush=True); sys.stdin.read()"],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        for p in (plain, hardened):
+            p.stdout.readline()
+        assert memory_readable(plain.pid)
+        assert_hardened(hardened.pid)
+    finally:
+        for p in (plain, hardened):
+            p.kill()
+            p.wait()
+
+
 @pytest.mark.skipif(_fuse_skip() is not None, reason=str(_fuse_skip()))
 def test_guard_server_writes_no_core_file(tmp_path: Path) -> None:
     """`python -m takakrypt.guard` (the foreground server) hardens itself like the CLI
@@ -252,13 +315,12 @@ def test_guard_server_writes_no_core_file(tmp_path: Path) -> None:
 
     keyfile = tmp_path / "key"
     keyfile.write_bytes(os.urandom(32))
-    mnt = tmp_path / "mnt"
-    back = tmp_path / "back"
+    mnt, back = tmp_path / "mnt", tmp_path / "back"
     mnt.mkdir()
     back.mkdir()
-    p = subprocess.Popen([sys.executable, "-m", "takakrypt.guard", "--mountpoint", str(mnt),
-                          "--backing", str(back), "--key-file", str(keyfile), "--allow-all"],
-                         stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    p = spawn([sys.executable, "-m", "takakrypt.guard", "--mountpoint", str(mnt),
+               "--backing", str(back), "--key-file", str(keyfile), "--allow-all"],
+              stdout=subprocess.PIPE)
     try:
         ready, _, _ = select.select([p.stdout], [], [], 60)
         assert ready and p.stdout.readline().startswith(b"mounted")
@@ -271,36 +333,26 @@ def test_guard_server_writes_no_core_file(tmp_path: Path) -> None:
 
 def test_agent_writes_no_core_file(tmp_path: Path) -> None:
     """takakryptd (which serves the guard points in production) hardens itself."""
-    from agent_helpers import base_config, running
+    import time
 
-    with running(tmp_path, base_config(tmp_path)) as d:
-        assert_hardened(d.proc.pid)
+    from agent_helpers import base_config, write_config
 
-
-def assert_hardened(pid: int) -> None:
-    limits = Path(f"/proc/{pid}/limits").read_text()
-    core = next(ln for ln in limits.splitlines() if ln.startswith("Max core file size"))
-    assert core.split()[4:6] == ["0", "0"], core
-    # not dumpable: the kernel refuses the memory of a non-dumpable process to a
-    # same-uid reader without CAP_SYS_PTRACE (a dumpable one it would hand out)
-    assert _mem_refused_without_ptrace_cap(pid)
-
-
-def _mem_refused_without_ptrace_cap(pid: int) -> bool:
-    """Open /proc/PID/mem from a child that dropped CAP_SYS_PTRACE (still uid 0)."""
-    def child() -> bytes:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_CAPBSET_DROP, CAP_SYS_PTRACE = 24, 19
-        libc.prctl(PR_CAPBSET_DROP, CAP_SYS_PTRACE, 0, 0, 0)
-        _drop_effective_cap(libc, CAP_SYS_PTRACE)
-        try:
-            with open(f"/proc/{pid}/mem", "rb"):
-                return b"0"
-        except PermissionError:
-            return b"1"
-
-    return in_child(child) == b"1"
+    cfg = base_config(tmp_path)
+    write_config(tmp_path / "takakrypt.yaml", cfg)
+    p = spawn([sys.executable, "-m", "takakrypt.agent.daemon", "--config",
+               str(tmp_path / "takakrypt.yaml"), "--foreground"],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sock = Path(cfg["agent"]["control_socket"])
+        for _ in range(3000):  # a wait for start-up, not a timed assertion
+            if sock.exists() or p.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert p.poll() is None and sock.exists()
+        assert_hardened(p.pid)
+    finally:
+        p.terminate()
+        p.wait()
 
 
 def _drop_effective_cap(libc, cap: int) -> None:
