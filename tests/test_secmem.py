@@ -177,6 +177,43 @@ def test_an_inherited_cipher_is_zero_in_the_child_and_fails_closed() -> None:
     assert c.decrypt(c.encrypt(b"z", b"", 0), b"", 0) == b"z"  # the parent is unaffected
 
 
+_UNLOCKABLE = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from test_secmem import mapping_of
+from takakrypt import _aesgcm
+from takakrypt.keys.secret import lock, lock_stats
+c = _aesgcm.BlockCipher(os.urandom(32), engine="ipsecmb")
+ok = c.decrypt(c.encrypt(b"data", b"", 0), b"", 0) == b"data"
+m = mapping_of(c._key_area()[0])
+print(json.dumps({"ok": ok, "flags": sorted(m["flags"]), "native": _aesgcm.secure_memory_stats(),
+                  "py_locked": lock(bytearray(32)), "py": lock_stats()}))
+"""
+
+
+def _no_memlock() -> None:  # preexec_fn: no CAP_IPC_LOCK, RLIMIT_MEMLOCK 0
+    import resource
+    _libc().prctl(PR_CAPBSET_DROP, 14, 0, 0, 0)  # CAP_IPC_LOCK
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+
+
+@needs_ipsecmb
+@pytest.mark.skipif(UNDER_ASAN, reason="ASan's mlock() never fails")
+def test_mlock_refused_fails_soft() -> None:
+    """An unprivileged process over RLIMIT_MEMLOCK still encrypts: its key pages are
+    unlocked but still undumped and wiped on fork, and the refusals are counted."""
+    import json
+    r = subprocess.run([sys.executable, "-c", _UNLOCKABLE, str(HERE)], capture_output=True,
+                       preexec_fn=_no_memlock, env=dict(os.environ, PYTHONPATH=str(SRC)),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"]
+    assert {"dd", "wf"} <= set(out["flags"]) and "lo" not in out["flags"]
+    assert out["native"]["lock_failures"] >= 1 and out["native"]["bytes_locked"] == 0
+    assert out["py_locked"] is False and out["py"]["lock_failures"] >= 1
+
+
 _HOLDER = """
 import sys
 from takakrypt._aesgcm import BlockCipher
