@@ -84,8 +84,9 @@ def secure_memory_stats():
 
 
 def scrub_stack():
-    """Zero 64 KiB of this thread's C stack below the caller's depth, where a key
-    derivation or unwrap just called from Python left copies of keys (docs/keys.md)."""
+    """Zero the vector registers and 64 KiB of this thread's C stack below the
+    caller's depth, where a key derivation or unwrap just called from Python left
+    copies of keys (docs/keys.md)."""
     tk_secmem_scrub_stack()
 
 

@@ -68,8 +68,9 @@ def secure_memory_stats() -> dict[str, int]:
     ``MADV_DONTDUMP``/``MADV_WIPEONFORK``), ``in_use`` (live allocations)."""
 
 def scrub_stack() -> None:
-    """Zero 64 KiB of this thread's C stack below the caller's depth: the copies of
-    keys that a key derivation or unwrap just called from Python left there."""
+    """Zero the vector registers and 64 KiB of this thread's C stack below the
+    caller's depth: the copies of keys that a key derivation or unwrap just called from
+    Python left there (registers would be spilled to the stack later)."""
 
 def _set_secure_memory(on: bool) -> None:
     """Benchmarks only: ``False`` puts the schedules of ciphers made afterwards on the
