@@ -147,6 +147,7 @@ static int keys_from(tk_taka *t, const uint8_t key[32]) {
         else if (!t->mac_key) rc = -ENOMEM;
     }
     OPENSSL_cleanse(okm, sizeof okm);
+    tk_secmem_zero_registers();  /* SHA-256 state = okm: never spilled to a stack later */
     return rc;
 }
 

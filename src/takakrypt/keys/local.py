@@ -747,7 +747,10 @@ class Keystore(KeyBackend):
 
     @staticmethod
     def _compute_mac(doc: _Doc, keys: _Keys) -> bytes:
-        return hmac.new(keys.mac.value, _mac_input(doc), "sha256").digest()
+        try:
+            return hmac.new(keys.mac.value, _mac_input(doc), "sha256").digest()
+        finally:
+            scrub_stack()  # HMAC's keyed states: as good as K_mac
 
     def _verify_mac(self, doc: _Doc, keys: _Keys) -> None:
         if not hmac.compare_digest(self._compute_mac(doc, keys), base64.b64decode(doc.mac)):
