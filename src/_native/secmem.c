@@ -192,7 +192,7 @@ static void *alloc_small(unsigned cls)
 
 void *tk_secmem_alloc(size_t n)
 {
-    if (n == 0 || n > SIZE_MAX / 2)
+    if (n == 0 || n > ((size_t)1 << 30)) /* key material; keeps slot sizes in 32 bits */
         return NULL;
     pthread_once(&g_once, init_once);
     unsigned cls = 0;

@@ -35,7 +35,7 @@
 extern "C" {
 #endif
 
-/* n bytes (n >= 1), zeroed, 64-byte aligned; NULL if n == 0 or no memory. */
+/* n bytes (1 <= n <= 1 GiB), zeroed, 64-byte aligned; NULL otherwise or without memory. */
 void *tk_secmem_alloc(size_t n);
 
 /* Zero and release; NULL is accepted.  p must come from tk_secmem_alloc. */
