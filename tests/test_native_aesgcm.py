@@ -633,7 +633,8 @@ def test_gil_released_during_big_batch(engine):
 
 def test_nonces_differ_between_parent_and_forked_child():
     """The per-thread nonce pool is wiped on fork: a child never repeats the parent's
-    next nonces (which it would if it inherited the buffered random bytes)."""
+    next nonces (which it would if it inherited the buffered random bytes).  (The
+    child makes its own cipher: an inherited one is wiped too, tests/test_secmem.py.)"""
     import os
     c = BlockCipher(b"\x01" * 32)
     c.encrypt(b"x" * 100, b"", 0)  # the pool is now filled in this thread
@@ -641,7 +642,8 @@ def test_nonces_differ_between_parent_and_forked_child():
     pid = os.fork()
     if pid == 0:
         try:
-            nonces = b"".join(c.encrypt(b"y", b"", 0)[:12] for _ in range(8))
+            cc = BlockCipher(b"\x01" * 32)
+            nonces = b"".join(cc.encrypt(b"y", b"", 0)[:12] for _ in range(8))
             os.write(w, nonces)
         finally:
             os._exit(0)

@@ -31,6 +31,7 @@ cdef extern from "aesgcm_impl.h" nogil:
         TK_ERR_SHORT_BLOCK
         TK_ERR_CRYPTO
         TK_ERR_ARG
+        TK_ERR_WIPED
     ctypedef struct tk_gcm:
         pass
     const char *tk_gcm_strerror(int status)
@@ -49,6 +50,15 @@ cdef extern from "aesgcm_impl.h" nogil:
     int tk_gcm_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *out,
                        const uint8_t *aad_prefix, size_t aad_len, uint64_t first_block,
                        int holes, size_t *written, uint64_t *bad_block)
+    void tk_gcm_set_secure_memory(int on)
+    const void *tk_gcm_key_area(const tk_gcm *g, size_t *len)
+
+cdef extern from "secmem.h" nogil:
+    ctypedef struct tk_secmem_stats:
+        uint64_t chunks, bytes_mapped, bytes_locked, lock_failures, advise_failures, in_use
+    void tk_secmem_get_stats(tk_secmem_stats *s)
+    int tk_secmem_peek(const void *p, size_t n, void *out)
+    void tk_secmem_scrub_stack()
 
 NONCE_SIZE = TK_GCM_NONCE_SIZE
 TAG_SIZE = TK_GCM_TAG_SIZE
@@ -62,6 +72,38 @@ cdef enum:
     _NOGIL_MIN = 16384
 
 _ENGINE_IDS = {"ipsecmb": TK_ENGINE_IPSECMB, "openssl": TK_ENGINE_OPENSSL}
+
+
+def secure_memory_stats():
+    """Counters of the secure memory that holds key schedules (docs/keys.md)."""
+    cdef tk_secmem_stats st
+    tk_secmem_get_stats(&st)
+    return {"chunks": st.chunks, "bytes_mapped": st.bytes_mapped,
+            "bytes_locked": st.bytes_locked, "lock_failures": st.lock_failures,
+            "advise_failures": st.advise_failures, "in_use": st.in_use}
+
+
+def scrub_stack():
+    """Zero the vector registers and 64 KiB of this thread's C stack below the
+    caller's depth, where a key derivation or unwrap just called from Python left
+    copies of keys (docs/keys.md)."""
+    tk_secmem_scrub_stack()
+
+
+def _set_secure_memory(on):
+    """Benchmarks only: False puts the key schedules of later ciphers on the plain heap."""
+    tk_gcm_set_secure_memory(1 if on else 0)
+
+
+def _secure_peek(Py_ssize_t addr, Py_ssize_t n):
+    """Test hook: the n bytes at addr if they lie in mapped secure memory, else None."""
+    cdef bytes res
+    if addr <= 0 or n < 0:
+        return None
+    res = PyBytes_FromStringAndSize(NULL, n)
+    if not tk_secmem_peek(<const void *>addr, <size_t>n, PyBytes_AS_STRING(res)):
+        return None
+    return res
 
 
 def engines():
@@ -100,6 +142,9 @@ cdef object _raise_status(int rc, uint64_t first_block, uint64_t rel):
         raise OSError("getrandom() failed")
     if rc == TK_ERR_ARG:
         raise ValueError(tk_gcm_strerror(rc).decode())
+    if rc == TK_ERR_WIPED:
+        raise RuntimeError("AES-GCM key schedule is not usable in a forked child "
+                           "(secure memory is wiped on fork): create the cipher again")
     raise RuntimeError(f"AES-GCM engine error: {tk_gcm_strerror(rc).decode()}")
 
 
@@ -186,6 +231,15 @@ cdef class BlockCipher:
     def __repr__(self):
         state = " wiped" if self._wiped else ""
         return f"<BlockCipher engine={self.engine!r} block_size={self.block_size}{state}>"
+
+    def _key_area(self):
+        """Test hook: (address, size) of the key schedule, None if OpenSSL holds it."""
+        cdef size_t n = 0
+        cdef const void *p
+        if self._g == NULL:
+            return None
+        p = tk_gcm_key_area(self._g, &n)
+        return None if p == NULL else (<Py_ssize_t>p, <Py_ssize_t>n)
 
     def __enter__(self):
         return self

@@ -7,10 +7,17 @@
  *   OpenSSL   a mutex-protected pool of EVP_CIPHER_CTX, each a copy of a keyed
  *             template context; a batch takes one context, resets only the IV per
  *             block, and returns it.
+ *
+ * Key memory: the handle, and with it the ipsec-mb key schedule, lives in secure
+ * memory (secmem.h: locked, not dumped, zero in a fork()ed child, wiped on free).
+ * A child that inherited a handle finds its canary zero and gets TK_ERR_WIPED, never
+ * a schedule of zeros.  OpenSSL's contexts (and their schedules) are allocated by
+ * OpenSSL and stay outside (docs/keys.md, "Keys in memory").
  */
 #define _GNU_SOURCE 1
 
 #include "aesgcm_impl.h"
+#include "secmem.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -26,13 +33,19 @@
 #include <intel-ipsec-mb.h>
 
 #define TK_OSSL_POOL_MAX 16
+
+static int g_secure = 1; /* tk_gcm_set_secure_memory (benchmarks only) */
 #define TK_NONCE_STACK_BLOCKS 256 /* 3 KiB of nonces on the stack, malloc beyond */
 
+#define TK_GCM_LIVE 0x6576696c6d63676bULL /* "kgcmlive" */
+
 struct tk_gcm {
+    /* ipsec-mb key schedule: first, so 64-byte aligned in a secure slot */
+    struct gcm_key_data imb_key __attribute__((aligned(64)));
+    uint64_t live;                /* TK_GCM_LIVE; 0 in a fork()ed child */
+    int heap;                     /* 1: plain heap (tk_gcm_set_secure_memory(0)) */
     tk_engine engine;
     size_t block_size;
-    /* ipsec-mb */
-    struct gcm_key_data *imb_key; /* 64-byte aligned, wiped on free */
     /* OpenSSL */
     pthread_mutex_t pool_mu;
     int pool_mu_init;
@@ -171,6 +184,7 @@ const char *tk_gcm_strerror(int status)
     case TK_ERR_SHORT_BLOCK: return "stored block shorter than 29 bytes";
     case TK_ERR_CRYPTO: return "crypto library error";
     case TK_ERR_ARG: return "invalid argument";
+    case TK_ERR_WIPED: return "key schedule wiped (inherited across fork)";
     default: return "unknown error";
     }
 }
@@ -262,11 +276,7 @@ static int imb_setup(tk_gcm *g, const uint8_t *key)
     IMB_MGR *m = imb_mgr();
     if (m == NULL)
         return TK_ERR_ENGINE;
-    void *p = NULL;
-    if (posix_memalign(&p, 64, sizeof(struct gcm_key_data)) != 0)
-        return TK_ERR_NOMEM;
-    g->imb_key = p;
-    IMB_AES256_GCM_PRE(m, key, g->imb_key);
+    IMB_AES256_GCM_PRE(m, key, &g->imb_key);
     return TK_OK;
 }
 
@@ -285,7 +295,7 @@ static int imb_encrypt(tk_gcm *g, const uint8_t *pt, size_t pt_len, uint8_t *out
         uint8_t *dst = out + (size_t)i * sbs;
         memcpy(dst, nonces + i * TK_GCM_NONCE_SIZE, TK_GCM_NONCE_SIZE);
         store_le64(aad + aad_len, first_block + i);
-        IMB_AES256_GCM_ENC(m, g->imb_key, &ctx, dst + TK_GCM_NONCE_SIZE, pt + off, n,
+        IMB_AES256_GCM_ENC(m, &g->imb_key, &ctx, dst + TK_GCM_NONCE_SIZE, pt + off, n,
                            dst, aad, aad_len + 8, dst + TK_GCM_NONCE_SIZE + n,
                            TK_GCM_TAG_SIZE);
     }
@@ -317,7 +327,7 @@ static int imb_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *out
             continue;
         }
         store_le64(aad + aad_len, first_block + i);
-        IMB_AES256_GCM_DEC(m, g->imb_key, &ctx, dst, src + TK_GCM_NONCE_SIZE, n, src,
+        IMB_AES256_GCM_DEC(m, &g->imb_key, &ctx, dst, src + TK_GCM_NONCE_SIZE, n, src,
                            aad, aad_len + 8, tag, TK_GCM_TAG_SIZE);
         if (CRYPTO_memcmp(tag, src + TK_GCM_NONCE_SIZE + n, TK_GCM_TAG_SIZE) != 0) {
             memset(dst, 0, pt_total - (size_t)i * bs);
@@ -493,14 +503,25 @@ tk_gcm *tk_gcm_new(const uint8_t key[TK_GCM_KEY_SIZE], size_t block_size,
         *status = TK_ERR_ENGINE;
         return NULL;
     }
-    tk_gcm *g = calloc(1, sizeof *g);
+    int heap = !__atomic_load_n(&g_secure, __ATOMIC_RELAXED);
+    tk_gcm *g = NULL;
+    if (heap) {
+        void *p = NULL;
+        if (posix_memalign(&p, 64, sizeof *g) == 0)
+            g = memset(p, 0, sizeof *g);
+    } else {
+        g = tk_secmem_alloc(sizeof *g); /* zeroed */
+    }
     if (g == NULL) {
         *status = TK_ERR_NOMEM;
         return NULL;
     }
+    g->live = TK_GCM_LIVE;
+    g->heap = heap;
     g->engine = engine;
     g->block_size = block_size;
     rc = engine == TK_ENGINE_IPSECMB ? imb_setup(g, key) : ossl_setup(g, key);
+    tk_secmem_zero_registers();
     if (rc != TK_OK) {
         tk_gcm_free(g);
         *status = rc;
@@ -514,18 +535,30 @@ void tk_gcm_free(tk_gcm *g)
 {
     if (g == NULL)
         return;
-    if (g->imb_key != NULL) {
-        OPENSSL_cleanse(g->imb_key, sizeof *g->imb_key);
-        free(g->imb_key);
-    }
-    /* EVP_CIPHER_CTX_free cleanses the provider context (incl. the key schedule). */
+    /* EVP_CIPHER_CTX_free cleanses the provider context (incl. the key schedule).
+     * In a fork()ed child all of this reads zero: nothing to free but the slot. */
     for (int i = 0; i < g->pool_n; i++)
         EVP_CIPHER_CTX_free(g->pool[i]);
     EVP_CIPHER_CTX_free(g->tmpl);
     if (g->pool_mu_init)
         pthread_mutex_destroy(&g->pool_mu);
-    OPENSSL_cleanse(g, sizeof *g);
-    free(g);
+    if (g->heap) {
+        OPENSSL_cleanse(g, sizeof *g);
+        free(g);
+    } else {
+        tk_secmem_free(g); /* zeroes the slot */
+    }
+}
+
+void tk_gcm_set_secure_memory(int on)
+{
+    __atomic_store_n(&g_secure, on != 0, __ATOMIC_RELAXED);
+}
+
+const void *tk_gcm_key_area(const tk_gcm *g, size_t *len)
+{
+    *len = g->engine == TK_ENGINE_IPSECMB ? sizeof g->imb_key : 0;
+    return *len ? (const void *)&g->imb_key : NULL;
 }
 
 tk_engine tk_gcm_engine(const tk_gcm *g) { return g->engine; }
@@ -550,6 +583,8 @@ int tk_gcm_encrypt(tk_gcm *g, const uint8_t *pt, size_t pt_len, uint8_t *out,
     size_t out_len;
     int rc;
 
+    if (g->live != TK_GCM_LIVE)
+        return TK_ERR_WIPED;
     if (aad_len > TK_GCM_MAX_AAD_PREFIX)
         return TK_ERR_ARG;
     rc = tk_gcm_encrypt_size(pt_len, g->block_size, &nblocks, &out_len);
@@ -583,6 +618,7 @@ int tk_gcm_encrypt(tk_gcm *g, const uint8_t *pt, size_t pt_len, uint8_t *out,
     else
         rc = ossl_encrypt(g, pt, pt_len, out, aad, aad_len, first_block, nonces, nblocks);
     free(nonce_heap); /* nonces are public: no wipe needed */
+    tk_secmem_zero_registers(); /* round keys must not be spilled to the stack later */
     if (rc != TK_OK)
         memset(out, 0, out_len);
     return rc;
@@ -598,6 +634,8 @@ int tk_gcm_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *out,
     int rc;
 
     *written = 0;
+    if (g->live != TK_GCM_LIVE)
+        return TK_ERR_WIPED;
     if (aad_len > TK_GCM_MAX_AAD_PREFIX)
         return TK_ERR_ARG;
     rc = tk_gcm_decrypt_size(ct_len, g->block_size, &nblocks, &pt_total, &short_block);
@@ -620,6 +658,7 @@ int tk_gcm_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *out,
     else
         rc = ossl_decrypt(g, ct, ct_len, out, aad, aad_len, first_block, holes != 0,
                           nblocks, pt_total, bad_block);
+    tk_secmem_zero_registers();
     if (rc == TK_OK)
         *written = pt_total;
     return rc;

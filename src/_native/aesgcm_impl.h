@@ -13,6 +13,10 @@
  *   TK_ENGINE_IPSECMB  intel-ipsec-mb direct GCM API (fast default)
  *   TK_ENGINE_OPENSSL  OpenSSL EVP (reference path / fallback)
  *
+ * Key memory: the handle and the ipsec-mb key schedule live in secure memory
+ * (secmem.h): locked, excluded from core dumps, zeroed in a fork()ed child (where
+ * the handle then fails with TK_ERR_WIPED) and wiped by tk_gcm_free.
+ *
  * Thread safety: a tk_gcm handle may be used by any number of threads at once for
  * tk_gcm_encrypt / tk_gcm_decrypt.  tk_gcm_free must not race with them (the caller
  * keeps an in-flight count; see aesgcm.pyx).
@@ -49,7 +53,9 @@ enum {
     TK_ERR_AUTH        = -4,  /* a block failed authentication */
     TK_ERR_SHORT_BLOCK = -5,  /* a stored block is shorter than 29 bytes */
     TK_ERR_CRYPTO      = -6,  /* the crypto library reported an internal error */
-    TK_ERR_ARG         = -7   /* bad argument (block size, aad length, size overflow) */
+    TK_ERR_ARG         = -7,  /* bad argument (block size, aad length, size overflow) */
+    TK_ERR_WIPED       = -8   /* the handle was inherited across fork(): its key
+                               * schedule is zero there (secmem.h); make a new one */
 };
 
 typedef struct tk_gcm tk_gcm;
@@ -75,6 +81,14 @@ tk_gcm *tk_gcm_new(const uint8_t key[TK_GCM_KEY_SIZE], size_t block_size,
 
 /* Wipe the key schedule and free the handle.  NULL is accepted. */
 void tk_gcm_free(tk_gcm *g);
+
+/* Benchmarks only: 0 makes later tk_gcm_new calls use the plain heap (the cost of
+ * secure memory measured in one run); 1 (the default) restores secure memory. */
+void tk_gcm_set_secure_memory(int on);
+
+/* Test hook: the address and size of the ipsec-mb key schedule inside the handle
+ * (NULL, *len = 0 for the OpenSSL engine, whose schedule OpenSSL allocates). */
+const void *tk_gcm_key_area(const tk_gcm *g, size_t *len);
 
 tk_engine tk_gcm_engine(const tk_gcm *g);
 size_t tk_gcm_block_size(const tk_gcm *g);

@@ -179,8 +179,9 @@ cdef int _get_key_py(void *ctx, const char *name, uint32_t version, uint32_t *vo
             memcpy(key, view.buf, 32)
         finally:
             PyBuffer_Release(&view)
-        if isinstance(data, bytearray):  # the glue hands out a copy: wipe it
-            data[:] = bytes(32)
+        if isinstance(data, bytearray):  # the glue hands out a copy: wipe it (and
+            from takakrypt.keys.secret import wipe  # release a keystore's page lock)
+            wipe(data)
         vout[0] = <uint32_t>got
         return 0
     except BaseException as e:

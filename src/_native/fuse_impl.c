@@ -665,7 +665,8 @@ static int check_common(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *na
 }
 
 /* ------------------------------------------------------------------------------------
- * keys: fetched from Python once per (name, version), wiped at unmount
+ * keys: fetched from Python once per (name, version), wiped at unmount; the table
+ * lives in secure memory (secmem.h)
  */
 int tk_key_get(tk_fs *fs, const char *name, uint32_t version, uint32_t *vout,
                uint8_t key[32]) {
@@ -697,12 +698,11 @@ int tk_key_get(tk_fs *fs, const char *name, uint32_t version, uint32_t *vout,
     if (!have) {
         if (fs->nkeys == fs->capkeys) {
             size_t nc = fs->capkeys ? fs->capkeys * 2 : 8;
-            tk_keyent *nk = calloc(nc, sizeof *nk);
+            tk_keyent *nk = tk_secmem_alloc(nc * sizeof *nk);  /* zeroed, locked */
             if (nk) {
                 if (fs->keys) {
                     memcpy(nk, fs->keys, fs->nkeys * sizeof *nk);
-                    OPENSSL_cleanse(fs->keys, fs->capkeys * sizeof *nk);
-                    free(fs->keys);
+                    tk_secmem_free(fs->keys);  /* zeroes it */
                 }
                 fs->keys = nk;
                 fs->capkeys = nc;
@@ -722,10 +722,7 @@ int tk_key_get(tk_fs *fs, const char *name, uint32_t version, uint32_t *vout,
 
 static void keys_wipe(tk_fs *fs) {
     pthread_mutex_lock(&fs->key_mu);
-    if (fs->keys) {
-        OPENSSL_cleanse(fs->keys, fs->capkeys * sizeof *fs->keys);
-        free(fs->keys);
-    }
+    tk_secmem_free(fs->keys);  /* zeroes it; NULL is fine */
     fs->keys = NULL;
     fs->nkeys = fs->capkeys = 0;
     fs->current_version = 0;

@@ -18,6 +18,7 @@
 
 #include "aesgcm_impl.h"
 #include "cache_impl.h"
+#include "secmem.h"
 #include "fuse_impl.h"
 
 #define TK_HDR_SIZE      128
@@ -41,8 +42,8 @@ typedef struct {
     uint8_t hdr[TK_HDR_SIZE];
     uint64_t size;                /* plaintext size (mirror of hdr[96..104)) */
     uint32_t bs;
-    tk_gcm *gcm;
-    uint8_t mac_key[32];
+    tk_gcm *gcm;                  /* secure memory (secmem.h), as is mac_key */
+    uint8_t *mac_key;             /* 32 bytes, NULL until keys_from() */
     int phys_ok;                  /* 1: the stored length is exactly what `size` implies
                                    * (we wrote or cut it so): no stale tail to look for */
     uint64_t enc_used;            /* block encryptions counted, <= the lease in hdr[104..112) */

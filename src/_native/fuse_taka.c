@@ -131,20 +131,24 @@ static tk_engine pick_engine(void) {
 
 void tk_taka_reset(tk_taka *t) {
     tk_gcm_free(t->gcm);
-    OPENSSL_cleanse(t->mac_key, sizeof t->mac_key);
+    tk_secmem_free(t->mac_key);  /* zeroes it */
     memset(t, 0, sizeof *t);
 }
 
-/* Set up gcm + mac key for the header in t->hdr from the data key. */
+/* Set up gcm + mac key for the header in t->hdr from the data key; both live in
+ * secure memory (locked, not dumped, wiped on free). */
 static int keys_from(tk_taka *t, const uint8_t key[32]) {
     uint8_t okm[64];
     int status = 0, rc = derive(key, t->hdr + 16, okm);
     if (rc == 0) {
         t->gcm = tk_gcm_new(okm, t->bs, pick_engine(), &status);
-        memcpy(t->mac_key, okm + 32, 32);
+        t->mac_key = tk_secmem_alloc(32);
+        if (t->mac_key) memcpy(t->mac_key, okm + 32, 32);
         if (!t->gcm) rc = status == TK_ERR_NOMEM ? -ENOMEM : -EIO;
+        else if (!t->mac_key) rc = -ENOMEM;
     }
     OPENSSL_cleanse(okm, sizeof okm);
+    tk_secmem_zero_registers();  /* SHA-256 state = okm: never spilled to a stack later */
     return rc;
 }
 

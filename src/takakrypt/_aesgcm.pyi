@@ -31,11 +31,22 @@ One ``BlockCipher`` may be used by many threads at once.  For batches of at leas
 (they take about a microsecond).  While a call runs without the GIL, another thread
 writing into the same input/output buffers only garbles that data (no memory error).
 
+Key memory
+----------
+The ipsec-mb key schedule lives in secure memory (src/_native/secmem.h): locked
+against swap (``mlock``; an unprivileged process over ``RLIMIT_MEMLOCK`` goes on
+unlocked and counts it in ``secure_memory_stats()["lock_failures"]``), excluded from
+core dumps (``MADV_DONTDUMP``), zeroed in a ``fork()``ed child (``MADV_WIPEONFORK``)
+and wiped on free.  A cipher inherited across ``fork()`` therefore raises
+``RuntimeError`` in the child: create it again there.  The OpenSSL engine's schedule
+is allocated by OpenSSL and has none of this (docs/keys.md, "Keys in memory").
+
 Errors
 ------
 ``ValueError`` for every bad argument and for use after ``wipe()`` (message
 ``"cipher wiped"``); ``takakrypt.errors.IntegrityError`` (``.block`` = absolute block
-index) when a tag does not verify; ``OSError`` if getrandom(2) fails.
+index) when a tag does not verify; ``OSError`` if getrandom(2) fails;
+``RuntimeError`` for a cipher used in a child it was inherited by across ``fork()``.
 """
 
 from types import TracebackType
@@ -49,6 +60,24 @@ OVERHEAD: Final[int]  # 28 = NONCE_SIZE + TAG_SIZE per stored block
 MAX_AAD_PREFIX: Final[int]  # 256
 
 EngineName = Literal["ipsecmb", "openssl"]
+
+def secure_memory_stats() -> dict[str, int]:
+    """Counters of the secure memory holding key schedules in this process:
+    ``chunks``, ``bytes_mapped``, ``bytes_locked``, ``lock_failures`` (chunks used
+    unlocked because ``mlock`` was refused), ``advise_failures`` (chunks without
+    ``MADV_DONTDUMP``/``MADV_WIPEONFORK``), ``in_use`` (live allocations)."""
+
+def scrub_stack() -> None:
+    """Zero the vector registers and 64 KiB of this thread's C stack below the
+    caller's depth: the copies of keys that a key derivation or unwrap just called from
+    Python left there (registers would be spilled to the stack later)."""
+
+def _set_secure_memory(on: bool) -> None:
+    """Benchmarks only: ``False`` puts the schedules of ciphers made afterwards on the
+    plain heap (to measure what secure memory costs); ``True`` restores the default."""
+
+def _secure_peek(addr: int, n: int) -> bytes | None:
+    """Test hook: the ``n`` bytes at ``addr`` if they lie in mapped secure memory."""
 
 def engines() -> list[EngineName]:
     """Engines usable in this process, preferred first, e.g. ``["ipsecmb", "openssl"]``.
@@ -153,6 +182,9 @@ class BlockCipher:
         already running in other threads finish first; the memory is freed when the
         last of them returns.
         """
+    def _key_area(self) -> tuple[int, int] | None:
+        """Test hook: ``(address, size)`` of the ipsec-mb key schedule, ``None`` for
+        the OpenSSL engine or a wiped cipher."""
     def __enter__(self) -> "BlockCipher": ...
     def __exit__(
         self,

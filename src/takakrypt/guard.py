@@ -386,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stats-file", help="write the guard point's counters (JSON) here on "
                     "SIGUSR1 and at exit")
     a = ap.parse_args(argv)
+    from .cli import harden_process
+
+    harden_process()  # no core file, no ptrace: this process holds the key
     with open(a.key_file, "rb") as f:
         key = f.read()
     if len(key) != 32:

@@ -67,7 +67,7 @@ from .backend import (
     now_rfc3339,
     validate_key_name,
 )
-from .secret import Secret, wipe
+from .secret import Secret, lock, random_secret, scrub_stack, wipe
 
 __all__ = [
     "Argon2Params",
@@ -421,6 +421,7 @@ def _read_master_key(path: str) -> bytearray:
 
 def _hkdf_into(ikm: bytearray, info: bytes, salt: bytes | None = None) -> bytearray:
     out = bytearray(32)
+    lock(out)
     HKDF(hashes.SHA256(), 32, salt, info).derive_into(ikm, out)
     return out
 
@@ -449,6 +450,7 @@ def _derive(kdf: _Argon2idKdf | _MasterKeyKdf, cred: _Credential, shown: str) ->
         )
     salt = base64.b64decode(kdf.salt)
     kek = bytearray(32)
+    lock(kek)
     try:
         if isinstance(kdf, _Argon2idKdf):
             Argon2id(
@@ -471,6 +473,7 @@ def _derive(kdf: _Argon2idKdf | _MasterKeyKdf, cred: _Credential, shown: str) ->
             wipe(check_key)
     finally:
         wipe(kek)
+        scrub_stack()  # the KDFs' copies of the KEK and subkeys
     return _Keys(wrap, mac, check)
 
 
@@ -744,7 +747,10 @@ class Keystore(KeyBackend):
 
     @staticmethod
     def _compute_mac(doc: _Doc, keys: _Keys) -> bytes:
-        return hmac.new(keys.mac.value, _mac_input(doc), "sha256").digest()
+        try:
+            return hmac.new(keys.mac.value, _mac_input(doc), "sha256").digest()
+        finally:
+            scrub_stack()  # HMAC's keyed states: as good as K_mac
 
     def _verify_mac(self, doc: _Doc, keys: _Keys) -> None:
         if not hmac.compare_digest(self._compute_mac(doc, keys), base64.b64decode(doc.mac)):
@@ -808,7 +814,7 @@ class Keystore(KeyBackend):
                 return result
 
     def _wrap_new_version(self, doc: _Doc, keys: _Keys, name: str, version: int) -> _VersionRec:
-        material = bytearray(os.urandom(KEY_BYTES))
+        material = random_secret(KEY_BYTES)
         try:
             nonce = os.urandom(NONCE_BYTES)
             ct = AESGCM(keys.wrap.value).encrypt(
@@ -816,6 +822,7 @@ class Keystore(KeyBackend):
             )
         finally:
             wipe(material)
+            scrub_stack()
         return _VersionRec(version, now_rfc3339(), "active", _b64(nonce), _b64(ct))
 
     @staticmethod
@@ -902,6 +909,7 @@ class Keystore(KeyBackend):
                 )
             vr = rec.versions[v - 1]
             out = bytearray(KEY_BYTES)
+            lock(out)  # released by the caller's wipe()
             try:
                 AESGCM(keys.wrap.value).decrypt_into(
                     base64.b64decode(vr.nonce),
@@ -914,6 +922,8 @@ class Keystore(KeyBackend):
                 raise KeystoreCorrupt(
                     f"key {name!r} version {v} in keystore {self._shown} cannot be unwrapped"
                 ) from None
+            finally:
+                scrub_stack()  # OpenSSL's copies of the wrapping key
             return out
 
     def info(self, name: str) -> KeyInfo:
@@ -1037,7 +1047,7 @@ def generate_master_key_file(path: str | os.PathLike[str]) -> None:
         raise UsageError(f"master key file {p} already exists; refusing to overwrite") from None
     except OSError as e:
         raise UsageError(f"cannot create master key file {p}: {e.strerror}") from None
-    buf = bytearray(os.urandom(MASTER_KEY_BYTES))
+    buf = random_secret(MASTER_KEY_BYTES)
     ok = False
     try:
         os.fchmod(fd, 0o600)
