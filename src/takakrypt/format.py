@@ -216,8 +216,17 @@ def derive_file_keys(data_key: bytes | bytearray, file_id: bytes) -> tuple[bytea
     """(block key, header MAC key) for one file. Callers wipe both when done."""
     if len(data_key) != 32:
         raise FormatError("data key must be 32 bytes")
-    okm = bytearray(HKDF(algorithm=hashes.SHA256(), length=64, salt=file_id,
-                         info=HKDF_INFO).derive(bytes(data_key)))
-    enc, mac = okm[:32], okm[32:]
-    okm[:] = b"\0" * 64
+    # straight into locked buffers: no immutable copy of the data key or of the file
+    # keys is left for the garbage collector (docs/keys.md, "Keys in memory")
+    from .keys.secret import lock, wipe
+
+    okm = bytearray(64)
+    lock(okm)
+    HKDF(algorithm=hashes.SHA256(), length=64, salt=file_id,
+         info=HKDF_INFO).derive_into(data_key, okm)
+    enc, mac = bytearray(32), bytearray(32)
+    lock(enc)
+    lock(mac)
+    enc[:], mac[:] = okm[:32], okm[32:]
+    wipe(okm)
     return enc, mac
