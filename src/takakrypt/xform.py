@@ -587,11 +587,11 @@ def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | 
         _finish_links(root, previous)
     summary.skipped = plan.skipped
     summary.failed = list(plan.outside_links)
-    journal.open()
-    if not previous:
-        journal.write(direction=direction, key=key_name, version=key_version)
     data_key = keys(key_name, key_version) if not decrypt and key_name else None
     try:
+        journal.open()
+        if not previous:
+            journal.write(direction=direction, key=key_name, version=key_version)
         for item in plan.items:
             rel = os.path.relpath(item.path, root)
             try:
