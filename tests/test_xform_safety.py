@@ -308,28 +308,3 @@ def test_os_error_names_the_output_not_a_temporary_and_json_says_it(tmp_path, en
     assert f"{out}: No such file" in r.stderr and "takakrypt-tmp" not in r.stderr
     doc = json.loads(r.stdout)
     assert doc["exit_code"] == 1 and str(out) in doc["message"]
-
-
-def test_decrypt_progress_shows_percent_and_eta(tmp_path, env):
-    import pty
-    (tmp_path / "p").write_bytes(os.urandom(64 * 1024 * 1024))
-    assert tk(env, "encrypt", "--key", "data", str(tmp_path / "p"), str(tmp_path / "c"),
-              "-q").returncode == 0
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "takakrypt", "decrypt", str(tmp_path / "c"),
-                          str(tmp_path / "o")], env=env, stderr=slave,
-                         stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            c = os.read(master, 4096)
-        except OSError:
-            break
-        if not c:
-            break
-        chunks.append(c)
-    assert p.wait(60) == 0
-    os.close(master)
-    out = b"".join(chunks)
-    assert b"decrypt [" in out and b"100.0%" in out and b"ETA" in out

@@ -133,10 +133,14 @@ def identities(own: Iterable[Own]) -> dict[tuple[int, int], str]:
     return out
 
 
+def listing(pairs: list[tuple[str, str]], most: int = 5) -> str:
+    """``path (what); ...`` for the first ``most`` pairs, then how many more."""
+    more = f" and {len(pairs) - most} more" if len(pairs) > most else ""
+    return "; ".join(f"{p} ({what})" for p, what in pairs[:most]) + more
+
+
 def refusal(root: str, hits: list[tuple[str, str]]) -> UsageError:
-    shown = "; ".join(f"{p} ({what})" for p, what in hits[:5])
-    more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""
     return UsageError(
         f"{root}: refusing to transform: it holds files Takakrypt itself needs, which "
-        f"would become unreadable: {shown}{more}. Nothing was converted. Move them out of "
+        f"would become unreadable: {listing(hits)}. Nothing was converted. Move them out of "
         f"{root} (or transform its other subdirectories one by one)")

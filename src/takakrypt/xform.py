@@ -36,8 +36,9 @@ original open, and after the rename overwrites its blocks in place with random b
 and fsyncs before the last reference goes — best effort, and only on file systems
 that overwrite in place (ext2/3/4, xfs, jfs, FAT): refused up front on any other
 (btrfs, zfs, bcachefs, f2fs, nilfs2, overlay, network and FUSE file systems), and not
-done for a file whose blocks are shared (reflinks, FIEMAP) or that has other hard
-links.  Flash translation layers, snapshots and the journal in ``data=journal`` mode
+done for a file whose blocks are shared (reflinks, FIEMAP) or that still has another
+name (one it gained during the run: names below the root are re-pointed first).  Flash
+translation layers, snapshots and the journal in ``data=journal`` mode
 may still hold copies; docs/operations.md "Encrypting existing data" says what to do
 about them.
 """
@@ -471,11 +472,9 @@ def _plan(root: str, own: list[ownfiles.Own], keys: KeyLookup, key_name: str | N
 
 
 def _foreign_refusal(root: str, foreign: list[tuple[str, str]]) -> UsageError:
-    shown = "; ".join(f"{rel} ({k})" for rel, k in foreign[:5])
-    more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
     return UsageError(
         f"{root}: {len(foreign)} file(s) are already TAKA files under another key: "
-        f"{shown}{more}. Nothing was converted. Encrypting them again would nest one TAKA "
+        f"{ownfiles.listing(foreign)}. Nothing was converted. Encrypting them again would nest one TAKA "
         "file in another; changing a tree's key is key rotation. Decrypt them first "
         "(takakrypt xform --decrypt), or pass --allow-taka-input to encrypt them again "
         "anyway")
