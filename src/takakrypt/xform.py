@@ -570,9 +570,11 @@ def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | 
     if previous:
         head = previous[0]
         if head.get("direction") != direction or (not decrypt and head.get("key") != key_name):
-            raise UsageError(f"{root}: an interrupted xform ({head.get('direction')} with key "
-                             f"{head.get('key')}) must be finished first: run it again with "
-                             f"the same arguments, or give it up with `takakrypt xform "
+            was = ("--decrypt" if head.get("direction") == "decrypt"
+                   else f"--key {head.get('key')}")
+            raise UsageError(f"{root}: an interrupted `takakrypt xform {was}` must be finished "
+                             f"first: run it again with the same arguments, or give it up "
+                             f"with `takakrypt xform "
                              f"--abandon {root}` (converted files stay converted)")
         key_version = head.get("version", key_version)
     plan = _plan(root, list(own or ()), keys, key_name, not decrypt and not allow_taka_input)
