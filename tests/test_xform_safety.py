@@ -198,6 +198,23 @@ def test_crash_between_encrypting_and_relinking_is_finished_by_the_rerun(tmp_pat
         assert f.read(0, 1 << 20) == files[d / "f2"]
 
 
+def test_crash_after_the_rename_restores_the_mode_on_rerun(tmp_path, env):
+    """The converted copy is 0600 until renamed; a crash right after the rename leaves it
+    so, and the rerun gives it the original's mode."""
+    d = tmp_path / "d"
+    plain_tree(d, n=1)
+    os.chmod(d / "f0", 0o644)
+    code = (f"import os, signal, sys\nfrom takakrypt import cli\n"
+            "os.fchmod = lambda fd, mode: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"cli.main(['xform', {str(d)!r}, '--key', 'data', '-q'])\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, timeout=120)
+    assert r.returncode == -9
+    assert (d / "f0").read_bytes()[:4] == b"TAKA" and os.stat(d / "f0").st_mode & 0o777 == 0o600
+    r = tk(env, "xform", str(d), "--key", "data", "-q")
+    assert r.returncode == 0, r.stderr
+    assert os.stat(d / "f0").st_mode & 0o777 == 0o644
+
+
 # 4. TAKA input under another key -----------------------------------------------------------
 
 def test_xform_refuses_a_tree_encrypted_under_another_key(tmp_path, env):

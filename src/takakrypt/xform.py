@@ -414,7 +414,10 @@ class _Plan:
 def _foreign_key(path: str, keys: KeyLookup, key_name: str) -> str | None:
     """For encryption under ``key_name``: "key K vN" if ``path`` is a TAKA file that is not
     one of ours already (another key, or a header that does not verify), else None."""
-    h = _read_header(path)
+    try:
+        h = _read_header(path)
+    except OSError:
+        return None  # unreadable: its conversion fails and is reported
     if h is None:
         return None
     if h.key_id == key_name:
@@ -507,19 +510,22 @@ def _clean_temporaries(root: str) -> int:
     return n
 
 
-def _finish_links(root: str, previous: list[dict[str, Any]]) -> None:
-    """After a crash between converting a hard-linked file's first name and re-pointing
-    its other names: re-point those names still on the original inode."""
+def _finish_begun(root: str, previous: list[dict[str, Any]]) -> None:
+    """After a crash between renaming a file's converted copy into place and the end of
+    its conversion: give it its mode (the copy was 0600), re-point its other names still
+    on the original inode."""
     done = {r["done"] for r in previous if "done" in r}
     for rec in previous:
-        if "begin" not in rec or not rec.get("links") or rec["begin"] in done:
+        if "begin" not in rec or "ino" not in rec or rec["begin"] in done:
             continue
         first = os.path.join(root, rec["begin"])
         try:
-            if (os.lstat(first).st_ino, os.lstat(first).st_dev) == (rec["ino"], rec["dev"]):
-                continue  # the first name was not converted yet: the plan redoes it all
+            st = os.lstat(first)
         except FileNotFoundError:
             continue
+        if (st.st_ino, st.st_dev) == (rec["ino"], rec["dev"]) or not stat.S_ISREG(st.st_mode):
+            continue  # not renamed yet: the plan redoes it all
+        os.chmod(first, rec["mode"])
         for rel in rec["links"]:
             p = os.path.join(root, rel)
             try:
@@ -585,7 +591,7 @@ def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | 
     # leftovers of an interrupted run: never plaintext copies left lying around
     summary.cleaned_temporaries = _clean_temporaries(root)
     if previous:
-        _finish_links(root, previous)
+        _finish_begun(root, previous)
     summary.skipped = plan.skipped
     summary.failed = list(plan.outside_links)
     data_key = keys(key_name, key_version) if not decrypt and key_name else None
@@ -643,7 +649,7 @@ def _convert_one(item: _Item, root: str, decrypt: bool, keys: KeyLookup,
         return None
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_SUFFIX}")
     journal.write(begin=rel, links=[os.path.relpath(p, root) for p in item.links],
-                  ino=st.st_ino, dev=st.st_dev)
+                  ino=st.st_ino, dev=st.st_dev, mode=stat.S_IMODE(st.st_mode))
     src = os.open(path, (os.O_RDWR if wipe_into is not None else os.O_RDONLY)
                   | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
