@@ -137,6 +137,13 @@ def test_files_named_by_an_agent_config_are_refused(tmp_path, env):
     # the configuration itself
     r = tk(env, "xform", str(tmp_path), "--key", "data", "-q", "--config", str(cfg))
     assert r.returncode == 2 and str(cfg) in r.stderr
+    # a directory inside the agent's run directory
+    run = tmp_path / "run"
+    plain_tree(run / "sub")
+    cfg.write_text(f"version: 1\nagent:\n  control_socket: {run}/control.sock\n")
+    r = tk(env, "xform", str(run / "sub"), "--key", "data", "-q", "--config", str(cfg))
+    assert r.returncode == 2 and "run directory" in r.stderr
+    assert (run / "sub" / "f0").read_bytes()[:4] != b"TAKA"
 
 
 # 3. hard links -----------------------------------------------------------------------------
