@@ -180,14 +180,11 @@ def test_help_documents_exit_codes():
         assert "usage:" in r.stdout
 
 
-def test_progress_bar_on_tty(env, tmp_path):
-    """On a TTY the encrypt command draws a progress bar (pty-backed stderr)."""
+def _stderr_on_tty(env, *args):
+    """Run the CLI with a pty as stderr; all it drew there."""
     import pty
-    tk(env, "keys", "create", "k")
-    (tmp_path / "in").write_bytes(os.urandom(64 * 1024 * 1024))
     master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "takakrypt", "encrypt", "--key", "k",
-                          str(tmp_path / "in"), str(tmp_path / "enc")], env=env,
+    p = subprocess.Popen([sys.executable, "-m", "takakrypt", *args], env=env,
                          stderr=slave, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     os.close(slave)
     chunks = []
@@ -201,5 +198,22 @@ def test_progress_bar_on_tty(env, tmp_path):
         chunks.append(c)
     assert p.wait(60) == 0
     os.close(master)
-    out = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def test_progress_bar_on_tty(env, tmp_path):
+    """On a TTY the encrypt command draws a progress bar (pty-backed stderr)."""
+    tk(env, "keys", "create", "k")
+    (tmp_path / "in").write_bytes(os.urandom(64 * 1024 * 1024))
+    out = _stderr_on_tty(env, "encrypt", "--key", "k", str(tmp_path / "in"),
+                         str(tmp_path / "enc"))
     assert b"encrypt [" in out and b"100.0%" in out
+
+
+def test_decrypt_progress_shows_percent_and_eta(env, tmp_path):
+    """decrypt knows the size from the header: percent and ETA, as encrypt."""
+    tk(env, "keys", "create", "k")
+    (tmp_path / "in").write_bytes(os.urandom(64 * 1024 * 1024))
+    tk(env, "encrypt", "--key", "k", "-q", str(tmp_path / "in"), str(tmp_path / "enc"))
+    out = _stderr_on_tty(env, "decrypt", str(tmp_path / "enc"), str(tmp_path / "out"))
+    assert b"decrypt [" in out and b"100.0%" in out and b"ETA" in out

@@ -85,10 +85,19 @@ def _unlock_args(args: argparse.Namespace, *, creating: bool) -> dict[str, Any]:
                      "--master-key-file")
 
 
+def _keystore_path(args: argparse.Namespace) -> tuple[str, str]:
+    """The keystore file and where it was named."""
+    if args.keystore:
+        return args.keystore, "--keystore"
+    if os.environ.get("TAKAKRYPT_KEYSTORE"):
+        return os.environ["TAKAKRYPT_KEYSTORE"], "TAKAKRYPT_KEYSTORE"
+    return _default_keystore(), "the default keystore"
+
+
 def _keystore(args: argparse.Namespace, *, create: bool = False):  # type: ignore[no-untyped-def]
     from .keys import open_keystore
 
-    path = args.keystore or os.environ.get("TAKAKRYPT_KEYSTORE") or _default_keystore()
+    path = _keystore_path(args)[0]
     creating = create and not os.path.exists(path)
     if not create and not os.path.exists(path):
         raise UsageError(f"no keystore at {path} (create a key first: takakrypt keys create NAME)")
@@ -239,6 +248,10 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     from .progress import Bar
     from .stream import encrypt_file
 
+    if not fmt.MIN_BLOCK_SIZE <= args.block_size <= fmt.MAX_BLOCK_SIZE \
+            or args.block_size & (args.block_size - 1):
+        raise UsageError(f"--block-size {args.block_size}: must be a power of two from "
+                         f"{fmt.MIN_BLOCK_SIZE} to {fmt.MAX_BLOCK_SIZE}")
     with _keystore(args) as ks:
         info = ks.info(args.key)
         data_key = ks.get(args.key, info.current_version)
@@ -246,7 +259,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     try:
         header = encrypt_file(args.input, args.output, info.name, info.current_version,
                               data_key, block_size=args.block_size, force=args.force,
-                              progress=bar)
+                              progress=bar, allow_taka_input=args.allow_taka_input)
     finally:
         data_key[:] = bytes(len(data_key))
         bar.close()
@@ -266,7 +279,8 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
         bar = Bar(None, "decrypt", enabled=False if args.quiet else None)
         try:
             header = decrypt_file(args.input, args.output, ks.get, force=args.force,
-                                  progress=bar)
+                                  progress=bar, on_header=lambda h: bar.start_total(
+                                      h.plaintext_size))
         finally:
             bar.close()
     if args.output != "-":
@@ -289,38 +303,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _xform_own_files(args: argparse.Namespace) -> list[Any]:
+    from . import ownfiles
+
+    return ownfiles.collect(
+        keystore=_keystore_path(args),
+        passphrase_file=args.passphrase_file or os.environ.get("TAKAKRYPT_PASSPHRASE_FILE"),
+        master_key_file=args.master_key_file or os.environ.get("TAKAKRYPT_MASTER_KEY_FILE"),
+        configs=args.config or ())
+
+
 def cmd_xform(args: argparse.Namespace) -> int:
     from . import xform
     from .errors import XformError
     from .progress import Bar
 
+    if args.abandon:
+        s = xform.abandon(args.path)
+        _out(args, s.as_dict(), (f"abandoned an interrupted {s.direction} run: " if s.abandoned
+                                 else "no interrupted run to abandon; ")
+             + f"removed {s.cleaned_temporaries} temporary file(s)")
+        return 0
     with _keystore(args) as ks:
         version = None
         if not args.decrypt:
             if not args.key:
                 raise UsageError("--key NAME is required to encrypt")
             version = ks.info(args.key).current_version
-        total = 0
-        for dirpath, _d, files in os.walk(args.path):
-            for name in files:
-                try:
-                    total += os.lstat(os.path.join(dirpath, name)).st_size
-                except OSError:
-                    pass
-        bar = Bar(total or None, "decrypt" if args.decrypt else "encrypt",
+        bar = Bar(None, "decrypt" if args.decrypt else "encrypt",
                   enabled=False if args.quiet else None)
         try:
             summary = xform.run(args.path, keys=ks.get, key_name=args.key, key_version=version,
-                                decrypt=args.decrypt, progress=bar, wipe=args.wipe)
-        except XformError as e:
-            bar.close()
-            if args.json and e.summary is not None:
-                print(json.dumps(e.summary.as_dict(), indent=2))
+                                decrypt=args.decrypt, progress=bar, wipe=args.wipe,
+                                own=_xform_own_files(args), on_total=bar.start_total,
+                                allow_taka_input=args.allow_taka_input)
+        except XformError as e:  # name every file left unconverted, one line each
+            e.all = [str(e)] + [  # type: ignore[attr-defined]
+                f"not converted: {f['path']}: {f['reason']}" for f in e.summary.failed]
             raise
-        bar.close()
+        finally:
+            bar.close()
     d = summary.as_dict()
     text = (f"{summary.direction}ed {summary.converted} file(s), {summary.bytes} bytes; "
             f"{summary.already} already done; {len(summary.skipped)} skipped"
+            + (f"; {summary.linked} other hard link name(s) re-pointed" if summary.linked
+               else "")
             + (" (resumed an interrupted run)" if summary.resumed else ""))
     for s in summary.skipped:
         text += f"\n  skipped {s['path']}: {s['reason']}"
@@ -533,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--key", required=True, metavar="NAME", help="key to encrypt under")
     sp.add_argument("--block-size", type=int, default=fmt.DEFAULT_BLOCK_SIZE, metavar="N",
                     help="plaintext bytes per block (power of two, 512..1048576; default 4096)")
+    sp.add_argument("--allow-taka-input", action="store_true",
+                    help="encrypt IN even if it is already a TAKA file (refused otherwise, "
+                         "exit 2: re-keying belongs to key rotation)")
     sp.add_argument("input", metavar="IN")
     sp.add_argument("output", metavar="OUT")
     sp.set_defaults(func=cmd_encrypt)
@@ -565,7 +595,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "original owner, mode, times and user.* xattrs, and renamed over the "
                     "original. A journal in PATH makes an interrupted run resumable: run the "
                     "same command again. Refuses a mounted guard point (unmount first). "
-                    "Hard-linked files and non-regular files are skipped and listed. "
+                    "Refuses (exit 2, before converting anything) a PATH holding files Takakrypt itself "
+                    "needs (the keystore, its lock, master-key and passphrase files, agent "
+                    "configurations and the state, run and audit files they name) and TAKA "
+                    "files under another key (--allow-taka-input). Every name of a hard-linked "
+                    "file below PATH ends up on the one converted file; one with names outside "
+                    "PATH is left as it is and makes the run fail (exit 14). Non-regular files "
+                    "are skipped and listed. After a failure or an interruption, run the same "
+                    "command again, or --abandon an interrupted run. "
                     "The rename frees the original's blocks WITHOUT overwriting them: the "
                     "plaintext stays readable on the device (raw image, undelete tools) "
                     "until reused. --wipe overwrites them in place (best effort, ext2/3/4, "
@@ -581,6 +618,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wipe", action="store_true",
                     help="overwrite each original's blocks with random bytes after the "
                          "rename (best effort; refused on copy-on-write file systems)")
+    sp.add_argument("--allow-taka-input", action="store_true",
+                    help="encrypt TAKA files under another key again, nesting them (refused "
+                         "otherwise; files already under --key are always skipped)")
+    sp.add_argument("--config", action="append", metavar="FILE",
+                    help="an agent configuration whose files must not be transformed "
+                         "(repeatable; /etc/takakrypt/*.yaml are always read)")
+    sp.add_argument("--abandon", action="store_true",
+                    help="give up an interrupted run: remove its temporary files and "
+                         "journal, convert nothing (converted files stay converted)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_xform)
 
@@ -687,7 +733,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except Error as e:
         if getattr(args, "json", False):
-            print(json.dumps({"error": e.kind, "message": str(e), "exit_code": e.exit_code}))
+            summary = getattr(e, "summary", None)  # xform: one document, the summary too
+            doc = summary.as_dict() if summary is not None else {}
+            doc.update(error=e.kind, message=str(e), exit_code=e.exit_code)
+            print(json.dumps(doc, indent=2 if summary is not None else None, sort_keys=True))
         for line in getattr(e, "all", None) or [str(e)]:
             print(f"{PROG}: error: {line}", file=sys.stderr)
         return e.exit_code
@@ -698,6 +747,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except OSError as e:
         name = f"{e.filename}: " if e.filename else ""
+        if getattr(args, "json", False):
+            print(json.dumps({"error": "os", "message": f"{name}{e.strerror or e}",
+                              "exit_code": 1}))
         print(f"{PROG}: error: {name}{e.strerror or e}", file=sys.stderr)
         return 1
 

@@ -30,6 +30,10 @@ class Bar:
         self.done = 0
         self.start = self._last = time.monotonic()
 
+    def start_total(self, total: int) -> None:
+        """The size, once known (after a header or a first walk); 0 = unknown."""
+        self.total = total or None
+
     def __call__(self, n: int) -> None:
         self.done += n
         if not self.enabled:

@@ -37,7 +37,10 @@ def atomic_output(path: str, *, force: bool, mode: int = 0o600) -> Iterator[Bina
         raise UsageError(f"{path}: already exists (use --force to overwrite)")
     d = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(d, f".{os.path.basename(path)}.takakrypt-tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except OSError as e:  # name the file the user asked for, not our temporary
+        raise OSError(e.errno, e.strerror, path) from None
     f = os.fdopen(fd, "wb", buffering=0)
     try:
         yield f
@@ -46,9 +49,11 @@ def atomic_output(path: str, *, force: bool, mode: int = 0o600) -> Iterator[Bina
             os.fsync(f.fileno())
         f.close()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         f.close()
         os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename == tmp:
+            raise OSError(exc.errno, exc.strerror, path) from None
         raise
 
 
@@ -82,8 +87,10 @@ def _write_all(f: BinaryIO | _NullSink, data: memoryview) -> None:
 def encrypt_file(src: str, dst: str, key_id: str, key_version: int, data_key: bytearray, *,
                  block_size: int = fmt.DEFAULT_BLOCK_SIZE, force: bool = False,
                  chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
-                 progress: Progress = _noop) -> fmt.Header:
-    """Encrypt ``src`` (``-`` = stdin) into a new TAKA file ``dst``; returns its header."""
+                 progress: Progress = _noop, allow_taka_input: bool = False) -> fmt.Header:
+    """Encrypt ``src`` (``-`` = stdin) into a new TAKA file ``dst``; returns its header.
+    A ``src`` that is already a TAKA file is refused (UsageError) unless
+    ``allow_taka_input``: nesting one in another is not how a file changes key."""
     if dst == "-":
         raise UsageError("encrypt needs a seekable output file, not stdout")
     header = fmt.Header(key_id=key_id, key_version=key_version, block_size=block_size)
@@ -104,6 +111,8 @@ def encrypt_file(src: str, dst: str, key_id: str, key_version: int, data_key: by
                 n = _readfull(fin, pview)
                 if n == 0:
                     break
+                if block == 0 and not allow_taka_input:
+                    _refuse_taka(src, pview[:n])
                 m = cipher.encrypt_into(pview[:n], sview, aad, block)
                 _write_all(fout, sview[:m])
                 total += n
@@ -120,6 +129,16 @@ def encrypt_file(src: str, dst: str, key_id: str, key_version: int, data_key: by
         wipe(mac_key)
         plain[:] = bytes(len(plain))
     return header
+
+
+def _refuse_taka(src: str, head: memoryview) -> None:
+    try:
+        h = fmt.parse_header(bytes(head[:fmt.HEADER_SIZE]))
+    except FormatError:
+        return
+    raise UsageError(f"{src}: already a TAKA file (key {h.key_id} v{h.key_version}); "
+                     "encrypting it again would nest one TAKA file in another. Decrypt it "
+                     "first, or pass --allow-taka-input to encrypt it anyway")
 
 
 def read_header(f: BinaryIO, name: str) -> fmt.Header:
@@ -142,7 +161,8 @@ def _null_output() -> Iterator[_NullSink]:
 
 def decrypt_file(src: str, dst: str | None, keys: Callable[[str, int], bytearray], *,
                  force: bool = False, chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
-                 progress: Progress = _noop) -> fmt.Header:
+                 progress: Progress = _noop,
+                 on_header: Callable[[fmt.Header], None] | None = None) -> fmt.Header:
     """Decrypt TAKA file ``src`` into ``dst`` (``-`` = stdout, None = verify only),
     checking the header tag and every block.
 
@@ -151,6 +171,8 @@ def decrypt_file(src: str, dst: str | None, keys: Callable[[str, int], bytearray
     """
     with _open_input(src) as fin:
         header = read_header(fin, src)
+        if on_header is not None:
+            on_header(header)
         try:
             cipher = open_cipher(header, keys)
         except IntegrityError as e:

@@ -1,22 +1,34 @@
 """Initial encryption of a directory in place (`takakrypt xform`), and its reverse.
 
 Before a directory becomes a guard point, its existing files are converted to TAKA
-files under a key; ``--decrypt`` converts back.  For every regular file:
+files under a key; ``--decrypt`` converts back.  A first walk, before anything is
+converted, refuses the tree if it holds a file Takakrypt itself needs (keystore, its
+lock, unlock files, configuration, state directories, audit files: ownfiles.py) or,
+when encrypting, a TAKA file under another key (unless ``allow_taka_input``: that is
+key rotation's job), and groups the names of each hard-linked inode.  Then for every
+inode:
 
 1. write the converted copy to a temporary file in the same directory (O_EXCL, 0600),
    fsync it;
 2. verify it: read it back through the reverse transformation and compare the SHA-256
    with the source's (computed while converting);
-3. copy ownership, mode, timestamps and ``user.*`` xattrs;
-4. rename it over the original and fsync the directory.
+3. copy ownership, timestamps and ``user.*`` xattrs;
+4. rename it over the original, then set the original's mode (a temporary is never
+   more readable than 0600), fsync the directory;
+5. re-point the inode's other names below the root to the new file (link beside each,
+   rename over it).  An inode with names outside the root is left as it is and reported
+   as failed: converting only some names would split it.
 
 A journal (``.takakrypt-xform.journal`` in the directory, JSON lines, fsync'd) records
-the run's direction and key and each file begun/done, so a run interrupted at any point
-(power loss included) is resumed by running the same command again: leftover
-temporaries are removed (when decrypting they hold plaintext, so they are overwritten
-with zeros first), files already converted are recognised (a TAKA header that verifies
-under the key) and skipped.  A directory that is a mount point, or contains one (a
-mounted guard point), is refused.
+the run's direction and key and each file begun (with its other names) and done, so a
+run interrupted at any point (power loss included) is resumed by running the same
+command again: leftover temporaries are removed (when decrypting they hold plaintext,
+so they are overwritten with zeros first), names of a hard-linked file not yet
+re-pointed are re-pointed, files already converted are recognised (a TAKA header that
+verifies under the key) and skipped.  A run that ends, even with failures, removes its
+journal (every file is then converted or as it was); ``abandon()`` (``--abandon``)
+removes an interrupted run's temporaries and journal without converting more.  A
+directory that is a mount point, or contains one (a mounted guard point), is refused.
 
 The rename frees the original's blocks without overwriting them: the plaintext stays
 on the device until the file system reuses them.  ``wipe=True`` (``--wipe``) keeps the
@@ -24,8 +36,9 @@ original open, and after the rename overwrites its blocks in place with random b
 and fsyncs before the last reference goes — best effort, and only on file systems
 that overwrite in place (ext2/3/4, xfs, jfs, FAT): refused up front on any other
 (btrfs, zfs, bcachefs, f2fs, nilfs2, overlay, network and FUSE file systems), and not
-done for a file whose blocks are shared (reflinks, FIEMAP) or that has other hard
-links.  Flash translation layers, snapshots and the journal in ``data=journal`` mode
+done for a file whose blocks are shared (reflinks, FIEMAP) or that still has another
+name (one it gained during the run: names below the root are re-pointed first).  Flash
+translation layers, snapshots and the journal in ``data=journal`` mode
 may still hold copies; docs/operations.md "Encrypting existing data" says what to do
 about them.
 """
@@ -44,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import format as fmt
+from . import ownfiles
 from ._aesgcm import BlockCipher
 from .errors import Error, FormatError, IntegrityError, UsageError, XformError
 from .keys.secret import wipe as zero_key
@@ -67,6 +81,8 @@ class Summary:
     resumed: bool = False
     cleaned_temporaries: int = 0
     wiped: int = 0
+    linked: int = 0
+    abandoned: bool = False
     not_wiped: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -252,8 +268,7 @@ def _is_taka_under(path: str, keys: KeyLookup, key_name: str | None) -> bool:
 
 def _copy_metadata(src_fd: int, dst_fd: int) -> None:
     st = os.fstat(src_fd)
-    os.fchown(dst_fd, st.st_uid, st.st_gid)
-    os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+    os.fchown(dst_fd, st.st_uid, st.st_gid)  # the mode is set after the rename
     try:
         for name in os.listxattr(src_fd):
             if name.startswith("user."):
@@ -268,11 +283,13 @@ def _wipe_and_remove(path: str) -> None:
     """Overwrite a leftover temporary with zeros before unlinking (it may hold plaintext
     from an interrupted --decrypt).  Best effort: the filesystem may keep old blocks."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        # another link of a converted file (a hard link being re-pointed): keep its data
+        size = st.st_size if st.st_nlink == 1 else 0
         zeros = bytes(1 << 20)
         off = 0
         while off < size:
@@ -377,11 +394,169 @@ def _sha256_fd(fd: int) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class _Item:
+    """One inode to convert: its first name below the root and its other names."""
+    path: str
+    st: os.stat_result
+    links: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    items: list[_Item] = field(default_factory=list)
+    total: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    outside_links: list[dict[str, str]] = field(default_factory=list)
+    foreign: list[tuple[str, str]] = field(default_factory=list)  # (rel, "key K vN")
+
+
+def _foreign_key(path: str, keys: KeyLookup, key_name: str) -> str | None:
+    """For encryption under ``key_name``: "key K vN" if ``path`` is a TAKA file that is not
+    one of ours already (another key, or a header that does not verify), else None."""
+    try:
+        h = _read_header(path)
+    except OSError:
+        return None  # unreadable: its conversion fails and is reported
+    if h is None:
+        return None
+    if h.key_id == key_name:
+        try:
+            if _is_taka_under(path, keys, key_name):
+                return None
+        except Error:
+            pass
+        return f"key {h.key_id} v{h.key_version}, header not verified by this keystore"
+    return f"key {h.key_id} v{h.key_version}"
+
+
+def _plan(root: str, own: list[ownfiles.Own], keys: KeyLookup, key_name: str | None,
+          check_foreign: bool) -> _Plan:
+    """Walk once before converting anything: refuse Takakrypt's own files, group hard
+    links, find TAKA files under another key, add up the bytes."""
+    hits = ownfiles.found_inside(root, own)
+    if hits:
+        raise ownfiles.refusal(root, hits)
+    ids = ownfiles.identities(own)
+    plan, groups = _Plan(), {}  # type: ignore[var-annotated]
+    for path, st in _walk(root):
+        rel = os.path.relpath(path, root)
+        if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISDIR(st.st_mode):
+                plan.skipped.append({"path": rel, "reason": "not a regular file"})
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in ids:
+            raise ownfiles.refusal(root, [(path, f"a hard link to {ids[ident]}")])
+        if st.st_nlink > 1 and ident in groups:
+            groups[ident].links.append(path)
+            continue
+        item = _Item(path, st)
+        if st.st_nlink > 1:
+            groups[ident] = item
+        plan.items.append(item)
+        plan.total += st.st_size
+        if check_foreign and key_name:
+            other = _foreign_key(path, keys, key_name)
+            if other:
+                plan.foreign.append((rel, other))
+    for item in list(groups.values()):
+        names = [item.path, *item.links]
+        if len(names) < item.st.st_nlink:
+            plan.items.remove(item)
+            plan.total -= item.st.st_size
+            outside = item.st.st_nlink - len(names)
+            for p in names:
+                plan.outside_links.append({
+                    "path": os.path.relpath(p, root),
+                    "reason": f"hard-linked to {outside} name(s) outside {root}: left as "
+                              "it was (converting only these names would split the file)"})
+    return plan
+
+
+def _foreign_refusal(root: str, foreign: list[tuple[str, str]]) -> UsageError:
+    return UsageError(
+        f"{root}: {len(foreign)} file(s) are already TAKA files under another key: "
+        f"{ownfiles.listing(foreign)}. Nothing was converted. Encrypting them again would nest one TAKA "
+        "file in another; changing a tree's key is key rotation. Decrypt them first "
+        "(takakrypt xform --decrypt), or pass --allow-taka-input to encrypt them again "
+        "anyway")
+
+
+def abandon(root: str) -> Summary:
+    """Give up an interrupted run: remove its temporaries (plaintext ones overwritten
+    first) and its journal.  Files already converted stay converted, the others stay as
+    they were; any later xform may then run."""
+    root = os.path.realpath(root)
+    if not os.path.isdir(root):
+        raise UsageError(f"{root}: not a directory")
+    journal = _Journal(root)
+    previous = journal.read()
+    summary = Summary(direction=str(previous[0].get("direction")) if previous else "none")
+    summary.cleaned_temporaries = _clean_temporaries(root)
+    if os.path.lexists(journal.path):
+        journal.finish()
+        summary.abandoned = True
+    return summary
+
+
+def _clean_temporaries(root: str) -> int:
+    n = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.endswith(TMP_SUFFIX):
+                _wipe_and_remove(os.path.join(dirpath, name))
+                n += 1
+    return n
+
+
+def _finish_begun(root: str, previous: list[dict[str, Any]]) -> None:
+    """After a crash between renaming a file's converted copy into place and the end of
+    its conversion: give it its mode (the copy was 0600), re-point its other names still
+    on the original inode."""
+    done = {r["done"] for r in previous if "done" in r}
+    for rec in previous:
+        if "begin" not in rec or "ino" not in rec or rec["begin"] in done:
+            continue
+        first = os.path.join(root, rec["begin"])
+        try:
+            st = os.lstat(first)
+        except FileNotFoundError:
+            continue
+        if (st.st_ino, st.st_dev) == (rec["ino"], rec["dev"]) or not stat.S_ISREG(st.st_mode):
+            continue  # not renamed yet: the plan redoes it all
+        os.chmod(first, rec["mode"])
+        for rel in rec["links"]:
+            p = os.path.join(root, rel)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            if (st.st_ino, st.st_dev) == (rec["ino"], rec["dev"]):
+                _relink(first, p)
+
+
+def _relink(target: str, name: str) -> None:
+    """Make ``name`` another link of ``target``, atomically (link beside it, rename)."""
+    tmp = os.path.join(os.path.dirname(name), f".{os.path.basename(name)}{TMP_SUFFIX}")
+    os.link(target, tmp)
+    try:
+        os.rename(tmp, name)
+    finally:
+        if os.path.lexists(tmp):  # rename of two links of one inode does nothing
+            os.unlink(tmp)
+    _fsync_dir(os.path.dirname(name))
+
+
 def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | None,
         decrypt: bool, progress: Callable[[int], None] = lambda n: None,
-        on_file: Callable[[str], None] | None = None, wipe: bool = False) -> Summary:
+        on_file: Callable[[str], None] | None = None, wipe: bool = False,
+        own: list[ownfiles.Own] | None = None, allow_taka_input: bool = False,
+        on_total: Callable[[int], None] | None = None) -> Summary:
     """Convert every regular file below ``root``.  See the module docstring.  ``wipe``:
-    overwrite the originals' blocks after the rename."""
+    overwrite the originals' blocks after the rename.  ``own``: Takakrypt's own files
+    (ownfiles.collect), refused when below ``root``.  ``allow_taka_input``: encrypt TAKA
+    files under another key again (else refused).  ``on_total``: told the bytes to do."""
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise UsageError(f"{root}: not a directory")
@@ -401,66 +576,70 @@ def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | 
     if previous:
         head = previous[0]
         if head.get("direction") != direction or (not decrypt and head.get("key") != key_name):
-            raise UsageError(f"{root}: an interrupted xform ({head.get('direction')} with key "
-                             f"{head.get('key')}) must be finished first: run it again with "
-                             "the same arguments")
+            was = ("--decrypt" if head.get("direction") == "decrypt"
+                   else f"--key {head.get('key')}")
+            raise UsageError(f"{root}: an interrupted `takakrypt xform {was}` must be finished "
+                             f"first: run it again with the same arguments, or give it up "
+                             f"with `takakrypt xform "
+                             f"--abandon {root}` (converted files stay converted)")
         key_version = head.get("version", key_version)
+    plan = _plan(root, list(own or ()), keys, key_name, not decrypt and not allow_taka_input)
+    if plan.foreign:
+        raise _foreign_refusal(root, plan.foreign)
+    if on_total:
+        on_total(plan.total)
     # leftovers of an interrupted run: never plaintext copies left lying around
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            if name.endswith(TMP_SUFFIX):
-                _wipe_and_remove(os.path.join(dirpath, name))
-                summary.cleaned_temporaries += 1
-    journal.open()
-    if not previous:
-        journal.write(direction=direction, key=key_name, version=key_version)
+    summary.cleaned_temporaries = _clean_temporaries(root)
+    if previous:
+        _finish_begun(root, previous)
+    summary.skipped = plan.skipped
+    summary.failed = list(plan.outside_links)
     data_key = keys(key_name, key_version) if not decrypt and key_name else None
     try:
-        for path, st in _walk(root):
-            rel = os.path.relpath(path, root)
-            if not stat.S_ISREG(st.st_mode):
-                if not stat.S_ISDIR(st.st_mode):
-                    summary.skipped.append({"path": rel, "reason": "not a regular file"})
-                continue
-            if st.st_nlink > 1:
-                summary.skipped.append({"path": rel, "reason": "hard-linked (would be split)"})
-                continue
+        journal.open()
+        if not previous:
+            journal.write(direction=direction, key=key_name, version=key_version)
+        for item in plan.items:
+            rel = os.path.relpath(item.path, root)
             try:
-                done = _convert_one(path, st, rel, decrypt, keys, key_name, key_version,
-                                    data_key, journal, progress,
-                                    summary if wipe else None)
-            except Error as e:
-                summary.failed.append({"path": rel, "reason": str(e)})
-                continue
-            except OSError as e:
-                summary.failed.append({"path": rel, "reason": e.strerror or str(e)})
+                done = _convert_one(item, root, decrypt, keys, key_name, key_version,
+                                    data_key, journal, progress, summary if wipe else None)
+            except (Error, OSError) as e:
+                reason = str(e) if isinstance(e, Error) else (e.strerror or str(e))
+                names = [p for p in (item.path, *item.links)
+                         if decrypt or _read_header(p) is None] or [item.path]
+                summary.failed += [{"path": os.path.relpath(p, root), "reason": reason}
+                                   for p in names]
                 continue
             if done is None:
                 summary.already += 1
             else:
                 summary.converted += 1
                 summary.bytes += done
+                summary.linked += len(item.links)
             if on_file:
                 on_file(rel)
     finally:
         if data_key is not None:
             zero_key(data_key)
+    # every file is now converted or as it was, no temporaries: nothing to resume
+    journal.finish()
     if summary.failed:
-        journal.f.close()
-        raise XformError(f"{len(summary.failed)} file(s) failed, first: "
+        raise XformError(f"{len(summary.failed)} file(s) not converted, first: "
                          f"{summary.failed[0]['path']}: {summary.failed[0]['reason']}",
                          summary)
-    journal.finish()
     return summary
 
 
-def _convert_one(path: str, st: os.stat_result, rel: str, decrypt: bool, keys: KeyLookup,
+def _convert_one(item: _Item, root: str, decrypt: bool, keys: KeyLookup,
                  key_name: str | None, key_version: int | None, data_key: bytearray | None,
                  journal: _Journal, progress: Callable[[int], None],
                  wipe_into: Summary | None = None) -> int | None:
-    """Convert one file; None if it was already in the target form.  With
-    ``wipe_into``, the original's blocks are overwritten after the rename (never before:
-    a crash must not leave neither copy)."""
+    """Convert one inode (then re-point its other names); None if it was already in the
+    target form.  With ``wipe_into``, the original's blocks are overwritten after the
+    renames (never before: a crash must not leave neither copy)."""
+    path, st = item.path, item.st
+    rel = os.path.relpath(path, root)
     is_taka = _is_taka_under(path, keys, None if decrypt else key_name)
     if decrypt and not is_taka:
         if _read_header(path) is not None:
@@ -469,10 +648,12 @@ def _convert_one(path: str, st: os.stat_result, rel: str, decrypt: bool, keys: K
     if not decrypt and is_taka:
         return None
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_SUFFIX}")
-    journal.write(begin=rel)
+    journal.write(begin=rel, links=[os.path.relpath(p, root) for p in item.links],
+                  ino=st.st_ino, dev=st.st_dev, mode=stat.S_IMODE(st.st_mode))
     src = os.open(path, (os.O_RDWR if wipe_into is not None else os.O_RDONLY)
                   | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
+        # 0600 until renamed: a temporary may hold plaintext (--decrypt)
         dst = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             if decrypt:
@@ -485,14 +666,18 @@ def _convert_one(path: str, st: os.stat_result, rel: str, decrypt: bool, keys: K
             if check != src_hash:
                 raise IntegrityError(f"{rel}: verification after writing failed")
             _copy_metadata(src, dst)
+            os.rename(tmp, path)
         except BaseException:
             os.close(dst)
             _wipe_and_remove(tmp)
             raise
-        os.close(dst)
-        size = st.st_size
-        os.rename(tmp, path)
+        try:
+            os.fchmod(dst, stat.S_IMODE(st.st_mode))
+        finally:
+            os.close(dst)
         _fsync_dir(os.path.dirname(path))
+        for other in item.links:
+            _relink(path, other)
         journal.write(done=rel)
         if wipe_into is not None:
             try:
@@ -501,4 +686,4 @@ def _convert_one(path: str, st: os.stat_result, rel: str, decrypt: bool, keys: K
                 wipe_into.not_wiped.append({"path": rel, "reason": e.strerror or str(e)})
     finally:
         os.close(src)
-    return size
+    return st.st_size
