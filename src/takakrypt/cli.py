@@ -219,9 +219,20 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     with _keystore(args) as ks:
         info = ks.rotate(args.name)
-    _out(args, _key_info_dict(info),
+    # a running agent learns it at once (it also looks every 10 s by itself)
+    from .errors import Error
+
+    try:
+        from .agent.control import call
+
+        call(_control_socket(args), "keys_changed", timeout=10)
+        agent = "the running takakryptd re-read the keystore"
+    except Error:
+        agent = ("no takakryptd answered on its control socket; a running agent picks "
+                 "it up within 10 s (or at once: takakrypt reload)")
+    _out(args, _key_info_dict(info) | {"agent": agent},
          f"rotated key {info.name}: new files use version {info.current_version}; "
-         "older versions stay available for existing files")
+         f"older versions stay available for existing files; {agent}")
     return 0
 
 
