@@ -458,8 +458,8 @@ def _check(cfg: Config, errors: _Errors) -> None:
         errors.add("$.agent.request_timeout", "must be positive")
     if cfg.agent.cache.max_entries < 1:
         errors.add("$.agent.cache.max_entries", "must be at least 1")
-    if cfg.agent.cache.ttl_seconds < 0:
-        errors.add("$.agent.cache.ttl_seconds", "must not be negative")
+    if not cfg.agent.cache.ttl_seconds > 0:
+        errors.add("$.agent.cache.ttl_seconds", "must be positive")
     if cfg.agent.log_level not in ("debug", "info", "warning", "error"):
         errors.add("$.agent.log_level", f"unknown log level '{cfg.agent.log_level}'")
 

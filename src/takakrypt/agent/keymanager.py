@@ -55,6 +55,7 @@ class KeyManager:
         self.breaker = breaker or CircuitBreaker(name)
         self._lock = threading.Lock()  # backends are thread-safe; this orders close()
         self._current: dict[str, int] = {}  # key name -> last current version seen
+        self._announced: dict[str, int] = {}  # ... as changed_versions() last reported it
         self.last_error: str | None = None  # the backend's latest failure, None once fine
 
     def get(self, name: str, version: int | None = None) -> bytearray:
@@ -85,19 +86,20 @@ class KeyManager:
                 raise
             return held
         self._current[name] = v
+        self._announced.setdefault(name, v)
         return v
 
     def changed_versions(self) -> dict[str, int]:
-        """Keys whose current version moved since it was last asked (``keys rotate``):
+        """Keys whose current version moved since the last call (``keys rotate``):
         name -> new version.  Keys that cannot be read now are left as they are."""
         out = {}
-        for name, old in list(self._current.items()):
+        for name in list(self._announced):
             try:
                 new = self.current_version(name)
             except Error:
                 continue
-            if new != old:
-                out[name] = new
+            if new != self._announced[name]:
+                self._announced[name] = out[name] = new
         return out
 
     @property
