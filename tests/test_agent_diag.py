@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from agent_helpers import base_config, running
+from agent_helpers import base_config, running, write_config
 from takakrypt.format import parse_header
+from takakrypt.keys import open_keystore
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3")
                                 or os.geteuid() != 0, reason="needs root, /dev/fuse, fusermount3")
@@ -60,10 +61,25 @@ def _events(tmp_path):
 
 # item 9 ---------------------------------------------------------------------------------
 
-def test_guard_point_with_a_missing_key_is_unhealthy_and_audited_with_the_key(tmp_path):
+def _drop_key(tmp_path, name):
+    """The keystore loses key ``name`` while the agent runs (an older copy restored by
+    an admin tool, say): written as the keystore writes itself, MAC and generation."""
+    import msgspec
+
+    with open_keystore(str(tmp_path / "keystore.json"),
+                       master_key_file=str(tmp_path / "master.key")) as ks:
+        ks._update(lambda doc, keys: (msgspec.structs.replace(
+            doc, keys=[r for r in doc.keys if r.name != name]), None))
+
+
+def test_guard_point_whose_key_goes_missing_is_unhealthy_and_audited_with_the_key(tmp_path):
     cfg = _cfg(tmp_path, key="nokey")
+    with open_keystore(str(tmp_path / "keystore.json"),
+                       master_key_file=str(tmp_path / "master.key")) as ks:
+        ks.create("nokey")
     gp = tmp_path / "guarded"
     with running(tmp_path, cfg) as d:
+        _drop_key(tmp_path, "nokey")
         r = _py("import os, sys; os.listdir(sys.argv[1])", str(gp))
         assert "Permission denied" in r.stderr
         st = d.cli("status", "--json", check=False)
@@ -75,6 +91,9 @@ def test_guard_point_with_a_missing_key_is_unhealthy_and_audited_with_the_key(tm
         assert "'nokey' not found" in st["guard_points"][0]["error"]
         text = d.cli("status", check=False).stdout
         assert "'nokey' not found" in text
+        pc = d.jcli("policy", "check", "--user", "root", "--exe", PY, "--path",
+                    str(gp / "x"), "--op", "read")
+        assert pc["decision"] == "deny" and "'nokey' not found" in pc["explanation"][-1], pc
         agent_pid = d.proc.pid  # the agent's own look at its mount is not the point here
     denies = [e for e in _events(tmp_path) if e["kind"] == "access" and e["pid"] != agent_pid
               and e["decision"] == "deny" and e["path"] == str(gp)]
@@ -186,3 +205,71 @@ def test_keys_rotate_reaches_the_running_agent(tmp_path):
         assert _py(READ, str(gp / "v2.txt")).stdout == "two"
     assert parse_header((gp / "v1.txt").read_bytes()).key_version == 1
     assert parse_header((gp / "v2.txt").read_bytes()).key_version == 2
+
+
+# item 11 --------------------------------------------------------------------------------
+
+def _both(tmp_path, cfg):
+    """(exit status, stderr) of `takakrypt config check` and of a takakryptd start."""
+    path = tmp_path / "check.yaml"
+    write_config(path, cfg)
+    check = subprocess.run([sys.executable, "-m", "takakrypt", "config", "check", str(path)],
+                           capture_output=True, text=True, timeout=60)
+    start = subprocess.run([sys.executable, "-m", "takakrypt.agent.daemon", "--config", str(path),
+                            "--foreground"], capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
+    return check, start
+
+
+def _creds(cfg, **local):
+    cfg["keys"] = {"backend": "local", "local": local}
+    return cfg
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no-credentials", "$.keys.local: give exactly one of passphrase_file or master_key_file"),
+    ("kmip", "$.keys.backend: the KMIP backend is not available in this build"),
+    ("no-directory", "$.guard_points[0].path: {tmp}/nowhere does not exist"),
+    ("unknown-key", "$.guard_points[0].key: key 'nokey' not found in the key backend"),
+])
+def test_config_check_and_the_daemon_refuse_the_same(tmp_path, case, message):
+    cfg = _cfg(tmp_path)
+    if case == "no-credentials":
+        _creds(cfg, path=str(tmp_path / "keystore.json"))
+    elif case == "kmip":
+        cfg["keys"] = {"backend": "kmip", "kmip": {"host": "kms.example"}}
+    elif case == "no-directory":
+        cfg["guard_points"][0]["path"] = str(tmp_path / "nowhere")
+    else:
+        cfg["guard_points"][0]["key"] = "nokey"
+    message = message.format(tmp=tmp_path)
+    check, start = _both(tmp_path, cfg)
+    assert check.returncode == 3 and message in check.stderr, check.stderr
+    assert start.returncode == 3 and message in start.stderr, start.stderr
+    assert "Traceback" not in check.stderr + start.stderr
+
+
+def test_config_check_reports_every_error_in_one_run(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg["policies"]["enf"]["rules"][0]["actionz"] = ["read"]          # decoding
+    cfg["policies"]["learn"]["rules"][0]["effects"] = ["alow"]        # meaning
+    cfg["agent"]["request_timeoutt"] = 3                              # top-level field
+    cfg["guard_points"].append({"path": str(tmp_path / "nowhere"), "policy": "learn",
+                                "key": "k1"})                         # this machine
+    check, start = _both(tmp_path, cfg)
+    for out in (check.stderr, start.stderr):
+        assert "$.policies.enf.rules[0].actionz: unknown field" in out, out
+        assert "$.policies.learn.rules[0].effects[0]: unknown effect 'alow'" in out, out
+        assert "$.agent.request_timeoutt: unknown field" in out, out
+        assert "unknown policy 'enf'" not in out  # no echo of a policy that failed to decode
+    assert check.returncode == start.returncode == 3
+
+
+def test_config_check_checks_the_machine_when_the_file_is_valid(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg["guard_points"].append({"path": str(tmp_path / "nowhere"), "policy": "learn",
+                                "key": "nokey"})
+    check, start = _both(tmp_path, cfg)
+    for out in (check.stderr, start.stderr):
+        assert f"$.guard_points[1].path: {tmp_path}/nowhere does not exist" in out, out
+        assert "$.guard_points[1].key: key 'nokey' not found" in out, out

@@ -348,9 +348,10 @@ def cmd_xform(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from . import config
+    from .agent.keymanager import load_config
     from .errors import ConfigError
 
-    cfg = config.load(args.file)
+    cfg = load_config(args.file)  # what takakryptd checks at start and reload
     warnings = config.identity_warnings(cfg)
     if warnings and args.strict:
         err = ConfigError(f"{args.file}: {warnings[0]}" + (
@@ -407,7 +408,10 @@ def policy_check_request(cfg, a: dict[str, Any]):  # type: ignore[no-untyped-def
     try:
         exe_id = procinfo.file_identity(exe)
     except OSError as e:
-        raise UsageError(f"{a['exe']}: {e.strerror}") from None
+        raise UsageError(f"--exe {a['exe']}: {e.strerror}") from None
+    if not os.path.isfile(exe):
+        raise UsageError(f"--exe {a['exe']}: not a regular file (the executable of the "
+                         "process)")
     comm = a.get("name") or os.path.basename(exe)[:15]
     argv0 = tuple(a["cmdline"].split()) if a.get("cmdline") else (exe,)
     proc = procinfo.Process(pid=0, start_time=0, exe=exe, comm=comm, cmdline=argv0, uid=uid,

@@ -32,7 +32,7 @@ from ..audit import event as audit_event
 from ..errors import ConfigError, Error, KeyNotFound, UsageError
 from .breaker import CircuitBreaker
 from .control import ControlServer
-from .keymanager import KeyManager, open_backend
+from .keymanager import KeyManager, load_config, open_backend
 from .notify import Notifier
 
 log = logging.getLogger("takakryptd")
@@ -106,9 +106,9 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
 
     # configuration ------------------------------------------------------------------------
-    @staticmethod
-    def _load(path: str) -> State:
-        cfg = C.load(path)
+    def _load(self, path: str) -> State:
+        keys = getattr(self, "keys", None)  # reload: the running backend names the keys
+        cfg = load_config(path, backend=keys.backend if keys is not None else None)
         for w in C.identity_warnings(cfg):  # `takakrypt config check --strict` refuses these
             log.warning("%s: %s", path, w)
         return State(cfg, policy.Engine(cfg))
@@ -364,7 +364,20 @@ class Agent:
 
         request, pol_name = policy_check_request(self.config, req)
         d = self.state.engine.evaluate(pol_name, request, explain=True)
-        return d.as_dict() | {"generation": self.cache.generation if self.cache is not None else None}
+        out = d.as_dict() | {"generation": self.cache.generation if self.cache is not None
+                             else None}
+        # the policy may permit, but a guard point whose key is missing denies everything
+        path = os.path.normpath(str(req.get("path") or ""))
+        for gp in self.config.guard_points:
+            root = os.path.normpath(gp.path)
+            if gp.enabled and gp.policy == pol_name and (
+                    path == root or path.startswith(root.rstrip("/") + "/")):
+                why = self.key_problem(gp.key)
+                if why and out["permit"]:
+                    out |= {"decision": "deny", "permit": False, "apply_key": False,
+                            "effects": ["deny"],
+                            "explanation": [*out["explanation"], f"guard point {root}: {why}"]}
+        return out
 
     # health -------------------------------------------------------------------------------
     def check_health(self) -> dict[str, bool]:
@@ -581,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     harden_process()
     try:
-        agent_cfg = C.load(args.config)  # validate before forking: errors reach the caller
+        agent_cfg = load_config(args.config)  # before forking: errors reach the caller
     except ConfigError as e:
         for line in getattr(e, "all", None) or [str(e)]:
             print(f"takakryptd: error: {line}", file=sys.stderr)

@@ -48,6 +48,25 @@ def open_backend(cfg: C.Keys) -> KeyBackend:
     raise ConfigError(f"$.keys.backend: unknown backend {cfg.backend!r}")
 
 
+def load_config(path: str, *, backend: KeyBackend | None = None) -> C.Config:
+    """The one validation of a configuration file, shared by takakryptd (start, reload)
+    and ``takakrypt config check``: the file's own meaning, then what it names on this
+    machine (config.check_host), every error in one ConfigError.  The guard points'
+    keys are looked up in ``backend`` (the running agent's), else in the configured
+    backend, opened for that and closed again."""
+
+    def key_names(keys: C.Keys) -> set[str]:
+        if backend is not None:
+            return {i.name for i in backend.list()}
+        with open_backend(keys) as b:
+            return {i.name for i in b.list()}
+
+    def host(cfg: C.Config, add) -> None:  # type: ignore[no-untyped-def]
+        C.check_host(cfg, add, key_names)
+
+    return C.load(path, host=host)
+
+
 class KeyManager:
     def __init__(self, backend: KeyBackend, *, name: str = "local",
                  breaker: CircuitBreaker | None = None) -> None:
