@@ -273,3 +273,26 @@ def test_config_check_checks_the_machine_when_the_file_is_valid(tmp_path):
     for out in (check.stderr, start.stderr):
         assert f"$.guard_points[1].path: {tmp_path}/nowhere does not exist" in out, out
         assert "$.guard_points[1].key: key 'nokey' not found" in out, out
+
+
+# agent.request_timeout ------------------------------------------------------------------
+
+def test_request_timeout_is_the_data_paths_wait_for_a_decision(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg["agent"]["request_timeout"] = 2.5
+    with running(tmp_path, cfg) as d:
+        assert [g["request_timeout_ms"] for g in d.jcli("guard", "list")] == [2500]
+
+
+# docs/operations.md's exit-code table ---------------------------------------------------
+
+def test_operations_doc_exit_table_matches_errors_py():
+    import re
+    from pathlib import Path
+
+    from takakrypt.errors import EXIT_CODES
+
+    doc = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    section = doc.split("### Exit status", 1)[1].split("\n#", 1)[0]
+    codes = [int(m) for m in re.findall(r"^\| (\d+) \|", section, re.M)]
+    assert codes == sorted(EXIT_CODES), (codes, sorted(EXIT_CODES))

@@ -203,3 +203,24 @@ def test_progress_bar_on_tty(env, tmp_path):
     os.close(master)
     out = b"".join(chunks)
     assert b"encrypt [" in out and b"100.0%" in out
+
+
+def test_policy_check_exe_must_be_a_file(env, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("policies: {p: {rules: [{effects: [permit]}]}}\n")
+    base = ["policy", "check", "--config", str(cfg), "--user", "root", "--policy", "p",
+            "--path", "x", "--op", "read", "--exe"]
+    r = tk(env, *base, os.path.dirname(sys.executable), ok=False)
+    assert r.returncode == 2 and b"not a regular file" in r.stderr, r.stderr
+    assert tk(env, *base, sys.executable).returncode == 0
+
+
+@pytest.mark.parametrize("pw, ok", [("x", False), ("seven77", False), ("ééééééé", False),
+                                    ("eight888", True), ("éééééééé", True)])
+def test_new_keystore_passphrase_has_a_minimum_length(env, tmp_path, pw, ok):
+    e = dict(env, TAKAKRYPT_PASSPHRASE=pw, TAKAKRYPT_KEYSTORE=str(tmp_path / "new.json"))
+    e.pop("TAKAKRYPT_PASSPHRASE_FILE")
+    r = tk(e, "keys", "create", "k", ok=ok)
+    if not ok:
+        assert r.returncode == 2 and b"at least 8 characters" in r.stderr, r.stderr
+        assert not (tmp_path / "new.json").exists()

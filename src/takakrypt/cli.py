@@ -134,8 +134,9 @@ def _live(args: argparse.Namespace, cmd: str, **kw: Any) -> Any:
 
 def cmd_status(args: argparse.Namespace) -> int:
     st = _live(args, "status")
+    state = st.get("state") or ("healthy" if st["healthy"] else "unhealthy")
     lines = [f"takakryptd {st['version']} pid {st['pid']}, up {st['uptime_seconds']:.0f} s, "
-             f"{'healthy' if st['healthy'] else 'UNHEALTHY'}",
+             f"{state if state == 'healthy' else state.upper()}",
              f"config:      {st['config']}",
              f"key backend: {st['key_backend'].get('type')} (circuit "
              f"{st['key_backend'].get('state')})",
@@ -143,7 +144,9 @@ def cmd_status(args: argparse.Namespace) -> int:
              f"reloads:     {st['reloads']['ok']} ok, {st['reloads']['failed']} failed"
              + (f" (last error: {st['last_reload_error']})" if st["last_reload_error"] else "")]
     lines.append("health:")
-    lines += [f"  {'ok  ' if ok else 'FAIL'} {name}" for name, ok in st["health"].items()]
+    why = st.get("problems") or {}
+    lines += [f"  {'ok  ' if ok else 'FAIL'} {name}" + (f": {why[name]}" if name in why else "")
+              for name, ok in st["health"].items()]
     lines.append("guard points:")
     lines += [f"  {'mounted  ' if g['mounted'] else 'unmounted'} {g['path']} (policy "
               f"{g['policy']}, key {g['key']})" + (f" error: {g['error']}" if g["error"] else "")

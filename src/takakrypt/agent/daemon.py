@@ -325,6 +325,8 @@ class Agent:
                         "mounted": bool(g is not None and getattr(g, "is_mounted", True)),
                         "error": (self.guard_errors.get(path)
                                   or self.health_problems.get(f"guard:{path}")),
+                        "request_timeout_ms": getattr(getattr(g, "_m", None),
+                                                      "ring_timeout_ms", None),
                         "stats": g.stats() if g is not None and hasattr(g, "stats") else None})
         return out
 

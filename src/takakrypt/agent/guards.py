@@ -79,6 +79,8 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
                    cache=agent.config.agent.cache.max_entries,
                    metadata_cache=gp.metadata_cache, io_uring=gp.io_uring,
                    read_helpers=gp.read_helpers, audit_decisions=True,
+                   # how long a cache miss waits for the agent's answer, then denies
+                   ring_timeout_ms=max(1, round(agent.config.agent.request_timeout * 1000)),
                    current_version=lambda name: agent.keys.current_version(name))
     g.spec = gp  # type: ignore[attr-defined]
     apply_policy_hints(agent, g)
