@@ -515,12 +515,16 @@ def check_host(cfg: Config, add: Callable[[str, str], None],
             add("$.keys.local.path", f"no keystore at {loc.path} (create a key first: "
                 "takakrypt keys create NAME)")
             usable = False
+    mounted = _mount_points()
     for i, gp in enumerate(cfg.guard_points):
         if not gp.enabled:
             continue
         for fld in ("path", "backing"):
             d = getattr(gp, fld)
-            if d is not None and os.path.isabs(d) and not os.path.isdir(d):
+            # a mount point exists; and stat on it may ask a FUSE server (the agent itself,
+            # which is then blocked in this very check) or hang on a dead one
+            if d is not None and os.path.isabs(d) and os.path.normpath(d) not in mounted \
+                    and not os.path.isdir(d):
                 add(f"$.guard_points[{i}].{fld}", f"{d} is not a directory" if
                     os.path.exists(d) else f"{d} does not exist")
     wanted = [(i, gp.key) for i, gp in enumerate(cfg.guard_points) if gp.enabled]
@@ -537,6 +541,18 @@ def check_host(cfg: Config, add: Callable[[str, str], None],
         if name not in names:
             add(f"$.guard_points[{i}].key", f"key '{name}' not found in the key backend "
                 f"(create it: takakrypt keys create {name})")
+
+
+def _mount_points() -> set[str]:
+    """Mount points of this mount namespace (/proc/self/mountinfo: no stat of any)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            fields = [line.split(" ", 5) for line in f]
+    except OSError:
+        return set()
+    # octal escapes: \040 space, \011 tab, \012 newline, \134 backslash
+    return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), x[4])
+            for x in fields if len(x) > 4}
 
 
 def _name_only(cfg: Config, ref: str | None) -> tuple[str, bool, str] | None:
