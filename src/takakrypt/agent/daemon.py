@@ -107,8 +107,10 @@ class Agent:
 
     # configuration ------------------------------------------------------------------------
     def _load(self, path: str) -> State:
-        keys = getattr(self, "keys", None)  # reload: the running backend names the keys
-        cfg = load_config(path, backend=keys.backend if keys is not None else None)
+        # reload: the running backend names the keys; at start main() looked them up
+        keys = getattr(self, "keys", None)
+        cfg = load_config(path, backend=keys.backend if keys is not None else None,
+                          check_keys=keys is not None)
         for w in C.identity_warnings(cfg):  # `takakrypt config check --strict` refuses these
             log.warning("%s: %s", path, w)
         return State(cfg, policy.Engine(cfg))
