@@ -209,12 +209,15 @@ def test_keys_rotate_reaches_the_running_agent(tmp_path):
 
 # item 11 --------------------------------------------------------------------------------
 
-def _both(tmp_path, cfg):
-    """(exit status, stderr) of `takakrypt config check` and of a takakryptd start."""
+def _both(tmp_path, cfg, *, start=True):
+    """(exit status, stderr) of `takakrypt config check` and of a takakryptd start (one
+    that must fail)."""
     path = tmp_path / "check.yaml"
     write_config(path, cfg)
     check = subprocess.run([sys.executable, "-m", "takakrypt", "config", "check", str(path)],
                            capture_output=True, text=True, timeout=60)
+    if not start:
+        return check, None
     start = subprocess.run([sys.executable, "-m", "takakrypt.agent.daemon", "--config", str(path),
                             "--foreground"], capture_output=True, text=True, timeout=60,
                            env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
@@ -296,3 +299,11 @@ def test_operations_doc_exit_table_matches_errors_py():
     section = doc.split("### Exit status", 1)[1].split("\n#", 1)[0]
     codes = [int(m) for m in re.findall(r"^\| (\d+) \|", section, re.M)]
     assert codes == sorted(EXIT_CODES), (codes, sorted(EXIT_CODES))
+
+
+def test_a_disabled_guard_point_is_not_checked(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg["guard_points"].append({"path": str(tmp_path / "nowhere"), "policy": "enf",
+                                "key": "nokey", "enabled": False})
+    check, _ = _both(tmp_path, cfg, start=False)
+    assert check.returncode == 0, check.stderr
