@@ -223,16 +223,17 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     with _keystore(args) as ks:
         info = ks.rotate(args.name)
     # a running agent learns it at once (it also looks every 10 s by itself)
-    from .errors import Error
+    from .agent.control import call
+    from .errors import AgentUnavailable, Error
 
     try:
-        from .agent.control import call
-
         call(_control_socket(args), "keys_changed", timeout=10)
         agent = "the running takakryptd re-read the keystore"
-    except Error:
+    except AgentUnavailable:
         agent = ("no takakryptd answered on its control socket; a running agent picks "
                  "it up within 10 s (or at once: takakrypt reload)")
+    except Error as e:
+        agent = f"takakryptd could not re-read the keystore ({e}): run takakrypt reload"
     _out(args, _key_info_dict(info) | {"agent": agent},
          f"rotated key {info.name}: new files use version {info.current_version}; "
          f"older versions stay available for existing files; {agent}")

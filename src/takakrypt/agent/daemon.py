@@ -432,7 +432,7 @@ class Agent:
             return
         changed = self.keys.changed_versions()
         for name, version in changed.items():
-            for path, g in list(self.guards.items()):
+            for g in list(self.guards.values()):
                 if getattr(getattr(g, "spec", None), "key", None) == name and \
                         hasattr(g, "bump_generation"):
                     g.bump_generation()
