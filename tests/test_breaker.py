@@ -108,3 +108,33 @@ def test_oserror_counts_as_failure():
         with pytest.raises(BackendUnavailable):
             b.call(boom)
     assert b.state == OPEN
+
+
+def test_keystore_failures_count_and_answers_do_not():
+    """A keystore file that is missing, unreadable or corrupt is a backend failure (the
+    circuit opens, the error is raised as it is); "no such key" is an answer."""
+    from takakrypt.errors import KeyError_, KeystoreCorrupt
+
+    b = CircuitBreaker("local", failure_threshold=2, reset_timeout=10, clock=Clock())
+
+    def gone():
+        raise KeystoreCorrupt("keystore /x has disappeared")
+
+    def unreadable():
+        raise KeyError_("cannot open keystore /x: Permission denied")
+
+    def no_key():
+        raise KeyNotFound("key 'k' not found")
+
+    with pytest.raises(KeystoreCorrupt):
+        b.call(gone)
+    with pytest.raises(KeyNotFound):
+        b.call(no_key)  # an answer: resets the count
+    assert b.state == CLOSED
+    with pytest.raises(KeystoreCorrupt):
+        b.call(gone)
+    with pytest.raises(KeyError_, match="Permission denied"):
+        b.call(unreadable)
+    assert b.state == OPEN
+    b.record(True)  # the health probe saw the backend answer
+    assert b.state == CLOSED

@@ -217,3 +217,24 @@ def test_decrypt_progress_shows_percent_and_eta(env, tmp_path):
     tk(env, "encrypt", "--key", "k", "-q", str(tmp_path / "in"), str(tmp_path / "enc"))
     out = _stderr_on_tty(env, "decrypt", str(tmp_path / "enc"), str(tmp_path / "out"))
     assert b"decrypt [" in out and b"100.0%" in out and b"ETA" in out
+
+
+def test_policy_check_exe_must_be_a_file(env, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("policies: {p: {rules: [{effects: [permit]}]}}\n")
+    base = ["policy", "check", "--config", str(cfg), "--user", "root", "--policy", "p",
+            "--path", "x", "--op", "read", "--exe"]
+    r = tk(env, *base, os.path.dirname(sys.executable), ok=False)
+    assert r.returncode == 2 and b"not a regular file" in r.stderr, r.stderr
+    assert tk(env, *base, sys.executable).returncode == 0
+
+
+@pytest.mark.parametrize("pw, ok", [("x", False), ("seven77", False), ("ééééééé", False),
+                                    ("eight888", True), ("éééééééé", True)])
+def test_new_keystore_passphrase_has_a_minimum_length(env, tmp_path, pw, ok):
+    e = dict(env, TAKAKRYPT_PASSPHRASE=pw, TAKAKRYPT_KEYSTORE=str(tmp_path / "new.json"))
+    e.pop("TAKAKRYPT_PASSPHRASE_FILE")
+    r = tk(e, "keys", "create", "k", ok=ok)
+    if not ok:
+        assert r.returncode == 2 and b"at least 8 characters" in r.stderr, r.stderr
+        assert not (tmp_path / "new.json").exists()

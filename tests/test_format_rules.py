@@ -168,7 +168,7 @@ def test_cli_agrees(tmp_path):
     """`takakrypt decrypt` and `inspect`: a longer last block decrypts; a key id outside
     the keystore's rule is a file error (exit 4), not a usage error."""
     env = dict(os.environ, TAKAKRYPT_KEYSTORE=str(tmp_path / "ks.json"),
-               TAKAKRYPT_PASSPHRASE="pw")
+               TAKAKRYPT_PASSPHRASE="pw-for-tests")
 
     def tk(*args):
         r = subprocess.run([sys.executable, "-m", "takakrypt", *map(str, args)], env=env,
@@ -178,7 +178,7 @@ def test_cli_agrees(tmp_path):
 
     assert tk("keys", "create", "k").returncode == 0
     from takakrypt.keys import open_keystore
-    with open_keystore(env["TAKAKRYPT_KEYSTORE"], passphrase=b"pw") as ks:
+    with open_keystore(env["TAKAKRYPT_KEYSTORE"], passphrase=b"pw-for-tests") as ks:
         key = bytes(ks.get("k", 1))
     want = crash_file(tmp_path / "c.taka", 5000, 5500, key=key, name="k")
     r = tk("decrypt", tmp_path / "c.taka", tmp_path / "c.out")

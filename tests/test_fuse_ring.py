@@ -547,7 +547,7 @@ def test_not_found_status_denies(g):
     err, _ = _failed_access(g, "notfound-1")
     assert err == errno.EACCES
     assert g.stats()["ring_error_status"] > before["ring_error_status"]
-    assert _audited(g, "notfound-1", "agent unavailable")
+    assert _audited(g, "notfound-1", "agent error: no such guard point")
 
 
 def test_handler_exception_denies(g):

@@ -72,6 +72,19 @@ def test_exec_a_postgres_is_not_a_postgres_process():
         assert not d.permit and "database type none" in " ".join(d.explanation)
 
 
+def _with_keys(doc, tmp_path):
+    """``doc`` with usable key credentials: `config check` checks what takakryptd needs."""
+    from takakrypt.keys import generate_master_key_file, open_keystore
+
+    mk = tmp_path / "master.key"
+    if not mk.exists():
+        generate_master_key_file(str(mk))
+        with open_keystore(str(tmp_path / "ks.json"), master_key_file=str(mk), create=True):
+            pass
+    return doc | {"keys": {"local": {"path": str(tmp_path / "ks.json"),
+                                     "master_key_file": str(mk)}}}
+
+
 @pytest.mark.parametrize("crit", [{"names": ["postgres"]}, {"databases": ["postgres"]},
                                   {"names": ["postgres"], "databases": ["postgres"]}])
 def test_a_name_alone_never_grants(tmp_path, crit):
@@ -80,12 +93,12 @@ def test_a_name_alone_never_grants(tmp_path, crit):
     with pytest.raises(ConfigError, match=r"rules\[0\]\.process_set.*only by"):
         config.loads(yaml.safe_dump(doc))
     f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump(doc))
+    f.write_text(yaml.safe_dump(_with_keys(doc, tmp_path)))
     r = _cli("config", "check", str(f))
     assert r.returncode == 3 and "which the caller chooses" in r.stderr, r.stderr
     # with an executable it is a filter on top of the path, and accepted
     doc["process_sets"]["pg"]["executables"] = ["/usr/lib/postgresql/*/bin/postgres"]
-    f.write_text(yaml.safe_dump(doc))
+    f.write_text(yaml.safe_dump(_with_keys(doc, tmp_path)))
     assert _cli("config", "check", "--strict", str(f)).returncode == 0
 
 
@@ -94,7 +107,7 @@ def test_config_check_warns_on_name_only_exclusions_and_strict_refuses(tmp_path)
         {"process_set": "sh", "actions": ["all_ops"], "effects": ["deny"]},
         {"process_set": "!sh", "actions": ["read"], "effects": ["permit"]}]}}}
     f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump(doc))
+    f.write_text(yaml.safe_dump(_with_keys(doc, tmp_path)))
     r = _cli("config", "check", str(f))
     assert r.returncode == 0, r.stderr
     warns = [x for x in r.stderr.splitlines() if "WARNING" in x]

@@ -33,7 +33,8 @@ cdef extern from "fuse_impl.h" nogil:
                        uint8_t *key) noexcept nogil
         void (*audit)(void *ctx, const char *kind, uint32_t uid, uint32_t gid, uint32_t pid,
                       const char *path, const char *action, uint32_t effects,
-                      const char *detail) noexcept nogil
+                      const char *detail, int32_t rule, uint32_t key_version,
+                      uint64_t latency_ns) noexcept nogil
     ctypedef struct tk_fs_config:
         const char *mountpoint
         const char *backing
@@ -198,22 +199,25 @@ cdef int _get_key_cb(void *ctx, const char *name, uint32_t version, uint32_t *vo
 
 cdef void _audit_py(void *ctx, const char *kind, uint32_t uid, uint32_t gid, uint32_t pid,
                     const char *path, const char *action, uint32_t effects,
-                    const char *detail) noexcept with gil:
+                    const char *detail, int32_t rule, uint32_t key_version,
+                    uint64_t latency_ns) noexcept with gil:
     cdef Mount m = <Mount>ctx
     if m._audit is None:
         return
     try:
         m._audit(kind.decode(), uid, gid, pid, os.fsdecode(path), action.decode(), effects,
-                 detail.decode("utf-8", "replace"))
+                 detail.decode("utf-8", "replace"), rule, key_version, latency_ns)
     except BaseException as e:
         m.last_callback_error = f"audit: {type(e).__name__}: {e}"
 
 
 cdef void _audit_cb(void *ctx, const char *kind, uint32_t uid, uint32_t gid, uint32_t pid,
                     const char *path, const char *action, uint32_t effects,
-                    const char *detail) noexcept nogil:
+                    const char *detail, int32_t rule, uint32_t key_version,
+                    uint64_t latency_ns) noexcept nogil:
     if _alive:
-        _audit_py(ctx, kind, uid, gid, pid, path, action, effects, detail)
+        _audit_py(ctx, kind, uid, gid, pid, path, action, effects, detail, rule, key_version,
+                  latency_ns)
 
 
 @cython.auto_pickle(False)

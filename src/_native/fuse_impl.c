@@ -238,7 +238,15 @@ void tk_audit(tk_fs *fs, const char *kind, const tk_ident *id, const char *path,
               const char *action, uint32_t effects, const char *detail) {
     if (fs->cb.audit)
         fs->cb.audit(fs->cb.ctx, kind, id->uid, id->gid, id->pid, path ? path : "",
-                     action, effects, detail ? detail : "");
+                     action, effects, detail ? detail : "", -1, 0, 0);
+}
+
+void tk_audit_decision(tk_fs *fs, const tk_ident *id, const char *path, const char *action,
+                       const tk_decision *d, uint64_t latency_ns, const char *detail) {
+    if (fs->cb.audit)
+        fs->cb.audit(fs->cb.ctx, "access", id->uid, id->gid, id->pid, path ? path : "",
+                     action, d->effects, detail ? detail : "", d->rule, d->key_version,
+                     latency_ns ? latency_ns : 1);
 }
 
 void tk_audit_integrity(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *action,
@@ -260,6 +268,27 @@ void tk_audit_integrity(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *ac
  */
 #define RING_DETAIL_UNAVAILABLE "agent unavailable"
 #define RING_DETAIL_MALFORMED "malformed agent answer"
+
+/* "agent error: " + the reason of a non-SUCCESS answer (e.g. the guard point's key is
+ * missing), for the audit record the same thread writes right after; cut at a UTF-8
+ * character boundary.  No reason: RING_DETAIL_UNAVAILABLE. */
+static __thread char ring_reason[256];
+
+static const char *answer_reason(const uint8_t *a, size_t n) {
+    static const char prefix[] = "agent error: ";
+    size_t off = sizeof(struct takakrypt_error_response);
+    if (n <= off) return RING_DETAIL_UNAVAILABLE;
+    const uint8_t *r = a + off;
+    size_t len = n - off, room = sizeof ring_reason - sizeof prefix;
+    if (len > room) {
+        len = room;
+        while (len && (r[len] & 0xC0) == 0x80) len--;  /* r[len]: first byte left out */
+    }
+    memcpy(ring_reason, prefix, sizeof prefix - 1);
+    memcpy(ring_reason + sizeof prefix - 1, r, len);
+    ring_reason[sizeof prefix - 1 + len] = 0;
+    return ring_reason;
+}
 
 /* "Tgid:" of /proc/TID/status. */
 static int read_tgid(tk_fs *fs, uint32_t tid, uint32_t *tgid) {
@@ -503,7 +532,7 @@ static int ring_decide(tk_fs *fs, const tk_ident *id, const char *relpath,
     rc = parse_policy_answer(answer, n, seq, out, &status);
     if (rc == -EREMOTEIO) {
         TK_INC(fs, ring_error_status, 1);
-        *detail = RING_DETAIL_UNAVAILABLE;
+        *detail = answer_reason(answer, n);  /* validated by parse_policy_answer */
         return -EACCES;
     }
     if (rc) {
@@ -540,8 +569,17 @@ int tk_check_path(tk_fs *fs, const tk_ident *id, const char *path, tk_action act
     return tk_check_path_target(fs, id, path, NULL, act, flags, out);
 }
 
+static uint64_t elapsed_ns(const struct timespec *t0) {
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (uint64_t)(t1.tv_sec - t0->tv_sec) * 1000000000ULL + (uint64_t)t1.tv_nsec -
+           (uint64_t)t0->tv_nsec;
+}
+
 int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
                          const char *target, tk_action act, int flags, tk_decision *out) {
+    struct timespec t0;  /* the decision's latency, for its audit record */
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     /* a uid/gid-only identity caches by uid/gid (pid 0: no process-bound key has it) */
     tk_cache_key k = {
         .uid = id->uid, .gid = id->gid, .pid = id->lazy ? 0 : id->pid,
@@ -617,9 +655,9 @@ int tk_check_path_target(tk_fs *fs, const tk_ident *id, const char *path,
     if (!(flags & TK_CHK_PROBE)) {
         if (!permit) TK_INC(fs, denied, 1);
         if (!permit || (out->effects & (TK_FX_AUDIT | TK_FX_WOULD_DENY)))
-            tk_audit(fs, "access", id, path, tk_action_name(act), out->effects,
-                     rc ? (detail ? detail : "decision unavailable")
-                        : (permit ? "" : "denied"));
+            tk_audit_decision(fs, id, path, tk_action_name(act), out, elapsed_ns(&t0),
+                              rc ? (detail ? detail : "decision unavailable")
+                                 : (permit ? "" : "denied"));
     }
     free(both);
     return permit ? 0 : -EACCES;

@@ -84,10 +84,13 @@ typedef struct {
      * 0 and key[0..32) filled, or a negative errno. */
     int (*get_key)(void *ctx, const char *name, uint32_t version, uint32_t *version_out,
                    uint8_t key[32]);
-    /* kind: "access" or "integrity".  Must not fail; errors are swallowed. */
+    /* kind: "access" or "integrity".  rule, key_version: the decision's (-1, 0: none);
+     * latency_ns: how long the decision took (0 for events that are not one).  Must
+     * not fail; errors are swallowed. */
     void (*audit)(void *ctx, const char *kind, uint32_t uid, uint32_t gid, uint32_t pid,
                   const char *path, const char *action, uint32_t effects,
-                  const char *detail);
+                  const char *detail, int32_t rule, uint32_t key_version,
+                  uint64_t latency_ns);
 } tk_callbacks;
 
 struct tk_ring;

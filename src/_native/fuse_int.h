@@ -254,6 +254,10 @@ int tk_ident_get(tk_fs *fs, fuse_req_t req, tk_ident *id);
 int tk_ident_for(tk_fs *fs, fuse_req_t req, tk_ident *id);
 void tk_audit(tk_fs *fs, const char *kind, const tk_ident *id, const char *path,
               const char *action, uint32_t effects, const char *detail);
+/* An access decision's audit record: tk_audit with the decision's rule and key
+ * version and the time it took. */
+void tk_audit_decision(tk_fs *fs, const tk_ident *id, const char *path, const char *action,
+                       const tk_decision *d, uint64_t latency_ns, const char *detail);
 void tk_audit_integrity(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *action,
                         const char *detail);
 /* Data key by name/version (0 = current: *vout receives it). */

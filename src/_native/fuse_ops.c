@@ -133,8 +133,9 @@ static int check_view_at(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *n
         tk_ident id;
         tk_ident_get(fs, req, &id);
         char *path = tk_path(fs, ino, name);
-        tk_audit(fs, "access", &id, path, tk_action_name(act), d.effects,
-                 "view mismatch: the caller's decision does not match this node's view");
+        tk_audit_decision(fs, &id, path, tk_action_name(act), &d, 0,
+                          "view mismatch: the caller's decision does not match this node's "
+                          "view");
         free(path);
         TK_INC(fs, denied, 1);
         rc = -EACCES;

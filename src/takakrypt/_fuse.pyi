@@ -53,7 +53,8 @@ class Mount:
         key_name: str,
         decide: Callable[[int, int, int, str, str], tuple[int, int, int, float]] | None,
         get_key: Callable[[str, int | None], tuple[int, bytes | bytearray]],
-        audit: Callable[[str, int, int, int, str, str, int, str], None] | None = ...,
+        audit: Callable[[str, int, int, int, str, str, int, str, int, int, int], None]
+        | None = ...,
         *,
         threads: int = ...,
         cache_entries: int = ...,

@@ -143,8 +143,9 @@ def _live(args: argparse.Namespace, cmd: str, **kw: Any) -> Any:
 
 def cmd_status(args: argparse.Namespace) -> int:
     st = _live(args, "status")
+    state = st.get("state") or ("healthy" if st["healthy"] else "unhealthy")
     lines = [f"takakryptd {st['version']} pid {st['pid']}, up {st['uptime_seconds']:.0f} s, "
-             f"{'healthy' if st['healthy'] else 'UNHEALTHY'}",
+             f"{state if state == 'healthy' else state.upper()}",
              f"config:      {st['config']}",
              f"key backend: {st['key_backend'].get('type')} (circuit "
              f"{st['key_backend'].get('state')})",
@@ -152,7 +153,9 @@ def cmd_status(args: argparse.Namespace) -> int:
              f"reloads:     {st['reloads']['ok']} ok, {st['reloads']['failed']} failed"
              + (f" (last error: {st['last_reload_error']})" if st["last_reload_error"] else "")]
     lines.append("health:")
-    lines += [f"  {'ok  ' if ok else 'FAIL'} {name}" for name, ok in st["health"].items()]
+    why = st.get("problems") or {}
+    lines += [f"  {'ok  ' if ok else 'FAIL'} {name}" + (f": {why[name]}" if name in why else "")
+              for name, ok in st["health"].items()]
     lines.append("guard points:")
     lines += [f"  {'mounted  ' if g['mounted'] else 'unmounted'} {g['path']} (policy "
               f"{g['policy']}, key {g['key']})" + (f" error: {g['error']}" if g["error"] else "")
@@ -228,9 +231,21 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     with _keystore(args) as ks:
         info = ks.rotate(args.name)
-    _out(args, _key_info_dict(info),
+    # a running agent learns it at once (it also looks every 10 s by itself)
+    from .agent.control import call
+    from .errors import AgentUnavailable, Error
+
+    try:
+        call(_control_socket(args), "keys_changed", timeout=10)
+        agent = "the running takakryptd re-read the keystore"
+    except AgentUnavailable:
+        agent = ("no takakryptd answered on its control socket; a running agent picks "
+                 "it up within 10 s (or at once: takakrypt reload)")
+    except Error as e:
+        agent = f"takakryptd could not re-read the keystore ({e}): run takakrypt reload"
+    _out(args, _key_info_dict(info) | {"agent": agent},
          f"rotated key {info.name}: new files use version {info.current_version}; "
-         "older versions stay available for existing files")
+         f"older versions stay available for existing files; {agent}")
     return 0
 
 
@@ -364,9 +379,10 @@ def cmd_xform(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from . import config
+    from .agent.keymanager import load_config
     from .errors import ConfigError
 
-    cfg = config.load(args.file)
+    cfg = load_config(args.file)  # what takakryptd checks at start and reload
     warnings = config.identity_warnings(cfg)
     if warnings and args.strict:
         err = ConfigError(f"{args.file}: {warnings[0]}" + (
@@ -423,7 +439,10 @@ def policy_check_request(cfg, a: dict[str, Any]):  # type: ignore[no-untyped-def
     try:
         exe_id = procinfo.file_identity(exe)
     except OSError as e:
-        raise UsageError(f"{a['exe']}: {e.strerror}") from None
+        raise UsageError(f"--exe {a['exe']}: {e.strerror}") from None
+    if not os.path.isfile(exe):
+        raise UsageError(f"--exe {a['exe']}: not a regular file (the executable of the "
+                         "process)")
     comm = a.get("name") or os.path.basename(exe)[:15]
     argv0 = tuple(a["cmdline"].split()) if a.get("cmdline") else (exe,)
     proc = procinfo.Process(pid=0, start_time=0, exe=exe, comm=comm, cmdline=argv0, uid=uid,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import zoneinfo
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -213,8 +214,14 @@ class _Errors:
     def __init__(self, source: str, loc: _Located) -> None:
         self.source, self.loc = source, loc
         self.items: list[str] = []
+        self.paths: list[str] = []
+        # names of sets/policies that failed to decode (references to them are not
+        # reported again) and top-level fields left out after an error
+        self.broken: set[str] = set()
+        self.dropped: set[str] = set()
 
     def add(self, path: str, msg: str) -> None:
+        self.paths.append(path)
         line = self.loc.line(path)
         where = f"{self.source}:{line}: " if line else (f"{self.source}: " if self.source else "")
         self.items.append(f"{where}{path}: {msg}")
@@ -247,7 +254,12 @@ def _convert(obj: Any, typ: Any, path: str, errors: _Errors) -> Any:
 # ---------------------------------------------------------------------------------------
 # loading
 
-def load(path: str) -> Config:
+#: ``host(cfg, add)``: checks of what the configuration names on this machine (see
+#: :func:`check_host`), ``add(path, message)`` records an error.
+HostCheck = Callable[["Config", Callable[[str, str], None]], None]
+
+
+def load(path: str, *, host: HostCheck | None = None) -> Config:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -255,11 +267,13 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return loads(text, source=path)
+    return loads(text, source=path, host=host)
 
 
-def loads(text: str, *, source: str = "<config>") -> Config:
-    """Decode and validate a configuration; raises ConfigError naming path and line."""
+def loads(text: str, *, source: str = "<config>", host: HostCheck | None = None) -> Config:
+    """Decode and validate a configuration; raises ConfigError naming path and line,
+    with every error found in ``.all``.  ``host``: also check what the file names on
+    this machine (the daemon and ``config check`` pass the same one)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
@@ -283,9 +297,12 @@ def loads(text: str, *, source: str = "<config>") -> Config:
         errors.add("$", "the configuration must be a mapping")
         errors.raise_if_any()
     cfg = _decode(raw, errors)
-    errors.raise_if_any()
+    if cfg is None:
+        errors.raise_if_any()
     assert cfg is not None
     _check(cfg, errors)
+    if host is not None and not errors.dropped:
+        host(cfg, errors.add)
     errors.raise_if_any()
     cfg.source = source
     return cfg
@@ -314,6 +331,8 @@ def _decode(raw: dict[str, Any], errors: _Errors) -> Config | None:
                                 f"{path}.{name}", errors)
                 if conv is not None:
                     section[name] = conv
+                else:
+                    errors.broken.add(name)
             top[key] = section
         elif key == "audit":
             top[key] = _convert_audit(value, errors)
@@ -322,9 +341,15 @@ def _decode(raw: dict[str, Any], errors: _Errors) -> Config | None:
         else:
             top[key] = value
     rest = {k: v for k, v in top.items() if k not in _SECTIONS and k != "audit"}
-    cfg = _convert(rest, Config, "$", errors)
-    if cfg is None:
-        return None
+    while True:  # msgspec names one error: leave that field out and convert the rest
+        cfg = _convert(rest, Config, "$", errors)
+        if cfg is not None:
+            break
+        m = re.match(r"\$\.([^.\[]+)", errors.paths[-1] if errors.paths else "")
+        if not m or m.group(1) not in rest:
+            return None
+        del rest[m.group(1)]
+        errors.dropped.add(m.group(1))
     for key in _SECTIONS:
         if key in top:
             setattr(cfg, key, top[key])
@@ -356,7 +381,7 @@ def _check_ref(errors: _Errors, path: str, ref: str | None, table: dict[str, Any
     if ref is None:
         return
     name = ref[1:] if ref.startswith("!") else ref
-    if name not in table:
+    if name not in table and name not in errors.broken:
         known = ", ".join(sorted(table)) or "none defined"
         errors.add(path, f"unknown {kind} '{name}' (known: {known})")
 
@@ -444,7 +469,7 @@ def _check(cfg: Config, errors: _Errors) -> None:
         if norm in seen:
             errors.add(f"{p}.path", f"same path as guard_points[{seen[norm]}]")
         seen[norm] = i
-        if gp.policy not in cfg.policies:
+        if gp.policy not in cfg.policies and gp.policy not in errors.broken:
             errors.add(f"{p}.policy", f"unknown policy '{gp.policy}'")
         if gp.backing is not None and not os.path.isabs(gp.backing):
             errors.add(f"{p}.backing", "backing directory must be absolute")
@@ -458,10 +483,76 @@ def _check(cfg: Config, errors: _Errors) -> None:
         errors.add("$.agent.request_timeout", "must be positive")
     if cfg.agent.cache.max_entries < 1:
         errors.add("$.agent.cache.max_entries", "must be at least 1")
-    if cfg.agent.cache.ttl_seconds < 0:
-        errors.add("$.agent.cache.ttl_seconds", "must not be negative")
+    if not cfg.agent.cache.ttl_seconds > 0:
+        errors.add("$.agent.cache.ttl_seconds", "must be positive")
     if cfg.agent.log_level not in ("debug", "info", "warning", "error"):
         errors.add("$.agent.log_level", f"unknown log level '{cfg.agent.log_level}'")
+
+
+def check_host(cfg: Config, add: Callable[[str, str], None],
+               key_names: Callable[[Keys], set[str]] | None) -> None:
+    """What the daemon needs from this machine, each failure through ``add``: usable key
+    credentials and backend, the (enabled) guard points' directories, and, through
+    ``key_names`` (the names the configured backend holds; it raises an Error when the
+    backend cannot be opened), the guard points' keys."""
+    k = cfg.keys
+    usable = True
+    if k.backend == "kmip":
+        add("$.keys.backend", "the KMIP backend is not available in this build")
+        usable = False
+    elif k.backend == "local":
+        loc = k.local
+        if bool(loc.passphrase_file) == bool(loc.master_key_file):
+            add("$.keys.local", "give exactly one of passphrase_file or master_key_file")
+            usable = False
+        for fld in ("passphrase_file", "master_key_file"):
+            f = getattr(loc, fld)
+            if f and not os.access(f, os.R_OK):
+                add(f"$.keys.local.{fld}", f"cannot read {f}: "
+                    + ("no such file" if not os.path.exists(f) else "permission denied"))
+                usable = False
+        if not os.path.isfile(loc.path):
+            add("$.keys.local.path", f"no keystore at {loc.path} (create a key first: "
+                "takakrypt keys create NAME)")
+            usable = False
+    mounted = _mount_points()
+    for i, gp in enumerate(cfg.guard_points):
+        if not gp.enabled:
+            continue
+        for fld in ("path", "backing"):
+            d = getattr(gp, fld)
+            # a mount point exists; and stat on it may ask a FUSE server (the agent itself,
+            # which is then blocked in this very check) or hang on a dead one
+            if d is not None and os.path.isabs(d) and os.path.normpath(d) not in mounted \
+                    and not os.path.isdir(d):
+                add(f"$.guard_points[{i}].{fld}", f"{d} is not a directory" if
+                    os.path.exists(d) else f"{d} does not exist")
+    wanted = [(i, gp.key) for i, gp in enumerate(cfg.guard_points) if gp.enabled]
+    if not wanted or key_names is None or not usable:
+        return
+    from .errors import Error
+
+    try:
+        names = key_names(k)
+    except Error as e:
+        add("$.keys", f"cannot open the key backend to check the guard points' keys: {e}")
+        return
+    for i, name in wanted:
+        if name not in names:
+            add(f"$.guard_points[{i}].key", f"key '{name}' not found in the key backend "
+                f"(create it: takakrypt keys create {name})")
+
+
+def _mount_points() -> set[str]:
+    """Mount points of this mount namespace (/proc/self/mountinfo: no stat of any)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            fields = [line.split(" ", 5) for line in f]
+    except OSError:
+        return set()
+    # octal escapes: \040 space, \011 tab, \012 newline, \134 backslash
+    return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), x[4])
+            for x in fields if len(x) > 4}
 
 
 def _name_only(cfg: Config, ref: str | None) -> tuple[str, bool, str] | None:

@@ -15,7 +15,8 @@ Decisions come from the engine's decision cache; a miss asks, in this order:
   pid = thread group id, process = executable path, start time, exe dev/ino) and waits
   up to ``ring_timeout_ms`` (default 5000, the protocol's timeout) without the GIL.
   No answer, a closed ring, a non-SUCCESS status or a malformed answer deny and are
-  audited (``"agent unavailable"`` / ``"malformed agent answer"``).  rename and link
+  audited (``"agent unavailable"``, ``"agent error: REASON"`` for a non-SUCCESS answer
+  with a reason, ``"malformed agent answer"``).  rename and link
   check both paths, each request carrying the destination as ``target``.
 * otherwise ``decide``.
 
@@ -36,6 +37,9 @@ and must never touch the guard point's own mount, which would deadlock):
 ``audit(kind, uid, gid, pid, path, action, effects, detail)``
     ``kind`` is ``"access"`` (deny, audit or would-deny decisions, cache hits too) or
     ``"integrity"`` (header or block authentication failures).  Exceptions are ignored.
+    With ``audit_decisions=True`` it also receives ``rule`` (the decision's rule index,
+    -1: none), ``key_version`` (the key version the decision names, 0: none) and
+    ``latency_ns`` (how long the decision took; 0 for events that are not decisions).
 """
 
 from __future__ import annotations
@@ -195,7 +199,8 @@ class GuardPoint:
                  current_version: int | Callable[[str], int] = 1, debug: bool = False,
                  ring: Ring | None = None, ring_timeout_ms: int = _fuse.RING_TIMEOUT_MS,
                  metadata_cache: float = DEFAULT_METADATA_CACHE,
-                 io_uring: bool = True, read_helpers: bool = True) -> None:
+                 io_uring: bool = True, read_helpers: bool = True,
+                 audit_decisions: bool = False) -> None:
         if decide is None and ring is None:
             raise ValueError("a guard point needs decide or ring")
         self.path = os.path.realpath(os.fspath(path))
@@ -204,6 +209,7 @@ class GuardPoint:
         self._get_key = get_key
         self._decide = decide
         self._audit = audit
+        self._audit_nargs = 11 if audit_decisions else 8
         self._current = current_version
         self.ring = ring
         self._m = _fuse.Mount(self.path, self.backing, key_name,
@@ -231,7 +237,7 @@ class GuardPoint:
 
     def _audit_cb(self, *args: Any) -> None:
         assert self._audit is not None
-        self._audit(*args)
+        self._audit(*args[:self._audit_nargs])
 
     # lifecycle ---------------------------------------------------------------------------
     def mount(self) -> None:

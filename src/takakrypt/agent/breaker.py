@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..errors import BackendUnavailable, KeyError_
+from ..errors import BackendUnavailable, Error, KeyExists, KeyNotFound
 
 T = TypeVar("T")
 
@@ -58,7 +58,9 @@ class CircuitBreaker:
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` through the breaker.  Errors that mean "the backend is there but
-        said no" (KeyNotFound etc.) count as successes of the connection."""
+        said no" (KeyNotFound, KeyExists) count as successes of the connection; every
+        other failure (unreachable, a keystore file that is missing, unreadable, corrupt
+        or no longer opens) counts as a failure and is raised as it is."""
         with self._lock:
             self._maybe_half_open()
             if self._state == OPEN or (self._state == HALF_OPEN and self._probe_in_flight):
@@ -69,17 +71,25 @@ class CircuitBreaker:
                 self._probe_in_flight = True
         try:
             result = fn()
-        except BackendUnavailable:
-            self._failure()
-            raise
-        except KeyError_:
+        except (KeyNotFound, KeyExists):
             self._success()
+            raise
+        except Error:
+            self._failure()
             raise
         except OSError as e:
             self._failure()
             raise BackendUnavailable(f"key backend {self.name}: {e}") from None
         self._success()
         return result
+
+    def record(self, ok: bool) -> None:
+        """The outcome of a health probe made outside :meth:`call` (the probe is how an
+        open circuit learns that the backend is back)."""
+        if ok:
+            self._success()
+        else:
+            self._failure()
 
     def _success(self) -> None:
         with self._lock:

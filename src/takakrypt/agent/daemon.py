@@ -29,10 +29,10 @@ from .. import __version__
 from .. import config as C
 from .. import policy, procinfo
 from ..audit import event as audit_event
-from ..errors import ConfigError, Error, UsageError
+from ..errors import ConfigError, Error, KeyNotFound, UsageError
 from .breaker import CircuitBreaker
 from .control import ControlServer
-from .keymanager import KeyManager, open_backend
+from .keymanager import KeyManager, load_config, open_backend
 from .notify import Notifier
 
 log = logging.getLogger("takakryptd")
@@ -92,6 +92,7 @@ class Agent:
         self.reloads = {"ok": 0, "failed": 0}
         self.last_reload_error: str | None = None
         self.health: dict[str, bool] = {}
+        self.health_problems: dict[str, str] = {}  # check name -> why it fails
         self.keys: KeyManager | None = None
         self.audit: Any = None
         self.metrics: Any = None
@@ -105,9 +106,11 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
 
     # configuration ------------------------------------------------------------------------
-    @staticmethod
-    def _load(path: str) -> State:
-        cfg = C.load(path)
+    def _load(self, path: str) -> State:
+        # reload: the running backend names the keys; at start main() looked them up
+        keys = getattr(self, "keys", None)
+        cfg = load_config(path, backend=keys.backend if keys is not None else None,
+                          check_keys=keys is not None)
         for w in C.identity_warnings(cfg):  # `takakrypt config check --strict` refuses these
             log.warning("%s: %s", path, w)
         return State(cfg, policy.Engine(cfg))
@@ -296,7 +299,9 @@ class Agent:
             "config": self.config_path,
             "uptime_seconds": round(time.time() - self.started, 3),
             "healthy": healthy,
+            "state": self.health_state(),
             "health": dict(self.health),
+            "problems": dict(self.health_problems),
             "key_backend": {"type": self.config.keys.backend,
                             **(self.keys.breaker.snapshot() if self.keys else {})},
             "policies": sorted(self.config.policies),
@@ -320,7 +325,10 @@ class Agent:
             out.append({"path": path, "policy": gp.policy, "key": gp.key,
                         "backing": gp.backing or "(in place)", "enabled": gp.enabled,
                         "mounted": bool(g is not None and getattr(g, "is_mounted", True)),
-                        "error": self.guard_errors.get(path),
+                        "error": (self.guard_errors.get(path)
+                                  or self.health_problems.get(f"guard:{path}")),
+                        "request_timeout_ms": getattr(getattr(g, "_m", None),
+                                                      "ring_timeout_ms", None),
                         "stats": g.stats() if g is not None and hasattr(g, "stats") else None})
         return out
 
@@ -328,6 +336,7 @@ class Agent:
     def control(self, req: dict[str, Any]) -> Any:
         cmd = req["cmd"]
         if cmd == "status":
+            self.check_health()  # what holds now, not 10 s ago
             return self.status()
         if cmd == "reload":
             return self.reload()
@@ -342,8 +351,13 @@ class Agent:
         if cmd == "audit_stats":
             return self.audit.stats() if self.audit is not None else {}
         if cmd == "health":
+            self.check_health()
             return {"healthy": all(self.health.values()) if self.health else True,
-                    "checks": dict(self.health)}
+                    "state": self.health_state(), "checks": dict(self.health),
+                    "problems": dict(self.health_problems)}
+        if cmd == "keys_changed":  # sent by `takakrypt keys rotate`
+            self.check_health()
+            return {"state": self.health_state()}
         if cmd == "policy_check":
             return self._control_policy_check(req)
         raise UsageError(f"unknown command {cmd!r}")
@@ -354,12 +368,29 @@ class Agent:
 
         request, pol_name = policy_check_request(self.config, req)
         d = self.state.engine.evaluate(pol_name, request, explain=True)
-        return d.as_dict() | {"generation": self.cache.generation if self.cache is not None else None}
+        out = d.as_dict() | {"generation": self.cache.generation if self.cache is not None
+                             else None}
+        # the policy may permit, but a guard point whose key is missing denies everything
+        path = os.path.normpath(str(req.get("path") or ""))
+        for gp in self.config.guard_points:
+            root = os.path.normpath(gp.path)
+            if gp.enabled and gp.policy == pol_name and (
+                    path == root or path.startswith(root.rstrip("/") + "/")):
+                why = self.key_problem(gp.key)
+                if why and out["permit"]:
+                    out |= {"decision": "deny", "permit": False, "apply_key": False,
+                            "effects": ["deny"],
+                            "explanation": [*out["explanation"], f"guard point {root}: {why}"]}
+        return out
 
     # health -------------------------------------------------------------------------------
     def check_health(self) -> dict[str, bool]:
         checks: dict[str, bool] = {}
+        problems: dict[str, str] = {}
         checks["key_backend"] = self.keys.probe() if self.keys else False
+        if not checks["key_backend"]:
+            problems["key_backend"] = (self.keys.last_error if self.keys else None) or \
+                "no key backend open"
         if self.audit is not None:
             sinks = self.audit.stats().get("sinks", {})
             checks["audit_sinks"] = all(not s.get("failing", False) for s in sinks.values())
@@ -369,8 +400,55 @@ class Agent:
             path = os.path.normpath(gp.path)
             g = self.guards.get(path)
             checks[f"guard:{path}"] = bool(g is not None and getattr(g, "is_mounted", False))
-        self.health = checks
+            why = self.key_problem(gp.key)
+            if why:
+                checks[f"guard:{path}"] = False
+                problems[f"guard:{path}"] = why
+        for name, why in problems.items():
+            if self.health_problems.get(name) != why:  # log each new problem once
+                log.error("%s: %s", name, why)
+        self.health, self.health_problems = checks, problems
+        self._pick_up_rotations()
         return checks
+
+    def key_problem(self, name: str) -> str:
+        """Why a guard point with key ``name`` denies every access ("" if it does not):
+        the backend answers that the key does not exist.  A backend that fails is not
+        such a reason (held keys are still served: degraded)."""
+        if self.keys is None:
+            return ""
+        try:
+            self.keys.current_version(name)
+        except KeyNotFound as e:
+            return f"{e}: every access is denied"
+        except Error:
+            return ""
+        return ""
+
+    def _pick_up_rotations(self) -> None:
+        """Keys rotated since they were last read (``keys rotate``): the guard points that
+        use them forget the current version they hold, so new files use the new one."""
+        if self.keys is None:
+            return
+        changed = self.keys.changed_versions()
+        for name, version in changed.items():
+            for g in list(self.guards.values()):
+                if getattr(getattr(g, "spec", None), "key", None) == name and \
+                        hasattr(g, "bump_generation"):
+                    g.bump_generation()
+            log.info("key %s: new files use version %d", name, version)
+            self._audit_system("key-rotation", f"key {name} now at version {version}",
+                               {"key": name, "version": version})
+
+    def health_state(self) -> str:
+        """healthy; degraded (only the key backend fails: keys already held are served);
+        unhealthy (a guard point, the audit trail)."""
+        bad = [n for n, ok in self.health.items() if not ok]
+        if any(n != "key_backend" for n in bad):
+            return "unhealthy"
+        if bad or (self.keys is not None and self.keys.degraded):
+            return "degraded"
+        return "healthy"
 
 
 # ------------------------------------------------------------------------------------------
@@ -520,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     harden_process()
     try:
-        agent_cfg = C.load(args.config)  # validate before forking: errors reach the caller
+        agent_cfg = load_config(args.config)  # before forking: errors reach the caller
     except ConfigError as e:
         for line in getattr(e, "all", None) or [str(e)]:
             print(f"takakryptd: error: {line}", file=sys.stderr)

@@ -31,7 +31,8 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
         d = agent.decide(policy_name, uid, gid, tid, path, action, guard=root, key=key_name,
                          audit=False)
         ttl = d.cache_ttl if d.cache_ttl is not None else agent.config.agent.cache.ttl_seconds
-        return int(effects_of(d)), d.rule, 0, ttl
+        version = agent.keys.current_version(key_name) if d.permit and d.apply_key else 0
+        return int(effects_of(d)), d.rule, version, ttl
 
     def get_key(name: str, version: int) -> bytearray:
         # Each guard point serves only files under its own key: a TAKA file of another
@@ -45,7 +46,7 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
         return agent.keys.get(name, version)
 
     def audit(kind: str, uid: int, gid: int, pid: int, path: str, action: str, effects: int,
-              detail: str) -> None:
+              detail: str, rule: int = -1, key_version: int = 0, latency_ns: int = 0) -> None:
         if agent.audit is None:
             return
         full = os.path.join(root, path) if path else root
@@ -60,10 +61,15 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
             pass
         verdict = ("would-deny" if effects & 16 else "permit" if effects & 1 and not effects & 2
                    else "deny")
+        pol = agent.config.policies.get(policy_name)
+        applies = bool(effects & 4)
         agent.audit.log(ev.access_event(
             uid=uid, pid=pid, exe=exe, path=full, operation=action, decision=verdict,
-            effects=[n for n, b in _NAMES if effects & b], policy=policy_name,
-            key=key_name if effects & 4 else None, reason=detail, groups=(gid,)))
+            effects=[n for n, b in _NAMES if effects & b], policy=policy_name, rule=rule,
+            key=key_name if applies else None,
+            key_version=key_version if applies and key_version else None,
+            learn_mode=bool(pol is not None and pol.learn_mode),
+            latency_us=latency_ns / 1000, reason=detail, groups=(gid,)))
 
     ring = getattr(getattr(agent, "ring_transport", None), "ring", None)
     # cache misses go through the ring (no GIL on the data path's threads), rename and
@@ -72,7 +78,9 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
                    decide=decide, audit=audit, threads=4, ring=ring,
                    cache=agent.config.agent.cache.max_entries,
                    metadata_cache=gp.metadata_cache, io_uring=gp.io_uring,
-                   read_helpers=gp.read_helpers,
+                   read_helpers=gp.read_helpers, audit_decisions=True,
+                   # how long a cache miss waits for the agent's answer, then denies
+                   ring_timeout_ms=max(1, round(agent.config.agent.request_timeout * 1000)),
                    current_version=lambda name: agent.keys.current_version(name))
     g.spec = gp  # type: ignore[attr-defined]
     apply_policy_hints(agent, g)

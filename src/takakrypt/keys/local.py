@@ -387,6 +387,19 @@ class _Credential:
         self.secret.wipe()
 
 
+#: characters a NEW keystore's passphrase needs at least (docs/keys.md); existing
+#: keystores open with whatever passphrase they were made with
+MIN_PASSPHRASE = 8
+
+
+def _check_new_passphrase(cred: _Credential) -> None:
+    # code points, counted in place: no unwipeable copy of the passphrase
+    n = sum(1 for b in cred.secret.value if b & 0xC0 != 0x80)
+    if n < MIN_PASSPHRASE:
+        raise UsageError(f"the passphrase of a new keystore must be at least "
+                         f"{MIN_PASSPHRASE} characters (got {n}); or use a master key file")
+
+
 def _read_master_key(path: str) -> bytearray:
     buf = bytearray(MASTER_KEY_BYTES + 1)
     try:
@@ -657,6 +670,8 @@ class Keystore(KeyBackend):
                     raise UsageError(f"keystore {self._shown} already exists")
                 self._open(cred)
                 return
+            if cred.kind == "passphrase":
+                _check_new_passphrase(cred)
             salt = _b64(os.urandom(SALT_BYTES))
             kdf: _Argon2idKdf | _MasterKeyKdf
             if cred.kind == "passphrase":
