@@ -25,8 +25,11 @@ TREE = Path(__file__).resolve().parent.parent
 
 
 def _kernel() -> str | None:
-    found = sorted(glob.glob("/boot/vmlinuz-*"), key=lambda p: [int(x) if x.isdigit() else x
-                                                                 for x in p.replace("-", ".").split(".")])
+    """The newest /boot/vmlinuz-* (Debian's linux-image-amd64 brings one)."""
+    def version(path: str) -> list:
+        return [(0, int(x), "") if x.isdigit() else (1, 0, x)
+                for x in path.replace("-", ".").split(".")]
+    found = sorted(glob.glob("/boot/vmlinuz-*"), key=version)
     return found[-1] if found else None
 
 
