@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,15 +61,10 @@ pytestmark = pytest.mark.skipif(bool(_missing()), reason="VM tooling absent: " +
 
 
 @pytest.fixture(scope="module")
-def guest():
-    # the guest sees the host's /tmp, /var, /etc, ... through overlays whose writes stay
-    # in the guest, so the directory shared read-write with it lies in this tree
-    out = Path(tempfile.mkdtemp(prefix=".vm-", dir=TREE / "tests"))
-    try:
-        yield _boot(out)
-    finally:
-        if not os.environ.get("TAKAKRYPT_VM_KEEP"):  # set it to look at the guest's logs
-            shutil.rmtree(out, ignore_errors=True)
+def guest(tmp_path_factory):
+    # shared read-write with the guest (--rwdir): the guest side writes result.json,
+    # guest.log, and vng's console output lands in console.log
+    return _boot(tmp_path_factory.mktemp("vm"))
 
 
 def _boot(out: Path) -> dict:
