@@ -1,0 +1,157 @@
+"""Guest side of tests/test_systemd_unit.py: runs inside a VM whose PID 1 is systemd.
+
+It is started by the kernel command line (``systemd.run=``, i.e. as systemd's
+``kernel-command-line.service``, which has no sandboxing of its own and so lives in
+PID 1's mount namespace: "the host" as far as the agent's unit is concerned).  For each
+variant of packaging/takakryptd.service it installs the unit under /run/systemd/system
+with ExecStart pointed at this tree, starts it with systemctl, and looks at the guard
+point from outside the service.  Everything observed goes to OUT/result.json; the
+assertions are made by the test on the host side.
+
+usage: python systemd_unit_guest.py TREE OUT
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+TREE, OUT = Path(sys.argv[1]), Path(sys.argv[2])
+sys.path.insert(0, str(TREE / "src"))
+sys.path.insert(0, str(TREE / "tests"))
+
+PY = os.path.realpath(sys.executable)
+CAT = os.path.realpath(shutil.which("cat") or "/bin/cat")
+UNIT_DIR = Path("/run/systemd/system")
+SECRET = "plaintext that must never reach the disk\n" * 200
+
+
+def sh(*cmd: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+
+
+def unit_text(tree_unit: str, config: Path) -> str:
+    """The shipped unit with only ExecStart changed to run this tree's agent."""
+    # sys.executable, not its realpath: the venv's site-packages come with the former
+    exec_start = (f"ExecStart={sys.executable} -m takakrypt.agent.daemon --config {config} --foreground\n"
+                  f"Environment=PYTHONPATH={TREE / 'src'}\n")
+    text, n = re.subn(r"^ExecStart=.*\n", exec_start, tree_unit, flags=re.M)
+    assert n == 1, "the shipped unit must have exactly one ExecStart="
+    return text
+
+
+def make_config(work: Path) -> tuple[Path, Path]:
+    from agent_helpers import base_config, write_config
+
+    cfg = base_config(work)
+    gp = work / "guarded"
+    gp.mkdir()
+    os.chmod(gp, 0o777)
+    cfg["agent"]["log_level"] = "info"
+    cfg["process_sets"] = {"app": {"executables": [PY]}}
+    cfg["policies"] = {"gp": {"rules": [
+        {"user_set": "root", "process_set": "app", "actions": ["all_ops"],
+         "effects": ["permit", "apply_key"]},
+        {"actions": ["getattr", "list"], "effects": ["permit"]},
+        {"actions": ["all_ops"], "effects": ["deny", "audit"]},
+    ]}}
+    cfg["guard_points"] = [{"path": str(gp), "policy": "gp", "key": "k1"}]
+    config = work / "takakrypt.yaml"
+    write_config(config, cfg)
+    return config, gp
+
+
+def fuse_mounts(mountinfo: str, path: Path) -> list[str]:
+    """Filesystem types of the mounts at PATH in a /proc/PID/mountinfo text."""
+    types = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        if fields[4] == str(path):
+            types.append(fields[sep + 1])
+    return types
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        return f"<{e}>"
+
+
+def variant(name: str, tree_unit: str, dropin: str | None) -> dict:
+    work = Path(f"/tmp/takakrypt-unit-{name}")
+    work.mkdir(parents=True)
+    config, gp = make_config(work)
+    (UNIT_DIR / "takakryptd.service").write_text(unit_text(tree_unit, config))
+    dropin_dir = UNIT_DIR / "takakryptd.service.d"
+    shutil.rmtree(dropin_dir, ignore_errors=True)
+    if dropin:
+        dropin_dir.mkdir()
+        (dropin_dir / "variant.conf").write_text(dropin)
+    sh("systemctl", "daemon-reload")
+    r: dict = {"name": name}
+    start = sh("systemctl", "start", "takakryptd.service")
+    r["start_rc"], r["start_err"] = start.returncode, start.stderr
+    r["active"] = sh("systemctl", "is-active", "takakryptd.service").stdout.strip()
+    pid = int(sh("systemctl", "show", "-P", "MainPID", "takakryptd.service").stdout.strip() or 0)
+    r["main_pid"] = pid
+    r["pid1_is_systemd"] = read_text("/proc/1/comm").strip() == "systemd"
+    if pid:
+        r["same_mnt_ns"] = os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/1/ns/mnt")
+        r["service_sees"] = fuse_mounts(read_text(f"/proc/{pid}/mountinfo"), gp)
+    r["pid1_sees"] = fuse_mounts(read_text("/proc/1/mountinfo"), gp)
+    r["self_sees"] = fuse_mounts(read_text("/proc/self/mountinfo"), gp)
+    # a permitted process (this interpreter, outside the service) writes and reads back
+    target = gp / "secret.txt"
+    w = sh(sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2]); "
+                     "print(open(sys.argv[1]).read() == sys.argv[2])", str(target), SECRET)
+    r["permitted_roundtrip"] = w.stdout.strip() == "True"
+    r["permitted_err"] = w.stderr[-2000:]
+    # a denied process: cat is in no process set
+    c = sh(CAT, str(target))
+    r["denied_rc"], r["denied_err"] = c.returncode, c.stderr.strip()
+    r["denied_saw_plaintext"] = "plaintext that must never" in c.stdout
+    r["status"] = sh("systemctl", "status", "--no-pager", "-n", "0",
+                     "takakryptd.service").stdout[-2000:]
+    r["status"] += sh("journalctl", "--no-pager", "-n", "40", "-u",
+                      "takakryptd.service").stdout[-4000:]
+    stop = sh("systemctl", "stop", "takakryptd.service")
+    r["stop_rc"] = stop.returncode
+    # at rest: with the agent gone, the backing file is what the disk holds
+    r["mounted_after_stop"] = bool(fuse_mounts(read_text("/proc/self/mountinfo"), gp))
+    try:
+        raw = target.read_bytes()
+        r["at_rest_magic"] = raw[:4].decode("latin-1")
+        r["at_rest_plaintext"] = b"plaintext that must never" in raw
+    except OSError as e:
+        r["at_rest_magic"], r["at_rest_plaintext"] = f"<{e}>", None
+    return r
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    results: dict = {"variants": []}
+    try:
+        sh("modprobe", "fuse")
+        tree_unit = (TREE / "packaging" / "takakryptd.service").read_text()
+        # the unit as shipped, then a negative control: the same unit with one mount
+        # namespace option added must be caught by the very same checks
+        for name, dropin in (("shipped", None),
+                             ("control-protectsystem", "[Service]\nProtectSystem=full\n")):
+            results["variants"].append(variant(name, tree_unit, dropin))
+    except Exception:  # reported to the host side, which fails the test with it
+        results["error"] = traceback.format_exc()
+    (OUT / "result.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
