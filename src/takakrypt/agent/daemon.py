@@ -466,9 +466,10 @@ async def run(agent: Agent, *, pid_file: str | None = None,
             m = cfg.agent.metrics
             with _setting(agent, "$.agent.metrics", f"listen on {m.address}:{m.port}"):
                 agent.metrics.serve(m.address, m.port)
-        agent.control_server = ControlServer(cfg.agent.control_socket, agent.control)
+        control = ControlServer(cfg.agent.control_socket, agent.control)
         with _setting(agent, "$.agent.control_socket", "create"):
-            await agent.control_server.start()
+            await control.start()
+        agent.control_server = control  # only one that started is closed (and unlinked)
         from . import transports
 
         with _setting(agent, "$.agent.protocol_socket", "create"):
@@ -663,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(parent, 130, "interrupted during start-up")
         return 130
     except Exception as e:  # noqa: BLE001 - one line, not a traceback; details in the log
-        log.exception("unexpected error")
+        log.debug("unexpected error", exc_info=True)
         print(f"takakryptd: error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
         _report(parent, 1, f"error: unexpected {type(e).__name__}: {e}")
         return 1
