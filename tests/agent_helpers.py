@@ -74,8 +74,9 @@ class Daemon:
         if watchdog_usec:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         self.proc = subprocess.Popen(
-            [*argv_prefix, sys.executable, "-m", "takakrypt.agent.daemon", "--config", str(self.config_path),
-             "--foreground"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            [*argv_prefix, sys.executable, "-m", "takakrypt.agent.daemon", "--config",
+             str(self.config_path), "--foreground"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.messages: list[str] = []
 
     def wait_for(self, field: str, timeout: float = 30) -> str:

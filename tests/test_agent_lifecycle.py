@@ -97,6 +97,9 @@ def _round(tmp_path, rng, sig, during_reload):
             time.sleep(rng.uniform(0, 0.3))
         else:
             time.sleep(rng.uniform(0, 1.2))
+            if rng.random() < 0.5:  # a reload asked for during start-up, too
+                d.proc.send_signal(signal.SIGHUP)
+                time.sleep(rng.uniform(0, 0.3))
         d.proc.send_signal(sig)
         try:
             d.proc.wait(EXIT_BOUND)

@@ -105,6 +105,8 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self.guard_lock = asyncio.Lock()
         self._reloading: set[asyncio.Future[Any]] = set()
+        self.started_up = False
+        self.hup_pending = False
         self.unseen: dict[str, str] = {}  # guard path -> why host processes miss the mount
 
     # configuration ------------------------------------------------------------------------
@@ -168,7 +170,11 @@ class Agent:
 
     def reload_soon(self) -> None:
         """SIGHUP: reload in a task of its own (never cancelled: a mount it started
-        must end up in ``guards`` to be released at stop)."""
+        must end up in ``guards`` to be released at stop).  During start-up: once
+        started (READY=1 must not come before the start is done)."""
+        if not self.started_up:
+            self.hup_pending = True
+            return
         task = asyncio.ensure_future(self.reload())
         self._reloading.add(task)
         task.add_done_callback(self._reloading.discard)
@@ -488,6 +494,9 @@ async def run(agent: Agent, *, pid_file: str | None = None,
         log.info("takakryptd %s ready (config %s, %d guard point(s))", __version__,
                  agent.config_path, len(agent.guards))
         agent.notifier.ready("running")
+        agent.started_up = True
+        if agent.hup_pending:
+            agent.reload_soon()
         if ready:
             ready()
         await agent.stopping.wait()
