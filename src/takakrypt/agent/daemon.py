@@ -126,7 +126,8 @@ class Agent:
         the new one adds are mounted off the event loop: decisions go on meanwhile."""
         self.notifier.reloading()
         try:
-            new = self._load(self.config_path)
+            # off the loop: the data path's decisions go on while the file is parsed
+            new = await self._off_loop(self._load, self.config_path)
             if new.config.keys != self.config.keys:
                 log.warning("reload: key backend settings changed; restart takakryptd to "
                             "apply them (keeping the current backend)")
