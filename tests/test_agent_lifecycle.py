@@ -176,9 +176,18 @@ def test_a_guard_point_answers_while_another_is_being_mounted(tmp_path):
             reload = threading.Thread(target=lambda: result.update(r=d.cli("reload", "--json")))
             reload.start()
             deadline = time.monotonic() + 30
-            while _waiting(dev) == 0:  # the agent's probe now waits on the hung mount
+            b = str(tmp_path / "b")
+            while True:  # until the agent's probe waits on the hung mount
+                # the agent's loop answers meanwhile (it used to stat b itself, blocked)
+                st = json.loads(d.cli("status", "--json", check=False).stdout)
+                assert "guard_points" in st, f"the agent did not answer: {st}"
+                gps = {g["path"]: g for g in st["guard_points"]}
+                if b in gps and _waiting(dev) > 0:
+                    break
                 assert time.monotonic() < deadline and reload.is_alive(), d.logtext()
                 time.sleep(0.01)
+            assert not gps[b]["mounted"]
+            # the reload bumped the generation: decisions for a go on meanwhile
             r = subprocess.run([CAT, str(tmp_path / "a" / "f")], capture_output=True,
                                text=True, timeout=30)
             assert r.returncode == 0 and r.stdout == "alive", r.stderr
