@@ -41,6 +41,7 @@ and must never touch the guard point's own mount, which would deadlock):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -158,6 +159,7 @@ def visible_to_init(dev: str) -> bool | None:
 
 #: seconds a stale-mount probe waits for a mount's server before calling it hung
 STAT_TIMEOUT = 5.0
+_probes: set[int] = set()  # probe children killed while stuck, not reaped yet
 
 
 def _stat_errno(path: str, timeout: float) -> int | None:
@@ -165,6 +167,11 @@ def _stat_errno(path: str, timeout: float) -> int | None:
     server hangs).  A child, not a thread: a stat stuck on a hung FUSE server is
     uninterruptible, and a thread of ours stuck so would keep this process from ever
     exiting."""
+    for old in list(_probes):  # reap earlier probes that were stuck (no zombies)
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(old, os.WNOHANG)[0] == 0:
+                continue
+        _probes.discard(old)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
@@ -180,7 +187,8 @@ def _stat_errno(path: str, timeout: float) -> int | None:
         if done:
             return os.waitstatus_to_exitcode(status)
         if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)  # dies once the connection is aborted
+            _probes.add(pid)
             return None
         time.sleep(0.01)
 
