@@ -58,7 +58,8 @@ def write_config(path: Path, cfg: dict) -> None:
 class Daemon:
     """takakryptd --foreground in a child process, with a NOTIFY_SOCKET we bind."""
 
-    def __init__(self, tmp: Path, cfg: dict, *, watchdog_usec: int | None = None) -> None:
+    def __init__(self, tmp: Path, cfg: dict, *, watchdog_usec: int | None = None,
+                 argv_prefix: list[str] | tuple[str, ...] = ()) -> None:
         self.tmp, self.cfg = tmp, cfg
         self.config_path = tmp / "takakrypt.yaml"
         write_config(self.config_path, cfg)
@@ -73,8 +74,9 @@ class Daemon:
         if watchdog_usec:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "takakrypt.agent.daemon", "--config", str(self.config_path),
-             "--foreground"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            [*argv_prefix, sys.executable, "-m", "takakrypt.agent.daemon", "--config",
+             str(self.config_path), "--foreground"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.messages: list[str] = []
 
     def wait_for(self, field: str, timeout: float = 30) -> str:

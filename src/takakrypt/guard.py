@@ -45,6 +45,7 @@ and must never touch the guard point's own mount, which would deadlock):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -53,6 +54,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -110,33 +112,108 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
+def _takakrypt_mounts(pid: str = "self") -> list[tuple[str, str]]:
+    """(mount point, "major:minor") of every ``fuse.takakrypt`` mount in the mount
+    namespace of ``pid``, in mount order; raises OSError if it cannot be read."""
+    found = []
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] != "fuse.takakrypt":
+                continue
+            fields = left.split(" ")
+            found.append((_unescape(fields[4]), fields[2]))
+    return found
+
+
 def fuse_mounts(under: str | None = None) -> list[str]:
     """Mount points of takakrypt FUSE mounts (``fuse.takakrypt``), optionally below a
     directory, deepest first (the order to unmount them in)."""
-    found = []
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fstype = right.split(" ", 1)[0]
-                if fstype != "fuse.takakrypt":
-                    continue
-                mp = _unescape(left.split(" ")[4])
-                if under is None or mp == under or mp.startswith(under.rstrip("/") + "/"):
-                    found.append(mp)
+        mounts = _takakrypt_mounts()
     except OSError:
         return []
+    found = [mp for mp, _dev in mounts
+             if under is None or mp == under or mp.startswith(under.rstrip("/") + "/")]
     return sorted(set(found), key=len, reverse=True)
 
 
-def is_stale(path: str) -> bool:
-    """True if ``path`` is a FUSE mount whose server is gone: ENOTCONN, or ECONNABORTED
-    when the connection was aborted (a server using io_uring died: its rings went)."""
+def mount_device(path: str) -> str | None:
+    """"major:minor" of the topmost takakrypt mount at ``path``, read from the mount
+    table: never from a stat of the mount, which a serving process must not do (its
+    own engine would have to answer, and if the process is being killed meanwhile the
+    stat waits for ever, in D state)."""
     try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
+        devs = [dev for mp, dev in _takakrypt_mounts() if mp == path]
+    except OSError:
+        return None
+    return devs[-1] if devs else None
+
+
+def visible_to_init(dev: str) -> bool | None:
+    """Whether the takakrypt mount ``dev`` ("major:minor") is in PID 1's mount
+    namespace, i.e. what host processes see (a service's private namespace, or one
+    without propagation towards the host, hides it: they would read the backing files).
+    None when /proc/1/mountinfo cannot be read (no verdict)."""
+    try:
+        return any(d == dev for _mp, d in _takakrypt_mounts("1"))
+    except OSError:
+        return None
+
+
+#: seconds a stale-mount probe waits for a mount's server before calling it hung
+STAT_TIMEOUT = 5.0
+_probes: set[int] = set()  # probe children killed while stuck, not reaped yet
+
+
+def _stat_errno(path: str, timeout: float) -> int | None:
+    """stat ``path`` in a child process: 0 or the errno, None if no answer in time (the
+    server hangs).  A child, not a thread: a stat stuck on a hung FUSE server is
+    uninterruptible, and a thread of ours stuck so would keep this process from ever
+    exiting."""
+    for old in list(_probes):  # reap earlier probes that were stuck (no zombies)
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(old, os.WNOHANG)[0] == 0:
+                continue
+        _probes.discard(old)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.stat(path)
+            os._exit(0)
+        except OSError as e:
+            os._exit(min(e.errno or 255, 255))
+        except BaseException:
+            os._exit(255)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)  # dies once the connection is aborted
+            _probes.add(pid)
+            return None
+        time.sleep(0.01)
+
+
+def is_stale(path: str, timeout: float = STAT_TIMEOUT) -> bool:
+    """True if ``path`` is a FUSE mount whose server is gone: ENOTCONN, or ECONNABORTED
+    when the connection was aborted (a server using io_uring died: its rings went), or
+    no answer within ``timeout`` seconds (a hung server)."""
+    rc = _stat_errno(path, timeout)
+    return rc is None or rc in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def abort_connection(dev: str) -> bool:
+    """Abort the FUSE connection of the mount ``dev`` ("major:minor"): every waiter,
+    and the server, gets ECONNABORTED (/sys/fs/fuse/connections/N/abort)."""
+    try:
+        with open(f"/sys/fs/fuse/connections/{dev.split(':')[1]}/abort", "w") as f:
+            f.write("1")
+        return True
+    except (OSError, IndexError):
+        return False
 
 
 def force_unmount(path: str) -> None:
@@ -157,6 +234,9 @@ def cleanup_stale(path: str) -> bool:
     path = os.path.abspath(path)
     done = False
     while path in fuse_mounts(path) and is_stale(path):
+        dev = mount_device(path)
+        if dev is not None:
+            abort_connection(dev)  # a hung server: waiters and our probe get ECONNABORTED
         force_unmount(path)
         done = True
     return done
@@ -311,9 +391,11 @@ def set_read_ahead(mountpoint: str, kb: int) -> int | None:
     """Set the readahead of the FUSE mount at ``mountpoint`` (its bdi in sysfs; FUSE
     cannot raise it through INIT).  Returns the value in force, or None where it cannot
     be read or set (not root, no sysfs): the kernel's default stays."""
+    dev = mount_device(os.path.realpath(mountpoint))
+    if dev is None:
+        return None
     try:
-        dev = os.stat(mountpoint).st_dev
-        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        path = f"/sys/class/bdi/{dev}/read_ahead_kb"
         with open(path, "w") as f:
             f.write(str(int(kb)))
         with open(path) as f:

@@ -104,6 +104,11 @@ class Agent:
         self.guard_errors: dict[str, str] = {}
         self.crypto_bytes = {"encrypt": 0, "decrypt": 0}
         self._tasks: list[asyncio.Task[Any]] = []
+        self.guard_lock = asyncio.Lock()
+        self._reloading: set[asyncio.Future[Any]] = set()
+        self.started_up = False
+        self.hup_pending = False
+        self.unseen: dict[str, str] = {}  # guard path -> why host processes miss the mount
 
     # configuration ------------------------------------------------------------------------
     def _load(self, path: str) -> State:
@@ -119,11 +124,13 @@ class Agent:
     def config(self) -> C.Config:
         return self.state.config
 
-    def reload(self) -> dict[str, Any]:
-        """Re-read the configuration.  On any error the running one stays."""
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the configuration.  On any error the running one stays.  Guard points
+        the new one adds are mounted off the event loop: decisions go on meanwhile."""
         self.notifier.reloading()
         try:
-            new = self._load(self.config_path)
+            # off the loop: the data path's decisions go on while the file is parsed
+            new = await self._off_loop(self._load, self.config_path)
             if new.config.keys != self.config.keys:
                 log.warning("reload: key backend settings changed; restart takakryptd to "
                             "apply them (keeping the current backend)")
@@ -161,9 +168,20 @@ class Agent:
         if self.metrics:
             self.metrics.reloads.labels(result="ok").inc()
         log.info("configuration reloaded from %s", self.config_path)
-        self._reconcile_guards(old.config)
+        await self.reconcile_guards()
         self.notifier.send("READY=1", "STATUS=running")
         return {"reloaded": True, "generation": self.cache.generation if self.cache is not None else None}
+
+    def reload_soon(self) -> None:
+        """SIGHUP: reload in a task of its own (never cancelled: a mount it started
+        must end up in ``guards`` to be released at stop).  During start-up: once
+        started (READY=1 must not come before the start is done)."""
+        if not self.started_up:
+            self.hup_pending = True
+            return
+        task = asyncio.ensure_future(self.reload())
+        self._reloading.add(task)
+        task.add_done_callback(self._reloading.discard)
 
     # decisions ----------------------------------------------------------------------------
     def decide(self, policy_name: str, uid: int, gid: int, tid: int, path: str, action: str,
@@ -227,21 +245,32 @@ class Agent:
             self.audit.log(audit_event.system_event(kind, reason, detail=detail, path=path))
 
     # guard points -------------------------------------------------------------------------
-    def _reconcile_guards(self, old: C.Config | None) -> None:
-        """Mount what the configuration adds, release what it removes."""
-        want = {os.path.normpath(g.path): g for g in self.config.guard_points if g.enabled}
-        for path in list(self.guards):
-            if path not in want:
-                self._release_guard(path)
-        for path, gp in want.items():
-            if path in self.guards:
-                current = self.guards[path]
-                if getattr(current, "spec", None) == gp:
-                    continue
-                self._release_guard(path)
-            self._mount_guard(gp)
+    async def reconcile_guards(self) -> None:
+        """Mount what the configuration adds, release what it removes; one at a time
+        (reloads queue up), and nothing new once the agent is stopping."""
+        async with self.guard_lock:
+            want = {os.path.normpath(g.path): g for g in self.config.guard_points
+                    if g.enabled}
+            for path in list(self.guards):
+                if path not in want:
+                    await self._release_guard(path)
+            for path, gp in want.items():
+                if self.stopping.is_set():
+                    return
+                if path in self.guards:
+                    current = self.guards[path]
+                    if getattr(current, "spec", None) == gp:
+                        continue
+                    await self._release_guard(path)
+                await self._mount_guard(gp)
 
-    def _mount_guard(self, gp: C.GuardPoint) -> None:
+    @staticmethod
+    async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        # mount and unmount block (the kernel's INIT, fusermount3): in a thread, while
+        # the loop keeps answering the data path of the other guard points
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def _mount_guard(self, gp: C.GuardPoint) -> None:
         path = os.path.normpath(gp.path)
         try:
             from . import guards
@@ -249,7 +278,9 @@ class Agent:
             self.guard_errors[path] = f"FUSE data path unavailable: {e}"
             return
         try:
-            self.guards[path] = guards.mount(self, gp)
+            g = await self._off_loop(guards.mount, self, gp)
+            guards.apply_policy_hints(self, g)  # a reload may have come meanwhile
+            self.guards[path] = g
             self.guard_errors.pop(path, None)
             self._audit_system("guard-point", "guard point mounted", {"policy": gp.policy},
                                path=path)
@@ -259,12 +290,13 @@ class Agent:
             log.error("guard point %s: %s", path, e)
             self._audit_system("guard-point", f"guard point failed to mount: {e}", path=path)
 
-    def _release_guard(self, path: str) -> None:
+    async def _release_guard(self, path: str) -> None:
         g = self.guards.pop(path, None)
+        self.unseen.pop(path, None)
         if g is None:
             return
         try:
-            g.unmount()
+            await self._off_loop(g.unmount)
         except Exception as e:  # noqa: BLE001
             log.error("guard point %s: unmount failed: %s", path, e)
         self._audit_system("guard-point", "guard point released", path=path)
@@ -325,7 +357,7 @@ class Agent:
             out.append({"path": path, "policy": gp.policy, "key": gp.key,
                         "backing": gp.backing or "(in place)", "enabled": gp.enabled,
                         "mounted": bool(g is not None and getattr(g, "is_mounted", True)),
-                        "error": (self.guard_errors.get(path)
+                        "error": (self.guard_errors.get(path) or self.unseen.get(path)
                                   or self.health_problems.get(f"guard:{path}")),
                         "request_timeout_ms": getattr(getattr(g, "_m", None),
                                                       "ring_timeout_ms", None),
@@ -339,7 +371,7 @@ class Agent:
             self.check_health()  # what holds now, not 10 s ago
             return self.status()
         if cmd == "reload":
-            return self.reload()
+            return self.reload()  # a coroutine: the control server awaits it
         if cmd == "guard_list":
             return self.guard_list()
         if cmd == "keys_list":
@@ -399,7 +431,10 @@ class Agent:
                 continue
             path = os.path.normpath(gp.path)
             g = self.guards.get(path)
-            checks[f"guard:{path}"] = bool(g is not None and getattr(g, "is_mounted", False))
+            checks[f"guard:{path}"] = (bool(g is not None and getattr(g, "is_mounted", False))
+                                       and self._visible(path, g))
+            if path in self.unseen:
+                problems[f"guard:{path}"] = self.unseen[path]
             why = self.key_problem(gp.key)
             if why:
                 checks[f"guard:{path}"] = False
@@ -450,9 +485,41 @@ class Agent:
             return "degraded"
         return "healthy"
 
+    def _visible(self, path: str, g: Any) -> bool:
+        """False when host processes do not see the guard point's mount: it is missing
+        from PID 1's mount namespace (a private namespace, or one without propagation
+        towards the host), so they reach the backing files around the policy."""
+        from ..guard import mount_device, visible_to_init
+
+        dev = mount_device(getattr(g, "path", path))
+        if dev is None or visible_to_init(dev) is not False:
+            if self.unseen.pop(path, None) is not None:
+                log.info("guard point %s: the mount is visible to PID 1 again", path)
+            return True
+        if path not in self.unseen:
+            self.unseen[path] = ("mount not visible in PID 1's mount namespace "
+                                 "(/proc/1/mountinfo): host processes see the backing "
+                                 "files; takakryptd runs in a mount namespace that does "
+                                 "not propagate to the host")
+            log.error("guard point %s: %s", path, self.unseen[path])
+            self._audit_system("guard-point", self.unseen[path], path=path)
+        return False
+
 
 # ------------------------------------------------------------------------------------------
 # running
+
+
+@contextlib.contextmanager
+def _setting(agent: Agent, name: str, what: str) -> Any:
+    """A start-up step the system may refuse (port in use, directory missing): one
+    line naming the setting and the configuration file, exit status 3, no traceback."""
+    try:
+        yield
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        raise ConfigError(f"{agent.config_path}: {name}: cannot {what}{where}: "
+                          f"{e.strerror or e}") from None
 
 
 async def run(agent: Agent, *, pid_file: str | None = None,
@@ -461,12 +528,20 @@ async def run(agent: Agent, *, pid_file: str | None = None,
 
     loop = asyncio.get_running_loop()
     cfg = agent.config
+    # signals first: SIGTERM/SIGINT during start-up end it at the next step, cleanly
+    # (no default action killing the process in the middle of a mount)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, agent.reload_soon)
     agent.pidfile = PidFile(pid_file or cfg.agent.pid_file)
-    agent.pidfile.acquire()
+    with _setting(agent, "--pid-file" if pid_file else "$.agent.pid_file", "create"):
+        agent.pidfile.acquire()
     try:
-        agent.keys = KeyManager(open_backend(cfg.keys), name=cfg.keys.backend,
-                                breaker=CircuitBreaker(cfg.keys.backend))
-        agent.audit = build_logger(cfg.audit) if cfg.audit is not None else build_logger({})
+        with _setting(agent, "$.keys", "open the key backend at"):
+            agent.keys = KeyManager(open_backend(cfg.keys), name=cfg.keys.backend,
+                                    breaker=CircuitBreaker(cfg.keys.backend))
+        with _setting(agent, "$.audit.sinks", "open"):
+            agent.audit = build_logger(cfg.audit) if cfg.audit is not None else build_logger({})
         from .._cache import DecisionCache
 
         agent.cache = DecisionCache(max_entries=cfg.agent.cache.max_entries,
@@ -475,17 +550,24 @@ async def run(agent: Agent, *, pid_file: str | None = None,
             from .metrics import Metrics
 
             agent.metrics = Metrics(agent.stats)
-            agent.metrics.serve(cfg.agent.metrics.address, cfg.agent.metrics.port)
-        agent.control_server = ControlServer(cfg.agent.control_socket, agent.control)
-        await agent.control_server.start()
+            m = cfg.agent.metrics
+            with _setting(agent, "$.agent.metrics", f"listen on {m.address}:{m.port}"):
+                agent.metrics.serve(m.address, m.port)
+        control = ControlServer(cfg.agent.control_socket, agent.control)
+        with _setting(agent, "$.agent.control_socket", "create"):
+            await control.start()
+        agent.control_server = control  # only one that started is closed (and unlinked)
         from . import transports
 
-        agent.transports = await transports.start_all(agent)
-        agent._reconcile_guards(None)
+        with _setting(agent, "$.agent.protocol_socket", "create"):
+            agent.transports = await transports.start_all(agent)
+        if not agent.stopping.is_set():
+            await agent.reconcile_guards()
+        if agent.stopping.is_set():
+            log.info("stopped during start-up")
+            agent.notifier.stopping()
+            return 0
         agent.check_health()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, agent.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, agent.reload)
         agent._tasks.append(asyncio.ensure_future(_health_loop(agent)))
         if agent.notifier.watchdog_interval:
             agent._tasks.append(asyncio.ensure_future(_watchdog_loop(agent)))
@@ -493,6 +575,9 @@ async def run(agent: Agent, *, pid_file: str | None = None,
         log.info("takakryptd %s ready (config %s, %d guard point(s))", __version__,
                  agent.config_path, len(agent.guards))
         agent.notifier.ready("running")
+        agent.started_up = True
+        if agent.hup_pending:
+            agent.reload_soon()
         if ready:
             ready()
         await agent.stopping.wait()
@@ -528,8 +613,9 @@ async def _shutdown(agent: Agent) -> None:
         if agent.inflight == 0:
             break
         await asyncio.sleep(0.01)
-    for path in list(agent.guards):
-        agent._release_guard(path)
+    async with agent.guard_lock:  # a mount under way finishes first, then goes too
+        for path in list(agent.guards):
+            await agent._release_guard(path)
     if agent.audit is not None:
         agent._audit_system("agent", "takakryptd stopped")
         agent.audit.close(timeout=5)
@@ -542,9 +628,15 @@ async def _shutdown(agent: Agent) -> None:
     agent.notifier.close()
 
 
-def _daemonize() -> None:
+def _daemonize() -> int:
+    """Fork into the background.  The caller stays until the daemon reports (through
+    the returned pipe, see :func:`_report`) that it is ready, or why it is not, and
+    exits with that status: a failed start never looks like a successful one."""
+    r, w = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(w)
+        os._exit(_await_daemon(r))
+    os.close(r)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
@@ -554,6 +646,31 @@ def _daemonize() -> None:
         os.dup2(fd, target)
     if fd > 2:
         os.close(fd)
+    return w
+
+
+def _await_daemon(fd: int) -> int:
+    data = b""
+    while chunk := os.read(fd, 4096):
+        data += chunk
+    status, _, message = data.decode(errors="replace").partition(" ")
+    if not status.isdigit():
+        status, message = "1", ("takakryptd ended during start-up without a word "
+                                "(see the system log)")
+    if message:
+        print(f"takakryptd: {message}", file=sys.stderr)
+    return int(status)
+
+
+def _report(parent: list[int], status: int, message: str = "") -> None:
+    """Tell the waiting parent of a background start how it went (the first report
+    only: ``parent`` holds the pipe until then)."""
+    if not parent:
+        return
+    fd = parent.pop()
+    with contextlib.suppress(OSError):
+        os.write(fd, f"{status} {message}".encode())
+    os.close(fd)
 
 
 def _setup_logging(level: str, foreground: bool) -> None:
@@ -597,14 +714,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     harden_process()
+    # the daemon works from "/": paths given relative to here must not change meaning
+    args.config = os.path.abspath(args.config)
+    if args.pid_file:
+        args.pid_file = os.path.abspath(args.pid_file)
     try:
         agent_cfg = load_config(args.config)  # before forking: errors reach the caller
     except ConfigError as e:
         for line in getattr(e, "all", None) or [str(e)]:
             print(f"takakryptd: error: {line}", file=sys.stderr)
         return e.exit_code
+    parent: list[int] = []  # the pipe to the waiting parent of a background start
     if not args.foreground and not os.environ.get("NOTIFY_SOCKET"):
-        _daemonize()
+        parent.append(_daemonize())
     _setup_logging(agent_cfg.agent.log_level, args.foreground or bool(os.environ.get(
         "NOTIFY_SOCKET")))
     try:
@@ -617,15 +739,25 @@ def main(argv: list[str] | None = None) -> int:
         agent = Agent(args.config)
 
         async def _main() -> int:
-            return await run(agent, pid_file=args.pid_file)
+            return await run(agent, pid_file=args.pid_file,
+                             ready=lambda: _report(parent, 0))
 
-        return int(runner(_main()))
+        rc = int(runner(_main()))
+        _report(parent, rc or 1, "error: stopped by a signal during start-up")
+        return rc
     except Error as e:
         log.error("%s", e)
         print(f"takakryptd: error: {e}", file=sys.stderr)
+        _report(parent, e.exit_code, f"error: {e}")
         return e.exit_code
     except KeyboardInterrupt:
+        _report(parent, 130, "interrupted during start-up")
         return 130
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback; details in the log
+        log.debug("unexpected error", exc_info=True)
+        print(f"takakryptd: error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+        _report(parent, 1, f"error: unexpected {type(e).__name__}: {e}")
+        return 1
 
 
 if __name__ == "__main__":
