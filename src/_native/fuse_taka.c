@@ -431,26 +431,25 @@ ssize_t tk_taka_read(tk_fs *fs, tk_taka *t, int fd, char *out, size_t len, uint6
     const uint64_t end = size - off < len ? size : off + len;
     const uint64_t first = off / bs, last = (end - 1) / bs;
     uint8_t *o = (uint8_t *)out;
-    /* the blocks [lo, hi] hold nothing outside [off, end): decrypted in place */
-    const int head = off % bs != 0;
+    /* the first and the last block may hold bytes outside [off, end): those two go
+     * through read_edge, the blocks [lo, hi] between are decrypted in place */
     const uint64_t last_end = (last + 1) * bs < size ? (last + 1) * bs : size;
-    const int tail = last_end > end && !(head && first == last);
-    const uint64_t lo = head ? first + 1 : first, hi = tail ? last - 1 : last;
+    const int head = off % bs != 0 || (first == last && last_end > end);
+    const int tail = last > first && last_end > end;
+    const uint64_t lo = first + (uint64_t)head, hi = last - (uint64_t)tail;
     int rc = 0;
     if (head) {
         uint64_t to = (first + 1) * bs < end ? (first + 1) * bs : end;
         rc = read_edge(fs, t, fd, size, first, (size_t)(off - first * bs),
                        (size_t)(to - first * bs), o, bad);
-    } else if (first == last && last_end > end) {
-        rc = read_edge(fs, t, fd, size, first, 0, (size_t)(end - off), o, bad);
     }
-    if (rc == 0 && lo <= hi && hi != UINT64_MAX) {
+    if (rc == 0 && lo <= hi) {
         size_t got = 0;
         rc = tk_split_read_blocks(fs, t, fd, size, lo, hi, o + (lo * bs - off), &got, bad,
                                   hint);
         hint = NULL;
     }
-    if (rc == 0 && tail && last > first)
+    if (rc == 0 && tail)
         rc = read_edge(fs, t, fd, size, last, 0, (size_t)(end - last * bs),
                        o + (last * bs - off), bad);
     if (hint) tk_hint_apply(fs, fd, hint);
