@@ -7,12 +7,22 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent_helpers import base_config, running, write_config
+
+
+def _wait_reloads(d, result: str, n: int) -> None:
+    """Until the agent has counted n reloads with ``result`` (a SIGHUP's reload runs
+    after the signal; RELOADING=1 only says it began)."""
+    for _ in range(300):
+        if d.jcli("status")["reloads"][result] >= n:
+            return
+        time.sleep(0.1)
 
 
 def test_lifecycle_status_reload_and_stop(tmp_path):
@@ -44,9 +54,11 @@ def test_lifecycle_status_reload_and_stop(tmp_path):
         # SIGHUP with the bad file: same, and audited
         d.proc.send_signal(signal.SIGHUP)
         d.wait_for("RELOADING=1")
+        _wait_reloads(d, "failed", 2)  # the bad file read before the good one replaces it
         write_config(d.config_path, cfg)
         d.proc.send_signal(signal.SIGHUP)
         d.wait_for("RELOADING=1")
+        _wait_reloads(d, "ok", 2)
         st = d.jcli("status")
         assert st["reloads"]["failed"] == 2 and st["reloads"]["ok"] == 2
     assert d.proc.returncode == 0

@@ -105,6 +105,7 @@ class Agent:
         self.crypto_bytes = {"encrypt": 0, "decrypt": 0}
         self._tasks: list[asyncio.Task[Any]] = []
         self.guard_lock = asyncio.Lock()
+        self.reload_lock = asyncio.Lock()  # reloads apply one after another, in order
         self._reloading: set[asyncio.Future[Any]] = set()
         self.started_up = False
         self.hup_pending = False
@@ -126,7 +127,13 @@ class Agent:
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the configuration.  On any error the running one stays.  Guard points
-        the new one adds are mounted off the event loop: decisions go on meanwhile."""
+        the new one adds are mounted off the event loop: decisions go on meanwhile.
+        Reloads run one at a time, in the order they were asked for: two SIGHUPs in a
+        row never leave the older file's configuration in force."""
+        async with self.reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
         self.notifier.reloading()
         try:
             # off the loop: the data path's decisions go on while the file is parsed
