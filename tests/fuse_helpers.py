@@ -83,8 +83,10 @@ class Guard:
     """A running guard point served by a child process."""
 
     def __init__(self, mnt: Path, backing: Path, key: bytes, workdir: Path,
-                 proc: subprocess.Popen[bytes]) -> None:
+                 proc: subprocess.Popen[bytes], store: subprocess.Popen[bytes] | None = None
+                 ) -> None:
         self.mnt, self.backing, self.key, self.workdir, self.proc = mnt, backing, key, workdir, proc
+        self.store = store
 
     def audit_events(self) -> list[dict]:
         p = self.workdir / "audit.jsonl"
@@ -112,6 +114,22 @@ class Guard:
         raise RuntimeError(f"handover did not complete: "
                            f"{(self.workdir / 'stderr').read_text(errors='replace')}")
 
+    def kill_and_resume(self, timeout: float = 120.0) -> int:
+        """SIGKILL the server (a watchdog's restart) and start a successor with the fds
+        the server left in the "file descriptor store" and no state: it takes the
+        connection over from the state kept in them.  The store is a keeper process
+        (as systemd is): it kills and starts, never the test process, whose open files
+        on the mount would each need the server at a fork (FLUSH).  Returns the pid."""
+        assert self.store is not None
+        self.store.stdin.write(b"kill-resume\n")
+        self.store.stdin.flush()
+        ready, _, _ = select.select([self.store.stdout], [], [], timeout)
+        line = self.store.stdout.readline() if ready else b""
+        if not line.startswith(b"ok "):
+            raise RuntimeError(f"successor failed: {line!r} "
+                               f"{(self.workdir / 'stderr').read_text(errors='replace')}")
+        return int(line.split()[1])
+
     def stats(self) -> dict:
         """Ask the server for its counters (SIGUSR1 -> stats.json)."""
         p = self.workdir / "stats.json"
@@ -129,6 +147,45 @@ class Guard:
     def keys(self):
         """Key lookup for takakrypt.cryptofile.TakaFile.open."""
         return lambda name, version: bytearray(self.key)
+
+
+def _keeper(workdir: str) -> int:
+    """The test's "file descriptor store" (``python fuse_helpers.py --keeper WORKDIR``):
+    keeps the newest fds a server sent to WORKDIR/fdstore.sock (as systemd keeps
+    FDSTORE=1 fds) and, on "kill-resume" from stdin, SIGKILLs the server and starts a
+    successor with them.  Started before the test opens any file on the mount."""
+    import socket
+    wd = Path(workdir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(wd / "fdstore.sock"))
+    fds: list[int] = []
+    sys.stdout.write("keeper\n")
+    sys.stdout.flush()
+    while True:
+        r, _, _ = select.select([sock, sys.stdin], [], [])
+        if sock in r:
+            _, new, _, _ = socket.recv_fds(sock, 16, 16)
+            for fd in fds:
+                os.close(fd)
+            fds = new
+            continue
+        cmd = sys.stdin.readline().strip()
+        if not cmd:
+            return 0
+        old = int((wd / "server.pid").read_text())
+        os.kill(old, signal.SIGKILL)
+        while _alive(old):
+            time.sleep(0.005)
+        sf = wd / "empty.state"
+        sf.write_bytes(b"")
+        env = dict(os.environ, PYTHONPATH=str(SRC), TK_TEST_RESUME_FDS=",".join(map(str, fds)),
+                   TK_TEST_RESUME_STATE=str(sf))
+        proc = subprocess.Popen([sys.executable, __file__, str(wd / "spec.json")], pass_fds=fds,
+                                stdout=subprocess.PIPE, stderr=open(wd / "stderr", "ab"), env=env)
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        line = proc.stdout.readline() if ready else b""
+        sys.stdout.write(f"ok {proc.pid}\n" if line.startswith(b"ready") else f"err {line!r}\n")
+        sys.stdout.flush()
 
 
 @contextlib.contextmanager
@@ -161,9 +218,18 @@ def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = 
         "metadata_cache": metadata_cache, "policy_yaml": policy_yaml, "io_uring": io_uring,
         "hints": hints, "read_helpers": read_helpers,
     }
+    store = subprocess.Popen([sys.executable, str(HERE / "fuse_helpers.py"), "--keeper",
+                              str(workdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=str(SRC)))
+    store.stdout.readline()  # bound
+    spec["fdstore"] = str(workdir / "fdstore.sock")
     (workdir / "spec.json").write_text(json.dumps(spec))
-    with serve_child(HERE / "fuse_helpers.py", workdir, mnt) as proc:
-        yield Guard(mnt, backing, key, workdir, proc)
+    try:
+        with serve_child(HERE / "fuse_helpers.py", workdir, mnt) as proc:
+            yield Guard(mnt, backing, key, workdir, proc, store)
+    finally:
+        store.kill()
+        store.wait()
 
 
 @contextlib.contextmanager
@@ -349,6 +415,12 @@ def _serve(spec_path: str) -> int:
             os.close(fd)
     else:
         gp.mount()
+    if spec.get("fdstore"):  # like sd_notify FDSTORE=1: kept by the test process
+        import socket
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.connect(spec["fdstore"])
+        socket.send_fds(s, [b"fds"], gp.persist_fds())
+        s.close()
     tmpf = workdir / "server.pid.tmp"
     tmpf.write_text(str(os.getpid()))
     os.rename(tmpf, workdir / "server.pid")
@@ -401,4 +473,4 @@ def _hand_over(gp, spec_path: str) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve(sys.argv[1]))
+    sys.exit(_keeper(sys.argv[2]) if sys.argv[1] == "--keeper" else _serve(sys.argv[1]))

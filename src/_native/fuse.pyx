@@ -80,6 +80,8 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t uring_bad_requests
         uint64_t uring_lost
         uint64_t handover_lost_handles
+        uint64_t handover_replayed
+        uint64_t handover_resent
         uint64_t header_loads
         uint64_t size_cache_hits
         uint64_t killpriv_v2
@@ -112,6 +114,7 @@ cdef extern from "fuse_impl.h" nogil:
                              size_t *len_out, char *err, size_t errlen)
     void tk_fs_handover_abort(tk_fs *fs)
     void tk_fs_handover_done(tk_fs *fs)
+    int tk_fs_persist_fds(tk_fs *fs, int out[4])
     int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state,
                      size_t len, char *err, size_t errlen)
 
@@ -347,6 +350,13 @@ cdef class Mount:
             free(fds)
             free(state)
 
+    def persist_fds(self):
+        """The fds a service manager keeps so that a successor can take over even
+        after this process is killed (resume with them and an empty state)."""
+        cdef int out[4]
+        cdef int n = tk_fs_persist_fds(self._fs, out)
+        return [out[i] for i in range(n)]
+
     def handover_abort(self):
         """The successor failed: serve again."""
         with nogil:
@@ -430,6 +440,8 @@ cdef class Mount:
             "uring_bad_requests": s.uring_bad_requests,
             "uring_lost": s.uring_lost,
             "handover_lost_handles": s.handover_lost_handles,
+            "handover_replayed": s.handover_replayed,
+            "handover_resent": s.handover_resent,
             "header_loads": s.header_loads,
             "size_cache_hits": s.size_cache_hits,
             "killpriv_v2": s.killpriv_v2,

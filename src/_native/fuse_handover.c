@@ -53,8 +53,9 @@
 
 /* ---- the classic readers' side ------------------------------------------------------ */
 
-void tk_ho_register_reader(tk_fs *fs) {
+unsigned tk_ho_register_reader(tk_fs *fs) {
     pthread_mutex_lock(&fs->ho_mu);
+    unsigned idx = (unsigned)fs->ho_nreaders;
     if (fs->ho_nreaders == fs->ho_capreaders) {
         size_t cap = fs->ho_capreaders ? fs->ho_capreaders * 2 : 16;
         pthread_t *p = realloc(fs->ho_readers, cap * sizeof *p);
@@ -64,7 +65,9 @@ void tk_ho_register_reader(tk_fs *fs) {
         }
     }
     if (fs->ho_nreaders < fs->ho_capreaders) fs->ho_readers[fs->ho_nreaders++] = pthread_self();
+    else idx = UINT32_MAX;
     pthread_mutex_unlock(&fs->ho_mu);
+    return idx;
 }
 
 static void unlock_mu(void *mu) {
@@ -117,6 +120,38 @@ static int quiesce_classic(tk_fs *fs, int timeout_ms) {
         struct timespec d = {0, 1000000};
         nanosleep(&d, NULL);
     }
+}
+
+/* ---- creates a killed predecessor may not have answered ----------------------------- */
+
+void tk_add_recovered(tk_fs *fs, uint64_t dev, uint64_t ino) {
+    pthread_mutex_lock(&fs->ho_mu);
+    uint64_t (*p)[2] = realloc(fs->recovered, (fs->nrecovered + 1) * sizeof *p);
+    if (p) {
+        fs->recovered = p;
+        p[fs->nrecovered][0] = dev;
+        p[fs->nrecovered][1] = ino;
+        fs->nrecovered++;
+    }
+    pthread_mutex_unlock(&fs->ho_mu);
+}
+
+int tk_recovered_create(tk_fs *fs, int pfd, const char *name) {
+    if (!__atomic_load_n(&fs->nrecovered, __ATOMIC_RELAXED)) return 0;
+    struct stat st;
+    if (fstatat(pfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISREG(st.st_mode)) return 0;
+    int found = 0;
+    pthread_mutex_lock(&fs->ho_mu);
+    for (size_t i = 0; i < fs->nrecovered && !found; i++) {
+        if (fs->recovered[i][0] == (uint64_t)st.st_dev && fs->recovered[i][1] == (uint64_t)st.st_ino) {
+            fs->recovered[i][0] = fs->recovered[fs->nrecovered - 1][0];
+            fs->recovered[i][1] = fs->recovered[fs->nrecovered - 1][1];
+            fs->nrecovered--;
+            found = 1;
+        }
+    }
+    pthread_mutex_unlock(&fs->ho_mu);
+    return found;
 }
 
 /* ---- encoding ----------------------------------------------------------------------- */

@@ -983,6 +983,15 @@ static dev_t mountinfo_dev(const char *mp) {
     return found;
 }
 
+static void shadow_header(tk_fs *fs) {
+    tk_ring_state r;
+    int has = tk_uring_describe(fs, &r);
+    uint32_t flags = (fs->uring_offered ? TK_HO_URING : 0) |
+                     (__atomic_load_n(&fs->st.killpriv_v2, __ATOMIC_RELAXED) ? TK_HO_KILLPRIV_V2 : 0);
+    tk_sh_header(fs, flags, has > 0 ? &r : NULL);
+    free(r.parked);
+}
+
 int tk_fs_mount(tk_fs *fs, char *err, size_t errlen) {
     if (fs->mounted) {
         seterr(err, errlen, "already mounted");
@@ -1003,6 +1012,7 @@ int tk_fs_mount(tk_fs *fs, char *err, size_t errlen) {
         seterr(err, errlen, "cannot open /proc: %s", strerror(errno));
         goto fail;
     }
+    (void)tk_sh_open(fs);  /* none: no recovery after a kill, serving is the same */
     if ((rc = save_root_groups(fs)) || (rc = tk_itab_init(fs))) {
         seterr(err, errlen, "cannot set up the inode table: %s", strerror(-rc));
         goto fail;
@@ -1061,8 +1071,10 @@ int tk_fs_mount(tk_fs *fs, char *err, size_t errlen) {
     notifier_start(fs);  /* not started: raw-view changes reach plaintext at next open */
     tk_split_start(fs);  /* none started: large reads are decrypted by the worker alone */
     if (fs->cfg.io_uring) (void)tk_uring_start(fs);  /* failing: the classic channel serves */
+    shadow_header(fs);
     return 0;
 fail:
+    tk_sh_close(fs);
     tk_itab_free(fs);  /* also closes handle_fd */
     if (fs->root_fd >= 0) close(fs->root_fd);
     if (fs->proc_fd >= 0) close(fs->proc_fd);
@@ -1080,8 +1092,23 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
         return -EBUSY;
     }
     tk_ho_state st;
-    int rc = tk_ho_decode(state, len, nfds, &st, err, errlen);
+    uint8_t **replay = NULL;
+    size_t *replay_len = NULL, nreplay = 0;
+    /* no state: the predecessor was killed -- its state is the shadow in fds[2] */
+    int rc;
+    if (len) rc = tk_ho_decode(state, len, nfds, &st, err, errlen);
+    else if (nfds >= 3) rc = tk_sh_load(fs, fds[2], &st, &replay, &replay_len, &nreplay, err, errlen);
+    else {
+        seterr(err, errlen, "neither a state nor a stored state fd");
+        rc = -EINVAL;
+    }
     if (rc) return rc;
+    if (st.ring.memfd >= (int)nfds) {
+        seterr(err, errlen, "the ring's memfd was not handed over");
+        tk_ho_state_free(&st);
+        rc = -EBADF;
+        goto free_replay;
+    }
     if (nfds < 2 || strcmp(st.mountpoint, fs->mountpoint) != 0 ||
         strcmp(st.backing, fs->backing) != 0) {
         seterr(err, errlen, "the handover is for %s (backing %s), not this guard point",
@@ -1098,6 +1125,7 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
         if (fuse_fd >= 0) close(fuse_fd);
         goto fail;
     }
+    (void)tk_sh_open(fs);  /* our own, written as the tables are rebuilt */
     if ((rc = save_root_groups(fs)) || (rc = tk_itab_init(fs)) ||
         (rc = tk_itab_restore(fs, &st, fds))) {
         seterr(err, errlen, "cannot rebuild the inode table: %s", strerror(-rc));
@@ -1172,6 +1200,27 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
             goto fail_se;
         }
     }
+    /* requests a killed predecessor had read and not answered: served again (an
+     * answered one only gets ENOENT for its reply; docs: which operations may repeat) */
+    if (nreplay) {
+        /* Linux >= 6.9 re-sends exactly the requests still waiting for an answer
+         * (FUSE_NOTIFY_RESEND): better than the journal, which may also hold one
+         * answered an instant before the kill.  Older kernels refuse it (EINVAL). */
+        struct { uint32_t len; int32_t error; uint64_t unique; } n = {16, 7, 0};
+        if (write(fuse_session_fd(fs->se), &n, sizeof n) == (ssize_t)sizeof n) {
+            TK_INC(fs, handover_resent, 1);
+            for (size_t i = 0; i < nreplay; i++) free(replay[i]);
+            nreplay = 0;
+        }
+    }
+    for (size_t i = 0; i < nreplay; i++) {
+        struct fuse_buf rb;
+        memset(&rb, 0, sizeof rb);
+        rb.mem = replay[i];
+        rb.size = replay_len[i];
+        fuse_session_process_buf(fs->se, &rb);
+        TK_INC(fs, handover_replayed, 1);
+    }
     fs->loop_running = 1;
     fs->mounted = 1;
     fs->mnt_dev = mountinfo_dev(fs->mountpoint);
@@ -1189,7 +1238,9 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
     notifier_start(fs);
     tk_split_start(fs);
     tk_ho_state_free(&st);
-    return 0;
+    shadow_header(fs);
+    rc = 0;
+    goto free_replay;
 fail_se:
     tk_uring_stop(fs);
     fuse_session_destroy(fs->se);  /* closes fuse_fd (our dup) */
@@ -1202,7 +1253,28 @@ fail:
     fs->root_fd = fs->proc_fd = -1;
     free(fs->root_groups);
     fs->root_groups = NULL;
+    tk_sh_close(fs);
+free_replay:
+    for (size_t i = 0; i < nreplay; i++) free(replay[i]);
+    free(replay);
+    free(replay_len);
     return rc;
+}
+
+/* The fds a service manager should hold for this guard point (systemd's file
+ * descriptor store) so that a successor can take the connection over even after
+ * this process was killed: /dev/fuse, the backing root, the shadow state, the ring
+ * memfd.  Pass them, with no state, to tk_fs_resume.  Returns how many (0: none). */
+int tk_fs_persist_fds(tk_fs *fs, int out[4]) {
+    if (!tk_fs_is_mounted(fs) || !fs->sh) return 0;
+    out[0] = fuse_session_fd(fs->se);
+    out[1] = fs->root_fd;
+    out[2] = tk_sh_fd(fs);
+    tk_ring_state r;
+    int has = tk_uring_describe(fs, &r);
+    free(r.parked);
+    if (has > 0) out[3] = r.memfd;
+    return has > 0 ? 4 : 3;
 }
 
 /* Abort the FUSE connection (clients still holding files get ENOTCONN). */
@@ -1277,6 +1349,7 @@ int tk_fs_unmount(tk_fs *fs) {
     fs->uring_offered = 0;
     __atomic_store_n(&fs->st.killpriv_v2, 0, __ATOMIC_RELAXED);
     tk_itab_free(fs);  /* wipes per-file keys */
+    tk_sh_close(fs);
     if (fs->root_fd >= 0) close(fs->root_fd);
     if (fs->proc_fd >= 0) close(fs->proc_fd);
     fs->root_fd = fs->proc_fd = -1;
@@ -1351,6 +1424,7 @@ void tk_fs_free(tk_fs *fs) {
     tk_slots_destroy(&fs->nodes);
     tk_slots_destroy(&fs->fhs);
     free(fs->ho_readers);
+    free(fs->recovered);
     free(fs->init_req);
     free(fs->nq);
     free(fs);

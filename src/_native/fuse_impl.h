@@ -159,6 +159,8 @@ typedef struct {
     uint64_t uring_bad_requests;   /* ... with a layout we do not know (EIO) */
     uint64_t uring_lost;           /* ring entries lost while serving: connection aborted */
     uint64_t handover_lost_handles; /* open files a resume could not reopen (EIO on them) */
+    uint64_t handover_replayed;    /* requests of a killed predecessor served again */
+    uint64_t handover_resent;      /* ... re-sent by the kernel instead (FUSE_NOTIFY_RESEND) */
     uint64_t header_loads;         /* TAKA headers read and verified */
     uint64_t size_cache_hits;      /* stats answered from remembered header sizes */
     uint64_t killpriv_v2;          /* 1: FUSE_HANDLE_KILLPRIV_V2 negotiated (gauge) */
@@ -240,6 +242,7 @@ int tk_fs_handover_begin(tk_fs *fs, int **fds_out, size_t *nfds_out, uint8_t **s
                          size_t *len_out, char *err, size_t errlen);
 void tk_fs_handover_abort(tk_fs *fs);
 void tk_fs_handover_done(tk_fs *fs);
+int tk_fs_persist_fds(tk_fs *fs, int out[4]);
 int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, size_t len,
                  char *err, size_t errlen);
 

@@ -387,6 +387,7 @@ static void free_inode_locked(tk_fs *fs, tk_inode *ino) {
     }
     if (fd >= 0) defer_close_locked(fs, fd);
     tk_slots_del(&fs->nodes, ino->slot);
+    tk_sh_inode_gone(fs, ino->slot);
     tk_inode *parent = ino->parent;
     destroy_inode(ino);
     if (parent) unref_locked(fs, parent, 1);
@@ -470,10 +471,18 @@ int tk_itab_init(tk_fs *fs) {
     tk_slots_init(&fs->nodes);
     if (tk_slots_place(&fs->nodes, 0, fs->root) != 0) return -ENOMEM;  /* node id 1 */
     fs->root->slot = 0;
+    struct stat lst;
+    memset(&lst, 0, sizeof lst);
+    lst.st_mode = S_IFREG;
+    fs->lost = new_inode(&lst, NULL);  /* pinned on no fd: every access fails */
+    if (!fs->lost) return -ENOMEM;
+    fs->lost->slot = UINT32_MAX;
+    fs->lost->refs = 1;
     fs->root->fd = fs->root_fd;  /* pinned; closed by the owner */
     fs->root->refs = 1;  /* pinned */
     fs->root->node[0].nlookup = 1;
     fs->root->hashed = 1;
+    tk_sh_inode(fs, fs->root);
     fs->buckets[hash_of(fs, st.st_dev, st.st_ino)] = fs->root;
     fs->ninodes = 1;
     GAUGE(fs, inodes, 1);
@@ -517,6 +526,8 @@ void tk_itab_free(tk_fs *fs) {
     fs->handle_fd = -1;
     fs->handle_mnt_id = -1;
     fs->root = NULL;  /* root_fd is closed by the owner */
+    if (fs->lost) destroy_inode(fs->lost);
+    fs->lost = NULL;
     tk_slots_destroy(&fs->nodes);
     tk_slots_init(&fs->nodes);
 }
@@ -525,7 +536,10 @@ tk_inode *tk_node_inode(tk_fs *fs, fuse_ino_t nodeid, int *view) {
     /* the kernel only sends node ids we handed out (or a predecessor did: a handover
      * restores them in the same slots) and has not been told to forget */
     if (view) *view = (int)((nodeid - 1) & 1);
-    return tk_slots_get(&fs->nodes, (nodeid - 1) >> 1);
+    tk_inode *ino = tk_slots_get(&fs->nodes, (nodeid - 1) >> 1);
+    /* none: state lost with a killed predecessor -- an inode whose every access
+     * fails (EPERM), never a crash */
+    return ino ? ino : fs->lost;
 }
 
 fuse_ino_t tk_nodeid(tk_fs *fs, tk_inode *ino, int view) {
@@ -540,12 +554,14 @@ static void set_name_locked(tk_fs *fs, tk_inode *ino, tk_inode *parent, const ch
     if (!dup) return;  /* keep the old name */
     free(ino->name);
     ino->name = dup;
+    tk_inode *old = NULL;
     if (ino->parent != parent) {
         parent->refs++;
-        tk_inode *old = ino->parent;
+        old = ino->parent;
         ino->parent = parent;
-        if (old) unref_locked(fs, old, 1);
     }
+    tk_sh_name(fs, ino);
+    if (old) unref_locked(fs, old, 1);
 }
 
 void tk_inode_set_name(tk_fs *fs, tk_inode *ino, tk_inode *parent, const char *name) {
@@ -556,7 +572,7 @@ void tk_inode_set_name(tk_fs *fs, tk_inode *ino, tk_inode *parent, const char *n
 
 tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
                       const struct stat *st, int view) {
-    int drop[TK_EVICT_BATCH + 1], ndrop = 0;
+    int drop[TK_EVICT_BATCH + 1], ndrop = 0, fd_is_new = 0;
     struct file_handle *h = NULL;
     pthread_mutex_lock(&fs->itab_mu);
     tk_inode *ino = find_locked(fs, st->st_dev, st->st_ino);
@@ -576,6 +592,7 @@ tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
                 unhash_locked(fs, ino);
                 ino->hnext = fs->stale;
                 fs->stale = ino;
+                tk_sh_name(fs, ino);
                 ino = NULL;
             } else {
                 free(h);
@@ -610,6 +627,7 @@ tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
             return NULL;
         }
         ino->slot = (uint32_t)slot;
+        fd_is_new = 1;
         size_t hb = hash_of(fs, st->st_dev, st->st_ino);
         ino->hnext = fs->buckets[hb];
         ino->hashed = 1;
@@ -630,6 +648,8 @@ tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
     ino->node[view].nlookup++;
     ino->refs++;
     set_name_locked(fs, ino, parent, name);
+    if (fd_is_new) tk_sh_inode(fs, ino);
+    else tk_sh_nlookup(fs, ino);
     itab_unlock(fs);
     close_all(drop, ndrop);
     return ino;
@@ -664,13 +684,15 @@ int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds) {
             break;
         }
         if (ino->pinned) {
+            /* fd_index -2: known to the kernel, but a killed predecessor left no way
+             * to reopen it (pinned on an fd that died with it): fails closed */
             ino->fd = r->fd_index >= 0 ? fcntl(fds[r->fd_index], F_DUPFD_CLOEXEC, 3) : -1;
-            if (ino->fd < 0) {
+            if (ino->fd < 0 && r->fd_index != -2) {
                 destroy_inode(ino);
                 rc = -EBADF;
                 break;
             }
-            TK_INC(fs, fds_pinned, 1);
+            if (ino->fd >= 0) TK_INC(fs, fds_pinned, 1);
         }
         ino->slot = r->slot;
         if ((rc = tk_slots_place(&fs->nodes, r->slot, ino)) != 0) {
@@ -707,6 +729,7 @@ int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds) {
             parent->refs++;
         }
         if (r->name && !(ino->name = strdup(r->name))) rc = -ENOMEM;
+        tk_sh_inode(fs, ino);
     }
     GAUGE(fs, inodes, fs->ninodes);
     pthread_mutex_unlock(&fs->itab_mu);
@@ -718,13 +741,14 @@ void tk_itab_forget(tk_fs *fs, fuse_ino_t nodeid, uint64_t n) {
     int view;
     pthread_mutex_lock(&fs->itab_mu);
     tk_inode *ino = tk_node_inode(fs, nodeid, &view);
-    if (ino == fs->root && nodeid == FUSE_ROOT_ID) {
+    if ((ino == fs->root && nodeid == FUSE_ROOT_ID) || ino == fs->lost) {
         itab_unlock(fs);
         return;
     }
     tk_node *nd = &ino->node[view];
     if (n > nd->nlookup) n = nd->nlookup;
     nd->nlookup -= n;
+    tk_sh_nlookup(fs, ino);
     unref_locked(fs, ino, n);
     itab_unlock(fs);
 }

@@ -202,6 +202,11 @@ struct tk_fs {
     size_t init_req_len;
     uint64_t resume_unique;       /* the synthetic INIT of a resume: its reply is not sent */
     int resumed;                  /* 1: this connection was taken over, not mounted */
+    struct tk_shadow *sh;         /* fuse_shadow.c, or NULL (no recovery after a kill) */
+    struct tk_inode *lost;        /* what an unknown node id names: fails closed */
+    uint64_t (*recovered)[2];     /* (dev, ino) a killed predecessor created for a
+                                   * request it did not answer (ho_mu) */
+    size_t nrecovered;
 
     /* inode table */
     pthread_mutex_t itab_mu;
@@ -339,8 +344,32 @@ void tk_ho_state_free(tk_ho_state *st);
 int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds);
 /* fuse_ops.c: an open file or directory of a handover, in its slot */
 int tk_fh_restore(tk_fs *fs, const tk_ho_fh *h);
+/* fuse_shadow.c: the handover state kept current for a successor after a kill */
+int tk_sh_open(tk_fs *fs);
+void tk_sh_close(tk_fs *fs);
+int tk_sh_fd(tk_fs *fs);
+void tk_sh_header(tk_fs *fs, uint32_t flags, const tk_ring_state *ring);
+void tk_sh_inode(tk_fs *fs, tk_inode *ino);       /* itab_mu */
+void tk_sh_nlookup(tk_fs *fs, tk_inode *ino);     /* itab_mu */
+void tk_sh_name(tk_fs *fs, tk_inode *ino);        /* itab_mu */
+void tk_sh_inode_gone(tk_fs *fs, uint32_t slot);  /* itab_mu */
+void tk_sh_fh(tk_fs *fs, uint32_t slot, int kind, uint32_t inode, int view, int fdflags,
+              int append, int writable);
+void tk_sh_fh_gone(tk_fs *fs, uint32_t slot);
+uint8_t *tk_sh_journal_buf(tk_fs *fs, unsigned idx, size_t len);
+void tk_sh_journal_busy(tk_fs *fs, unsigned idx, size_t len, uint64_t unique);
+void tk_sh_journal_done(tk_fs *fs, unsigned idx);
+int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **lens,
+               size_t *nreqs, char *err, size_t errlen);
+/* A file this request created (dev, ino): kept where a successor finds it if we are
+ * killed before the reply (fuse_uring.c); 1 if `name` in pfd is such a file of a
+ * killed predecessor (then forgotten: once only). */
+void tk_note_create(tk_fs *fs, uint64_t dev, uint64_t ino);
+int tk_recovered_create(tk_fs *fs, int pfd, const char *name);
+void tk_add_recovered(tk_fs *fs, uint64_t dev, uint64_t ino);
+void tk_sh_journal_note(tk_fs *fs, unsigned idx, uint64_t dev, uint64_t ino);
 /* the classic readers' side of a quiesce */
-void tk_ho_register_reader(tk_fs *fs);
+unsigned tk_ho_register_reader(tk_fs *fs);  /* the reader's index (journal slot) */
 void tk_ho_wait(tk_fs *fs);
 int tk_uring_attach_io(tk_fs *fs);
 void tk_fs_abort(tk_fs *fs);        /* fuse_impl.c */

@@ -799,6 +799,7 @@ static void op_link(fuse_req_t req, fuse_ino_t nodeid, fuse_ino_t newparent_id,
 /* File handles are slots of fs->fhs (fi->fh = slot + 1): a successor process restores
  * them under the same numbers (fuse_handover.c). */
 static void fh_forget(tk_fs *fs, void *p, uint32_t slot) {
+    tk_sh_fh_gone(fs, slot);
     tk_slots_del(&fs->fhs, slot);
     free(p);
 }
@@ -818,6 +819,8 @@ tk_fh *tk_fh_new(tk_fs *fs, int fd, int view, int flags, tk_inode *ino) {
         return NULL;
     }
     fh->slot = (uint32_t)slot;
+    tk_sh_fh(fs, fh->slot, TK_FH_FILE, ino->slot, view, fcntl(fd, F_GETFL), fh->append,
+             fh->writable);
     return fh;
 }
 
@@ -848,6 +851,9 @@ int tk_fh_restore(tk_fs *fs, const tk_ho_fh *h) {
     if ((rc = tk_slots_place(&fs->fhs, h->slot, fh)) != 0) {
         close(fd);
         free(fh);
+    } else {
+        tk_sh_fh(fs, fh->slot, TK_FH_FILE, ino->slot, fh->view, fcntl(fd, F_GETFL),
+                 fh->append, fh->writable);
     }
     return rc;
 }
@@ -905,6 +911,13 @@ static int open_backing(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int 
     pthread_rwlock_wrlock(&ino->lock);
     if (view == TK_VIEW_PLAIN) {
         rc = ensure_loaded(fs, req, ino, fd);
+        struct stat est;
+        if (rc == -EBADMSG && acc != O_RDONLY && fstat(fd, &est) == 0 && est.st_size == 0) {
+            /* an empty file, no header: created by a server killed before it wrote
+             * the header (nothing to protect): it becomes the empty file it was to be */
+            tk_taka_reset(&ino->taka);
+            rc = tk_taka_create(fs, ino, fd);
+        }
         uint64_t bad = 0;
         if (rc == 0 && (flags & O_TRUNC)) rc = tk_taka_truncate(fs, &ino->taka, fd, 0, &bad);
     } else if (flags & O_TRUNC) {
@@ -967,9 +980,14 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
         if (fd < 0) rc = -errno;
     }
     become_root(fs, &c);
+    struct stat cst;
+    if (fd >= 0 && fstat(fd, &cst) == 0)  /* for a successor, should we be killed now */
+        tk_note_create(fs, (uint64_t)cst.st_dev, (uint64_t)cst.st_ino);
     struct fuse_entry_param e;
     tk_inode *ino = NULL;
-    if (rc == -EEXIST && !(fi->flags & O_EXCL)) {
+    /* EEXIST for O_EXCL, unless the file is the one a killed predecessor created for
+     * this very request (served again: its reply never arrived) */
+    if (rc == -EEXIST && (!(fi->flags & O_EXCL) || tk_recovered_create(fs, pfd, name))) {
         /* raced with another creator: open the existing file like open(2) would */
         rc = make_entry(fs, req, parent, pfd, name, -1, &e, NULL);
         if (rc == 0) {
@@ -1254,6 +1272,7 @@ tk_dir *tk_dir_new(tk_fs *fs, tk_inode *ino, uint64_t slot_plus1, int *rc) {
         return NULL;
     }
     d->slot = (uint32_t)slot;
+    tk_sh_fh(fs, d->slot, TK_FH_DIR, ino->slot, 0, 0, 0, 0);
     return d;
 }
 

@@ -172,6 +172,24 @@ static void classic_acquire(tk_fs *fs) {
  * is done (ho_busy: from a read's return to the reader's next io_read call). */
 static __thread int tl_busy;        /* this reader's last request is not done yet */
 static __thread tk_fs *tl_reader;   /* registered as a classic reader of this fs */
+static __thread unsigned tl_jidx;   /* its request journal slot (fuse_shadow.c) */
+static __thread int tl_journaled;   /* the request it serves is in the journal */
+
+void tk_note_create(tk_fs *fs, uint64_t dev, uint64_t ino) {
+    if (tl_cur) {  /* a ring entry: beside its busy word (uring_main) */
+        uint64_t *c = (uint64_t *)((char *)tl_cur->hdr + 2048 + 8);
+        c[0] = dev;
+        __atomic_store_n(&c[1], ino, __ATOMIC_RELEASE);
+    } else if (tl_journaled && tl_reader == fs) {
+        tk_sh_journal_note(fs, tl_jidx, dev, ino);
+    }
+}
+
+/* Requests a successor never serves again after a kill: a lost FORGET only leaks. */
+static int replayable(uint32_t opcode) {
+    return opcode != 2 /* FORGET */ && opcode != 42 /* BATCH_FORGET */ &&
+           opcode != 36 /* INTERRUPT */ && opcode != TK_FUSE_INIT;
+}
 
 static ssize_t classic_read(tk_fs *fs, int fd, void *buf, size_t len) {
     ssize_t n;
@@ -190,12 +208,14 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
     tk_fs *fs = ud;
     ssize_t n;
     if (tl_busy) {
+        if (tl_journaled) tk_sh_journal_done(fs, tl_jidx);
+        tl_journaled = 0;
         tl_busy = 0;
         __atomic_sub_fetch(&fs->ho_busy, 1, __ATOMIC_ACQ_REL);
     }
     if (tl_reader != fs) {
         tl_reader = fs;
-        tk_ho_register_reader(fs);
+        tl_jidx = tk_ho_register_reader(fs);
     }
     for (;;) {
         if (__atomic_load_n(&fs->ho_quiesce, __ATOMIC_SEQ_CST)) {
@@ -207,9 +227,20 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
             __atomic_sub_fetch(&fs->ho_in_read, 1, __ATOMIC_SEQ_CST);
             continue;
         }
-        n = classic_read(fs, fd, buf, len);
+        /* with a shadow (fuse_shadow.c) the request is read into this reader's journal
+         * slot first: a successor serves it again if we are killed before the reply */
+        uint8_t *jb = tk_sh_journal_buf(fs, tl_jidx, len);
+        n = classic_read(fs, fd, jb ? (void *)jb : buf, len);
         int err = errno;
         if (n > 0) {
+            if (jb) {
+                memcpy(buf, jb, (size_t)n);
+                const struct fuse_in_header *h = (const void *)jb;
+                if ((size_t)n >= sizeof *h && replayable(h->opcode)) {
+                    tk_sh_journal_busy(fs, tl_jidx, (size_t)n, h->unique);
+                    tl_journaled = 1;
+                }
+            }
             tl_busy = 1;
             __atomic_add_fetch(&fs->ho_busy, 1, __ATOMIC_SEQ_CST);
         }
@@ -316,7 +347,12 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud) {
         pthread_mutex_unlock(&fs->state_mu);
         return r;
     }
-    return writev(fd, iov, count);
+    ssize_t r = writev(fd, iov, count);
+    if (tl_journaled && tl_reader == fs && r >= 0) {  /* answered: never again */
+        tk_sh_journal_done(fs, tl_jidx);
+        tl_journaled = 0;
+    }
+    return r;
 }
 
 static const struct fuse_custom_io tk_io = {
@@ -420,6 +456,10 @@ static void *uring_main(void *arg) {
     }
     int rc;
     uint64_t served = 0;
+    /* 1 while this entry holds a request not yet answered (in the ring memfd: after a
+     * kill, a successor answers the entries that say so) */
+    uint32_t *busy = (uint32_t *)((char *)t->ent.hdr + 2048);
+    int adopting = t->adopt;
     if (t->adopt) {
         /* a predecessor's parked request: answer it; the commit makes the kernel's
          * entry (these very buffers) ours */
@@ -429,6 +469,7 @@ static void *uring_main(void *arg) {
         rc = queue_cmd(t, TK_URING_CMD_REGISTER, 0);
     }
     if (rc == 0 && io_uring_submit(&t->ring) < 0) rc = -EIO;
+    if (rc == 0 && t->adopt) __atomic_store_n(busy, 0, __ATOMIC_RELEASE);
     int registered = rc == 0, lost = 0;
     /* fault injection for the tests: this thread's entry "breaks" after N requests */
     const char *fault = getenv("TAKAKRYPT_TEST_URING_BREAK_AFTER");
@@ -449,6 +490,7 @@ static void *uring_main(void *arg) {
                 break;
             }
             pending = 0;
+            __atomic_store_n(busy, 0, __ATOMIC_RELEASE);
         }
         int r = io_uring_wait_cqe(&t->ring, &cqe);  /* no system call if it is there */
         if (r == -EINTR) continue;
@@ -457,6 +499,16 @@ static void *uring_main(void *arg) {
         int res = cqe->res;
         io_uring_cqe_seen(&t->ring, cqe);
         if (ud == TK_STOP_TAG) break;
+        if (res < 0 && adopting) {
+            /* the predecessor had answered it after all (the kernel has no such
+             * request): take a fresh entry with the same buffers */
+            adopting = 0;
+            __atomic_store_n(busy, 0, __ATOMIC_RELEASE);
+            if (queue_cmd(t, TK_URING_CMD_REGISTER, 0) == 0 && io_uring_submit(&t->ring) >= 0)
+                continue;
+            break;
+        }
+        adopting = 0;
         if (res < 0) {  /* refused (no io_uring for FUSE here) or the connection ended */
             if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV &&
                 res != -ECONNABORTED) {
@@ -465,6 +517,8 @@ static void *uring_main(void *arg) {
             }
             break;
         }
+        ((uint64_t *)(busy + 2))[0] = ((uint64_t *)(busy + 2))[1] = 0;  /* created */
+        __atomic_store_n(busy, 1, __ATOMIC_RELEASE);
         if (__atomic_load_n(&fs->ho_quiesce, __ATOMIC_SEQ_CST) && !park(t)) {
             registered = 0;  /* the successor has this entry now: leave it alone */
             break;
@@ -565,7 +619,13 @@ static int uring_start(tk_fs *fs, const tk_ring_state *from) {
         tk_uthread *t = &u->t[i];
         t->fs = fs;
         t->qid = i / per;
-        t->adopt = from && from->parked && from->parked[i];
+        t->adopt = from && (from->parked ? from->parked[i] != 0
+                                         : __atomic_load_n((uint32_t *)(u->base + (size_t)i * stride + 2048),
+                                                           __ATOMIC_ACQUIRE) == 1);
+        if (t->adopt && !from->parked) {  /* after a kill: what it may have created */
+            const uint64_t *c = (const uint64_t *)(u->base + (size_t)i * stride + 2056);
+            if (c[1]) tk_add_recovered(fs, c[0], c[1]);
+        }
         t->ent.payload_cap = cap;
         t->ent.hdr = (struct tk_uring_req_header *)(u->base + (size_t)i * stride);
         t->ent.area = u->base + (size_t)i * stride + 4096;

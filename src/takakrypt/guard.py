@@ -357,6 +357,12 @@ class GuardPoint:
         except OSError as e:
             raise GuardError(e.errno, f"cannot hand {self.path} over: {e.strerror}") from None
 
+    def persist_fds(self) -> list[int]:
+        """The fds to keep outside this process (systemd's file descriptor store) so a
+        successor can take the guard point over even after this one is killed:
+        ``resume(fds, b"")``.  Ours: keep copies.  Empty if not mounted."""
+        return self._m.persist_fds()
+
     def handover_abort(self) -> None:
         """The successor failed: serve again."""
         self._m.handover_abort()

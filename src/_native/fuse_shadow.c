@@ -1,0 +1,411 @@
+/*
+ * fuse_shadow.c -- what a successor needs after this process was KILLED (a watchdog
+ * SIGKILL, an OOM kill, a crash): the handover state of fuse_handover.c, kept up to
+ * date as it changes, in a memfd that systemd's file descriptor store holds with the
+ * /dev/fuse fd (docs/guard-points.md, "Restarts without unmounting").
+ *
+ * One sparse memfd, mapped once (pages exist only where written):
+ *   [0, 4 KiB)            header: magic, mountpoint, backing, root, the INIT request,
+ *                         flags, the ring's layout
+ *   [4 KiB, 64 MiB)       request journal: per classic reader, the request it is
+ *                         serving (state, length, bytes) -- replayed by a successor if
+ *                         the kill came before the reply (not FORGETs: a lost forget
+ *                         only leaks)
+ *   [64 MiB, +32 GiB)     open files and directories by slot (32 bytes each)
+ *   [32 GiB + 64 MiB, ..) inodes by slot (768 bytes each)
+ * Records are written where the engine changes the same fields (under the same locks);
+ * a record's `valid` word is written last (creation) or first (deletion), a name is
+ * written to the unused one of two buffers before `name_sel` flips, so a kill at any
+ * instant leaves each record old or new, never torn.
+ *
+ * Nothing secret is here: names, handles, sizes of nothing -- keys never.
+ */
+#include "fuse_int.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define SH_MAGIC 0x48534b54u          /* "TKSH" */
+#define SH_VERSION 1u
+#define SH_VALID 0x56494c44u          /* "DLIV" */
+#define SH_JOURNAL_OFF ((size_t)4096)
+#define SH_JOURNAL_END ((size_t)64 << 20)
+#define SH_FH_OFF SH_JOURNAL_END
+#define SH_FH_REC 32u
+#define SH_MAX_SLOTS ((size_t)1 << 30)
+#define SH_INO_OFF (SH_FH_OFF + SH_MAX_SLOTS * SH_FH_REC)
+#define SH_INO_REC 768u
+#define SH_SPAN (SH_INO_OFF + SH_MAX_SLOTS * SH_INO_REC)
+#define SH_NAME_MAX 255u            /* NAME_MAX */
+
+typedef struct {
+    uint32_t magic, version, flags, init_len;
+    uint64_t root_dev, root_ino;
+    uint64_t ring_base;
+    uint32_t ring_nthreads, ring_per;
+    uint64_t ring_cap;
+    uint32_t journal_slots, journal_cap;
+    uint32_t ino_next, fh_next;       /* every record at or above is unused */
+    char mountpoint[1024];
+    char backing[1024];
+    uint8_t init[1800];
+} sh_header;
+_Static_assert(sizeof(sh_header) <= 4096, "shadow header fits its page");
+
+typedef struct {
+    uint32_t valid, kind, inode, view;
+    int32_t fdflags;
+    uint8_t append, writable, pad[10];
+} sh_fh;
+_Static_assert(sizeof(sh_fh) == SH_FH_REC, "fh record");
+
+typedef struct {
+    uint32_t valid, type;
+    uint64_t dev, ino;
+    uint64_t nlookup[2];
+    uint32_t parent, name_sel;        /* parent slot (~0: none); which name is current */
+    uint32_t hashed;
+    int32_t htype;
+    uint32_t hbytes, has_name[2];
+    uint8_t handle[64];
+    char name[2][SH_NAME_MAX + 1];
+} sh_inode;
+_Static_assert(sizeof(sh_inode) <= SH_INO_REC, "inode record");
+
+typedef struct {
+    uint32_t state;                   /* 0 idle, 1 a request is being served */
+    uint32_t len;
+    uint64_t unique;
+    uint64_t created[2];              /* (dev, ino) the request created, or zeros */
+    uint8_t pad[32];
+    uint8_t data[];
+} sh_jslot;
+#define SH_JBUSY 1u
+
+struct tk_shadow {
+    int memfd;
+    uint8_t *base;
+};
+
+static sh_header *hdr(tk_fs *fs) { return (sh_header *)fs->sh->base; }
+static sh_fh *fhrec(tk_fs *fs, uint32_t slot) {
+    return (sh_fh *)(fs->sh->base + SH_FH_OFF + (size_t)slot * SH_FH_REC);
+}
+static sh_inode *inorec(tk_fs *fs, uint32_t slot) {
+    return (sh_inode *)(fs->sh->base + SH_INO_OFF + (size_t)slot * SH_INO_REC);
+}
+
+int tk_sh_open(tk_fs *fs) {
+    if (fs->sh) return 0;
+    struct tk_shadow *sh = calloc(1, sizeof *sh);
+    if (!sh) return -ENOMEM;
+    sh->memfd = memfd_create("takakrypt-state", MFD_CLOEXEC);
+    if (sh->memfd < 0 || ftruncate(sh->memfd, (off_t)SH_SPAN) < 0) {
+        int rc = -errno;
+        if (sh->memfd >= 0) close(sh->memfd);
+        free(sh);
+        return rc;
+    }
+    sh->base = mmap(NULL, SH_SPAN, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+                    sh->memfd, 0);
+    if (sh->base == MAP_FAILED) {
+        int rc = -errno;
+        close(sh->memfd);
+        free(sh);
+        return rc;
+    }
+    fs->sh = sh;
+    sh_header *h = hdr(fs);
+    h->version = SH_VERSION;
+    snprintf(h->mountpoint, sizeof h->mountpoint, "%s", fs->mountpoint);
+    snprintf(h->backing, sizeof h->backing, "%s", fs->backing);
+    h->journal_cap = (uint32_t)(((size_t)1 << 20) + 8192);
+    h->journal_slots =
+        (uint32_t)((SH_JOURNAL_END - SH_JOURNAL_OFF) / (sizeof(sh_jslot) + h->journal_cap));
+    return 0;
+}
+
+void tk_sh_close(tk_fs *fs) {
+    if (!fs->sh) return;
+    munmap(fs->sh->base, SH_SPAN);
+    close(fs->sh->memfd);
+    free(fs->sh);
+    fs->sh = NULL;
+}
+
+int tk_sh_fd(tk_fs *fs) { return fs->sh ? fs->sh->memfd : -1; }
+
+/* The header's remaining facts, once known (after INIT, after the ring started). */
+void tk_sh_header(tk_fs *fs, uint32_t flags, const tk_ring_state *ring) {
+    if (!fs->sh) return;
+    sh_header *h = hdr(fs);
+    h->root_dev = (uint64_t)fs->root->dev;
+    h->root_ino = (uint64_t)fs->root->ino;
+    h->flags = flags;
+    if (fs->init_req && fs->init_req_len <= sizeof h->init) {
+        memcpy(h->init, fs->init_req, fs->init_req_len);
+        h->init_len = (uint32_t)fs->init_req_len;
+    }
+    if (ring) {
+        h->ring_base = ring->base;
+        h->ring_nthreads = ring->nthreads;
+        h->ring_per = ring->per;
+        h->ring_cap = ring->cap;
+    }
+    __atomic_store_n(&h->magic, SH_MAGIC, __ATOMIC_RELEASE);
+}
+
+/* ---- inodes (callers hold itab_mu) -------------------------------------------------- */
+
+static void put_name(sh_inode *r, const char *name) {
+    uint32_t next = r->name_sel ^ 1u;
+    size_t n = name ? strlen(name) : 0;
+    if (name && n <= SH_NAME_MAX) {
+        memcpy(r->name[next], name, n + 1);
+        r->has_name[next] = 1;
+    } else {
+        r->name[next][0] = 0;
+        r->has_name[next] = 0;
+    }
+    __atomic_store_n(&r->name_sel, next, __ATOMIC_RELEASE);
+}
+
+void tk_sh_inode(tk_fs *fs, tk_inode *ino) {
+    if (!fs->sh || ino->slot >= SH_MAX_SLOTS) return;
+    sh_inode *r = inorec(fs, ino->slot);
+    if (ino->slot >= hdr(fs)->ino_next) __atomic_store_n(&hdr(fs)->ino_next, ino->slot + 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&r->valid, 0, __ATOMIC_RELEASE);
+    r->type = (uint32_t)ino->type;
+    r->dev = (uint64_t)ino->dev;
+    r->ino = (uint64_t)ino->ino;
+    r->nlookup[0] = ino->node[0].nlookup;
+    r->nlookup[1] = ino->node[1].nlookup;
+    r->parent = ino->parent ? ino->parent->slot : UINT32_MAX;
+    r->hashed = (uint32_t)ino->hashed;
+    if (ino->handle && ino->handle->handle_bytes <= sizeof r->handle) {
+        r->htype = ino->handle->handle_type;
+        r->hbytes = ino->handle->handle_bytes;
+        memcpy(r->handle, ino->handle->f_handle, r->hbytes);
+    } else {
+        r->htype = 0;
+        r->hbytes = 0;  /* pinned or a long handle: a successor after a kill cannot
+                         * reopen it (its operations fail closed) */
+    }
+    put_name(r, ino->name);
+    __atomic_store_n(&r->valid, SH_VALID, __ATOMIC_RELEASE);
+}
+
+void tk_sh_nlookup(tk_fs *fs, tk_inode *ino) {
+    if (!fs->sh || ino->slot >= SH_MAX_SLOTS) return;
+    sh_inode *r = inorec(fs, ino->slot);
+    __atomic_store_n(&r->nlookup[0], ino->node[0].nlookup, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->nlookup[1], ino->node[1].nlookup, __ATOMIC_RELAXED);
+}
+
+void tk_sh_name(tk_fs *fs, tk_inode *ino) {
+    if (!fs->sh || ino->slot >= SH_MAX_SLOTS) return;
+    sh_inode *r = inorec(fs, ino->slot);
+    __atomic_store_n(&r->parent, ino->parent ? ino->parent->slot : UINT32_MAX,
+                     __ATOMIC_RELAXED);
+    put_name(r, ino->name);
+    r->hashed = (uint32_t)ino->hashed;
+}
+
+void tk_sh_inode_gone(tk_fs *fs, uint32_t slot) {
+    if (!fs->sh || slot >= SH_MAX_SLOTS) return;
+    __atomic_store_n(&inorec(fs, slot)->valid, 0, __ATOMIC_RELEASE);
+}
+
+/* ---- open files --------------------------------------------------------------------- */
+
+void tk_sh_fh(tk_fs *fs, uint32_t slot, int kind, uint32_t inode, int view, int fdflags,
+              int append, int writable) {
+    if (!fs->sh || slot >= SH_MAX_SLOTS) return;
+    sh_fh *r = fhrec(fs, slot);
+    pthread_mutex_lock(&fs->fhs.mu);  /* fh records are written by any thread */
+    if (slot >= hdr(fs)->fh_next) __atomic_store_n(&hdr(fs)->fh_next, slot + 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&fs->fhs.mu);
+    __atomic_store_n(&r->valid, 0, __ATOMIC_RELEASE);
+    r->kind = (uint32_t)kind;
+    r->inode = inode;
+    r->view = (uint32_t)view;
+    r->fdflags = fdflags;
+    r->append = (uint8_t)append;
+    r->writable = (uint8_t)writable;
+    __atomic_store_n(&r->valid, SH_VALID, __ATOMIC_RELEASE);
+}
+
+void tk_sh_fh_gone(tk_fs *fs, uint32_t slot) {
+    if (!fs->sh || slot >= SH_MAX_SLOTS) return;
+    __atomic_store_n(&fhrec(fs, slot)->valid, 0, __ATOMIC_RELEASE);
+}
+
+/* ---- the request journal ------------------------------------------------------------ */
+
+static sh_jslot *jslot(tk_fs *fs, unsigned idx) {
+    sh_header *h = hdr(fs);
+    if (idx >= h->journal_slots) return NULL;
+    return (sh_jslot *)(fs->sh->base + SH_JOURNAL_OFF +
+                        (size_t)idx * (sizeof(sh_jslot) + h->journal_cap));
+}
+
+/* Where classic reader `idx` may read its next request (then tk_sh_journal_busy), or
+ * NULL (no shadow, no slot, or too small: read elsewhere, no replay for it). */
+uint8_t *tk_sh_journal_buf(tk_fs *fs, unsigned idx, size_t len) {
+    if (!fs->sh) return NULL;
+    sh_jslot *j = jslot(fs, idx);
+    return j && len <= hdr(fs)->journal_cap ? j->data : NULL;
+}
+
+void tk_sh_journal_busy(tk_fs *fs, unsigned idx, size_t len, uint64_t unique) {
+    sh_jslot *j = fs->sh ? jslot(fs, idx) : NULL;
+    if (!j) return;
+    j->len = (uint32_t)len;
+    j->unique = unique;
+    j->created[0] = j->created[1] = 0;
+    __atomic_store_n(&j->state, SH_JBUSY, __ATOMIC_RELEASE);
+}
+
+void tk_sh_journal_note(tk_fs *fs, unsigned idx, uint64_t dev, uint64_t ino) {
+    sh_jslot *j = fs->sh ? jslot(fs, idx) : NULL;
+    if (!j) return;
+    j->created[0] = dev;
+    __atomic_store_n(&j->created[1], ino, __ATOMIC_RELEASE);
+}
+
+void tk_sh_journal_done(tk_fs *fs, unsigned idx) {
+    sh_jslot *j = fs->sh ? jslot(fs, idx) : NULL;
+    if (j) __atomic_store_n(&j->state, 0, __ATOMIC_RELEASE);
+}
+
+/* ---- after a kill: the state, and the requests to serve again ----------------------- */
+
+int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **lens,
+               size_t *nreqs, char *err, size_t errlen) {
+    memset(st, 0, sizeof *st);
+    st->ring.memfd = -1;
+    *reqs = NULL;
+    *lens = NULL;
+    *nreqs = 0;
+    uint8_t *base = mmap(NULL, SH_SPAN, PROT_READ, MAP_SHARED | MAP_NORESERVE, memfd, 0);
+    if (base == MAP_FAILED) {
+        snprintf(err, errlen, "cannot map the stored state: %s", strerror(errno));
+        return -errno;
+    }
+    int rc = -ENOMEM;
+    const sh_header *h = (const sh_header *)base;
+    if (h->magic != SH_MAGIC || h->version != SH_VERSION || h->init_len < 56 ||
+        h->init_len > sizeof h->init || !memchr(h->mountpoint, 0, sizeof h->mountpoint) ||
+        !memchr(h->backing, 0, sizeof h->backing) || h->journal_cap > (64u << 20)) {
+        snprintf(err, errlen, "the stored state is not a takakrypt guard point's");
+        munmap(base, SH_SPAN);
+        return -EINVAL;
+    }
+    st->flags = h->flags;
+    st->mountpoint = strdup(h->mountpoint);
+    st->backing = strdup(h->backing);
+    st->root_dev = h->root_dev;
+    st->root_ino = h->root_ino;
+    st->init_len = h->init_len;
+    st->init = malloc(h->init_len);
+    if (!st->mountpoint || !st->backing || !st->init) goto out;
+    memcpy(st->init, h->init, h->init_len);
+    /* inodes (below the high-water mark: pages never written read as zeros) */
+    for (size_t slot = 0; slot < h->ino_next && slot < SH_MAX_SLOTS; slot++) {
+        const sh_inode *r = (const sh_inode *)(base + SH_INO_OFF + slot * SH_INO_REC);
+        if (__atomic_load_n(&r->valid, __ATOMIC_ACQUIRE) != SH_VALID) continue;
+        tk_ho_inode *n = realloc(st->inodes, (st->ninodes + 1) * sizeof *n);
+        if (!n) goto out;
+        st->inodes = n;
+        tk_ho_inode *o = &st->inodes[st->ninodes++];
+        memset(o, 0, sizeof *o);
+        o->slot = (uint32_t)slot;
+        o->parent = r->parent;
+        o->type = r->type;
+        o->dev = r->dev;
+        o->ino = r->ino;
+        o->nlookup[0] = r->nlookup[0];
+        o->nlookup[1] = r->nlookup[1];
+        o->hashed = r->hashed != 0;
+        o->fd_index = -1;
+        if (r->hbytes && r->hbytes <= sizeof r->handle) {
+            o->handle = malloc(sizeof *o->handle + r->hbytes);
+            if (!o->handle) goto out;
+            o->handle->handle_type = r->htype;
+            o->handle->handle_bytes = r->hbytes;
+            memcpy(o->handle->f_handle, r->handle, r->hbytes);
+        } else if (slot) {
+            o->fd_index = -2;  /* no way to reopen it: its operations fail closed */
+        }
+        uint32_t sel = r->name_sel & 1u;
+        if (r->has_name[sel] && memchr(r->name[sel], 0, SH_NAME_MAX + 1) &&
+            !(o->name = strdup(r->name[sel])))
+            goto out;
+    }
+    /* open files */
+    for (size_t slot = 0; slot < h->fh_next && slot < SH_MAX_SLOTS; slot++) {
+        const sh_fh *r = (const sh_fh *)(base + SH_FH_OFF + slot * SH_FH_REC);
+        if (__atomic_load_n(&r->valid, __ATOMIC_ACQUIRE) != SH_VALID) continue;
+        tk_ho_fh *n = realloc(st->fhs, (st->nfhs + 1) * sizeof *n);
+        if (!n) goto out;
+        st->fhs = n;
+        tk_ho_fh *o = &st->fhs[st->nfhs++];
+        o->slot = (uint32_t)slot;
+        o->kind = (int)r->kind;
+        o->inode = r->inode;
+        o->view = (int)r->view;
+        o->fdflags = r->fdflags;
+        o->append = r->append;
+        o->writable = r->writable;
+        if ((o->kind != TK_FH_FILE && o->kind != TK_FH_DIR) || o->view < 0 ||
+            o->view >= TK_NVIEWS)
+            st->nfhs--;
+    }
+    if (h->ring_nthreads) {
+        st->ring.base = (uintptr_t)h->ring_base;
+        st->ring.nthreads = h->ring_nthreads;
+        st->ring.per = h->ring_per;
+        st->ring.cap = (size_t)h->ring_cap;
+        st->ring.memfd = 3;  /* an index into the fd list: [fuse, root, state, ring] */
+        st->ring.parked = NULL;  /* after a kill: each entry says whether it was busy */
+    }
+    /* classic requests in progress at the kill */
+    for (unsigned i = 0; i < h->journal_slots; i++) {
+        const sh_jslot *j = (const sh_jslot *)(base + SH_JOURNAL_OFF +
+                                               (size_t)i * (sizeof(sh_jslot) + h->journal_cap));
+        if (__atomic_load_n(&j->state, __ATOMIC_ACQUIRE) != SH_JBUSY || j->len < 40 ||
+            j->len > h->journal_cap)
+            continue;
+        if (j->created[1]) tk_add_recovered(fs, j->created[0], j->created[1]);
+        uint8_t *copy = malloc(j->len);
+        uint8_t **nr = realloc(*reqs, (*nreqs + 1) * sizeof *nr);
+        size_t *nl = nr ? realloc(*lens, (*nreqs + 1) * sizeof *nl) : NULL;
+        if (nr) *reqs = nr;
+        if (nl) *lens = nl;
+        if (!copy || !nr || !nl) {
+            free(copy);
+            goto out;
+        }
+        memcpy(copy, j->data, j->len);
+        (*reqs)[*nreqs] = copy;
+        (*lens)[(*nreqs)++] = j->len;
+    }
+    rc = 0;
+out:
+    munmap(base, SH_SPAN);
+    if (rc) {
+        tk_ho_state_free(st);
+        for (size_t i = 0; i < *nreqs; i++) free((*reqs)[i]);
+        free(*reqs);
+        free(*lens);
+        *reqs = NULL;
+        *lens = NULL;
+        *nreqs = 0;
+        snprintf(err, errlen, "cannot read the stored state: out of memory");
+    }
+    return rc;
+}
