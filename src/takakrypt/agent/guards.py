@@ -24,6 +24,22 @@ _NAMES = (("permit", 1), ("deny", 2), ("apply_key", 4), ("audit", 8), ("would_de
 
 
 def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
+    g = build(agent, gp)
+    g.mount()
+    return g
+
+
+def resume(agent: Any, gp: C.GuardPoint, fds: list[int], state: bytes) -> GuardPoint:
+    """Take over the FUSE connection another takakryptd handed over (agent.handover)
+    instead of mounting: the path never goes bare.  Raises OSError/ValueError if the
+    engine cannot; the connection is then left as it was (never unmounted)."""
+    g = build(agent, gp)
+    g.resume(fds, state)
+    return g
+
+
+def build(agent: Any, gp: C.GuardPoint) -> GuardPoint:
+    """The guard point of ``gp`` wired to ``agent``, not mounted yet."""
     policy_name, key_name = gp.policy, gp.key
     root = os.path.normpath(gp.path)
 
@@ -84,7 +100,6 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
                    current_version=lambda name: agent.keys.current_version(name))
     g.spec = gp  # type: ignore[attr-defined]
     apply_policy_hints(agent, g)
-    g.mount()
     return g
 
 
