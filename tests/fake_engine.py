@@ -6,11 +6,12 @@ does when a step fails).  End-to-end tests use the real engine.
 step is appended to $TK_FAKE_LOG as "pid event path detail".  The connection is a pipe:
 handover_begin hands out its read end and a state naming the pipe's inode; resume
 checks that the descriptor it gets is that same pipe.  $TK_FAKE_RESUME_FAIL makes
-resume raise ValueError."""
+resume raise ValueError; with $TK_FAKE_GATE resume waits until that file exists."""
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 
@@ -61,6 +62,11 @@ class FakeGuardPoint:
         _log("done", self.path)
 
     def resume(self, fds: list[int], state: bytes) -> None:
+        gate = os.environ.get("TK_FAKE_GATE")
+        if gate:  # hold the handover open until the test lets it go on
+            _log("resume-waits", self.path)
+            while not os.path.exists(gate):
+                time.sleep(0.01)
         if os.environ.get("TK_FAKE_RESUME_FAIL"):
             _log("resume-failed", self.path)
             raise ValueError("engine state does not match (fake)")

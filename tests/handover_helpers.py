@@ -101,7 +101,8 @@ class FakeSystemd:
             return [n for n, _ in self.store]
 
     def start(self, tmp: Path, cfg: dict, *args: str, log: str = "takakryptd.log",
-              prelude: str = "", env: dict | None = None) -> subprocess.Popen:
+              prelude: str = "", env: dict | None = None,
+              fd_store: bool = True) -> subprocess.Popen:
         """takakryptd --foreground --fd-store under this fake systemd (``prelude``:
         Python run in the daemon's process before main, e.g. a fake engine)."""
         config = tmp / "takakrypt.yaml"
@@ -116,7 +117,8 @@ class FakeSystemd:
         try:
             return subprocess.Popen(
                 [sys.executable, "-c", _LAUNCH, ",".join(map(str, high)), names,
-                 "-c", run, "--config", str(config), "--foreground", "--fd-store", *args],
+                 "-c", run, "--config", str(config), "--foreground",
+                 *(["--fd-store"] if fd_store else []), *args],
                 env=dict(os.environ, NOTIFY_SOCKET=self.path, **(env or {})),
                 stdout=open(tmp / log, "ab"), stderr=subprocess.STDOUT, pass_fds=high)
         finally:

@@ -247,3 +247,79 @@ def test_keystore_unloadable_takes_over_and_denies(tmp_path, fake):
     assert _status(cfg)["state"] == "healthy"
     assert _root_may_read(cfg, tmp_path / "a" / "f")
     assert _stop(p3) == 0
+
+
+def _events(tmp_path, pid):
+    return [(e, w, d) for p, e, w, d in fake_engine.events(str(tmp_path / "engine.log"))
+            if p == pid]
+
+
+def _wait_event(tmp_path, pid, event, proc):
+    while not any(e == event for e, _w, _d in _events(tmp_path, pid)):
+        assert proc.poll() is None, f"exited {proc.returncode}"
+        time.sleep(0.02)
+
+
+def test_upgrade_takes_over_and_the_old_one_exits(tmp_path, fake):
+    cfg = _cfg(tmp_path, "a", "b")
+    old = fake.start(tmp_path, cfg, prelude=PRELUDE, fd_store=False)
+    fake.wait_for("READY=1", old)
+    new = fake.start(tmp_path, cfg, "--upgrade", prelude=PRELUDE, fd_store=False,
+                     log="new.log")
+    try:
+        fake.wait_for(f"MAINPID={new.pid}", new)
+        assert old.wait(60) == 0
+        mounted = {w: d for e, w, d in _events(tmp_path, old.pid) if e == "mount"}
+        assert {w: d for e, w, d in _events(tmp_path, new.pid) if e == "resume"} == mounted
+        assert [e for e, _w, _d in _events(tmp_path, old.pid)
+                if e in ("unmount", "abort")] == []
+        assert [e for e, _w, _d in _events(tmp_path, new.pid) if e == "mount"] == []
+        pid = int(open(cfg["agent"]["pid_file"]).read())
+        assert pid == new.pid == _status(cfg)["pid"]  # the pid file and socket moved
+        assert _status(cfg)["state"] == "healthy"
+        assert _root_may_read(cfg, tmp_path / "a" / "f")  # the protocol socket too
+    finally:
+        assert _stop(new) == 0
+
+
+def test_failed_upgrade_leaves_the_old_one_serving(tmp_path, fake):
+    cfg = _cfg(tmp_path, "a")
+    old = fake.start(tmp_path, cfg, prelude=PRELUDE, fd_store=False)
+    try:
+        fake.wait_for("READY=1", old)
+        new = fake.start(tmp_path, cfg, "--upgrade", prelude=PRELUDE, fd_store=False,
+                         log="new.log", env={"TK_FAKE_RESUME_FAIL": "1"})
+        assert new.wait(60) == 13
+        log = (tmp_path / "new.log").read_text()
+        assert "cannot take over" in log and "the running takakryptd keeps serving" in log
+        assert [e for e, _w, _d in _events(tmp_path, old.pid)] == ["mount", "begin", "abort"]
+        assert old.poll() is None
+        st = _status(cfg)
+        assert st["pid"] == old.pid and st["state"] == "healthy", st
+        assert int(open(cfg["agent"]["pid_file"]).read()) == old.pid
+    finally:
+        assert _stop(old) == 0
+
+
+def test_second_upgrade_at_the_same_time_is_refused(tmp_path, fake):
+    cfg = _cfg(tmp_path, "a")
+    gate = tmp_path / "go"
+    old = fake.start(tmp_path, cfg, prelude=PRELUDE, fd_store=False)
+    fake.wait_for("READY=1", old)
+    first = fake.start(tmp_path, cfg, "--upgrade", prelude=PRELUDE, fd_store=False,
+                       log="first.log", env={"TK_FAKE_GATE": str(gate)})
+    try:
+        _wait_event(tmp_path, first.pid, "resume-waits", first)  # mid-handover
+        second = fake.start(tmp_path, cfg, "--upgrade", prelude=PRELUDE, fd_store=False,
+                            log="second.log")
+        assert second.wait(60) == 2
+        assert "an upgrade of takakryptd is already under way" in \
+            (tmp_path / "second.log").read_text()
+        assert _events(tmp_path, second.pid) == []
+        gate.touch()
+        fake.wait_for(f"MAINPID={first.pid}", first, prefix=False)
+        assert old.wait(60) == 0
+    finally:
+        gate.touch()
+        _stop(first)
+        _stop(old)
