@@ -453,6 +453,29 @@ class Agent:
         finally:
             self.handing_over = False
 
+    async def guard_release(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``takakrypt guard release PATH``: the one way to take a guard point down.
+        Refused while any process holds a file under it (it would go on with the bare
+        directory: plaintext writes); afterwards checked again.  It stays down until
+        the next start or reload (``enabled: false`` keeps it down)."""
+        from .holders import describe, holders
+
+        path = os.path.normpath(str(req.get("path") or ""))
+        async with self.guard_lock:
+            if path not in self.guards:
+                raise UsageError(f"{path} is not a guard point served by this takakryptd")
+            found = await self._off_loop(lambda: holders(path, skip=(os.getpid(),)))
+            if found:
+                raise UsageError(f"{path} is in use, not released: {describe(found)}")
+            await self._release_guard(path)
+            after = await self._off_loop(lambda: holders(path, skip=(os.getpid(),)))
+        if after:  # opened between the check and the unmount: on the bare directory now
+            why = f"released, but files were opened meanwhile: {describe(after)}"
+            log.error("guard point %s: %s", path, why)
+            self._audit_system("guard-point", why, path=path)
+            return {"released": path, "warning": why}
+        return {"released": path}
+
     # status -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         audit = self.audit.stats() if self.audit is not None else {}
@@ -546,6 +569,8 @@ class Agent:
             return self._control_policy_check(req)
         if cmd == "handover":  # from `takakryptd --upgrade`
             return self.handover_to(req)
+        if cmd == "guard_release":
+            return self.guard_release(req)
         raise UsageError(f"unknown command {cmd!r}")
 
     def _control_policy_check(self, req: dict[str, Any]) -> Any:
