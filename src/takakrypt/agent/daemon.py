@@ -758,6 +758,13 @@ async def run(agent: Agent, *, pid_file: str | None = None,
             agent.transports = await transports.start_all(agent)
         if not agent.stopping.is_set():
             await agent.reconcile_guards()
+        for path in agent.bundles.keys() - agent.guards.keys():
+            if path not in agent.guard_errors:  # no longer configured: left as it is
+                why = ("the fd store holds a connection for a path that is no longer a "
+                       "guard point: left in the store, its requests wait (configure it "
+                       "again, or release it: docs/operations.md)")
+                log.error("%s: %s", path, why)
+                agent._audit_system("guard-point", why, path=path)
         if agent.stopping.is_set():
             log.info("stopped during start-up")
             agent.notifier.stopping()
