@@ -6,7 +6,8 @@ does when a step fails).  End-to-end tests use the real engine.
 step is appended to $TK_FAKE_LOG as "pid event path detail".  The connection is a pipe:
 handover_begin hands out its read end and a state naming the pipe's inode; resume
 checks that the descriptor it gets is that same pipe.  $TK_FAKE_RESUME_FAIL makes
-resume raise ValueError; with $TK_FAKE_GATE resume waits until that file exists."""
+resume raise ValueError; while the file $TK_FAKE_MOUNT_FAIL exists, mounting a guard
+point whose path ends in /b fails; with $TK_FAKE_GATE resume waits until that file exists."""
 
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ class FakeGuardPoint:
         return {}
 
     def mount(self) -> None:
+        fail = os.environ.get("TK_FAKE_MOUNT_FAIL")
+        if fail and os.path.exists(fail) and self.path.endswith("/b"):
+            _log("mount-failed", self.path)
+            raise OSError(5, f"cannot mount guard point {self.path}: Input/output error")
         r, w = os.pipe()
         os.close(w)
         self.fds = [r]

@@ -50,6 +50,7 @@ class FakeSystemd:
         self.messages: list[str] = []
         self.cond = threading.Condition()
         self._stop = False
+        self.procs: list[subprocess.Popen] = []  # stopped at close(), whatever happened
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -115,12 +116,14 @@ class FakeSystemd:
         run = (f"import sys; sys.path.insert(0, {TESTS!r}); {prelude}; "
                "from takakrypt.agent.daemon import main; sys.exit(main())")
         try:
-            return subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-c", _LAUNCH, ",".join(map(str, high)), names,
                  "-c", run, "--config", str(config), "--foreground",
                  *(["--fd-store"] if fd_store else []), *args],
                 env=dict(os.environ, NOTIFY_SOCKET=self.path, **(env or {})),
                 stdout=open(tmp / log, "ab"), stderr=subprocess.STDOUT, pass_fds=high)
+            self.procs.append(proc)
+            return proc
         finally:
             for fd in high:
                 os.close(fd)
@@ -136,6 +139,14 @@ class FakeSystemd:
         return new
 
     def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self._stop = True
         self.thread.join(5)
         self.sock.close()

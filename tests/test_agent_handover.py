@@ -323,3 +323,21 @@ def test_second_upgrade_at_the_same_time_is_refused(tmp_path, fake):
         gate.touch()
         _stop(first)
         _stop(old)
+
+
+def test_ready_only_once_every_guard_point_is_served(tmp_path, fake):
+    cfg = _cfg(tmp_path, "a", "b")
+    broken = tmp_path / "b-fails"
+    broken.touch()
+    p = fake.start(tmp_path, cfg, prelude=PRELUDE, env={"TK_FAKE_MOUNT_FAIL": str(broken)})
+    try:
+        fake.wait_for(f"STATUS=not ready: guard point {tmp_path / 'b'}: [Errno 5] cannot "
+                      "mount guard point", p, prefix=True)
+        assert _status(cfg)["state"] == "unhealthy"  # answering, a serving, b down
+        assert not any("READY=1" in m.split("\n") for m in fake.messages)
+        broken.unlink()
+        p.send_signal(signal.SIGHUP)  # the reload mounts b: now ready
+        fake.wait_for("READY=1", p)
+        assert _status(cfg)["state"] == "healthy"
+    finally:
+        assert _stop(p) == 0
