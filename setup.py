@@ -135,6 +135,7 @@ extensions.append(
         sources=["src/_native/fuse.pyx", "src/_native/fuse_impl.c",
                  "src/_native/fuse_inode.c", "src/_native/fuse_ops.c",
                  "src/_native/fuse_taka.c", "src/_native/fuse_uring.c",
+                 "src/_native/fuse_handover.c",
                  "src/_native/fuse_split.c",
                  "src/_native/aesgcm_impl.c", "src/_native/secmem.c",
                  "src/_native/cache_impl.c", "src/_native/ring_impl.c"],

@@ -92,11 +92,31 @@ class Guard:
             return []
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
+    def server_pid(self) -> int:
+        """The process serving the mount now (a handover replaces it)."""
+        p = self.workdir / "server.pid"
+        return int(p.read_text()) if p.exists() else self.proc.pid
+
+    def handover(self, timeout: float = 60.0) -> int:
+        """Hand the mount to a successor server (SIGUSR2: the server quiesces, starts
+        one with the fds and state, and exits once it serves).  Returns the new pid;
+        raises if the old server is still serving at the end."""
+        old = self.server_pid()
+        os.kill(old, signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # a wait, not a timed assertion
+            new = self.server_pid()
+            if new != old and not _alive(old):
+                return new
+            time.sleep(0.01)
+        raise RuntimeError(f"handover did not complete: "
+                           f"{(self.workdir / 'stderr').read_text(errors='replace')}")
+
     def stats(self) -> dict:
         """Ask the server for its counters (SIGUSR1 -> stats.json)."""
         p = self.workdir / "stats.json"
         p.unlink(missing_ok=True)
-        self.proc.send_signal(signal.SIGUSR1)
+        os.kill(self.server_pid(), signal.SIGUSR1)
         for _ in range(3000):  # a wait (up to 30 s on a loaded machine), not a timed assertion
             if p.exists() and p.stat().st_size:
                 try:
@@ -171,10 +191,28 @@ def serve_child(script: Path, workdir: Path, mnt: Path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        pidf = workdir / "server.pid"  # a successor after a handover (not our child)
+        succ = int(pidf.read_text()) if pidf.exists() else proc.pid
+        if succ != proc.pid and _alive(succ):
+            os.kill(succ, signal.SIGTERM)
+            for _ in range(3000):
+                if not _alive(succ):
+                    break
+                time.sleep(0.01)
+            else:
+                os.kill(succ, signal.SIGKILL)
         unmount_path(str(mnt))
         log = (workdir / "stderr").read_text(errors="replace")
         if any(m in log for m in SANITIZER_MARKS):  # ci/asan.sh: the server is sanitized too
             raise AssertionError(f"sanitizer report from the guard server:\n{log}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,6 +283,10 @@ def rules_hints(rules: list[dict]) -> tuple[bool, bool, bool]:
 
 def _serve(spec_path: str) -> int:
     sys.path.insert(0, str(SRC))
+    resume = None
+    if os.environ.get("TK_TEST_RESUME_FDS"):
+        resume = ([int(x) for x in os.environ.pop("TK_TEST_RESUME_FDS").split(",")],
+                  Path(os.environ.pop("TK_TEST_RESUME_STATE")).read_bytes())
     from takakrypt.guard import GuardPoint, effects_mask
 
     spec = json.loads(Path(spec_path).read_text())
@@ -293,24 +335,69 @@ def _serve(spec_path: str) -> int:
                        else {"metadata_cache": spec["metadata_cache"]}))
     stop = threading.Event()
     dump = threading.Event()
+    hand = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: dump.set())
+    signal.signal(signal.SIGUSR2, lambda *_: hand.set())
     if spec.get("hints", True):
         gp.set_policy_hints(*hints)
-    gp.mount()
+    workdir = Path(spec_path).parent
+    if resume is not None:  # a successor: (fds, state) from the predecessor
+        gp.resume(*resume)
+        for fd in resume[0]:
+            os.close(fd)
+    else:
+        gp.mount()
+    tmpf = workdir / "server.pid.tmp"
+    tmpf.write_text(str(os.getpid()))
+    os.rename(tmpf, workdir / "server.pid")
     sys.stdout.write("ready\n")
     sys.stdout.flush()
+    handed = False
     try:
         while not stop.is_set():
             if dump.wait(0.05):
                 dump.clear()
-                tmpf = spec["stats_file"] + ".tmp"
-                Path(tmpf).write_text(json.dumps(gp.stats()))
+                tmpf = Path(spec["stats_file"] + ".tmp")
+                tmpf.write_text(json.dumps(gp.stats()))
                 os.rename(tmpf, spec["stats_file"])
+            if hand.is_set():
+                hand.clear()
+                handed = _hand_over(gp, spec_path)
+                if handed:
+                    return 0
     finally:
-        gp.unmount()
+        if not handed:
+            gp.unmount()
     return 0
+
+
+def _hand_over(gp, spec_path: str) -> bool:
+    """Start a successor with this guard point's fds and state; True once it serves
+    (we let go), False if it failed (we serve again)."""
+    fds, state = gp.handover_begin()
+    workdir = Path(spec_path).parent
+    sf = workdir / f"handover-{os.getpid()}.state"
+    sf.write_bytes(state)
+    r, w = os.pipe()
+    env = dict(os.environ, TK_TEST_RESUME_FDS=",".join(map(str, fds)),
+               TK_TEST_RESUME_STATE=str(sf))
+    succ = subprocess.Popen([sys.executable, __file__, spec_path], pass_fds=fds, stdout=w,
+                            stderr=open(workdir / "stderr", "ab"), env=env)
+    os.close(w)
+    ready, _, _ = select.select([r], [], [], 60)
+    line = os.read(r, 64) if ready else b""
+    os.close(r)
+    if not line.startswith(b"ready"):
+        gp.handover_abort()
+        if succ.poll() is None:
+            succ.kill()
+        succ.wait()
+        print(f"handover failed: successor said {line!r}", file=sys.stderr, flush=True)
+        return False
+    gp.handover_done()
+    return True
 
 
 if __name__ == "__main__":

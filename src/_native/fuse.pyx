@@ -4,6 +4,7 @@
 cimport cython
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
 from libc.string cimport memcpy, memset
+from libc.stdlib cimport malloc, free
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.pycapsule cimport PyCapsule_GetPointer
 
@@ -78,6 +79,7 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t nonce_limit_refusals
         uint64_t uring_bad_requests
         uint64_t uring_lost
+        uint64_t handover_lost_handles
         uint64_t header_loads
         uint64_t size_cache_hits
         uint64_t killpriv_v2
@@ -106,6 +108,12 @@ cdef extern from "fuse_impl.h" nogil:
     void tk_fs_set_hints(tk_fs *fs, unsigned hints)
     void tk_fs_stats_get(const tk_fs *fs, tk_fs_stats *out)
     void tk_fs_free(tk_fs *fs)
+    int tk_fs_handover_begin(tk_fs *fs, int **fds_out, size_t *nfds_out, uint8_t **state_out,
+                             size_t *len_out, char *err, size_t errlen)
+    void tk_fs_handover_abort(tk_fs *fs)
+    void tk_fs_handover_done(tk_fs *fs)
+    int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state,
+                     size_t len, char *err, size_t errlen)
 
 PERMIT = 1
 DENY = 2
@@ -319,6 +327,59 @@ cdef class Mount:
         with nogil:
             tk_fs_unmount(self._fs)
 
+    def handover_begin(self):
+        """Quiesce and describe this guard point for a successor process: returns
+        (fds, state).  The fds stay ours (pass copies); fds[0] is the /dev/fuse fd.
+        Until handover_abort() or handover_done() nothing is served."""
+        cdef char err[512]
+        cdef int rc
+        cdef int *fds = NULL
+        cdef size_t nfds = 0, n = 0
+        cdef uint8_t *state = NULL
+        err[0] = 0
+        with nogil:
+            rc = tk_fs_handover_begin(self._fs, &fds, &nfds, &state, &n, err, sizeof(err))
+        if rc:
+            raise OSError(-rc, err.decode(errors="replace"))
+        try:
+            return [fds[i] for i in range(nfds)], (<char *>state)[:n]
+        finally:
+            free(fds)
+            free(state)
+
+    def handover_abort(self):
+        """The successor failed: serve again."""
+        with nogil:
+            tk_fs_handover_abort(self._fs)
+
+    def handover_done(self):
+        """The successor serves: let go for good (never unmount, never abort)."""
+        with nogil:
+            tk_fs_handover_done(self._fs)
+
+    def resume(self, fds, const unsigned char[::1] state not None):
+        """Instead of mount(): take a predecessor's connection over (fds and state
+        from its handover_begin(); the fds are duplicated, close yours after)."""
+        cdef char err[512]
+        cdef int rc
+        cdef size_t nfds = len(fds)
+        cdef size_t n = state.shape[0]
+        cdef int *cfds = <int *>malloc((nfds if nfds else 1) * sizeof(int))
+        if cfds == NULL:
+            raise MemoryError()
+        for i in range(nfds):
+            cfds[i] = int(fds[i])
+        err[0] = 0
+        _mounts.add(self)
+        try:
+            with nogil:
+                rc = tk_fs_resume(self._fs, cfds, nfds, &state[0] if n else NULL, n, err,
+                                  sizeof(err))
+        finally:
+            free(cfds)
+        if rc:
+            raise OSError(-rc, err.decode(errors="replace"))
+
     @property
     def is_mounted(self):
         return bool(tk_fs_is_mounted(self._fs))
@@ -368,6 +429,7 @@ cdef class Mount:
             "uring_requests": s.uring_requests,
             "uring_bad_requests": s.uring_bad_requests,
             "uring_lost": s.uring_lost,
+            "handover_lost_handles": s.handover_lost_handles,
             "header_loads": s.header_loads,
             "size_cache_hits": s.size_cache_hits,
             "killpriv_v2": s.killpriv_v2,

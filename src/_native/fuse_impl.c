@@ -802,6 +802,10 @@ tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, siz
     pthread_cond_init(&fs->nq_cv, NULL);
     pthread_mutex_init(&fs->sp_mu, NULL);
     pthread_cond_init(&fs->sp_done_cv, NULL);
+    pthread_mutex_init(&fs->ho_mu, NULL);
+    pthread_cond_init(&fs->ho_cv, NULL);
+    tk_slots_init(&fs->nodes);
+    tk_slots_init(&fs->fhs);
     int status = 0;
     pthread_mutex_init(&fs->szc_mu, NULL);
     fs->szc = calloc((size_t)TK_SZC_SETS * TK_SZC_WAYS, sizeof *fs->szc);
@@ -1068,6 +1072,139 @@ fail:
     return rc;
 }
 
+/* Take a predecessor's connection over (fuse_handover.c describes the steps). */
+int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, size_t len,
+                 char *err, size_t errlen) {
+    if (fs->mounted) {
+        seterr(err, errlen, "already mounted");
+        return -EBUSY;
+    }
+    tk_ho_state st;
+    int rc = tk_ho_decode(state, len, nfds, &st, err, errlen);
+    if (rc) return rc;
+    if (nfds < 2 || strcmp(st.mountpoint, fs->mountpoint) != 0 ||
+        strcmp(st.backing, fs->backing) != 0) {
+        seterr(err, errlen, "the handover is for %s (backing %s), not this guard point",
+               st.mountpoint, st.backing);
+        tk_ho_state_free(&st);
+        return -EINVAL;
+    }
+    int fuse_fd = fcntl(fds[0], F_DUPFD_CLOEXEC, 3);
+    fs->root_fd = fcntl(fds[1], F_DUPFD_CLOEXEC, 3);
+    fs->proc_fd = open("/proc", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fuse_fd < 0 || fs->root_fd < 0 || fs->proc_fd < 0) {
+        rc = -errno;
+        seterr(err, errlen, "cannot take the handed-over fds: %s", strerror(errno));
+        if (fuse_fd >= 0) close(fuse_fd);
+        goto fail;
+    }
+    if ((rc = save_root_groups(fs)) || (rc = tk_itab_init(fs)) ||
+        (rc = tk_itab_restore(fs, &st, fds))) {
+        seterr(err, errlen, "cannot rebuild the inode table: %s", strerror(-rc));
+        close(fuse_fd);
+        goto fail;
+    }
+    for (size_t i = 0; i < st.nfhs; i++) {
+        if ((rc = tk_fh_restore(fs, &st.fhs[i])) != 0) {
+            /* that file alone fails (EIO on its handle); the others go on */
+            TK_INC(fs, handover_lost_handles, 1);
+            rc = 0;
+        }
+    }
+    tk_slots_seal(&fs->fhs);
+    char fsname[512];
+    snprintf(fsname, sizeof fsname, "-ofsname=takakrypt:%s", fs->backing);
+    char *argv[] = {"takakrypt", fsname, fs->cfg.debug ? "-d" : NULL, NULL};
+    struct fuse_args args = FUSE_ARGS_INIT(fs->cfg.debug ? 3 : 2, argv);
+    fs->se = fuse_session_new(&args, &tk_ops, sizeof tk_ops, fs);
+    fuse_opt_free_args(&args);
+    char devpath[32];
+    snprintf(devpath, sizeof devpath, "/dev/fd/%d", fuse_fd);
+    if (!fs->se || fuse_session_mount(fs->se, devpath) != 0 || tk_uring_attach_io(fs) != 0) {
+        rc = -EIO;
+        seterr(err, errlen, "cannot attach a FUSE session to the handed-over connection");
+        if (fs->se) fuse_session_destroy(fs->se);
+        else close(fuse_fd);
+        fs->se = NULL;
+        goto fail;
+    }
+    /* the kernel's INIT, replayed: libfuse sets its session up as it did for the
+     * predecessor; io_writev drops the reply (resume_unique) */
+    fs->init_req = malloc(st.init_len);
+    if (!fs->init_req) {
+        rc = -ENOMEM;
+        goto fail_se;
+    }
+    memcpy(fs->init_req, st.init, st.init_len);
+    fs->init_req_len = st.init_len;
+    memcpy(&fs->init_in_flags, st.init + 40 + 12, 4);
+    fs->resume_unique = 0x4000000000000000ull | 2;
+    uint8_t *req = malloc(st.init_len);
+    if (!req) {
+        rc = -ENOMEM;
+        goto fail_se;
+    }
+    memcpy(req, st.init, st.init_len);
+    memcpy(req + 16 - 8, &fs->resume_unique, 8);  /* fuse_in_header.unique at 8 */
+    struct fuse_buf fb;
+    memset(&fb, 0, sizeof fb);
+    fb.mem = req;
+    fb.size = st.init_len;
+    fuse_session_process_buf(fs->se, &fb);
+    free(req);
+    if (!fs->init_done) {
+        rc = -EPROTO;
+        seterr(err, errlen, "the recorded INIT request was refused");
+        goto fail_se;
+    }
+    fs->init_replied = 1;
+    fs->uring_offered = (st.flags & TK_HO_URING) != 0;
+    __atomic_store_n(&fs->st.killpriv_v2, (st.flags & TK_HO_KILLPRIV_V2) != 0, __ATOMIC_RELAXED);
+    fs->resumed = 1;
+    if (st.ring.memfd >= 0) {
+        /* before anything reads the connection: if the ring cannot be taken over,
+         * the predecessor must be able to go on serving (it aborts the handover) */
+        tk_ring_state r = st.ring;
+        r.memfd = fds[st.ring.memfd];
+        rc = tk_uring_resume(fs, &r);
+        if (rc) {
+            seterr(err, errlen, "cannot take the ring entries over: %s", strerror(-rc));
+            goto fail_se;
+        }
+    }
+    fs->loop_running = 1;
+    fs->mounted = 1;
+    fs->mnt_dev = mountinfo_dev(fs->mountpoint);
+    if ((rc = -pthread_create(&fs->loop_thread, NULL, loop_main, fs))) {
+        /* the ring serves; the classic channel (FORGET, INTERRUPT) would not: fail
+         * closed rather than leave requests waiting */
+        fs->loop_running = 0;
+        seterr(err, errlen, "cannot start the FUSE loop thread");
+        tk_ho_state_free(&st);
+        tk_fs_abort(fs);
+        fs->mounted = 1;
+        tk_fs_unmount(fs);
+        return rc;
+    }
+    notifier_start(fs);
+    tk_split_start(fs);
+    tk_ho_state_free(&st);
+    return 0;
+fail_se:
+    tk_uring_stop(fs);
+    fuse_session_destroy(fs->se);  /* closes fuse_fd (our dup) */
+    fs->se = NULL;
+fail:
+    tk_ho_state_free(&st);
+    tk_itab_free(fs);
+    if (fs->root_fd >= 0) close(fs->root_fd);
+    if (fs->proc_fd >= 0) close(fs->proc_fd);
+    fs->root_fd = fs->proc_fd = -1;
+    free(fs->root_groups);
+    fs->root_groups = NULL;
+    return rc;
+}
+
 /* Abort the FUSE connection (clients still holding files get ENOTCONN). */
 /* Abort the FUSE connection: every pending and later request fails (fail closed). */
 void tk_fs_abort(tk_fs *fs) {
@@ -1096,6 +1233,7 @@ void tk_fs_abort_live(tk_fs *fs) {
 
 int tk_fs_unmount(tk_fs *fs) {
     if (!fs || !fs->mounted) return 0;
+    if (fs->ho_done) return -EBUSY;  /* the successor serves it: never unmount */
     __atomic_store_n(&fs->unmounting, 1, __ATOMIC_RELEASE);
     /* Detach the mount ourselves (never close the /dev/fuse fd while workers read it:
      * libfuse's fuse_session_unmount would).  Only while our connection lives (the
@@ -1184,6 +1322,12 @@ void tk_fs_stats_get(const tk_fs *fs, tk_fs_stats *out) {
 
 void tk_fs_free(tk_fs *fs) {
     if (!fs) return;
+    if (fs->ho_done) {
+        /* handed over: worker threads still block on this structure until the
+         * process exits; the successor owns the connection.  Only the keys go. */
+        keys_wipe(fs);
+        return;
+    }
     tk_fs_unmount(fs);
     keys_wipe(fs);
     tk_cache_free(fs->cache);
@@ -1202,6 +1346,12 @@ void tk_fs_free(tk_fs *fs) {
     pthread_cond_destroy(&fs->nq_cv);
     pthread_mutex_destroy(&fs->sp_mu);
     pthread_cond_destroy(&fs->sp_done_cv);
+    pthread_mutex_destroy(&fs->ho_mu);
+    pthread_cond_destroy(&fs->ho_cv);
+    tk_slots_destroy(&fs->nodes);
+    tk_slots_destroy(&fs->fhs);
+    free(fs->ho_readers);
+    free(fs->init_req);
     free(fs->nq);
     free(fs);
 }

@@ -158,6 +158,7 @@ typedef struct {
     uint64_t uring_requests;       /* requests that came through a ring */
     uint64_t uring_bad_requests;   /* ... with a layout we do not know (EIO) */
     uint64_t uring_lost;           /* ring entries lost while serving: connection aborted */
+    uint64_t handover_lost_handles; /* open files a resume could not reopen (EIO on them) */
     uint64_t header_loads;         /* TAKA headers read and verified */
     uint64_t size_cache_hits;      /* stats answered from remembered header sizes */
     uint64_t killpriv_v2;          /* 1: FUSE_HANDLE_KILLPRIV_V2 negotiated (gauge) */
@@ -228,6 +229,19 @@ void tk_fs_stats_get(const tk_fs *fs, tk_fs_stats *out);
 
 /* Unmounts first if needed. NULL accepted. */
 void tk_fs_free(tk_fs *fs);
+
+/* Handover to a successor process (fuse_handover.c; docs/guard-points.md, "Restarts
+ * without unmounting").  begin: quiesce, then the fds to pass (*fds_out[0] is the
+ * /dev/fuse fd; still ours: pass copies) and the state (malloc'd, like *fds_out).
+ * After it the guard point serves nothing until abort (serve again) or done (let go
+ * for good: never unmounted, never aborted by us).  resume: instead of tk_fs_mount,
+ * take a predecessor's connection over (the fds are dup'ed). */
+int tk_fs_handover_begin(tk_fs *fs, int **fds_out, size_t *nfds_out, uint8_t **state_out,
+                         size_t *len_out, char *err, size_t errlen);
+void tk_fs_handover_abort(tk_fs *fs);
+void tk_fs_handover_done(tk_fs *fs);
+int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, size_t len,
+                 char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

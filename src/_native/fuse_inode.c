@@ -84,6 +84,108 @@ static void grow_locked(tk_fs *fs) {
     free(old);
 }
 
+/* ---- slot tables ------------------------------------------------------------------ */
+
+#define SLOT_MASK ((1u << TK_SLOT_BITS) - 1)
+
+void tk_slots_init(tk_slots *s) {
+    memset(s->chunk, 0, sizeof s->chunk);
+    pthread_mutex_init(&s->mu, NULL);
+    s->next = 0;
+    s->free = NULL;
+    s->nfree = s->capfree = 0;
+}
+
+void tk_slots_destroy(tk_slots *s) {
+    for (size_t i = 0; i < TK_SLOT_CHUNKS; i++) {
+        free(s->chunk[i]);
+        s->chunk[i] = NULL;
+    }
+    free(s->free);
+    s->free = NULL;
+    s->nfree = s->capfree = 0;
+    s->next = 0;
+    pthread_mutex_destroy(&s->mu);
+}
+
+static int slot_set_locked(tk_slots *s, uint32_t slot, void *p) {
+    size_t c = slot >> TK_SLOT_BITS;
+    if (c >= TK_SLOT_CHUNKS) return -ENOSPC;
+    if (!s->chunk[c]) {
+        void **chunk = calloc((size_t)1 << TK_SLOT_BITS, sizeof *chunk);
+        if (!chunk) return -ENOMEM;
+        __atomic_store_n(&s->chunk[c], chunk, __ATOMIC_RELEASE);
+    }
+    __atomic_store_n(&s->chunk[c][slot & SLOT_MASK], p, __ATOMIC_RELEASE);
+    return 0;
+}
+
+int64_t tk_slots_add(tk_slots *s, void *p) {
+    pthread_mutex_lock(&s->mu);
+    uint32_t slot;
+    int from_free = s->nfree > 0;
+    if (from_free) slot = s->free[--s->nfree];
+    else if (s->next == UINT32_MAX) {
+        pthread_mutex_unlock(&s->mu);
+        return -ENOSPC;
+    } else slot = s->next;
+    int rc = slot_set_locked(s, slot, p);
+    if (rc) {
+        if (from_free) s->nfree++;
+    } else if (!from_free) {
+        s->next++;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return rc ? rc : (int64_t)slot;
+}
+
+int tk_slots_place(tk_slots *s, uint32_t slot, void *p) {
+    pthread_mutex_lock(&s->mu);
+    int rc = tk_slots_get(s, slot) ? -EEXIST : slot_set_locked(s, slot, p);
+    if (rc == 0 && slot >= s->next) s->next = slot + 1;
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+int tk_slots_seal(tk_slots *s) {
+    pthread_mutex_lock(&s->mu);
+    int rc = 0;
+    for (uint32_t i = s->next; i-- > 0;) {
+        if (tk_slots_get(s, i)) continue;
+        if (s->nfree == s->capfree) {
+            size_t cap = s->capfree ? s->capfree * 2 : 64;
+            uint32_t *f = realloc(s->free, cap * sizeof *f);
+            if (!f) {
+                rc = -ENOMEM;  /* the gap stays unused: harmless */
+                break;
+            }
+            s->free = f;
+            s->capfree = cap;
+        }
+        s->free[s->nfree++] = i;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+void tk_slots_del(tk_slots *s, uint32_t slot) {
+    pthread_mutex_lock(&s->mu);
+    void **c = s->chunk[slot >> TK_SLOT_BITS];
+    if (c && c[slot & SLOT_MASK]) {
+        __atomic_store_n(&c[slot & SLOT_MASK], NULL, __ATOMIC_RELEASE);
+        if (s->nfree == s->capfree) {
+            size_t cap = s->capfree ? s->capfree * 2 : 64;
+            uint32_t *f = realloc(s->free, cap * sizeof *f);
+            if (f) {
+                s->free = f;
+                s->capfree = cap;
+            }
+        }
+        if (s->nfree < s->capfree) s->free[s->nfree++] = slot;  /* else: never reused */
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
 /* ---- file handles ---------------------------------------------------------------- */
 
 /* The file handle of the object fd refers to, malloc'd; NULL if it has none usable
@@ -284,6 +386,7 @@ static void free_inode_locked(tk_fs *fs, tk_inode *ino) {
         pthread_mutex_unlock(&fs->fdc_mu);
     }
     if (fd >= 0) defer_close_locked(fs, fd);
+    tk_slots_del(&fs->nodes, ino->slot);
     tk_inode *parent = ino->parent;
     destroy_inode(ino);
     if (parent) unref_locked(fs, parent, 1);
@@ -363,6 +466,10 @@ int tk_itab_init(tk_fs *fs) {
     }
     fs->root = new_inode(&st, NULL);
     if (!fs->root) return -ENOMEM;
+    tk_slots_destroy(&fs->nodes);
+    tk_slots_init(&fs->nodes);
+    if (tk_slots_place(&fs->nodes, 0, fs->root) != 0) return -ENOMEM;  /* node id 1 */
+    fs->root->slot = 0;
     fs->root->fd = fs->root_fd;  /* pinned; closed by the owner */
     fs->root->refs = 1;  /* pinned */
     fs->root->node[0].nlookup = 1;
@@ -410,23 +517,20 @@ void tk_itab_free(tk_fs *fs) {
     fs->handle_fd = -1;
     fs->handle_mnt_id = -1;
     fs->root = NULL;  /* root_fd is closed by the owner */
+    tk_slots_destroy(&fs->nodes);
+    tk_slots_init(&fs->nodes);
 }
 
 tk_inode *tk_node_inode(tk_fs *fs, fuse_ino_t nodeid, int *view) {
-    if (nodeid == FUSE_ROOT_ID) {
-        if (view) *view = TK_VIEW_PLAIN;
-        return fs->root;
-    }
-    /* SAFETY: the kernel only sends node ids we handed out and have not been told to
-     * forget; each is the address of a live tk_node. */
-    tk_node *n = (tk_node *)(uintptr_t)nodeid;
-    if (view) *view = n->view;
-    return n->ino;
+    /* the kernel only sends node ids we handed out (or a predecessor did: a handover
+     * restores them in the same slots) and has not been told to forget */
+    if (view) *view = (int)((nodeid - 1) & 1);
+    return tk_slots_get(&fs->nodes, (nodeid - 1) >> 1);
 }
 
 fuse_ino_t tk_nodeid(tk_fs *fs, tk_inode *ino, int view) {
-    if (ino == fs->root && view == TK_VIEW_PLAIN) return FUSE_ROOT_ID;
-    return (fuse_ino_t)(uintptr_t)&ino->node[view];
+    (void)fs;
+    return ((fuse_ino_t)ino->slot << 1) + (fuse_ino_t)view + 1;  /* root: FUSE_ROOT_ID */
 }
 
 static void set_name_locked(tk_fs *fs, tk_inode *ino, tk_inode *parent, const char *name) {
@@ -494,12 +598,18 @@ tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
     if (!ino) {
         if (!h) h = handle_of(fs, fd);
         ino = new_inode(st, h);
-        if (!ino) {
+        int64_t slot = ino ? tk_slots_add(&fs->nodes, ino) : -ENOMEM;
+        if (slot < 0) {
+            if (ino) {
+                ino->handle = NULL;
+                destroy_inode(ino);
+            }
             itab_unlock(fs);
             free(h);
             close(fd);
             return NULL;
         }
+        ino->slot = (uint32_t)slot;
         size_t hb = hash_of(fs, st->st_dev, st->st_ino);
         ino->hnext = fs->buckets[hb];
         ino->hashed = 1;
@@ -523,6 +633,85 @@ tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
     itab_unlock(fs);
     close_all(drop, ndrop);
     return ino;
+}
+
+int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds) {
+    if ((uint64_t)fs->root->dev != st->root_dev || (uint64_t)fs->root->ino != st->root_ino)
+        return -ESTALE;  /* another directory than the predecessor's */
+    int rc = 0;
+    pthread_mutex_lock(&fs->itab_mu);
+    for (size_t i = 0; i < st->ninodes && rc == 0; i++) {
+        const tk_ho_inode *r = &st->inodes[i];
+        if (r->slot == 0) continue;  /* the root: tk_itab_init made it */
+        struct stat sst;
+        memset(&sst, 0, sizeof sst);
+        sst.st_dev = (dev_t)r->dev;
+        sst.st_ino = (ino_t)r->ino;
+        sst.st_mode = (mode_t)(r->type & S_IFMT);
+        struct file_handle *h = NULL;
+        if (r->handle) {
+            size_t n = sizeof *h + r->handle->handle_bytes;
+            if (!(h = malloc(n))) {
+                rc = -ENOMEM;
+                break;
+            }
+            memcpy(h, r->handle, n);
+        }
+        tk_inode *ino = new_inode(&sst, h);
+        if (!ino) {
+            free(h);
+            rc = -ENOMEM;
+            break;
+        }
+        if (ino->pinned) {
+            ino->fd = r->fd_index >= 0 ? fcntl(fds[r->fd_index], F_DUPFD_CLOEXEC, 3) : -1;
+            if (ino->fd < 0) {
+                destroy_inode(ino);
+                rc = -EBADF;
+                break;
+            }
+            TK_INC(fs, fds_pinned, 1);
+        }
+        ino->slot = r->slot;
+        if ((rc = tk_slots_place(&fs->nodes, r->slot, ino)) != 0) {
+            if (ino->pinned) close(ino->fd);
+            destroy_inode(ino);
+            break;
+        }
+        ino->node[0].nlookup = r->nlookup[0];
+        ino->node[1].nlookup = r->nlookup[1];
+        ino->refs = r->nlookup[0] + r->nlookup[1];
+        if (r->hashed && !find_locked(fs, ino->dev, ino->ino)) {
+            size_t hb = hash_of(fs, ino->dev, ino->ino);
+            ino->hnext = fs->buckets[hb];
+            ino->hashed = 1;
+            fs->buckets[hb] = ino;
+            if (++fs->ninodes > 2 * fs->nbuckets) grow_locked(fs);
+        } else {
+            ino->hnext = fs->stale;
+            fs->stale = ino;
+        }
+    }
+    /* names and parents, once every inode is in its slot */
+    for (size_t i = 0; i < st->ninodes && rc == 0; i++) {
+        const tk_ho_inode *r = &st->inodes[i];
+        tk_inode *ino = tk_slots_get(&fs->nodes, r->slot);
+        if (r->slot == 0 || !ino) continue;
+        if (r->parent != UINT32_MAX) {
+            tk_inode *parent = tk_slots_get(&fs->nodes, r->parent);
+            if (!parent || parent == ino) {
+                rc = -EINVAL;
+                break;
+            }
+            ino->parent = parent;
+            parent->refs++;
+        }
+        if (r->name && !(ino->name = strdup(r->name))) rc = -ENOMEM;
+    }
+    GAUGE(fs, inodes, fs->ninodes);
+    pthread_mutex_unlock(&fs->itab_mu);
+    if (rc == 0) rc = tk_slots_seal(&fs->nodes);
+    return rc;
 }
 
 void tk_itab_forget(tk_fs *fs, fuse_ino_t nodeid, uint64_t n) {

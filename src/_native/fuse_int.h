@@ -8,6 +8,7 @@
 
 #define FUSE_USE_VERSION 312
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
@@ -57,7 +58,33 @@ typedef struct {
     int view;
 } tk_node;
 
+/* A table of objects by small integer (fuse_inode.c): the kernel's node ids and file
+ * handles are slot numbers, not addresses, so a successor process can rebuild the same
+ * numbers from a handover (fuse_handover.c).  Reads are lock-free (the kernel only
+ * names live slots); add/del/place under mu. */
+#define TK_SLOT_BITS   14
+#define TK_SLOT_CHUNKS 65536            /* 2^30 slots */
+typedef struct tk_slots {
+    pthread_mutex_t mu;
+    void **chunk[TK_SLOT_CHUNKS];
+    uint32_t next;                       /* every slot >= next is unused */
+    uint32_t *free;                      /* unused slots below next */
+    size_t nfree, capfree;
+} tk_slots;
+void tk_slots_init(tk_slots *s);
+void tk_slots_destroy(tk_slots *s);      /* the table only, not the objects */
+int64_t tk_slots_add(tk_slots *s, void *p);             /* slot, or -ENOMEM */
+int tk_slots_place(tk_slots *s, uint32_t slot, void *p); /* restore: before any add */
+int tk_slots_seal(tk_slots *s);          /* restore done: gaps below next become free */
+void tk_slots_del(tk_slots *s, uint32_t slot);
+static inline void *tk_slots_get(tk_slots *s, uint64_t slot) {
+    if (slot >= (uint64_t)TK_SLOT_CHUNKS << TK_SLOT_BITS) return NULL;
+    void **c = __atomic_load_n(&s->chunk[slot >> TK_SLOT_BITS], __ATOMIC_ACQUIRE);
+    return c ? __atomic_load_n(&c[slot & ((1u << TK_SLOT_BITS) - 1)], __ATOMIC_ACQUIRE) : NULL;
+}
+
 typedef struct tk_inode {
+    uint32_t slot;                /* node ids 2*slot+1 (plaintext), 2*slot+2 (raw) */
     /* Backing object: a kernel file handle, reopened (O_PATH) on demand.  fd is an
      * O_PATH|O_NOFOLLOW fd or -1; NEVER use it directly: borrow it with tk_inode_fd()
      * and give it back with tk_inode_put() (fuse_inode.c: bounded fd cache). */
@@ -83,8 +110,11 @@ typedef struct tk_inode {
     int plain_stale;
 } tk_inode;
 
-/* Open file handle (fi->fh). */
+/* Open file handle (fi->fh = its slot in fs->fhs + 1). */
+enum { TK_FH_FILE = 1, TK_FH_DIR = 2 };
 typedef struct {
+    int kind;                     /* TK_FH_FILE */
+    uint32_t slot;
     int fd;                       /* real fd on the backing file */
     int view;
     int append;                   /* O_APPEND: plaintext appends at the current size */
@@ -97,6 +127,16 @@ typedef struct {
      * (0: no read yet).  Atomic. */
     uint64_t ra_next;
 } tk_fh;
+
+/* Open directory handle (fi->fh, as tk_fh). */
+typedef struct {
+    int kind;                     /* TK_FH_DIR */
+    uint32_t slot;
+    tk_inode *ino;
+    DIR *dp;
+    off_t offset;
+    struct dirent *entry;
+} tk_dir;
 
 typedef struct {
     uint32_t uid, gid, pid;
@@ -145,6 +185,23 @@ struct tk_fs {
     pthread_mutex_t state_mu;
     pthread_cond_t state_cv;
     tk_cache *cache;
+
+    /* node ids and file handles by slot (fuse_inode.c) */
+    tk_slots nodes, fhs;
+
+    /* handover to a successor process (fuse_handover.c) */
+    int ho_quiesce;               /* 1: take no new request (atomic) */
+    int ho_done;                  /* 1: handed over: never unmount, abort or serve */
+    pthread_mutex_t ho_mu;
+    pthread_cond_t ho_cv;
+    unsigned ho_in_read;          /* classic readers inside read(2) (atomic) */
+    unsigned ho_busy;             /* classic requests read, not yet done (atomic) */
+    pthread_t *ho_readers;        /* every classic reader thread (ho_mu) */
+    size_t ho_nreaders, ho_capreaders;
+    uint8_t *init_req;            /* the kernel's INIT request as read (header + body) */
+    size_t init_req_len;
+    uint64_t resume_unique;       /* the synthetic INIT of a resume: its reply is not sent */
+    int resumed;                  /* 1: this connection was taken over, not mounted */
 
     /* inode table */
     pthread_mutex_t itab_mu;
@@ -217,6 +274,16 @@ struct tk_fs {
     tk_fs_stats st;               /* updated with __atomic builtins */
 };
 
+/* fi->fh of an open file or directory (its slot in fs->fhs + 1) */
+static inline tk_fh *fh_of(tk_fs *fs, const struct fuse_file_info *fi) {
+    return (tk_fh *)tk_slots_get(&fs->fhs, fi->fh - 1);
+}
+static inline tk_dir *dir_of(tk_fs *fs, const struct fuse_file_info *fi) {
+    return (tk_dir *)tk_slots_get(&fs->fhs, fi->fh - 1);
+}
+tk_fh *tk_fh_new(tk_fs *fs, int fd, int view, int flags, tk_inode *ino);  /* fuse_ops.c */
+tk_dir *tk_dir_new(tk_fs *fs, tk_inode *ino, uint64_t slot_plus1, int *rc);
+
 #define TK_INC(fs, field, n) __atomic_fetch_add(&(fs)->st.field, (uint64_t)(n), __ATOMIC_RELAXED)
 
 /* Drop the kernel's cached pages (and attributes) of nodeid, from the notifier thread:
@@ -224,6 +291,57 @@ struct tk_fs {
 void tk_inval_data_async(tk_fs *fs, fuse_ino_t nodeid);
 
 /* fuse_uring.c */
+/* The ring's part of a handover (fuse_handover.c): its memfd, the address it is
+ * mapped at, its layout, and which entries hold a parked request. */
+typedef struct {
+    int memfd;                    /* -1: no ring */
+    uintptr_t base;
+    unsigned nthreads, per;
+    size_t cap;
+    uint8_t *parked;              /* nthreads flags (malloc'd) */
+} tk_ring_state;
+/* Lookups of names starting with this in the root are a handover's own requests
+ * (fuse_uring.c, tk_uring_park_all): answered ENOENT without a policy check. */
+#define TK_PARK_PREFIX ".takakrypt-handover-"
+int tk_uring_resume(tk_fs *fs, const tk_ring_state *from);
+int tk_uring_park_all(tk_fs *fs, int timeout_ms);
+int tk_uring_describe(tk_fs *fs, tk_ring_state *out);  /* 1: a ring, 0: none */
+/* fuse_handover.c: a handover's state, decoded */
+typedef struct {
+    uint32_t slot, parent, type;
+    uint64_t dev, ino, nlookup[2];
+    int hashed, fd_index;         /* fd_index: a pinned inode's fd in the fd list, or -1 */
+    struct file_handle *handle;   /* NULL: pinned (or the root) */
+    char *name;
+} tk_ho_inode;
+typedef struct {
+    uint32_t slot, inode;
+    int kind, view, fdflags, append, writable;
+} tk_ho_fh;
+typedef struct {
+    uint32_t flags;
+    char *mountpoint, *backing;
+    uint64_t root_dev, root_ino;
+    uint8_t *init;
+    size_t init_len;
+    tk_ho_inode *inodes;
+    size_t ninodes;
+    tk_ho_fh *fhs;
+    size_t nfhs;
+    tk_ring_state ring;         /* ring.memfd: an index into the fd list, or -1 */
+} tk_ho_state;
+#define TK_HO_KILLPRIV_V2 1u
+#define TK_HO_URING 2u
+int tk_ho_decode(const uint8_t *data, size_t len, size_t nfds, tk_ho_state *st,
+                 char *err, size_t errlen);
+void tk_ho_state_free(tk_ho_state *st);
+/* fuse_inode.c: the inode table of a handover (after tk_itab_init) */
+int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds);
+/* fuse_ops.c: an open file or directory of a handover, in its slot */
+int tk_fh_restore(tk_fs *fs, const tk_ho_fh *h);
+/* the classic readers' side of a quiesce */
+void tk_ho_register_reader(tk_fs *fs);
+void tk_ho_wait(tk_fs *fs);
 int tk_uring_attach_io(tk_fs *fs);
 void tk_fs_abort(tk_fs *fs);        /* fuse_impl.c */
 void tk_fs_abort_live(tk_fs *fs);   /* ... only while mounted and not unmounting */

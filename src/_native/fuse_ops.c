@@ -404,6 +404,10 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
     tk_fs *fs = FS(req);
     struct fuse_entry_param e;
+    if (parent == FUSE_ROOT_ID && strncmp(name, TK_PARK_PREFIX, strlen(TK_PARK_PREFIX)) == 0) {
+        reply_rc(req, -ENOENT);  /* a handover parking ring entries (fuse_uring.c) */
+        return;
+    }
     int rc = lookup_view(fs, req, tk_node_inode(fs, parent, NULL), name, &e);
     if (rc) reply_rc(req, rc);
     else reply_entry(fs, req, &e);
@@ -586,7 +590,7 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
     tk_fs *fs = FS(req);
     int view, rc = 0;
     tk_inode *ino = tk_node_inode(fs, nodeid, &view);
-    tk_fh *fh = fi ? (tk_fh *)(uintptr_t)fi->fh : NULL;
+    tk_fh *fh = fi ? fh_of(fs, fi) : NULL;
     char p[64];
     if (to_set & FUSE_SET_ATTR_SIZE)
         rc = check_view(fs, req, ino, view, TK_ACT_TRUNCATE);
@@ -792,15 +796,60 @@ static void op_link(fuse_req_t req, fuse_ino_t nodeid, fuse_ino_t newparent_id,
 
 /* ---- files ---------------------------------------------------------------------------- */
 
-static tk_fh *new_fh(int fd, int view, int flags, tk_inode *ino) {
+/* File handles are slots of fs->fhs (fi->fh = slot + 1): a successor process restores
+ * them under the same numbers (fuse_handover.c). */
+static void fh_forget(tk_fs *fs, void *p, uint32_t slot) {
+    tk_slots_del(&fs->fhs, slot);
+    free(p);
+}
+
+tk_fh *tk_fh_new(tk_fs *fs, int fd, int view, int flags, tk_inode *ino) {
     tk_fh *fh = calloc(1, sizeof *fh);
     if (!fh) return NULL;
+    fh->kind = TK_FH_FILE;
     fh->fd = fd;
     fh->view = view;
     fh->append = (flags & O_APPEND) != 0;
     fh->writable = (flags & O_ACCMODE) != O_RDONLY;
     fh->ino = ino;
+    int64_t slot = tk_slots_add(&fs->fhs, fh);
+    if (slot < 0) {
+        free(fh);
+        return NULL;
+    }
+    fh->slot = (uint32_t)slot;
     return fh;
+}
+
+#define new_fh(fd, view, flags, ino) tk_fh_new(fs, fd, view, flags, ino)
+
+int tk_fh_restore(tk_fs *fs, const tk_ho_fh *h) {
+    tk_inode *ino = tk_slots_get(&fs->nodes, h->inode);
+    if (!ino) return -ESTALE;
+    int rc = 0;
+    if (h->kind == TK_FH_DIR) return tk_dir_new(fs, ino, (uint64_t)h->slot + 1, &rc) ? 0 : rc;
+    /* the predecessor's backing fd, opened again through the file handle (an open
+     * file that was deleted meanwhile still opens: the predecessor holds it) */
+    int keep = O_ACCMODE | O_APPEND | O_DIRECT | O_NOATIME | O_SYNC | O_DSYNC;
+    int fd = reopen(fs, ino, (h->fdflags & keep) | O_CLOEXEC);
+    if (fd < 0) return fd;
+    tk_fh *fh = calloc(1, sizeof *fh);
+    if (!fh) {
+        close(fd);
+        return -ENOMEM;
+    }
+    fh->kind = TK_FH_FILE;
+    fh->fd = fd;
+    fh->view = h->view;
+    fh->append = h->append;
+    fh->writable = h->writable;
+    fh->ino = ino;
+    fh->slot = h->slot;
+    if ((rc = tk_slots_place(&fs->fhs, h->slot, fh)) != 0) {
+        close(fd);
+        free(fh);
+    }
+    return rc;
 }
 
 /* Direct I/O for an open: always for the raw view (the page cache never mixes views);
@@ -886,12 +935,12 @@ static void op_open(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi
         close(fd);
         { reply_rc(req, -ENOMEM); return; }
     }
-    fi->fh = (uint64_t)(uintptr_t)fh;
+    fi->fh = (uint64_t)fh->slot + 1;
     fi->direct_io = direct_for(fs, view, fi->flags);
     fi->keep_cache = keep_cache(ino, view);
     if (fuse_reply_open(req, fi) != 0) {  /* interrupted: the kernel will not release */
         close(fd);
-        free(fh);
+        fh_forget(fs, fh, fh->slot);
     }
 }
 
@@ -957,12 +1006,12 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
         tk_itab_forget(fs, e.ino, 1);
         { reply_rc(req, -ENOMEM); return; }
     }
-    fi->fh = (uint64_t)(uintptr_t)fh;
+    fi->fh = (uint64_t)fh->slot + 1;
     fi->direct_io = direct_for(fs, view, fi->flags);
     fi->keep_cache = keep_cache(ino, view);
     if (fuse_reply_create(req, &e, fi) != 0) {  /* interrupted: no release, no forget */
         close(fd);
-        free(fh);
+        fh_forget(fs, fh, fh->slot);
         tk_itab_forget(fs, e.ino, 1);
     }
 }
@@ -1026,7 +1075,7 @@ static void read_prefetch(tk_fh *fh, uint64_t off, size_t size, uint32_t bs,
 static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
                     struct fuse_file_info *fi) {
     tk_fs *fs = FS(req);
-    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    tk_fh *fh = fh_of(fs, fi);
     (void)nodeid;
     (void)fi;
     char *ring = tk_uring_reply_space(size);  /* decrypt straight into the reply */
@@ -1080,7 +1129,7 @@ static ssize_t raw_change(tk_fs *fs, tk_inode *ino, int fd, const char *buf, siz
 static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t size,
                      off_t off, struct fuse_file_info *fi) {
     tk_fs *fs = FS(req);
-    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    tk_fh *fh = fh_of(fs, fi);
     (void)nodeid;
     int rc;
     tk_inode *ino = fh->ino;
@@ -1117,7 +1166,7 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
-    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    tk_fh *fh = fh_of(FS(req), fi);
     (void)nodeid;
     if (fh->writable && fh->view == TK_VIEW_PLAIN) {
         /* remember the size a writer left (a file written and never stat'ed: cp -r,
@@ -1127,13 +1176,13 @@ static void op_release(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info 
         (void)view_stat(FS(req), fh->ino, TK_VIEW_PLAIN, &st);
     }
     close(fh->fd);
-    free(fh);
+    fh_forget(FS(req), fh, fh->slot);
     fuse_reply_err(req, 0);
 }
 
 static void op_fsync(fuse_req_t req, fuse_ino_t nodeid, int datasync,
                      struct fuse_file_info *fi) {
-    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    tk_fh *fh = fh_of(FS(req), fi);
     (void)nodeid;
     int rc = 0;
     if ((datasync ? fdatasync(fh->fd) : fsync(fh->fd)) < 0) rc = -errno;
@@ -1143,7 +1192,7 @@ static void op_fsync(fuse_req_t req, fuse_ino_t nodeid, int datasync,
 static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off, off_t len,
                          struct fuse_file_info *fi) {
     tk_fs *fs = FS(req);
-    tk_fh *fh = (tk_fh *)(uintptr_t)fi->fh;
+    tk_fh *fh = fh_of(fs, fi);
     (void)nodeid;
     int rc;
     if (fh->view == TK_VIEW_RAW) {
@@ -1178,30 +1227,47 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
 
 /* ---- directories ---------------------------------------------------------------------- */
 
-typedef struct {
-    DIR *dp;
-    off_t offset;
-    struct dirent *entry;
-} tk_dir;
+/* A directory handle on ino (a new one in a free slot, or restored in `slot` when
+ * slot_plus1 is its slot + 1); NULL with *rc = -errno. */
+tk_dir *tk_dir_new(tk_fs *fs, tk_inode *ino, uint64_t slot_plus1, int *rc) {
+    tk_dir *d = calloc(1, sizeof *d);
+    if (!d) {
+        *rc = -ENOMEM;
+        return NULL;
+    }
+    d->kind = TK_FH_DIR;
+    d->ino = ino;
+    int fd = reopen(fs, ino, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || !(d->dp = fdopendir(fd))) {
+        *rc = fd < 0 ? fd : -errno;
+        if (fd >= 0) close(fd);
+        free(d);
+        return NULL;
+    }
+    int64_t slot = slot_plus1 ? tk_slots_place(&fs->fhs, (uint32_t)(slot_plus1 - 1), d)
+                              : tk_slots_add(&fs->fhs, d);
+    if (slot_plus1 && slot == 0) slot = (int64_t)(slot_plus1 - 1);
+    if (slot < 0) {
+        closedir(d->dp);
+        free(d);
+        *rc = (int)slot;
+        return NULL;
+    }
+    d->slot = (uint32_t)slot;
+    return d;
+}
 
 static void op_opendir(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
     tk_fs *fs = FS(req);
     tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_LIST, 0, NULL);
     if (rc) { reply_rc(req, rc); return; }
-    tk_dir *d = calloc(1, sizeof *d);
-    if (!d) { reply_rc(req, -ENOMEM); return; }
-    int fd = reopen(fs, ino, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0 || !(d->dp = fdopendir(fd))) {
-        rc = fd < 0 ? fd : -errno;
-        if (fd >= 0) close(fd);
-        free(d);
-        { reply_rc(req, rc); return; }
-    }
-    fi->fh = (uint64_t)(uintptr_t)d;
+    tk_dir *d = tk_dir_new(fs, ino, 0, &rc);
+    if (!d) { reply_rc(req, rc); return; }
+    fi->fh = (uint64_t)d->slot + 1;
     if (fuse_reply_open(req, fi) != 0) {
         closedir(d->dp);
-        free(d);
+        fh_forget(fs, d, d->slot);
     }
 }
 
@@ -1221,7 +1287,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off
                        struct fuse_file_info *fi, int plus) {
     tk_fs *fs = FS(req);
     tk_inode *dir = tk_node_inode(fs, nodeid, NULL);
-    tk_dir *d = (tk_dir *)(uintptr_t)fi->fh;
+    tk_dir *d = dir_of(fs, fi);
     int rc = tk_check(fs, req, dir, NULL, TK_ACT_LIST, 0, NULL);
     if (rc) { reply_rc(req, rc); return; }
     char *buf = calloc(1, size ? size : 1);
@@ -1308,17 +1374,18 @@ static void op_readdirplus(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t
 }
 
 static void op_releasedir(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
-    tk_dir *d = (tk_dir *)(uintptr_t)fi->fh;
+    tk_fs *fs = FS(req);
+    tk_dir *d = dir_of(fs, fi);
     (void)nodeid;
     closedir(d->dp);
-    free(d);
+    fh_forget(fs, d, d->slot);
     fuse_reply_err(req, 0);
 }
 
 static void op_fsyncdir(fuse_req_t req, fuse_ino_t nodeid, int datasync,
                         struct fuse_file_info *fi) {
     tk_fs *fs = FS(req);
-    tk_dir *d = (tk_dir *)(uintptr_t)fi->fh;
+    tk_dir *d = dir_of(fs, fi);
     int rc = tk_check(fs, req, tk_node_inode(fs, nodeid, NULL), NULL, TK_ACT_LIST, 0, NULL);
     int fd = dirfd(d->dp);
     if (rc == 0 && (datasync ? fdatasync(fd) : fsync(fd)) < 0) rc = -errno;

@@ -37,6 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -83,9 +85,9 @@ _Static_assert(sizeof(struct fuse_out_header) == 16, "fuse_out_header is 16 byte
 #define TK_SLACK 256  /* room in front of the payload for the rebuilt request head */
 
 typedef struct {
-    struct tk_uring_req_header hdr;  /* registered iov[0] */
+    struct tk_uring_req_header *hdr; /* registered iov[0], in the ring memfd */
     struct iovec iov[2];
-    char *area;                      /* TK_SLACK + payload_cap bytes */
+    char *area;                      /* TK_SLACK + payload_cap bytes, in the ring memfd */
     char *payload;                   /* registered iov[1] */
     size_t payload_cap;
     uint64_t unique;                 /* request being handled */
@@ -99,13 +101,24 @@ typedef struct tk_uthread {
     int started;
     struct io_uring ring;
     int ring_ok;
+    int adopt;                       /* 1: the entry holds a predecessor's parked request */
+    int parked;                      /* 1: holding a request for the successor (ho_mu) */
     tk_uent ent;
 } tk_uthread;
 
+/* Every entry's buffers live in one memfd mapped at the same address in this process
+ * and in a successor (a handover, fuse_handover.c): the kernel keeps each entry's
+ * buffer ADDRESSES, and a successor that commits a parked entry's reply is read from
+ * there, in its own address space. */
 struct tk_uring {
-    unsigned nthreads;
+    unsigned nthreads, per;          /* threads in all, per queue (qid = i / per) */
     int stop_fd;                     /* eventfd */
+    int stopping;                    /* tk_uring_stop began (ho_mu) */
     tk_uthread *t;
+    int memfd;
+    char *base;                      /* the mapping of memfd (TK_RING_SPAN bytes) */
+    size_t stride, cap;              /* bytes per entry, payload capacity */
+    unsigned parked;                 /* threads parked (ho_mu) */
 };
 
 static __thread tk_uent *tl_cur;     /* the entry this thread is answering, if any */
@@ -153,8 +166,14 @@ static void classic_acquire(tk_fs *fs) {
     }
 }
 
-static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
-    tk_fs *fs = ud;
+/* Classic readers and a handover (fuse_handover.c): while fs->ho_quiesce is set no
+ * reader starts a read(2); the handover kicks readers out of one they are in (a signal
+ * without SA_RESTART: EINTR) and waits until none is in read(2) and every request read
+ * is done (ho_busy: from a read's return to the reader's next io_read call). */
+static __thread int tl_busy;        /* this reader's last request is not done yet */
+static __thread tk_fs *tl_reader;   /* registered as a classic reader of this fs */
+
+static ssize_t classic_read(tk_fs *fs, int fd, void *buf, size_t len) {
     ssize_t n;
     if (__atomic_load_n(&fs->classic_gated, __ATOMIC_ACQUIRE)) {
         classic_acquire(fs);
@@ -164,6 +183,41 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
     } else {
         n = read(fd, buf, len);
     }
+    return n;
+}
+
+static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
+    tk_fs *fs = ud;
+    ssize_t n;
+    if (tl_busy) {
+        tl_busy = 0;
+        __atomic_sub_fetch(&fs->ho_busy, 1, __ATOMIC_ACQ_REL);
+    }
+    if (tl_reader != fs) {
+        tl_reader = fs;
+        tk_ho_register_reader(fs);
+    }
+    for (;;) {
+        if (__atomic_load_n(&fs->ho_quiesce, __ATOMIC_SEQ_CST)) {
+            tk_ho_wait(fs);  /* until the handover is aborted (never if done) */
+            continue;
+        }
+        __atomic_add_fetch(&fs->ho_in_read, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&fs->ho_quiesce, __ATOMIC_SEQ_CST)) {
+            __atomic_sub_fetch(&fs->ho_in_read, 1, __ATOMIC_SEQ_CST);
+            continue;
+        }
+        n = classic_read(fs, fd, buf, len);
+        int err = errno;
+        if (n > 0) {
+            tl_busy = 1;
+            __atomic_add_fetch(&fs->ho_busy, 1, __ATOMIC_SEQ_CST);
+        }
+        __atomic_sub_fetch(&fs->ho_in_read, 1, __ATOMIC_SEQ_CST);
+        if (n < 0 && err == EINTR) continue;  /* a handover's kick, or any signal */
+        errno = err;
+        break;
+    }
     if (n >= (ssize_t)sizeof(struct fuse_in_header)) {
         const struct fuse_in_header *h = buf;
         if (h->opcode == TK_FUSE_INIT) {
@@ -171,6 +225,14 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
             if ((size_t)n >= sizeof *h + TK_INIT_IN_FLAGS + 4)
                 memcpy(&offered, (const char *)buf + sizeof *h + TK_INIT_IN_FLAGS, 4);
             fs->init_in_flags = offered;
+            /* kept for a successor, which replays it to its own libfuse session */
+            uint8_t *copy = malloc((size_t)n);
+            if (copy) {
+                memcpy(copy, buf, (size_t)n);
+                free(fs->init_req);
+                fs->init_req = copy;
+                fs->init_req_len = (size_t)n;
+            }
             __atomic_store_n(&fs->init_unique, h->unique, __ATOMIC_RELEASE);
         }
     }
@@ -192,8 +254,8 @@ static ssize_t reply_to_entry(tk_uent *e, const struct iovec *iov, int count) {
         len += iov[i].iov_len;
     }
     out.len = (uint32_t)(sizeof out + len);
-    memcpy(e->hdr.in_out, &out, sizeof out);
-    e->hdr.ent.payload_sz = (uint32_t)len;
+    memcpy(e->hdr->in_out, &out, sizeof out);
+    e->hdr->ent.payload_sz = (uint32_t)len;
     e->replied = 1;
     return (ssize_t)out.len;
 }
@@ -210,6 +272,12 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud) {
     memcpy(&out, iov[0].iov_base, sizeof out);
     tk_uent *e = tl_cur;
     if (e && out.unique != 0 && out.unique == e->unique) return reply_to_entry(e, iov, count);
+    if (fs->resume_unique && out.unique == fs->resume_unique) {
+        /* the reply to a resume's replayed INIT: the kernel negotiated long ago */
+        ssize_t total = 0;
+        for (int i = 0; i < count; i++) total += (ssize_t)iov[i].iov_len;
+        return total;
+    }
     uint64_t init = __atomic_load_n(&fs->init_unique, __ATOMIC_ACQUIRE);
     if (init && out.unique == init) {
         /* our INIT reply: libfuse 3.14 cannot offer FUSE_OVER_IO_URING nor
@@ -285,21 +353,21 @@ static int handle_request(tk_uthread *t) {
     tk_fs *fs = t->fs;
     tk_uent *e = &t->ent;
     struct fuse_in_header ih;
-    memcpy(&ih, e->hdr.in_out, sizeof ih);
-    uint64_t commit_id = e->hdr.ent.commit_id;
-    uint32_t psz = e->hdr.ent.payload_sz;
+    memcpy(&ih, e->hdr->in_out, sizeof ih);
+    uint64_t commit_id = e->hdr->ent.commit_id;
+    uint32_t psz = e->hdr->ent.payload_sz;
     size_t opsz = (size_t)ih.len - sizeof ih - psz;
     TK_INC(fs, uring_requests, 1);
-    if (ih.len < sizeof ih + psz || psz > e->payload_cap || opsz > sizeof e->hdr.op_in) {
+    if (ih.len < sizeof ih + psz || psz > e->payload_cap || opsz > sizeof e->hdr->op_in) {
         /* not the layout we know: fail this request, loudly in the counters */
         TK_INC(fs, uring_bad_requests, 1);
         struct fuse_out_header out = {.len = sizeof out, .error = -EIO, .unique = ih.unique};
-        memcpy(e->hdr.in_out, &out, sizeof out);
-        e->hdr.ent.payload_sz = 0;
+        memcpy(e->hdr->in_out, &out, sizeof out);
+        e->hdr->ent.payload_sz = 0;
     } else {
         char *start = e->payload - sizeof ih - opsz;
         memcpy(start, &ih, sizeof ih);
-        memcpy(start + sizeof ih, e->hdr.op_in, opsz);
+        memcpy(start + sizeof ih, e->hdr->op_in, opsz);
         struct fuse_buf b;
         memset(&b, 0, sizeof b);
         b.mem = start;
@@ -312,12 +380,33 @@ static int handle_request(tk_uthread *t) {
         if (!e->replied) {  /* an operation without a reply: none comes this way */
             struct fuse_out_header out = {.len = sizeof out, .error = -ENOSYS,
                                           .unique = ih.unique};
-            memcpy(e->hdr.in_out, &out, sizeof out);
-            e->hdr.ent.payload_sz = 0;
+            memcpy(e->hdr->in_out, &out, sizeof out);
+            e->hdr->ent.payload_sz = 0;
         }
     }
     /* queued only: uring_main submits it together with the wait for the next request */
     return queue_cmd(t, TK_URING_CMD_COMMIT_AND_FETCH, commit_id);
+}
+
+/* Park this thread's entry for a handover: its request stays unanswered in the
+ * shared buffers (the successor answers it).  1: the handover was aborted, serve the
+ * request here after all; 0: stop (handed over, or the ring stops). */
+static int park(tk_uthread *t) {
+    tk_fs *fs = t->fs;
+    struct tk_uring *u = fs->uring;
+    pthread_mutex_lock(&fs->ho_mu);
+    t->parked = 1;
+    u->parked++;
+    pthread_cond_broadcast(&fs->ho_cv);
+    while (__atomic_load_n(&fs->ho_quiesce, __ATOMIC_SEQ_CST) && !fs->ho_done && !u->stopping)
+        pthread_cond_wait(&fs->ho_cv, &fs->ho_mu);
+    int serve = !fs->ho_done && !u->stopping;
+    if (serve) {
+        t->parked = 0;
+        u->parked--;
+    }
+    pthread_mutex_unlock(&fs->ho_mu);
+    return serve;
 }
 
 static void *uring_main(void *arg) {
@@ -329,10 +418,18 @@ static void *uring_main(void *arg) {
         io_uring_prep_poll_add(sqe, fs->uring->stop_fd, POLLIN);
         sqe->user_data = TK_STOP_TAG;
     }
-    int rc = queue_cmd(t, TK_URING_CMD_REGISTER, 0);
+    int rc;
+    uint64_t served = 0;
+    if (t->adopt) {
+        /* a predecessor's parked request: answer it; the commit makes the kernel's
+         * entry (these very buffers) ours */
+        served = 1;
+        rc = handle_request(t);
+    } else {
+        rc = queue_cmd(t, TK_URING_CMD_REGISTER, 0);
+    }
     if (rc == 0 && io_uring_submit(&t->ring) < 0) rc = -EIO;
     int registered = rc == 0, lost = 0;
-    uint64_t served = 0;
     /* fault injection for the tests: this thread's entry "breaks" after N requests */
     const char *fault = getenv("TAKAKRYPT_TEST_URING_BREAK_AFTER");
     uint64_t break_after = fault ? strtoull(fault, NULL, 10) : 0;
@@ -368,6 +465,10 @@ static void *uring_main(void *arg) {
             }
             break;
         }
+        if (__atomic_load_n(&fs->ho_quiesce, __ATOMIC_SEQ_CST) && !park(t)) {
+            registered = 0;  /* the successor has this entry now: leave it alone */
+            break;
+        }
         served++;
         if ((break_after && served > break_after) || handle_request(t)) {
             lost = 1;
@@ -382,17 +483,38 @@ static void *uring_main(void *arg) {
         TK_INC(fs, uring_lost, 1);
         tk_fs_abort_live(fs);
     }
-    if (registered) {
+    if (registered || t->parked) {
         __atomic_store_n(&fs->classic_gated, 0, __ATOMIC_RELEASE);
         __atomic_fetch_sub(&fs->st.uring_threads, 1, __ATOMIC_RELAXED);
     }
     return NULL;
 }
 
+/* The ring memfd's address: the same in a successor (where nothing else sits there:
+ * far below the mmap area and far above the heap of a 64-bit process), a different
+ * one per guard point of a process. */
+#define TK_RING_BASE ((uintptr_t)0x2a0000000000ull)
+#define TK_RING_SPAN ((size_t)1 << 34)   /* 16 GiB of address space per guard point */
+
+static char *map_ring(int memfd, uintptr_t want) {
+    for (unsigned k = 0; k < 64; k++) {
+        uintptr_t a = want ? want : TK_RING_BASE + (uintptr_t)k * TK_RING_SPAN;
+        void *p = mmap((void *)a, TK_RING_SPAN, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_FIXED_NOREPLACE | MAP_NORESERVE, memfd, 0);
+        if (p != MAP_FAILED && (uintptr_t)p == a) return p;
+        if (p != MAP_FAILED) munmap(p, TK_RING_SPAN);  /* an old kernel took it as a hint */
+        if (want) return NULL;
+    }
+    return NULL;
+}
+
 /* Start the ring threads once our INIT reply is written.  0, or -errno (then the
- * classic channel simply carries everything). */
-int tk_uring_start(tk_fs *fs) {
-    if (!fs->cfg.io_uring || !fs->uring_offered) return -EOPNOTSUPP;
+ * classic channel simply carries everything).  With `from` (a resume): the
+ * predecessor's memfd mapped at its address, its layout, and each thread whose
+ * parked[] is set first answers that entry's request. */
+static int uring_start(tk_fs *fs, const tk_ring_state *from) {
+    if (!fs->uring_offered) return -EOPNOTSUPP;
+    if (!from && !fs->cfg.io_uring) return -EOPNOTSUPP;
     long ncpu = sysconf(_SC_NPROCESSORS_CONF);
     if (ncpu < 1 || ncpu > 1024) return -EINVAL;
     /* one entry per thread: a thread blocked in a slow request (an agent round trip,
@@ -402,16 +524,37 @@ int tk_uring_start(tk_fs *fs) {
     /* payload: what the kernel may send or want back in one request (max_write, a
      * readdir/read of max_pages) -- libfuse 3.14 negotiates 1 MiB */
     size_t cap = (size_t)256 * 4096 + 4096;
+    unsigned nthreads = (unsigned)ncpu * per;
+    if (from) {
+        per = from->per;
+        cap = from->cap;
+        nthreads = from->nthreads;
+        if (!per || !nthreads || nthreads % per || nthreads / per > (unsigned)ncpu ||
+            cap < 4096 || cap > ((size_t)64 << 20))
+            return -EINVAL;
+    }
+    size_t stride = 4096 + ((TK_SLACK + cap + 4095) & ~(size_t)4095);
+    if ((size_t)nthreads * stride > TK_RING_SPAN) return -E2BIG;
     struct tk_uring *u = calloc(1, sizeof *u);
     if (!u) return -ENOMEM;
-    u->nthreads = (unsigned)ncpu * per;
+    u->nthreads = nthreads;
+    u->per = per;
+    u->cap = cap;
+    u->stride = stride;
     u->stop_fd = eventfd(0, EFD_CLOEXEC);
     u->t = calloc(u->nthreads, sizeof *u->t);
-    if (u->stop_fd < 0 || !u->t) {
+    u->memfd = from ? fcntl(from->memfd, F_DUPFD_CLOEXEC, 3)
+                    : memfd_create("takakrypt-ring", MFD_CLOEXEC);
+    u->base = NULL;
+    if (u->memfd >= 0 && (from || ftruncate(u->memfd, (off_t)(nthreads * stride)) == 0))
+        u->base = map_ring(u->memfd, from ? from->base : 0);
+    if (u->stop_fd < 0 || !u->t || !u->base) {
+        int rc = !u->t ? -ENOMEM : u->memfd < 0 ? -EMFILE : -EADDRINUSE;
         if (u->stop_fd >= 0) close(u->stop_fd);
+        if (u->memfd >= 0) close(u->memfd);
         free(u->t);
         free(u);
-        return -ENOMEM;
+        return rc;
     }
     fs->uring = u;
     const char *gate = getenv("TAKAKRYPT_CLASSIC_GATE_US");  /* 0 .. 100000 */
@@ -422,15 +565,13 @@ int tk_uring_start(tk_fs *fs) {
         tk_uthread *t = &u->t[i];
         t->fs = fs;
         t->qid = i / per;
+        t->adopt = from && from->parked && from->parked[i];
         t->ent.payload_cap = cap;
-        t->ent.area = aligned_alloc(4096, TK_SLACK + cap + 4096 - (TK_SLACK + cap) % 4096);
-        if (!t->ent.area) {
-            rc = -ENOMEM;
-            break;
-        }
+        t->ent.hdr = (struct tk_uring_req_header *)(u->base + (size_t)i * stride);
+        t->ent.area = u->base + (size_t)i * stride + 4096;
         t->ent.payload = t->ent.area + TK_SLACK;
-        t->ent.iov[0].iov_base = &t->ent.hdr;
-        t->ent.iov[0].iov_len = sizeof t->ent.hdr;
+        t->ent.iov[0].iov_base = t->ent.hdr;
+        t->ent.iov[0].iov_len = sizeof *t->ent.hdr;
         t->ent.iov[1].iov_base = t->ent.payload;
         t->ent.iov[1].iov_len = cap;
         struct io_uring_params p;
@@ -446,17 +587,114 @@ int tk_uring_start(tk_fs *fs) {
     return rc;
 }
 
+int tk_uring_start(tk_fs *fs) {
+    return uring_start(fs, NULL);
+}
+
+int tk_uring_resume(tk_fs *fs, const tk_ring_state *from) {
+    return uring_start(fs, from);
+}
+
+/* A handover: park every entry (each holds a request the successor will answer).
+ * Idle entries are given a request of our own: a lookup of a name nobody has, from a
+ * thread on the entry's CPU (the kernel queues a request on the caller's CPU); the
+ * successor answers it (ENOENT) and the thread ends.  0, or -ETIMEDOUT. */
+struct park_req {
+    char path[4200];
+    int cpu;
+};
+
+static void *park_main(void *arg) {
+    struct park_req *r = arg;
+    tk_thread_pin(r->cpu, "tk-park");
+    struct stat st;
+    (void)fstatat(AT_FDCWD, r->path, &st, AT_SYMLINK_NOFOLLOW);
+    free(r);
+    return NULL;
+}
+
+int tk_uring_park_all(tk_fs *fs, int timeout_ms) {
+    struct tk_uring *u = fs->uring;
+    if (!u) return 0;
+    static unsigned seq;
+    uint64_t deadline = mono_ns() + (uint64_t)timeout_ms * 1000000ull;
+    pthread_mutex_lock(&fs->ho_mu);
+    for (;;) {
+        unsigned idle_q = UINT32_MAX, running = 0;
+        for (unsigned i = 0; i < u->nthreads; i++) {
+            if (!u->t[i].started) continue;
+            running++;
+            if (!u->t[i].parked && idle_q == UINT32_MAX) idle_q = u->t[i].qid;
+        }
+        if (idle_q == UINT32_MAX || u->parked >= running) break;
+        if (mono_ns() > deadline) {
+            pthread_mutex_unlock(&fs->ho_mu);
+            return -ETIMEDOUT;
+        }
+        unsigned before = u->parked;
+        struct park_req *r = malloc(sizeof *r);
+        if (r) {
+            r->cpu = (int)idle_q;
+            snprintf(r->path, sizeof r->path, "%s/" TK_PARK_PREFIX "%d-%u", fs->mountpoint,
+                     (int)getpid(), __atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED));
+            pthread_t th;
+            pthread_attr_t a;
+            pthread_attr_init(&a);
+            pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+            if (pthread_create(&th, &a, park_main, r) != 0) free(r);
+            pthread_attr_destroy(&a);
+        }
+        /* wait for that request (or any other) to park an entry */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 20000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        while (u->parked == before &&
+               pthread_cond_timedwait(&fs->ho_cv, &fs->ho_mu, &ts) == 0) {
+        }
+    }
+    pthread_mutex_unlock(&fs->ho_mu);
+    return 0;
+}
+
+/* The ring's part of a handover's state. */
+int tk_uring_describe(tk_fs *fs, tk_ring_state *out) {
+    struct tk_uring *u = fs->uring;
+    memset(out, 0, sizeof *out);
+    out->memfd = -1;
+    if (!u) return 0;
+    out->memfd = u->memfd;
+    out->base = (uintptr_t)u->base;
+    out->nthreads = u->nthreads;
+    out->per = u->per;
+    out->cap = u->cap;
+    out->parked = calloc(u->nthreads, 1);
+    if (!out->parked) return -ENOMEM;
+    pthread_mutex_lock(&fs->ho_mu);
+    for (unsigned i = 0; i < u->nthreads; i++) out->parked[i] = (uint8_t)u->t[i].parked;
+    pthread_mutex_unlock(&fs->ho_mu);
+    return 1;
+}
+
 void tk_uring_stop(tk_fs *fs) {
     struct tk_uring *u = fs->uring;
     if (!u) return;
     uint64_t one = 1;
+    pthread_mutex_lock(&fs->ho_mu);
+    u->stopping = 1;
+    pthread_cond_broadcast(&fs->ho_cv);
+    pthread_mutex_unlock(&fs->ho_mu);
     if (write(u->stop_fd, &one, sizeof one) < 0) { /* threads also end with the connection */ }
     for (unsigned i = 0; i < u->nthreads; i++) {
         tk_uthread *t = &u->t[i];
         if (t->started) pthread_join(t->th, NULL);
         if (t->ring_ok) io_uring_queue_exit(&t->ring);
-        free(t->ent.area);
     }
+    munmap(u->base, TK_RING_SPAN);
+    close(u->memfd);
     close(u->stop_fd);
     free(u->t);
     free(u);

@@ -283,7 +283,11 @@ class GuardPoint:
                  audit_decisions: bool = False) -> None:
         if decide is None and ring is None:
             raise ValueError("a guard point needs decide or ring")
-        self.path = os.path.realpath(os.fspath(path))
+        # the parent resolved, not the path itself: a stat of the mountpoint is a
+        # request to the guard point, which a successor must not send before it
+        # serves (resume) -- it would wait for itself
+        p = os.path.normpath(os.path.abspath(os.fspath(path)))
+        self.path = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
         self.backing = os.path.realpath(os.fspath(backing)) if backing is not None else None
         self.key_name = key_name
         self._get_key = get_key
@@ -340,6 +344,42 @@ class GuardPoint:
 
     def unmount(self) -> None:
         self._m.unmount()
+
+    # handover to a successor process (docs/guard-points.md, "Restarts without
+    # unmounting") --------------------------------------------------------------------------
+    def handover_begin(self) -> tuple[list[int], bytes]:
+        """Stop taking requests (they wait in the kernel), finish the ones in progress,
+        and return ``(fds, state)`` for a successor's :meth:`resume`.  The fds stay
+        ours (send copies; ``fds[0]`` is the /dev/fuse fd).  Nothing is served until
+        :meth:`handover_abort` or :meth:`handover_done`."""
+        try:
+            return self._m.handover_begin()
+        except OSError as e:
+            raise GuardError(e.errno, f"cannot hand {self.path} over: {e.strerror}") from None
+
+    def handover_abort(self) -> None:
+        """The successor failed: serve again."""
+        self._m.handover_abort()
+
+    def handover_done(self) -> None:
+        """The successor serves: let go for good, never unmounting."""
+        self._m.handover_done()
+
+    def resume(self, fds: list[int], state: bytes) -> None:
+        """Instead of :meth:`mount`: take a predecessor's connection over.  The fds are
+        duplicated (close yours after).  Raises GuardError if it cannot; the
+        predecessor then goes on serving (or the requests keep waiting in the kernel
+        for the next successor) -- the path is never uncovered."""
+        if self.is_mounted:
+            raise GuardError(errno.EBUSY, f"{self.path} is already mounted by this guard point")
+        raise_nofile_limit()
+        try:
+            self._m.resume(list(fds), state)
+        except (OSError, ValueError) as e:
+            raise GuardError(getattr(e, "errno", None) or errno.EINVAL,
+                             f"cannot take guard point {self.path} over: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+        self.read_ahead_kb = set_read_ahead(self.path, READ_AHEAD_KB)
 
     @property
     def is_mounted(self) -> bool:
