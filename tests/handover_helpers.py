@@ -113,7 +113,7 @@ class FakeSystemd:
             names = ":".join(n for n, _ in self.store)
         high = [os.dup(fd) for fd in fds]  # above every fd number the child will use
         high = [self._above(fd, 3 + len(fds)) for fd in high]
-        run = (f"import sys; sys.path.insert(0, {TESTS!r}); {prelude}; "
+        run = (f"import sys; sys.path.insert(0, {TESTS!r})\n{prelude}\n"
                "from takakrypt.agent.daemon import main; sys.exit(main())")
         try:
             proc = subprocess.Popen(
@@ -146,7 +146,8 @@ class FakeSystemd:
                     proc.wait(60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-                    proc.wait()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(10)  # (a thread stuck in D state never ends)
         self._stop = True
         self.thread.join(5)
         self.sock.close()

@@ -183,7 +183,7 @@ def test_successor_without_keystore_denies_then_next_start_serves(tmp_path):
         sd.wait_for("READY=1", p2)
         r = _read(gp / "f")
         assert r.returncode != 0 and b"Permission denied" in r.stderr and b"secret" not in \
-            r.stdout
+            r.stdout, (r.stdout[:40], len(r.stdout), _mounts(gp), (gp / "f").stat())
         st = _status(cfg)
         assert st["state"] == "unhealthy" and "key backend cannot be opened" in \
             st["denying_all"], st

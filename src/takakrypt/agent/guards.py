@@ -93,7 +93,11 @@ def build(agent: Any, gp: C.GuardPoint) -> GuardPoint:
     g = GuardPoint(gp.path, backing=gp.backing, key_name=key_name, get_key=get_key,
                    decide=decide, audit=audit, threads=4, ring=ring,
                    cache=agent.config.agent.cache.max_entries,
-                   metadata_cache=gp.metadata_cache, io_uring=gp.io_uring,
+                   metadata_cache=gp.metadata_cache,
+                   # a handover over io_uring parks each ring entry on a request of the
+                   # process's own, answered by the successor: its exit waits for the
+                   # successor, but systemd starts that only once the old one is gone
+                   io_uring=gp.io_uring and not getattr(agent, "fd_store", False),
                    read_helpers=gp.read_helpers, audit_decisions=True,
                    # how long a cache miss waits for the agent's answer, then denies
                    ring_timeout_ms=max(1, round(agent.config.agent.request_timeout * 1000)),
