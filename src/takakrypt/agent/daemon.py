@@ -223,7 +223,7 @@ class Agent:
         or the file changed) is denied."""
         t0 = time.perf_counter()
         state = self.state
-        if self.unserved:  # keys could not be loaded: fail closed, never uncached plaintext
+        if self.unserved:  # no keys (a handed-over connection): every access is a deny
             d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
                                 permit=False, apply_key=False, audit=True, cache_ttl=0.0)
             if audit:
