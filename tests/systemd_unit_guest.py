@@ -37,11 +37,12 @@ def sh(*cmd: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 
 def unit_text(tree_unit: str, config: Path) -> str:
-    """The shipped unit with only ExecStart changed to run this tree's agent."""
+    """The shipped unit with only ExecStart's program and configuration changed to run
+    this tree's agent (its options, e.g. --fd-store, stay)."""
     # sys.executable, not its realpath: the venv's site-packages come with the former
-    exec_start = (f"ExecStart={sys.executable} -m takakrypt.agent.daemon --config {config} --foreground\n"
-                  f"Environment=PYTHONPATH={TREE / 'src'}\n")
-    text, n = re.subn(r"^ExecStart=.*\n", exec_start, tree_unit, flags=re.M)
+    exec_start = (f"ExecStart={sys.executable} -m takakrypt.agent.daemon --config {config}"
+                  r"\1" f"\nEnvironment=PYTHONPATH={TREE / 'src'}\n")
+    text, n = re.subn(r"^ExecStart=\S+ --config \S+(.*)\n", exec_start, tree_unit, flags=re.M)
     assert n == 1, "the shipped unit must have exactly one ExecStart="
     return text
 

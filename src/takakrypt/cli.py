@@ -152,6 +152,8 @@ def cmd_status(args: argparse.Namespace) -> int:
              f"requests:    {st['requests']} ({st['inflight']} in flight)",
              f"reloads:     {st['reloads']['ok']} ok, {st['reloads']['failed']} failed"
              + (f" (last error: {st['last_reload_error']})" if st["last_reload_error"] else "")]
+    if st.get("denying_all"):
+        lines.append(f"DENYING EVERY ACCESS: {st['denying_all']}")
     lines.append("health:")
     why = st.get("problems") or {}
     lines += [f"  {'ok  ' if ok else 'FAIL'} {name}" + (f": {why[name]}" if name in why else "")
@@ -184,6 +186,30 @@ def cmd_guard_list(args: argparse.Namespace) -> int:
                      for g in gps) or "(no guard points)"
     _out(args, gps, text)
     return 0
+
+
+def cmd_guard_release(args: argparse.Namespace) -> int:
+    r = _live(args, "guard_release", path=os.path.abspath(args.path))
+    _out(args, r, f"{r['released']} released" + (f"; WARNING: {r['warning']}"
+                                                  if r.get("warning") else ""))
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Start a new takakryptd that takes the guard points over (--upgrade)."""
+    import subprocess
+
+    st = _live(args, "status")
+    argv = [sys.executable, "-m", "takakrypt.agent.daemon", "--config", st["config"],
+            "--upgrade"]
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)  # a background start reports through its pipe
+    r = subprocess.run(argv, env=env)
+    if r.returncode == 0:
+        new = _live(args, "status")
+        _out(args, {"old_pid": st["pid"], "pid": new["pid"]},
+             f"takakryptd restarted: pid {st['pid']} -> {new['pid']}, guard points kept")
+    return r.returncode
 
 
 def cmd_audit_stats(args: argparse.Namespace) -> int:
@@ -683,6 +709,26 @@ def build_parser() -> argparse.ArgumentParser:
                              help="guard points: mounted or not, policy, key, counters",
                              description="Guard points of the running agent. " + live_desc)
         gp.set_defaults(func=cmd_guard_list)
+    gp = gsub.add_parser("release", parents=[jsonp, agentp], formatter_class=_Formatter,
+                         help="take a guard point down (refused while its files are open)",
+                         description="Unmount a guard point of the running agent: the "
+                         "directory shows its backing files (ciphertext) again and is no "
+                         "longer protected. Refused, naming the processes, while any holds "
+                         "a file, a mapping or its working directory under it. Until the "
+                         "next start or reload; set enabled: false to keep it down. "
+                         + live_desc, epilog=_exit_table())
+    gp.add_argument("path", metavar="PATH")
+    gp.set_defaults(func=cmd_guard_release)
+    sp = sub.add_parser("restart", parents=[jsonp, agentp], formatter_class=_Formatter,
+                        help="restart takakryptd without unmounting (takakryptd --upgrade)",
+                        description="Start a new takakryptd (this installation's code, the "
+                        "running one's configuration) that takes every guard point's "
+                        "connection over; the running one then exits. Applications keep "
+                        "their open files; requests wait during the handover. If the new "
+                        "one fails, the running one keeps serving. Under systemd use "
+                        "`systemctl restart takakryptd` instead. " + live_desc,
+                        epilog=_exit_table())
+    sp.set_defaults(func=cmd_restart)
     sp = sub.add_parser("audit", help="audit trail of the running agent",
                         formatter_class=_Formatter, description=live_desc)
     asub = sp.add_subparsers(dest="audit_command", metavar="ACTION", required=True)

@@ -1,13 +1,17 @@
 """takakryptd: the agent daemon.
 
-    takakryptd --config FILE [--foreground] [--pid-file PATH]
+    takakryptd --config FILE [--foreground] [--pid-file PATH] [--fd-store] [--upgrade]
 
 Lifecycle: load and validate the configuration (a bad one stops the start with exit
 status 3), take the pid-file lock, open the key backend and audit sinks, start the
-control socket, the protocol transports and metrics, mount the guard points, then tell
-systemd READY=1.  SIGHUP reloads (a configuration that fails validation leaves the old
-one running and is logged and audited), SIGTERM/SIGINT stop gracefully: in-flight
-requests are answered, guard points released, audit flushed.
+control socket, the protocol transports and metrics, mount the guard points (or take
+over the connections a previous takakryptd handed over), then tell systemd READY=1
+once every guard point is served.  SIGHUP reloads (a configuration that fails
+validation leaves the old one running and is logged and audited), SIGTERM/SIGINT stop
+gracefully: in-flight requests are answered, audit flushed, and the guard points are
+released -- or, with ``--fd-store`` (systemd), handed to the service manager's fd
+store: the mounts stay and the next start serves them (agent.handover).
+``--upgrade`` takes the guard points over from the running takakryptd, which exits.
 """
 
 from __future__ import annotations
@@ -56,16 +60,27 @@ class PidFile:
         self.path = path
         self.fd = -1
 
-    def acquire(self) -> None:
+    def acquire(self, wait: float = 0.0) -> None:
+        """Lock the pid file; ``wait``: seconds to wait for another holder to let go
+        (``--upgrade``: the old process exits once we took over)."""
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise UsageError(f"takakryptd is already running (pid {other or '?'}, "
-                             f"{self.path})") from None
+        deadline = time.monotonic() + wait
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                raise UsageError(f"takakryptd is already running (pid {other or '?'}, "
+                                 f"{self.path})") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)  # the holder unlinked it meanwhile: lock the file in place
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -110,6 +125,13 @@ class Agent:
         self.started_up = False
         self.hup_pending = False
         self.unseen: dict[str, str] = {}  # guard path -> why host processes miss the mount
+        # issue 16: connections handed over by the previous takakryptd
+        self.bundles: dict[str, Any] = {}  # path -> handover.Bundle, resumed not mounted
+        self.from_store = False  # the bundles came from systemd's fd store
+        self.fd_store = False  # at stop, hand the guard points to systemd's fd store
+        self.unserved: str | None = None  # why every decision is a deny (no keys)
+        self.handing_over = False  # a `takakryptd --upgrade` is taking over
+        self.ready_sent = False
 
     # configuration ------------------------------------------------------------------------
     def _load(self, path: str) -> State:
@@ -176,7 +198,7 @@ class Agent:
             self.metrics.reloads.labels(result="ok").inc()
         log.info("configuration reloaded from %s", self.config_path)
         await self.reconcile_guards()
-        self.notifier.send("READY=1", "STATUS=running")
+        self.ready_if_served()
         return {"reloaded": True, "generation": self.cache.generation if self.cache is not None else None}
 
     def reload_soon(self) -> None:
@@ -201,6 +223,13 @@ class Agent:
         or the file changed) is denied."""
         t0 = time.perf_counter()
         state = self.state
+        if self.unserved:  # no keys (a handed-over connection): every access is a deny
+            d = policy.Decision(policy=policy_name, rule=-1, effects=frozenset({"deny"}),
+                                permit=False, apply_key=False, audit=True, cache_ttl=0.0)
+            if audit:
+                self._audit_access(d, uid, tid, "", path, action, key, 0.0, self.unserved,
+                                   guard=guard)
+            return d
         try:
             proc = procinfo.inspect(tid)
         except procinfo.ProcessGone:
@@ -284,6 +313,10 @@ class Agent:
         except ImportError as e:  # pragma: no cover - the FUSE extension is part of the build
             self.guard_errors[path] = f"FUSE data path unavailable: {e}"
             return
+        bundle = self.bundles.get(path)
+        if bundle is not None:
+            await self._resume_guard(gp, bundle)
+            return
         try:
             g = await self._off_loop(guards.mount, self, gp)
             guards.apply_policy_hints(self, g)  # a reload may have come meanwhile
@@ -297,6 +330,51 @@ class Agent:
             log.error("guard point %s: %s", path, e)
             self._audit_system("guard-point", f"guard point failed to mount: {e}", path=path)
 
+    async def _resume_guard(self, gp: C.GuardPoint, bundle: Any) -> None:
+        """Take over a connection handed over instead of mounting.  If the engine
+        cannot, the path is NOT mounted afresh (that would unmount a live connection):
+        its requests keep waiting in the kernel, the error shows in status, and the
+        descriptors stay where they are (fd store / this process) for another try."""
+        from . import guards, handover
+
+        path = os.path.normpath(gp.path)
+        try:
+            g = await self._off_loop(guards.resume, self, gp, bundle.fds, bundle.state)
+        except Exception as e:  # noqa: BLE001
+            self.guard_errors[path] = (f"cannot take over the connection the previous "
+                                       f"takakryptd handed over: {e} (not remounted; "
+                                       "requests wait in the kernel)")
+            log.error("guard point %s: %s", path, self.guard_errors[path])
+            self._audit_system("guard-point", self.guard_errors[path], path=path)
+            return
+        guards.apply_policy_hints(self, g)
+        self.guards[path] = g
+        self.guard_errors.pop(path, None)
+        del self.bundles[path]
+        bundle.close()  # the engine holds its own copies
+        if self.from_store:  # stale now; fresh ones go in at the next stop
+            handover.remove(self.notifier.send_fds, bundle.names)
+        self._audit_system("guard-point", "guard point taken over from the previous "
+                           "takakryptd", {"policy": gp.policy}, path=path)
+        log.info("guard point %s taken over (policy %s, key %s)", path, gp.policy, gp.key)
+
+    def ready_if_served(self, status: str = "running") -> bool:
+        """READY=1 only when every enabled guard point is mounted or taken over: units
+        ordered after takakryptd (databases) must not start on a bare directory."""
+        down = [p for p in (os.path.normpath(g.path) for g in self.config.guard_points
+                            if g.enabled) if p not in self.guards]
+        if self.unserved:
+            status = f"denying every access: {self.unserved}"
+        if down:
+            why = self.guard_errors.get(down[0], "not mounted")
+            status = f"guard point {down[0]}: {why}"
+            if not self.ready_sent:  # (once ready, a reload still ends with READY=1)
+                self.notifier.status(f"not ready: {status}"[:200])
+                return False
+        self.notifier.ready(status[:200])
+        self.ready_sent = True
+        return not down
+
     async def _release_guard(self, path: str) -> None:
         g = self.guards.pop(path, None)
         self.unseen.pop(path, None)
@@ -308,6 +386,95 @@ class Agent:
             log.error("guard point %s: unmount failed: %s", path, e)
         self._audit_system("guard-point", "guard point released", path=path)
         log.info("guard point %s released", path)
+
+    async def _store_guard(self, path: str) -> None:
+        """Stop under systemd with an fd store: the connection goes to the store, the
+        mount stays; the next start takes it over.  Nothing is unmounted even if this
+        fails: the connection then closes with this process and the path fails (ENOTCONN)
+        instead of showing the backing directory."""
+        from . import handover
+
+        g = self.guards.pop(path)
+        self.unseen.pop(path, None)
+        try:
+            fds, state = await self._off_loop(g.handover_begin)
+        except Exception as e:  # noqa: BLE001
+            log.error("guard point %s: cannot hand the connection over (%s); it closes "
+                      "with takakryptd: ENOTCONN until the next start", path, e)
+            self._audit_system("guard-point", f"handover failed: {e}", path=path)
+            return
+        try:
+            handover.store(self.notifier.send_fds, path, fds, state)
+            what = "guard point handed to the service manager's fd store"
+        except (handover.HandoverError, OSError) as e:
+            what = f"fd store refused the connection ({e}): ENOTCONN until the next start"
+            log.error("guard point %s: %s", path, what)
+        await self._off_loop(g.handover_done)
+        self._audit_system("guard-point", what, path=path)
+        log.info("guard point %s: %s", path, what)
+
+    async def handover_to(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Control command ``handover`` (from ``takakryptd --upgrade``): send every
+        guard point to the new process's socket.  If it takes them over, let go and
+        stop; if not, resume serving.  One at a time: a second upgrade is refused."""
+        from . import handover
+
+        sock = req.get("socket")
+        if not isinstance(sock, str) or not sock:
+            raise UsageError("handover: 'socket' must name the new takakryptd's socket")
+        if self.handing_over or self.stopping.is_set():
+            raise UsageError("an upgrade of takakryptd is already under way (or it is "
+                             "stopping); try again once it is done")
+        self.handing_over = True
+        begun: list[tuple[str, Any, list[int], bytes]] = []
+        try:
+            async with self.guard_lock:
+                try:
+                    for path, g in list(self.guards.items()):
+                        fds, state = await self._off_loop(g.handover_begin)
+                        begun.append((path, g, fds, state))
+                    await self._off_loop(handover.hand_to, sock,
+                                         [(p, f, st) for p, _g, f, st in begun])
+                except Exception as e:
+                    for path, g, _f, _st in begun:  # the successor failed: serve again
+                        await self._off_loop(g.handover_abort)
+                    log.error("upgrade refused, still serving: %s", e)
+                    self._audit_system("agent", f"upgrade failed, still serving: {e}")
+                    raise handover.HandoverError(f"handover failed: {e}") from None
+                for path, g, _f, _st in begun:
+                    await self._off_loop(g.handover_done)
+                    self.guards.pop(path, None)
+                self._audit_system("agent", "guard points handed to the new takakryptd",
+                                   {"guard_points": [p for p, *_ in begun]})
+                log.info("handed %d guard point(s) to the new takakryptd; stopping",
+                         len(begun))
+                self.stopping.set()
+                return {"handed_over": [p for p, *_ in begun], "pid": os.getpid()}
+        finally:
+            self.handing_over = False
+
+    async def guard_release(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``takakrypt guard release PATH``: the one way to take a guard point down.
+        Refused while any process holds a file under it (it would go on with the bare
+        directory: plaintext writes); afterwards checked again.  It stays down until
+        the next start or reload (``enabled: false`` keeps it down)."""
+        from .holders import describe, holders
+
+        path = os.path.normpath(str(req.get("path") or ""))
+        async with self.guard_lock:
+            if path not in self.guards:
+                raise UsageError(f"{path} is not a guard point served by this takakryptd")
+            found = await self._off_loop(lambda: holders(path, skip=(os.getpid(),)))
+            if found:
+                raise UsageError(f"{path} is in use, not released: {describe(found)}")
+            await self._release_guard(path)
+            after = await self._off_loop(lambda: holders(path, skip=(os.getpid(),)))
+        if after:  # opened between the check and the unmount: on the bare directory now
+            why = f"released, but files were opened meanwhile: {describe(after)}"
+            log.error("guard point %s: %s", path, why)
+            self._audit_system("guard-point", why, path=path)
+            return {"released": path, "warning": why}
+        return {"released": path}
 
     # status -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -349,6 +516,7 @@ class Agent:
             "inflight": self.inflight,
             "reloads": dict(self.reloads),
             "last_reload_error": self.last_reload_error,
+            "denying_all": self.unserved,
             "cache": self.cache.stats() if self.cache is not None else None,
             "audit": self.audit.stats() if self.audit is not None else None,
             "metrics": (f"http://{self.metrics.address[0]}:{self.metrics.address[1]}/metrics"
@@ -399,6 +567,10 @@ class Agent:
             return {"state": self.health_state()}
         if cmd == "policy_check":
             return self._control_policy_check(req)
+        if cmd == "handover":  # from `takakryptd --upgrade`
+            return self.handover_to(req)
+        if cmd == "guard_release":
+            return self.guard_release(req)
         raise UsageError(f"unknown command {cmd!r}")
 
     def _control_policy_check(self, req: dict[str, Any]) -> Any:
@@ -429,7 +601,7 @@ class Agent:
         checks["key_backend"] = self.keys.probe() if self.keys else False
         if not checks["key_backend"]:
             problems["key_backend"] = (self.keys.last_error if self.keys else None) or \
-                "no key backend open"
+                self.unserved or "no key backend open"
         if self.audit is not None:
             sinks = self.audit.stats().get("sinks", {})
             checks["audit_sinks"] = all(not s.get("failing", False) for s in sinks.values())
@@ -442,7 +614,9 @@ class Agent:
                                        and self._visible(path, g))
             if path in self.unseen:
                 problems[f"guard:{path}"] = self.unseen[path]
-            why = self.key_problem(gp.key)
+            why = self.key_problem(gp.key) or (
+                f"every access is denied: {self.unserved}" if self.unserved else "") or \
+                self.guard_errors.get(path, "")
             if why:
                 checks[f"guard:{path}"] = False
                 problems[f"guard:{path}"] = why
@@ -530,7 +704,7 @@ def _setting(agent: Agent, name: str, what: str) -> Any:
 
 
 async def run(agent: Agent, *, pid_file: str | None = None,
-              ready: Callable[[], None] | None = None) -> int:
+              ready: Callable[[], None] | None = None, upgrade: bool = False) -> int:
     from ..audit.config import build_logger
 
     loop = asyncio.get_running_loop()
@@ -540,19 +714,33 @@ async def run(agent: Agent, *, pid_file: str | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)
     loop.add_signal_handler(signal.SIGHUP, agent.reload_soon)
-    agent.pidfile = PidFile(pid_file or cfg.agent.pid_file)
-    with _setting(agent, "--pid-file" if pid_file else "$.agent.pid_file", "create"):
-        agent.pidfile.acquire()
+    pidfile = PidFile(pid_file or cfg.agent.pid_file)
+    if not upgrade:  # an upgrade takes it once the running takakryptd let go
+        with _setting(agent, "--pid-file" if pid_file else "$.agent.pid_file", "create"):
+            pidfile.acquire()
+        agent.pidfile = pidfile
     try:
-        with _setting(agent, "$.keys", "open the key backend at"):
-            agent.keys = KeyManager(open_backend(cfg.keys), name=cfg.keys.backend,
-                                    breaker=CircuitBreaker(cfg.keys.backend))
+        try:
+            with _setting(agent, "$.keys", "open the key backend at"):
+                agent.keys = KeyManager(open_backend(cfg.keys), name=cfg.keys.backend,
+                                        breaker=CircuitBreaker(cfg.keys.backend))
+        except Error as e:
+            if not (agent.bundles or upgrade):
+                raise
+            # connections were handed over: take them (never unmount) and deny
+            agent.unserved = f"the key backend cannot be opened: {e}"
+            log.error("%s; every access to the guard points is denied", agent.unserved)
         with _setting(agent, "$.audit.sinks", "open"):
             agent.audit = build_logger(cfg.audit) if cfg.audit is not None else build_logger({})
         from .._cache import DecisionCache
 
         agent.cache = DecisionCache(max_entries=cfg.agent.cache.max_entries,
                                     default_ttl=cfg.agent.cache.ttl_seconds)
+        if upgrade:
+            await _take_over(agent)
+            with _setting(agent, "--pid-file" if pid_file else "$.agent.pid_file", "create"):
+                await agent._off_loop(pidfile.acquire, 60.0)  # the old one exits now
+            agent.pidfile = pidfile
         if cfg.agent.metrics is not None and cfg.agent.metrics.enabled:
             from .metrics import Metrics
 
@@ -570,6 +758,13 @@ async def run(agent: Agent, *, pid_file: str | None = None,
             agent.transports = await transports.start_all(agent)
         if not agent.stopping.is_set():
             await agent.reconcile_guards()
+        for path in agent.bundles.keys() - agent.guards.keys():
+            if path not in agent.guard_errors:  # no longer configured: left as it is
+                why = ("the fd store holds a connection for a path that is no longer a "
+                       "guard point: left in the store, its requests wait (configure it "
+                       "again, or release it: docs/operations.md)")
+                log.error("%s: %s", path, why)
+                agent._audit_system("guard-point", why, path=path)
         if agent.stopping.is_set():
             log.info("stopped during start-up")
             agent.notifier.stopping()
@@ -581,7 +776,7 @@ async def run(agent: Agent, *, pid_file: str | None = None,
         agent._audit_system("agent", "takakryptd started", {"version": __version__})
         log.info("takakryptd %s ready (config %s, %d guard point(s))", __version__,
                  agent.config_path, len(agent.guards))
-        agent.notifier.ready("running")
+        agent.ready_if_served("running")
         agent.started_up = True
         if agent.hup_pending:
             agent.reload_soon()
@@ -593,6 +788,45 @@ async def run(agent: Agent, *, pid_file: str | None = None,
         return 0
     finally:
         await _shutdown(agent)
+
+
+async def _take_over(agent: Agent) -> None:
+    """``--upgrade``: receive the running takakryptd's guard points and resume each
+    (keys and policy are loaded already).  All or nothing: if one cannot be taken over,
+    the ones that were are let go again (not unmounted) and the old process resumes
+    serving every one; this process then exits with the reason."""
+    from . import handover, transports
+
+    transports.start_ring(agent)  # resumed guard points send their cache misses here
+    up = handover.Upgrade(agent.config.agent.control_socket)
+    try:
+        agent.bundles = await agent._off_loop(up.receive)
+        want = {os.path.normpath(g.path): g for g in agent.config.guard_points if g.enabled}
+        failed = [f"{p}: not a guard point of {agent.config_path}" for p in agent.bundles
+                  if p not in want]
+        if not failed:
+            for path in list(agent.bundles):
+                await agent._mount_guard(want[path])  # resumes: never mounts
+            failed = [f"{p}: {agent.guard_errors.get(p)}" for p in agent.bundles]
+        if failed:
+            for path in [p for p in list(agent.guards) if p in want]:
+                g = agent.guards.pop(path)
+                with contextlib.suppress(Exception):
+                    await agent._off_loop(g.handover_begin)
+                    await agent._off_loop(g.handover_done)
+            why = "; ".join(failed)
+            with contextlib.suppress(Error, OSError):
+                await agent._off_loop(up.confirm, False, why)
+            raise handover.HandoverError(f"--upgrade: cannot take over ({why}); the running "
+                                         "takakryptd keeps serving")
+        await agent._off_loop(up.confirm, True)
+        log.info("took over %d guard point(s) from the running takakryptd",
+                 len(agent.guards))
+    finally:
+        for b in agent.bundles.values():
+            b.close()
+        agent.bundles.clear()
+        up.close()
 
 
 async def _health_loop(agent: Agent, interval: float = 10.0) -> None:
@@ -622,7 +856,12 @@ async def _shutdown(agent: Agent) -> None:
         await asyncio.sleep(0.01)
     async with agent.guard_lock:  # a mount under way finishes first, then goes too
         for path in list(agent.guards):
-            await agent._release_guard(path)
+            if agent.fd_store and agent.notifier.enabled:
+                await agent._store_guard(path)
+            else:
+                await agent._release_guard(path)
+        for b in agent.bundles.values():  # not taken over: they stay where they were
+            b.close()
     if agent.audit is not None:
         agent._audit_system("agent", "takakryptd stopped")
         agent.audit.close(timeout=5)
@@ -712,6 +951,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true",
                    help="do not fork into the background; log to stderr")
     p.add_argument("--pid-file", metavar="PATH", help="override agent.pid_file")
+    p.add_argument("--fd-store", action="store_true",
+                   help="under systemd with FileDescriptorStoreMax=: at stop, hand every "
+                   "guard point's FUSE connection to the service manager's fd store "
+                   "instead of unmounting; the next start takes them over (implied when "
+                   "systemd sets $FDSTORE)")
+    p.add_argument("--upgrade", action="store_true",
+                   help="take the guard points over from the running takakryptd (same "
+                   "configuration), which then exits: a restart that never unmounts")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -725,8 +972,14 @@ def main(argv: list[str] | None = None) -> int:
     args.config = os.path.abspath(args.config)
     if args.pid_file:
         args.pid_file = os.path.abspath(args.pid_file)
+    from . import handover
+
+    # connections a previous takakryptd left in systemd's fd store (before anything
+    # else takes fd numbers); then the keys are not looked up here: a key backend that
+    # cannot be opened must not leave them unserved (run() denies every access instead)
+    bundles, problems = handover.bundles_from_store(handover.listen_fds())
     try:
-        agent_cfg = load_config(args.config)  # before forking: errors reach the caller
+        agent_cfg = load_config(args.config, check_keys=not (bundles or args.upgrade))
     except ConfigError as e:
         for line in getattr(e, "all", None) or [str(e)]:
             print(f"takakryptd: error: {line}", file=sys.stderr)
@@ -744,10 +997,16 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     try:
         agent = Agent(args.config)
+        agent.fd_store = args.fd_store or os.environ.get("FDSTORE", "0") not in ("", "0")
+        for why in problems:
+            log.error("%s: dropped from the fd store", why)
+        for path in [p for p in bundles if p.startswith("?")]:
+            handover.remove(agent.notifier.send_fds, bundles.pop(path).names)
+        agent.bundles, agent.from_store = bundles, bool(bundles)
 
         async def _main() -> int:
             return await run(agent, pid_file=args.pid_file,
-                             ready=lambda: _report(parent, 0))
+                             ready=lambda: _report(parent, 0), upgrade=args.upgrade)
 
         rc = int(runner(_main()))
         _report(parent, rc or 1, "error: stopped by a signal during start-up")

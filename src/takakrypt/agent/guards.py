@@ -24,6 +24,22 @@ _NAMES = (("permit", 1), ("deny", 2), ("apply_key", 4), ("audit", 8), ("would_de
 
 
 def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
+    g = build(agent, gp)
+    g.mount()
+    return g
+
+
+def resume(agent: Any, gp: C.GuardPoint, fds: list[int], state: bytes) -> GuardPoint:
+    """Take over the FUSE connection another takakryptd handed over (agent.handover)
+    instead of mounting: the path never goes bare.  Raises OSError/ValueError if the
+    engine cannot; the connection is then left as it was (never unmounted)."""
+    g = build(agent, gp)
+    g.resume(fds, state)
+    return g
+
+
+def build(agent: Any, gp: C.GuardPoint) -> GuardPoint:
+    """The guard point of ``gp`` wired to ``agent``, not mounted yet."""
     policy_name, key_name = gp.policy, gp.key
     root = os.path.normpath(gp.path)
 
@@ -77,14 +93,17 @@ def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
     g = GuardPoint(gp.path, backing=gp.backing, key_name=key_name, get_key=get_key,
                    decide=decide, audit=audit, threads=4, ring=ring,
                    cache=agent.config.agent.cache.max_entries,
-                   metadata_cache=gp.metadata_cache, io_uring=gp.io_uring,
+                   metadata_cache=gp.metadata_cache,
+                   # a handover over io_uring parks each ring entry on a request of the
+                   # process's own, answered by the successor: its exit waits for the
+                   # successor, but systemd starts that only once the old one is gone
+                   io_uring=gp.io_uring and not getattr(agent, "fd_store", False),
                    read_helpers=gp.read_helpers, audit_decisions=True,
                    # how long a cache miss waits for the agent's answer, then denies
                    ring_timeout_ms=max(1, round(agent.config.agent.request_timeout * 1000)),
                    current_version=lambda name: agent.keys.current_version(name))
     g.spec = gp  # type: ignore[attr-defined]
     apply_policy_hints(agent, g)
-    g.mount()
     return g
 
 

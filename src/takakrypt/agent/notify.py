@@ -1,8 +1,10 @@
 """systemd notification protocol ($NOTIFY_SOCKET): READY=1, RELOADING=1, STOPPING=1,
-STATUS=..., WATCHDOG=1.  No dependency on libsystemd; a no-op when not under systemd."""
+STATUS=..., WATCHDOG=1, FDSTORE=1 (descriptors as SCM_RIGHTS).  No dependency on
+libsystemd; a no-op when not under systemd."""
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import time
@@ -27,16 +29,22 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def send(self, *fields: str) -> bool:
+    def send(self, *fields: str, fds: list[int] | None = None) -> bool:
         if not self.address:
             return False
         if self._sock is None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] \
+            if fds else []
         try:
-            self._sock.sendto("\n".join(fields).encode(), self.address)
+            self._sock.sendmsg(["\n".join(fields).encode()], anc, 0, self.address)
         except OSError:
             return False
         return True
+
+    def send_fds(self, fields: tuple[str, ...], fds: list[int]) -> bool:
+        """One datagram with descriptors (agent.handover.Notify)."""
+        return self.send(*fields, fds=fds)
 
     def ready(self, status: str = "") -> bool:
         return self.send("READY=1", f"MAINPID={os.getpid()}", *([f"STATUS={status}"] if status

@@ -206,13 +206,19 @@ class RingTransport:
         self.ring.close()
 
 
-async def start_all(agent: Any) -> list[Any]:
+def start_ring(agent: Any) -> RingTransport:
+    """The handler and the data path's ring alone (``takakryptd --upgrade`` needs them
+    to take guard points over before the other process lets go of the sockets)."""
     from .handler import RequestHandler
 
-    agent.handler = RequestHandler(agent)
-    servers: list[Any] = []
-    agent.ring_transport = RingTransport(agent)
-    servers.append(agent.ring_transport)
+    if getattr(agent, "ring_transport", None) is None:
+        agent.handler = RequestHandler(agent)
+        agent.ring_transport = RingTransport(agent)
+    return agent.ring_transport
+
+
+async def start_all(agent: Any) -> list[Any]:
+    servers: list[Any] = [start_ring(agent)]
     if agent.config.agent.protocol_socket:
         s = SeqpacketServer(agent.config.agent.protocol_socket, agent.handler, agent)
         await s.start()
