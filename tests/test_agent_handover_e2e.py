@@ -201,3 +201,68 @@ def test_successor_without_keystore_denies_then_next_start_serves(tmp_path):
         sd.close()
         for _ in _mounts(gp):
             subprocess.run(["fusermount3", "-uz", str(gp)], check=False)
+
+
+@needs_handover
+def test_fd_store_sigkill_keeps_files_and_a_writer_going(tmp_path):
+    """A watchdog's restart: takakryptd is SIGKILLed (no handover) three times while a
+    reader holds a file half read and a writer streams with fsync.  The connection and
+    the engine's shadow state wait in the fd store since the mount; each next start
+    takes them over: the mount is never replaced nor uncovered, no call fails, every
+    byte reads back."""
+    cfg, gp = _cfg(tmp_path)
+    data = os.urandom(3 << 20)
+    sd = FakeSystemd(tmp_path)
+    writer = None
+    try:
+        p = sd.start(tmp_path, cfg)
+        sd.wait_for("READY=1", p)
+        _write(gp / "f", data)
+        dev = _mounts(gp)[0].split()[2]
+        reader = subprocess.Popen([PY, "-c", _HOLDER, str(gp / "f"), str(1 << 20)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert reader.stdout.readline() == b"half\n"
+        writer = subprocess.Popen([PY, "-c", _STREAMER, str(gp / "stream")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert writer.stdout.readline() == b"writing\n"
+        for i in range(3):
+            assert any(n.startswith("tkgp-") for n in sd.names())  # stored since the mount
+            time.sleep(0.5)  # the writer keeps writing
+            p.kill()
+            p.wait(60)
+            assert [m.split()[2] for m in _mounts(gp)] == [dev]  # not unmounted
+            p = sd.start(tmp_path, cfg, log=f"takakryptd-{i + 2}.log")
+            sd.wait_for("READY=1", p)
+            assert [m.split()[2] for m in _mounts(gp)] == [dev]  # the same mount, served
+        out, _ = writer.communicate(b"stop\n", timeout=60)
+        assert writer.returncode == 0, out
+        written = out
+        assert _read(gp / "stream").stdout == written
+        out, _ = reader.communicate(b"go\n", timeout=60)
+        assert reader.returncode == 0 and out == data
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+        sd.close()
+        for _ in _mounts(gp):
+            subprocess.run(["fusermount3", "-uz", str(gp)], check=False)
+
+
+# writes 8 KiB pages with fsync until told to stop; prints what it wrote
+_STREAMER = r"""
+import os, select, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+print("writing", flush=True)
+out = bytearray()
+n = 0
+while not select.select([sys.stdin], [], [], 0)[0]:
+    page = (b"page %d " % n).ljust(8192, b".")
+    os.write(fd, page)
+    os.fsync(fd)
+    out += page
+    n += 1
+os.close(fd)
+sys.stdout.buffer.write(bytes(out))
+"""

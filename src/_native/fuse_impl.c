@@ -1202,7 +1202,7 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
     }
     /* requests a killed predecessor had read and not answered: served again (an
      * answered one only gets ENOENT for its reply; docs: which operations may repeat) */
-    if (nreplay) {
+    if (!len) {
         /* Linux >= 6.9 re-sends exactly the requests still waiting for an answer
          * (FUSE_NOTIFY_RESEND): better than the journal, which may also hold one
          * answered an instant before the kill.  Older kernels refuse it (EINVAL). */

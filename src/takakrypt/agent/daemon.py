@@ -322,6 +322,7 @@ class Agent:
             guards.apply_policy_hints(self, g)  # a reload may have come meanwhile
             self.guards[path] = g
             self.guard_errors.pop(path, None)
+            self._persist(path, g)
             self._audit_system("guard-point", "guard point mounted", {"policy": gp.policy},
                                path=path)
             log.info("guard point %s mounted (policy %s, key %s)", path, gp.policy, gp.key)
@@ -352,11 +353,33 @@ class Agent:
         self.guard_errors.pop(path, None)
         del self.bundles[path]
         bundle.close()  # the engine holds its own copies
-        if self.from_store:  # stale now; fresh ones go in at the next stop
+        if self.from_store:  # stale now: this process's own go in instead
             handover.remove(self.notifier.send_fds, bundle.names)
+        self._persist(path, g)
         self._audit_system("guard-point", "guard point taken over from the previous "
                            "takakryptd", {"policy": gp.policy}, path=path)
         log.info("guard point %s taken over (policy %s, key %s)", path, gp.policy, gp.key)
+
+    def _persist(self, path: str, g: Any) -> None:
+        """With an fd store: keep this guard point's connection and its shadow state
+        there from now on, so a successor takes it over even after takakryptd is
+        killed (watchdog, OOM killer, crash) -- the path then waits for it instead of
+        failing with ENOTCONN, and is never uncovered (docs/guard-points.md, "After a
+        kill").  At a clean stop the quiesced handover replaces these entries."""
+        from . import handover
+
+        if not (self.fd_store and self.notifier.enabled and hasattr(g, "persist_fds")):
+            return
+        fds = g.persist_fds()
+        if not fds:
+            return
+        names = [handover.fdname(path, i) for i in range(len(fds) + 1)]
+        try:
+            handover.remove(self.notifier.send_fds, names)
+            handover.store(self.notifier.send_fds, path, fds, b"")
+        except (handover.HandoverError, OSError) as e:
+            log.warning("guard point %s: the fd store did not take its connection (%s): "
+                        "after a kill it fails with ENOTCONN until the next start", path, e)
 
     def ready_if_served(self, status: str = "running") -> bool:
         """READY=1 only when every enabled guard point is mounted or taken over: units
@@ -398,6 +421,9 @@ class Agent:
         self.unseen.pop(path, None)
         try:
             fds, state = await self._off_loop(g.handover_begin)
+            # the entries kept since the mount (for a kill) give way to the handover's
+            handover.remove(self.notifier.send_fds,
+                            [handover.fdname(path, i) for i in range(len(fds) + 8)])
         except Exception as e:  # noqa: BLE001
             log.error("guard point %s: cannot hand the connection over (%s); it closes "
                       "with takakryptd: ENOTCONN until the next start", path, e)
