@@ -1,0 +1,184 @@
+"""The FUSE connection behind a mount: served, dead, or waiting for a server?
+
+A stat of the mount is no answer: the kernel serves it from its attribute cache for up
+to ``metadata_cache`` seconds whether or not anyone serves the connection (issue 16: a
+restart 0.3 s after a SIGKILL saw the dead mount "answer" and stacked a new mount on
+it).  :func:`probe` asks the connection itself, from a child process:
+
+* ``getxattr(mount root, "trusted.takakrypt.probe")``.  The kernel caches no extended
+  attributes, so this always becomes a FUSE_GETXATTR request (or is refused at once by a
+  dead connection); the VFS checks no inode permission for ``trusted.*`` (CAP_SYS_ADMIN
+  instead), so no GETATTR goes first; and the engine answers names outside ``user.*``
+  with EOPNOTSUPP before any policy check (fuse_ops.c ``op_getxattr``): no decision, no
+  audit event, no round trip through the agent's event loop (which may be the caller).
+  Without CAP_SYS_ADMIN the kernel answers ENODATA itself; the probe then asks for
+  ``security.takakrypt.probe``, which no security module owns and which goes to the
+  engine the same way.
+* The request goes to the mount it is meant for: the path is opened with O_PATH (no
+  request), /proc/self/fdinfo and /proc/self/mountinfo show that the descriptor is on
+  the mount ``dev`` ("major:minor"), and the child asks through /proc/self/fd/N.
+
+The kernel refuses every request of a connection that ended (its server's /dev/fuse
+descriptor closed, or aborted through fusectl) with ENOTCONN; requests caught in a
+teardown end with ECONNABORTED, or ECANCELED when they were queued on io_uring.  The
+engine never answers these for a probe.  So:
+
+=========  ================================================================================
+state      meaning
+=========  ================================================================================
+live       the server answered (whatever it answered)
+dead       refused: the connection is gone for good, nothing can serve it again
+hung       no answer in time, and a process other than PID 1 holds the connection's
+           /dev/fuse descriptor (a server that does not answer), or the kernel does not
+           say who holds it (no ``fuse_connection`` line in fdinfo: before Linux 6.15)
+held       no answer in time, and no process but PID 1 holds the descriptor: it waits in
+           systemd's file-descriptor store, or in flight in a Unix socket (a handover),
+           for a server; requests queue in the kernel meanwhile
+=========  ================================================================================
+
+Who holds a connection comes from ``/proc/PID/fdinfo`` of every ``/dev/fuse``
+descriptor (``fuse_connection: N``, N = the mount's minor number, as in
+/sys/fs/fuse/connections/N); it is read only when the probe got no answer.  A probe
+child stuck on a hung server cannot be killed until the connection is aborted; it is
+reaped later (no zombies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+LIVE, DEAD, HUNG, HELD = "live", "dead", "hung", "held"
+#: how the kernel refuses a request of a connection that is gone
+REFUSED = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED)
+PROBE_NAMES = ("trusted.takakrypt.probe", "security.takakrypt.probe")
+_probes: set[int] = set()  # probe children killed while stuck, not reaped yet
+
+
+@dataclass(frozen=True)
+class State:
+    """What :func:`probe` found.  ``error``: the errno of the probe's answer (0: none or
+    success); ``holders``: pids holding the connection's /dev/fuse descriptor (only
+    looked up when there was no answer; None: unknown)."""
+
+    state: str
+    error: int = 0
+    holders: tuple[int, ...] | None = None
+
+    def __str__(self) -> str:
+        if self.state == DEAD:
+            return f"dead connection ({errno.errorcode.get(self.error, self.error)})"
+        if self.state == HELD:
+            return "connection held without a server (systemd's fd store or a handover)"
+        if self.state == HUNG:
+            return "the server does not answer" + (
+                f" (held by pid {', '.join(map(str, self.holders))})" if self.holders else "")
+        return self.state
+
+
+def probe(path: str, dev: str, timeout: float) -> State | None:
+    """The state of the connection of the mount ``dev`` ("major:minor") at ``path``;
+    None if the topmost mount at ``path`` is not (any more) that one."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)  # sends no request
+    except OSError:
+        return None
+    try:
+        if _mount_of(fd) != dev:
+            return None
+        rc = _in_child(fd, timeout)
+    finally:
+        os.close(fd)
+    if rc in REFUSED:
+        return State(DEAD, rc)
+    if rc is not None:
+        return State(LIVE, rc)
+    who = holders(int(dev.split(":")[1]))
+    if who is not None and all(pid == 1 for pid in who):
+        return State(HELD, holders=who)
+    return State(HUNG, holders=who)
+
+
+def holders(conn: int) -> tuple[int, ...] | None:
+    """Pids holding a /dev/fuse descriptor of connection ``conn``; None when that
+    cannot be told: /dev/fuse descriptors are held, and the kernel names the
+    connection of none of them (``fuse_connection:`` in fdinfo, Linux >= 6.15)."""
+    found, named, unnamed = set(), False, False
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "/dev/fuse":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    conns = [int(line.split(":", 1)[1]) for line in f
+                             if line.startswith("fuse_connection:")]
+            except (OSError, ValueError):
+                continue  # closed meanwhile, or the process went
+            named |= bool(conns)
+            unnamed |= not conns  # or not attached to a connection yet
+            if conn in conns:
+                found.add(int(pid))
+    if unnamed and not named:
+        return None
+    return tuple(sorted(found))
+
+
+def _in_child(fd: int, timeout: float) -> int | None:
+    """Ask through ``fd`` (an O_PATH descriptor of the mount root) in a child process:
+    0 or the errno, None if no answer in time.  A child, not a thread: a request stuck
+    on a hung server is uninterruptible, and a thread of ours stuck so would keep this
+    process from ever exiting.  The child does nothing but the request (a forked
+    child of a threaded process must not take locks)."""
+    for old in list(_probes):  # reap earlier probes that were stuck (no zombies)
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(old, os.WNOHANG)[0] == 0:
+                continue
+        _probes.discard(old)
+    target = f"/proc/self/fd/{fd}"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        rc = errno.ENODATA
+        for name in PROBE_NAMES:
+            try:
+                os.getxattr(target, name)
+                rc = 0
+            except OSError as e:
+                rc = min(e.errno or 255, 255)
+                if rc == errno.ENODATA:
+                    continue  # no CAP_SYS_ADMIN: the kernel answered, not the server
+            except BaseException:
+                rc = 255
+            break
+        os._exit(rc)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)  # dies once the connection answers or is aborted
+            _probes.add(pid)
+            return None
+        time.sleep(0.005)
+
+
+def _mount_of(fd: int) -> str | None:
+    """"major:minor" of the mount the descriptor ``fd`` is on."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        mnt_id = next((line.split()[1] for line in f if line.startswith("mnt_id:")), None)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ", 3)
+            if fields[0] == mnt_id:
+                return fields[2]
+    return None

@@ -1,0 +1,138 @@
+"""The state of a guard point's FUSE connection (takakrypt.fuseconn), asked of the
+connection and never of a stat the kernel answers from its attribute cache (issue 16
+item 4: a restart 0.3 s after a SIGKILL stacked a new mount on the dead one)."""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from fuse_helpers import errno_of, fuse_skip_reason, guard_mount, sweep_stale_mounts
+
+pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None,
+                                reason=fuse_skip_reason() or "")
+
+from takakrypt import fuseconn  # noqa: E402
+from takakrypt.guard import (GuardError, cleanup_stale, connection_state,  # noqa: E402
+                             fuse_mounts, is_stale, mount_device)
+
+LONG = 600.0  # metadata_cache: the kernel may answer a stat of the root for ten minutes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sweep():
+    sweep_stale_mounts()
+    yield
+    sweep_stale_mounts()
+
+
+def _stacked(path: Path) -> int:
+    with open("/proc/self/mountinfo") as f:
+        return sum(1 for line in f if line.split()[4] == str(path)
+                   and line.split(" - ")[1].startswith("fuse.takakrypt "))
+
+
+def test_quick_restart_after_sigkill_does_not_stack_on_the_dead_mount(tmp_path):
+    with guard_mount(tmp_path, in_place=True, metadata_cache=LONG) as g:
+        (g.mnt / "f").write_bytes(b"kept")
+        os.stat(g.mnt)  # the root's attributes are now cached for LONG seconds
+        g.proc.kill()
+        g.proc.wait()
+        os.stat(g.mnt)  # what the old check asked: answered from the cache, dead or not
+        # the restart, at once: it must clean the dead mount up, not mount on top of it
+        with guard_mount(tmp_path, in_place=True, key=g.key, metadata_cache=LONG) as g2:
+            assert _stacked(g2.mnt) == 1
+            assert (g2.mnt / "f").read_bytes() == b"kept"
+    assert _stacked(tmp_path / "data") == 0
+
+
+def test_a_dead_connection_is_dead_whatever_the_cache_says(tmp_path):
+    with guard_mount(tmp_path, in_place=True, metadata_cache=LONG) as g:
+        mnt = str(g.mnt)
+        assert connection_state(mnt).state == fuseconn.LIVE
+        assert not is_stale(mnt)
+        os.stat(g.mnt)
+        g.proc.kill()
+        g.proc.wait()
+        assert errno_of(os.stat, g.mnt) == 0  # cached
+        st = connection_state(mnt)
+        assert st.state == fuseconn.DEAD and st.error in fuseconn.REFUSED, st
+        assert is_stale(mnt)
+        assert cleanup_stale(mnt) and mnt not in fuse_mounts(mnt)
+    assert connection_state(str(tmp_path / "data")) is None  # no takakrypt mount there
+
+
+# a connection nobody answers: a takakrypt-typed FUSE mount on a /dev/fuse descriptor
+# this test holds and never reads (the kernel queues every request, INIT included)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _raw_mount(path: Path) -> int:
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+    if _libc.mount(b"takakrypt:raw", str(path).encode(), b"fuse.takakrypt", 0, opts) != 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, os.strerror(e), str(path))
+    return fd
+
+
+def _send_fd(sock: socket.socket, fd: int) -> None:
+    sock.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
+def _recv_fd(sock: socket.socket) -> int:
+    _, anc, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(4))
+    return array.array("i", anc[0][2][:4])[0]
+
+
+def test_no_answer_is_hung_while_a_process_holds_it_held_while_none_does(tmp_path):
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    fd = _raw_mount(mnt)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn = int(mount_device(str(mnt)).split(":")[1])
+        assert fuseconn.holders(conn) == (os.getpid(),)
+        st = connection_state(str(mnt), timeout=0.5)
+        assert st.state == fuseconn.HUNG and st.holders == (os.getpid(),), st
+        # in flight in a Unix socket, as in a handover: held, but nobody serves it
+        _send_fd(a, fd)
+        os.close(fd)
+        fd = -1
+        assert fuseconn.holders(conn) == ()
+        st = connection_state(str(mnt), timeout=0.5)
+        assert st.state == fuseconn.HELD and not is_stale(str(mnt)), st
+        with pytest.raises(GuardError, match="held without a server"):
+            cleanup_stale(str(mnt))  # someone's to pick up: neither unmounted nor stacked on
+        assert str(mnt) in fuse_mounts(str(mnt))
+        fd = _recv_fd(b)
+        os.close(fd)  # the last descriptor: the kernel ends the connection
+        fd = -1
+        st = connection_state(str(mnt), timeout=5)
+        assert st.state == fuseconn.DEAD, st
+        assert cleanup_stale(str(mnt)) and str(mnt) not in fuse_mounts(str(mnt))
+    finally:
+        a.close()
+        b.close()
+        if fd >= 0:
+            os.close(fd)
+        if str(mnt) in fuse_mounts(str(mnt)):
+            cleanup_stale(str(mnt))
+
+
+def test_a_hung_connection_is_aborted_and_unmounted(tmp_path):
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    fd = _raw_mount(mnt)
+    try:
+        assert is_stale(str(mnt), timeout=0.5)
+        assert cleanup_stale(str(mnt)) and str(mnt) not in fuse_mounts(str(mnt))
+    finally:
+        os.close(fd)
