@@ -5,14 +5,14 @@ item 4: a restart 0.3 s after a SIGKILL stacked a new mount on the dead one)."""
 from __future__ import annotations
 
 import array
-import ctypes
 import os
 import socket
 from pathlib import Path
 
 import pytest
 
-from fuse_helpers import errno_of, fuse_skip_reason, guard_mount, sweep_stale_mounts
+from fuse_helpers import (errno_of, fuse_skip_reason, guard_mount, raw_mount,
+                          sweep_stale_mounts)
 
 pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None,
                                 reason=fuse_skip_reason() or "")
@@ -67,22 +67,6 @@ def test_a_dead_connection_is_dead_whatever_the_cache_says(tmp_path):
     assert connection_state(str(tmp_path / "data")) is None  # no takakrypt mount there
 
 
-# a connection nobody answers: a takakrypt-typed FUSE mount on a /dev/fuse descriptor
-# this test holds and never reads (the kernel queues every request, INIT included)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _raw_mount(path: Path) -> int:
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
-    if _libc.mount(b"takakrypt:raw", str(path).encode(), b"fuse.takakrypt", 0, opts) != 0:
-        e = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(e, os.strerror(e), str(path))
-    return fd
-
-
 def _send_fd(sock: socket.socket, fd: int) -> None:
     sock.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
 
@@ -95,7 +79,7 @@ def _recv_fd(sock: socket.socket) -> int:
 def test_no_answer_is_hung_while_a_process_holds_it_held_while_none_does(tmp_path):
     mnt = tmp_path / "m"
     mnt.mkdir()
-    fd = _raw_mount(mnt)
+    fd = raw_mount(mnt)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn = int(mount_device(str(mnt)).split(":")[1])
@@ -130,7 +114,7 @@ def test_no_answer_is_hung_while_a_process_holds_it_held_while_none_does(tmp_pat
 def test_a_hung_connection_is_aborted_and_unmounted(tmp_path):
     mnt = tmp_path / "m"
     mnt.mkdir()
-    fd = _raw_mount(mnt)
+    fd = raw_mount(mnt)
     try:
         assert is_stale(str(mnt), timeout=0.5)
         assert cleanup_stale(str(mnt)) and str(mnt) not in fuse_mounts(str(mnt))

@@ -187,6 +187,29 @@ def is_stale(path: str, timeout: float = STAT_TIMEOUT) -> bool:
     return state is not None and state.state in (fuseconn.DEAD, fuseconn.HUNG)
 
 
+#: seconds a health check waits for a guard point's answer
+HEALTH_TIMEOUT = 2.0
+
+
+def mount_problem(path: str, timeout: float = HEALTH_TIMEOUT) -> str:
+    """Why the takakrypt mount at ``path`` does not serve ("" when it does), by a real
+    request through it (:func:`connection_state`): its connection is not live, or
+    several takakrypt mounts are stacked there (the lower ones are hidden, and an
+    in-place guard point on top reaches its files through the one below)."""
+    try:
+        stacked = sum(1 for mp, _dev in _takakrypt_mounts() if mp == path)
+    except OSError as e:
+        return f"cannot read the mount table: {e}"
+    if stacked > 1:
+        return f"{stacked} takakrypt mounts stacked on {path}"
+    state = connection_state(path, timeout)
+    if state is None:
+        return "not mounted"
+    if state.state != fuseconn.LIVE:
+        return f"the mount does not serve: {state}"
+    return ""
+
+
 def abort_connection(dev: str) -> bool:
     """Abort the FUSE connection of the mount ``dev`` ("major:minor"): every waiter,
     and the server, gets ECONNABORTED (/sys/fs/fuse/connections/N/abort)."""
