@@ -30,7 +30,7 @@ live       the server answered (whatever it answered)
 dead       refused: the connection is gone for good, nothing can serve it again
 hung       no answer in time, and a process other than PID 1 holds the connection's
            /dev/fuse descriptor (a server that does not answer), or the kernel does not
-           say who holds it (no ``fuse_connection`` line in fdinfo: before Linux 6.15)
+           say who holds it (no ``fuse_connection`` line in fdinfo: older kernels)
 held       no answer in time, and no process but PID 1 holds the descriptor: it waits in
            systemd's file-descriptor store, or in flight in a Unix socket (a handover),
            for a server; requests queue in the kernel meanwhile
@@ -106,7 +106,7 @@ def probe(path: str, dev: str, timeout: float) -> State | None:
 def holders(conn: int) -> tuple[int, ...] | None:
     """Pids holding a /dev/fuse descriptor of connection ``conn``; None when that
     cannot be told: /dev/fuse descriptors are held, and the kernel names the
-    connection of none of them (``fuse_connection:`` in fdinfo, Linux >= 6.15)."""
+    connection of none of them (``fuse_connection:`` in fdinfo, recent kernels)."""
     found, named, unnamed = set(), False, False
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
