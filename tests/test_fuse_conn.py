@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import array
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from fuse_helpers import (errno_of, fuse_skip_reason, guard_mount, raw_mount,
+from fuse_helpers import (SRC, errno_of, fuse_skip_reason, guard_mount, raw_mount,
                           sweep_stale_mounts)
 
 pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None,
@@ -120,3 +123,35 @@ def test_a_hung_connection_is_aborted_and_unmounted(tmp_path):
         assert cleanup_stale(str(mnt)) and str(mnt) not in fuse_mounts(str(mnt))
     finally:
         os.close(fd)
+
+
+_WITHOUT_SYS_ADMIN = """
+import errno, os, sys
+from takakrypt.guard import connection_state
+try:
+    os.getxattr(sys.argv[1], "trusted.takakrypt.probe")
+    print("has CAP_SYS_ADMIN")
+except OSError as e:
+    if e.errno != errno.ENODATA:  # the kernel answers this itself without the capability
+        print("has CAP_SYS_ADMIN")
+print(connection_state(sys.argv[1]).state)
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is absent")
+def test_the_probe_works_without_cap_sys_admin(tmp_path):
+    # trusted.* needs CAP_SYS_ADMIN (else the kernel says ENODATA, asking no one): the
+    # probe then asks for a security.* name, which reaches the server as well
+    def probe_unprivileged(mnt):
+        r = subprocess.run(["setpriv", "--bounding-set=-sys_admin", sys.executable, "-c",
+                            _WITHOUT_SYS_ADMIN, str(mnt)], capture_output=True, text=True,
+                           timeout=60, env=dict(os.environ, PYTHONPATH=str(SRC)))
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    with guard_mount(tmp_path, metadata_cache=LONG) as g:
+        assert probe_unprivileged(g.mnt) == ["live"]
+        os.stat(g.mnt)
+        g.proc.kill()
+        g.proc.wait()
+        assert probe_unprivileged(g.mnt) == ["dead"]

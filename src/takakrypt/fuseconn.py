@@ -14,9 +14,10 @@ it).  :func:`probe` asks the connection itself, from a child process:
   Without CAP_SYS_ADMIN the kernel answers ENODATA itself; the probe then asks for
   ``security.takakrypt.probe``, which no security module owns and which goes to the
   engine the same way.
-* The request goes to the mount it is meant for: the path is opened with O_PATH (no
-  request), /proc/self/fdinfo and /proc/self/mountinfo show that the descriptor is on
-  the mount ``dev`` ("major:minor"), and the child asks through /proc/self/fd/N.
+* The request goes to the mount it is meant for: the child opens the path with O_PATH
+  (no request to that mount), /proc/self/fdinfo and /proc/self/mountinfo show that the
+  descriptor is on the mount ``dev`` ("major:minor"), and it asks through
+  /proc/self/fd/N.
 
 The kernel refuses every request of a connection that ended (its server's /dev/fuse
 descriptor closed, or aborted through fusectl) with ENOTCONN; requests caught in a
@@ -38,7 +39,10 @@ held       no answer in time, and no process but PID 1 holds the descriptor: it 
 
 Who holds a connection comes from ``/proc/PID/fdinfo`` of every ``/dev/fuse``
 descriptor (``fuse_connection: N``, N = the mount's minor number, as in
-/sys/fs/fuse/connections/N); it is read only when the probe got no answer.  A probe
+/sys/fs/fuse/connections/N); it is read only when the probe got no answer.  The number
+of an unmounted connection is reused by the next mount, so a descriptor some process
+still holds on an old connection counts as a holder of the new one: a held connection
+then looks hung (and is aborted like one, as before this distinction existed).  A probe
 child stuck on a hung server cannot be killed until the connection is aborted; it is
 reaped later (no zombies).
 """
@@ -56,6 +60,8 @@ LIVE, DEAD, HUNG, HELD = "live", "dead", "hung", "held"
 #: how the kernel refuses a request of a connection that is gone
 REFUSED = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED)
 PROBE_NAMES = ("trusted.takakrypt.probe", "security.takakrypt.probe")
+_NOT_THAT_MOUNT = 254  # a probe child's exit status: the path is not on that mount
+_FAILED = 255  # one that failed otherwise
 _probes: set[int] = set()  # probe children killed while stuck, not reaped yet
 
 
@@ -83,16 +89,9 @@ class State:
 def probe(path: str, dev: str, timeout: float) -> State | None:
     """The state of the connection of the mount ``dev`` ("major:minor") at ``path``;
     None if the topmost mount at ``path`` is not (any more) that one."""
-    try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)  # sends no request
-    except OSError:
+    rc = _in_child(path, dev, timeout)
+    if rc == _NOT_THAT_MOUNT:
         return None
-    try:
-        if _mount_of(fd) != dev:
-            return None
-        rc = _in_child(fd, timeout)
-    finally:
-        os.close(fd)
     if rc in REFUSED:
         return State(DEAD, rc)
     if rc is not None:
@@ -133,38 +132,38 @@ def holders(conn: int) -> tuple[int, ...] | None:
     return tuple(sorted(found))
 
 
-def _in_child(fd: int, timeout: float) -> int | None:
-    """Ask through ``fd`` (an O_PATH descriptor of the mount root) in a child process:
-    0 or the errno, None if no answer in time.  A child, not a thread: a request stuck
+def _in_child(path: str, dev: str, timeout: float) -> int | None:
+    """Probe in a child process: its exit status (0 or the errno of the request,
+    _NOT_THAT_MOUNT), None if no answer in time.  A child, not a thread: a request stuck
     on a hung server is uninterruptible, and a thread of ours stuck so would keep this
-    process from ever exiting.  The child does nothing but the request (a forked
-    child of a threaded process must not take locks)."""
+    process from ever exiting; and the process serving the mount never walks into it
+    itself (a guard point nested in another one is reached through the outer mount).
+    The child makes system calls only (a forked child of a threaded process must not
+    take locks another thread may have held)."""
     for old in list(_probes):  # reap earlier probes that were stuck (no zombies)
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(old, os.WNOHANG)[0] == 0:
                 continue
         _probes.discard(old)
-    target = f"/proc/self/fd/{fd}"
+    want = dev.encode()
+    maxfd = os.sysconf("SC_OPEN_MAX")
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        rc = errno.ENODATA
-        for name in PROBE_NAMES:
-            try:
-                os.getxattr(target, name)
-                rc = 0
-            except OSError as e:
-                rc = min(e.errno or 255, 255)
-                if rc == errno.ENODATA:
-                    continue  # no CAP_SYS_ADMIN: the kernel answered, not the server
-            except BaseException:
-                rc = 255
-            break
-        os._exit(rc)
+        rc = _FAILED
+        try:
+            # none of the caller's descriptors: a child stuck on a hung connection
+            # would otherwise keep the caller's own /dev/fuse descriptors (and sockets,
+            # locks) open, and count as a holder of its connections
+            os.closerange(3, maxfd)
+            rc = _ask(path, want)
+        finally:
+            os._exit(rc)
     deadline = time.monotonic() + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return os.waitstatus_to_exitcode(status)
+            rc = os.waitstatus_to_exitcode(status)
+            return 0 if rc == _FAILED else rc  # it ran, no request was refused
         if time.monotonic() >= deadline:
             os.kill(pid, signal.SIGKILL)  # dies once the connection answers or is aborted
             _probes.add(pid)
@@ -172,13 +171,44 @@ def _in_child(fd: int, timeout: float) -> int | None:
         time.sleep(0.005)
 
 
-def _mount_of(fd: int) -> str | None:
-    """"major:minor" of the mount the descriptor ``fd`` is on."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        mnt_id = next((line.split()[1] for line in f if line.startswith("mnt_id:")), None)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split(" ", 3)
-            if fields[0] == mnt_id:
-                return fields[2]
+def _ask(path: str, dev: bytes) -> int:  # pragma: no cover - runs in the child
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)  # sends no request to that mount
+    except OSError:
+        return _NOT_THAT_MOUNT
+    if _mount_of(fd) != dev:
+        return _NOT_THAT_MOUNT
+    target = f"/proc/self/fd/{fd}"
+    for name in PROBE_NAMES:
+        try:
+            os.getxattr(target, name)
+            return 0
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                continue  # no CAP_SYS_ADMIN: the kernel answered, not the server
+            return min(e.errno or _FAILED, _FAILED - 1)
+    return errno.ENODATA
+
+
+def _read(path: str) -> bytes:  # pragma: no cover - runs in the child
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _mount_of(fd: int) -> bytes | None:  # pragma: no cover - runs in the child
+    """b"major:minor" of the mount the descriptor ``fd`` is on."""
+    mnt_id = None
+    for line in _read(f"/proc/self/fdinfo/{fd}").splitlines():
+        if line.startswith(b"mnt_id:"):
+            mnt_id = line.split()[1]
+    for line in _read("/proc/self/mountinfo").splitlines():
+        fields = line.split(b" ", 3)
+        if fields[0] == mnt_id:
+            return fields[2]
     return None
