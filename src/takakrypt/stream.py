@@ -71,6 +71,18 @@ def atomic_output(path: str, *, force: bool, mode: int = 0o600,
         raise
 
 
+def is_stdout(path: str) -> bool:
+    """``-``, or a path that names this process's stdout (``/dev/stdout``, or the same
+    FIFO or device)."""
+    if path == "-":
+        return True
+    try:
+        st, out = os.stat(path), os.fstat(1)
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+
+
 def _open_special(path: str, seekable: bool) -> BinaryIO | None:
     """``path`` opened for writing if it exists and is neither a regular file nor a
     directory (those take the temporary-and-rename way: None)."""
