@@ -5,6 +5,7 @@ item 4: a restart 0.3 s after a SIGKILL stacked a new mount on the dead one)."""
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import shutil
 import socket
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fuse_helpers import (SRC, errno_of, fuse_skip_reason, guard_mount, raw_mount,
-                          sweep_stale_mounts)
+from fuse_helpers import (SRC, errno_of, fuse_skip_reason, raw_mount, sweep_stale_mounts,
+                          unmount_path)
 
 pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None,
                                 reason=fuse_skip_reason() or "")
@@ -40,34 +41,57 @@ def _stacked(path: Path) -> int:
                    and line.split(" - ")[1].startswith("fuse.takakrypt "))
 
 
+@contextlib.contextmanager
+def _server(tmp_path: Path):
+    """An in-place guard point at tmp_path/data served by ``python -m takakrypt.guard``
+    (a process holding its connection alone: killed, the connection dies with it), with
+    LONG kernel caching; yields (mount point, server process)."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    key = tmp_path / "key"
+    if not key.exists():
+        key.write_bytes(os.urandom(32))
+    proc = subprocess.Popen([sys.executable, "-m", "takakrypt.guard", "--mountpoint", str(data),
+                             "--key-file", str(key), "--allow-all", "--metadata-cache",
+                             str(LONG)], stdout=subprocess.PIPE, env=dict(os.environ,
+                                                                          PYTHONPATH=str(SRC)))
+    try:
+        assert proc.stdout.readline().startswith(b"mounted"), "the guard point did not mount"
+        yield data, proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        unmount_path(str(data))
+
+
 def test_quick_restart_after_sigkill_does_not_stack_on_the_dead_mount(tmp_path):
-    with guard_mount(tmp_path, in_place=True, metadata_cache=LONG) as g:
-        (g.mnt / "f").write_bytes(b"kept")
-        os.stat(g.mnt)  # the root's attributes are now cached for LONG seconds
-        g.proc.kill()
-        g.proc.wait()
-        os.stat(g.mnt)  # what the old check asked: answered from the cache, dead or not
+    with _server(tmp_path) as (mnt, proc):
+        (mnt / "f").write_bytes(b"kept")
+        os.stat(mnt)  # the root's attributes are now cached for LONG seconds
+        proc.kill()
+        proc.wait()
+        os.stat(mnt)  # what the old check asked: answered from the cache, dead or not
         # the restart, at once: it must clean the dead mount up, not mount on top of it
-        with guard_mount(tmp_path, in_place=True, key=g.key, metadata_cache=LONG) as g2:
-            assert _stacked(g2.mnt) == 1
-            assert (g2.mnt / "f").read_bytes() == b"kept"
-    assert _stacked(tmp_path / "data") == 0
+        with _server(tmp_path):
+            assert _stacked(mnt) == 1
+            assert (mnt / "f").read_bytes() == b"kept"
+    assert _stacked(mnt) == 0
 
 
 def test_a_dead_connection_is_dead_whatever_the_cache_says(tmp_path):
-    with guard_mount(tmp_path, in_place=True, metadata_cache=LONG) as g:
-        mnt = str(g.mnt)
-        assert connection_state(mnt).state == fuseconn.LIVE
-        assert not is_stale(mnt)
-        os.stat(g.mnt)
-        g.proc.kill()
-        g.proc.wait()
-        assert errno_of(os.stat, g.mnt) == 0  # cached
-        st = connection_state(mnt)
+    with _server(tmp_path) as (mnt, proc):
+        assert connection_state(str(mnt)).state == fuseconn.LIVE
+        assert not is_stale(str(mnt))
+        os.stat(mnt)
+        proc.kill()
+        proc.wait()
+        assert errno_of(os.stat, mnt) == 0  # cached
+        st = connection_state(str(mnt))
         assert st.state == fuseconn.DEAD and st.error in fuseconn.REFUSED, st
-        assert is_stale(mnt)
-        assert cleanup_stale(mnt) and mnt not in fuse_mounts(mnt)
-    assert connection_state(str(tmp_path / "data")) is None  # no takakrypt mount there
+        assert is_stale(str(mnt))
+        assert cleanup_stale(str(mnt)) and str(mnt) not in fuse_mounts(str(mnt))
+    assert connection_state(str(mnt)) is None  # no takakrypt mount there
 
 
 def _send_fd(sock: socket.socket, fd: int) -> None:
@@ -149,9 +173,9 @@ def test_the_probe_works_without_cap_sys_admin(tmp_path):
         assert r.returncode == 0, r.stderr
         return r.stdout.split()
 
-    with guard_mount(tmp_path, metadata_cache=LONG) as g:
-        assert probe_unprivileged(g.mnt) == ["live"]
-        os.stat(g.mnt)
-        g.proc.kill()
-        g.proc.wait()
-        assert probe_unprivileged(g.mnt) == ["dead"]
+    with _server(tmp_path) as (mnt, proc):
+        assert probe_unprivileged(mnt) == ["live"]
+        os.stat(mnt)
+        proc.kill()
+        proc.wait()
+        assert probe_unprivileged(mnt) == ["dead"]
