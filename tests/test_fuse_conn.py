@@ -113,6 +113,9 @@ def test_no_answer_is_hung_while_a_process_holds_it_held_while_none_does(tmp_pat
         assert fuseconn.holders(conn) == (os.getpid(),)
         st = connection_state(str(mnt), timeout=0.5)
         assert st.state == fuseconn.HUNG and st.holders == (os.getpid(),), st
+        # a process named as a store (systemd: PID 1) keeps it for a server: held
+        st = connection_state(str(mnt), timeout=0.5, stores=(1, os.getpid()))
+        assert st.state == fuseconn.HELD, st
         # in flight in a Unix socket, as in a handover: held, but nobody serves it
         _send_fd(a, fd)
         os.close(fd)

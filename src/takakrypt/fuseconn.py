@@ -29,12 +29,12 @@ state      meaning
 =========  ================================================================================
 live       the server answered (whatever it answered)
 dead       refused: the connection is gone for good, nothing can serve it again
-hung       no answer in time, and a process other than PID 1 holds the connection's
+hung       no answer in time, and a process other than a store holds the connection's
            /dev/fuse descriptor (a server that does not answer), or the kernel does not
            say who holds it (no ``fuse_connection`` line in fdinfo: older kernels)
-held       no answer in time, and no process but PID 1 holds the descriptor: it waits in
-           systemd's file-descriptor store, or in flight in a Unix socket (a handover),
-           for a server; requests queue in the kernel meanwhile
+held       no answer in time, and no process but a store (PID 1: systemd's
+           file-descriptor store) holds the descriptor, or none (in flight in a Unix
+           socket: a handover): it waits for a server; requests queue in the kernel
 =========  ================================================================================
 
 Who holds a connection comes from ``/proc/PID/fdinfo`` of every ``/dev/fuse``
@@ -54,6 +54,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 LIVE, DEAD, HUNG, HELD = "live", "dead", "hung", "held"
@@ -86,9 +87,11 @@ class State:
         return self.state
 
 
-def probe(path: str, dev: str, timeout: float) -> State | None:
+def probe(path: str, dev: str, timeout: float,
+          stores: Collection[int] = (1,)) -> State | None:
     """The state of the connection of the mount ``dev`` ("major:minor") at ``path``;
-    None if the topmost mount at ``path`` is not (any more) that one."""
+    None if the topmost mount at ``path`` is not (any more) that one.  ``stores``: pids
+    that keep connections without serving them (systemd, PID 1; a test's stand-in)."""
     rc = _in_child(path, dev, timeout)
     if rc == _NOT_THAT_MOUNT:
         return None
@@ -97,7 +100,7 @@ def probe(path: str, dev: str, timeout: float) -> State | None:
     if rc is not None:
         return State(LIVE, rc)
     who = holders(int(dev.split(":")[1]))
-    if who is not None and all(pid == 1 for pid in who):
+    if who is not None and all(pid in stores for pid in who):
         return State(HELD, holders=who)
     return State(HUNG, holders=who)
 

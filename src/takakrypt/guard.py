@@ -53,7 +53,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from . import _fuse, fuseconn
@@ -163,16 +163,18 @@ def visible_to_init(dev: str) -> bool | None:
 STAT_TIMEOUT = 5.0
 
 
-def connection_state(path: str, timeout: float = STAT_TIMEOUT) -> fuseconn.State | None:
+def connection_state(path: str, timeout: float = STAT_TIMEOUT,
+                     stores: Collection[int] = (1,)) -> fuseconn.State | None:
     """The state of the FUSE connection of the topmost takakrypt mount at ``path`` (see
     :mod:`takakrypt.fuseconn`: live, dead, hung, held), asked of the connection itself
     and never of a stat, which the kernel answers from its attribute cache; None if no
-    takakrypt mount is there.  The caller decides what a state means to it."""
+    takakrypt mount is there.  ``stores``: pids that keep connections without serving
+    them (systemd's fd store: PID 1).  The caller decides what a state means to it."""
     for _ in range(3):  # the mount changed between the mount table and the probe
         dev = mount_device(path)
         if dev is None:
             return None
-        state = fuseconn.probe(path, dev, timeout)
+        state = fuseconn.probe(path, dev, timeout, stores)
         if state is not None:
             return state
     return None
