@@ -281,6 +281,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def raw_mount(path: Path) -> int:
+    """Mount a ``fuse.takakrypt`` file system at ``path`` on a /dev/fuse descriptor that
+    nobody reads (every request, INIT included, waits in the kernel): a connection that
+    does not answer.  Returns the descriptor; closing its last copy ends the connection
+    (then unmount it, e.g. ``guard.cleanup_stale``)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+    if libc.mount(b"takakrypt:raw", str(path).encode(), b"fuse.takakrypt", 0, opts) != 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, os.strerror(e), str(path))
+    return fd
+
+
 # ---------------------------------------------------------------------------------------
 # clients as another user
 

@@ -2,8 +2,11 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +241,67 @@ def test_new_keystore_passphrase_has_a_minimum_length(env, tmp_path, pw, ok):
     if not ok:
         assert r.returncode == 2 and b"at least 8 characters" in r.stderr, r.stderr
         assert not (tmp_path / "new.json").exists()
+
+
+def _scratch_null(tmp_path):
+    """A device node like /dev/null (char 1,3), in a scratch directory."""
+    node = tmp_path / "null"
+    os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.chmod(node, 0o666)
+    return node
+
+
+def _same_node(path, before):
+    st = os.lstat(path)
+    return (stat.S_IFMT(st.st_mode), st.st_mode & 0o7777, st.st_rdev, st.st_ino) == \
+        (stat.S_IFMT(before.st_mode), before.st_mode & 0o7777, before.st_rdev, before.st_ino)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a device node needs root")
+def test_force_output_into_a_device_node_writes_it_never_replaces_it(env, tmp_path):
+    # `decrypt --force IN /dev/null` used to rename a temporary file over the node: the
+    # device became a regular 0600 file holding the plaintext
+    tk(env, "keys", "create", "k")
+    (tmp_path / "in").write_bytes(os.urandom(9000))
+    tk(env, "encrypt", "--key", "k", str(tmp_path / "in"), str(tmp_path / "enc"))
+    node = _scratch_null(tmp_path)
+    before = os.lstat(node)
+    tk(env, "decrypt", "--force", str(tmp_path / "enc"), str(node))
+    assert _same_node(node, before)
+    tk(env, "encrypt", "--force", "--key", "k", str(tmp_path / "in"), str(node))
+    assert _same_node(node, before)
+    # a symlink to the node (as /dev/stdout is one) is followed, not replaced either
+    (tmp_path / "link").symlink_to(node)
+    tk(env, "decrypt", "--force", str(tmp_path / "enc"), str(tmp_path / "link"))
+    assert os.path.islink(tmp_path / "link") and _same_node(node, before)
+    assert not [p for p in os.listdir(tmp_path) if "takakrypt-tmp" in p]
+
+
+def test_force_output_into_a_fifo_streams_through_it(env, tmp_path):
+    tk(env, "keys", "create", "k")
+    data = os.urandom(300000)
+    (tmp_path / "in").write_bytes(data)
+    tk(env, "encrypt", "--key", "k", str(tmp_path / "in"), str(tmp_path / "enc"))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o640)
+    before = os.lstat(fifo)
+    # the FIFO's own inode, even if the path is replaced
+    node = f"/proc/self/fd/{os.open(fifo, os.O_PATH | os.O_CLOEXEC)}"
+    got = []
+    reader = threading.Thread(target=lambda: got.append(Path(node).read_bytes()))
+    reader.start()
+    try:
+        tk(env, "decrypt", "--force", str(tmp_path / "enc"), str(fifo))
+    finally:
+        if reader.is_alive():  # nothing opened the FIFO to write: end the reader's wait
+            os.close(os.open(node, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+    assert got == [data] and _same_node(fifo, before)
+    # encrypt seeks back to write its header: a FIFO is refused, and left alone
+    r = tk(env, "encrypt", "--force", "--key", "k", str(tmp_path / "in"), str(fifo), ok=False)
+    assert r.returncode == 2 and b"cannot seek" in r.stderr
+    assert _same_node(fifo, before)
+    # /dev/stdout: a symlink to the caller's stdout (a pipe here)
+    (tmp_path / "stdout").symlink_to("/proc/self/fd/1")
+    r = tk(env, "decrypt", "--force", str(tmp_path / "enc"), str(tmp_path / "stdout"))
+    assert r.stdout == data and os.path.islink(tmp_path / "stdout")  # and no summary

@@ -314,7 +314,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
     from .progress import Bar
-    from .stream import decrypt_file
+    from .stream import decrypt_file, is_stdout
 
     with _keystore(args) as ks:
         bar = Bar(None, "decrypt", enabled=False if args.quiet else None)
@@ -324,7 +324,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
                                       h.plaintext_size))
         finally:
             bar.close()
-    if args.output != "-":
+    if not is_stdout(args.output):  # the summary would follow the plaintext there
         _out(args, {"output": args.output, "plaintext_size": header.plaintext_size,
                     "key_id": header.key_id, "key_version": header.key_version},
              f"decrypted {header.plaintext_size} bytes to {args.output}")

@@ -45,7 +45,6 @@ and must never touch the guard point's own mount, which would deadlock):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import os
@@ -54,11 +53,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
-from . import _fuse
+from . import _fuse, fuseconn
 from ._ring import Ring
 
 PERMIT = _fuse.PERMIT
@@ -163,46 +161,55 @@ def visible_to_init(dev: str) -> bool | None:
 
 #: seconds a stale-mount probe waits for a mount's server before calling it hung
 STAT_TIMEOUT = 5.0
-_probes: set[int] = set()  # probe children killed while stuck, not reaped yet
 
 
-def _stat_errno(path: str, timeout: float) -> int | None:
-    """stat ``path`` in a child process: 0 or the errno, None if no answer in time (the
-    server hangs).  A child, not a thread: a stat stuck on a hung FUSE server is
-    uninterruptible, and a thread of ours stuck so would keep this process from ever
-    exiting."""
-    for old in list(_probes):  # reap earlier probes that were stuck (no zombies)
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(old, os.WNOHANG)[0] == 0:
-                continue
-        _probes.discard(old)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.stat(path)
-            os._exit(0)
-        except OSError as e:
-            os._exit(min(e.errno or 255, 255))
-        except BaseException:
-            os._exit(255)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)  # dies once the connection is aborted
-            _probes.add(pid)
+def connection_state(path: str, timeout: float = STAT_TIMEOUT,
+                     stores: Collection[int] = (1,)) -> fuseconn.State | None:
+    """The state of the FUSE connection of the topmost takakrypt mount at ``path`` (see
+    :mod:`takakrypt.fuseconn`: live, dead, hung, held), asked of the connection itself
+    and never of a stat, which the kernel answers from its attribute cache; None if no
+    takakrypt mount is there.  ``stores``: pids that keep connections without serving
+    them (systemd's fd store: PID 1).  The caller decides what a state means to it."""
+    for _ in range(3):  # the mount changed between the mount table and the probe
+        dev = mount_device(path)
+        if dev is None:
             return None
-        time.sleep(0.01)
+        state = fuseconn.probe(path, dev, timeout, stores)
+        if state is not None:
+            return state
+    return None
 
 
 def is_stale(path: str, timeout: float = STAT_TIMEOUT) -> bool:
-    """True if ``path`` is a FUSE mount whose server is gone: ENOTCONN, or ECONNABORTED
-    when the connection was aborted (a server using io_uring died: its rings went), or
-    no answer within ``timeout`` seconds (a hung server)."""
-    rc = _stat_errno(path, timeout)
-    return rc is None or rc in (errno.ENOTCONN, errno.ECONNABORTED)
+    """True if ``path`` is a takakrypt mount whose connection is dead (its server is
+    gone: the kernel refuses requests with ENOTCONN, ECONNABORTED or ECANCELED) or hung
+    (no answer within ``timeout`` seconds while a process holds the connection).  A
+    connection held without a server (systemd's fd store, a handover) is not stale."""
+    state = connection_state(path, timeout)
+    return state is not None and state.state in (fuseconn.DEAD, fuseconn.HUNG)
+
+
+#: seconds a health check waits for a guard point's answer
+HEALTH_TIMEOUT = 2.0
+
+
+def mount_problem(path: str, timeout: float = HEALTH_TIMEOUT) -> str:
+    """Why the takakrypt mount at ``path`` does not serve ("" when it does), by a real
+    request through it (:func:`connection_state`): its connection is not live, or
+    several takakrypt mounts are stacked there (the lower ones are hidden, and an
+    in-place guard point on top reaches its files through the one below)."""
+    try:
+        stacked = sum(1 for mp, _dev in _takakrypt_mounts() if mp == path)
+    except OSError as e:
+        return f"cannot read the mount table: {e}"
+    if stacked > 1:
+        return f"{stacked} takakrypt mounts stacked on {path}"
+    state = connection_state(path, timeout)
+    if state is None:
+        return "not mounted"
+    if state.state != fuseconn.LIVE:
+        return f"the mount does not serve: {state}"
+    return ""
 
 
 def abort_connection(dev: str) -> bool:
@@ -229,11 +236,17 @@ def force_unmount(path: str) -> None:
 
 
 def cleanup_stale(path: str) -> bool:
-    """Unmount stale takakrypt mounts at ``path`` (a served one is left alone).
-    Returns True if something was unmounted."""
+    """Unmount stale (dead or hung) takakrypt mounts at ``path``; a served one is left
+    alone.  Returns True if something was unmounted.  Raises GuardError for a connection
+    held without a server: it is someone's to pick up, and a mount stacked on it would
+    reach its files through a connection nobody answers."""
     path = os.path.abspath(path)
     done = False
-    while path in fuse_mounts(path) and is_stale(path):
+    while (state := connection_state(path)) is not None:
+        if state.state == fuseconn.HELD:
+            raise GuardError(errno.EBUSY, f"{path}: {state}; serve or release it first")
+        if state.state not in (fuseconn.DEAD, fuseconn.HUNG):
+            break
         dev = mount_device(path)
         if dev is not None:
             abort_connection(dev)  # a hung server: waiters and our probe get ECONNABORTED

@@ -3,11 +3,13 @@
 Memory is bounded by ``chunk_blocks`` blocks whatever the file size.  Used by the CLI
 and by `takakrypt xform` later.  Output goes to a temporary file beside the target that
 is renamed into place only when everything verified, so a failure never leaves a
-half-written or unauthenticated output behind.
+half-written or unauthenticated output behind; a target that is a device node or a FIFO
+(or stdout) is written directly instead, never replaced.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -28,13 +30,25 @@ def _noop(_n: int) -> None:
 
 
 @contextmanager
-def atomic_output(path: str, *, force: bool, mode: int = 0o600) -> Iterator[BinaryIO]:
-    """Yield a file that becomes ``path`` only if the block completes without error."""
+def atomic_output(path: str, *, force: bool, mode: int = 0o600,
+                  seekable: bool = False) -> Iterator[BinaryIO]:
+    """Yield a file that becomes ``path`` only if the block completes without error.
+
+    An existing ``path`` that is not a regular file or a directory (a device node, a
+    FIFO, a socket, ``/dev/stdout``), after following symlinks, is written directly,
+    like ``-``: renaming over it would replace the node with a regular file.  Such
+    output is not atomic (what was written before an error stays written).
+    ``seekable``: the caller seeks back (refused for a FIFO, a terminal)."""
     if path == "-":
         yield os.fdopen(os.dup(1), "wb", buffering=0)
         return
     if os.path.lexists(path) and not force:
         raise UsageError(f"{path}: already exists (use --force to overwrite)")
+    direct = _open_special(path, seekable)
+    if direct is not None:
+        with direct:
+            yield direct
+        return
     d = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(d, f".{os.path.basename(path)}.takakrypt-tmp.{os.getpid()}")
     try:
@@ -55,6 +69,49 @@ def atomic_output(path: str, *, force: bool, mode: int = 0o600) -> Iterator[Bina
         if isinstance(exc, OSError) and exc.filename == tmp:
             raise OSError(exc.errno, exc.strerror, path) from None
         raise
+
+
+def is_stdout(path: str) -> bool:
+    """``-``, or a path that names this process's stdout (``/dev/stdout``, or the same
+    FIFO or device)."""
+    if path == "-":
+        return True
+    try:
+        st, out = os.stat(path), os.fstat(1)
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+
+
+def _open_special(path: str, seekable: bool) -> BinaryIO | None:
+    """``path`` opened for writing if it exists and is neither a regular file nor a
+    directory (those take the temporary-and-rename way: None)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # absent, or a dangling symlink: replaced by a new file
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return None
+    unseekable = UsageError(f"{path}: cannot seek (a FIFO or a terminal); encrypt writes "
+                            "the header last")
+    if seekable and stat.S_ISFIFO(st.st_mode):
+        raise unseekable  # before the open, which would wait for a reader
+    # a FIFO blocks here until it has a reader, as a shell's `> fifo` does
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    f = os.fdopen(fd, "wb", buffering=0)
+    try:
+        kind = os.fstat(fd).st_mode
+        if stat.S_ISREG(kind) or stat.S_ISDIR(kind):  # replaced since the stat
+            f.close()
+            return None
+        if seekable:
+            os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError as e:
+        f.close()
+        if e.errno == errno.ESPIPE:
+            raise unseekable from None
+        raise
+    return f
 
 
 def _open_input(path: str) -> BinaryIO:
@@ -104,7 +161,7 @@ def encrypt_file(src: str, dst: str, key_id: str, key_version: int, data_key: by
     sealed = bytearray(chunk_blocks * (block_size + fmt.OVERHEAD))
     pview, sview = memoryview(plain), memoryview(sealed)
     try:
-        with _open_input(src) as fin, atomic_output(dst, force=force) as fout:
+        with _open_input(src) as fin, atomic_output(dst, force=force, seekable=True) as fout:
             _write_all(fout, memoryview(header.pack(mac_key)))  # placeholder, size 0
             total, block = 0, 0
             while True:

@@ -569,8 +569,7 @@ class Agent:
     def control(self, req: dict[str, Any]) -> Any:
         cmd = req["cmd"]
         if cmd == "status":
-            self.check_health()  # what holds now, not 10 s ago
-            return self.status()
+            return self._checked(self.status)  # what holds now, not 10 s ago
         if cmd == "reload":
             return self.reload()  # a coroutine: the control server awaits it
         if cmd == "guard_list":
@@ -584,13 +583,12 @@ class Agent:
         if cmd == "audit_stats":
             return self.audit.stats() if self.audit is not None else {}
         if cmd == "health":
-            self.check_health()
-            return {"healthy": all(self.health.values()) if self.health else True,
-                    "state": self.health_state(), "checks": dict(self.health),
-                    "problems": dict(self.health_problems)}
+            return self._checked(lambda: {
+                "healthy": all(self.health.values()) if self.health else True,
+                "state": self.health_state(), "checks": dict(self.health),
+                "problems": dict(self.health_problems)})
         if cmd == "keys_changed":  # sent by `takakrypt keys rotate`
-            self.check_health()
-            return {"state": self.health_state()}
+            return self._checked(lambda: {"state": self.health_state()})
         if cmd == "policy_check":
             return self._control_policy_check(req)
         if cmd == "handover":  # from `takakryptd --upgrade`
@@ -621,6 +619,12 @@ class Agent:
         return out
 
     # health -------------------------------------------------------------------------------
+    async def _checked(self, answer: Callable[[], Any]) -> Any:
+        # the checks send a request through every guard point and wait for it: not on
+        # the loop, which answers the data path's decisions meanwhile
+        await self._off_loop(self.check_health)
+        return answer()
+
     def check_health(self) -> dict[str, bool]:
         checks: dict[str, bool] = {}
         problems: dict[str, str] = {}
@@ -640,9 +644,13 @@ class Agent:
                                        and self._visible(path, g))
             if path in self.unseen:
                 problems[f"guard:{path}"] = self.unseen[path]
+            elif not checks[f"guard:{path}"]:
+                problems[f"guard:{path}"] = self.guard_errors.get(path) or "not mounted"
+            elif why := self._serves(path, g):
+                checks[f"guard:{path}"] = False
+                problems[f"guard:{path}"] = why
             why = self.key_problem(gp.key) or (
-                f"every access is denied: {self.unserved}" if self.unserved else "") or \
-                self.guard_errors.get(path, "")
+                f"every access is denied: {self.unserved}" if self.unserved else "")
             if why:
                 checks[f"guard:{path}"] = False
                 problems[f"guard:{path}"] = why
@@ -691,6 +699,15 @@ class Agent:
         if bad or (self.keys is not None and self.keys.degraded):
             return "degraded"
         return "healthy"
+
+    @staticmethod
+    def _serves(path: str, g: Any) -> str:
+        """Why the guard point's mount does not serve ("" if it does): a real request
+        through it, from a child process, never a stat the kernel answers from its
+        cache; several takakrypt mounts stacked on the path fail too."""
+        from ..guard import mount_problem
+
+        return mount_problem(getattr(g, "path", path))
 
     def _visible(self, path: str, g: Any) -> bool:
         """False when host processes do not see the guard point's mount: it is missing
