@@ -1,0 +1,316 @@
+"""PostgreSQL 15 run as Debian runs it, on a guard point, under the shipped policy.
+
+packaging/postgresql-debian.yaml (docs/policy.md, worked example 1) must let Debian's
+tooling work: ``pg_ctlcluster`` (perl, started as root like the ``postgresql@`` unit
+does, then as ``postgres``) reads the server's lock file ``postmaster.pid`` and
+``postgresql.auto.conf``; ``pg_ctl`` reads ``postmaster.pid`` and ``postmaster.opts``;
+the server does everything else.  Nothing else gets plaintext: root's ``cat`` and perl
+under its own name are denied, tar gets the stored TAKA bytes.
+
+A dedicated cluster is made with ``pg_createcluster`` (its data directory in a scratch
+directory, its socket in another, no TCP), encrypted in place with ``takakrypt xform``
+(as an operator converts an existing cluster), served as an in-place guard point by a
+real takakryptd, and started, queried, restarted and stopped with the commands of
+Debian's unit (``pg_ctlcluster --skip-systemctl-redirect``).  The cluster is dropped
+at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent_helpers import Daemon, base_config, free_port
+from pg_helpers import files_at_rest, fuse_mounted, gid, has_user, tar_members_are_taka, uid
+
+ROOT = Path(__file__).parents[1]
+SHIPPED = ROOT / "packaging" / "postgresql-debian.yaml"
+PGBIN = Path("/usr/lib/postgresql/15/bin")
+TAR = os.path.realpath(shutil.which("tar") or "/usr/bin/tar")
+CAT = os.path.realpath(shutil.which("cat") or "/bin/cat")
+PERL = "/usr/bin/perl"
+DEBIAN_TOOLS = ("pg_createcluster", "pg_ctlcluster", "pg_lsclusters", "pg_dropcluster")
+
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
+    reason="needs root, /dev/fuse, fusermount3")
+needs_debian_pg = pytest.mark.skipif(
+    not (PGBIN / "postgres").exists() or not (PGBIN / "pg_ctl").exists()
+    or not all(shutil.which(t) for t in DEBIAN_TOOLS) or not os.path.exists(PERL)
+    or not has_user("postgres"),
+    reason="needs Debian's postgresql-15 and postgresql-common (pg_createcluster, "
+           "pg_ctlcluster) and the postgres user")
+
+MARKER = "takakrypt-pgdeb-marker-51c2e8"
+ROWS = [(i, f"{MARKER}-{i:03d}") for i in range(1, 101)]
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C", "LC_ALL": "C"}
+
+
+def _shipped_config(work: Path, gp: Path) -> dict:
+    """The shipped file's sets and policies, verbatim; the agent's sockets, keys, audit
+    and the guard point's path and key are this test's."""
+    shipped = yaml.safe_load(SHIPPED.read_text())
+    cfg = base_config(work)
+    for section in ("user_sets", "process_sets", "resource_sets", "policies"):
+        cfg[section] = shipped[section]
+    gp_cfg = dict(shipped["guard_points"][0], path=str(gp), key="k1")
+    cfg["guard_points"] = [gp_cfg]
+    cfg["agent"]["log_level"] = "info"
+    return cfg
+
+
+def test_shipped_policy_passes_strict_config_check(tmp_path):
+    gp = tmp_path / "data"
+    gp.mkdir()
+    cfg = _shipped_config(tmp_path, gp)
+    path = tmp_path / "takakrypt.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "takakrypt", "config", "check", "--strict",
+                        str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "WARNING" not in r.stdout + r.stderr
+    # the file as shipped differs only in what names this machine (keystore, paths)
+    shipped = yaml.safe_load(SHIPPED.read_text())
+    assert shipped["guard_points"][0]["path"] == "/var/lib/postgresql/15/main"
+
+
+class DebianCluster:
+    """One cluster made and driven with postgresql-common's commands."""
+
+    def __init__(self, work: Path, data: Path, sock: Path) -> None:
+        self.name = "tk" + secrets.token_hex(4)
+        self.port = free_port()
+        self.work, self.data, self.sock = work, data, sock
+        self.log = work / "postgresql.log"
+        self.created = False
+
+    def root(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), capture_output=True, text=True, errors="replace",
+                              timeout=timeout,
+                              env=ENV, cwd="/")
+
+    def pg(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), capture_output=True, text=True, errors="replace",
+                              timeout=timeout,
+                              user="postgres", group="postgres", extra_groups=[],
+                              env=dict(ENV, HOME=str(self.sock)), cwd=str(self.sock))
+
+    def create(self) -> None:
+        r = self.root("pg_createcluster", "15", self.name, "-d", str(self.data),
+                      "-s", str(self.sock), "-l", str(self.log), "-p", str(self.port),
+                      "--start-conf=manual", "--locale=C.UTF-8", "-o", "fsync=on")
+        self.created = r.returncode == 0 or self.created
+        assert r.returncode == 0, f"pg_createcluster: {r.stdout}\n{r.stderr}"
+        # the Unix socket only: no TCP port shared with anything else on the machine
+        conf_d = Path("/etc/postgresql/15", self.name, "conf.d")
+        (conf_d / "takakrypt-test.conf").write_text("listen_addresses = ''\n")
+
+    def ctl(self, action: str, *opts: str) -> subprocess.CompletedProcess:
+        # exactly what postgresql@.service runs (as root; pg_ctlcluster drops to postgres)
+        return self.root("pg_ctlcluster", "--skip-systemctl-redirect", *opts, "15",
+                         self.name, action)
+
+    def psql(self, sql: str) -> str:
+        r = self.pg(str(PGBIN / "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1",
+                    "-h", str(self.sock), "-p", str(self.port), "-U", "postgres",
+                    "-d", "postgres", "-c", sql)
+        assert r.returncode == 0, f"psql {sql!r}: {r.stderr}\n{self.logtext()}"
+        return r.stdout
+
+    def lsclusters(self) -> str:
+        r = self.root("pg_lsclusters", "--no-header")
+        assert r.returncode == 0, r.stderr
+        return next((line for line in r.stdout.splitlines()
+                     if line.split()[:2] == ["15", self.name]), "")
+
+    @property
+    def pid_file(self) -> Path:
+        # external_pid_file, set by pg_ctlcluster (outside the guard point)
+        return Path(f"/var/run/postgresql/15-{self.name}.pid")
+
+    def running(self) -> bool:
+        return self.pid_file.exists()
+
+    def kill(self) -> None:
+        """Last resort when pg_ctlcluster cannot stop the server: SIGQUIT (immediate
+        shutdown) to the postmaster it started, and wait for it."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+            os.kill(pid, signal.SIGQUIT)
+        except (OSError, ValueError, IndexError):
+            return
+        for _ in range(600):   # bounded wait, not a timed assertion
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+
+    def drop(self) -> None:
+        """Remove the (unmounted) data directory, then the cluster: pg_dropcluster
+        would read the TAKA bytes of postgresql.auto.conf and refuse."""
+        if self.created:
+            shutil.rmtree(self.data, ignore_errors=True)
+            r = self.root("pg_dropcluster", "--stop", "15", self.name)
+            assert r.returncode == 0, f"pg_dropcluster: {r.stdout}\n{r.stderr}"
+
+    def logtext(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def work():
+    # /tmp/pytest-of-root is 0700: the postgres user could not reach a cluster there
+    d = Path(tempfile.mkdtemp(prefix="tk-pgdeb-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        if not fuse_mounted(d / "data"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(work):
+    """A cluster to create; dropped afterwards (the test stops takakryptd first)."""
+    gp, sock = work / "data", work / "sock"
+    for d in (gp, sock):
+        d.mkdir(mode=0o700)
+        os.chown(d, uid("postgres"), gid("postgres"))
+    pg = DebianCluster(work, gp, sock)
+    try:
+        yield pg
+    finally:
+        if pg.running():
+            pg.kill()
+        if not fuse_mounted(gp):
+            pg.drop()
+
+
+def _rows(pg: DebianCluster) -> list[tuple[int, str]]:
+    return [(int(i), v) for i, v in (line.split("|", 1) for line in
+            pg.psql("SELECT id, v FROM tk_rows ORDER BY id").splitlines())]
+
+
+def _denied(r: subprocess.CompletedProcess) -> bool:
+    return r.returncode != 0 and "Permission denied" in r.stderr and MARKER not in r.stdout
+
+
+@needs_fuse
+@needs_debian_pg
+def test_pg_ctlcluster_under_shipped_policy(work, cluster):
+    pg, gp, sock = cluster, cluster.data, cluster.sock
+    daemon = None
+    probe_pid, relpath = -1, ""
+    try:
+        pg.create()
+        # an existing cluster is encrypted in place before it becomes a guard point
+        cfg = _shipped_config(work, gp)   # creates the keystore with key k1
+        r = subprocess.run([sys.executable, "-m", "takakrypt", "xform", str(gp), "--key", "k1",
+                            "-q", "--keystore", str(work / "keystore.json"),
+                            "--master-key-file", str(work / "master.key")],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (gp / "PG_VERSION").read_bytes()[:4] == b"TAKA"
+        daemon = Daemon(work, cfg)
+        daemon.wait_for("READY=1")
+        assert fuse_mounted(gp)
+
+        r = pg.ctl("start")
+        assert r.returncode == 0, f"start: {r.stdout}\n{r.stderr}\n{pg.logtext()}"
+        r = pg.ctl("status")
+        assert r.returncode == 0 and "server is running" in r.stdout, r.stdout + r.stderr
+        assert "online" in pg.lsclusters()
+
+        pg.psql("CREATE TABLE tk_rows (id int PRIMARY KEY, v text NOT NULL)")
+        pg.psql("INSERT INTO tk_rows VALUES " + ",".join(f"({i}, '{v}')" for i, v in ROWS))
+        pg.psql("CHECKPOINT")
+        assert _rows(pg) == ROWS
+        relpath = pg.psql("SELECT pg_relation_filepath('tk_rows')").strip()
+        assert relpath.startswith("base/"), relpath
+
+        # what Debian's tools may read stays closed to every other program: root's cat
+        for rel in (relpath, "postmaster.pid", "postgresql.auto.conf", "PG_VERSION"):
+            assert _denied(pg.root(CAT, str(gp / rel))), rel
+        # ... and perl itself, as postgres, when it is not running pg_ctlcluster
+        probe = subprocess.Popen(
+            [PERL, "-e", 'open(my $f, "<", $ARGV[0]) or die "$!\\n"; print <$f>',
+             str(gp / "postmaster.pid")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, user="postgres", group="postgres", extra_groups=[], env=ENV,
+            cwd=str(sock))
+        probe_pid = probe.pid
+        out, err = probe.communicate(timeout=60)
+        assert probe.returncode != 0 and "Permission denied" in err and not out, (out, err)
+        # ... and pg_ctl, run by postgres, only for the lock file and the saved options
+        r = pg.pg(str(PGBIN / "pg_ctl"), "-D", str(gp), "status")
+        assert r.returncode == 0 and "server is running" in r.stdout, r.stdout + r.stderr
+        # listing and stat stay open to everyone (ls, pg_ctl's stat of PG_VERSION)
+        assert "postmaster.pid" in os.listdir(gp) and os.stat(gp / relpath).st_size > 0
+
+        # the backup tool while the server runs: the stored bytes only
+        tar_path = work / "backup.tar"
+        t = pg.root(TAR, "-C", str(work), "-cf", str(tar_path), "data")
+        assert t.returncode in (0, 1), t.stderr   # 1: "file changed as we read it"
+        assert "Permission denied" not in t.stderr, t.stderr
+        names = tar_members_are_taka(tar_path, MARKER.encode())
+        assert f"data/{relpath}" in names and "data/postmaster.pid" in names
+
+        # restart (stop + start) and stop, as the unit does: the rows come back
+        r = pg.ctl("restart")
+        assert r.returncode == 0, f"restart: {r.stdout}\n{r.stderr}\n{pg.logtext()}"
+        assert _rows(pg) == ROWS
+        r = pg.ctl("stop", "-m", "fast")
+        assert r.returncode == 0, f"stop: {r.stdout}\n{r.stderr}\n{pg.logtext()}"
+        assert not pg.running()
+        r = pg.ctl("status")
+        assert r.returncode == 3 and "no server running" in r.stdout, r.stdout + r.stderr
+        assert "down" in pg.lsclusters()
+    except AssertionError as e:
+        audit = work / "audit.jsonl"
+        tail = audit.read_text()[-3000:] if audit.exists() else ""
+        log = daemon.logtext()[-3000:] if daemon else ""
+        raise AssertionError(f"{e}\n--- takakryptd log (tail) ---\n{log}"
+                             f"\n--- audit (tail) ---\n{tail}") from e
+    finally:
+        if pg.running() and pg.ctl("stop", "-m", "immediate").returncode != 0:
+            pg.kill()
+        if daemon:
+            daemon.stop()
+    assert not fuse_mounted(gp)
+    _check_audit_and_disk(work, gp, relpath, probe_pid)
+
+
+def _check_audit_and_disk(work: Path, gp: Path, relpath: str, probe_pid: int) -> None:
+    # the audit trail: Debian's tools and the server were never denied; the probes were
+    events = [json.loads(x) for x in (work / "audit.jsonl").read_text().splitlines()]
+    access = [e for e in events if e.get("kind") == "access"]
+    tools = (str(PGBIN / "postgres"), str(PGBIN / "pg_ctl"), PERL)
+    denied = [e for e in access if e["decision"] != "permit" and e["exe"] in tools
+              and e["pid"] != probe_pid]
+    assert not denied, denied[:5]
+    assert any(e["exe"] == PERL and e["pid"] == probe_pid and e["decision"] == "deny"
+               for e in access)
+    assert any(e["exe"] == CAT and e["decision"] == "deny"
+               and e["path"] == str(gp / "postmaster.pid") for e in access)
+    tar_ev = [e for e in access if e["exe"] == TAR]
+    assert tar_ev and all(e["decision"] == "permit" and e["key"] is None for e in tar_ev)
+
+    # at rest (unmounted): every file is TAKA, the rows are in the relation file
+    seen_in = files_at_rest(gp, work / "keystore.json", work / "master.key", MARKER.encode())
+    assert relpath in seen_in, seen_in
