@@ -345,3 +345,13 @@ def _check_audit_and_disk(work: Path, gp: Path, relpath: str, probe_pid: int) ->
     # at rest (unmounted): every file is TAKA, the rows are in the relation file
     seen_in = files_at_rest(gp, work / "keystore.json", work / "master.key", MARKER.encode())
     assert relpath in seen_in, seen_in
+
+
+def test_docs_show_the_shipped_policy():
+    """docs/policy.md, worked example 1, is the shipped file's policy part."""
+    text = (ROOT / "docs" / "policy.md").read_text()
+    section = text.split("### 1. ", 1)[1].split("\n### 2. ", 1)[0]
+    block = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    shipped = yaml.safe_load(SHIPPED.read_text())
+    for key in ("user_sets", "process_sets", "resource_sets", "policies", "guard_points"):
+        assert block[key] == shipped[key], key
