@@ -224,3 +224,31 @@ def test_docs_show_the_shipped_policy():
     shipped = yaml.safe_load(SHIPPED.read_text())
     for key in ("user_sets", "process_sets", "resource_sets", "policies", "guard_points"):
         assert block[key] == shipped[key], key
+
+
+def _vm_missing() -> list[str]:
+    from test_systemd_unit import _missing
+    return _missing()
+
+
+@pytest.mark.slow
+@needs_debian_pg
+@pytest.mark.skipif(bool(_vm_missing()), reason="VM tooling absent: " + ", ".join(_vm_missing()))
+def test_postgresql_unit_under_systemd(tmp_path):
+    """``systemctl start|stop postgresql@15-NAME`` (Debian's unit, under systemd as PID 1
+    in a VM) on a guard point under the shipped policy (guest: pg_debian_guest.py)."""
+    from test_systemd_unit import boot_guest
+    r = boot_guest(tmp_path, ROOT / "tests" / "pg_debian_guest.py", timeout=1200)
+    assert "error" not in r, r["error"]
+    why = json.dumps({k: v for k, v in r.items() if k not in ("journal", "pg_log")},
+                     indent=1) + "\n" + r.get("journal", "") + "\n" + r.get("pg_log", "")
+    assert r["start_rc"] == 0 and r["active"] == "active", why
+    assert r["main_exe"] == str(PGBIN / "postgres"), why   # PIDFile= found the postmaster
+    assert r["rows"] == ["takakrypt-pgdeb-unit-marker"], why
+    assert r["status_rc"] == 0 and "server is running" in r["status_out"], why
+    assert "online" in r["lsclusters"], why
+    assert r["cat_rc"] != 0 and "Permission denied" in r["cat_err"], why
+    assert r["stop_rc"] == 0 and r["active_after_stop"] == "inactive", why
+    assert not r["server_left"], why
+    # nothing of Debian's tooling or the server was denied; cat was
+    assert [d["exe"] for d in r["denied"]] == [CAT], why
