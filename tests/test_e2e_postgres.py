@@ -14,15 +14,12 @@ file of the cluster is a valid TAKA file that the keystore decrypts.
 
 from __future__ import annotations
 
-import grp
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
 import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -30,19 +27,9 @@ from pathlib import Path
 import pytest
 
 from agent_helpers import Daemon, base_config
-from takakrypt.cryptofile import TakaFile
-from takakrypt.keys import open_keystore
+from pg_helpers import files_at_rest, fuse_mounted, gid, has_user, tar_members_are_taka, uid
 
 PGBIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
 
 TAR = os.path.realpath(shutil.which("tar") or "/usr/bin/tar")
 CAT = os.path.realpath(shutil.which("cat") or "/bin/cat")
@@ -51,18 +38,12 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3")
                        or os.geteuid() != 0, reason="needs root, /dev/fuse, fusermount3"),
     pytest.mark.skipif(not (PGBIN / "postgres").exists() or not shutil.which("pgbench")
-                       or not _has_user("postgres"),
+                       or not has_user("postgres"),
                        reason="needs postgresql-15, pgbench and the postgres user"),
 ]
 
 MARKER = "takakrypt-e2e-marker-7f3a9c"
 ROWS = [(i, f"{MARKER}-row-{i:04d}-" + "x" * (i % 37)) for i in range(1, 301)]
-
-
-def _mounted(path: Path) -> bool:
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == str(path) and line.split()[2].startswith("fuse")
-                   for line in f)
 
 
 class Cluster:
@@ -172,24 +153,24 @@ def work():
     try:
         yield d
     finally:
-        if not _mounted(d / "pgdata") and not os.environ.get("TK_E2E_KEEP"):
+        if not fuse_mounted(d / "pgdata") and not os.environ.get("TK_E2E_KEEP"):
             shutil.rmtree(d, ignore_errors=True)
 
 
 def test_postgres_on_guard_point(work):
     gp = work / "pgdata"
     gp.mkdir(mode=0o700)
-    os.chown(gp, _uid("postgres"), _gid("postgres"))
+    os.chown(gp, uid("postgres"), gid("postgres"))
     sock = work / "sock"
     sock.mkdir(mode=0o700)
-    os.chown(sock, _uid("postgres"), _gid("postgres"))
+    os.chown(sock, uid("postgres"), gid("postgres"))
     cfg = _config(work, gp)
     pg = Cluster(gp, sock)
     d = Daemon(work, cfg)
     relpath = ""
     try:
         d.wait_for("READY=1")
-        assert _mounted(gp)
+        assert fuse_mounted(gp)
         pg.initdb()
         pg.start()
 
@@ -242,18 +223,7 @@ def test_postgres_on_guard_point(work):
         # 1 = "file changed as we read it" (a live cluster); anything else is an error
         assert t.returncode in (0, 1), t.stderr
         assert "Permission denied" not in t.stderr, t.stderr
-        nreg = 0
-        with tarfile.open(tar_path) as tf:
-            for m in tf.getmembers():
-                if not m.isreg():
-                    continue
-                nreg += 1
-                data = tf.extractfile(m).read()
-                assert data[:4] == b"TAKA", (m.name, data[:16])
-                assert len(data) >= 128, m.name
-        assert nreg > 100
-        assert MARKER.encode() not in tar_path.read_bytes()
-        names = tarfile.open(tar_path).getnames()
+        names = tar_members_are_taka(tar_path, MARKER.encode())
         assert f"pgdata/{relpath}" in names and "pgdata/PG_VERSION" in names
 
         assert pg.stop() == 0, pg.logtext()
@@ -266,7 +236,7 @@ def test_postgres_on_guard_point(work):
     finally:
         pg.stop(signal.SIGQUIT)
         d.stop()
-    assert not _mounted(gp)
+    assert not fuse_mounted(gp)
 
     # the audit trail: root's cat denied, tar permitted without the key, and the server
     # itself never denied anything (the policy is enough to run PostgreSQL)
@@ -282,34 +252,7 @@ def test_postgres_on_guard_point(work):
     assert not [e for e in events if e.get("kind") == "integrity"]
 
     # at rest: every regular file of the cluster is a TAKA file the keystore decrypts
-    marker_seen_in = []
-    count = 0
-    with open_keystore(str(work / "keystore.json"),
-                       master_key_file=str(work / "master.key")) as ks:
-        for root, _dirs, files in os.walk(gp):
-            for name in files:
-                p = Path(root) / name
-                if not p.is_file() or p.is_symlink():
-                    continue
-                raw = p.read_bytes()
-                assert raw[:4] == b"TAKA", p
-                assert MARKER.encode() not in raw, f"plaintext marker at rest in {p}"
-                with TakaFile.open(p, ks.get) as f:
-                    plain = f.read(0, f.size)
-                assert len(plain) == f.size
-                if MARKER.encode() in plain:
-                    marker_seen_in.append(str(p.relative_to(gp)))
-                count += 1
-        with TakaFile.open(gp / "PG_VERSION", ks.get) as f:
-            assert f.read(0, 100) == b"15\n"
-    assert count > 100
+    marker_seen_in = files_at_rest(gp, work / "keystore.json", work / "master.key",
+                                   MARKER.encode())
     # the rows really are in the relation file, encrypted
     assert relpath in marker_seen_in, marker_seen_in
-
-
-def _uid(name: str) -> int:
-    return pwd.getpwnam(name).pw_uid
-
-
-def _gid(name: str) -> int:
-    return grp.getgrnam(name).gr_gid

@@ -68,9 +68,16 @@ def guest(tmp_path_factory):
 
 
 def _boot(out: Path) -> dict:
+    data = boot_guest(out, TREE / "tests" / "systemd_unit_guest.py")
+    assert "error" not in data, data["error"]
+    return {v["name"]: v for v in data["variants"]}
+
+
+def boot_guest(out: Path, script: Path, timeout: float = 480) -> dict:
+    """Boot the VM, run ``SCRIPT TREE OUT`` in it; what the script wrote to
+    OUT/result.json.  Also used by tests/test_pg_debian.py."""
     env = dict(os.environ, PATH=f"{Path(_vng()).parent}:{os.environ.get('PATH', '')}")
-    guest_cmd = (f"{sys.executable} {TREE / 'tests' / 'systemd_unit_guest.py'} {TREE} {out} "
-                 f">{out / 'guest.log'} 2>&1")
+    guest_cmd = f"{sys.executable} {script} {TREE} {out} >{out / 'guest.log'} 2>&1"
     cmd = [_vng(), "--run", _kernel(), "--disable-kvm", "--memory", "1G", "--systemd",
            f"--rwdir={out}",
            # The host root carries /.dockerenv: systemd's generators then take the guest
@@ -84,16 +91,14 @@ def _boot(out: Path) -> dict:
            "--exec", guest_cmd]
     with open(out / "console.log", "wb") as log:
         subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                       cwd=out, env=env, timeout=480, check=False)
+                       cwd=out, env=env, timeout=timeout, check=False)
     result = out / "result.json"
     assert result.exists(), ("the guest wrote no result; console tail:\n"
                              + (out / "console.log").read_text(errors="replace")[-4000:]
                              + "\nguest log:\n"
                              + ((out / "guest.log").read_text(errors="replace")
                                 if (out / "guest.log").exists() else "<none>"))
-    data = json.loads(result.read_text())
-    assert "error" not in data, data["error"]
-    return {v["name"]: v for v in data["variants"]}
+    return json.loads(result.read_text())
 
 
 def _explain(v: dict) -> str:
