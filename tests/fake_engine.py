@@ -48,6 +48,9 @@ class FakeGuardPoint:
         self.is_mounted = True
         _log("mount", self.path, str(os.fstat(r).st_ino))
 
+    def mount_problem(self) -> str:
+        return ""  # no kernel mount to send a request through: the stand-in serves
+
     def unmount(self) -> None:
         self.is_mounted = False
         _log("unmount", self.path)

@@ -193,11 +193,14 @@ def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = 
                 path: Path | None = None, key: bytes | None = None, threads: int = 4,
                 key_name: str = "guard", metadata_cache: float | None = None,
                 policy_yaml: str | None = None, io_uring: bool | None = None, hints: bool = True,
-                read_helpers: bool = True):
+                read_helpers: bool = True, keeper: bool = False):
     """Mount a guard point served by a child process; yields a :class:`Guard`.
 
     ``io_uring=None``: FUSE over io_uring unless TAKAKRYPT_TEST_IO_URING=0 (ci/asan.sh
-    runs the data-path suite once more on the classic channel that way)."""
+    runs the data-path suite once more on the classic channel that way).  ``keeper``:
+    the server leaves its persist_fds() with a keeper process (systemd's fd store for
+    the test: :meth:`Guard.kill_and_resume`); its connection then outlives a killed
+    server, so tests of dead connections leave it off."""
     if io_uring is None:
         io_uring = os.environ.get("TAKAKRYPT_TEST_IO_URING", "1") != "0"
     tmp = Path(tmp)
@@ -218,18 +221,21 @@ def guard_mount(tmp: Path, *, rules: list[dict] | None = None, in_place: bool = 
         "metadata_cache": metadata_cache, "policy_yaml": policy_yaml, "io_uring": io_uring,
         "hints": hints, "read_helpers": read_helpers,
     }
-    store = subprocess.Popen([sys.executable, str(HERE / "fuse_helpers.py"), "--keeper",
-                              str(workdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             env=dict(os.environ, PYTHONPATH=str(SRC)))
-    store.stdout.readline()  # bound
-    spec["fdstore"] = str(workdir / "fdstore.sock")
+    store = None
+    if keeper:
+        store = subprocess.Popen([sys.executable, str(HERE / "fuse_helpers.py"), "--keeper",
+                                  str(workdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 env=dict(os.environ, PYTHONPATH=str(SRC)))
+        store.stdout.readline()  # bound
+        spec["fdstore"] = str(workdir / "fdstore.sock")
     (workdir / "spec.json").write_text(json.dumps(spec))
     try:
         with serve_child(HERE / "fuse_helpers.py", workdir, mnt) as proc:
             yield Guard(mnt, backing, key, workdir, proc, store)
     finally:
-        store.kill()
-        store.wait()
+        if store is not None:
+            store.kill()
+            store.wait()
 
 
 @contextlib.contextmanager

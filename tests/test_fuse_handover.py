@@ -159,7 +159,7 @@ def test_writer_with_fsync_across_kills(tmp_path):
     write can leave its partial block unreadable (docs/guard-points.md, "After a
     kill").  The classic channel: on FUSE over io_uring a request handed to a ring
     entry as the server dies is lost by the kernel (test below)."""
-    with guard_mount(tmp_path, io_uring=False) as g:
+    with guard_mount(tmp_path, io_uring=False, keeper=True) as g:
         stop = threading.Event()
         errors: list[BaseException] = []
         written = bytearray()
@@ -210,7 +210,7 @@ def test_writer_with_fsync_across_kills(tmp_path):
 def test_io_uring_successor_serves_after_a_kill(tmp_path):
     """FUSE over io_uring: after a SIGKILL the successor takes the ring over (the
     entries' buffers stay mapped at their address) and serves, with open files."""
-    with guard_mount(tmp_path, io_uring=True) as g:
+    with guard_mount(tmp_path, io_uring=True, keeper=True) as g:
         (g.mnt / "a").write_bytes(b"a" * 100000)
         fd = os.open(g.mnt / "a", os.O_RDWR)
         expected = bytearray(b"a" * 100000)

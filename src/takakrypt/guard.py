@@ -404,6 +404,11 @@ class GuardPoint:
     def is_mounted(self) -> bool:
         return self._m.is_mounted
 
+    def mount_problem(self) -> str:
+        """Why this guard point's mount does not serve, "" if it does (a real request
+        through it: :func:`mount_problem`)."""
+        return mount_problem(self.path)
+
     def bump_generation(self) -> int:
         """Policy reload: hide every cached decision."""
         return self._m.bump_generation()

@@ -705,6 +705,8 @@ class Agent:
         """Why the guard point's mount does not serve ("" if it does): a real request
         through it, from a child process, never a stat the kernel answers from its
         cache; several takakrypt mounts stacked on the path fail too."""
+        if hasattr(g, "mount_problem"):
+            return g.mount_problem()
         from ..guard import mount_problem
 
         return mount_problem(getattr(g, "path", path))

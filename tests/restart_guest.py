@@ -1,0 +1,147 @@
+"""Guest side of tests/test_restart_systemd.py: runs inside a VM whose PID 1 is systemd.
+
+The shipped takakryptd unit (with its --fd-store) serves an in-place guard point under
+a deployment's policy (PostgreSQL's server and initdb by path and SHA-256 get
+plaintext); PostgreSQL 15 runs on it; pgbench (scale 10, 4 clients) runs while the
+agent is killed the way a watchdog does (`systemctl kill -s SIGKILL`: systemd restarts
+it, the successor takes the connection over from the fd store) and restarted with
+`systemctl restart` (SIGTERM: a clean handover through the fd store).  What it saw goes
+to OUT/result.json; the host side asserts.
+
+usage: python restart_guest.py TREE OUT
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+TREE, OUT = Path(sys.argv[1]), Path(sys.argv[2])
+sys.path.insert(0, str(TREE / "src"))
+sys.path.insert(0, str(TREE / "tests"))
+os.environ["PYTHONPATH"] = str(TREE / "src")
+
+from agent_helpers import write_config  # noqa: E402
+from systemd_unit_guest import UNIT_DIR, unit_text  # noqa: E402
+from test_e2e_postgres import Cluster, _config, gid, uid  # noqa: E402
+
+SECONDS = int(os.environ.get("TK_RESTART_SECONDS", "90"))
+KILLS, RESTARTS = 4, 3
+
+
+def sh(*cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, errors="replace",
+                          timeout=timeout)
+
+
+def main_pid() -> int:
+    return int(sh("systemctl", "show", "-P", "MainPID", "takakryptd.service").stdout.strip()
+               or 0)
+
+
+def wait_served(old: int, r: dict, gp: Path, dev: str) -> float:
+    """Wait until a new takakryptd is active; returns how long it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 120:
+        pid = main_pid()
+        if pid and pid != old and sh("systemctl", "is-active", "takakryptd.service"
+                                     ).stdout.strip() == "active":
+            break
+        time.sleep(0.1)
+    r["devs"].append(mount_devs(gp))
+    return time.monotonic() - t0
+
+
+def mount_devs(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[2] for line in f if line.split()[4] == str(path)
+                and "fuse.takakrypt" in line.partition(" - ")[2]]
+
+
+def run(r: dict) -> None:
+    sh("modprobe", "fuse")
+    work = Path(tempfile.mkdtemp(prefix="tk-restart-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    gp, sock = work / "pgdata", work / "sock"
+    for d in (gp, sock):
+        d.mkdir(mode=0o700)
+        os.chown(d, uid("postgres"), gid("postgres"))
+    cfg = _config(work, gp)
+    server = cfg["process_sets"]["pg_server"]
+    server["sha256"] = [hashlib.sha256(Path(p).read_bytes()).hexdigest()
+                        for p in server["executables"]]
+    config = work / "takakrypt.yaml"
+    write_config(config, cfg)
+    UNIT_DIR.mkdir(parents=True, exist_ok=True)
+    tree_unit = (TREE / "packaging" / "takakryptd.service").read_text()
+    (UNIT_DIR / "takakryptd.service").write_text(unit_text(tree_unit, config))
+    sh("systemctl", "daemon-reload")
+    start = sh("systemctl", "start", "takakryptd.service")
+    r["start_rc"], r["start_err"] = start.returncode, start.stderr[-2000:]
+    dev = mount_devs(gp)
+    r["dev"], r["devs"] = dev, []
+    pg = Cluster(gp, sock)
+    pg.initdb()
+    pg.start()
+    try:
+        init = pg.run("pgbench", "-i", "-s", "10", "-q", timeout=1200)
+        r["init_rc"], r["init_err"] = init.returncode, init.stderr[-2000:]
+        bench = subprocess.Popen(
+            ["pgbench", "-c", "4", "-j", "2", "-T", str(SECONDS), "-n", "-l",
+             "--log-prefix", str(sock / "tx")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, user="postgres",
+            group="postgres", extra_groups=[], env=pg.env, cwd=str(sock))
+        r["events"] = []
+        gap = (SECONDS - 15) / (KILLS + RESTARTS)
+        for i in range(KILLS + RESTARTS):
+            time.sleep(gap)
+            old = main_pid()
+            if i % 2 == 0 and sum(e[0] == "kill" for e in r["events"]) < KILLS:
+                sh("systemctl", "kill", "-s", "SIGKILL", "takakryptd.service")
+                kind = "kill"
+            else:
+                sh("systemctl", "restart", "takakryptd.service", timeout=180)
+                kind = "restart"
+            r["events"].append((kind, old, round(wait_served(old, r, gp, dev), 2)))
+        out, err = bench.communicate(timeout=SECONDS + 600)
+        r["bench_rc"], r["bench_out"], r["bench_err"] = bench.returncode, out, err[-3000:]
+        lat = [int(line.split()[2]) for f in sock.glob("tx.*")
+               for line in f.read_text().splitlines() if line.strip()]
+        r["worst_ms"] = max(lat) / 1000 if lat else None
+        r["server_log"] = (sock / "server.log").read_text(errors="replace")[-6000:]
+        r["panic"] = bool(re.search(r"\b(PANIC|FATAL)\b", (sock / "server.log").read_text(
+            errors="replace")))
+        pg.psql("CREATE EXTENSION IF NOT EXISTS amcheck")
+        r["amcheck"] = int(pg.psql(
+            "SELECT count(bt_index_check(c.oid, true)) FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+            "WHERE a.amname = 'btree' AND c.relname LIKE 'pgbench%'"))
+        r["accounts"] = int(pg.psql("SELECT count(*) FROM pgbench_accounts"))
+        r["journal"] = sh("journalctl", "-u", "takakryptd.service", "--no-pager", "-n",
+                          "60").stdout[-6000:]
+    finally:
+        pg.stop()
+        sh("systemctl", "stop", "takakryptd.service")
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    r: dict = {}
+    try:
+        run(r)
+    except Exception:  # reported to the host side, which fails the test with it
+        r["error"] = traceback.format_exc()
+    (OUT / "result.json").write_text(json.dumps(r, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
