@@ -420,6 +420,7 @@ def _serve(spec_path: str) -> int:
                     get_key=lambda name, version: key, decide=decide, audit=audit,
                     threads=spec["threads"], io_uring=spec.get("io_uring", True),
                     read_helpers=spec.get("read_helpers", True),
+                    debug=os.environ.get("TK_TEST_FUSE_DEBUG") == "1",
                     **({} if spec.get("metadata_cache") is None
                        else {"metadata_cache": spec["metadata_cache"]}))
     stop = threading.Event()

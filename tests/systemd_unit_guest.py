@@ -126,8 +126,17 @@ def variant(name: str, tree_unit: str, dropin: str | None) -> dict:
                       "takakryptd.service").stdout[-4000:]
     stop = sh("systemctl", "stop", "takakryptd.service")
     r["stop_rc"] = stop.returncode
-    # at rest: with the agent gone, the backing file is what the disk holds
+    # a stop never uncovers the directory: the mount stays, failing (ENOTCONN), until
+    # the next start takes it over or an operator releases it (issue 16)
     r["mounted_after_stop"] = bool(fuse_mounts(read_text("/proc/self/mountinfo"), gp))
+    try:
+        target.read_bytes()
+        r["after_stop_errno"] = 0
+    except OSError as e:
+        r["after_stop_errno"] = e.errno
+    if r["mounted_after_stop"]:
+        sh("umount", "-l", str(gp))
+    # at rest: with the agent gone, the backing file is what the disk holds
     try:
         raw = target.read_bytes()
         r["at_rest_magic"] = raw[:4].decode("latin-1")

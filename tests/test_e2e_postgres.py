@@ -157,13 +157,20 @@ def work():
             shutil.rmtree(d, ignore_errors=True)
 
 
+def cluster_dirs(work: Path) -> tuple[Path, Path]:
+    """The guard point (the cluster's data directory) and the socket directory, both
+    the postgres user's, 0700."""
+    out = []
+    for name in ("pgdata", "sock"):
+        d = work / name
+        d.mkdir(mode=0o700)
+        os.chown(d, uid("postgres"), gid("postgres"))
+        out.append(d)
+    return out[0], out[1]
+
+
 def test_postgres_on_guard_point(work):
-    gp = work / "pgdata"
-    gp.mkdir(mode=0o700)
-    os.chown(gp, uid("postgres"), gid("postgres"))
-    sock = work / "sock"
-    sock.mkdir(mode=0o700)
-    os.chown(sock, uid("postgres"), gid("postgres"))
+    gp, sock = cluster_dirs(work)
     cfg = _config(work, gp)
     pg = Cluster(gp, sock)
     d = Daemon(work, cfg)

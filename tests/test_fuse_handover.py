@@ -75,51 +75,62 @@ def test_open_files_survive_a_handover(tmp_path, io_uring):
         assert data[:64] not in (g.backing / "d" / "a").read_bytes()
 
 
+def _stream_through(g, event, times: int, *, pages: bool, held: int | None = None) -> None:
+    """A writer streams records with fsync and a reader lists, stats (and reads the
+    file ``held`` open) while ``event()`` happens ``times`` times: every call returns
+    and succeeds, and every byte reads back.  ``pages``: records of whole 4 KiB
+    blocks (as a database writes), else of any length."""
+    stop = threading.Event()
+    errors: list[tuple[BaseException, str]] = []
+    written = bytearray()
+
+    def writer() -> None:
+        rng = random.Random(7)
+        try:
+            with open(g.mnt / "stream", "wb", buffering=0) as f:
+                n = 0
+                while not stop.is_set() or n < 50:
+                    head = f"record {n} ".encode()
+                    rec = (head.ljust(4096 * rng.randrange(1, 4), b".") if pages else
+                           head + bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 9000))))
+                    f.write(rec)
+                    os.fsync(f.fileno())
+                    written.extend(rec)
+                    n += 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append((e, traceback.format_exc()))
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                for name in os.listdir(g.mnt):
+                    os.stat(g.mnt / name)
+                if held is not None:
+                    assert os.pread(held, 100, 1000) == b"h" * 100
+        except BaseException as e:  # noqa: BLE001
+            errors.append((e, traceback.format_exc()))
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(times):
+            event()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not any(t.is_alive() for t in threads), "a call never returned"
+    assert not errors, "\n".join(t for _, t in errors)
+    assert (g.mnt / "stream").read_bytes() == bytes(written)
+
+
 @pytest.mark.parametrize("io_uring", CHANNELS)
 def test_writer_with_fsync_across_handovers(tmp_path, io_uring):
     """A writer streams records with fsync while the server is replaced five times:
     every call succeeds and every byte read back is the written one."""
     with guard_mount(tmp_path, io_uring=io_uring) as g:
-        stop = threading.Event()
-        errors: list[BaseException] = []
-        written = bytearray()
-
-        def writer() -> None:
-            rng = random.Random(7)
-            try:
-                with open(g.mnt / "stream", "wb", buffering=0) as f:
-                    n = 0
-                    while not stop.is_set() or n < 50:
-                        rec = (f"record {n} ".encode() +
-                               bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 9000))))
-                        f.write(rec)
-                        os.fsync(f.fileno())
-                        written.extend(rec)
-                        n += 1
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append((e, traceback.format_exc()))
-
-        def reader() -> None:
-            try:
-                while not stop.is_set():
-                    for name in os.listdir(g.mnt):
-                        os.stat(g.mnt / name)
-            except BaseException as e:  # noqa: BLE001
-                errors.append((e, traceback.format_exc()))
-
-        threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
-        for t in threads:
-            t.start()
-        try:
-            for _ in range(5):
-                g.handover()
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(120)
-        assert not any(t.is_alive() for t in threads), "a call never returned"
-        assert not errors, "\n".join(t for _, t in errors)
-        assert (g.mnt / "stream").read_bytes() == bytes(written)
+        _stream_through(g, g.handover, 5, pages=False)
 
 
 def test_damaged_state_is_refused(tmp_path):
@@ -160,48 +171,9 @@ def test_writer_with_fsync_across_kills(tmp_path):
     kill").  The classic channel: on FUSE over io_uring a request handed to a ring
     entry as the server dies is lost by the kernel (test below)."""
     with guard_mount(tmp_path, io_uring=False, keeper=True) as g:
-        stop = threading.Event()
-        errors: list[BaseException] = []
-        written = bytearray()
         (g.mnt / "held").write_bytes(b"h" * 70000)
         held = os.open(g.mnt / "held", os.O_RDONLY)
-
-        def writer() -> None:
-            rng = random.Random(11)
-            try:
-                with open(g.mnt / "stream", "wb", buffering=0) as f:
-                    n = 0
-                    while not stop.is_set() or n < 50:
-                        rec = f"record {n} ".encode().ljust(4096 * rng.randrange(1, 4), b".")
-                        f.write(rec)
-                        os.fsync(f.fileno())
-                        written.extend(rec)
-                        n += 1
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append((e, traceback.format_exc()))
-
-        def reader() -> None:
-            try:
-                while not stop.is_set():
-                    for name in os.listdir(g.mnt):
-                        os.stat(g.mnt / name)
-                    assert os.pread(held, 100, 1000) == b"h" * 100
-            except BaseException as e:  # noqa: BLE001
-                errors.append((e, traceback.format_exc()))
-
-        threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
-        for t in threads:
-            t.start()
-        try:
-            for _ in range(5):
-                g.kill_and_resume()
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(120)
-        assert not any(t.is_alive() for t in threads), "a call never returned"
-        assert not errors, "\n".join(t for _, t in errors)
-        assert (g.mnt / "stream").read_bytes() == bytes(written)
+        _stream_through(g, g.kill_and_resume, 5, pages=True, held=held)
         assert os.pread(held, 70000, 0) == b"h" * 70000
         os.close(held)
         assert g.stats()["handover_lost_handles"] == 0

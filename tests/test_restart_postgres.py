@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from agent_helpers import Daemon
-from test_e2e_postgres import PGBIN, Cluster, _config, gid, pytestmark, uid, work  # noqa: F401
+from test_e2e_postgres import Cluster, _config, cluster_dirs, pytestmark, work  # noqa: F401
 
 SECONDS = int(os.environ.get("TK_RESTART_SECONDS", "60"))
 RESTARTS = int(os.environ.get("TK_RESTARTS", "10"))
@@ -51,12 +51,7 @@ def _status_pid(cfg: dict) -> int:
 
 
 def test_pgbench_through_ten_restarts(work):  # noqa: F811 - the fixture
-    gp = work / "pgdata"
-    gp.mkdir(mode=0o700)
-    os.chown(gp, uid("postgres"), gid("postgres"))
-    sock = work / "sock"
-    sock.mkdir(mode=0o700)
-    os.chown(sock, uid("postgres"), gid("postgres"))
+    gp, sock = cluster_dirs(work)
     cfg = _config(work, gp)
     server = cfg["process_sets"]["pg_server"]
     server["sha256"] = [_sha256(Path(p)) for p in server["executables"]]

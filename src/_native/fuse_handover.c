@@ -505,7 +505,9 @@ int tk_fs_handover_begin(tk_fs *fs, int **fds_out, size_t *nfds_out, uint8_t **s
     obuf b = {0};
     fdlist fds = {0};
     fd_add(&fds, fuse_session_fd(fs->se));
-    fd_add(&fds, fs->root_fd);
+    /* not the O_PATH root fd: systemd's fd store polls what it keeps and refuses an
+     * O_PATH fd (EBADF); a plain directory fd on the same directory serves alike */
+    fd_add(&fds, fs->handle_fd >= 0 ? fs->handle_fd : fs->root_fd);
     rc = fds.n == 2 ? encode(fs, &b, &fds) : -ENOMEM;
     if (rc) {
         free(b.p);

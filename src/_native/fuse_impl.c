@@ -1094,10 +1094,11 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
     tk_ho_state st;
     uint8_t **replay = NULL;
     size_t *replay_len = NULL, nreplay = 0;
+    unsigned jslots[TK_SH_MAX_READERS];
     /* no state: the predecessor was killed -- its state is the shadow in fds[2] */
     int rc;
     if (len) rc = tk_ho_decode(state, len, nfds, &st, err, errlen);
-    else if (nfds >= 3) rc = tk_sh_load(fs, fds[2], &st, &replay, &replay_len, &nreplay, err, errlen);
+    else if (nfds >= 3) rc = tk_sh_load(fs, fds[2], &st, &replay, &replay_len, &nreplay, jslots, err, errlen);
     else {
         seterr(err, errlen, "neither a state nor a stored state fd");
         rc = -EINVAL;
@@ -1125,9 +1126,12 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
         if (fuse_fd >= 0) close(fuse_fd);
         goto fail;
     }
-    (void)tk_sh_open(fs);  /* our own, written as the tables are rebuilt */
+    /* after a kill the predecessor's shadow, else our own written as we rebuild */
+    if (len || tk_sh_adopt(fs, fds[2]) != 0) (void)tk_sh_open(fs);
+    fs->restoring = 1;
     if ((rc = save_root_groups(fs)) || (rc = tk_itab_init(fs)) ||
         (rc = tk_itab_restore(fs, &st, fds))) {
+        fs->restoring = 0;
         seterr(err, errlen, "cannot rebuild the inode table: %s", strerror(-rc));
         close(fuse_fd);
         goto fail;
@@ -1140,6 +1144,7 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
         }
     }
     tk_slots_seal(&fs->fhs);
+    fs->restoring = 0;
     char fsname[512];
     snprintf(fsname, sizeof fsname, "-ofsname=takakrypt:%s", fs->backing);
     char *argv[] = {"takakrypt", fsname, fs->cfg.debug ? "-d" : NULL, NULL};
@@ -1207,9 +1212,14 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
          * (FUSE_NOTIFY_RESEND): better than the journal, which may also hold one
          * answered an instant before the kill.  Older kernels refuse it (EINVAL). */
         struct { uint32_t len; int32_t error; uint64_t unique; } n = {16, 7, 0};
-        if (write(fuse_session_fd(fs->se), &n, sizeof n) == (ssize_t)sizeof n) {
+        const char *nr = getenv("TAKAKRYPT_TEST_NO_RESEND");  /* tests: the journal path */
+        if (!(nr && !strcmp(nr, "1")) &&
+            write(fuse_session_fd(fs->se), &n, sizeof n) == (ssize_t)sizeof n) {
             TK_INC(fs, handover_resent, 1);
-            for (size_t i = 0; i < nreplay; i++) free(replay[i]);
+            for (size_t i = 0; i < nreplay; i++) {
+                free(replay[i]);
+                tk_sh_journal_done(fs, jslots[i]);  /* the kernel has them again */
+            }
             nreplay = 0;
         }
     }
@@ -1219,6 +1229,7 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
         rb.mem = replay[i];
         rb.size = replay_len[i];
         fuse_session_process_buf(fs->se, &rb);
+        tk_sh_journal_done(fs, jslots[i]);  /* served: never again */
         TK_INC(fs, handover_replayed, 1);
     }
     fs->loop_running = 1;
@@ -1268,7 +1279,8 @@ free_replay:
 int tk_fs_persist_fds(tk_fs *fs, int out[4]) {
     if (!tk_fs_is_mounted(fs) || !fs->sh) return 0;
     out[0] = fuse_session_fd(fs->se);
-    out[1] = fs->root_fd;
+    out[1] = fs->handle_fd >= 0 ? fs->handle_fd : fs->root_fd;  /* no O_PATH: see
+                                                                  * tk_fs_handover_begin */
     out[2] = tk_sh_fd(fs);
     tk_ring_state r;
     int has = tk_uring_describe(fs, &r);

@@ -203,6 +203,8 @@ struct tk_fs {
     uint64_t resume_unique;       /* the synthetic INIT of a resume: its reply is not sent */
     int resumed;                  /* 1: this connection was taken over, not mounted */
     struct tk_shadow *sh;         /* fuse_shadow.c, or NULL (no recovery after a kill) */
+    int sh_reused;                /* 1: the shadow is a killed predecessor's */
+    int restoring;                /* 1: tables being rebuilt (tk_fs_resume) */
     struct tk_inode *lost;        /* what an unknown node id names: fails closed */
     uint64_t (*recovered)[2];     /* (dev, ino) a killed predecessor created for a
                                    * request it did not answer (ho_mu) */
@@ -279,12 +281,16 @@ struct tk_fs {
     tk_fs_stats st;               /* updated with __atomic builtins */
 };
 
-/* fi->fh of an open file or directory (its slot in fs->fhs + 1) */
+/* fi->fh of an open file or directory (its slot in fs->fhs + 1), or NULL: a handle a
+ * killed predecessor gave out and this process could not restore (tk_fh_unknown:
+ * operations on it fail with EBADF, a RELEASE of it succeeds), or of the other kind */
 static inline tk_fh *fh_of(tk_fs *fs, const struct fuse_file_info *fi) {
-    return (tk_fh *)tk_slots_get(&fs->fhs, fi->fh - 1);
+    tk_fh *fh = (tk_fh *)tk_slots_get(&fs->fhs, fi->fh - 1);
+    return fh && fh->kind == TK_FH_FILE ? fh : NULL;
 }
 static inline tk_dir *dir_of(tk_fs *fs, const struct fuse_file_info *fi) {
-    return (tk_dir *)tk_slots_get(&fs->fhs, fi->fh - 1);
+    tk_dir *d = (tk_dir *)tk_slots_get(&fs->fhs, fi->fh - 1);
+    return d && d->kind == TK_FH_DIR ? d : NULL;
 }
 tk_fh *tk_fh_new(tk_fs *fs, int fd, int view, int flags, tk_inode *ino);  /* fuse_ops.c */
 tk_dir *tk_dir_new(tk_fs *fs, tk_inode *ino, uint64_t slot_plus1, int *rc);
@@ -357,10 +363,14 @@ void tk_sh_fh(tk_fs *fs, uint32_t slot, int kind, uint32_t inode, int view, int 
               int append, int writable);
 void tk_sh_fh_gone(tk_fs *fs, uint32_t slot);
 uint8_t *tk_sh_journal_buf(tk_fs *fs, unsigned idx, size_t len);
+void tk_sh_journal_prefault(tk_fs *fs, unsigned idx);
 void tk_sh_journal_busy(tk_fs *fs, unsigned idx, size_t len, uint64_t unique);
 void tk_sh_journal_done(tk_fs *fs, unsigned idx);
+/* slots: room for every journal slot (TK_SH_MAX_READERS), receives the replayed ones */
+#define TK_SH_MAX_READERS 64
 int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **lens,
-               size_t *nreqs, char *err, size_t errlen);
+               size_t *nreqs, unsigned *slots, char *err, size_t errlen);
+int tk_sh_adopt(tk_fs *fs, int memfd);
 /* A file this request created (dev, ino): kept where a successor finds it if we are
  * killed before the reply (fuse_uring.c); 1 if `name` in pfd is such a file of a
  * killed predecessor (then forgotten: once only). */

@@ -1096,6 +1096,7 @@ static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
     tk_fh *fh = fh_of(fs, fi);
     (void)nodeid;
     (void)fi;
+    if (!fh) { reply_rc(req, -EBADF); return; }  /* see tk_fh_unknown */
     char *ring = tk_uring_reply_space(size);  /* decrypt straight into the reply */
     char *buf = ring ? ring : malloc(size ? size : 1);
     if (!buf) { reply_rc(req, -ENOMEM); return; }
@@ -1150,6 +1151,7 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
     tk_fh *fh = fh_of(fs, fi);
     (void)nodeid;
     int rc;
+    if (!fh) { reply_rc(req, -EBADF); return; }  /* see tk_fh_unknown */
     tk_inode *ino = fh->ino;
     if (__atomic_load_n(&fs->st.killpriv_v2, __ATOMIC_RELAXED) &&
         write_kills_suidgid(req, buf, size, off, fi))
@@ -1186,6 +1188,10 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
 static void op_release(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
     tk_fh *fh = fh_of(FS(req), fi);
     (void)nodeid;
+    if (!fh) {  /* released already: a killed predecessor did it, the reply was lost */
+        fuse_reply_err(req, 0);
+        return;
+    }
     if (fh->writable && fh->view == TK_VIEW_PLAIN) {
         /* remember the size a writer left (a file written and never stat'ed: cp -r,
          * a database's new segment), so a stat after the kernel forgets it reads no
@@ -1203,6 +1209,7 @@ static void op_fsync(fuse_req_t req, fuse_ino_t nodeid, int datasync,
     tk_fh *fh = fh_of(FS(req), fi);
     (void)nodeid;
     int rc = 0;
+    if (!fh) { reply_rc(req, -EBADF); return; }  /* see tk_fh_unknown */
     if ((datasync ? fdatasync(fh->fd) : fsync(fh->fd)) < 0) rc = -errno;
     reply_rc(req, rc);
 }
@@ -1213,6 +1220,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
     tk_fh *fh = fh_of(fs, fi);
     (void)nodeid;
     int rc;
+    if (!fh) { reply_rc(req, -EBADF); return; }  /* see tk_fh_unknown */
     if (fh->view == TK_VIEW_RAW) {
         rc = (int)raw_change(fs, fh->ino, fh->fd, NULL, (size_t)len, off, mode);
         if (rc == 0) inval_other_view(fs, fh->ino, TK_VIEW_RAW);
@@ -1307,6 +1315,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off
     tk_fs *fs = FS(req);
     tk_inode *dir = tk_node_inode(fs, nodeid, NULL);
     tk_dir *d = dir_of(fs, fi);
+    if (!d) { reply_rc(req, -EBADF); return; }  /* see tk_fh_unknown */
     int rc = tk_check(fs, req, dir, NULL, TK_ACT_LIST, 0, NULL);
     if (rc) { reply_rc(req, rc); return; }
     char *buf = calloc(1, size ? size : 1);
@@ -1396,6 +1405,10 @@ static void op_releasedir(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_in
     tk_fs *fs = FS(req);
     tk_dir *d = dir_of(fs, fi);
     (void)nodeid;
+    if (!d) {  /* released already (see op_release) */
+        fuse_reply_err(req, 0);
+        return;
+    }
     closedir(d->dp);
     fh_forget(fs, d, d->slot);
     fuse_reply_err(req, 0);
@@ -1405,6 +1418,7 @@ static void op_fsyncdir(fuse_req_t req, fuse_ino_t nodeid, int datasync,
                         struct fuse_file_info *fi) {
     tk_fs *fs = FS(req);
     tk_dir *d = dir_of(fs, fi);
+    if (!d) { reply_rc(req, -EBADF); return; }  /* see tk_fh_unknown */
     int rc = tk_check(fs, req, tk_node_inode(fs, nodeid, NULL), NULL, TK_ACT_LIST, 0, NULL);
     int fd = dirfd(d->dp);
     if (rc == 0 && (datasync ? fdatasync(fd) : fsync(fd)) < 0) rc = -errno;

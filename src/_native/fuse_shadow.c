@@ -120,6 +120,8 @@ int tk_sh_open(tk_fs *fs) {
         free(sh);
         return rc;
     }
+    /* 800 GiB of address space, nearly all holes: never in a core dump */
+    (void)madvise(sh->base, SH_SPAN, MADV_DONTDUMP);
     fs->sh = sh;
     sh_header *h = hdr(fs);
     h->version = SH_VERSION;
@@ -128,6 +130,30 @@ int tk_sh_open(tk_fs *fs) {
     h->journal_cap = (uint32_t)(((size_t)1 << 20) + 8192);
     h->journal_slots =
         (uint32_t)((SH_JOURNAL_END - SH_JOURNAL_OFF) / (sizeof(sh_jslot) + h->journal_cap));
+    return 0;
+}
+
+/* After a kill: go on writing the predecessor's shadow (the one in the fd store), so
+ * that what the store holds is never older than what the kernel knows, however soon
+ * this process is killed too.  Its records stay as they are (a restored inode or
+ * handle is not written again: rewriting would leave it invalid for an instant). */
+int tk_sh_adopt(tk_fs *fs, int memfd) {
+    if (fs->sh) return 0;
+    struct tk_shadow *sh = calloc(1, sizeof *sh);
+    if (!sh) return -ENOMEM;
+    sh->memfd = fcntl(memfd, F_DUPFD_CLOEXEC, 3);
+    sh->base = sh->memfd < 0 ? MAP_FAILED
+                             : mmap(NULL, SH_SPAN, PROT_READ | PROT_WRITE,
+                                    MAP_SHARED | MAP_NORESERVE, sh->memfd, 0);
+    if (sh->base == MAP_FAILED) {
+        int rc = -errno;
+        if (sh->memfd >= 0) close(sh->memfd);
+        free(sh);
+        return rc;
+    }
+    (void)madvise(sh->base, SH_SPAN, MADV_DONTDUMP);
+    fs->sh = sh;
+    fs->sh_reused = 1;
     return 0;
 }
 
@@ -179,6 +205,9 @@ static void put_name(sh_inode *r, const char *name) {
 void tk_sh_inode(tk_fs *fs, tk_inode *ino) {
     if (!fs->sh || ino->slot >= SH_MAX_SLOTS) return;
     sh_inode *r = inorec(fs, ino->slot);
+    if (fs->sh_reused && __atomic_load_n(&r->valid, __ATOMIC_ACQUIRE) == SH_VALID &&
+        fs->restoring)
+        return;  /* a record of the predecessor's shadow we go on writing: as it is */
     if (ino->slot >= hdr(fs)->ino_next) __atomic_store_n(&hdr(fs)->ino_next, ino->slot + 1, __ATOMIC_RELEASE);
     __atomic_store_n(&r->valid, 0, __ATOMIC_RELEASE);
     r->type = (uint32_t)ino->type;
@@ -228,6 +257,9 @@ void tk_sh_fh(tk_fs *fs, uint32_t slot, int kind, uint32_t inode, int view, int 
               int append, int writable) {
     if (!fs->sh || slot >= SH_MAX_SLOTS) return;
     sh_fh *r = fhrec(fs, slot);
+    if (fs->sh_reused && fs->restoring &&
+        __atomic_load_n(&r->valid, __ATOMIC_ACQUIRE) == SH_VALID)
+        return;  /* see tk_sh_inode */
     pthread_mutex_lock(&fs->fhs.mu);  /* fh records are written by any thread */
     if (slot >= hdr(fs)->fh_next) __atomic_store_n(&hdr(fs)->fh_next, slot + 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&fs->fhs.mu);
@@ -263,6 +295,17 @@ uint8_t *tk_sh_journal_buf(tk_fs *fs, unsigned idx, size_t len) {
     return j && len <= hdr(fs)->journal_cap ? j->data : NULL;
 }
 
+/* Make reader idx's slot resident (written once, locked): the kernel copies each
+ * request into it, and a copy that must fault a page in while the process is being
+ * killed fails -- the kernel then ends that request with EIO for the application. */
+void tk_sh_journal_prefault(tk_fs *fs, unsigned idx) {
+    sh_jslot *j = fs->sh ? jslot(fs, idx) : NULL;
+    if (!j) return;
+    size_t n = sizeof *j + hdr(fs)->journal_cap;
+    memset(j, 0, n);
+    (void)mlock(j, n);  /* best effort: unlocked, a swapped-out page could fault */
+}
+
 void tk_sh_journal_busy(tk_fs *fs, unsigned idx, size_t len, uint64_t unique) {
     sh_jslot *j = fs->sh ? jslot(fs, idx) : NULL;
     if (!j) return;
@@ -287,7 +330,7 @@ void tk_sh_journal_done(tk_fs *fs, unsigned idx) {
 /* ---- after a kill: the state, and the requests to serve again ----------------------- */
 
 int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **lens,
-               size_t *nreqs, char *err, size_t errlen) {
+               size_t *nreqs, unsigned *slots, char *err, size_t errlen) {
     memset(st, 0, sizeof *st);
     st->ring.memfd = -1;
     *reqs = NULL;
@@ -376,13 +419,14 @@ int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **
         st->ring.parked = NULL;  /* after a kill: each entry says whether it was busy */
     }
     /* classic requests in progress at the kill */
-    for (unsigned i = 0; i < h->journal_slots; i++) {
+    for (unsigned i = 0; i < h->journal_slots && i < TK_SH_MAX_READERS; i++) {
         const sh_jslot *j = (const sh_jslot *)(base + SH_JOURNAL_OFF +
                                                (size_t)i * (sizeof(sh_jslot) + h->journal_cap));
         if (__atomic_load_n(&j->state, __ATOMIC_ACQUIRE) != SH_JBUSY || j->len < 40 ||
             j->len > h->journal_cap)
             continue;
         if (j->created[1]) tk_add_recovered(fs, j->created[0], j->created[1]);
+        if (slots) slots[(*nreqs)] = i;
         uint8_t *copy = malloc(j->len);
         uint8_t **nr = realloc(*reqs, (*nreqs + 1) * sizeof *nr);
         size_t *nl = nr ? realloc(*lens, (*nreqs + 1) * sizeof *nl) : NULL;

@@ -216,6 +216,7 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
     if (tl_reader != fs) {
         tl_reader = fs;
         tl_jidx = tk_ho_register_reader(fs);
+        tk_sh_journal_prefault(fs, tl_jidx);
     }
     for (;;) {
         if (__atomic_load_n(&fs->ho_quiesce, __ATOMIC_SEQ_CST)) {
@@ -555,7 +556,10 @@ static char *map_ring(int memfd, uintptr_t want) {
         uintptr_t a = want ? want : TK_RING_BASE + (uintptr_t)k * TK_RING_SPAN;
         void *p = mmap((void *)a, TK_RING_SPAN, PROT_READ | PROT_WRITE,
                        MAP_SHARED | MAP_FIXED_NOREPLACE | MAP_NORESERVE, memfd, 0);
-        if (p != MAP_FAILED && (uintptr_t)p == a) return p;
+        if (p != MAP_FAILED && (uintptr_t)p == a) {
+            (void)madvise(p, TK_RING_SPAN, MADV_DONTDUMP);  /* 16 GiB, mostly holes */
+            return p;
+        }
         if (p != MAP_FAILED) munmap(p, TK_RING_SPAN);  /* an old kernel took it as a hint */
         if (want) return NULL;
     }
@@ -634,6 +638,12 @@ static int uring_start(tk_fs *fs, const tk_ring_state *from) {
         t->ent.iov[0].iov_len = sizeof *t->ent.hdr;
         t->ent.iov[1].iov_base = t->ent.payload;
         t->ent.iov[1].iov_len = cap;
+        /* resident and locked: the kernel copies requests into these pages (a fault
+         * while we are being killed would fail the request: fuse_shadow.c); a
+         * predecessor's pages are kept as they are (they hold its requests) */
+        char *ebase = u->base + (size_t)i * stride;
+        if (!from) memset(ebase, 0, stride);
+        (void)mlock(ebase, stride);
         struct io_uring_params p;
         memset(&p, 0, sizeof p);
         p.flags = IORING_SETUP_SQE128;
