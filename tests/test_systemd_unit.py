@@ -74,12 +74,12 @@ def _boot(out: Path) -> dict:
     return {v["name"]: v for v in data["variants"]}
 
 
-def boot_guest(out: Path, script: Path, timeout: float = 480) -> dict:
+def boot_guest(out: Path, script: Path, timeout: float = 480, memory: str = "1G") -> dict:
     """Boot the VM, run ``SCRIPT TREE OUT`` in it; what the script wrote to
     OUT/result.json.  Also used by tests/test_pg_debian.py."""
     env = dict(os.environ, PATH=f"{Path(_vng()).parent}:{os.environ.get('PATH', '')}")
     guest_cmd = f"{sys.executable} {script} {TREE} {out} >{out / 'guest.log'} 2>&1"
-    cmd = [_vng(), "--run", _kernel(), "--disable-kvm", "--memory", "1G", "--systemd",
+    cmd = [_vng(), "--run", _kernel(), "--disable-kvm", "--memory", memory, "--systemd",
            f"--rwdir={out}",
            # The host root carries /.dockerenv: systemd's generators then take the guest
            # for a container and ignore the kernel command line, so no getty is made for

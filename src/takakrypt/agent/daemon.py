@@ -892,6 +892,13 @@ async def _shutdown(agent: Agent) -> None:
         t.cancel()
     if agent.control_server is not None:
         await agent.control_server.close()
+    if agent.fd_store and agent.notifier.enabled:
+        # hand the guard points over FIRST: their requests in progress may still need
+        # a decision from the transports (the engine's cache misses go to the ring);
+        # closing those first made them fail -- a database PANIC at every restart
+        async with agent.guard_lock:
+            for path in list(agent.guards):
+                await agent._store_guard(path)
     for t in agent.transports:
         with contextlib.suppress(Exception):
             await t.close()  # stops accepting, answers what is in flight
