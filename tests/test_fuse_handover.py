@@ -199,3 +199,24 @@ def test_io_uring_successor_serves_after_a_kill(tmp_path):
         st = g.stats()
         if st["uring_threads"]:
             assert st["uring_requests"] > 0
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["handover", "kill"])
+def test_without_file_handles(tmp_path, monkeypatch, kill):
+    """A backing file system without usable file handles (no export support): every
+    inode is pinned on an O_PATH fd, which is never passed on (systemd's fd store
+    refuses them); the successor finds each again by its name under its parent."""
+    monkeypatch.setenv("TAKAKRYPT_TEST_NO_HANDLES", "1")
+    with guard_mount(tmp_path, io_uring=False, keeper=kill) as g:
+        (g.mnt / "d" / "e").mkdir(parents=True)
+        (g.mnt / "d" / "e" / "f").write_bytes(b"f" * 50000)
+        fd = os.open(g.mnt / "d" / "e" / "f", os.O_RDWR)
+        dfd = os.open(g.mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+        (g.kill_and_resume if kill else g.handover)()
+        assert os.pread(fd, 50000, 0) == b"f" * 50000
+        os.pwrite(fd, b"g" * 10, 100)
+        assert os.listdir(dfd) == ["e"]
+        assert os.stat(g.mnt / "d" / "e" / "f").st_size == 50000
+        assert (g.mnt / "d" / "e" / "f").read_bytes()[95:115] == b"f" * 5 + b"g" * 10 + b"f" * 5
+        os.close(fd)
+        os.close(dfd)

@@ -216,9 +216,11 @@ static void put_inode(obuf *b, fdlist *fds, tk_fs *fs, tk_inode *ino) {
     put64(b, ino->node[0].nlookup);
     put64(b, ino->node[1].nlookup);
     put8(b, (uint8_t)ino->hashed);
-    int idx = -1;
-    if (ino->pinned && ino != fs->root) idx = fd_add(fds, ino->fd);
-    put32(b, (uint32_t)idx);
+    /* a pinned inode (no usable file handle) is found again by its name under its
+     * parent (tk_itab_restore): its O_PATH fd is never passed (systemd's fd store
+     * refuses O_PATH fds) */
+    (void)fds;
+    put32(b, (uint32_t)(ino->pinned && ino != fs->root ? -2 : -1));
     if (ino->handle) {
         put32(b, (uint32_t)ino->handle->handle_type);
         put32(b, ino->handle->handle_bytes);
@@ -414,8 +416,9 @@ int tk_ho_decode(const uint8_t *data, size_t len, size_t nfds, tk_ho_state *st,
         r->fd_index = (int32_t)get32(&b);
         int32_t htype = (int32_t)get32(&b);
         uint32_t hbytes = get32(&b);
-        if (hbytes > MAX_HANDLE_SZ || r->fd_index < -1 || (r->fd_index >= 0 &&
-            (size_t)r->fd_index >= nfds) || (hbytes == 0) != (r->fd_index >= 0 || r->slot == 0) ||
+        if (hbytes > MAX_HANDLE_SZ || r->fd_index < -2 || (r->fd_index >= 0 &&
+            (size_t)r->fd_index >= nfds) ||
+            (hbytes == 0) != (r->fd_index >= 0 || r->fd_index == -2 || r->slot == 0) ||
             r->slot >= ((uint32_t)1 << 30) || r->hashed > 1) {
             b.bad = 1;
             break;

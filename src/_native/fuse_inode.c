@@ -448,7 +448,8 @@ int tk_itab_init(tk_fs *fs) {
     /* open_by_handle_at needs a mount fd that is not O_PATH; "." of the root fd is the
      * backing directory itself, also for an in-place guard point mounted over it */
     fs->handle_fd = openat(fs->root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fs->handle_fd >= 0) {
+    const char *nh = getenv("TAKAKRYPT_TEST_NO_HANDLES");  /* tests: every inode pinned */
+    if (fs->handle_fd >= 0 && !(nh && !strcmp(nh, "1"))) {
         /* usable only if the root has a handle that opens again (export support,
          * CAP_DAC_READ_SEARCH): else every inode keeps a pinned fd, as before */
         uint64_t buf[(sizeof(struct file_handle) + MAX_HANDLE_SZ) / sizeof(uint64_t) + 1];
@@ -655,6 +656,26 @@ tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
     return ino;
 }
 
+/* A restored inode without a file handle: opened again by its name under its parent
+ * (O_PATH, not following a symlink) and kept only if it is the same object (device
+ * and inode number); else it stays without an fd (its operations fail closed). */
+static void resolve_pinned_locked(tk_fs *fs, tk_inode *ino, int depth) {
+    if (!ino->pinned || ino->fd >= 0 || !ino->parent || !ino->name || depth > 4096) return;
+    tk_inode *p = ino->parent;
+    resolve_pinned_locked(fs, p, depth + 1);
+    int pfd = p->pinned ? p->fd : tk_inode_fd(fs, p);
+    if (pfd < 0) return;
+    int fd = openat(pfd, ino->name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (!p->pinned) tk_inode_put(fs, p);
+    struct stat st;
+    if (fd >= 0 && fstat(fd, &st) == 0 && st.st_dev == ino->dev && st.st_ino == ino->ino) {
+        ino->fd = fd;
+        TK_INC(fs, fds_pinned, 1);
+    } else if (fd >= 0) {
+        close(fd);
+    }
+}
+
 int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds) {
     if ((uint64_t)fs->root->dev != st->root_dev || (uint64_t)fs->root->ino != st->root_ino)
         return -ESTALE;  /* another directory than the predecessor's */
@@ -730,6 +751,10 @@ int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds) {
         }
         if (r->name && !(ino->name = strdup(r->name))) rc = -ENOMEM;
         tk_sh_inode(fs, ino);
+    }
+    for (size_t i = 0; i < st->ninodes && rc == 0; i++) {
+        tk_inode *ino = tk_slots_get(&fs->nodes, st->inodes[i].slot);
+        if (ino && ino != fs->root) resolve_pinned_locked(fs, ino, 0);
     }
     GAUGE(fs, inodes, fs->ninodes);
     pthread_mutex_unlock(&fs->itab_mu);
