@@ -12,14 +12,12 @@ usage: python restart_guest.py TREE OUT
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 TREE, OUT = Path(sys.argv[1]), Path(sys.argv[2])
@@ -28,7 +26,7 @@ sys.path.insert(0, str(TREE / "tests"))
 os.environ["PYTHONPATH"] = str(TREE / "src")
 
 from agent_helpers import write_config  # noqa: E402
-from systemd_unit_guest import UNIT_DIR, unit_text  # noqa: E402
+from systemd_unit_guest import UNIT_DIR, guest_main, unit_text  # noqa: E402
 from test_e2e_postgres import Cluster, _config, cluster_dirs  # noqa: E402
 
 SECONDS = int(os.environ.get("TK_RESTART_SECONDS", "60"))
@@ -131,16 +129,5 @@ def run(r: dict) -> None:
         sh("systemctl", "stop", "takakryptd.service")
 
 
-def main() -> int:
-    OUT.mkdir(parents=True, exist_ok=True)
-    r: dict = {}
-    try:
-        run(r)
-    except Exception:  # reported to the host side, which fails the test with it
-        r["error"] = traceback.format_exc()
-    (OUT / "result.json").write_text(json.dumps(r, indent=1))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guest_main(run))

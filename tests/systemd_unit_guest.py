@@ -146,6 +146,19 @@ def variant(name: str, tree_unit: str, dropin: str | None) -> dict:
     return r
 
 
+def guest_main(run) -> int:
+    """The guest side's main: ``run(result)`` fills a dict written to OUT/result.json
+    (an exception goes there too, for the host side to report)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    r: dict = {}
+    try:
+        run(r)
+    except Exception:  # reported to the host side, which fails the test with it
+        r["error"] = traceback.format_exc()
+    (OUT / "result.json").write_text(json.dumps(r, indent=1))
+    return 0
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     results: dict = {"variants": []}

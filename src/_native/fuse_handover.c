@@ -207,7 +207,7 @@ static int fd_add(fdlist *l, int fd) {
     return (int)l->n++;
 }
 
-static void put_inode(obuf *b, fdlist *fds, tk_fs *fs, tk_inode *ino) {
+static void put_inode(obuf *b, tk_fs *fs, tk_inode *ino) {
     put32(b, ino->slot);
     put32(b, ino->parent ? ino->parent->slot : UINT32_MAX);
     put32(b, (uint32_t)ino->type);
@@ -219,7 +219,6 @@ static void put_inode(obuf *b, fdlist *fds, tk_fs *fs, tk_inode *ino) {
     /* a pinned inode (no usable file handle) is found again by its name under its
      * parent (tk_itab_restore): its O_PATH fd is never passed (systemd's fd store
      * refuses O_PATH fds) */
-    (void)fds;
     put32(b, (uint32_t)(ino->pinned && ino != fs->root ? -2 : -1));
     if (ino->handle) {
         put32(b, (uint32_t)ino->handle->handle_type);
@@ -251,8 +250,8 @@ static int encode(tk_fs *fs, obuf *b, fdlist *fds) {
     size_t at = b->len;
     put32(b, 0);
     for (size_t i = 0; i < fs->nbuckets; i++)
-        for (tk_inode *p = fs->buckets[i]; p; p = p->hnext, n++) put_inode(b, fds, fs, p);
-    for (tk_inode *p = fs->stale; p; p = p->hnext, n++) put_inode(b, fds, fs, p);
+        for (tk_inode *p = fs->buckets[i]; p; p = p->hnext, n++) put_inode(b, fs, p);
+    for (tk_inode *p = fs->stale; p; p = p->hnext, n++) put_inode(b, fs, p);
     pthread_mutex_unlock(&fs->itab_mu);
     if (!b->oom) memcpy(b->p + at, &n, 4);
     /* open files and directories */
