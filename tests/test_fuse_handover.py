@@ -161,7 +161,19 @@ def test_damaged_state_is_refused(tmp_path):
         assert not gp.is_mounted
 
 
-def test_writer_with_fsync_across_kills(tmp_path):
+# how a successor gets back the requests a killed server had read: the kernel re-sends
+# them (FUSE_NOTIFY_RESEND, Linux 6.9+), or -- older kernels, as Debian 12's 6.1 -- it
+# serves again what the server's request journal holds
+RECOVERY = [pytest.param(False, id="resend"), pytest.param(True, id="journal")]
+
+
+def _recovery(monkeypatch, journal: bool) -> None:
+    if journal:
+        monkeypatch.setenv("TAKAKRYPT_TEST_NO_RESEND", "1")
+
+
+@pytest.mark.parametrize("journal", RECOVERY)
+def test_writer_with_fsync_across_kills(tmp_path, monkeypatch, journal):
     """A watchdog's restart: the server is SIGKILLed five times while a writer streams
     with fsync and a reader lists and stats; a successor takes the connection over
     from the fds kept outside the server (the test's "file descriptor store") -- no
@@ -170,6 +182,7 @@ def test_writer_with_fsync_across_kills(tmp_path):
     write can leave its partial block unreadable (docs/guard-points.md, "After a
     kill").  The classic channel: on FUSE over io_uring a request handed to a ring
     entry as the server dies is lost by the kernel (test below)."""
+    _recovery(monkeypatch, journal)
     with guard_mount(tmp_path, io_uring=False, keeper=True) as g:
         (g.mnt / "held").write_bytes(b"h" * 70000)
         held = os.open(g.mnt / "held", os.O_RDONLY)
@@ -177,6 +190,65 @@ def test_writer_with_fsync_across_kills(tmp_path):
         assert os.pread(held, 70000, 0) == b"h" * 70000
         os.close(held)
         assert g.stats()["handover_lost_handles"] == 0
+
+
+def _die_at(g, monkeypatch, when: str, opcode: int, call) -> threading.Thread:
+    """Run ``call`` in a thread; the server kills itself at ``when`` ("read": just
+    after reading the request of ``opcode``, "reply": just before writing its reply);
+    wait for the death, start the successor.  Returns the (finished) thread."""
+    import time
+    from fuse_helpers import _alive
+    pid = g.server_pid()
+    t = threading.Thread(target=call)
+    t.start()
+    for _ in range(3000):  # a wait for the server's death, not a timed assertion
+        if not _alive(pid):
+            break
+        time.sleep(0.01)
+    assert not _alive(pid), "the server did not die at the test's kill point"
+    assert t.is_alive(), "the call returned although its server died before the reply"
+    g.kill_and_resume()
+    t.join(60)
+    assert not t.is_alive(), "the request was lost: the call never returned"
+    return t
+
+
+@pytest.mark.parametrize("journal", RECOVERY)
+@pytest.mark.parametrize("when", ["read", "reply"])
+def test_killed_at_each_journal_state(tmp_path, monkeypatch, journal, when):
+    """A kill at the two instants the journal must cover (sh_jslot, fuse_shadow.c):
+    just after a request was read (a thread killed on its way back from read(2) runs
+    nothing of ours: the successor must find the request in the slot) and just before
+    its reply is written (the operation is done: the successor must send the saved
+    reply, not do it again -- a second mkdir would answer EEXIST).  Every call returns
+    what it would have without the kill."""
+    _recovery(monkeypatch, journal)
+    # FUSE_MKDIR; the marker file makes it the first server's death only
+    monkeypatch.setenv("TAKAKRYPT_TEST_KILL_AT", f"{when}:9:{tmp_path / 'killed'}")
+    with guard_mount(tmp_path, io_uring=False, keeper=True) as g:
+        (g.mnt / "f").write_bytes(b"x" * 10000)
+        result: list = []
+
+        def mkdir() -> None:
+            try:
+                os.mkdir(g.mnt / "dir")
+                result.append("ok")
+            except OSError as e:
+                result.append(e)
+
+        _die_at(g, monkeypatch, when, 9, mkdir)
+        assert result == ["ok"]
+        assert (g.mnt / "dir").is_dir() and (g.backing / "dir").is_dir()
+        assert (g.mnt / "f").read_bytes() == b"x" * 10000
+        st = g.stats()
+        # the saved reply is sent again, else the journal's request served again (or,
+        # 6.9+, re-sent by the kernel)
+        assert st["handover_replayed"] >= (1 if journal or when == "reply" else 0)
+        assert st["handover_replayed"] + st["handover_resent"] >= 1
+        # the successor's own readers journal too: a second kill, any request
+        (g.mnt / "dir" / "g").write_bytes(b"g" * 5000)
+        g.kill_and_resume()
+        assert (g.mnt / "dir" / "g").read_bytes() == b"g" * 5000
 
 
 def test_io_uring_successor_serves_after_a_kill(tmp_path):

@@ -1095,10 +1095,12 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
     uint8_t **replay = NULL;
     size_t *replay_len = NULL, nreplay = 0;
     unsigned jslots[TK_SH_MAX_READERS];
+    uint8_t jreply[TK_SH_MAX_READERS];
     /* no state: the predecessor was killed -- its state is the shadow in fds[2] */
     int rc;
     if (len) rc = tk_ho_decode(state, len, nfds, &st, err, errlen);
-    else if (nfds >= 3) rc = tk_sh_load(fs, fds[2], &st, &replay, &replay_len, &nreplay, jslots, err, errlen);
+    else if (nfds >= 3) rc = tk_sh_load(fs, fds[2], &st, &replay, &replay_len, &nreplay, jslots, jreply, err,
+                        errlen);
     else {
         seterr(err, errlen, "neither a state nor a stored state fd");
         rc = -EINVAL;
@@ -1205,32 +1207,40 @@ int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, s
             goto fail_se;
         }
     }
-    /* requests a killed predecessor had read and not answered: served again (an
-     * answered one only gets ENOENT for its reply; docs: which operations may repeat) */
+    /* requests a killed predecessor had read and not answered (fuse_shadow.c, sh_jslot).
+     * First the replies it had made and may not have written: sent again as they were
+     * (the kernel refuses one it already has with ENOENT), so nothing is executed twice.
+     * Then the rest: Linux >= 6.9 re-sends exactly the requests still waiting for an
+     * answer (FUSE_NOTIFY_RESEND), older kernels refuse that (EINVAL) and the journal's
+     * requests are served again (docs: which operations may repeat). */
     if (!len) {
-        /* Linux >= 6.9 re-sends exactly the requests still waiting for an answer
-         * (FUSE_NOTIFY_RESEND): better than the journal, which may also hold one
-         * answered an instant before the kill.  Older kernels refuse it (EINVAL). */
+        int sfd = fuse_session_fd(fs->se);
+        for (size_t i = 0; i < nreplay; i++) {
+            if (!jreply[i]) continue;
+            ssize_t w = write(sfd, replay[i], replay_len[i]);
+            if (fs->cfg.debug)
+                fprintf(stderr, "takakrypt: resume: saved reply %zd/%zu\n", w, replay_len[i]);
+            tk_sh_journal_done(fs, jslots[i]);
+            TK_INC(fs, handover_replayed, 1);
+        }
         struct { uint32_t len; int32_t error; uint64_t unique; } n = {16, 7, 0};
         const char *nr = getenv("TAKAKRYPT_TEST_NO_RESEND");  /* tests: the journal path */
-        if (!(nr && !strcmp(nr, "1")) &&
-            write(fuse_session_fd(fs->se), &n, sizeof n) == (ssize_t)sizeof n) {
+        if (!(nr && !strcmp(nr, "1")) && write(sfd, &n, sizeof n) == (ssize_t)sizeof n) {
             TK_INC(fs, handover_resent, 1);
+            for (size_t i = 0; i < nreplay; i++)
+                if (!jreply[i]) tk_sh_journal_done(fs, jslots[i]);  /* the kernel has them */
+        } else {
             for (size_t i = 0; i < nreplay; i++) {
-                free(replay[i]);
-                tk_sh_journal_done(fs, jslots[i]);  /* the kernel has them again */
+                if (jreply[i]) continue;
+                struct fuse_buf rb;
+                memset(&rb, 0, sizeof rb);
+                rb.mem = replay[i];
+                rb.size = replay_len[i];
+                fuse_session_process_buf(fs->se, &rb);
+                tk_sh_journal_done(fs, jslots[i]);  /* served: never again */
+                TK_INC(fs, handover_replayed, 1);
             }
-            nreplay = 0;
         }
-    }
-    for (size_t i = 0; i < nreplay; i++) {
-        struct fuse_buf rb;
-        memset(&rb, 0, sizeof rb);
-        rb.mem = replay[i];
-        rb.size = replay_len[i];
-        fuse_session_process_buf(fs->se, &rb);
-        tk_sh_journal_done(fs, jslots[i]);  /* served: never again */
-        TK_INC(fs, handover_replayed, 1);
     }
     fs->loop_running = 1;
     fs->mounted = 1;

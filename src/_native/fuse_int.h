@@ -364,12 +364,24 @@ void tk_sh_fh(tk_fs *fs, uint32_t slot, int kind, uint32_t inode, int view, int 
 void tk_sh_fh_gone(tk_fs *fs, uint32_t slot);
 uint8_t *tk_sh_journal_buf(tk_fs *fs, unsigned idx, size_t len);
 void tk_sh_journal_prefault(tk_fs *fs, unsigned idx);
+void tk_sh_journal_reading(tk_fs *fs, unsigned idx);
 void tk_sh_journal_busy(tk_fs *fs, unsigned idx, size_t len, uint64_t unique);
+struct iovec;
+void tk_sh_journal_replying(tk_fs *fs, unsigned idx, const struct iovec *iov, int count);
+uint64_t tk_sh_journal_unique(tk_fs *fs, unsigned idx);
+uint32_t tk_sh_journal_opcode(tk_fs *fs, unsigned idx);
+/* Requests a successor never serves again after a kill: a lost FORGET only leaks. */
+static inline int tk_replayable(uint32_t opcode) {
+    return opcode != 2 /* FORGET */ && opcode != 42 /* BATCH_FORGET */ &&
+           opcode != 36 /* INTERRUPT */ && opcode != 26 /* INIT */;
+}
 void tk_sh_journal_done(tk_fs *fs, unsigned idx);
-/* slots: room for every journal slot (TK_SH_MAX_READERS), receives the replayed ones */
+/* slots, replies: room for every journal slot (TK_SH_MAX_READERS); receive each
+ * entry's slot and whether it is a saved reply (1: write it again) or a request
+ * (0: serve it again) */
 #define TK_SH_MAX_READERS 64
 int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **lens,
-               size_t *nreqs, unsigned *slots, char *err, size_t errlen);
+               size_t *nreqs, unsigned *slots, uint8_t *replies, char *err, size_t errlen);
 int tk_sh_adopt(tk_fs *fs, int memfd);
 /* A file this request created (dev, ino): kept where a successor finds it if we are
  * killed before the reply (fuse_uring.c); 1 if `name` in pfd is such a file of a

@@ -30,7 +30,7 @@
 #include <unistd.h>
 
 #define SH_MAGIC 0x48534b54u          /* "TKSH" */
-#define SH_VERSION 1u
+#define SH_VERSION 2u
 #define SH_VALID 0x56494c44u          /* "DLIV" */
 #define SH_JOURNAL_OFF ((size_t)4096)
 #define SH_JOURNAL_END ((size_t)64 << 20)
@@ -41,6 +41,7 @@
 #define SH_INO_REC 768u
 #define SH_SPAN (SH_INO_OFF + SH_MAX_SLOTS * SH_INO_REC)
 #define SH_NAME_MAX 255u            /* NAME_MAX */
+#define SH_REPLY_MAX 4096u          /* a saved reply (journal) */
 
 typedef struct {
     uint32_t magic, version, flags, init_len;
@@ -76,15 +77,29 @@ typedef struct {
 } sh_inode;
 _Static_assert(sizeof(sh_inode) <= SH_INO_REC, "inode record");
 
+/* A classic reader's journal slot.  States, and what a successor does after a kill:
+ *   0        idle: nothing
+ *   READING  in read(2), the request's header zeroed first: if the kernel copied a
+ *            request in (the thread may die on its way back from the syscall, before
+ *            any instruction of ours runs), serve it again
+ *   BUSY     being served: serve it again
+ *   REPLYING the reply is being written: it was saved here first (if it fits
+ *            SH_REPLY_MAX), so send the same reply again (the kernel refuses it with
+ *            ENOENT if it had it: nothing is executed twice); a larger reply (READ,
+ *            READDIR, xattr data: operations without side effects) is served again */
 typedef struct {
-    uint32_t state;                   /* 0 idle, 1 a request is being served */
+    uint32_t state;
     uint32_t len;
     uint64_t unique;
     uint64_t created[2];              /* (dev, ino) the request created, or zeros */
-    uint8_t pad[32];
+    uint32_t rlen;                    /* REPLYING: bytes of the saved reply, 0: none */
+    uint8_t pad[28];
+    uint8_t reply[SH_REPLY_MAX];
     uint8_t data[];
 } sh_jslot;
 #define SH_JBUSY 1u
+#define SH_JREADING 2u
+#define SH_JREPLYING 3u
 
 struct tk_shadow {
     int memfd;
@@ -306,12 +321,53 @@ void tk_sh_journal_prefault(tk_fs *fs, unsigned idx) {
     (void)mlock(j, n);  /* best effort: unlocked, a swapped-out page could fault */
 }
 
+/* Before each read(2) into the slot: a request found there after a kill was read. */
+void tk_sh_journal_reading(tk_fs *fs, unsigned idx) {
+    sh_jslot *j = fs->sh ? jslot(fs, idx) : NULL;
+    if (!j) return;
+    __atomic_store_n(&j->state, 0, __ATOMIC_RELEASE);
+    memset(j->data, 0, 40);  /* struct fuse_in_header */
+    j->created[0] = 0;
+    __atomic_store_n(&j->created[1], 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&j->state, SH_JREADING, __ATOMIC_RELEASE);
+}
+
+/* Just before the reply to the slot's request is written (iov as for writev). */
+void tk_sh_journal_replying(tk_fs *fs, unsigned idx, const struct iovec *iov, int count) {
+    sh_jslot *j = fs->sh ? jslot(fs, idx) : NULL;
+    if (!j) return;
+    size_t n = 0;
+    for (int i = 0; i < count; i++) n += iov[i].iov_len;
+    uint32_t rlen = 0;
+    if (n <= SH_REPLY_MAX) {
+        size_t off = 0;
+        for (int i = 0; i < count; i++) {
+            memcpy(j->reply + off, iov[i].iov_base, iov[i].iov_len);
+            off += iov[i].iov_len;
+        }
+        rlen = (uint32_t)n;
+    }
+    j->rlen = rlen;
+    __atomic_store_n(&j->state, SH_JREPLYING, __ATOMIC_RELEASE);
+}
+
+uint32_t tk_sh_journal_opcode(tk_fs *fs, unsigned idx) {
+    sh_jslot *j = fs->sh ? jslot(fs, idx) : NULL;
+    uint32_t op = 0;
+    if (j) memcpy(&op, j->data + 4, 4);
+    return op;
+}
+
+uint64_t tk_sh_journal_unique(tk_fs *fs, unsigned idx) {
+    sh_jslot *j = fs->sh ? jslot(fs, idx) : NULL;
+    return j ? j->unique : 0;
+}
+
 void tk_sh_journal_busy(tk_fs *fs, unsigned idx, size_t len, uint64_t unique) {
     sh_jslot *j = fs->sh ? jslot(fs, idx) : NULL;
     if (!j) return;
     j->len = (uint32_t)len;
     j->unique = unique;
-    j->created[0] = j->created[1] = 0;
     __atomic_store_n(&j->state, SH_JBUSY, __ATOMIC_RELEASE);
 }
 
@@ -330,7 +386,7 @@ void tk_sh_journal_done(tk_fs *fs, unsigned idx) {
 /* ---- after a kill: the state, and the requests to serve again ----------------------- */
 
 int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **lens,
-               size_t *nreqs, unsigned *slots, char *err, size_t errlen) {
+               size_t *nreqs, unsigned *slots, uint8_t *replies, char *err, size_t errlen) {
     memset(st, 0, sizeof *st);
     st->ring.memfd = -1;
     *reqs = NULL;
@@ -418,16 +474,39 @@ int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **
         st->ring.memfd = 3;  /* an index into the fd list: [fuse, root, state, ring] */
         st->ring.parked = NULL;  /* after a kill: each entry says whether it was busy */
     }
-    /* classic requests in progress at the kill */
+    /* classic requests in progress at the kill (the states: sh_jslot) */
     for (unsigned i = 0; i < h->journal_slots && i < TK_SH_MAX_READERS; i++) {
         const sh_jslot *j = (const sh_jslot *)(base + SH_JOURNAL_OFF +
                                                (size_t)i * (sizeof(sh_jslot) + h->journal_cap));
-        if (__atomic_load_n(&j->state, __ATOMIC_ACQUIRE) != SH_JBUSY || j->len < 40 ||
-            j->len > h->journal_cap)
-            continue;
-        if (j->created[1]) tk_add_recovered(fs, j->created[0], j->created[1]);
-        if (slots) slots[(*nreqs)] = i;
-        uint8_t *copy = malloc(j->len);
+        uint32_t state = __atomic_load_n(&j->state, __ATOMIC_ACQUIRE);
+        const uint8_t *src = NULL;
+        size_t n = 0;
+        int reply = 0;
+        if (state == SH_JREADING) {  /* the kernel's header says whether it wrote one */
+            uint32_t hlen, op;
+            uint64_t uq;
+            memcpy(&hlen, j->data, 4);
+            memcpy(&op, j->data + 4, 4);
+            memcpy(&uq, j->data + 8, 8);
+            if (hlen >= 40 && hlen <= h->journal_cap && uq && tk_replayable(op)) {
+                src = j->data;
+                n = hlen;
+            }
+        } else if (state == SH_JBUSY || state == SH_JREPLYING) {
+            if (state == SH_JREPLYING && j->rlen >= 16 && j->rlen <= SH_REPLY_MAX) {
+                src = j->reply;
+                n = j->rlen;
+                reply = 1;
+            } else if (j->len >= 40 && j->len <= h->journal_cap) {
+                src = j->data;
+                n = j->len;
+            }
+        }
+        if (!src) continue;
+        if (!reply && j->created[1]) tk_add_recovered(fs, j->created[0], j->created[1]);
+        if (slots) slots[*nreqs] = i;
+        if (replies) replies[*nreqs] = (uint8_t)reply;
+        uint8_t *copy = malloc(n);
         uint8_t **nr = realloc(*reqs, (*nreqs + 1) * sizeof *nr);
         size_t *nl = nr ? realloc(*lens, (*nreqs + 1) * sizeof *nl) : NULL;
         if (nr) *reqs = nr;
@@ -436,9 +515,9 @@ int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **
             free(copy);
             goto out;
         }
-        memcpy(copy, j->data, j->len);
+        memcpy(copy, src, n);
         (*reqs)[*nreqs] = copy;
-        (*lens)[(*nreqs)++] = j->len;
+        (*lens)[(*nreqs)++] = n;
     }
     rc = 0;
 out:

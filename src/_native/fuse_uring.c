@@ -33,6 +33,7 @@
 #include <liburing.h>
 #include <poll.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -185,10 +186,30 @@ void tk_note_create(tk_fs *fs, uint64_t dev, uint64_t ino) {
     }
 }
 
-/* Requests a successor never serves again after a kill: a lost FORGET only leaks. */
-static int replayable(uint32_t opcode) {
-    return opcode != 2 /* FORGET */ && opcode != 42 /* BATCH_FORGET */ &&
-           opcode != 36 /* INTERRUPT */ && opcode != TK_FUSE_INIT;
+/* Tests only: TAKAKRYPT_TEST_KILL_AT="read:OP:FILE" or "reply:OP:FILE" -- the server
+ * SIGKILLs itself at a request of opcode OP just after reading it (the journal slot
+ * still says READING: as a kill on the way back from read(2) leaves it), or just before
+ * writing its reply (REPLYING), if it can create FILE (so once: not its successors),
+ * for tests/test_fuse_handover.py to check what a successor does with each state. */
+static int test_kill_at(int reply, uint32_t opcode) {
+    static int parsed, when = -1;
+    static uint32_t op;
+    static char marker[256];
+    if (!__atomic_load_n(&parsed, __ATOMIC_ACQUIRE)) {
+        const char *v = getenv("TAKAKRYPT_TEST_KILL_AT");
+        unsigned o;
+        char w[8];
+        if (v && sscanf(v, "%5[a-z]:%u:%255s", w, &o, marker) == 3) {
+            when = !strcmp(w, "read") ? 0 : !strcmp(w, "reply") ? 1 : -1;
+            op = o;
+        }
+        __atomic_store_n(&parsed, 1, __ATOMIC_RELEASE);
+    }
+    if (when != reply || op != opcode) return 0;
+    int fd = open(marker, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+    if (fd < 0) return 0;
+    close(fd);
+    return 1;
 }
 
 static ssize_t classic_read(tk_fs *fs, int fd, void *buf, size_t len) {
@@ -231,16 +252,20 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *ud) {
         /* with a shadow (fuse_shadow.c) the request is read into this reader's journal
          * slot first: a successor serves it again if we are killed before the reply */
         uint8_t *jb = tk_sh_journal_buf(fs, tl_jidx, len);
+        if (jb) tk_sh_journal_reading(fs, tl_jidx);
         n = classic_read(fs, fd, jb ? (void *)jb : buf, len);
         int err = errno;
         if (n > 0) {
             if (jb) {
-                memcpy(buf, jb, (size_t)n);
                 const struct fuse_in_header *h = (const void *)jb;
-                if ((size_t)n >= sizeof *h && replayable(h->opcode)) {
+                if ((size_t)n >= sizeof *h && test_kill_at(0, h->opcode)) raise(SIGKILL);
+                if ((size_t)n >= sizeof *h && tk_replayable(h->opcode)) {
                     tk_sh_journal_busy(fs, tl_jidx, (size_t)n, h->unique);
                     tl_journaled = 1;
+                } else {
+                    tk_sh_journal_done(fs, tl_jidx);
                 }
+                memcpy(buf, jb, (size_t)n);
             }
             tl_busy = 1;
             __atomic_add_fetch(&fs->ho_busy, 1, __ATOMIC_SEQ_CST);
@@ -348,8 +373,17 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud) {
         pthread_mutex_unlock(&fs->state_mu);
         return r;
     }
+    /* the reply to the journaled request (not a notification, unique 0): saved
+     * first, so that a successor sends it again instead of serving the request twice
+     * if we are killed around the writev (sh_jslot in fuse_shadow.c) */
+    int mine = tl_journaled && tl_reader == fs && out.unique != 0 &&
+               out.unique == tk_sh_journal_unique(fs, tl_jidx);
+    if (mine) {
+        tk_sh_journal_replying(fs, tl_jidx, iov, count);
+        if (test_kill_at(1, tk_sh_journal_opcode(fs, tl_jidx))) raise(SIGKILL);
+    }
     ssize_t r = writev(fd, iov, count);
-    if (tl_journaled && tl_reader == fs && r >= 0) {  /* answered: never again */
+    if (mine) {  /* answered (or refused: the kernel no longer waits): never again */
         tk_sh_journal_done(fs, tl_jidx);
         tl_journaled = 0;
     }
