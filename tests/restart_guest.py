@@ -93,15 +93,20 @@ def run(r: dict) -> None:
         if init.returncode:
             raise RuntimeError("pgbench -i failed (before any restart)")
         r["events"] = []
+        # a client that connects while the server starts gets "FATAL: the database
+        # system is starting up": only what the server logs from here on is judged
+        log_from = (sock / "server.log").stat().st_size
         bench = subprocess.Popen(
             ["pgbench", "-c", "4", "-j", "2", "-T", str(SECONDS), "-n", "-l",
              "--log-prefix", str(sock / "tx")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, user="postgres",
             group="postgres", extra_groups=[], env=pg.env, cwd=str(sock))
         gap = (SECONDS - 15) / len(EVENTS)
+        at: list[float] = []
         for kind in EVENTS:
             time.sleep(gap)
             old = main_pid()
+            at.append(time.time())
             if kind == "restart":
                 sh("systemctl", "restart", "takakryptd.service", timeout=180)
             else:  # as a watchdog timeout ends: the main process dies, systemd restarts
@@ -110,12 +115,17 @@ def run(r: dict) -> None:
             r["events"].append((kind, old, round(wait_served(old, r, gp, dev), 2)))
         out, err = bench.communicate(timeout=SECONDS + 600)
         r["bench_rc"], r["bench_out"], r["bench_err"] = bench.returncode, out, err[-3000:]
-        lat = [int(line.split()[2]) for f in sock.glob("tx.*")
-               for line in f.read_text().splitlines() if line.strip()]
-        r["worst_ms"] = max(lat) / 1000 if lat else None
+        # pgbench -l: client tx latency_us script end_s end_us
+        txs = [(int(v[2]), int(v[4]) + int(v[5]) / 1e6) for f in sock.glob("tx.*")
+               for v in (line.split() for line in f.read_text().splitlines()) if len(v) >= 6]
+        r["worst_ms"] = max(lat for lat, _ in txs) / 1000 if txs else None
+        # per event: the longest transaction in progress at it (the stall it caused)
+        r["stall_ms"] = [max([lat / 1000 for lat, end in txs if end - lat / 1e6 <= t <= end]
+                             or [0.0]) for t in at]
         r["server_log"] = (sock / "server.log").read_text(errors="replace")[-6000:]
-        r["panic"] = bool(re.search(r"\b(PANIC|FATAL)\b", (sock / "server.log").read_text(
-            errors="replace")))
+        text = (sock / "server.log").read_text(errors="replace")
+        r["panic"] = bool(re.search(r"\bPANIC\b", text) or
+                          re.search(r"\bFATAL\b", text[log_from:]))
         pg.psql("CREATE EXTENSION IF NOT EXISTS amcheck")
         r["amcheck"] = int(pg.psql(
             "SELECT count(bt_index_check(c.oid, true)) FROM pg_index i "

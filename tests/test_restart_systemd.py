@@ -49,4 +49,5 @@ def test_pgbench_through_restarts_under_systemd(tmp_path):
     assert not r["panic"], explain
     assert r["amcheck"] >= 3 and r["accounts"] == 1_000_000, explain
     print(f"\nunder systemd: {kinds}; longest transaction {r['worst_ms']:.1f} ms; "
-          f"takeover times {[e[2] for e in r['events']]} s")
+          f"stall at each event {r['stall_ms']} ms; "
+          f"until the new process was active {[e[2] for e in r['events']]} s")
