@@ -32,7 +32,10 @@ from agent_helpers import write_config  # noqa: E402
 from systemd_unit_guest import UNIT_DIR, guest_main, unit_text  # noqa: E402
 from test_e2e_postgres import Cluster, _config, cluster_dirs  # noqa: E402
 
-SECONDS = int(os.environ.get("TK_RESTART_SECONDS", "60"))
+# pgbench's run: long enough for every event to fall inside it -- under TCG a killed
+# agent's successor takes 25-40 s to start (Restart= waits 2 s, then Python starts)
+SECONDS = int(os.environ.get("TK_RESTART_SECONDS", "240"))
+GAP = 7.5  # seconds of load between one new agent being active and the next event
 EVENTS = ["restart", "kill"] * 3
 
 
@@ -101,10 +104,10 @@ def run(r: dict) -> None:
              "--log-prefix", str(sock / "tx")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, user="postgres",
             group="postgres", extra_groups=[], env=pg.env, cwd=str(sock))
-        gap = (SECONDS - 15) / len(EVENTS)
         at: list[float] = []
+        r["under_load"] = []
         for kind in EVENTS:
-            time.sleep(gap)
+            time.sleep(GAP)
             old = main_pid()
             at.append(time.time())
             if kind == "restart":
@@ -113,6 +116,7 @@ def run(r: dict) -> None:
                 sh("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL",
                    "takakryptd.service")
             r["events"].append((kind, old, round(wait_served(old, r, gp, dev), 2)))
+            r["under_load"].append(bench.poll() is None)  # pgbench still running
         out, err = bench.communicate(timeout=SECONDS + 600)
         r["bench_rc"], r["bench_out"], r["bench_err"] = bench.returncode, out, err[-3000:]
         # pgbench -l: client tx latency_us script end_s end_us
