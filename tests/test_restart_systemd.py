@@ -32,7 +32,7 @@ def test_pgbench_through_restarts_under_systemd(tmp_path):
     os.chmod(tmp_path, 0o755)
     # 3 GiB: the cluster lives in the guest's /tmp (tmpfs, half the memory); pgbench
     # scale 10 with its WAL needs about 300 MB
-    r = boot_guest(out, Path(__file__).with_name("restart_guest.py"), timeout=1500,
+    r = boot_guest(out, Path(__file__).with_name("restart_guest.py"), timeout=2400,
                    memory="3G")
     explain = json.dumps({k: v for k, v in r.items()
                           if k not in ("server_log", "journal", "dmesg")}, indent=1) + \
