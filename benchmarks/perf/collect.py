@@ -140,8 +140,8 @@ def functions(outfile: Path) -> tuple[int, dict[str, int]]:
     return total, fns
 
 
-def _top(fns: dict[str, float]) -> dict[str, float]:
-    return dict(sorted(fns.items(), key=lambda kv: -kv[1])[:TOP])
+def _top(fns: dict[str, float], n: int | None = TOP) -> dict[str, float]:
+    return dict(sorted(fns.items(), key=lambda kv: -kv[1])[:n])
 
 
 def _valgrind_env() -> dict[str, str]:
@@ -195,11 +195,11 @@ def fuse_signals(python: str, tree: Path) -> dict[str, dict[str, object]]:
         out[f"fuse.{phase}.requests_per_entry"] = {
             "value": round(nreq / entries, 4), "unit": "requests/entry",
             "where": FUSE_WHERE[phase],
-            "detail": _top({k: round(c / entries, 4) for k, c in kinds.items()})}
+            "detail": _top({k: round(c / entries, 4) for k, c in kinds.items()}, None)}
         out[f"fuse.{phase}.syscalls_per_request"] = {
             "value": round(sum(work_calls.values()) / nreq, 4), "unit": "syscalls/request",
             "where": FUSE_WHERE[phase],
-            "detail": _top({k: round(c / nreq, 4) for k, c in work_calls.items()})}
+            "detail": _top({k: round(c / nreq, 4) for k, c in work_calls.items()}, None)}
     return out
 
 

@@ -47,9 +47,11 @@ class Tolerance:
 # First match wins.  Why each is what it is: docs/performance.md, "Performance gate"
 # (ten runs of the unchanged tree and their spread).
 TOLERANCES: list[tuple[str, Tolerance]] = [
-    ("ir.*", Tolerance(rel=0.01)),
-    ("fuse.*.requests_per_entry", Tolerance(abs=0.02)),
-    ("fuse.*.syscalls_per_request", Tolerance(rel=0.08)),
+    ("ir.policy_*", Tolerance(rel=0.02)),     # Python: address-dependent, spread 0.4-1.1 %
+    ("ir.protocol_*", Tolerance(rel=0.02)),
+    ("ir.*", Tolerance(rel=0.005)),           # C: no spread at all
+    ("fuse.*.requests_per_entry", Tolerance(abs=0.05)),  # rm -rf: +0.034 when entries expire
+    ("fuse.*.syscalls_per_request", Tolerance(rel=0.03)),  # spread up to 1.3 % (rm -rf)
 ]
 
 
