@@ -11,7 +11,8 @@ Signals (one JSON object, ``signals`` keyed by name; ``detail`` is where the wor
             only; the Python ones (pyhot.py) as (2N - N) / N with instrumentation off
             during start-up.  ``detail``: callgrind's top functions (Ir per operation).
 ``fuse.*``  FUSE requests per tree entry and the engine's system calls per request
-            for untar / ls -lR / rm -rf of a fixed tree (fusework.py).  ``detail``:
+            for untar / ls -lR / rm -rf of a fixed tree, and the same per transaction
+            for a fixed count of pgbench transactions (fusework.py).  ``detail``:
             requests by kind / system calls by name, per entry / per request.
 
 The counts do not depend on this machine's CPU: ipsec-mb is forced to its AVX2 path
@@ -62,7 +63,14 @@ FUSE_WHERE = {
     "lsR_cold": "FUSE OPENDIR/READDIRPLUS path (src/_native/fuse_ops.c, fuse_inode.c)",
     "lsR_warm": "FUSE OPENDIR/READDIRPLUS path (src/_native/fuse_ops.c, fuse_inode.c)",
     "rmrf": "FUSE UNLINK/RMDIR/FORGET path (src/_native/fuse_ops.c, fuse_inode.c)",
+    "pgbench": "FUSE WRITE/FSYNC path (src/_native/fuse_ops.c, fuse_taka.c)",
 }
+
+
+def fuse_signal_names() -> list[str]:
+    return [f"fuse.{p}.{m}" for p in FUSE_WHERE for m in (
+        "requests_per_transaction" if p == "pgbench" else "requests_per_entry",
+        "syscalls_per_request")]
 # time-driven waits, not work: how often they happen depends on how long things take
 WAIT_SYSCALLS = frozenset({"futex", "clock_nanosleep", "nanosleep"})
 TOP = 8
@@ -186,16 +194,17 @@ def fuse_signals(python: str, tree: Path) -> dict[str, dict[str, object]]:
         r = fusework.collect(python, tree / "src")
     except fusework.FuseWorkError as e:
         raise CollectError(f"FUSE counts: {e}") from e
-    entries = r["entries"]
     out: dict[str, dict[str, object]] = {}
     for phase, v in r["phases"].items():
         kinds, calls = v["requests"], v["syscalls"]
         nreq = sum(kinds.values())
         work_calls = {k: c for k, c in calls.items() if k not in WAIT_SYSCALLS}
-        out[f"fuse.{phase}.requests_per_entry"] = {
-            "value": round(nreq / entries, 4), "unit": "requests/entry",
+        per, count = ("transaction", r["transactions"]) if phase == "pgbench" else \
+            ("entry", r["entries"])
+        out[f"fuse.{phase}.requests_per_{per}"] = {
+            "value": round(nreq / count, 4), "unit": f"requests/{per}",
             "where": FUSE_WHERE[phase],
-            "detail": _top({k: round(c / entries, 4) for k, c in kinds.items()}, None)}
+            "detail": _top({k: round(c / count, 4) for k, c in kinds.items()}, None)}
         out[f"fuse.{phase}.syscalls_per_request"] = {
             "value": round(sum(work_calls.values()) / nreq, 4), "unit": "syscalls/request",
             "where": FUSE_WHERE[phase],

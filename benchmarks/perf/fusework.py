@@ -2,18 +2,22 @@
 
 A guard point (``python -m takakrypt.guard --allow-all``, the tree under test on
 PYTHONPATH) over a fresh backing directory; a fixed tree made here from a seed (tar
-entries, sizes and contents are the same on every machine); four phases:
+entries, sizes and contents are the same on every machine); these phases:
 
     untar      tar -xf of the tree, then sync
     lsR_cold   ls -lR on a fresh mount of the same backing store (kernel caches empty)
     lsR_warm   ls -lR again
     rmrf       rm -rf of the tree
+    pgbench    PG_TRANSACTIONS pgbench transactions (TPC-B like), one client, fixed
+               seed, PostgreSQL 15 with its data directory on a fresh guard point
+               (scale 1, set up and checkpointed before counting)
 
 For each phase: the FUSE requests the kernel sent to this mount (tracepoint
 ``fuse:fuse_request_send`` in a tracefs instance of our own, filtered on this mount's
-connection, so other mounts and other tracers are not counted), per tree entry; and
-the engine's system calls (``strace -f`` on the serving process: every thread but the
-Python main loop's) per request.  Needs root, /dev/fuse, tracefs with the fuse events, strace.
+connection, so other mounts and other tracers are not counted), per tree entry (per
+transaction for pgbench); and the engine's system calls (``strace -f`` on the serving
+process: every thread but the Python main loop's) per request.  Needs root,
+/dev/fuse, tracefs with the fuse events, strace; pgbench also PostgreSQL 15.
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ from pathlib import Path
 
 TRACEFS = Path("/sys/kernel/tracing")
 PHASES = ("untar", "lsR_cold", "lsR_warm", "rmrf")
+PGBIN = Path(os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin"))
+PG_TRANSACTIONS = 300
+# background work that follows the clock, not the transactions, turned off or pushed
+# past the run: autovacuum, the background writer, timed checkpoints, the WAL writer
+PG_OPTIONS = ("-c listen_addresses= -c shared_buffers=64MB -c autovacuum=off "
+              "-c bgwriter_lru_maxpages=0 -c checkpoint_timeout=1h -c max_wal_size=1GB "
+              "-c wal_writer_delay=10s -c wal_writer_flush_after=0")
 
 # 12 directories of 24 files (sizes cycling over edge cases of the 4 KiB block and a
 # few larger files), one symlink and one empty subdirectory per directory
@@ -96,6 +107,12 @@ class Tracer:
         (self.dir / "trace").write_text("")
         (self.event / "enable").write_text("1")
 
+    def counts(self) -> dict[str, int]:
+        kinds: dict[str, int] = {}
+        for m in re.finditer(r"\(FUSE_([A-Z_0-9]+)\)", (self.dir / "trace").read_text()):
+            kinds[m.group(1)] = kinds.get(m.group(1), 0) + 1
+        return kinds
+
     def stop(self) -> dict[str, int]:
         (self.event / "enable").write_text("0")
         lost = sum(int(m.group(1)) for m in re.finditer(
@@ -103,10 +120,7 @@ class Tracer:
                                         (self.dir / "per_cpu").glob("cpu*/stats")), re.M))
         if lost:
             raise FuseWorkError(f"tracefs lost {lost} events")
-        kinds: dict[str, int] = {}
-        for m in re.finditer(r"\(FUSE_([A-Z_0-9]+)\)", (self.dir / "trace").read_text()):
-            kinds[m.group(1)] = kinds.get(m.group(1), 0) + 1
-        return kinds
+        return self.counts()
 
     def close(self) -> None:
         try:
@@ -191,23 +205,85 @@ class Guard:
                 self.proc.wait()
 
 
-def _phase(guard: Guard, tracer: Tracer, work: Path, name: str, argv: list[str]
-           ) -> dict[str, object]:
+def _phase(guard: Guard, tracer: Tracer, work: Path, name: str, argv: list[str],
+           settle=None) -> dict[str, object]:
     st = Strace(guard.proc.pid, work / f"strace.{name}")
     try:
         tracer.start(_connection(guard.mnt))
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if name == "untar":
             os.sync()
+        if settle is not None:
+            settle()
         kinds = tracer.stop()
     finally:
         calls = st.stop()
     return {"requests": kinds, "syscalls": calls}
 
 
-def collect(python: str, src: Path, *, keep: Path | None = None) -> dict[str, object]:
-    """Run the four phases once; return ``{"entries": N, "phases": {phase: {"requests":
-    {KIND: n}, "syscalls": {NAME: n}}}}``."""
+def _su_pg(cmd: str) -> None:
+    subprocess.run(["su", "postgres", "-c", cmd], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+
+
+def pg_available() -> bool:
+    return (PGBIN / "initdb").exists() and shutil.which("pgbench") is not None and \
+        subprocess.run(["id", "postgres"], capture_output=True).returncode == 0
+
+
+def _backends_gone(tracer: Tracer) -> None:
+    """Wait until no client backend of the database is left and every file opened during
+    the run is released: pgbench returns before its backend has exited, and the kernel
+    sends the RELEASEs of an exiting process's files later, from a work queue (they
+    belong to the run: the backend opened those files in it)."""
+    for _ in range(3000):  # a wait (30 s at most), not a timed assertion
+        alive = False
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and (p / "cmdline").read_bytes().startswith(
+                        b"postgres: postgres postgres"):
+                    alive = True
+                    break
+            except OSError:
+                pass
+        if not alive:
+            break
+        time.sleep(0.01)
+    else:
+        raise FuseWorkError("the pgbench backend did not exit")
+    for _ in range(1000):  # a wait (10 s at most) for the deferred RELEASEs
+        k = tracer.counts()
+        if k.get("RELEASE", 0) >= k.get("OPEN", 0) + k.get("CREATE", 0):
+            return
+        time.sleep(0.01)
+
+
+def _pgbench(guard: Guard, tracer: Tracer, work: Path) -> dict[str, object]:
+    """Set PostgreSQL up on the guard point, count PG_TRANSACTIONS transactions."""
+    mnt = guard.mnt
+    data, sock = mnt / "pg", work / "pgsock"
+    mnt.chmod(0o777)
+    sock.mkdir()
+    shutil.chown(sock, "postgres")
+    work.chmod(0o755)
+    try:
+        _su_pg(f"{PGBIN}/initdb -N -D {data} -A trust")
+        _su_pg(f"{PGBIN}/pg_ctl -D {data} -w -l {sock}/pg.log "
+               f"-o '-k {sock} {PG_OPTIONS}' start")
+        _su_pg(f"pgbench -h {sock} -i -q -s 1 postgres")
+        _su_pg(f"psql -h {sock} -q -c checkpoint postgres")
+        return _phase(guard, tracer, work, "pgbench", [
+            "su", "postgres", "-c", f"pgbench -h {sock} -n -c 1 -t {PG_TRANSACTIONS} "
+            f"--random-seed=17 postgres"], settle=lambda: _backends_gone(tracer))
+    finally:
+        subprocess.run(["su", "postgres", "-c", f"{PGBIN}/pg_ctl -D {data} -w -m fast stop"],
+                       capture_output=True)
+
+
+def collect(python: str, src: Path, *, keep: Path | None = None,
+            pgbench: bool = True) -> dict[str, object]:
+    """Run the phases once; return ``{"entries": N, "transactions": T, "phases": {phase:
+    {"requests": {KIND: n}, "syscalls": {NAME: n}}}}``."""
     check_machine()
     work = Path(tempfile.mkdtemp(prefix="takakrypt-perf-fuse."))
     tracer = Tracer()
@@ -231,7 +307,16 @@ def collect(python: str, src: Path, *, keep: Path | None = None) -> dict[str, ob
         phases["lsR_cold"] = _phase(guard, tracer, work, "lsR_cold", lsr)
         phases["lsR_warm"] = _phase(guard, tracer, work, "lsR_warm", lsr)
         phases["rmrf"] = _phase(guard, tracer, work, "rmrf", ["rm", "-rf", str(mnt / "tree")])
-        return {"entries": entries, "phases": phases}
+        guard.close()
+        if pgbench:
+            if not pg_available():
+                raise FuseWorkError(f"pgbench phase: needs PostgreSQL 15 ({PGBIN}, pgbench, "
+                                    "user postgres)")
+            back2 = work / "back2"
+            back2.mkdir()
+            guard = Guard(python, src, back2, mnt, key, log)
+            phases["pgbench"] = _pgbench(guard, tracer, work)
+        return {"entries": entries, "transactions": PG_TRANSACTIONS, "phases": phases}
     finally:
         if guard is not None:
             guard.close()
