@@ -47,12 +47,21 @@ class Tolerance:
 # First match wins.  Why each is what it is: docs/performance.md, "Performance gate"
 # (ten runs of the unchanged tree and their spread).
 TOLERANCES: list[tuple[str, Tolerance]] = [
-    ("ir.policy_*", Tolerance(rel=0.02)),     # Python: address-dependent, spread 0.4-1.1 %
+    # Python: counts depend a little on where objects land in memory (method cache,
+    # pymalloc pools): spread up to 0.55 % in ten runs, 1.1 % across process layouts
+    ("ir.policy_*", Tolerance(rel=0.02)),
     ("ir.protocol_*", Tolerance(rel=0.02)),
-    ("ir.*", Tolerance(rel=0.005)),           # C: no spread at all
-    ("fuse.*.requests_per_entry", Tolerance(abs=0.05)),  # rm -rf: +0.034 when entries expire
-    ("fuse.*.requests_per_transaction", Tolerance(abs=0.05)),
-    ("fuse.*.syscalls_per_request", Tolerance(rel=0.03)),  # spread up to 1.3 % (rm -rf)
+    ("ir.*", Tolerance(rel=0.005)),                          # C: no spread at all
+    # requests: exact but for entries expiring under load (rm -rf: +0.034 once)
+    ("fuse.*.requests_per_entry", Tolerance(abs=0.05)),
+    ("fuse.*.requests_per_transaction", Tolerance(abs=0.05)),  # spread 0.01
+    # system calls per request: about twice the largest spread seen, each below the
+    # +1 of one more system call per request
+    ("fuse.untar.syscalls_per_request", Tolerance(abs=0.1)),      # spread 0.014
+    ("fuse.lsR_cold.syscalls_per_request", Tolerance(abs=0.5)),   # spread 0.27
+    ("fuse.lsR_warm.syscalls_per_request", Tolerance(abs=0.2)),   # spread 0.06
+    ("fuse.rmrf.syscalls_per_request", Tolerance(abs=0.3)),       # spread 0.14
+    ("fuse.pgbench.syscalls_per_request", Tolerance(abs=0.25)),   # spread 0.09
 ]
 
 
