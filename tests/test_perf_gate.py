@@ -121,6 +121,10 @@ def _can_measure() -> str | None:
             return f"needs {tool}"
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         return "needs root and /dev/fuse (the FUSE counts)"
+    import fusework
+
+    if not fusework.pg_available():
+        return "needs PostgreSQL 15 (the pgbench counts)"
     return None
 
 

@@ -231,22 +231,29 @@ def pg_available() -> bool:
         subprocess.run(["id", "postgres"], capture_output=True).returncode == 0
 
 
-def _backends_gone(tracer: Tracer) -> None:
-    """Wait until no client backend of the database is left and every file opened during
-    the run is released: pgbench returns before its backend has exited, and the kernel
-    sends the RELEASEs of an exiting process's files later, from a work queue (they
-    belong to the run: the backend opened those files in it)."""
+def _backends(postmaster: int) -> bool:
+    """Whether a client backend of our own server (a child of ``postmaster``) runs."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == postmaster and (p / "cmdline").read_bytes().startswith(
+                    b"postgres: postgres postgres"):
+                return True
+        except (OSError, ValueError, IndexError):
+            pass
+    return False
+
+
+def _backends_gone(tracer: Tracer, data: Path) -> None:
+    """Wait until our server's client backend is gone and every file opened during the
+    run is released: pgbench returns before its backend has exited, and the kernel sends
+    the RELEASEs of an exiting process's files later, from a work queue (they belong to
+    the run: the backend opened those files in it)."""
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
     for _ in range(3000):  # a wait (30 s at most), not a timed assertion
-        alive = False
-        for p in Path("/proc").iterdir():
-            try:
-                if p.name.isdigit() and (p / "cmdline").read_bytes().startswith(
-                        b"postgres: postgres postgres"):
-                    alive = True
-                    break
-            except OSError:
-                pass
-        if not alive:
+        if not _backends(postmaster):
             break
         time.sleep(0.01)
     else:
@@ -274,7 +281,7 @@ def _pgbench(guard: Guard, tracer: Tracer, work: Path) -> dict[str, object]:
         _su_pg(f"psql -h {sock} -q -c checkpoint postgres")
         return _phase(guard, tracer, work, "pgbench", [
             "su", "postgres", "-c", f"pgbench -h {sock} -n -c 1 -t {PG_TRANSACTIONS} "
-            f"--random-seed=17 postgres"], settle=lambda: _backends_gone(tracer))
+            f"--random-seed=17 postgres"], settle=lambda: _backends_gone(tracer, data))
     finally:
         subprocess.run(["su", "postgres", "-c", f"{PGBIN}/pg_ctl -D {data} -w -m fast stop"],
                        capture_output=True)

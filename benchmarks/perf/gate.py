@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="source tree to measure (default: this checkout)")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--save", type=Path, help="also write the new signals here")
+    ap.add_argument("--no-fuse", dest="fuse", action="store_false",
+                    help="skip the FUSE counts (they need root, /dev/fuse, tracefs, strace, "
+                    "PostgreSQL 15) and leave them out of the comparison")
     ap.add_argument("--write-baseline", action="store_true",
                     help="measure and write the baseline instead of comparing")
     a = ap.parse_args(argv)
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             current = collect.collect(
-                a.tree.resolve(), a.python,
+                a.tree.resolve(), a.python, fuse=a.fuse,
                 progress=lambda n: print(f"measuring {n}", file=sys.stderr, flush=True))
         except collect.CollectError as e:
             print(f"gate.py: {e}", file=sys.stderr)
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.save:
         a.save.write_text(json.dumps(current, indent=1) + "\n")
     if a.write_baseline:
+        if not a.fuse:
+            ap.error("a baseline needs every signal: no --no-fuse")
         old = json.loads(a.baseline.read_text()) if a.baseline.exists() else None
         a.baseline.write_text(json.dumps(current, indent=1) + "\n")
         print(f"wrote {a.baseline} (commit {current.get('commit')})")
@@ -214,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     if not a.baseline.exists():
         print(f"gate.py: no baseline at {a.baseline} (make perf-baseline)", file=sys.stderr)
         return 2
-    return report(json.loads(a.baseline.read_text()), current)
+    baseline = json.loads(a.baseline.read_text())
+    if not a.fuse:
+        baseline["signals"] = {k: v for k, v in baseline["signals"].items()
+                               if not k.startswith("fuse.")}
+    return report(baseline, current)
 
 
 if __name__ == "__main__":
