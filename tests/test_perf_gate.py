@@ -71,6 +71,16 @@ def test_improvement_passes_with_a_hint() -> None:
     assert "passed" in text
 
 
+def test_other_tools_are_noted() -> None:
+    base, cur = _doc({"ir.cache_hit": 1.0}), _doc({"ir.cache_hit": 1.0})
+    base["tools"] = {"python": "3.11.7", "kernel": "6.18"}
+    cur["tools"] = {"python": "3.11.2", "kernel": "6.18"}
+    out = io.StringIO()
+    assert gate.report(base, cur, out=out) == 0
+    assert "note: measured with other tools than the baseline (python '3.11.7' -> " \
+        "'3.11.2')" in out.getvalue()
+
+
 def test_missing_signal_fails_and_new_signal_passes() -> None:
     out = io.StringIO()
     assert gate.report(_doc({"ir.cache_hit": 1.0, "ir.cache_miss": 1.0}),

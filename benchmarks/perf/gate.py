@@ -159,6 +159,12 @@ def report(baseline: dict, current: dict, out=sys.stdout) -> int:
     print(f"new:      commit {current.get('commit')}"
           f"{' (dirty)' if current.get('dirty') else ''}, taken {current.get('taken')}",
           file=out)
+    bt, ct = baseline.get("tools", {}), current.get("tools", {})
+    moved = [f"{k} {bt[k]!r} -> {ct[k]!r}" for k in sorted(set(bt) & set(ct)) if bt[k] != ct[k]]
+    if moved:
+        print("note: measured with other tools than the baseline (" + "; ".join(moved)
+              + "): counts can move with them; refresh the baseline for a new machine image",
+              file=out)
     print(table(rows), file=out)
     bad = [r for r in rows if r.verdict in ("REGRESSED", "MISSING")]
     for r in bad:
