@@ -81,6 +81,21 @@ def test_other_tools_are_noted() -> None:
         "'3.11.2')" in out.getvalue()
 
 
+def test_a_family_measured_with_other_tools_is_shown_not_gated() -> None:
+    """A kernel (or OpenSSL, gcc, Python) other than the baseline's moves the counts
+    of the signals that depend on it: those are not gated, the others still are."""
+    base = _doc({"fuse.untar.requests_per_entry": 11.0, "ir.cache_hit": 600.0})
+    cur = _doc({"fuse.untar.requests_per_entry": 13.0, "ir.cache_hit": 600.0})
+    base["tools"], cur["tools"] = {"kernel": "6.18.44"}, {"kernel": "6.1.0-57"}
+    out = io.StringIO()
+    assert gate.report(base, cur, out=out) == 0
+    assert "other tools" in out.getvalue() and "not gated: fuse.untar" in out.getvalue()
+    cur["signals"]["ir.cache_hit"]["value"] = 700.0  # the kernel does not excuse this
+    out = io.StringIO()
+    assert gate.report(base, cur, out=out) == 1
+    assert "FAIL ir.cache_hit" in out.getvalue()
+
+
 def test_missing_signal_fails_and_new_signal_passes() -> None:
     out = io.StringIO()
     assert gate.report(_doc({"ir.cache_hit": 1.0, "ir.cache_miss": 1.0}),

@@ -247,8 +247,21 @@ def collect(tree: Path, python: str, *, fuse: bool = True, only: list[str] | Non
             "taken": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "tools": {"valgrind": vg.strip(), "kernel": os.uname().release,
                       "python": sys.version.split()[0], "OPENSSL_ia32cap": OPENSSL_IA32CAP,
-                      "ipsec_mb_arch": "avx2"},
+                      "ipsec_mb_arch": "avx2", **package_versions()},
             "signals": signals}
+
+
+def package_versions() -> dict[str, str]:
+    """Debian package versions the instruction counts depend on (a security update of
+    OpenSSL changes them as surely as our own code would): gate.py gates a signal
+    family only where these match the baseline's."""
+    out: dict[str, str] = {}
+    for key, pkg in (("gcc", "gcc"), ("libssl", "libssl3"), ("ipsec_mb", "libipsec-mb1"),
+                     ("libfuse", "libfuse3-3")):
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True,
+                           text=True)
+        out[key] = r.stdout.strip() if r.returncode == 0 else "?"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
