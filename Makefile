@@ -7,14 +7,15 @@ VENV     := .venv
 VPY      := $(VENV)/bin/python
 STAMP    := $(VENV)/.takakrypt-installed
 DEB_PKGS := gcc make pkg-config python3-dev python3-venv libssl-dev libipsec-mb-dev \
-            libfuse3-dev fuse3 liburing-dev openssl rsyslog rsyslog-gnutls postgresql-15 postgresql-client-15 tar
+            libfuse3-dev fuse3 liburing-dev openssl rsyslog rsyslog-gnutls postgresql-15 postgresql-client-15 tar \
+            valgrind strace
 # tests/test_systemd_unit.py boots the Debian kernel under QEMU (TCG) with systemd as
 # PID 1 through virtme-ng: about 200 MB of packages and 30 s more on a fresh machine
 VM_PKGS  := linux-image-amd64 qemu-system-x86 busybox-static
 SOURCES  := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.c' -o -name '*.h' -o -name '*.pyi') \
             setup.py pyproject.toml
 
-.PHONY: all deps vm-tools venv install demo test test-fast asan bench clean
+.PHONY: all deps vm-tools venv install demo test test-fast asan bench perf perf-baseline clean
 all: install
 
 deps:
@@ -47,6 +48,15 @@ asan: install
 
 bench: install
 	bash ci/bench.sh
+
+# deterministic performance signals (instructions, requests, system calls) against the
+# committed benchmarks/baseline.json; fails on a regression (docs/performance.md,
+# "Performance gate").  perf-baseline rewrites the baseline: the diff is the review.
+perf: install
+	$(VPY) benchmarks/perf/gate.py
+
+perf-baseline: install
+	$(VPY) benchmarks/perf/gate.py --write-baseline
 
 clean:
 	rm -rf build $(VENV) src/*.egg-info src/takakrypt/*.so src/_native/*.c.tmp .pytest_cache .benchmarks
