@@ -105,6 +105,7 @@ def run(r: dict) -> None:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, user="postgres",
             group="postgres", extra_groups=[], env=pg.env, cwd=str(sock))
         at: list[float] = []
+        windows: list[tuple[float, float]] = []  # from the event until a new agent is active
         r["under_load"] = []
         for kind in EVENTS:
             time.sleep(GAP)
@@ -115,7 +116,9 @@ def run(r: dict) -> None:
             else:  # as a watchdog timeout ends: the main process dies, systemd restarts
                 sh("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL",
                    "takakryptd.service")
-            r["events"].append((kind, old, round(wait_served(old, r, gp, dev), 2)))
+            took = wait_served(old, r, gp, dev)
+            r["events"].append((kind, old, round(took, 2)))
+            windows.append((at[-1], at[-1] + took))
             r["under_load"].append(bench.poll() is None)  # pgbench still running
         out, err = bench.communicate(timeout=SECONDS + 600)
         r["bench_rc"], r["bench_out"], r["bench_err"] = bench.returncode, out, err[-3000:]
@@ -123,9 +126,11 @@ def run(r: dict) -> None:
         txs = [(int(v[2]), int(v[4]) + int(v[5]) / 1e6) for f in sock.glob("tx.*")
                for v in (line.split() for line in f.read_text().splitlines()) if len(v) >= 6]
         r["worst_ms"] = max(lat for lat, _ in txs) / 1000 if txs else None
-        # per event: the longest transaction in progress at it (the stall it caused)
-        r["stall_ms"] = [max([lat / 1000 for lat, end in txs if end - lat / 1e6 <= t <= end]
-                             or [0.0]) for t in at]
+        # per event: the longest transaction overlapping it, from the event until the
+        # new agent was active (the stall it caused)
+        r["stall_ms"] = [max([lat / 1000 for lat, end in txs
+                              if end - lat / 1e6 <= t1 and end >= t0] or [0.0])
+                         for t0, t1 in windows]
         r["server_log"] = (sock / "server.log").read_text(errors="replace")[-6000:]
         text = (sock / "server.log").read_text(errors="replace")
         r["panic"] = bool(re.search(r"\bPANIC\b", text) or
