@@ -1,15 +1,17 @@
-"""The HTML report: one self-contained file (inline CSS and SVG, no script, nothing
+"""The HTML report: one self-contained file (inline CSS and SVG, no code to run, nothing
 fetched), readable in any browser.
 
 Plots (``<svg class="tk-plot">``): the speed of each guard point relative to native per
-workload (bar = median ratio, whisker = min-max of the per-round ratios, a line at 1.0),
-and per workload the measured figures of every target (bar = median, whisker = min-max,
-a dot per round).  Bars carry ``class="bar"`` and ``data-workload``/``data-target``.
+workload on a log scale (bar from 1.0 to the median ratio, whisker = min-max of the
+per-round ratios), and per workload the measured figures of every target (bar =
+median, whisker = min-max, a dot per round); the result document rides along as JSON.
+Bars carry ``class="bar"`` and ``data-workload``/``data-target``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from html import escape
 from typing import Any
 
@@ -38,19 +40,27 @@ def ratio_plot(doc: dict[str, Any]) -> str:
     rows = [w for w in doc["workloads"] if w["ratios"]]
     bar_h, gap, left, width = 14, 12, 120, 860
     plot_w = width - left - 60
-    hi = max([1.2] + [r["max"] for w in rows for r in w["ratios"].values()]) * 1.05
-    x = lambda v: left + v / hi * plot_w  # noqa: E731
+    # a log scale: half as fast and twice as fast lie equally far from 1.0; a bar runs
+    # from 1.0 to the median, left = slower than native
+    lo = min([0.25] + [r["min"] for w in rows for r in w["ratios"].values() if r["min"] > 0])
+    hi = max([2.0] + [r["max"] for w in rows for r in w["ratios"].values()])
+    lo_e, hi_e = math.floor(math.log2(lo)), math.ceil(math.log2(hi))
+    x = lambda v: left + (math.log2(max(v, 2.0 ** lo_e)) - lo_e) / (hi_e - lo_e) * plot_w  # noqa: E731
     group_h = bar_h * max(len(guards), 1) + gap
     height = 30 + group_h * len(rows) + 20
     out = [f'<svg class="tk-plot" id="ratio-plot" xmlns="http://www.w3.org/2000/svg" '
            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
-           '<title>speed relative to native</title>',
+           '<title>speed relative to native (log scale)</title>',
            f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>']
-    for tick in [i / 4 for i in range(int(hi * 4) + 1)]:
+    for e in range(lo_e, hi_e + 1):
+        tick = 2.0 ** e
         out.append(f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="20" y2="{height - 20}" '
-                   f'stroke="{"#444" if tick == 1 else "#e5e5e5"}" '
-                   f'stroke-width="{2 if tick == 1 else 1}"/>')
-        out.append(f'<text x="{x(tick):.1f}" y="14" text-anchor="middle">{tick:g}</text>')
+                   f'stroke="{"#444" if e == 0 else "#e5e5e5"}" '
+                   f'stroke-width="{2 if e == 0 else 1}"/>')
+        out.append(f'<text x="{x(tick):.1f}" y="14" text-anchor="middle">{tick:g}×</text>')
+    out.append(f'<text x="{x(1) - 6:.1f}" y="{height - 4}" text-anchor="end" fill="#666">'
+               '← slower than native</text>')
+    out.append(f'<text x="{x(1) + 6:.1f}" y="{height - 4}" fill="#666">faster →</text>')
     for i, w in enumerate(rows):
         y0 = 30 + i * group_h
         out.append(f'<text x="{left - 8}" y="{y0 + group_h / 2 - 2:.1f}" '
@@ -60,9 +70,10 @@ def ratio_plot(doc: dict[str, Any]) -> str:
             if not r:
                 continue
             y = y0 + j * bar_h
+            x0, x1 = sorted((x(1.0), x(r["median"])))
             out.append(f'<rect class="bar" data-workload="{escape(w["name"])}" '
-                       f'data-target="{t["name"]}" x="{left}" y="{y}" '
-                       f'width="{x(r["median"]) - left:.1f}" height="{bar_h - 3}" '
+                       f'data-target="{t["name"]}" x="{x0:.1f}" y="{y}" '
+                       f'width="{max(x1 - x0, 1.0):.1f}" height="{bar_h - 3}" '
                        f'fill="{_color(t["name"])}"><title>{escape(t["label"])}: '
                        f'{r["median"]:.2f} (min {r["min"]:.2f}, max {r["max"]:.2f})</title>'
                        f'</rect>')
@@ -72,7 +83,7 @@ def ratio_plot(doc: dict[str, Any]) -> str:
             for v in (r["min"], r["max"]):
                 out.append(f'<line class="whisker" x1="{x(v):.1f}" x2="{x(v):.1f}" '
                            f'y1="{y + 1}" y2="{y + bar_h - 4}" stroke="#000"/>')
-            out.append(f'<text x="{x(r["max"]) + 6:.1f}" y="{y + bar_h - 4}">'
+            out.append(f'<text x="{max(x(r["max"]), x1) + 6:.1f}" y="{y + bar_h - 4}">'
                        f'{r["median"]:.2f}</text>')
     out.append("</svg>")
     return "\n".join(out)
@@ -180,7 +191,7 @@ def render(doc: dict[str, Any]) -> str:
 <table id="machine">{info_rows}</table>
 <h2>Speed relative to native</h2>
 <p>1.0 = as fast as native (the same directory without takakrypt, measured in the same run);
-0.5 = half as fast. Bar: median; whisker: min–max of the per-round ratios. The policy
+0.5 = half as fast. Log scale; bar: median, from 1.0; whisker: min–max of the per-round ratios. The policy
 guard point permits each workload program by path and SHA-256 and denies everything else,
 as a deployment would; allow-all is the engine alone.</p>
 <p class="legend">{legend}</p>

@@ -114,3 +114,18 @@ def info(directory: str, pg_bin: str | None = None) -> dict[str, Any]:
         "tools": tools,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def main(argv: list[str]) -> int:
+    """``python -m takakrypt.bench.machine [DIR]``: the machine information as JSON
+    (ci/bench.sh --peers keeps it beside its results)."""
+    import json
+
+    print(json.dumps(info(argv[0] if argv else "."), indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
