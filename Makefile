@@ -8,7 +8,7 @@ VPY      := $(VENV)/bin/python
 STAMP    := $(VENV)/.takakrypt-installed
 DEB_PKGS := gcc make pkg-config python3-dev python3-venv libssl-dev libipsec-mb-dev \
             libfuse3-dev fuse3 liburing-dev openssl rsyslog rsyslog-gnutls postgresql-15 postgresql-client-15 tar \
-            valgrind strace
+            valgrind strace fio chromium
 # tests/test_systemd_unit.py boots the Debian kernel under QEMU (TCG) with systemd as
 # PID 1 through virtme-ng: about 200 MB of packages and 30 s more on a fresh machine
 VM_PKGS  := linux-image-amd64 qemu-system-x86 busybox-static

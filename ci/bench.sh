@@ -11,6 +11,8 @@ if [ "${1:-}" = "--peers" ]; then
   out=benchmarks/results/peers-$(date -u +%Y%m%dT%H%M%SZ).tsv
   TAKAKRYPT_MOUNT=$PWD/benchmarks/takakrypt-mount.sh \
     bash ../shared/bench/peers.sh ${TARGETS:-native bindfs gocryptfs securefs takakrypt} | tee "$out"
+  # what the figures were measured on, kept beside them (docs/performance.md)
+  "$PY" -m takakrypt.bench.machine "${BENCH_ROOT:-${TMPDIR:-/var/tmp}/tkbench}" > "${out%.tsv}.machine.json"
   "$PY" benchmarks/peers_report.py "$out"
   exit 0
 fi

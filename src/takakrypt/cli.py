@@ -12,6 +12,7 @@ import getpass
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -540,6 +541,65 @@ def _policy_for_path(cfg, path: str, policy_name: str | None) -> tuple[str, str]
     return best.policy, "" if rel == "." else rel
 
 
+# bench -------------------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .bench import html, report, runner
+    from .bench.workloads import WORKLOAD_NAMES, Sizes
+    from .errors import BenchError
+
+    if args.compare:
+        c = report.compare(report.load(args.compare[0]), report.load(args.compare[1]))
+        _out(args, c, report.compare_text(c))
+        return 0
+    only: tuple[str, ...] = ()
+    if args.workloads:
+        only = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+        unknown = [w for w in only if w not in WORKLOAD_NAMES]
+        if unknown:
+            raise UsageError(f"unknown workload {', '.join(unknown)} (known: "
+                             f"{', '.join(WORKLOAD_NAMES)})")
+    sizes = Sizes.quick() if args.quick else Sizes()
+    for flag, fld in (("size", "seq_mib"), ("files", "files"), ("fio_size", "fio_mib"),
+                      ("fio_seconds", "fio_seconds"), ("pg_scale", "pg_scale"),
+                      ("pg_seconds", "pg_seconds")):
+        v = getattr(args, flag)
+        if v is not None:
+            if v < 1:
+                raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
+            sizes = replace(sizes, **{fld: v})
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
+    if rounds < 1:
+        raise UsageError("--rounds must be at least 1")
+    opts = runner.Options(directory=Path(args.dir), rounds=rounds, sizes=sizes, only=only,
+                          allow_all=not args.no_allow_all, cold=not args.warm,
+                          threads=args.threads, progress=False if args.quiet else None,
+                          quick=args.quick)
+    doc = runner.run(opts)
+    saved = Path(args.save) if args.save else (None if args.no_save
+                                               else report.default_save_path())
+    if saved is not None:
+        report.save(doc, saved)
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(html.render(doc))
+    if args.json:
+        print(json.dumps(doc, indent=1, sort_keys=True))
+    else:
+        print(report.text(doc))
+        if saved is not None:
+            print(f"results: {saved}")
+        if args.html:
+            print(f"report: {args.html}")
+    failed = [w["name"] for w in doc["workloads"] if w.get("errors")]
+    if failed:
+        raise BenchError(f"workloads failed: {', '.join(failed)} (see the table)")
+    return 0
+
+
 # parser ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -766,6 +826,71 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--op", required=True, metavar="OP", help="action: read, write, create, ...")
     pc.add_argument("--at", metavar="TIME", help="ISO 8601 time (default: now; naive = local)")
     pc.set_defaults(func=cmd_policy_check)
+
+    sp = sub.add_parser(
+        "bench", parents=[jsonp], formatter_class=_Formatter,
+        help="benchmark your disk: native against takakrypt guard points",
+        description=textwrap.fill(width=88, text="Run the workloads a user cares about on DIR (your own disk) -- "
+                    "sequential write and read (dd), small-file create (untar of a tree), "
+                    "ls -lR, rm -rf, fio 4 KiB random read and write, pgbench when "
+                    "PostgreSQL is installed -- over native DIR and over FUSE guard points "
+                    "below it, in interleaved rounds, and print medians, spread (min-max) "
+                    "and the speed of each guard point relative to native measured in the "
+                    "same run. The guard point 'fuse (policy)' uses the policy a deployment "
+                    "would write (each workload program permitted by path and SHA-256 with "
+                    "the key applied, everything else denied) and is shown first; 'fuse "
+                    "(allow-all)' is the engine alone. The kernel engine is measured when "
+                    "it is loaded (reported as not loaded otherwise). A throwaway random "
+                    "key is used; everything mounted and written is removed at the end, "
+                    "also after Ctrl-C. Needs root. Results (with machine information) "
+                    "are saved to benchmarks/results/bench-STAMP.json when run from the "
+                    "source tree, or to --save PATH. Compare two runs with --compare A B. "
+                    "See docs/benchmarking.md."),
+        epilog="examples:\n"
+               "  takakrypt bench --quick --html report.html        # a one-minute look\n"
+               "  takakrypt bench --dir /srv/data --rounds 7         # on the disk you use\n"
+               "  takakrypt bench --workloads pgbench --pg-seconds 60\n"
+               "  takakrypt bench --compare old.json new.json\n\n" + _exit_table())
+    sp.add_argument("--dir", default="/var/tmp", metavar="DIR",
+                    help="directory on the disk to measure (default /var/tmp); a work "
+                         "directory is made below it and removed at the end")
+    sp.add_argument("--quick", action="store_true",
+                    help="small sizes and 3 rounds: about a minute")
+    sp.add_argument("--rounds", type=int, metavar="N",
+                    help="rounds (default 5, 3 with --quick)")
+    sp.add_argument("--size", type=int, metavar="MIB",
+                    help="sequential file size in MiB (default 1024, 64 with --quick)")
+    sp.add_argument("--files", type=int, metavar="N",
+                    help="files in the untar tree (default 20000, 1000 with --quick)")
+    sp.add_argument("--fio-size", type=int, metavar="MIB",
+                    help="fio file per job in MiB (default 256, 32 with --quick)")
+    sp.add_argument("--fio-seconds", type=int, metavar="S",
+                    help="fio run time per round (default 10, 1 with --quick)")
+    sp.add_argument("--pg-scale", type=int, metavar="N",
+                    help="pgbench scale factor (default 20, 1 with --quick)")
+    sp.add_argument("--pg-seconds", type=int, metavar="S",
+                    help="pgbench run time per round (default 20, 2 with --quick)")
+    sp.add_argument("--workloads", metavar="LIST",
+                    help="comma-separated subset: seq-write, seq-read, untar, ls-lR, rm-rf, "
+                         "fio-randread, fio-randwrite, pgbench (a workload brings its "
+                         "group: seq-*, the tree, fio-*)")
+    sp.add_argument("--no-allow-all", action="store_true",
+                    help="measure the policy guard point only")
+    sp.add_argument("--warm", action="store_true",
+                    help="do not drop the page cache before the reads (it drops the whole "
+                         "machine's cache)")
+    sp.add_argument("--threads", type=int, default=4, metavar="N",
+                    help="guard point engine threads (default 4)")
+    sp.add_argument("--html", metavar="FILE",
+                    help="write a self-contained HTML report with plots to FILE")
+    sp.add_argument("--save", metavar="PATH", help="write the JSON results to PATH")
+    sp.add_argument("--no-save", action="store_true",
+                    help="do not write benchmarks/results/bench-STAMP.json")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    sp.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                    help="print how each workload's ratio to native changed from run A to "
+                         "run B (JSON files written by earlier runs); runs nothing")
+    sp.set_defaults(func=cmd_bench)
     return p
 
 

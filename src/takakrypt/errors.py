@@ -139,6 +139,14 @@ class XformError(Error):
         self.summary = summary
 
 
+class BenchError(Error):
+    """`takakrypt bench` could not run (no FUSE, not root, a mount or a workload
+    failed)."""
+
+    exit_code = 16
+    kind = "bench"
+
+
 def error_from_kind(kind: str, message: str) -> Error:
     """Rebuild the error a remote side (takakryptd) reported, so the CLI exits with the
     same code as if the work had been done locally."""
@@ -177,5 +185,6 @@ EXIT_CODES: dict[int, str] = {
     AgentError.exit_code: "takakryptd reported an error",
     XformError.exit_code: "xform: some files could not be converted",
     KeyUsageExhausted.exit_code: "file key used up: copy the file to re-key it",
+    BenchError.exit_code: "bench: a guard point or a workload failed",
     130: "interrupted (SIGINT)",
 }

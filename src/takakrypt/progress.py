@@ -20,13 +20,15 @@ class Bar:
     """``Bar(total, label)``; call it with byte counts; ``close()`` when done.
 
     Redraws at most ten times a second.  ``enabled=None`` means "if stderr is a TTY".
+    ``unit``: "B" counts bytes (sizes and a rate); any other word counts steps
+    ("3/12 steps", no rate).  ``label`` may be changed between calls (the current step).
     """
 
     def __init__(self, total: int | None, label: str, *, enabled: bool | None = None,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, unit: str = "B") -> None:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.total, self.label = total, label
+        self.total, self.label, self.unit = total, label, unit
         self.done = 0
         self.start = self._last = time.monotonic()
 
@@ -49,7 +51,13 @@ class Bar:
             width = max(10, min(40, os.get_terminal_size(self.stream.fileno()).columns - 60))
         except (OSError, ValueError):
             width = 30
-        if self.total:
+        if self.unit != "B":
+            frac = min(self.done / self.total, 1.0) if self.total else 0.0
+            bar = "#" * int(frac * width)
+            eta = (self.total - self.done) / rate if rate and self.total else 0
+            text = (f"\r[{bar:<{width}}] {self.done}/{self.total or '?'} {self.unit} "
+                    f"ETA {eta:4.0f}s {self.label}\x1b[K")
+        elif self.total:
             frac = min(self.done / self.total, 1.0)
             bar = "#" * int(frac * width)
             eta = (self.total - self.done) / rate if rate else 0
