@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from takakrypt.bench.machine import cpu_model
+
 #: benchmark name -> bytes processed per round
 BYTES: dict[str, int] = {}
 #: extra measurements that are not pytest-benchmark rounds: name -> GB/s
@@ -76,18 +78,7 @@ def _ratios(benchmarks: list[dict]) -> list[str]:
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["takakrypt"] = {"bytes_per_round": BYTES, "extra_gbps": EXTRA,
-                                "cpu": _cpu_model()}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+                                "cpu": cpu_model()}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

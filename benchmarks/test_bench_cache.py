@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import _cpu_model
+from takakrypt.bench.machine import cpu_model
 from takakrypt._cache import BENCH_PATH, DecisionCache, _bench_lookup_loop
 
 KEY = (1000, 1000, 4242, 123456789, 2049, 1311768, BENCH_PATH, 1)
@@ -48,7 +48,7 @@ def _write_results():
         return
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:
-        json.dump({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": _cpu_model(),
+        json.dump({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu_model(),
                    "python": platform.python_version(), "results": RESULTS}, f, indent=1)
         f.write("\n")
 

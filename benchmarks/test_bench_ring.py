@@ -27,6 +27,7 @@ import pytest
 
 from takakrypt import ringserver
 from takakrypt._ring import Ring, _start_producers
+from takakrypt.bench.machine import cpu_model
 
 try:
     import uvloop
@@ -218,16 +219,6 @@ def ratios() -> dict[str, float]:
     return out
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
     yield
@@ -237,7 +228,7 @@ def report(request):
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "results": RESULTS, "ratios": rat, "payload_bytes": PAYLOAD, "rounds": ROUNDS,
-        "cpu": _cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        "cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
         "uvloop": uvloop.__version__ if uvloop else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }, indent=1) + "\n")

@@ -21,7 +21,8 @@ def in_source_tree() -> bool:
     return (SOURCE_TREE / "pyproject.toml").is_file() and (SOURCE_TREE / "benchmarks").is_dir()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform says, or 'unknown'."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -100,7 +101,7 @@ def info(directory: str, pg_bin: str | None = None) -> dict[str, Any]:
     if pg_bin:
         tools["postgres"] = _version([os.path.join(pg_bin, "postgres"), "--version"])
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "memory_bytes": _mem_total(),
         "kernel": f"{u.sysname} {u.release}",
