@@ -19,7 +19,9 @@ def _human(n: float) -> str:
 class Bar:
     """``Bar(total, label)``; call it with byte counts; ``close()`` when done.
 
-    Redraws at most ten times a second.  ``enabled=None`` means "if stderr is a TTY".
+    Redraws at most ten times a second (counting steps: also whenever the label, the
+    current step, changes -- steps are few, each is shown).  ``enabled=None`` means
+    "if stderr is a TTY".
     ``unit``: "B" counts bytes (sizes and a rate); any other word counts steps
     ("3/12 steps", no rate).  ``label`` may be changed between calls (the current step).
     """
@@ -31,6 +33,7 @@ class Bar:
         self.total, self.label, self.unit = total, label, unit
         self.done = 0
         self.start = self._last = time.monotonic()
+        self._shown: str | None = None
 
     def start_total(self, total: int) -> None:
         """The size, once known (after a header or a first walk); 0 = unknown."""
@@ -41,11 +44,12 @@ class Bar:
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self._last >= 0.1:
+        if now - self._last >= 0.1 or (self.unit != "B" and self.label != self._shown):
             self._last = now
             self._draw(now)
 
     def _draw(self, now: float) -> None:
+        self._shown = self.label
         rate = self.done / max(now - self.start, 1e-9)
         try:
             width = max(10, min(40, os.get_terminal_size(self.stream.fileno()).columns - 60))
