@@ -260,6 +260,10 @@ class Fio(Group):
 
         out = {}
         for rw in ("randread", "randwrite"):
+            # every target starts cold: fio's own invalidation (posix_fadvise) drops a
+            # guard point's plaintext pages but not its backing file's, which made the
+            # guard point read from memory while native read from the disk
+            ctx.drop_caches()
             ctx.run(self._fio(ctx, t, rw, "--time_based", f"--runtime={ctx.sizes.fio_seconds}"),
                     what=f"fio-{rw}")
             job = json.loads((ctx.private / "fio.json").read_text())["jobs"][0]
