@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 TREE, OUT = Path(sys.argv[1]), Path(sys.argv[2])
@@ -27,6 +26,7 @@ os.environ["PYTHONPATH"] = str(TREE / "src")
 
 from agent_helpers import Daemon  # noqa: E402
 from pg_helpers import ENV, DebianCluster, gid, shipped_config, uid  # noqa: E402
+from systemd_unit_guest import guest_main  # noqa: E402
 
 MARKER = "takakrypt-pgdeb-unit-marker"
 
@@ -84,16 +84,5 @@ def run(r: dict) -> None:
                    for e in events if e.get("kind") == "access" and e["decision"] != "permit"]
 
 
-def main() -> int:
-    OUT.mkdir(parents=True, exist_ok=True)
-    r: dict = {}
-    try:
-        run(r)
-    except Exception:  # reported to the host side, which fails the test with it
-        r["error"] = traceback.format_exc()
-    (OUT / "result.json").write_text(json.dumps(r, indent=1))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guest_main(run))
