@@ -1,0 +1,200 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * file.c - open files.  A regular file's data goes through the page cache (aops.c) and
+ * the inode's persistent lower file; a directory's open file wraps a lower one.
+ *
+ * O_DIRECT (docs/kernel.md): accepted and served through the page cache, a write being
+ * stored before it returns (as ext4 does for encrypted files without inline crypto);
+ * ciphertext blocks are not page aligned, so true direct I/O is impossible.
+ */
+#include <linux/fs.h>
+#include <linux/file.h>
+#include <linux/uio.h>
+#include <linux/cred.h>
+#include <linux/fs_stack.h>
+#include <linux/pagemap.h>
+#include <linux/splice.h>
+
+#include "tkfs.h"
+
+/*
+ * The inode's lower file for page I/O, opened with the mounter's credentials: read-write
+ * if possible (a lower file being executed or a read-only lower fs give read-only).
+ */
+int tkfs_get_lower_file(struct inode *inode)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	struct tkfs_sb *sbi = TKFS_SB(inode->i_sb);
+	struct dentry *ld;
+	struct file *f;
+	struct path p;
+	int err = 0;
+
+	if (READ_ONCE(ii->lower_file))
+		return 0;
+	mutex_lock(&ii->lower_lock);
+	if (ii->lower_file)
+		goto out;
+	ld = d_find_any_alias(ii->lower_inode);
+	if (!ld) {
+		err = -ESTALE;
+		goto out;
+	}
+	p.mnt = sbi->lower_root.mnt;
+	p.dentry = ld;
+	f = dentry_open(&p, O_RDWR | O_LARGEFILE, sbi->mounter_cred);
+	if (IS_ERR(f))
+		f = dentry_open(&p, O_RDONLY | O_LARGEFILE, sbi->mounter_cred);
+	dput(ld);
+	if (IS_ERR(f)) {
+		err = PTR_ERR(f);
+		goto out;
+	}
+	ii->lower_file = f;
+out:
+	mutex_unlock(&ii->lower_lock);
+	return err;
+}
+
+static int tkfs_file_open(struct inode *inode, struct file *file)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	int err;
+
+	err = tkfs_get_lower_file(inode);
+	if (err)
+		return err;
+	if ((file->f_mode & FMODE_WRITE) && !(ii->lower_file->f_mode & FMODE_WRITE))
+		return -EROFS;
+	down_read(&ii->key_sem);
+	if (ii->state == TKFS_HDR_EMPTY && (file->f_mode & FMODE_WRITE)) {
+		up_read(&ii->key_sem);
+		err = tkfs_create_header(inode);
+		if (err)
+			return err;
+	} else {
+		up_read(&ii->key_sem);
+	}
+	err = tkfs_ensure_keys(inode);
+	if (err)
+		return -EIO;
+	up_read(&ii->key_sem);
+	file->f_mode |= FMODE_CAN_ODIRECT;
+	return 0;
+}
+
+static ssize_t tkfs_read_iter(struct kiocb *iocb, struct iov_iter *to)
+{
+	iocb->ki_flags &= ~IOCB_DIRECT;
+	return generic_file_read_iter(iocb, to);
+}
+
+static ssize_t tkfs_write_iter(struct kiocb *iocb, struct iov_iter *from)
+{
+	bool direct = iocb->ki_flags & IOCB_DIRECT;
+	ssize_t ret;
+	int err;
+
+	iocb->ki_flags &= ~IOCB_DIRECT;
+	ret = generic_file_write_iter(iocb, from);
+	if (ret > 0 && direct) {
+		err = filemap_write_and_wait_range(iocb->ki_filp->f_mapping,
+						   iocb->ki_pos - ret, iocb->ki_pos - 1);
+		if (err)
+			ret = err;
+	}
+	return ret;
+}
+
+static int tkfs_fsync(struct file *file, loff_t start, loff_t end, int datasync)
+{
+	struct inode *inode = file_inode(file);
+	struct tkfs_inode *ii = TKFS_I(inode);
+	int err;
+
+	/* the whole file: the header's size is written once no page is dirty */
+	err = file_write_and_wait(file);
+	if (!err)
+		err = tkfs_commit_size(inode);
+	if (err)
+		return err;
+	return vfs_fsync(ii->lower_file, datasync);
+}
+
+static int tkfs_file_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	return generic_file_mmap(file, vma);
+}
+
+const struct file_operations tkfs_file_fops = {
+	.llseek = generic_file_llseek,
+	.read_iter = tkfs_read_iter,
+	.write_iter = tkfs_write_iter,
+	.mmap = tkfs_file_mmap,
+	.open = tkfs_file_open,
+	.fsync = tkfs_fsync,
+	.splice_read = generic_file_splice_read,
+	.splice_write = iter_file_splice_write,
+};
+
+/* ---- directories -------------------------------------------------------------------- */
+
+static int tkfs_dir_open(struct inode *inode, struct file *file)
+{
+	struct path lower;
+	struct file *lf;
+
+	tkfs_lower_path(file->f_path.dentry, &lower);
+	lf = dentry_open(&lower, file->f_flags, current_cred());
+	path_put(&lower);
+	if (IS_ERR(lf))
+		return PTR_ERR(lf);
+	file->private_data = lf;
+	return 0;
+}
+
+static int tkfs_dir_release(struct inode *inode, struct file *file)
+{
+	if (file->private_data)
+		fput(file->private_data);
+	return 0;
+}
+
+static int tkfs_iterate(struct file *file, struct dir_context *ctx)
+{
+	struct file *lf = file->private_data;
+	int err;
+
+	lf->f_pos = ctx->pos;
+	err = iterate_dir(lf, ctx);
+	file->f_pos = lf->f_pos;
+	if (err >= 0)
+		fsstack_copy_attr_atime(file_inode(file), file_inode(lf));
+	return err;
+}
+
+static loff_t tkfs_dir_llseek(struct file *file, loff_t offset, int whence)
+{
+	struct file *lf = file->private_data;
+	loff_t r;
+
+	lf->f_pos = file->f_pos;
+	r = vfs_llseek(lf, offset, whence);
+	if (r >= 0)
+		file->f_pos = lf->f_pos;
+	return r;
+}
+
+static int tkfs_dir_fsync(struct file *file, loff_t start, loff_t end, int datasync)
+{
+	return vfs_fsync_range(file->private_data, start, end, datasync);
+}
+
+const struct file_operations tkfs_dir_fops = {
+	.llseek = tkfs_dir_llseek,
+	.read = generic_read_dir,
+	.iterate_shared = tkfs_iterate,
+	.open = tkfs_dir_open,
+	.release = tkfs_dir_release,
+	.fsync = tkfs_dir_fsync,
+};

@@ -1,0 +1,302 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * header.c - the TAKA header of an inode: load and verify it (keys from the agent),
+ * create it for new files, rewrite it when the size or the encryption lease changes,
+ * and the lower-file I/O everything else goes through.
+ */
+#include <linux/slab.h>
+#include <linux/uio.h>
+#include <linux/cred.h>
+#include <linux/namei.h>
+#include <linux/random.h>
+#include <asm/unaligned.h>
+
+#include "tkfs.h"
+
+/* ---- lower file I/O (the inode's persistent lower file) ----------------------------- */
+
+ssize_t tkfs_lower_read(struct inode *inode, void *buf, size_t len, loff_t pos)
+{
+	struct file *f = TKFS_I(inode)->lower_file;
+	size_t done = 0;
+
+	if (!f)
+		return -EIO;
+	while (done < len) {
+		ssize_t r = kernel_read(f, buf + done, len - done, &pos);
+
+		if (r < 0)
+			return r;
+		if (r == 0)
+			break;
+		done += r;
+	}
+	return done;
+}
+
+ssize_t tkfs_lower_write(struct inode *inode, const void *buf, size_t len, loff_t pos)
+{
+	struct file *f = TKFS_I(inode)->lower_file;
+	size_t done = 0;
+
+	if (!f || !(f->f_mode & FMODE_WRITE))
+		return -EIO;
+	while (done < len) {
+		ssize_t r = kernel_write(f, buf + done, len - done, &pos);
+
+		if (r < 0)
+			return r;
+		if (r == 0)
+			return -EIO;
+		done += r;
+	}
+	return done;
+}
+
+int tkfs_lower_truncate(struct inode *inode, loff_t len)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	const struct cred *old;
+	int err;
+
+	if (!ii->lower_file)
+		return -EIO;
+	old = override_creds(TKFS_SB(inode->i_sb)->mounter_cred);
+	err = vfs_truncate(&ii->lower_file->f_path, len);
+	revert_creds(old);
+	return err;
+}
+
+void tkfs_report_eio(struct inode *inode, u64 block, const char *what)
+{
+	atomic64_inc(&TKFS_SB(inode->i_sb)->eio_count);
+	if (block == U64_MAX)
+		tkfs_err_rl("inode %lu (%s): %s: EIO\n", inode->i_ino,
+			    TKFS_SB(inode->i_sb)->lower_name, what);
+	else
+		tkfs_err_rl("inode %lu (%s) block %llu: %s: EIO\n", inode->i_ino,
+			    TKFS_SB(inode->i_sb)->lower_name, block, what);
+}
+
+/* ---- header state ------------------------------------------------------------------- */
+
+/*
+ * Read, parse and verify the header; derive the file keys.  key_sem held for writing.
+ * Format errors make the inode BAD (every open fails with EIO until the inode is
+ * evicted); a key that cannot be had leaves it UNKNOWN (retried at the next open).
+ */
+static int load_header_locked(struct inode *inode)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	struct tkfs_sb *sbi = TKFS_SB(inode->i_sb);
+	u8 raw[TAKA_HDR_SIZE], key[TAKA_KEY_LEN];
+	bool first = ii->state == TKFS_HDR_UNKNOWN && !ii->hdr.size && !ii->disk_size &&
+		     !inode->i_mapping->nrpages;
+	loff_t lsize = i_size_read(ii->lower_inode);
+	ssize_t r;
+	int err;
+
+	if (ii->state == TKFS_HDR_BAD)
+		return ii->bad_errno;
+	if (lsize == 0 && ii->state != TKFS_HDR_OK) {
+		ii->state = TKFS_HDR_EMPTY;
+		ii->disk_size = 0;
+		return 0;
+	}
+	r = tkfs_lower_read(inode, raw, TAKA_HDR_SIZE, 0);
+	if (r < 0)
+		return r;
+	ii->key_epoch = atomic_read(&sbi->key_epoch);
+	if (r < TAKA_HDR_SIZE) {
+		err = -EBADMSG;
+		tkfs_report_eio(inode, U64_MAX, "header truncated");
+		goto bad;
+	}
+	err = tkfs_hdr_parse(&ii->hdr, raw);
+	if (err) {
+		tkfs_report_eio(inode, U64_MAX, err == -EOPNOTSUPP ?
+				"block size other than the page size" : "header invalid");
+		goto bad;
+	}
+	err = tkfs_key_get(sbi, ii->hdr.key_id, ii->hdr.key_version, key, NULL);
+	if (err) {
+		tkfs_report_eio(inode, U64_MAX, "key unavailable");
+		return -EIO;
+	}
+	err = tkfs_derive_keys(ii, key, true);
+	memzero_explicit(key, sizeof(key));
+	if (err) {
+		tkfs_report_eio(inode, U64_MAX, "header tag mismatch");
+		goto bad;
+	}
+	if (ii->state != TKFS_HDR_OK || first) {
+		/* first load: the header is the truth.  After a key wipe (reload) the
+		 * inode's own sizes stay: it may hold writes not yet on disk. */
+		ii->disk_size = ii->hdr.size;
+		ii->enc_count = ii->hdr.encryptions;
+		ii->tail_cut = false;
+		if (first || !inode->i_mapping->nrpages)
+			i_size_write(inode, ii->hdr.size);
+	}
+	ii->state = TKFS_HDR_OK;
+	return 0;
+bad:
+	ii->state = TKFS_HDR_BAD;
+	ii->bad_errno = -EIO;
+	tkfs_drop_keys(ii);
+	return -EIO;
+}
+
+int tkfs_load_header(struct inode *inode)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	int err;
+
+	down_write(&ii->key_sem);
+	err = load_header_locked(inode);
+	up_write(&ii->key_sem);
+	return err;
+}
+
+static bool keys_current(struct tkfs_inode *ii)
+{
+	struct tkfs_sb *sbi = TKFS_SB(ii->vfs_inode.i_sb);
+
+	if (ii->state == TKFS_HDR_EMPTY)
+		return true;
+	return ii->state == TKFS_HDR_OK && ii->key_epoch == atomic_read(&sbi->key_epoch);
+}
+
+/*
+ * Make sure the header is loaded and the file keys are those of the current key epoch;
+ * returns 0 with key_sem held for reading (the caller up_reads it), or -EIO.
+ */
+int tkfs_ensure_keys(struct inode *inode)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	int err;
+
+	down_read(&ii->key_sem);
+	if (keys_current(ii))
+		return 0;
+	up_read(&ii->key_sem);
+	down_write(&ii->key_sem);
+	if (keys_current(ii)) {
+		downgrade_write(&ii->key_sem);
+		return 0;
+	}
+	if (ii->state == TKFS_HDR_OK)
+		tkfs_drop_keys(ii);	/* the data key was wiped: derive again */
+	err = load_header_locked(inode);
+	if (err) {
+		up_write(&ii->key_sem);
+		return err;
+	}
+	downgrade_write(&ii->key_sem);
+	return 0;
+}
+
+/*
+ * A new file (created through the mount, or a lower file of length 0 opened for
+ * writing): fresh file id, the mount's key at its current version, size 0.
+ */
+int tkfs_create_header(struct inode *inode)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	struct tkfs_sb *sbi = TKFS_SB(inode->i_sb);
+	u8 key[TAKA_KEY_LEN], *raw = ii->hdr.raw;
+	size_t klen = strlen(sbi->key_name);
+	u32 version = 0;
+	int err;
+
+	down_write(&ii->key_sem);
+	if (ii->state == TKFS_HDR_OK) {
+		up_write(&ii->key_sem);
+		return 0;
+	}
+	err = tkfs_key_get(sbi, sbi->key_name, 0, key, &version);
+	if (err) {
+		tkfs_report_eio(inode, U64_MAX, "key unavailable for a new file");
+		up_write(&ii->key_sem);
+		return -EIO;
+	}
+	memset(raw, 0, TAKA_HDR_SIZE);
+	memcpy(raw, "TAKA", 4);
+	raw[4] = 1;
+	raw[5] = TAKAKRYPT_ALG_AES_256_GCM;
+	put_unaligned_le32(TKFS_BS, raw + 8);
+	put_unaligned_le32(version, raw + 12);
+	get_random_bytes(raw + 16, 16);
+	raw[32] = klen;
+	memcpy(raw + 33, sbi->key_name, klen);
+	err = tkfs_hdr_parse(&ii->hdr, raw);
+	if (!err)
+		err = tkfs_derive_keys(ii, key, false);
+	memzero_explicit(key, sizeof(key));
+	if (!err)
+		err = tkfs_hdr_seal(ii, 0, 0);
+	if (!err) {
+		ssize_t w = tkfs_lower_write(inode, ii->hdr.raw, TAKA_HDR_SIZE, 0);
+
+		err = w < 0 ? w : 0;
+	}
+	if (err) {
+		tkfs_drop_keys(ii);
+		up_write(&ii->key_sem);
+		return err;
+	}
+	ii->key_epoch = atomic_read(&sbi->key_epoch);
+	ii->state = TKFS_HDR_OK;
+	ii->disk_size = 0;
+	ii->enc_count = 0;
+	ii->tail_cut = true;
+	up_write(&ii->key_sem);
+	return 0;
+}
+
+/* rewrite the header (size, lease); key_sem read-held, hdr_lock held */
+int tkfs_write_header(struct inode *inode, u64 size, u64 lease)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	ssize_t w;
+	int err;
+
+	lockdep_assert_held(&ii->hdr_lock);
+	err = tkfs_hdr_seal(ii, size, lease);
+	if (err)
+		return err;
+	w = tkfs_lower_write(inode, ii->hdr.raw, TAKA_HDR_SIZE, 0);
+	if (w < 0)
+		return w;
+	ii->disk_size = size;
+	return 0;
+}
+
+/*
+ * Take n block encryptions from the header's lease (docs/file-format.md "Encryption
+ * count"), writing a larger lease first when it runs out.  hdr_lock held.
+ */
+int tkfs_reserve_encryptions(struct inode *inode, u64 n)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	int err;
+
+	lockdep_assert_held(&ii->hdr_lock);
+	if (ii->enc_count + n > TAKA_HARD_LIMIT) {
+		tkfs_err_rl("inode %lu: encryption limit reached, copy the file: EKEYEXPIRED\n",
+			    inode->i_ino);
+		return -EKEYEXPIRED;
+	}
+	if (ii->enc_count + n > ii->hdr.encryptions) {
+		u64 lease = ii->enc_count + n + TAKA_LEASE_CHUNK;
+
+		if (lease > TAKA_SOFT_LIMIT)
+			pr_warn_ratelimited(TKFS_NAME ": inode %lu: %llu block encryptions under one file key, copy the file\n",
+					    inode->i_ino, lease);
+		err = tkfs_write_header(inode, ii->disk_size, lease);
+		if (err)
+			return err;
+	}
+	ii->enc_count += n;
+	return 0;
+}
