@@ -126,3 +126,34 @@ def test_a_pid_0_root_peer_is_not_the_kernel(tmp_path):
     r = _ask(handler, Peer(0, 0, 0), gp=1)
     assert r.status == P.Status.DENIED and "key_requests" in r.payload.reason
     assert events[-1].decision == "deny" and events[-1].exe != "kernel"
+
+
+def test_requests_from_a_process_are_not_served():
+    """Only the kernel sends from port 0; a root process unicasting a KEY_REQUEST to
+    the agent's port is dropped and counted, never handed to the handler."""
+    served = []
+
+    async def handle(data, **kw):
+        served.append(kw)
+        return None
+
+    agent = SimpleNamespace(handler=SimpleNamespace(handle=handle, observe=lambda *a: None),
+                            inflight=0)
+
+    async def go():
+        t = genl.GenlTransport(agent)
+        t.sock, t.family_id = genl.open_socket(), 0x20
+        t.sock.setblocking(False)
+        t.port = t.sock.getsockname()[0]
+        asyncio.get_running_loop().add_reader(t.sock.fileno(), t._readable)
+        with R.Genl() as other:
+            other.sock.sendto(genl.build(0x20, genl.CMD_MSG, _taka()), (t.port, 0))
+            for _ in range(100):
+                if t.errors:
+                    break
+                await asyncio.sleep(0.01)
+        await t.close(wipe=False)
+        return t
+
+    t = asyncio.run(go())
+    assert t.errors == 1 and t.requests == 0 and served == []

@@ -10,7 +10,7 @@ A frame on the socket::
     | off | size | field                                                    |
     |----:|-----:|----------------------------------------------------------|
     |   0 |   16 | nlmsghdr: len u32, type u16 (family id), flags u16,      |
-    |     |      |           seq u32, pid u32 (sender port; 0 = the kernel) |
+    |     |      |           seq u32, pid u32                               |
     |  16 |    4 | genlmsghdr: cmd u8, version u8 (1), reserved u16         |
     |  20 |    4 | nlattr: len u16 (4 + TAKA length), type u16 (ATTR_MSG)   |
     |  24 |    n | the TAKA message (docs/protocol.md), padded to 4 bytes   |
@@ -327,13 +327,19 @@ class GenlTransport:
             if self.sock is None:
                 return
             try:
-                data = self.sock.recv(_RECV)
+                data, (src, _groups) = self.sock.recvfrom(_RECV)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # ENOBUFS: the kernel dropped messages; go on
                 self.errors += 1
                 log.warning("generic netlink receive: %s", e)
                 return
+            if src != 0:
+                # only the kernel sends from port 0 (root could unicast to this port from
+                # another socket: never served).  NB: nlmsg_pid in the frame says nothing
+                # about the sender (a genlmsg_reply carries the receiver's own port).
+                self.errors += 1
+                continue
             for raw in split(data):
                 try:
                     self._dispatch(parse(raw, self.family_id))
@@ -356,8 +362,8 @@ class GenlTransport:
                 log.warning("generic netlink: the kernel refused message %d: %s", f.seq,
                             os.strerror(-f.error))
             return
-        if f.kind != "msg" or f.port != 0:
-            return  # only the kernel sends from port 0
+        if f.kind != "msg":
+            return
         if f.cmd != CMD_MSG or f.taka is None or len(f.taka) < P.HEADER_SIZE:
             self.errors += 1
             return
