@@ -10,8 +10,10 @@ DEB_PKGS := gcc make pkg-config python3-dev python3-venv libssl-dev libipsec-mb-
             libfuse3-dev fuse3 liburing-dev openssl rsyslog rsyslog-gnutls postgresql-15 postgresql-client-15 tar \
             valgrind strace fio chromium
 # tests/test_systemd_unit.py boots the Debian kernel under QEMU (TCG) with systemd as
-# PID 1 through virtme-ng: about 200 MB of packages and 30 s more on a fresh machine
-VM_PKGS  := linux-image-amd64 qemu-system-x86 busybox-static
+# PID 1 through virtme-ng: about 200 MB of packages and 30 s more on a fresh machine.
+# tests/test_kernel_vm.py builds kernel/takakryptfs.ko against the headers of that same
+# kernel (ci/deps.sh installs/upgrades image and headers together) and checks it with sparse
+VM_PKGS  := linux-image-amd64 linux-headers-amd64 sparse qemu-system-x86 busybox-static
 SOURCES  := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.c' -o -name '*.h' -o -name '*.pyi') \
             setup.py pyproject.toml
 

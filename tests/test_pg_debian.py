@@ -227,8 +227,8 @@ def test_docs_show_the_shipped_policy():
 
 
 def _vm_missing() -> list[str]:
-    from test_systemd_unit import _missing
-    return _missing()
+    from vmharness import missing
+    return missing(systemd=True)
 
 
 @pytest.mark.slow
@@ -237,7 +237,7 @@ def _vm_missing() -> list[str]:
 def test_postgresql_unit_under_systemd(tmp_path):
     """``systemctl start|stop postgresql@15-NAME`` (Debian's unit, under systemd as PID 1
     in a VM) on a guard point under the shipped policy (guest: pg_debian_guest.py)."""
-    from test_systemd_unit import boot_guest
+    from vmharness import boot_guest
     r = boot_guest(tmp_path, ROOT / "tests" / "pg_debian_guest.py", timeout=1200)
     assert "error" not in r, r["error"]
     why = json.dumps({k: v for k, v in r.items() if k not in ("journal", "pg_log")},

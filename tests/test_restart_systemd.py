@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from test_systemd_unit import _missing, boot_guest
+from vmharness import boot_guest, missing
+
+
+def _missing() -> list[str]:
+    return missing(systemd=True)
 
 pytestmark = [
     pytest.mark.skipif(bool(_missing()), reason="VM tooling absent: " + ", ".join(_missing())),

@@ -197,6 +197,9 @@ class Agent:
         if self.metrics:
             self.metrics.reloads.labels(result="ok").inc()
         log.info("configuration reloaded from %s", self.config_path)
+        for t in self.transports:  # the kernel module gets the new guard points
+            if hasattr(t, "config_changed"):
+                t.config_changed()
         await self.reconcile_guards()
         self.ready_if_served()
         return {"reloaded": True, "generation": self.cache.generation if self.cache is not None else None}

@@ -17,7 +17,7 @@ from typing import Any
 from .. import protocol as P
 from .. import procinfo
 from ..errors import Error, ProtocolError
-from .transports import exe_of, in_process, peer_allowed
+from .transports import KernelPeer, exe_of, in_process, peer_allowed
 
 log = logging.getLogger("takakryptd.handler")
 
@@ -306,16 +306,17 @@ class RequestHandler:
 
     # key services ----------------------------------------------------------------------
     # Raw keys (KEY_REQUEST) and key use (ENCRYPT/DECRYPT, an oracle as good as the key)
-    # are served only when agent.key_requests is on, only to a root peer (or the agent's
-    # own uid), and only for the key of an enabled guard point (the one named by
-    # guard_point_id, if given).  Every KEY_REQUEST is audited, served or not; the
-    # record names key, version and peer, never key bytes.  docs/protocol.md "Who may
-    # ask for keys".
+    # are served to the kernel (generic netlink), or when agent.key_requests is on to a
+    # root peer (or the agent's own uid); in both cases only for the key of an enabled
+    # guard point (the one named by guard_point_id, if given).  Every KEY_REQUEST is
+    # audited, served or not; the record names key, version and peer, never key bytes.
+    # docs/protocol.md "Who may ask for keys".
     def _key_refusal(self, key_id: str, gp_id: int, peer: Any) -> str:
         cfg = self.agent.config
-        if not cfg.agent.key_requests:
+        kernel = isinstance(peer, KernelPeer)
+        if not kernel and not cfg.agent.key_requests:
             return "key requests are disabled (agent.key_requests: false)"
-        if peer is None or not peer_allowed(peer):
+        if peer is None or not (kernel or peer_allowed(peer)):
             return "key requests are served to root only"
         gps = cfg.guard_points
         if gp_id:
@@ -333,8 +334,9 @@ class RequestHandler:
         if self.agent.audit is None:
             return
         pid, uid = (peer.pid, peer.uid) if peer is not None else (0, -1)
+        exe = "kernel" if isinstance(peer, KernelPeer) else exe_of(pid) if pid else ""
         self.agent.audit.log(ev.system_event(
-            ev.KEY_REQUEST, reason, uid=uid, pid=pid, exe=exe_of(pid) if pid else "",
+            ev.KEY_REQUEST, reason, uid=uid, pid=pid, exe=exe,
             operation=msg.operation.name.lower(), decision=decision, key=key_id,
             key_version=version or None))
 

@@ -11,7 +11,8 @@ know where a message came from.  Transports here:
 - the in-process request ring (``takakrypt._ring``) used by the FUSE data path, attached
   by ``agent.guards``.
 
-Generic netlink (the kernel module) joins later with the same handler.
+- generic netlink (``agent.genl``): the kernel module ``takakryptfs``, whose peer is
+  :data:`KERNEL`; started only when the module is loaded.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ class Peer(NamedTuple):
     pid: int
     uid: int
     gid: int
+
+
+class KernelPeer(Peer):
+    """The peer of the generic-netlink transport: the kernel (only it sends from port 0;
+    the agent's registration needed CAP_NET_ADMIN).  A type of its own, so that no
+    SO_PEERCRED value (pid 0 is what a peer in another pid namespace shows) can pass
+    for it."""
+
+    __slots__ = ()
+
+
+KERNEL = KernelPeer(0, 0, 0)
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -223,4 +236,9 @@ async def start_all(agent: Any) -> list[Any]:
         s = SeqpacketServer(agent.config.agent.protocol_socket, agent.handler, agent)
         await s.start()
         servers.append(s)
+    from . import genl
+
+    k = await genl.start(agent)  # None: takakryptfs is not loaded
+    if k is not None:
+        servers.append(k)
     return servers

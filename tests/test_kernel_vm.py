@@ -1,0 +1,123 @@
+"""The kernel suite: takakryptfs.ko built here, loaded in Debian's 6.1 kernel booted
+under QEMU (TCG) with virtme-ng, and tested there by tests/kernel/guest/ (one VM boot
+for the whole suite).  Each guest test is reported here as a test of its own; a guest
+test that did not run fails, and so does any panic, oops, BUG, WARNING, lockdep or
+kmemleak report in the guest's kernel log (vmharness.kernel_log_problems).
+
+The module is built against the headers of the kernel that boots (/boot's newest
+vmlinuz-6.1.*, and the linux-headers package of the same release), so vermagic matches.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+import vmharness as vm
+
+TREE = vm.TREE
+GUEST = TREE / "tests" / "kernel" / "guest"
+# TAKAKRYPT_KERNEL_SRC: test a module from another directory (same Makefile contract)
+KDIR = Path(os.environ.get("TAKAKRYPT_KERNEL_SRC", TREE / "kernel"))
+
+
+def _missing() -> list[str]:
+    out = vm.missing(systemd=False, series="6.1.")
+    k = vm.kernel("6.1.")
+    if k and not vm.headers_for(k):
+        out.append(f"linux-headers-{vm.kernel_release(k)} (Debian: linux-headers-amd64, "
+                   "upgraded together with linux-image-amd64)")
+    return out
+
+
+def guest_tests() -> list[str]:
+    """module::function of every guest test, read from the source (not imported)."""
+    out = []
+    for f in sorted(GUEST.glob("test_*.py")):
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                out.append(f"{f.stem}::{node.name}")
+    return out
+
+
+pytestmark = [
+    pytest.mark.skipif(bool(_missing()), reason="VM tooling absent: " + ", ".join(_missing())),
+    pytest.mark.skipif(not (KDIR / "Makefile").exists(),
+                       reason=f"{KDIR} has no module yet (no Makefile)"),
+]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kvm")
+    out.chmod(0o755)
+    vmlinuz = vm.kernel("6.1.")
+    kbuild = vm.headers_for(vmlinuz)
+    build = subprocess.run(["make", "-C", str(KDIR), f"KDIR={kbuild}"], capture_output=True,
+                           text=True, timeout=900)
+    (out / "build.log").write_text(build.stdout + build.stderr)
+    assert build.returncode == 0, f"make -C kernel KDIR={kbuild}:\n{build.stderr[-4000:]}"
+    ko = KDIR / "takakryptfs.ko"
+    assert ko.exists(), "the build made no kernel/takakryptfs.ko"
+    junit = out / "junit.xml"
+    cmd = (f"{sys.executable} -m pytest {GUEST} -p no:cacheprovider -q -rA "
+           f"--rootdir={TREE} -c {TREE / 'pyproject.toml'} --junitxml={junit}")
+    run = vm.run_guest(out, cmd, timeout=1500, env={
+        "TAKAKRYPT_IN_VM": "1", "TAKAKRYPT_KO": str(ko), "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONPATH": f"{TREE / 'src'}:{TREE / 'tests'}", "HYPOTHESIS_PROFILE": "ci",
+        "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"})
+    print(f"\nguest run: exit {run.rc}; results in {out}")
+    return run, _results(junit)
+
+
+def _results(junit: Path) -> dict[str, tuple[str, str]]:
+    """module::function[param] -> (outcome, message) from the guest's junit.xml."""
+    if not junit.exists():
+        return {}
+    out = {}
+    for case in ET.parse(junit).iter("testcase"):
+        mod = case.get("classname", "").rsplit(".", 1)[-1]
+        key = f"{mod}::{case.get('name')}"
+        outcome, msg = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                msg = (el.get("message") or "") + "\n" + (el.text or "")
+                if tag != "skipped":
+                    break
+        if key in out and out[key][0] != "passed" and outcome == "passed":
+            continue  # a teardown error is a second record of the same test
+        out[key] = (outcome, msg)
+    return out
+
+
+@pytest.mark.parametrize("name", guest_tests())
+def test_guest(suite, name):
+    run, results = suite
+    mine = {k: v for k, v in results.items() if k == name or k.startswith(name + "[")}
+    if not mine:
+        pytest.fail(f"guest test {name} did not run\n{run.tail()}")
+    bad = {k: v for k, v in mine.items() if v[0] in ("failed", "error")}
+    if bad:
+        pytest.fail("\n\n".join(f"{k}: {o}\n{m[-3000:]}" for k, (o, m) in bad.items()))
+    if all(o == "skipped" for o, _ in mine.values()):
+        pytest.skip("in the guest: " + next(iter(mine.values()))[1].strip()[:300])
+
+
+def test_guest_suite_completed(suite):
+    run, results = suite
+    assert results, f"no junit.xml from the guest\n{run.tail()}"
+    assert run.rc is not None, f"the guest command never finished\n{run.tail()}"
+
+
+def test_guest_kernel_log_clean(suite):
+    run, _ = suite
+    assert run.dmesg, f"no kernel log from the guest\n{run.tail()}"
+    assert not run.problems, "the guest kernel reported:\n" + "\n".join(run.problems[:80])
