@@ -98,8 +98,17 @@ static ssize_t tkfs_write_iter(struct kiocb *iocb, struct iov_iter *from)
 	iocb->ki_flags &= ~IOCB_DIRECT;
 	ret = generic_file_write_iter(iocb, from);
 	if (ret > 0 && direct) {
+		struct inode *inode = file_inode(iocb->ki_filp);
+
+		/* stored before it returns; a write that grew the file also gets the
+		 * header's size, which waits for every dirty page (blocks before size) */
 		err = filemap_write_and_wait_range(iocb->ki_filp->f_mapping,
 						   iocb->ki_pos - ret, iocb->ki_pos - 1);
+		if (!err && i_size_read(inode) != TKFS_I(inode)->disk_size) {
+			err = filemap_write_and_wait(inode->i_mapping);
+			if (!err)
+				err = tkfs_commit_size(inode);
+		}
 		if (err)
 			ret = err;
 	}

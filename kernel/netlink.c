@@ -45,7 +45,8 @@ static u32 config_generation;
 static u32 config_count;
 
 static const struct nla_policy tkfs_nl_policy[TAKAKRYPT_ATTR_MAX + 1] = {
-	[TAKAKRYPT_ATTR_MSG] = { .type = NLA_BINARY, .len = TAKAKRYPT_MAX_MSG_SIZE },
+	/* no length here: an oversize message is EINVAL (check_header), not ERANGE */
+	[TAKAKRYPT_ATTR_MSG] = { .type = NLA_BINARY },
 };
 
 static struct genl_family tkfs_family;

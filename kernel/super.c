@@ -150,7 +150,8 @@ static const struct super_operations tkfs_sops = {
 	.evict_inode = tkfs_evict_inode,
 	.statfs = tkfs_statfs,
 	.show_options = tkfs_show_options,
-	.drop_inode = generic_delete_inode,
+	/* no .drop_inode = generic_delete_inode (as pass-through stacks use): an inode
+	 * dropped at its last iput would lose its dirty plaintext pages unwritten */
 };
 
 enum { OPT_KEY, OPT_GP, OPT_ERR };

@@ -81,6 +81,7 @@ class Env:
 @contextlib.contextmanager
 def kernel_env():
     base = Path(tempfile.mkdtemp(prefix="tkfs-", dir="/tmp"))
+    base.chmod(0o755)   # other users (the permission tests) may walk to the mount
     env = Env(base)
     # ext4 on a RAM disk (virtme-ng's guest has no loop devices): brd, 384 MiB
     if not os.path.exists("/dev/ram0"):
