@@ -13,6 +13,7 @@ kernel-log scan fails on)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -47,7 +48,8 @@ def test_rmmod_refused_while_mounted(scratch):
     (lower / "sub").mkdir()
     mount(lower, mnt, "key=k1")
     try:
-        assert delete_module() == __import__("errno").EBUSY
+        # in use: the kernel refuses with EWOULDBLOCK (rmmod: "is in use"), changes nothing
+        assert delete_module() in (errno.EWOULDBLOCK, errno.EBUSY)
         assert loaded() and str(mnt) in our_mounts()
         assert os.listdir(mnt) == ["sub"] and os.path.isdir(mnt / "sub")
         os.mkdir(mnt / "made-after")
