@@ -55,3 +55,14 @@ def test_sparse_clean(ksrc):
     assert r.returncode == 0, log[-4000:]
     assert "CHECK" in log, "sparse did not run over the sources"
     assert ": warning:" not in log and ": error:" not in log, log[-4000:]
+
+
+def test_strict_build_catches_a_warning(tmp_path):
+    """Negative control: the same strict build of a copy with one unused variable fails."""
+    d = tmp_path / "kernel"
+    shutil.copytree(TREE / "kernel", d, ignore=shutil.ignore_patterns(
+        "*.o", "*.ko", "*.mod*", ".*.cmd", "Module.symvers", "modules.order"))
+    with open(d / "keys.c", "a") as f:
+        f.write("\nstatic int tkfs_planted_unused;\n")
+    r = _make(d, "strict")
+    assert r.returncode != 0 and "tkfs_planted_unused" in r.stdout + r.stderr
