@@ -93,6 +93,7 @@ static int load_header_locked(struct inode *inode)
 	bool first = ii->state == TKFS_HDR_UNKNOWN && !ii->hdr.size && !ii->disk_size &&
 		     !inode->i_mapping->nrpages;
 	loff_t lsize = i_size_read(ii->lower_inode);
+	int epoch = atomic_read(&sbi->key_epoch);	/* before the key is fetched */
 	ssize_t r;
 	int err;
 
@@ -103,10 +104,12 @@ static int load_header_locked(struct inode *inode)
 		ii->disk_size = 0;
 		return 0;
 	}
+	/* the file keys count as current only once derived below (a failed load must not
+	 * leave an OK inode with wiped keys looking current) */
+	ii->key_epoch = -1;
 	r = tkfs_lower_read(inode, raw, TAKA_HDR_SIZE, 0);
 	if (r < 0)
 		return r;
-	ii->key_epoch = atomic_read(&sbi->key_epoch);
 	if (r < TAKA_HDR_SIZE) {
 		err = -EBADMSG;
 		tkfs_report_eio(inode, U64_MAX, "header truncated");
@@ -139,6 +142,7 @@ static int load_header_locked(struct inode *inode)
 			i_size_write(inode, ii->hdr.size);
 	}
 	ii->state = TKFS_HDR_OK;
+	ii->key_epoch = epoch;
 	return 0;
 bad:
 	ii->state = TKFS_HDR_BAD;
@@ -206,6 +210,7 @@ int tkfs_create_header(struct inode *inode)
 	struct tkfs_sb *sbi = TKFS_SB(inode->i_sb);
 	u8 key[TAKA_KEY_LEN], *raw = ii->hdr.raw;
 	size_t klen = strlen(sbi->key_name);
+	int epoch = atomic_read(&sbi->key_epoch);	/* before the key is fetched */
 	u32 version = 0;
 	int err;
 
@@ -245,7 +250,7 @@ int tkfs_create_header(struct inode *inode)
 		up_write(&ii->key_sem);
 		return err;
 	}
-	ii->key_epoch = atomic_read(&sbi->key_epoch);
+	ii->key_epoch = epoch;
 	ii->state = TKFS_HDR_OK;
 	ii->disk_size = 0;
 	ii->enc_count = 0;
