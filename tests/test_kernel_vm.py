@@ -68,7 +68,7 @@ def suite(tmp_path_factory):
     junit = out / "junit.xml"
     cmd = (f"{sys.executable} -m pytest {GUEST} -p no:cacheprovider -q -rA "
            f"--rootdir={TREE} -c {TREE / 'pyproject.toml'} --junitxml={junit}")
-    run = vm.run_guest(out, cmd, timeout=1500, env={
+    run = vm.run_guest(out, cmd, timeout=2700, env={
         "TAKAKRYPT_IN_VM": "1", "TAKAKRYPT_KO": str(ko), "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONPATH": f"{TREE / 'src'}:{TREE / 'tests'}", "HYPOTHESIS_PROFILE": "ci",
         "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"})

@@ -103,3 +103,13 @@ def mount(lower: Path, mnt: Path, opts: str) -> None:
 def umount(mnt: Path) -> None:
     r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
     assert r.returncode == 0, f"umount {mnt}: {r.stderr}"
+
+
+@pytest.fixture(scope="session")
+def kenv():
+    """One kernel guard point environment (ext4 lower, takakryptd, FUSE peer, the
+    takakryptfs mount) for the data-path and model tests: takakryptd takes minutes to
+    start under TCG, so it starts once."""
+    from tkfs_env import kernel_env
+    with kernel_env() as e:
+        yield e

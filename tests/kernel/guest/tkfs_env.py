@@ -69,10 +69,20 @@ class Env:
             raise AssertionError(f"takakrypt {args}: exit {r.returncode}: {r.stderr!r}")
         return r
 
-    def decrypt(self, stored: Path) -> bytes:
+    def decrypt(self, stored: Path, cli: bool = False) -> bytes:
+        """What `takakrypt decrypt` makes of a stored file: the command itself with cli,
+        else its code (takakrypt.stream.decrypt_file) in this process -- a Python start
+        per file costs many seconds under TCG."""
         out = self.base / "decrypt.out"
         out.unlink(missing_ok=True)
-        self.cli("decrypt", "-q", str(stored), str(out))
+        if cli:
+            self.cli("decrypt", "-q", str(stored), str(out))
+        else:
+            from takakrypt.keys import open_keystore
+            from takakrypt.stream import decrypt_file
+            with open_keystore(str(self.base / "keystore.json"),
+                               master_key_file=str(self.base / "master.key")) as ks:
+                decrypt_file(str(stored), str(out), ks.get)
         data = out.read_bytes()
         out.unlink()
         return data
