@@ -114,45 +114,51 @@ static int tkfs_read_folio(struct file *file, struct folio *folio)
 /* ---- writeback ---------------------------------------------------------------------- */
 
 /*
- * Encrypt n plaintext bytes of block index (a copy in buf + 12) and store them.  Before
- * the first block past the header's size, stored bytes past that size (left by a crash)
- * are cut; each encryption is taken from the header's lease.
+ * Seal n plaintext bytes at buf + 12 (one encryption taken from the header's lease) and
+ * store the block; key_sem read-held, the header state OK.
+ */
+static int store_block(struct inode *inode, u64 index, u8 *buf, size_t n)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	ssize_t w;
+	int err;
+
+	mutex_lock(&ii->hdr_lock);
+	err = tkfs_reserve_encryptions(inode, 1);
+	mutex_unlock(&ii->hdr_lock);
+	if (!err)
+		err = tkfs_block_seal(ii, index, buf, n);
+	if (err)
+		return err;
+	w = tkfs_lower_write(inode, buf, n + TAKA_OVERHEAD, tkfs_block_off(index));
+	return w < 0 ? w : 0;
+}
+
+/*
+ * Write-back of block index (n plaintext bytes, a copy in buf + 12).  Before the first
+ * block past the header's size, stored bytes past that size (left by a crash) are cut.
  */
 static int write_block(struct inode *inode, u64 index, u8 *buf, size_t n)
 {
 	struct tkfs_inode *ii = TKFS_I(inode);
 	loff_t start = (loff_t)index << PAGE_SHIFT;
-	ssize_t w;
 	int err;
 
-	err = tkfs_ensure_keys(inode);
+	err = tkfs_ensure_ready(inode);
 	if (err)
-		return -EIO;
-	if (ii->state != TKFS_HDR_OK) {
-		err = -EIO;
-		goto out;
-	}
+		return err;
 	mutex_lock(&ii->hdr_lock);
 	if (!ii->tail_cut && start + n > ii->disk_size) {
 		loff_t keep = tkfs_stored_len(ii->disk_size);
 
-		err = 0;
 		if (i_size_read(ii->lower_inode) > keep)
 			err = tkfs_lower_truncate(inode, keep);
 		if (!err)
 			ii->tail_cut = true;
 	}
-	if (!err)
-		err = tkfs_reserve_encryptions(inode, 1);
 	mutex_unlock(&ii->hdr_lock);
-	if (err)
-		goto out;
-	err = tkfs_block_seal(ii, index, buf, n);
-	if (err)
-		goto out;
-	w = tkfs_lower_write(inode, buf, n + TAKA_OVERHEAD, tkfs_block_off(index));
-	err = w < 0 ? w : 0;
-out:
+	if (!err)
+		err = store_block(inode, index, buf, n);
 	up_read(&ii->key_sem);
 	return err;
 }
@@ -322,29 +328,16 @@ const struct address_space_operations tkfs_aops = {
 
 /* ---- size changes (truncate), synchronous ------------------------------------------- */
 
-/*
- * Re-encrypt block index at length n from the plaintext in page (locked or otherwise
- * stable); key_sem read-held.
- */
+/* re-encrypt block index at length n from plain (PAGE_SIZE bytes) */
 static int rewrite_block_from(struct inode *inode, u64 index, const u8 *plain, size_t n)
 {
-	struct tkfs_inode *ii = TKFS_I(inode);
 	u8 *buf = kmalloc(TKFS_STORED_BS, GFP_NOFS);
-	ssize_t w;
 	int err;
 
 	if (!buf)
 		return -ENOMEM;
 	memcpy(buf + TAKA_NONCE, plain, n);
-	mutex_lock(&ii->hdr_lock);
-	err = tkfs_reserve_encryptions(inode, 1);
-	mutex_unlock(&ii->hdr_lock);
-	if (!err)
-		err = tkfs_block_seal(ii, index, buf, n);
-	if (!err) {
-		w = tkfs_lower_write(inode, buf, n + TAKA_OVERHEAD, tkfs_block_off(index));
-		err = w < 0 ? w : 0;
-	}
+	err = store_block(inode, index, buf, n);
 	kfree_sensitive(buf);
 	return err;
 }
@@ -373,13 +366,9 @@ int tkfs_setsize(struct inode *inode, loff_t newsize)
 		if (err)
 			return err;
 	}
-	err = tkfs_ensure_keys(inode);
+	err = tkfs_ensure_ready(inode);
 	if (err)
-		return -EIO;
-	if (ii->state != TKFS_HDR_OK) {
-		err = -EIO;
-		goto out;
-	}
+		return err;
 	plain = kmalloc(PAGE_SIZE, GFP_NOFS);
 	if (!plain) {
 		err = -ENOMEM;

@@ -200,6 +200,20 @@ int tkfs_ensure_keys(struct inode *inode)
 	return 0;
 }
 
+/* tkfs_ensure_keys for a file that has a header: -EIO (no lock held) for any other */
+int tkfs_ensure_ready(struct inode *inode)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+
+	if (tkfs_ensure_keys(inode))
+		return -EIO;
+	if (ii->state != TKFS_HDR_OK) {
+		up_read(&ii->key_sem);
+		return -EIO;
+	}
+	return 0;
+}
+
 /*
  * A new file (created through the mount, or a lower file of length 0 opened for
  * writing): fresh file id, the mount's key at its current version, size 0.

@@ -211,6 +211,7 @@ void tkfs_crypto_exit(void);
 int tkfs_load_header(struct inode *inode);
 int tkfs_create_header(struct inode *inode);
 int tkfs_ensure_keys(struct inode *inode);	/* down_read(key_sem) held on success */
+int tkfs_ensure_ready(struct inode *inode);	/* the same, and the header state is OK */
 int tkfs_write_header(struct inode *inode, u64 size, u64 lease);
 int tkfs_reserve_encryptions(struct inode *inode, u64 n);
 void tkfs_report_eio(struct inode *inode, u64 block, const char *what);

@@ -83,10 +83,20 @@ def test_mount_cycles_leave_no_slab_objects(scratch):
     before = _slab()
     for i in range(N):
         cycle(i)
-    _settle()
-    after = _slab()
     ncpu = os.cpu_count() or 1
-    grown = {k: after[k][0] - before[k][0] for k in after if k in before}
-    leaks = {k: g for k, g in grown.items() if g - before[k][1] * ncpu >= N // 2}
+
+    def leaked() -> tuple[dict, dict]:
+        _settle()
+        after = _slab()
+        grown = {k: after[k][0] - before[k][0] for k in after if k in before}
+        return grown, {k: g for k, g in grown.items() if g - before[k][1] * ncpu >= N // 2}
+
+    # a super block is freed after an RCU grace period and a work item (its dentry and
+    # inode LRUs are two kmalloc-96 objects): slow under TCG, so wait for frees that
+    # are only late; a leak stays
+    grown, leaks = leaked()
+    deadline = time.monotonic() + 60
+    while leaks and time.monotonic() < deadline:
+        grown, leaks = leaked()
     print("slab growth over", N, "cycles:", {k: g for k, g in grown.items() if g})
     assert not leaks, f"kmalloc objects that grew with the {N} cycles: {leaks}"
