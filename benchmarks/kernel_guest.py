@@ -35,7 +35,6 @@ import ctypes
 import json
 import os
 import platform
-import re
 import shutil
 import socket
 import statistics
@@ -233,6 +232,8 @@ def validate(doc: dict[str, Any]) -> list[str]:
                 errs.append(f"samples.{w}.{t}: not a list of positive numbers")
             elif len(vals) > doc["rounds"]:
                 errs.append(f"samples.{w}.{t}: {len(vals)} samples for {doc['rounds']} rounds")
+    if not isinstance(doc.get("complete"), bool):
+        errs.append("complete missing or not a bool")
     for k in ("kernel", "cpu_flags", "aes_ni"):
         if k not in doc["machine"]:
             errs.append(f"machine.{k} missing")
@@ -289,11 +290,29 @@ def machine_info() -> dict[str, Any]:
 
 # AF_ALG: the kernel's gcm(aes), as takakryptfs calls it (one request per 4 KiB block)
 SOL_ALG = 279
+BULK = 64 * 1024
 
 
 def afalg_gcm(block: int, seconds: float, aad_len: int = 72) -> dict[str, float]:
     """MiB/s of the kernel's gcm(aes) (256-bit key, 16-byte tag) encrypting and
     decrypting ``block``-byte requests through an AF_ALG socket for ``seconds`` each."""
+    import signal
+
+    def hung(*_):
+        raise TimeoutError(f"AF_ALG gcm(aes) with {block}-byte requests did not answer")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(int(2 * seconds) + 30)
+    try:
+        return _afalg_gcm(block, seconds, aad_len)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _afalg_gcm(block: int, seconds: float, aad_len: int) -> dict[str, float]:
+    # one sendmsg must fit the socket's send buffer (about 200 KiB): af_alg_sendmsg waits
+    # for room that only a recv after it would make
     key = os.urandom(32)
     alg = socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0)
     try:
@@ -343,15 +362,19 @@ def _umount(path: str) -> None:
 
 
 def sizes_for(quick: bool):
+    """The workloads' sizes under TCG, and whether fio runs.  What sets them: the FUSE
+    targets' small-file workloads cost 40-60 ms of emulated time a file (every file is
+    a handful of FUSE round trips, once warm), so the tree has 2000 entries (300 quick)
+    to keep a full run near 15 minutes; native does a round of it in a few seconds."""
     from takakrypt.bench.workloads import Sizes
 
-    # sized for TCG: a native round (all groups) well under 30 s
     if quick:
-        return Sizes(seq_mib=32, files=1000, fio_mib=8, fio_seconds=2)
-    return Sizes(seq_mib=64, files=3000, fio_mib=16, fio_seconds=4)
+        return Sizes(seq_mib=32, files=300, fio_mib=8, fio_seconds=1), False
+    return Sizes(seq_mib=64, files=2000, fio_mib=8, fio_seconds=2), True
 
 
-def run(out: Path, quick: bool, rounds: int, only: tuple[str, ...]) -> dict[str, Any]:
+def run(out: Path, quick: bool, rounds: int, warmup: int,
+        only: tuple[str, ...]) -> dict[str, Any]:
     import yaml
     from agent_helpers import Daemon, base_config
     from takakrypt.bench.targets import Target, realistic_policy
@@ -386,12 +409,22 @@ def run(out: Path, quick: bool, rounds: int, only: tuple[str, ...]) -> dict[str,
     private = base / "private"
     private.mkdir(mode=0o711)
 
-    sizes = sizes_for(quick)
+    log("cipher: AF_ALG gcm(aes), before anything else runs")
+    secs = 1.0 if quick else 2.0
+    cipher = {"driver": (info["gcm_drivers"] or [{}])[0].get("driver"),
+              "key_bits": 256, "aad_bytes": 72,
+              "method": "AF_ALG aead gcm(aes), one thread, one request per block; "
+                        "bulk requests amortize the system call",
+              "bulk_block": BULK, "bulk_mibps": afalg_gcm(BULK, secs),
+              "block_mibps": afalg_gcm(4096, secs)}
+    log(f"cipher: {cipher['bulk_mibps']} MiB/s ({BULK} B), {cipher['block_mibps']} (4 KiB)")
+
+    sizes, with_fio = sizes_for(quick)
     groups = [Sequential(sizes), Tree(sizes)]
     fio = Fio(sizes)
     ctx = Context(sizes=sizes, private=private, cold=True, directory=ext)
     skipped = {}
-    why = fio.unavailable(ctx)
+    why = fio.unavailable(ctx) or (None if with_fio else "not in a quick run")
     if why:
         skipped["fio"] = why
     else:
@@ -422,6 +455,8 @@ def run(out: Path, quick: bool, rounds: int, only: tuple[str, ...]) -> dict[str,
     kmounted = False
     doc: dict[str, Any] = {}
     try:
+        for g in groups:        # while takakryptd starts (a minute or more under TCG)
+            g.prepare(ctx)
         agent.wait_for("READY=1", timeout=600)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "agent registered" not in _sh("dmesg"):
@@ -431,15 +466,35 @@ def run(out: Path, quick: bool, rounds: int, only: tuple[str, ...]) -> dict[str,
         log(f"targets up after {time.monotonic() - t_start:.0f} s")
         targets = [Target(n, TARGETS[n][0], mnts[n], dirs[n], TARGETS[n][1], TARGETS[n][2])
                    for n in TARGETS]
-        for g in groups:
-            g.prepare(ctx)
         samples: dict[str, dict[str, list[float]]] = {}
+        warm: dict[str, dict[str, list[float]]] = {}
         failures: dict[str, dict[str, str]] = {}
         ready: set[tuple[str, str]] = set()
-        orders = []
-        for r in range(rounds):
+        orders: list[list[str]] = []
+
+        def document(complete: bool) -> dict[str, Any]:
+            return {
+                "schema": SCHEMA, "complete": complete, "machine": info, "rounds": rounds,
+                "warmup_rounds": warmup,
+                "settings": {"quick": quick, "seq_mib": sizes.seq_mib, "files": sizes.files,
+                             "tree_entries": next((g.entries for g in groups
+                                                   if isinstance(g, Tree)), None),
+                             "fio_mib": sizes.fio_mib, "fio_seconds": sizes.fio_seconds,
+                             "fio_jobs": 2, "orders": orders, "skipped": skipped,
+                             "kernel_mount": "key=k1,gp=2", "policy_yaml": policy_yaml},
+                "targets": {n: {"label": v[0], "engine": v[1], "policy": v[2]}
+                            for n, v in TARGETS.items()},
+                "samples": samples, "warmup_samples": warm, "failures": failures,
+                "cipher": cipher, "guest_seconds": time.monotonic() - t_start}
+
+        # warm-up rounds first (TCG translates code on first use: a first round ran
+        # several times slower, FUSE untar up to 10x), recorded apart, not in the figures
+        for r in range(warmup + rounds):
+            measured = r >= warmup
+            name = f"round {r - warmup + 1}" if measured else f"warm-up {r + 1}"
             order = targets[r % len(targets):] + targets[:r % len(targets)]
-            orders.append([t.name for t in order])
+            if measured:
+                orders.append([t.name for t in order])
             for g in groups:
                 for t in order:
                     if g.name in failures.get(t.name, {}):
@@ -454,36 +509,22 @@ def run(out: Path, quick: bool, rounds: int, only: tuple[str, ...]) -> dict[str,
                         failures.setdefault(t.name, {})[g.name] = str(e)
                         for w in g.workloads:
                             failures[t.name][w.name] = str(e)
-                        log(f"round {r + 1} {g.name} on {t.name}: FAILED {e}")
+                        log(f"{name} {g.name} on {t.name}: FAILED {e}")
                         continue
                     for w, v in got.items():
-                        samples.setdefault(w, {}).setdefault(t.name, []).append(v)
-                    log(f"round {r + 1} {g.name} on {t.name}: "
+                        (samples if measured else warm).setdefault(w, {}).setdefault(
+                            t.name, []).append(v)
+                    log(f"{name} {g.name} on {t.name}: "
                         + ", ".join(f"{w} {v:.2f}" for w, v in got.items())
                         + f" ({time.monotonic() - t0:.0f} s)")
+            # what is measured so far survives a VM that is given up later
+            (out / "result.json").write_text(json.dumps(document(False), indent=1))
         for g in groups:
             for t in targets:
                 if (g.name, t.name) in ready:
                     with contextlib.suppress(WorkloadFailed, OSError):
                         g.teardown(ctx, t)
-        log("cipher: AF_ALG gcm(aes)")
-        secs = 1.0 if quick else 2.0
-        cipher = {"driver": (info["gcm_drivers"] or [{}])[0].get("driver"),
-                  "key_bits": 256, "method": "AF_ALG aead gcm(aes), one request per block, "
-                  "one thread; bulk requests amortize the system call",
-                  "bulk_block": 1 << 20, "bulk_mibps": afalg_gcm(1 << 20, secs),
-                  "block_mibps": afalg_gcm(4096, secs)}
-        doc = {"schema": SCHEMA, "machine": info, "rounds": rounds,
-               "settings": {"quick": quick, "seq_mib": sizes.seq_mib, "files": sizes.files,
-                            "tree_entries": next((g.entries for g in groups
-                                                  if isinstance(g, Tree)), None),
-                            "fio_mib": sizes.fio_mib, "fio_seconds": sizes.fio_seconds,
-                            "fio_jobs": 2, "orders": orders, "skipped": skipped,
-                            "kernel_mount": "key=k1,gp=2", "policy_yaml": policy_yaml},
-               "targets": {n: {"label": v[0], "engine": v[1], "policy": v[2]}
-                           for n, v in TARGETS.items()},
-               "samples": samples, "failures": failures, "cipher": cipher,
-               "guest_seconds": time.monotonic() - t_start}
+        doc = document(True)
     finally:
         if kmounted:
             with contextlib.suppress(OSError):
@@ -499,10 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     ap.add_argument("--only", default="", help="comma-separated workloads")
     a = ap.parse_args(argv)
     only = tuple(w for w in a.only.split(",") if w)
-    doc = run(a.out, a.quick, a.rounds, only)
+    doc = run(a.out, a.quick, a.rounds, a.warmup, only)
     errs = validate(doc)
     if errs:
         log("result document invalid: " + "; ".join(errs))

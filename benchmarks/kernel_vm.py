@@ -1,7 +1,7 @@
 """Benchmark takakryptfs against native ext4 and the FUSE guard point, in one VM.
 
-usage: python benchmarks/kernel_vm.py [--quick] [--rounds N] [--json OUT] [--ko PATH]
-                                      [--only W1,W2] [--keep DIR]
+usage: python benchmarks/kernel_vm.py [--quick] [--rounds N] [--warmup N] [--json OUT]
+                                      [--ko PATH] [--only W1,W2] [--keep DIR]
        make bench-kernel
 
 Builds kernel/takakryptfs.ko against the headers of /boot's newest 6.1 kernel (or takes
@@ -24,14 +24,13 @@ say what each layer costs in CPU, the absolute figures say nothing about real ma
 flags, QEMU version, gcm(aes) drivers).  Exit status: 0 done (whether the targets are
 met or not), 1 the run failed (no result, a failed workload, or a kernel log problem:
 panic, oops, BUG, WARNING, lockdep), 2 usage or missing tools.  Run as root; one VM at a
-time on a shared machine.  Quick: about 5 minutes; full: about 12.
+time on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -71,15 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n", 2)[2] if __doc__ else None,
         usage=__doc__.split("\n\n")[1].removeprefix("usage: ") if __doc__ else None)
     ap.add_argument("--quick", action="store_true",
-                    help="smaller sizes (32 MiB, 1000 files, fio 2 s), 3 rounds")
+                    help="smaller: 32 MiB, a 300-file tree, no fio")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (at least 3; default 3)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="unmeasured rounds first (default 1: TCG translates code on first "
+                         "use; the first round ran several times slower)")
     ap.add_argument("--json", type=Path, metavar="OUT", help="write the raw results here")
     ap.add_argument("--ko", type=Path, help="a built takakryptfs.ko (default: build kernel/)")
     ap.add_argument("--only", default="", help="only these workloads (comma-separated)")
     ap.add_argument("--keep", type=Path, metavar="DIR",
                     help="the VM's output directory (default: a temporary one, kept)")
     ap.add_argument("--timeout", type=float, default=0,
-                    help="seconds before the VM is given up (default: 600 quick, 1500 full)")
+                    help="seconds before the VM is given up (default: 900 quick, 2400 full)")
     a = ap.parse_args(argv)
     if a.rounds < 3:
         ap.error("--rounds must be at least 3 (medians of interleaved rounds)")
@@ -98,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     out.chmod(0o755)
     (out / "result.json").unlink(missing_ok=True)
     qemu = qemu_version()
-    cmd = (f"{sys.executable} {HERE / 'kernel_guest.py'} {out} --rounds {a.rounds}"
+    cmd = (f"{sys.executable} {HERE / 'kernel_guest.py'} {out} --rounds {a.rounds} --warmup {a.warmup}"
            + (" --quick" if a.quick else "") + (f" --only {a.only}" if a.only else ""))
     print(f"kernel_vm: booting {vm.kernel_release(vmlinuz)} under TCG ({qemu}); "
           f"guest output: {out / 'guest.log'}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
-    run = vm.run_guest(out, cmd, timeout=a.timeout or (600 if a.quick else 1500),
+    run = vm.run_guest(out, cmd, timeout=a.timeout or (900 if a.quick else 2400),
                        memory="2G", cpus=2, env={
                            "TAKAKRYPT_KO": str(ko), "PYTHONDONTWRITEBYTECODE": "1",
                            "TAKAKRYPT_QEMU_VERSION": qemu,
@@ -132,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps(doc, indent=1))
         print(f"raw samples: {a.json}")
     bad = 0
+    if not doc.get("complete"):
+        print(f"INCOMPLETE: the guest did not finish (exit status {run.rc}); the table holds "
+              "the rounds it completed\n" + run.tail(1500), file=sys.stderr)
+        bad = 1
+    elif run.rc != 0:
+        print(f"the guest command exited with {run.rc}\n" + run.tail(1500), file=sys.stderr)
+        bad = 1
     if errs:
         print("result document invalid: " + "; ".join(errs), file=sys.stderr)
         bad = 1

@@ -20,7 +20,7 @@ import kernel_guest as kg  # noqa: E402
 
 def canned() -> dict:
     return {
-        "schema": kg.SCHEMA, "rounds": 3,
+        "schema": kg.SCHEMA, "rounds": 3, "complete": True, "warmup_rounds": 1,
         "machine": {"kernel": "6.1.0-57-amd64", "cpu_flags": ["fpu", "aes"], "aes_ni": True,
                     "qemu": "QEMU emulator version 7.2.x", "accelerator": "TCG",
                     "lower": "ext4 on a brd RAM disk"},
@@ -120,6 +120,7 @@ def test_validate_accepts_canned_and_json_round_trip():
     (lambda d: d["samples"]["untar"].update(kernel=[1.0, -2.0]), "positive numbers"),
     (lambda d: d["samples"]["untar"].update(kernel=[1.0] * 4), "4 samples for 3 rounds"),
     (lambda d: d["machine"].pop("aes_ni"), "machine.aes_ni"),
+    (lambda d: d.pop("complete"), "complete missing"),
 ])
 def test_validate_names_what_is_wrong(mutate, needle):
     doc = canned()
