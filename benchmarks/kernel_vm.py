@@ -24,7 +24,9 @@ say what each layer costs in CPU, the absolute figures say nothing about real ma
 flags, QEMU version, gcm(aes) drivers).  Exit status: 0 done (whether the targets are
 met or not), 1 the run failed (no result, a failed workload, or a kernel log problem:
 panic, oops, BUG, WARNING, lockdep), 2 usage or missing tools.  Run as root; one VM at a
-time on a shared machine.
+time on a shared machine.  Duration (2026-12-06, another VM beside it): a full run 31
+minutes, most of it the FUSE guard point's tree workloads (about 3 minutes a round under
+the realistic policy); --only seq-write,seq-read,untar,ls-lR,rm-rf skips fio.
 """
 
 from __future__ import annotations
