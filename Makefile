@@ -17,7 +17,7 @@ VM_PKGS  := linux-image-amd64 linux-headers-amd64 sparse qemu-system-x86 busybox
 SOURCES  := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.c' -o -name '*.h' -o -name '*.pyi') \
             setup.py pyproject.toml
 
-.PHONY: all deps vm-tools venv install demo test test-fast asan bench perf perf-baseline clean
+.PHONY: all deps vm-tools venv install demo test test-fast asan bench bench-kernel perf perf-baseline clean
 all: install
 
 deps:
@@ -50,6 +50,11 @@ asan: install
 
 bench: install
 	bash ci/bench.sh
+
+# takakryptfs against native ext4 and the FUSE guard point in one TCG VM (ratios only;
+# benchmarks/kernel_vm.py --help).  BENCH_ARGS: e.g. --quick, --json OUT
+bench-kernel: install vm-tools
+	$(VPY) benchmarks/kernel_vm.py $(BENCH_ARGS)
 
 # deterministic performance signals (instructions, requests, system calls) against the
 # committed benchmarks/baseline.json; fails on a regression (docs/performance.md,
