@@ -9,24 +9,45 @@
 #include <linux/cred.h>
 #include <linux/namei.h>
 #include <linux/random.h>
+#include <linux/workqueue.h>
+#include <linux/sched/signal.h>
+#include <linux/completion.h>
 #include <asm/unaligned.h>
 
 #include "tkfs.h"
 
 /* ---- lower file I/O (the inode's persistent lower file) ----------------------------- */
 
-ssize_t tkfs_lower_read(struct inode *inode, void *buf, size_t len, loff_t pos)
+/*
+ * A task with a fatal signal pending gets short reads and writes from the lower file
+ * system (generic_perform_write and filemap_read stop between pages).  A stored block
+ * spans two lower pages: cut between them (a process killed inside fsync, whose
+ * write-back runs in its own context) it would be half new, half old, and fail its tag.
+ * So what such a task leaves undone is finished by a worker, which has no signals.
+ */
+static struct workqueue_struct *tkfs_io_wq;
+
+struct lower_io {
+	struct work_struct work;
+	struct completion done;
+	struct file *f;
+	void *buf;
+	size_t len;
+	loff_t pos;
+	bool write;
+	ssize_t ret;
+};
+
+static ssize_t lower_rw(struct file *f, void *buf, size_t len, loff_t pos, bool write)
 {
-	struct file *f = TKFS_I(inode)->lower_file;
 	size_t done = 0;
 
-	if (!f)
-		return -EIO;
 	while (done < len) {
-		ssize_t r = kernel_read(f, buf + done, len - done, &pos);
+		ssize_t r = write ? kernel_write(f, buf + done, len - done, &pos) :
+				    kernel_read(f, buf + done, len - done, &pos);
 
 		if (r < 0)
-			return r;
+			return done ? done : r;
 		if (r == 0)
 			break;
 		done += r;
@@ -34,23 +55,63 @@ ssize_t tkfs_lower_read(struct inode *inode, void *buf, size_t len, loff_t pos)
 	return done;
 }
 
-ssize_t tkfs_lower_write(struct inode *inode, const void *buf, size_t len, loff_t pos)
+static void lower_io_work(struct work_struct *w)
+{
+	struct lower_io *io = container_of(w, struct lower_io, work);
+
+	io->ret = lower_rw(io->f, io->buf, io->len, io->pos, io->write);
+	complete(&io->done);
+}
+
+static ssize_t lower_io(struct inode *inode, void *buf, size_t len, loff_t pos, bool write)
 {
 	struct file *f = TKFS_I(inode)->lower_file;
-	size_t done = 0;
+	struct lower_io io;
+	ssize_t r;
 
-	if (!f || !(f->f_mode & FMODE_WRITE))
+	if (!f || (write && !(f->f_mode & FMODE_WRITE)))
 		return -EIO;
-	while (done < len) {
-		ssize_t r = kernel_write(f, buf + done, len - done, &pos);
+	r = lower_rw(f, buf, len, pos, write);
+	if ((r >= 0 && r == len) || !fatal_signal_pending(current) ||
+	    (current->flags & PF_KTHREAD))
+		return r;
+	/* cut short by a fatal signal: a worker does the rest */
+	if (r < 0)
+		r = 0;
+	INIT_WORK_ONSTACK(&io.work, lower_io_work);
+	init_completion(&io.done);
+	io.f = f;
+	io.buf = buf + r;
+	io.len = len - r;
+	io.pos = pos + r;
+	io.write = write;
+	queue_work(tkfs_io_wq, &io.work);
+	wait_for_completion(&io.done);
+	destroy_work_on_stack(&io.work);
+	return io.ret < 0 ? io.ret : r + io.ret;
+}
 
-		if (r < 0)
-			return r;
-		if (r == 0)
-			return -EIO;
-		done += r;
-	}
-	return done;
+ssize_t tkfs_lower_read(struct inode *inode, void *buf, size_t len, loff_t pos)
+{
+	return lower_io(inode, buf, len, pos, false);
+}
+
+ssize_t tkfs_lower_write(struct inode *inode, const void *buf, size_t len, loff_t pos)
+{
+	ssize_t r = lower_io(inode, (void *)buf, len, pos, true);
+
+	return r >= 0 && r < len ? -EIO : r;
+}
+
+int tkfs_io_init(void)
+{
+	tkfs_io_wq = alloc_workqueue("takakryptfs_io", WQ_MEM_RECLAIM | WQ_UNBOUND, 0);
+	return tkfs_io_wq ? 0 : -ENOMEM;
+}
+
+void tkfs_io_exit(void)
+{
+	destroy_workqueue(tkfs_io_wq);
 }
 
 int tkfs_lower_truncate(struct inode *inode, loff_t len)

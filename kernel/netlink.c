@@ -132,7 +132,7 @@ static int send_msg(u32 portid, const u8 *m, u32 len, struct genl_info *reply_to
 /*
  * Send request m (header filled here: sequence, timestamp) to the agent and wait for
  * its answer: 0 with *resp (kmalloc, the caller wipes and frees it) or a negative errno:
- * -ENOTCONN no agent / it left, -ETIMEDOUT after TAKAKRYPT_TIMEOUT_MS, -EINTR killed.
+ * -ENOTCONN no agent / it left, -ETIMEDOUT after TAKAKRYPT_TIMEOUT_MS.
  */
 static int nl_call(u8 *m, u32 len, u8 **resp, u32 *resp_len)
 {
@@ -157,13 +157,13 @@ static int nl_call(u8 *m, u32 len, u8 **resp, u32 *resp_len)
 	atomic64_inc(&st_requests);
 	err = send_msg(portid, m, len, NULL);
 	if (!err) {
-		left = wait_for_completion_killable_timeout(&p.done,
-				msecs_to_jiffies(TAKAKRYPT_TIMEOUT_MS));
+		/* not killable: write-back of a killed task's fsync may be waiting here, and
+		 * failing it would lose the page; 5 s at most */
+		left = wait_for_completion_timeout(&p.done,
+						   msecs_to_jiffies(TAKAKRYPT_TIMEOUT_MS));
 		if (left == 0) {
 			err = -ETIMEDOUT;
 			atomic64_inc(&st_timeouts);
-		} else if (left < 0) {
-			err = -EINTR;
 		}
 	}
 	spin_lock(&nl_lock);

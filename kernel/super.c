@@ -338,12 +338,18 @@ static int __init tkfs_init(void)
 	tkfs_dentry_cachep = KMEM_CACHE(tkfs_dentry, SLAB_RECLAIM_ACCOUNT);
 	if (!tkfs_inode_cachep || !tkfs_dentry_cachep)
 		goto fail;
-	err = tkfs_nl_init();
+	err = tkfs_io_init();
 	if (err)
 		goto fail;
+	err = tkfs_nl_init();
+	if (err) {
+		tkfs_io_exit();
+		goto fail;
+	}
 	err = register_filesystem(&tkfs_fs_type);
 	if (err) {
 		tkfs_nl_exit();
+		tkfs_io_exit();
 		goto fail;
 	}
 	pr_info(TKFS_NAME ": loaded (TAKA v1, page-size blocks, generic netlink family \"%s\")\n",
@@ -360,6 +366,7 @@ static void __exit tkfs_exit(void)
 {
 	unregister_filesystem(&tkfs_fs_type);
 	tkfs_nl_exit();
+	tkfs_io_exit();
 	rcu_barrier();	/* inodes freed by RCU before their cache goes */
 	kmem_cache_destroy(tkfs_inode_cachep);
 	kmem_cache_destroy(tkfs_dentry_cachep);

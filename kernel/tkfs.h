@@ -218,6 +218,8 @@ void tkfs_report_eio(struct inode *inode, u64 block, const char *what);
 ssize_t tkfs_lower_read(struct inode *inode, void *buf, size_t len, loff_t pos);
 ssize_t tkfs_lower_write(struct inode *inode, const void *buf, size_t len, loff_t pos);
 int tkfs_lower_truncate(struct inode *inode, loff_t len);
+int tkfs_io_init(void);
+void tkfs_io_exit(void);
 
 /* keys.c */
 int tkfs_key_get(struct tkfs_sb *sbi, const char *name, u32 version, u8 *out, u32 *got_version);

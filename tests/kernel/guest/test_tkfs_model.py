@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 from hypothesis import HealthCheck, settings
@@ -54,10 +55,11 @@ def test_kernel_guard_point_matches_plain_directory(kenv):
                                 suppress_health_check=list(HealthCheck))
         run().runTest()
         # whatever the examples did, the stored files are what the model says
+        drop_caches()   # written back first (drop_caches syncs)
         for m in env.kmnt.glob("m[0-9]*"):
             for dirpath, _, files in os.walk(m):
                 for f in files:
                     p = os.path.join(dirpath, f)
                     if os.path.isfile(p) and not os.path.islink(p):
                         rel = os.path.relpath(p, env.kmnt)
-                        assert env.decrypt(env.lower / rel) == open(p, "rb").read(), rel
+                        assert env.decrypt(env.lower / rel) == Path(p).read_bytes(), rel
