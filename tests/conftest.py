@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+# tests/kernel/ runs inside the kernel suite's VM only (tests/test_kernel_vm.py boots it
+# with TAKAKRYPT_IN_VM=1).  On the host its conftest must not even load: it would take
+# the module name "conftest" from this file (`from conftest import VECTORS`).
+if os.environ.get("TAKAKRYPT_IN_VM") != "1":
+    collect_ignore = ["kernel"]
+
 settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow],
                           max_examples=100)
 settings.register_profile("dev", deadline=None, max_examples=30)
