@@ -88,10 +88,13 @@ class Daemon:
                     return m
             if self.proc.poll() is not None:
                 raise AssertionError(f"takakryptd exited {self.proc.returncode}: {self.logtext()}")
+            # wait up to the deadline, not one socket timeout: a takakryptd starting under
+            # TCG on a busy host can take minutes (tests/pg_debian_guest.py asks 300 s)
+            self.notify.settimeout(max(0.05, min(5.0, deadline - time.monotonic())))
             try:
                 self.messages.append(self.notify.recv(4096).decode())
             except socket.timeout:
-                break
+                continue
         raise AssertionError(f"no {field} from takakryptd; log: {self.logtext()}")
 
     def logtext(self) -> str:

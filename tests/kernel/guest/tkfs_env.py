@@ -113,7 +113,6 @@ def kernel_env():
     try:
         # Python under TCG starts slowly (a minute when the host is busy): no 30 s limit
         agent = Daemon(base, cfg)
-        agent.notify.settimeout(600)
         try:
             agent.wait_for("READY=1", timeout=600)
             env.agent = agent
