@@ -257,9 +257,7 @@ int tkfs_block_seal(struct tkfs_inode *ii, u64 index, u8 *buf, size_t n)
 /* open a stored block of n plaintext bytes in place: -EBADMSG on a bad tag */
 int tkfs_block_open(struct tkfs_inode *ii, u64 index, u8 *buf, size_t n)
 {
-	int err = block_crypt(ii, index, buf, n, false);
-
-	return err == -EBADMSG ? -EBADMSG : err;
+	return block_crypt(ii, index, buf, n, false);
 }
 
 /* at module load: both algorithms exist (gcm(aes) may be a module: this loads it) */

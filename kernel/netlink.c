@@ -40,7 +40,7 @@ static LIST_HEAD(pending);
 static atomic_t next_seq = ATOMIC_INIT(0);
 static u64 load_time;
 
-static atomic64_t st_requests, st_timeouts, st_failed, st_registrations;
+static atomic64_t st_requests, st_timeouts, st_failed;
 static u32 config_generation;
 static u32 config_count;
 
@@ -395,7 +395,6 @@ static int tkfs_nl_register(struct sk_buff *skb, struct genl_info *info)
 	spin_lock(&nl_lock);
 	agent_portid = info->snd_portid;
 	spin_unlock(&nl_lock);
-	atomic64_inc(&st_registrations);
 	pr_info(TKFS_NAME ": agent registered (netlink port %u)\n", info->snd_portid);
 	return 0;
 }

@@ -44,22 +44,21 @@ class KernelModel(GuardModel):
 
 def test_kernel_guard_point_matches_plain_directory(kenv):
     env = kenv
-    if True:
-        plain = env.ext / "plain"
-        plain.mkdir()
-        KernelModel.guard = SimpleNamespace(mnt=env.kmnt)
-        KernelModel.plain_root = plain
-        run = KernelModel.TestCase
-        run.settings = settings(max_examples=int(os.environ.get("TK_MODEL_EXAMPLES", "12")),
-                                stateful_step_count=30, deadline=None,
-                                suppress_health_check=list(HealthCheck))
-        run().runTest()
-        # whatever the examples did, the stored files are what the model says
-        drop_caches()   # written back first (drop_caches syncs)
-        for m in env.kmnt.glob("m[0-9]*"):
-            for dirpath, _, files in os.walk(m):
-                for f in files:
-                    p = os.path.join(dirpath, f)
-                    if os.path.isfile(p) and not os.path.islink(p):
-                        rel = os.path.relpath(p, env.kmnt)
-                        assert env.decrypt(env.lower / rel) == Path(p).read_bytes(), rel
+    plain = env.ext / "plain"
+    plain.mkdir()
+    KernelModel.guard = SimpleNamespace(mnt=env.kmnt)
+    KernelModel.plain_root = plain
+    run = KernelModel.TestCase
+    run.settings = settings(max_examples=int(os.environ.get("TK_MODEL_EXAMPLES", "12")),
+                            stateful_step_count=30, deadline=None,
+                            suppress_health_check=list(HealthCheck))
+    run().runTest()
+    # whatever the examples did, the stored files are what the model says
+    drop_caches()   # written back first (drop_caches syncs)
+    for m in env.kmnt.glob("m[0-9]*"):
+        for dirpath, _, files in os.walk(m):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                if os.path.isfile(p) and not os.path.islink(p):
+                    rel = os.path.relpath(p, env.kmnt)
+                    assert env.decrypt(env.lower / rel) == Path(p).read_bytes(), rel
