@@ -376,7 +376,7 @@ def sizes_for(quick: bool):
 
 
 def run(out: Path, quick: bool, rounds: int, warmup: int,
-        only: tuple[str, ...]) -> dict[str, Any]:
+        only: tuple[str, ...], chosen: tuple[str, ...] = ()) -> dict[str, Any]:
     import yaml
     from agent_helpers import Daemon, base_config
     from takakrypt.bench.targets import Target, realistic_policy
@@ -467,7 +467,7 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
         kmounted = True
         log(f"targets up after {time.monotonic() - t_start:.0f} s")
         targets = [Target(n, TARGETS[n][0], mnts[n], dirs[n], TARGETS[n][1], TARGETS[n][2])
-                   for n in TARGETS]
+                   for n in TARGETS if n == "native" or not chosen or n in chosen]
         samples: dict[str, dict[str, list[float]]] = {}
         warm: dict[str, dict[str, list[float]]] = {}
         failures: dict[str, dict[str, str]] = {}
@@ -484,8 +484,8 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
                              "fio_mib": sizes.fio_mib, "fio_seconds": sizes.fio_seconds,
                              "fio_jobs": 2, "orders": orders, "skipped": skipped,
                              "kernel_mount": "key=k1,gp=2", "policy_yaml": policy_yaml},
-                "targets": {n: {"label": v[0], "engine": v[1], "policy": v[2]}
-                            for n, v in TARGETS.items()},
+                "targets": {t.name: {"label": TARGETS[t.name][0], "engine": TARGETS[t.name][1],
+                                     "policy": TARGETS[t.name][2]} for t in targets},
                 "samples": samples, "warmup_samples": warm, "failures": failures,
                 "cipher": cipher, "guest_seconds": time.monotonic() - t_start}
 
@@ -544,9 +544,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     ap.add_argument("--only", default="", help="comma-separated workloads")
+    ap.add_argument("--targets", default="", help="comma-separated targets (native always)")
     a = ap.parse_args(argv)
     only = tuple(w for w in a.only.split(",") if w)
-    doc = run(a.out, a.quick, a.rounds, a.warmup, only)
+    chosen = tuple(t for t in a.targets.split(",") if t)
+    unknown = [t for t in chosen if t not in TARGETS]
+    if unknown:
+        ap.error(f"unknown targets {unknown}: choose from {list(TARGETS)}")
+    doc = run(a.out, a.quick, a.rounds, a.warmup, only, chosen)
     errs = validate(doc)
     if errs:
         log("result document invalid: " + "; ".join(errs))

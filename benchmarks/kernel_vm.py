@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, metavar="OUT", help="write the raw results here")
     ap.add_argument("--ko", type=Path, help="a built takakryptfs.ko (default: build kernel/)")
     ap.add_argument("--only", default="", help="only these workloads (comma-separated)")
+    ap.add_argument("--targets", default="",
+                    help="only these targets (comma-separated; native is always measured): "
+                         + ", ".join(kg.TARGETS))
     ap.add_argument("--keep", type=Path, metavar="DIR",
                     help="the VM's output directory (default: a temporary one, kept)")
     ap.add_argument("--timeout", type=float, default=0,
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "result.json").unlink(missing_ok=True)
     qemu = qemu_version()
     cmd = (f"{sys.executable} {HERE / 'kernel_guest.py'} {out} --rounds {a.rounds} --warmup {a.warmup}"
-           + (" --quick" if a.quick else "") + (f" --only {a.only}" if a.only else ""))
+           + (" --quick" if a.quick else "") + (f" --only {a.only}" if a.only else "")
+           + (f" --targets {a.targets}" if a.targets else ""))
     print(f"kernel_vm: booting {vm.kernel_release(vmlinuz)} under TCG ({qemu}); "
           f"guest output: {out / 'guest.log'}", file=sys.stderr, flush=True)
     t0 = time.monotonic()

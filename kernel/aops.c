@@ -111,6 +111,92 @@ static int tkfs_read_folio(struct file *file, struct folio *folio)
 	return err;
 }
 
+/*
+ * Readahead: the stored blocks of up to TKFS_BATCH pages come in one lower read and are
+ * decrypted straight into their pages.  A page this fast path cannot settle (a short
+ * read, the longer form of a last block, a bad tag) is left not up to date: read_folio
+ * then reads it alone, with the full checks and the EIO report.
+ */
+static void tkfs_readahead(struct readahead_control *rac)
+{
+	struct inode *inode = rac->mapping->host;
+	struct tkfs_inode *ii = TKFS_I(inode);
+	size_t cap = TKFS_BATCH;
+	struct tkfs_crypt c;
+	u8 *buf;
+
+	if (tkfs_ensure_keys(inode))
+		return;
+	if (ii->state != TKFS_HDR_OK)
+		goto unlock;
+	cap = clamp_t(size_t, readahead_count(rac), 1, TKFS_BATCH);
+	buf = kmalloc(cap * TKFS_STORED_BS, GFP_NOFS | __GFP_NOWARN | __GFP_NORETRY);
+	if (!buf) {
+		cap = 1;
+		buf = kmalloc(TKFS_STORED_BS, GFP_NOFS);
+		if (!buf)
+			goto unlock;
+	}
+	if (tkfs_crypt_init(ii, &c))
+		goto out;
+	for (;;) {
+		struct page *pages[TKFS_BATCH];
+		loff_t isize = i_size_read(inode), start;
+		size_t nr = 0, i, len, n;
+		ssize_t got = 0;
+
+		/* a readahead's pages are consecutive */
+		while (nr < cap && (pages[nr] = readahead_page(rac)))
+			nr++;
+		if (!nr)
+			break;
+		start = (loff_t)pages[0]->index << PAGE_SHIFT;
+		if (start < isize) {
+			/* the blocks that hold data: full ones, then maybe a partial last */
+			loff_t end = min_t(loff_t, isize, start + ((loff_t)nr << PAGE_SHIFT));
+
+			len = (end - start) + DIV_ROUND_UP_ULL(end - start, PAGE_SIZE) * TAKA_OVERHEAD;
+			got = tkfs_lower_read(inode, buf, len, tkfs_block_off(pages[0]->index));
+			if (got < 0)
+				got = 0;
+		}
+		for (i = 0; i < nr; i++) {
+			struct page *page = pages[i];
+			loff_t pstart = (loff_t)page->index << PAGE_SHIFT;
+			u8 *blk = buf + i * TKFS_STORED_BS;
+			bool ok = false;
+
+			if (pstart >= isize) {
+				zero_user(page, 0, PAGE_SIZE);	/* past the end */
+				ok = true;
+			} else {
+				n = min_t(loff_t, PAGE_SIZE, isize - pstart);
+				if (got >= i * TKFS_STORED_BS + n + TAKA_OVERHEAD) {
+					if (all_zero(blk, n + TAKA_OVERHEAD)) {	/* a hole */
+						zero_user(page, 0, PAGE_SIZE);
+						ok = true;
+					} else if (!tkfs_crypt_open(&c, page->index, blk, n, page)) {
+						if (n < PAGE_SIZE)
+							zero_user_segment(page, n, PAGE_SIZE);
+						ok = true;
+					}
+				}
+			}
+			if (ok) {
+				flush_dcache_page(page);
+				SetPageUptodate(page);
+			}
+			unlock_page(page);
+			put_page(page);
+		}
+	}
+	tkfs_crypt_done(&c);
+out:
+	kfree(buf);	/* ciphertext only: decryption went to the pages */
+unlock:
+	up_read(&ii->key_sem);
+}
+
 /* ---- writeback ---------------------------------------------------------------------- */
 
 /*
@@ -132,35 +218,6 @@ static int store_block(struct inode *inode, u64 index, u8 *buf, size_t n)
 		return err;
 	w = tkfs_lower_write(inode, buf, n + TAKA_OVERHEAD, tkfs_block_off(index));
 	return w < 0 ? w : 0;
-}
-
-/*
- * Write-back of block index (n plaintext bytes, a copy in buf + 12).  Before the first
- * block past the header's size, stored bytes past that size (left by a crash) are cut.
- */
-static int write_block(struct inode *inode, u64 index, u8 *buf, size_t n)
-{
-	struct tkfs_inode *ii = TKFS_I(inode);
-	loff_t start = (loff_t)index << PAGE_SHIFT;
-	int err;
-
-	err = tkfs_ensure_ready(inode);
-	if (err)
-		return err;
-	mutex_lock(&ii->hdr_lock);
-	if (!ii->tail_cut && start + n > ii->disk_size) {
-		loff_t keep = tkfs_stored_len(ii->disk_size);
-
-		if (i_size_read(ii->lower_inode) > keep)
-			err = tkfs_lower_truncate(inode, keep);
-		if (!err)
-			ii->tail_cut = true;
-	}
-	mutex_unlock(&ii->hdr_lock);
-	if (!err)
-		err = store_block(inode, index, buf, n);
-	up_read(&ii->key_sem);
-	return err;
 }
 
 /*
@@ -196,47 +253,175 @@ int tkfs_commit_size(struct inode *inode)
 	return err;
 }
 
+/*
+ * Write-back gathers runs of up to TKFS_BATCH consecutive dirty pages: their plaintext is
+ * copied into one buffer (the pages are then under write-back and unlocked), sealed
+ * block by block in place, and stored with one lower write.
+ *
+ * A new file's header (hdr_pending: made at its first write-back) goes out in the same
+ * write as block 0, just before it.  If header and every block of the file fit in the
+ * first lower page, the header carries the final size at once (a page is written whole
+ * or not at all, so no commit_size write follows); else it says size 0 and the size
+ * follows the blocks as always.
+ */
+struct wb_batch {
+	struct page *pages[TKFS_BATCH];
+	size_t nr, cap;
+	size_t last_n;		/* plaintext bytes of the last page taken */
+	u8 *buf;		/* a header, then cap stored blocks */
+	bool plain_left;	/* a flush failed before sealing: buf holds plaintext */
+};
+
+static inline u8 *wb_block(struct wb_batch *b, size_t i)
+{
+	return b->buf + TAKA_HDR_SIZE + i * TKFS_STORED_BS;
+}
+
+/* seal and store the batch's blocks; end the pages' write-back */
+static int wb_flush(struct inode *inode, struct wb_batch *b)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	u64 first;
+	loff_t start, end;
+	size_t i, len;
+	struct tkfs_crypt c;
+	bool locked = false;
+	int err = 0;
+
+	if (!b->nr)
+		return 0;
+	first = b->pages[0]->index;
+	start = (loff_t)first << PAGE_SHIFT;
+	end = start + ((loff_t)(b->nr - 1) << PAGE_SHIFT) + b->last_n;
+	len = (b->nr - 1) * TKFS_STORED_BS + b->last_n + TAKA_OVERHEAD;
+	if (READ_ONCE(ii->state) == TKFS_HDR_EMPTY)
+		err = tkfs_create_header(inode, false);
+	if (!err)
+		err = tkfs_ensure_ready(inode);
+	if (err)
+		goto end;
+	mutex_lock(&ii->hdr_lock);
+	locked = true;
+	/* before the first block past the header's size: stale stored bytes are cut */
+	if (!ii->tail_cut && end > ii->disk_size) {
+		loff_t keep = tkfs_stored_len(ii->disk_size);
+
+		if (i_size_read(ii->lower_inode) > keep)
+			err = tkfs_lower_truncate(inode, keep);
+		if (!err)
+			ii->tail_cut = true;
+	}
+	if (!err)
+		err = tkfs_reserve_encryptions(inode, b->nr);
+	/* a pending header goes with block 0 (under hdr_lock: no other header write
+	 * may pass it); a batch that does not start at block 0 writes it first */
+	if (!err && ii->hdr_pending && first)
+		err = tkfs_write_header(inode, ii->disk_size, ii->hdr.encryptions);
+	if (!err && !ii->hdr_pending) {
+		mutex_unlock(&ii->hdr_lock);
+		locked = false;
+	}
+	if (!err)
+		err = tkfs_crypt_init(ii, &c);
+	if (!err) {
+		for (i = 0; i < b->nr && !err; i++)
+			err = tkfs_crypt_seal(&c, first + i, wb_block(b, i),
+					      i == b->nr - 1 ? b->last_n : PAGE_SIZE);
+		tkfs_crypt_done(&c);
+	}
+	if (!err && locked) {
+		/* the new file's header and its first blocks in one write */
+		u64 size = ii->disk_size;
+
+		if (end == i_size_read(inode) && TAKA_HDR_SIZE + len <= PAGE_SIZE)
+			size = end;
+		err = tkfs_hdr_seal(ii, size, ii->hdr.encryptions);
+		if (!err) {
+			memcpy(b->buf, ii->hdr.raw, TAKA_HDR_SIZE);
+			err = tkfs_lower_write(inode, b->buf, TAKA_HDR_SIZE + len, 0) < 0 ? -EIO : 0;
+		}
+		if (!err) {
+			ii->disk_size = size;
+			ii->hdr_pending = false;
+		}
+	} else if (!err) {
+		ssize_t w = tkfs_lower_write(inode, wb_block(b, 0), len, tkfs_block_off(first));
+
+		err = w < 0 ? w : 0;
+	}
+	if (locked)
+		mutex_unlock(&ii->hdr_lock);
+	up_read(&ii->key_sem);
+end:
+	if (err)
+		b->plain_left = true;
+	for (i = 0; i < b->nr; i++) {
+		struct page *page = b->pages[i];
+
+		if (err) {
+			tkfs_report_eio(inode, page->index, "write-back failed");
+			mapping_set_error(page->mapping, err);
+			SetPageError(page);
+		}
+		end_page_writeback(page);
+	}
+	b->nr = 0;
+	return err;
+}
+
 static int writepage_cb(struct page *page, struct writeback_control *wbc, void *data)
 {
 	struct inode *inode = page->mapping->host;
+	struct wb_batch *b = data;
 	loff_t isize = i_size_read(inode), start = (loff_t)page->index << PAGE_SHIFT;
-	u8 *buf = data, *src;
+	u8 *src;
 	size_t n;
-	int err;
+	int err = 0;
 
 	if (start >= isize) {	/* truncated meanwhile */
 		unlock_page(page);
 		return 0;
 	}
 	n = min_t(loff_t, PAGE_SIZE, isize - start);
+	if (b->nr && (b->nr == b->cap || b->last_n != PAGE_SIZE ||
+		      page->index != b->pages[b->nr - 1]->index + 1))
+		err = wb_flush(inode, b);
 	if (n < PAGE_SIZE)	/* bytes past EOF (an mmap store) are never stored */
 		zero_user_segment(page, n, PAGE_SIZE);
 	src = kmap_local_page(page);
-	memcpy(buf + TAKA_NONCE, src, n);
+	memcpy(wb_block(b, b->nr) + TAKA_NONCE, src, n);
 	kunmap_local(src);
 	set_page_writeback(page);
 	unlock_page(page);
-	err = write_block(inode, page->index, buf, n);
-	if (err) {
-		tkfs_report_eio(inode, page->index, "write-back failed");
-		mapping_set_error(page->mapping, err);
-		SetPageError(page);
-	}
-	end_page_writeback(page);
+	b->pages[b->nr++] = page;
+	b->last_n = n;
 	return err;
 }
 
 static int tkfs_writepages(struct address_space *mapping, struct writeback_control *wbc)
 {
 	struct inode *inode = mapping->host;
-	u8 *buf;
-	int err;
+	struct wb_batch b = { .cap = TKFS_BATCH };
+	int err, err2;
 
-	buf = kmalloc(TKFS_STORED_BS, GFP_NOFS);
-	if (!buf)
-		return -ENOMEM;
-	err = write_cache_pages(mapping, wbc, writepage_cb, buf);
-	kfree_sensitive(buf);
+	/* no larger than the file (most are a block or two) */
+	b.cap = clamp_t(u64, DIV_ROUND_UP_ULL(i_size_read(inode), PAGE_SIZE), 1, TKFS_BATCH);
+	b.buf = kmalloc(TAKA_HDR_SIZE + b.cap * TKFS_STORED_BS,
+			GFP_NOFS | __GFP_NOWARN | __GFP_NORETRY);
+	if (!b.buf) {
+		b.cap = 1;
+		b.buf = kmalloc(TAKA_HDR_SIZE + TKFS_STORED_BS, GFP_NOFS);
+		if (!b.buf)
+			return -ENOMEM;
+	}
+	err = write_cache_pages(mapping, wbc, writepage_cb, &b);
+	err2 = wb_flush(inode, &b);
+	if (!err)
+		err = err2;
+	if (b.plain_left)
+		kfree_sensitive(b.buf);
+	else
+		kfree(b.buf);	/* sealed blocks only */
 	if (err)
 		return err;
 	/* every block is stored (none dirty, none in flight elsewhere): the size may follow */
@@ -320,6 +505,7 @@ static int tkfs_write_end(struct file *file, struct address_space *mapping, loff
 
 const struct address_space_operations tkfs_aops = {
 	.read_folio = tkfs_read_folio,
+	.readahead = tkfs_readahead,
 	.writepages = tkfs_writepages,
 	.dirty_folio = filemap_dirty_folio,
 	.write_begin = tkfs_write_begin,
@@ -362,7 +548,7 @@ int tkfs_setsize(struct inode *inode, loff_t newsize)
 	if (err)
 		return err;
 	if (ii->state == TKFS_HDR_EMPTY) {
-		err = tkfs_create_header(inode);
+		err = tkfs_create_header(inode, true);
 		if (err)
 			return err;
 	}

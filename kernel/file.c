@@ -50,6 +50,10 @@ int tkfs_get_lower_file(struct inode *inode)
 		err = PTR_ERR(f);
 		goto out;
 	}
+	/* block and header writes leave the lower file's times alone: they happen at
+	 * write-back, long after the write (and after a utimensat, as tar does); the
+	 * writes themselves set the times (tkfs_file_modified) */
+	f->f_mode |= FMODE_NOCMTIME;
 	ii->lower_file = f;
 out:
 	mutex_unlock(&ii->lower_lock);
@@ -66,14 +70,11 @@ static int tkfs_file_open(struct inode *inode, struct file *file)
 		return err;
 	if ((file->f_mode & FMODE_WRITE) && !(ii->lower_file->f_mode & FMODE_WRITE))
 		return -EROFS;
-	down_read(&ii->key_sem);
-	if (ii->state == TKFS_HDR_EMPTY && (file->f_mode & FMODE_WRITE)) {
-		up_read(&ii->key_sem);
-		err = tkfs_create_header(inode);
+	/* an empty file opened for writing gets its header at write-back or last close */
+	if (READ_ONCE(ii->state) == TKFS_HDR_EMPTY && (file->f_mode & FMODE_WRITE)) {
+		err = tkfs_key_available(inode);
 		if (err)
 			return err;
-	} else {
-		up_read(&ii->key_sem);
 	}
 	err = tkfs_ensure_keys(inode);
 	if (err)
@@ -89,6 +90,20 @@ static ssize_t tkfs_read_iter(struct kiocb *iocb, struct iov_iter *to)
 	return generic_file_read_iter(iocb, to);
 }
 
+/*
+ * A write or a shared-mmap store through the mount: the lower file's mtime and ctime
+ * move now, as ext4's would, and the mount's inode shows them.
+ */
+static void tkfs_file_modified(struct inode *inode)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+
+	if (ii->lower_file && (ii->lower_file->f_mode & FMODE_WRITE)) {
+		file_update_time(ii->lower_file);
+		fsstack_copy_attr_times(inode, ii->lower_inode);
+	}
+}
+
 static ssize_t tkfs_write_iter(struct kiocb *iocb, struct iov_iter *from)
 {
 	bool direct = iocb->ki_flags & IOCB_DIRECT;
@@ -97,6 +112,8 @@ static ssize_t tkfs_write_iter(struct kiocb *iocb, struct iov_iter *from)
 
 	iocb->ki_flags &= ~IOCB_DIRECT;
 	ret = generic_file_write_iter(iocb, from);
+	if (ret > 0)
+		tkfs_file_modified(file_inode(iocb->ki_filp));
 	if (ret > 0 && direct) {
 		struct inode *inode = file_inode(iocb->ki_filp);
 
@@ -130,9 +147,40 @@ static int tkfs_fsync(struct file *file, loff_t start, loff_t end, int datasync)
 	return vfs_fsync(ii->lower_file, datasync);
 }
 
+static vm_fault_t tkfs_page_mkwrite(struct vm_fault *vmf)
+{
+	tkfs_file_modified(file_inode(vmf->vma->vm_file));
+	return filemap_page_mkwrite(vmf);
+}
+
+static const struct vm_operations_struct tkfs_file_vm_ops = {
+	.fault = filemap_fault,
+	.map_pages = filemap_map_pages,
+	.page_mkwrite = tkfs_page_mkwrite,
+};
+
+/*
+ * A file created or opened empty for writing and left empty gets its header (size 0) at
+ * its last close: the empty TAKA file is the header alone (docs/file-format.md).  Files
+ * with data get theirs at write-back.  A failure leaves a lower file of length 0, which
+ * both engines read as empty.
+ */
+static int tkfs_file_release(struct inode *inode, struct file *file)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+
+	if ((file->f_mode & FMODE_WRITE) &&
+	    (READ_ONCE(ii->state) == TKFS_HDR_EMPTY || READ_ONCE(ii->hdr_pending)) &&
+	    !i_size_read(inode) && !i_size_read(ii->lower_inode))
+		tkfs_create_header(inode, true);
+	return 0;
+}
+
 static int tkfs_file_mmap(struct file *file, struct vm_area_struct *vma)
 {
-	return generic_file_mmap(file, vma);
+	file_accessed(file);
+	vma->vm_ops = &tkfs_file_vm_ops;
+	return 0;
 }
 
 const struct file_operations tkfs_file_fops = {
@@ -141,6 +189,7 @@ const struct file_operations tkfs_file_fops = {
 	.write_iter = tkfs_write_iter,
 	.mmap = tkfs_file_mmap,
 	.open = tkfs_file_open,
+	.release = tkfs_file_release,
 	.fsync = tkfs_fsync,
 	.splice_read = generic_file_splice_read,
 	.splice_write = iter_file_splice_write,

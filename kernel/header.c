@@ -103,15 +103,56 @@ ssize_t tkfs_lower_write(struct inode *inode, const void *buf, size_t len, loff_
 	return r >= 0 && r < len ? -EIO : r;
 }
 
+/*
+ * A new file's header and keys (file id, HKDF, its gcm(aes) keyed) are made ahead by a
+ * worker, queued when the file is created: on another CPU they are ready by the file's
+ * first write-back instead of lengthening it (an untar creates files faster than write-
+ * back starts).  Write-back makes them itself if the worker has not run yet; either way
+ * under key_sem, so exactly once.  evict_inode cancels a worker not run.
+ */
+static struct workqueue_struct *tkfs_prep_wq;
+
+static void prep_work(struct work_struct *w)
+{
+	struct tkfs_inode *ii = container_of(w, struct tkfs_inode, prep_work);
+	struct inode *inode = &ii->vfs_inode;
+
+	if (READ_ONCE(ii->state) != TKFS_HDR_EMPTY || tkfs_create_header(inode, false))
+		return;
+	if (!tkfs_ensure_ready(inode)) {
+		tkfs_crypt_prepare(ii);
+		up_read(&ii->key_sem);
+	}
+}
+
+void tkfs_prepare_new(struct inode *inode)
+{
+	queue_work(tkfs_prep_wq, &TKFS_I(inode)->prep_work);
+}
+
+void tkfs_prep_init_once(struct tkfs_inode *ii)
+{
+	INIT_WORK(&ii->prep_work, prep_work);
+}
+
 int tkfs_io_init(void)
 {
 	tkfs_io_wq = alloc_workqueue("takakryptfs_io", WQ_MEM_RECLAIM | WQ_UNBOUND, 0);
-	return tkfs_io_wq ? 0 : -ENOMEM;
+	tkfs_prep_wq = alloc_workqueue("takakryptfs_prep", WQ_UNBOUND, 0);
+	if (tkfs_io_wq && tkfs_prep_wq)
+		return 0;
+	tkfs_io_exit();
+	return -ENOMEM;
 }
 
 void tkfs_io_exit(void)
 {
-	destroy_workqueue(tkfs_io_wq);
+	if (tkfs_io_wq)
+		destroy_workqueue(tkfs_io_wq);
+	if (tkfs_prep_wq)
+		destroy_workqueue(tkfs_prep_wq);
+	tkfs_io_wq = NULL;
+	tkfs_prep_wq = NULL;
 }
 
 int tkfs_lower_truncate(struct inode *inode, loff_t len)
@@ -160,7 +201,11 @@ static int load_header_locked(struct inode *inode)
 
 	if (ii->state == TKFS_HDR_BAD)
 		return ii->bad_errno;
-	if (lsize == 0 && ii->state != TKFS_HDR_OK) {
+	if (lsize == 0 && (ii->state != TKFS_HDR_OK || ii->hdr_pending)) {
+		/* nothing stored: a header made in memory is made again (new file id)
+		 * when the first block is written back */
+		tkfs_drop_keys(ii);
+		ii->hdr_pending = false;
 		ii->state = TKFS_HDR_EMPTY;
 		ii->disk_size = 0;
 		return 0;
@@ -276,10 +321,30 @@ int tkfs_ensure_ready(struct inode *inode)
 }
 
 /*
- * A new file (created through the mount, or a lower file of length 0 opened for
- * writing): fresh file id, the mount's key at its current version, size 0.
+ * Whether the mount's key can be had for a new file (created, or a file of length 0
+ * opened for writing): a write that could never be stored fails now, not at write-back.
  */
-int tkfs_create_header(struct inode *inode)
+int tkfs_key_available(struct inode *inode)
+{
+	struct tkfs_sb *sbi = TKFS_SB(inode->i_sb);
+	u8 key[TAKA_KEY_LEN];
+	int err = tkfs_key_get(sbi, sbi->key_name, 0, key, NULL);
+
+	memzero_explicit(key, sizeof(key));
+	if (err) {
+		tkfs_report_eio(inode, U64_MAX, "key unavailable for a new file");
+		return -EIO;
+	}
+	return 0;
+}
+
+/*
+ * The header of a file with nothing stored (state EMPTY): fresh file id, the mount's key
+ * at its current version, size 0, the first encryption lease.  With store, written now
+ * (a truncate, an empty file closed); else kept in memory (hdr_pending) and stored with
+ * the first write-back, in the same lower write as the blocks (aops.c).
+ */
+int tkfs_create_header(struct inode *inode, bool store)
 {
 	struct tkfs_inode *ii = TKFS_I(inode);
 	struct tkfs_sb *sbi = TKFS_SB(inode->i_sb);
@@ -291,8 +356,17 @@ int tkfs_create_header(struct inode *inode)
 
 	down_write(&ii->key_sem);
 	if (ii->state == TKFS_HDR_OK) {
+		err = 0;
+		if (store && ii->hdr_pending) {	/* made ahead, stored now */
+			err = tkfs_hdr_seal(ii, 0, ii->hdr.encryptions);
+			if (!err)
+				err = tkfs_lower_write(inode, ii->hdr.raw, TAKA_HDR_SIZE, 0) < 0 ?
+				      -EIO : 0;
+			if (!err)
+				ii->hdr_pending = false;
+		}
 		up_write(&ii->key_sem);
-		return 0;
+		return err;
 	}
 	err = tkfs_key_get(sbi, sbi->key_name, 0, key, &version);
 	if (err) {
@@ -313,9 +387,13 @@ int tkfs_create_header(struct inode *inode)
 	if (!err)
 		err = tkfs_derive_keys(ii, key, false);
 	memzero_explicit(key, sizeof(key));
-	if (!err)
-		err = tkfs_hdr_seal(ii, 0, 0);
-	if (!err) {
+	/* the first lease is taken at creation: no second header write at the first
+	 * block; a header kept in memory is sealed when it is stored */
+	if (!err && store)
+		err = tkfs_hdr_seal(ii, 0, TAKA_LEASE_CHUNK);
+	if (!err && !store)
+		ii->hdr.encryptions = TAKA_LEASE_CHUNK;
+	if (!err && store) {
 		ssize_t w = tkfs_lower_write(inode, ii->hdr.raw, TAKA_HDR_SIZE, 0);
 
 		err = w < 0 ? w : 0;
@@ -325,6 +403,7 @@ int tkfs_create_header(struct inode *inode)
 		up_write(&ii->key_sem);
 		return err;
 	}
+	ii->hdr_pending = !store;
 	ii->key_epoch = epoch;
 	ii->state = TKFS_HDR_OK;
 	ii->disk_size = 0;
@@ -349,6 +428,7 @@ int tkfs_write_header(struct inode *inode, u64 size, u64 lease)
 	if (w < 0)
 		return w;
 	ii->disk_size = size;
+	ii->hdr_pending = false;
 	return 0;
 }
 

@@ -127,8 +127,16 @@ struct inode *tkfs_iget(struct super_block *sb, struct inode *lower_inode)
 		break;
 	}
 	unlock_new_inode(inode);
-	if (S_ISREG(inode->i_mode) && !tkfs_get_lower_file(inode))
-		tkfs_load_header(inode);	/* failure: shows the stored size */
+	if (S_ISREG(inode->i_mode)) {
+		u64 plain;
+
+		if (!i_size_read(lower_inode))
+			tkfs_load_header(inode);	/* empty: no lower open needed */
+		else if (tkfs_szc_get(TKFS_SB(sb), lower_inode, &plain))
+			i_size_write(inode, plain);	/* header read at the first open */
+		else if (!tkfs_get_lower_file(inode))
+			tkfs_load_header(inode);	/* failure: shows the stored size */
+	}
 	return inode;
 }
 
@@ -210,10 +218,13 @@ static int tkfs_create(struct user_namespace *ns, struct inode *dir, struct dent
 	if (!err)
 		err = interpose(dentry, ld, dir->i_sb);
 	if (!err) {
-		/* a new file is a TAKA file from its first byte: header now, or no file */
+		/* a new file: its header comes with its first write-back, or at its last
+		 * close if it stays empty (file.c); without the key, no file */
 		err = tkfs_get_lower_file(d_inode(dentry));
 		if (!err)
-			err = tkfs_create_header(d_inode(dentry));
+			err = tkfs_key_available(d_inode(dentry));
+		if (!err)
+			tkfs_prepare_new(d_inode(dentry));
 		if (err) {
 			vfs_unlink(&init_user_ns, d_inode(ldir), ld, NULL);
 			d_drop(dentry);
@@ -462,6 +473,13 @@ static int tkfs_getattr(struct user_namespace *ns, const struct path *path,
 	generic_fillattr(&init_user_ns, inode, stat);
 	stat->blocks = lstat.blocks;
 	if (S_ISREG(inode->i_mode)) {
+		u64 plain;
+
+		if (ii->state == TKFS_HDR_UNKNOWN &&
+		    tkfs_szc_get(TKFS_SB(inode->i_sb), ii->lower_inode, &plain)) {
+			stat->size = plain;
+			return 0;
+		}
 		/* a header not loaded yet (no agent at lookup) is tried again */
 		if (ii->state == TKFS_HDR_UNKNOWN && tkfs_agent_present() &&
 		    !tkfs_get_lower_file(inode))

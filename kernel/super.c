@@ -44,6 +44,7 @@ static struct inode *tkfs_alloc_inode(struct super_block *sb)
 	ii->disk_size = 0;
 	ii->enc_count = 0;
 	ii->tail_cut = false;
+	ii->hdr_pending = false;
 	ii->aead = NULL;
 	memset(&ii->hdr, 0, sizeof(ii->hdr));
 	memset(ii->enc_key, 0, sizeof(ii->enc_key));
@@ -64,12 +65,21 @@ static void tkfs_inode_once(void *p)
 	mutex_init(&ii->lower_lock);
 	init_rwsem(&ii->key_sem);
 	mutex_init(&ii->hdr_lock);
+	tkfs_prep_init_once(ii);
 }
 
 static void tkfs_evict_inode(struct inode *inode)
 {
 	struct tkfs_inode *ii = TKFS_I(inode);
 
+	cancel_work_sync(&ii->prep_work);
+	/* a verified size with every block and the size stored: kept for the next stat */
+	if (S_ISREG(inode->i_mode) && ii->lower_inode && ii->state == TKFS_HDR_OK &&
+	    ii->key_epoch > 0 && inode->i_nlink && ii->lower_inode->i_nlink &&
+	    i_size_read(inode) == ii->disk_size &&
+	    !mapping_tagged(&inode->i_data, PAGECACHE_TAG_DIRTY) &&
+	    !mapping_tagged(&inode->i_data, PAGECACHE_TAG_WRITEBACK))
+		tkfs_szc_put(TKFS_SB(inode->i_sb), ii->lower_inode, ii->disk_size, ii->key_epoch);
 	truncate_inode_pages_final(&inode->i_data);
 	clear_inode(inode);
 	tkfs_drop_keys(ii);
@@ -232,6 +242,9 @@ static int tkfs_fill_super(struct super_block *sb, void *data, int silent)
 	atomic_set(&sbi->key_epoch, 1);
 	sbi->sb = sb;
 	sb->s_fs_info = sbi;
+	err = tkfs_szc_init(sbi);
+	if (err)
+		return err;
 	err = parse_options(sbi, md->opts);
 	if (err)
 		return err;	/* put_super frees sbi */
@@ -308,6 +321,7 @@ static void tkfs_kill_sb(struct super_block *sb)
 	if (sbi->mounter_cred)
 		put_cred(sbi->mounter_cred);
 	kfree(sbi->lower_name);
+	tkfs_szc_exit(sbi);
 	kfree(sbi);
 }
 

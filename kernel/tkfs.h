@@ -15,6 +15,7 @@
 
 #include <linux/fs.h>
 #include <linux/mutex.h>
+#include <linux/spinlock.h>
 #include <linux/path.h>
 #include <linux/rwsem.h>
 #include <linux/list.h>
@@ -41,6 +42,9 @@
 /* the engine's block size is the page size; other sizes are refused (docs/kernel.md) */
 #define TKFS_BS			PAGE_SIZE
 #define TKFS_STORED_BS		(TKFS_BS + TAKA_OVERHEAD)
+/* blocks per lower read (readahead) and lower write (write-back): 15 stored blocks
+ * fit one order-4 allocation (64 KiB) */
+#define TKFS_BATCH		15
 #define TAKA_LEASE_CHUNK	65536ULL
 #define TAKA_SOFT_LIMIT		(1ULL << 31)
 #define TAKA_HARD_LIMIT		(3ULL << 30)
@@ -74,6 +78,8 @@ struct tkfs_key {
 	u8 key[TAKA_KEY_LEN];
 };
 
+struct tkfs_szent;
+
 /* ---- per mount ---------------------------------------------------------------------- */
 struct tkfs_sb {
 	struct path lower_root;
@@ -93,6 +99,9 @@ struct tkfs_sb {
 	struct work_struct wipe_work;		/* drops the inodes' file keys */
 	struct list_head all;			/* tkfs_mounts */
 	atomic64_t eio_count;
+
+	spinlock_t szc_lock;			/* sizecache.c */
+	struct tkfs_szent *szc;
 };
 
 enum tkfs_hdr_state {
@@ -103,6 +112,8 @@ enum tkfs_hdr_state {
 };
 
 struct crypto_aead;
+struct aead_request;
+struct tkfs_szent;
 
 struct tkfs_inode {
 	struct inode vfs_inode;
@@ -127,6 +138,8 @@ struct tkfs_inode {
 	u64 disk_size;		/* plaintext size in the header on disk */
 	u64 enc_count;		/* block encryptions done (lease taken whole at load) */
 	bool tail_cut;		/* stale stored bytes past disk_size were cut */
+	bool hdr_pending;	/* header made in memory, not stored yet (lower length 0) */
+	struct work_struct prep_work;	/* makes a new file's header and keys ahead */
 	u8 enc_key[TAKA_KEY_LEN];	/* file keys (HKDF of the data key), wiped on drop */
 	u8 mac_key[TAKA_KEY_LEN];
 	struct crypto_aead *aead;	/* gcm(aes) keyed with enc_key, made at first use */
@@ -202,6 +215,15 @@ int tkfs_hdr_parse(struct taka_header *h, const u8 *raw);
 int tkfs_derive_keys(struct tkfs_inode *ii, const u8 *data_key, bool verify);
 void tkfs_drop_keys(struct tkfs_inode *ii);
 int tkfs_hdr_seal(struct tkfs_inode *ii, u64 size, u64 encryptions);
+struct tkfs_crypt {
+	struct aead_request *req;
+	u8 *aad;
+};
+int tkfs_crypt_init(struct tkfs_inode *ii, struct tkfs_crypt *c);
+void tkfs_crypt_prepare(struct tkfs_inode *ii);
+void tkfs_crypt_done(struct tkfs_crypt *c);
+int tkfs_crypt_seal(struct tkfs_crypt *c, u64 index, u8 *buf, size_t n);
+int tkfs_crypt_open(struct tkfs_crypt *c, u64 index, u8 *buf, size_t n, struct page *dst);
 int tkfs_block_seal(struct tkfs_inode *ii, u64 index, u8 *buf, size_t n);
 int tkfs_block_open(struct tkfs_inode *ii, u64 index, u8 *buf, size_t n);
 int tkfs_crypto_init(void);
@@ -209,7 +231,10 @@ void tkfs_crypto_exit(void);
 
 /* header.c: header state of an inode */
 int tkfs_load_header(struct inode *inode);
-int tkfs_create_header(struct inode *inode);
+int tkfs_create_header(struct inode *inode, bool store);
+int tkfs_key_available(struct inode *inode);
+void tkfs_prepare_new(struct inode *inode);
+void tkfs_prep_init_once(struct tkfs_inode *ii);
 int tkfs_ensure_keys(struct inode *inode);	/* down_read(key_sem) held on success */
 int tkfs_ensure_ready(struct inode *inode);	/* the same, and the header state is OK */
 int tkfs_write_header(struct inode *inode, u64 size, u64 lease);
@@ -224,6 +249,12 @@ void tkfs_io_exit(void);
 /* keys.c */
 int tkfs_key_get(struct tkfs_sb *sbi, const char *name, u32 version, u8 *out, u32 *got_version);
 void tkfs_keys_wipe(struct tkfs_sb *sbi);
+
+/* sizecache.c */
+int tkfs_szc_init(struct tkfs_sb *sbi);
+void tkfs_szc_exit(struct tkfs_sb *sbi);
+bool tkfs_szc_get(struct tkfs_sb *sbi, struct inode *lower, u64 *plain);
+void tkfs_szc_put(struct tkfs_sb *sbi, struct inode *lower, u64 plain, int epoch);
 
 /* netlink.c */
 int tkfs_nl_init(void);

@@ -488,3 +488,117 @@ def test_keys_withdrawn_and_given_back(env):
     assert not (env.lower / "w-new").exists()
     _reload(env, True)
     assert (env.kmnt / "w").read_bytes() == b"keep me" * 1000
+
+
+# ---- times, new files, sizes after eviction ----------------------------------------------
+
+def test_times_move_at_write_not_at_write_back(env):
+    """mtime/ctime move when the application writes (as on ext4), never when write-back
+    stores the blocks later: tar's utimensat after its writes must stick."""
+    p = env.kmnt / "times"
+    p.write_bytes(os.urandom(5000))
+    os.utime(p, (1_000_000_000, 1_000_000_000))
+    os.sync()
+    drop_caches()
+    assert os.stat(p).st_mtime == 1_000_000_000
+    assert os.stat(env.lower / "times").st_mtime == 1_000_000_000
+    # a write moves it at once, before any write-back
+    before = time.time() - 1
+    with open(p, "r+b") as f:
+        f.write(b"w")
+        f.flush()
+        assert os.stat(p).st_mtime >= before
+        assert os.stat(env.lower / "times").st_mtime >= before
+    # a shared-mmap store moves it too
+    os.utime(p, (1_000_000_000, 1_000_000_000))
+    with open(p, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0)
+        m[10:20] = b"m" * 10
+        m.flush()
+        m.close()
+    assert os.stat(p).st_mtime >= before
+    # tar keeps the archive's times
+    src = env.base / "tsrc"
+    src.mkdir(exist_ok=True)
+    (src / "a").write_bytes(os.urandom(9000))
+    os.utime(src / "a", (1_200_000_000, 1_200_000_000))
+    tarball = env.base / "t.tar"
+    subprocess.run(["tar", "-C", str(src), "-cf", str(tarball), "a"], check=True)
+    dst = env.kmnt / "tdst"
+    dst.mkdir()
+    subprocess.run(["tar", "-C", str(dst), "-xf", str(tarball)], check=True)
+    os.sync()
+    drop_caches()
+    assert os.stat(dst / "a").st_mtime == 1_200_000_000
+    assert (dst / "a").read_bytes() == (src / "a").read_bytes()
+
+
+def test_new_files_are_taka_files_once_closed_or_stored(env):
+    """A new file's header comes with its first write-back (one lower write with the
+    blocks), or at its last close if it stays empty: either way the stored file is a
+    whole TAKA file that the other engines read."""
+    e = env.kmnt / "new-empty"
+    os.close(os.open(e, os.O_CREAT | os.O_WRONLY, 0o644))
+    assert (env.lower / "new-empty").stat().st_size == HDR
+    assert env.decrypt(env.lower / "new-empty") == b""
+    for n in (1, 3000, 3940, 3941, 4096, 9000, 70000):
+        p = env.kmnt / f"new{n}"
+        data = os.urandom(n)
+        with open(p, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            assert (env.lower / f"new{n}").stat().st_size == stored_len(n), n
+        assert env.decrypt(env.lower / f"new{n}") == data, n
+        assert (env.fmnt / f"new{n}").read_bytes() == data, n
+    # written, then cut to nothing before any write-back
+    p = env.kmnt / "new-cut"
+    with open(p, "wb") as f:
+        f.write(b"x" * 5000)
+        f.truncate(0)
+    os.sync()
+    assert env.decrypt(env.lower / "new-cut") == b""
+    # a sparse first write: the header goes out before the far blocks
+    p = env.kmnt / "new-far"
+    with open(p, "wb") as f:
+        f.seek(10 * BS + 7)
+        f.write(b"far")
+    os.sync()
+    assert env.decrypt(env.lower / "new-far") == bytes(10 * BS + 7) + b"far"
+
+
+def test_sizes_after_eviction_follow_the_lower_file(env):
+    """A cold stat may take a size remembered when the inode was evicted, but only while
+    the lower file is unchanged: a write by the FUSE engine, a tampered header or a
+    replaced file always shows what the lower file now says."""
+    k = env.kmnt / "ev"
+    k.mkdir()
+    for i in range(20):
+        (k / f"f{i}").write_bytes(os.urandom(1000 + 300 * i))
+    os.sync()
+    drop_caches()
+    assert [os.stat(k / f"f{i}").st_size for i in range(20)] == [1000 + 300 * i for i in range(20)]
+    drop_caches()
+    # changed by the other engine while the kernel mount had forgotten it
+    (env.fmnt / "ev" / "f1").write_bytes(b"short")
+    with open(env.fmnt / "ev" / "f2", "ab") as f:
+        f.write(b"x" * 10000)
+    # replaced by another file (a new inode, maybe the old number)
+    (env.fmnt / "ev" / "f3").unlink()
+    (env.fmnt / "ev" / "f3").write_bytes(b"new")
+    drop_caches()
+    assert os.stat(k / "f1").st_size == 5
+    assert os.stat(k / "f2").st_size == 1600 + 10000
+    assert os.stat(k / "f3").st_size == 3
+    assert (k / "f2").read_bytes()[-10000:] == b"x" * 10000
+    # a forged size in the header: never the remembered size, and no bytes
+    drop_caches()
+    lower = env.lower / "ev" / "f4"
+    stored = bytearray(lower.read_bytes())
+    stored[96] ^= 0x40
+    lower.write_bytes(stored)
+    drop_caches()
+    assert os.stat(k / "f4").st_size == len(stored)      # no plaintext size known
+    with pytest.raises(OSError) as ei:
+        (k / "f4").read_bytes()
+    assert ei.value.errno == errno.EIO
