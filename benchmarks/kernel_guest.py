@@ -380,7 +380,7 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
     import yaml
     from agent_helpers import Daemon, base_config
     from takakrypt.bench.targets import Target, realistic_policy
-    from takakrypt.bench.workloads import Context, Fio, Sequential, Tree, WorkloadFailed
+    from takakrypt.bench.workloads import Context, Fio, Rounds, Sequential, Tree, rotated
 
     t_start = time.monotonic()
     info = machine_info()
@@ -470,8 +470,8 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
                    for n in TARGETS if n == "native" or not chosen or n in chosen]
         samples: dict[str, dict[str, list[float]]] = {}
         warm: dict[str, dict[str, list[float]]] = {}
-        failures: dict[str, dict[str, str]] = {}
-        ready: set[tuple[str, str]] = set()
+        rounds = Rounds(ctx)
+        failures = rounds.failed     # target -> group and its workloads -> error
         orders: list[list[str]] = []
 
         def document(complete: bool) -> dict[str, Any]:
@@ -494,7 +494,7 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
         for r in range(warmup + rounds):
             measured = r >= warmup
             name = f"round {r - warmup + 1}" if measured else f"warm-up {r + 1}"
-            order = targets[r % len(targets):] + targets[:r % len(targets)]
+            order = rotated(targets, r)
             if measured:
                 orders.append([t.name for t in order])
             for g in groups:
@@ -502,15 +502,11 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
                     if g.name in failures.get(t.name, {}):
                         continue
                     t0 = time.monotonic()
-                    try:
-                        if (g.name, t.name) not in ready:
-                            g.setup(ctx, t)
-                            ready.add((g.name, t.name))
-                        got = g.run(ctx, t)
-                    except (WorkloadFailed, OSError) as e:
-                        failures.setdefault(t.name, {})[g.name] = str(e)
+                    got = rounds.run(g, t)
+                    if got is None:
+                        e = failures[t.name][g.name]
                         for w in g.workloads:
-                            failures[t.name][w.name] = str(e)
+                            failures[t.name][w.name] = e
                         log(f"{name} {g.name} on {t.name}: FAILED {e}")
                         continue
                     for w, v in got.items():
@@ -521,11 +517,7 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
                         + f" ({time.monotonic() - t0:.0f} s)")
             # what is measured so far survives a VM that is given up later
             (out / "result.json").write_text(json.dumps(document(False), indent=1))
-        for g in groups:
-            for t in targets:
-                if (g.name, t.name) in ready:
-                    with contextlib.suppress(WorkloadFailed, OSError):
-                        g.teardown(ctx, t)
+        rounds.teardown(groups, targets)
         doc = document(True)
     finally:
         if kmounted:

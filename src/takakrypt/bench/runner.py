@@ -29,7 +29,7 @@ from . import SCHEMA, machine
 from ..errors import BenchError, UsageError
 from ..progress import Bar
 from .targets import Guard, KeyFile, Target, kernel_engine, realistic_policy
-from .workloads import Context, Group, Sizes, WorkloadFailed, all_groups, postgres_bin
+from .workloads import Context, Group, Rounds, Sizes, all_groups, postgres_bin, rotated
 
 TARGET_LABELS = {"native": "native", "fuse": "fuse (policy)",
                  "fuse-allow-all": "fuse (allow-all)"}
@@ -157,37 +157,22 @@ class Runner:
             bar(0)
             g.prepare(ctx)
         values: dict[str, dict[str, list[float]]] = {}
-        failures: dict[str, dict[str, str]] = {}
-        ready: set[tuple[str, str]] = set()
+        rounds = Rounds(ctx)
         for r in range(o.rounds):
-            order = targets[r % len(targets):] + targets[:r % len(targets)]
             for g in self.groups:
-                for t in order:
+                for t in rotated(targets, r):
                     bar.label = f"round {r + 1}/{o.rounds}: {g.name} on {t.label}"
                     bar(0)
-                    if g.name in failures.get(t.name, {}):
-                        bar(1)
-                        continue
-                    try:
-                        if (g.name, t.name) not in ready:
-                            g.setup(ctx, t)
-                            ready.add((g.name, t.name))
-                        got = g.run(ctx, t)
-                    except (WorkloadFailed, OSError) as e:
-                        failures.setdefault(t.name, {})[g.name] = str(e)
-                    else:
-                        for w, v in got.items():
-                            values.setdefault(w, {}).setdefault(t.name, []).append(v)
+                    got = rounds.run(g, t)
+                    for w, v in (got or {}).items():
+                        values.setdefault(w, {}).setdefault(t.name, []).append(v)
                     bar(1)
         bar.label = "cleaning up"
         bar(0)
-        for g in self.groups:
-            for t in targets:
-                if (g.name, t.name) in ready:
-                    try:
-                        g.teardown(ctx, t)
-                    except (WorkloadFailed, OSError) as e:
-                        failures.setdefault(t.name, {}).setdefault(g.name, f"clean-up: {e}")
+        failures = rounds.failed
+        for tn, errs in rounds.teardown(self.groups, targets).items():
+            for gn, e in errs.items():
+                failures.setdefault(tn, {}).setdefault(gn, e)
         bar.close()
         finished = dt.datetime.now(dt.timezone.utc)
         return self._document(directory, started, finished, targets, all_groups(o.sizes),

@@ -137,6 +137,48 @@ class Group:
         """Stop anything still running (interrupt or failure); must not raise."""
 
 
+def rotated(targets: list[Target], r: int) -> list[Target]:
+    """Round r's order: the targets rotated by r (slow drifts of a shared machine fall
+    on every target alike)."""
+    return targets[r % len(targets):] + targets[:r % len(targets)]
+
+
+class Rounds:
+    """Runs groups on targets in rounds: a group is set up on a target before its first
+    run and torn down after the last; a group that failed on a target is not run there
+    again (``failed``: target -> group -> error)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.ready: set[tuple[str, str]] = set()
+        self.failed: dict[str, dict[str, str]] = {}
+
+    def run(self, g: Group, t: Target) -> dict[str, float] | None:
+        """The group's figures on t, or None (failed now or before: see ``failed``)."""
+        if g.name in self.failed.get(t.name, {}):
+            return None
+        try:
+            if (g.name, t.name) not in self.ready:
+                g.setup(self.ctx, t)
+                self.ready.add((g.name, t.name))
+            return g.run(self.ctx, t)
+        except (WorkloadFailed, OSError) as e:
+            self.failed.setdefault(t.name, {})[g.name] = str(e)
+            return None
+
+    def teardown(self, groups: list[Group], targets: list[Target]) -> dict[str, dict[str, str]]:
+        """Tear down what was set up; returns the clean-up errors (target -> group)."""
+        errors: dict[str, dict[str, str]] = {}
+        for g in groups:
+            for t in targets:
+                if (g.name, t.name) in self.ready:
+                    try:
+                        g.teardown(self.ctx, t)
+                    except (WorkloadFailed, OSError) as e:
+                        errors.setdefault(t.name, {})[g.name] = f"clean-up: {e}"
+        return errors
+
+
 class Sequential(Group):
     name = "seq"
 
