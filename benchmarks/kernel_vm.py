@@ -24,9 +24,11 @@ say what each layer costs in CPU, the absolute figures say nothing about real ma
 flags, QEMU version, gcm(aes) drivers).  Exit status: 0 done (whether the targets are
 met or not), 1 the run failed (no result, a failed workload, or a kernel log problem:
 panic, oops, BUG, WARNING, lockdep), 2 usage or missing tools.  Run as root; one VM at a
-time on a shared machine.  Duration (2026-12-06, another VM beside it): a full run 31
-minutes, most of it the FUSE guard point's tree workloads (about 3 minutes a round under
-the realistic policy); --only seq-write,seq-read,untar,ls-lR,rm-rf skips fio.
+time on a shared machine.  Duration (2026-12-06, the machine otherwise idle): a full run
+of 3 rounds took 10 minutes, most of it the FUSE guard points' tree workloads (25 s a
+round under the realistic policy); the default 5 rounds about 15.  --only
+seq-write,seq-read,untar,ls-lR,rm-rf skips fio; --targets kernel measures native and
+takakryptfs only (3 minutes).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         usage=__doc__.split("\n\n")[1].removeprefix("usage: ") if __doc__ else None)
     ap.add_argument("--quick", action="store_true",
                     help="smaller: 32 MiB, a 300-file tree, no fio")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds (at least 3; default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds (at least 3; default 5)")
     ap.add_argument("--warmup", type=int, default=1,
                     help="unmeasured rounds first (default 1: TCG translates code on first "
                          "use; the first round ran several times slower)")
