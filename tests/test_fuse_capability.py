@@ -11,7 +11,6 @@ also while a permitted process holds the file open and its pages are cached.
 
 from __future__ import annotations
 
-import array
 import errno
 import mmap
 import os
