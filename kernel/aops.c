@@ -337,8 +337,11 @@ static int wb_flush(struct inode *inode, struct wb_batch *b)
 			size = end;
 		err = tkfs_hdr_seal(ii, size, ii->hdr.encryptions);
 		if (!err) {
+			ssize_t w;
+
 			memcpy(b->buf, ii->hdr.raw, TAKA_HDR_SIZE);
-			err = tkfs_lower_write(inode, b->buf, TAKA_HDR_SIZE + len, 0) < 0 ? -EIO : 0;
+			w = tkfs_lower_write(inode, b->buf, TAKA_HDR_SIZE + len, 0);
+			err = w < 0 ? w : 0;	/* ENOSPC stays ENOSPC */
 		}
 		if (!err) {
 			ii->disk_size = size;
@@ -359,7 +362,8 @@ end:
 		struct page *page = b->pages[i];
 
 		if (err) {
-			tkfs_report_eio(inode, page->index, "write-back failed");
+			if (err != -ENOSPC && err != -EDQUOT)	/* a full disk is no integrity event */
+				tkfs_report_eio(inode, page->index, "write-back failed");
 			mapping_set_error(page->mapping, err);
 			SetPageError(page);
 		}

@@ -46,8 +46,10 @@ static ssize_t lower_rw(struct file *f, void *buf, size_t len, loff_t pos, bool 
 		ssize_t r = write ? kernel_write(f, buf + done, len - done, &pos) :
 				    kernel_read(f, buf + done, len - done, &pos);
 
+		/* a write that failed part way failed (ENOSPC stays ENOSPC); a read
+		 * returns what it got */
 		if (r < 0)
-			return done ? done : r;
+			return done && !write ? done : r;
 		if (r == 0)
 			break;
 		done += r;
@@ -359,9 +361,11 @@ int tkfs_create_header(struct inode *inode, bool store)
 		err = 0;
 		if (store && ii->hdr_pending) {	/* made ahead, stored now */
 			err = tkfs_hdr_seal(ii, 0, ii->hdr.encryptions);
-			if (!err)
-				err = tkfs_lower_write(inode, ii->hdr.raw, TAKA_HDR_SIZE, 0) < 0 ?
-				      -EIO : 0;
+			if (!err) {
+				ssize_t w = tkfs_lower_write(inode, ii->hdr.raw, TAKA_HDR_SIZE, 0);
+
+				err = w < 0 ? w : 0;
+			}
 			if (!err)
 				ii->hdr_pending = false;
 		}

@@ -453,6 +453,45 @@ def test_in_place_mount(env):
     assert env.decrypt(d / "new") == b"written through it"
 
 
+def test_full_lower_file_system(env):
+    """The lower file system fills up: fsync reports ENOSPC (not EIO, not success), what
+    was stored before stays readable, and after space is freed the mount writes again."""
+    lower, mnt = env.base / "small", env.base / "small-mnt"
+    lower.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(lower)], check=True)
+    try:
+        kmount(lower, mnt)
+        try:
+            with open(mnt / "keep", "wb") as f:
+                f.write(b"k" * 5000)
+                f.flush()
+                os.fsync(f.fileno())
+            fd = os.open(mnt / "big", os.O_CREAT | os.O_WRONLY, 0o644)
+            try:
+                with pytest.raises(OSError) as ei:
+                    for _ in range(64):              # 2 MiB into 1 MiB
+                        os.write(fd, os.urandom(32768))
+                    os.fsync(fd)
+                assert ei.value.errno == errno.ENOSPC, ei.value
+            finally:
+                os.close(fd)
+            os.unlink(mnt / "big")
+            (mnt / "after").write_bytes(b"a" * 7000)
+            fd = os.open(mnt / "after", os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        finally:
+            kumount(mnt)
+        kmount(lower, mnt)
+        try:
+            assert (mnt / "keep").read_bytes() == b"k" * 5000
+            assert (mnt / "after").read_bytes() == b"a" * 7000
+        finally:
+            kumount(mnt)
+    finally:
+        subprocess.run(["umount", str(lower)], check=False)
+
+
 # ---- keys withdrawn by the agent (last: the reload disables the FUSE guard point) ----
 
 def _genl(env) -> dict:
