@@ -413,8 +413,8 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
 
     secs = 1.0 if quick else 2.0
     # measured in every round, after its workloads (code translated, the machine in the
-    # state the workloads saw), the median reported: one measurement at the start ran at
-    # half speed on a cold TCG translation cache
+    # state the workloads saw), the median reported: a single measurement at the start
+    # varied from 11 to 23 MiB/s between boots
     cipher: dict[str, Any] = {
         "driver": (info["gcm_drivers"] or [{}])[0].get("driver"), "key_bits": 256,
         "aad_bytes": 72, "method": "AF_ALG aead gcm(aes), one thread, one request per "
