@@ -9,9 +9,10 @@ targets, measured interleaved (every round runs every workload group on every ta
 the order of the targets rotated from round to round):
 
 * ``native``: a directory of that ext4, the reference;
-* ``kernel``: takakryptfs over another directory of it (part 1: no policy in the
-  kernel yet, so allow-all by construction; the data key comes from takakryptd over
-  generic netlink, guard point ``fuse-allow-all``'s);
+* ``kernel``: takakryptfs over another directory of it, deciding by takakryptd
+  (``decide=agent``) under guard point ``fuse``'s realistic policy (gp 1: the same
+  rules, the paths relative to each mount); the data key and every decision the
+  module's cache does not hold come from takakryptd over generic netlink;
 * ``fuse``: a FUSE guard point of takakryptd (``backing:`` a third directory) under the
   realistic policy of ``takakrypt bench`` (each workload program by path and SHA-256
   gets plaintext, everything else is denied);
@@ -46,10 +47,13 @@ from typing import Any
 
 SCHEMA = "takakrypt-kernel-vm-bench/1"
 
+#: the kernel target's mount options: decisions by takakryptd under gp 1's policy
+KERNEL_MOUNT = "key=k1,gp=1,decide=agent"
+
 #: target name -> (label, engine, policy); native first: the reference
 TARGETS: dict[str, tuple[str, str, str]] = {
     "native": ("native ext4", "native", "none"),
-    "kernel": ("takakryptfs (kernel)", "kernel", "allow-all (part 1: no policy in the kernel)"),
+    "kernel": ("takakryptfs (kernel)", "kernel", "realistic (programs by path+SHA-256)"),
     "fuse": ("FUSE guard point (policy)", "fuse", "realistic (programs by path+SHA-256)"),
     "fuse-allow-all": ("FUSE guard point (allow-all)", "fuse", "allow-all"),
 }
@@ -206,6 +210,18 @@ def table(doc: dict[str, Any]) -> str:
                                  + ("" if t == "kernel" else " (a proxy: the FUSE engine "
                                     "runs its own AES in user space)"))
             out.append("\n".join(p for p in parts if p))
+    d = doc.get("decisions")
+    if d:
+        med = d["median_opens_per_s"]
+        out.append("")
+        out.append(f"decision cache (kernel, realistic policy): open+read+close of a 4 KiB "
+                   f"file, {d['opens']} by one process: native {med['native']:.0f}/s, "
+                   f"kernel {med['kernel']:.0f}/s = {d['x_native']:.2f}x native")
+        for what in ("untar", "ls_lR"):
+            c = d[what]
+            ratio = "-" if c["hit_ratio"] is None else f"{c['hit_ratio'] * 100:.1f} %"
+            out.append(f"  {what.replace('_', ' -')}: {c['hits']} hits, {c['misses']} misses "
+                       f"(hit ratio {ratio}), {c['agent_requests']} requests to the agent")
     return "\n".join(out)
 
 
@@ -363,6 +379,93 @@ def _umount(path: str) -> None:
         raise OSError(e, f"umount {path}: {os.strerror(e)}")
 
 
+# ---- the module's decision cache (issue 19) --------------------------------------------
+
+_STATUS_U32 = ("enforcer", "impl_version", "agent_connected", "guard_point_count",
+               "config_generation", "cache_entries", "cache_capacity", "pending_requests")
+_STATUS_U64 = ("cache_hits", "cache_misses", "requests_sent", "requests_timed_out",
+               "fail_closed_denials", "policy_denials", "integrity_errors", "audit_events",
+               "audit_drops")
+
+
+def module_status() -> dict[str, int]:
+    """The module's counters: a STATUS_REQUEST from this process (any CAP_NET_ADMIN
+    sender may ask; docs/protocol.md), fields as the version-2 layout."""
+    import socket
+    import struct
+
+    from takakrypt import protocol as P
+    from takakrypt.agent import genl as G
+
+    s = G.open_socket()
+    try:
+        s.settimeout(5)
+        fid = G.resolve_family(s)
+        if fid is None:
+            raise RuntimeError("takakryptfs is not loaded")
+        taka = struct.pack("<IIIIIIQ", P.MAGIC, 2, int(P.Operation.STATUS_REQUEST), 9, 0, 0, 0)
+        s.send(G.build(fid, G.CMD_MSG, taka, seq=9))
+        while True:
+            for raw in G.split(s.recv(65536)):
+                f = G.parse(raw, fid)
+                if f.kind == "msg" and f.taka and len(f.taka) >= 32 + 104:
+                    out = dict(zip(_STATUS_U32, struct.unpack_from("<8I", f.taka, 32)))
+                    out.update(zip(_STATUS_U64, struct.unpack_from("<9Q", f.taka, 64)))
+                    return out
+                if f.kind == "error" and f.error:
+                    raise OSError(-f.error, "STATUS_REQUEST")
+    except socket.timeout:
+        raise RuntimeError("the module did not answer STATUS_REQUEST") from None
+    finally:
+        s.close()
+
+
+#: opens of one 4 KiB file by one process (a permitted program): the decision is asked
+#: once, the other opens hit the module's cache
+OPENS = 2000
+_OPEN_LOOP = ("import sys, time\np = sys.argv[1]\nn = int(sys.argv[2])\n"
+              "t0 = time.perf_counter()\nfor _ in range(n):\n    with open(p, 'rb') as f:\n"
+              "        f.read()\nprint(time.perf_counter() - t0)")
+
+
+def decision_bench(native: Path, kernel: Path, tar: Path, rounds: int) -> dict[str, Any]:
+    """Cached open+read+close per second on the kernel mount (realistic policy) and on
+    native, interleaved in the same run; the cache's hits and misses over one untar of
+    the tree and one `ls -lR` of it."""
+    py = os.path.realpath(sys.executable)
+    data = os.urandom(4096)
+    for d in (native, kernel):
+        with open(d / "open.bin", "wb") as f:     # this process: python, permitted
+            f.write(data)
+    os.sync()
+    per: dict[str, list[float]] = {"native": [], "kernel": []}
+    for r in range(rounds):
+        for name, d in (("native", native), ("kernel", kernel))[:: 1 if r % 2 == 0 else -1]:
+            out = subprocess.run([py, "-S", "-c", _OPEN_LOOP, str(d / "open.bin"), str(OPENS)],
+                                 capture_output=True, text=True, check=True)
+            per[name].append(OPENS / float(out.stdout))
+    s0 = module_status()
+    subprocess.run(["tar", "-C", str(kernel), "-xf", str(tar)], check=True)
+    os.sync()
+    s1 = module_status()
+    subprocess.run(["ls", "-lR", str(kernel / "tree")], check=True, capture_output=True)
+    s2 = module_status()
+    subprocess.run(["rm", "-rf", str(kernel / "tree")], check=True)
+    for d in (native, kernel):
+        (d / "open.bin").unlink()
+
+    def delta(a: dict[str, int], b: dict[str, int]) -> dict[str, Any]:
+        hits, misses = b["cache_hits"] - a["cache_hits"], b["cache_misses"] - a["cache_misses"]
+        return {"hits": hits, "misses": misses, "agent_requests":
+                b["requests_sent"] - a["requests_sent"],
+                "hit_ratio": hits / (hits + misses) if hits + misses else None}
+
+    med = {k: statistics.median(v) for k, v in per.items()}
+    return {"opens": OPENS, "opens_per_s": per, "median_opens_per_s": med,
+            "x_native": med["kernel"] / med["native"] if med["native"] else None,
+            "untar": delta(s0, s1), "ls_lR": delta(s1, s2), "status_after": s2}
+
+
 def sizes_for(quick: bool):
     """The workloads' sizes under TCG, and whether fio runs.  What sets them: the FUSE
     targets' small-file workloads cost 40-60 ms of emulated time a file (every file is
@@ -436,6 +539,7 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
     programs: dict[str, str] = {}
     for g in groups:
         programs.update(g.programs())
+    programs["python"] = os.path.realpath(sys.executable)   # the decision benchmark's loop
     policy_yaml = realistic_policy(programs)
 
     cfg = base_config(base)
@@ -445,7 +549,7 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
     cfg["process_sets"] = pol["process_sets"]
     cfg["policies"] = {"bench": pol["policies"]["bench"], "allow": {"rules": [
         {"actions": ["all_ops"], "effects": ["permit", "apply_key"]}]}}
-    # ids are 1-based positions: the kernel mount asks for gp 2's key
+    # ids are 1-based positions: the kernel mount decides by gp 1's policy (realistic)
     cfg["guard_points"] = [
         {"path": str(mnts["fuse"]), "backing": str(dirs["fuse"]), "policy": "bench",
          "key": "k1"},
@@ -456,6 +560,7 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
     agent.notify.settimeout(600)
     kmounted = False
     doc: dict[str, Any] = {}
+    decisions: dict[str, Any] | None = None
     try:
         for g in groups:        # while takakryptd starts (a minute or more under TCG)
             g.prepare(ctx)
@@ -463,7 +568,7 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "agent registered" not in _sh("dmesg"):
             time.sleep(0.2)
-        _mount(str(dirs["kernel"]), str(mnts["kernel"]), "takakryptfs", "key=k1,gp=2")
+        _mount(str(dirs["kernel"]), str(mnts["kernel"]), "takakryptfs", KERNEL_MOUNT)
         kmounted = True
         log(f"targets up after {time.monotonic() - t_start:.0f} s")
         targets = [Target(n, TARGETS[n][0], mnts[n], dirs[n], TARGETS[n][1], TARGETS[n][2])
@@ -483,7 +588,7 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
                                                    if isinstance(g, Tree)), None),
                              "fio_mib": sizes.fio_mib, "fio_seconds": sizes.fio_seconds,
                              "fio_jobs": 2, "orders": orders, "skipped": skipped,
-                             "kernel_mount": "key=k1,gp=2", "policy_yaml": policy_yaml},
+                             "kernel_mount": KERNEL_MOUNT, "policy_yaml": policy_yaml},
                 "targets": {t.name: {"label": TARGETS[t.name][0], "engine": TARGETS[t.name][1],
                                      "policy": TARGETS[t.name][2]} for t in targets},
                 "samples": samples, "warmup_samples": warm, "failures": failures,
@@ -524,7 +629,16 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
             (out / "result.json").write_text(json.dumps(document(False), indent=1))
         cipher["block_mibps"] = afalg_gcm(4096, secs)
         runner.teardown(groups, targets)
+        tree = next((g for g in groups if isinstance(g, Tree)), None)
+        if tree is not None and tree.tar is not None and any(t.name == "kernel"
+                                                             for t in targets):
+            log("decision cache: cached opens, and hits during an untar and ls -lR")
+            decisions = decision_bench(dirs["native"], mnts["kernel"], tree.tar, rounds)
+            log(f"decision cache: {decisions['median_opens_per_s']} opens/s, untar "
+                f"{decisions['untar']}, ls -lR {decisions['ls_lR']}")
         doc = document(True)
+        if decisions is not None:
+            doc["decisions"] = decisions
     finally:
         if kmounted:
             with contextlib.suppress(OSError):

@@ -7,12 +7,15 @@ usage: python benchmarks/kernel_vm.py [--quick] [--rounds N] [--warmup N] [--jso
 Builds kernel/takakryptfs.ko against the headers of /boot's newest 6.1 kernel (or takes
 --ko), boots that kernel once under QEMU (TCG, no KVM) with virtme-ng (2 CPUs, 2 GiB),
 and runs benchmarks/kernel_guest.py there: ext4 on a brd RAM disk as the lower file
-system, and the targets native / takakryptfs / FUSE guard point (realistic policy) /
-FUSE guard point (allow-all) measured interleaved in rounds (order rotated), each with
+system, and the targets native / takakryptfs (realistic policy: decisions by takakryptd,
+cached in the module) / FUSE guard point (realistic policy) / FUSE guard point
+(allow-all) measured interleaved in rounds (order rotated), each with
 `takakrypt bench`'s workloads sized for TCG: dd write (fsync) and cold read, untar of a
 generated tree, ls -lR cold, rm -rf, fio 4 KiB random read/write.  Also the kernel's
 gcm(aes) throughput through AF_ALG, to say how much of the sequential figures is the
-(emulated) cipher.
+(emulated) cipher, and the module's decision cache: cached open+read+close of one file
+by one process against native, and the cache's hits and misses during an untar and an
+ls -lR of the tree (the module's STATUS counters).
 
 Prints a table: per workload and target the median and min-max over the rounds, the
 ratio to native measured in the same run (median, and min-max of the per-round ratios)
@@ -134,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{doc['machine']['accelerator']}, {qemu}; {doc['rounds']} rounds "
           f"interleaved, order rotated; lower: {doc['machine']['lower']}.\n"
           f"Ratios measure CPU cost of each layer on an emulated CPU, not device speed.\n"
-          f"kernel = allow-all by construction (part 1); fuse = takakryptd's FUSE guard "
-          f"point under the realistic policy; fuse-allow-all = the same, allow-all.\n")
+          f"kernel = takakryptfs deciding by takakryptd under the realistic policy; fuse = "
+          f"takakryptd's FUSE guard point under the same policy; fuse-allow-all = the FUSE "
+          f"guard point, allow-all.\n")
     print(kg.table(doc))
     print(f"\nVM wall time {wall:.0f} s (guest {doc.get('guest_seconds', 0):.0f} s)")
     if a.json:

@@ -285,7 +285,7 @@ static int wb_flush(struct inode *inode, struct wb_batch *b)
 	loff_t start, end;
 	size_t i, len;
 	struct tkfs_crypt c;
-	bool locked = false;
+	bool locked = false, keyless = false;
 	int err = 0;
 
 	if (!b->nr)
@@ -298,8 +298,12 @@ static int wb_flush(struct inode *inode, struct wb_batch *b)
 		err = tkfs_create_header(inode, false);
 	if (!err)
 		err = tkfs_ensure_ready(inode);
-	if (err)
+	if (err) {
+		/* no key now (no agent, or it withdrew the key): the pages stay dirty and
+		 * are stored when the key can be had again; fsync reports the failure */
+		keyless = ii->state != TKFS_HDR_BAD;
 		goto end;
+	}
 	mutex_lock(&ii->hdr_lock);
 	locked = true;
 	/* before the first block past the header's size: stale stored bytes are cut */
@@ -361,7 +365,12 @@ end:
 	for (i = 0; i < b->nr; i++) {
 		struct page *page = b->pages[i];
 
-		if (err) {
+		if (err && keyless) {
+			/* not locked (a lower page than the one write_cache_pages holds);
+			 * under write-back truncation waits, so the mapping is stable */
+			mapping_set_error(page->mapping, -EIO);
+			__set_page_dirty_nobuffers(page);
+		} else if (err) {
 			if (err != -ENOSPC && err != -EDQUOT)	/* a full disk is no integrity event */
 				tkfs_report_eio(inode, page->index, "write-back failed");
 			mapping_set_error(page->mapping, err);

@@ -60,11 +60,51 @@ out:
 	return err;
 }
 
+/*
+ * The open's view (docs/kernel.md "Views"): each access the open asks for is a decision
+ * (read; write or append; truncate for O_TRUNC) and all must agree on the view: the
+ * plaintext view (apply_key), or the raw view (the stored TAKA bytes, for backup and
+ * restore).  Denied: EACCES.
+ */
+static int open_view(struct file *file, bool *raw)
+{
+	struct dentry *d = file->f_path.dentry;
+	u32 acts[3], n = 0, i, eff, view = 0;
+	int err;
+
+	if (file->f_mode & FMODE_READ)
+		acts[n++] = TAKAKRYPT_ACTION_READ;
+	if (file->f_mode & FMODE_WRITE)
+		acts[n++] = file->f_flags & O_APPEND ? TAKAKRYPT_ACTION_APPEND :
+						       TAKAKRYPT_ACTION_WRITE;
+	if ((file->f_flags & O_TRUNC) && (file->f_mode & FMODE_WRITE))
+		acts[n++] = TAKAKRYPT_ACTION_TRUNCATE;
+	if (!n)
+		acts[n++] = TAKAKRYPT_ACTION_READ;	/* O_ACCMODE 3 (ioctls only): still asked */
+	for (i = 0; i < n; i++) {
+		err = tkfs_decide(d, acts[i], NULL, &eff);
+		if (err)
+			return err;
+		eff &= TAKAKRYPT_EFFECT_APPLY_KEY;
+		if (i && eff != view)
+			return -EACCES;	/* one open, one view: a policy giving two is refused */
+		view = eff;
+	}
+	*raw = !view;
+	return 0;
+}
+
 static int tkfs_file_open(struct inode *inode, struct file *file)
 {
 	struct tkfs_inode *ii = TKFS_I(inode);
+	bool raw;
 	int err;
 
+	err = open_view(file, &raw);
+	if (err)
+		return err;
+	if (raw)
+		return tkfs_raw_open(inode, file);
 	err = tkfs_get_lower_file(inode);
 	if (err)
 		return err;
@@ -193,6 +233,7 @@ const struct file_operations tkfs_file_fops = {
 	.fsync = tkfs_fsync,
 	.splice_read = generic_file_splice_read,
 	.splice_write = iter_file_splice_write,
+	.copy_file_range = tkfs_copy_file_range,
 };
 
 /* ---- directories -------------------------------------------------------------------- */
@@ -201,6 +242,12 @@ static int tkfs_dir_open(struct inode *inode, struct file *file)
 {
 	struct path lower;
 	struct file *lf;
+	u32 eff;
+	int err;
+
+	err = tkfs_decide(file->f_path.dentry, TAKAKRYPT_ACTION_LIST, NULL, &eff);
+	if (err)
+		return err;
 
 	tkfs_lower_path(file->f_path.dentry, &lower);
 	lf = dentry_open(&lower, file->f_flags, current_cred());
@@ -221,8 +268,12 @@ static int tkfs_dir_release(struct inode *inode, struct file *file)
 static int tkfs_iterate(struct file *file, struct dir_context *ctx)
 {
 	struct file *lf = file->private_data;
+	u32 eff;
 	int err;
 
+	err = tkfs_decide(file->f_path.dentry, TAKAKRYPT_ACTION_LIST, NULL, &eff);
+	if (err)
+		return err;
 	lf->f_pos = ctx->pos;
 	err = iterate_dir(lf, ctx);
 	file->f_pos = lf->f_pos;

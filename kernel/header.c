@@ -132,9 +132,14 @@ void tkfs_prepare_new(struct inode *inode)
 	queue_work(tkfs_prep_wq, &TKFS_I(inode)->prep_work);
 }
 
-void tkfs_prep_init_once(struct tkfs_inode *ii)
+void tkfs_work_init_once(struct tkfs_inode *ii)
 {
 	INIT_WORK(&ii->prep_work, prep_work);
+}
+
+void tkfs_work_cancel(struct tkfs_inode *ii)
+{
+	cancel_work_sync(&ii->prep_work);
 }
 
 int tkfs_io_init(void)
@@ -174,6 +179,8 @@ int tkfs_lower_truncate(struct inode *inode, loff_t len)
 void tkfs_report_eio(struct inode *inode, u64 block, const char *what)
 {
 	atomic64_inc(&TKFS_SB(inode->i_sb)->eio_count);
+	atomic64_inc(&tkfs_st_eio);
+	tkfs_audit_integrity(inode, block, what);
 	if (block == U64_MAX)
 		tkfs_err_rl("inode %lu (%s): %s: EIO\n", inode->i_ino,
 			    TKFS_SB(inode->i_sb)->lower_name, what);

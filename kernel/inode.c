@@ -14,6 +14,14 @@
 
 #include "tkfs.h"
 
+/* the decision for an action on a name (decide.c); the view does not matter here */
+static int may(struct dentry *dentry, u32 action, struct dentry *target)
+{
+	u32 eff;
+
+	return tkfs_decide(dentry, action, target, &eff);
+}
+
 /* ---- dentries ----------------------------------------------------------------------- */
 
 int tkfs_init_dentry(struct dentry *dentry, const struct path *lower)
@@ -23,6 +31,7 @@ int tkfs_init_dentry(struct dentry *dentry, const struct path *lower)
 	if (!d)
 		return -ENOMEM;
 	d->lower_path = *lower;
+	d->id = tkfs_new_dentry_id();
 	path_get(&d->lower_path);
 	dentry->d_fsdata = d;
 	return 0;
@@ -212,6 +221,9 @@ static int tkfs_create(struct user_namespace *ns, struct inode *dir, struct dent
 	struct dentry *ld = tkfs_lower_dentry(dentry), *ldir;
 	int err;
 
+	err = may(dentry, TAKAKRYPT_ACTION_CREATE, NULL);
+	if (err)
+		return err;
 	dget(ld);
 	ldir = lock_parent(ld);
 	err = vfs_create(&init_user_ns, d_inode(ldir), ld, mode, excl);
@@ -242,6 +254,9 @@ static int tkfs_mkdir(struct user_namespace *ns, struct inode *dir, struct dentr
 	struct dentry *ld = tkfs_lower_dentry(dentry), *ldir;
 	int err;
 
+	err = may(dentry, TAKAKRYPT_ACTION_MKDIR, NULL);
+	if (err)
+		return err;
 	dget(ld);
 	ldir = lock_parent(ld);
 	err = vfs_mkdir(&init_user_ns, d_inode(ldir), ld, mode);
@@ -263,6 +278,9 @@ static int tkfs_mknod(struct user_namespace *ns, struct inode *dir, struct dentr
 	struct dentry *ld = tkfs_lower_dentry(dentry), *ldir;
 	int err;
 
+	err = may(dentry, TAKAKRYPT_ACTION_CREATE, NULL);
+	if (err)
+		return err;
 	dget(ld);
 	ldir = lock_parent(ld);
 	err = vfs_mknod(&init_user_ns, d_inode(ldir), ld, mode, rdev);
@@ -280,6 +298,9 @@ static int tkfs_symlink(struct user_namespace *ns, struct inode *dir, struct den
 	struct dentry *ld = tkfs_lower_dentry(dentry), *ldir;
 	int err;
 
+	err = may(dentry, TAKAKRYPT_ACTION_CREATE, NULL);
+	if (err)
+		return err;
 	dget(ld);
 	ldir = lock_parent(ld);
 	err = vfs_symlink(&init_user_ns, d_inode(ldir), ld, target);
@@ -296,6 +317,11 @@ static int tkfs_link(struct dentry *old, struct inode *dir, struct dentry *new)
 	struct dentry *lold = tkfs_lower_dentry(old), *lnew = tkfs_lower_dentry(new), *ldir;
 	int err;
 
+	err = may(old, TAKAKRYPT_ACTION_LINK, new);
+	if (!err)
+		err = may(new, TAKAKRYPT_ACTION_LINK, new);
+	if (err)
+		return err;
 	dget(lold);
 	dget(lnew);
 	ldir = lock_parent(lnew);
@@ -317,6 +343,9 @@ static int tkfs_unlink(struct inode *dir, struct dentry *dentry)
 	struct inode *inode = d_inode(dentry);
 	int err;
 
+	err = may(dentry, TAKAKRYPT_ACTION_DELETE, NULL);
+	if (err)
+		return err;
 	dget(ld);
 	ldir = lock_parent(ld);
 	if (ld->d_parent != ldir || d_unhashed(ld)) {
@@ -341,6 +370,9 @@ static int tkfs_rmdir(struct inode *dir, struct dentry *dentry)
 	struct dentry *ld = tkfs_lower_dentry(dentry), *ldir;
 	int err;
 
+	err = may(dentry, TAKAKRYPT_ACTION_RMDIR, NULL);
+	if (err)
+		return err;
 	dget(ld);
 	ldir = lock_parent(ld);
 	if (ld->d_parent != ldir || d_unhashed(ld))
@@ -367,6 +399,11 @@ static int tkfs_rename(struct user_namespace *ns, struct inode *old_dir, struct 
 
 	if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE))
 		return -EINVAL;
+	err = may(old, TAKAKRYPT_ACTION_RENAME, new);
+	if (!err)
+		err = may(new, TAKAKRYPT_ACTION_RENAME, new);
+	if (err)
+		return err;
 	dget(lold);
 	dget(lnew);
 	lold_dir = dget_parent(lold);
@@ -391,6 +428,8 @@ static int tkfs_rename(struct user_namespace *ns, struct inode *old_dir, struct 
 	err = vfs_rename(&rd);
 	if (err)
 		goto out;
+	/* the paths below the moved names changed: cached decisions by name go */
+	atomic_inc(&TKFS_SB(old->d_sb)->name_gen);
 	fsstack_copy_attr_all(new_dir, d_inode(lnew_dir));
 	fsstack_copy_inode_size(new_dir, d_inode(lnew_dir));
 	if (new_dir != old_dir) {
@@ -409,8 +448,13 @@ out:
 static const char *tkfs_get_link(struct dentry *dentry, struct inode *inode,
 				 struct delayed_call *done)
 {
+	int err;
+
 	if (!dentry)
 		return ERR_PTR(-ECHILD);
+	err = may(dentry, TAKAKRYPT_ACTION_READ, NULL);
+	if (err)
+		return ERR_PTR(err);
 	return vfs_get_link(tkfs_lower_dentry(dentry), done);
 }
 
@@ -425,11 +469,39 @@ static int tkfs_setattr(struct user_namespace *ns, struct dentry *dentry, struct
 	struct dentry *ld = tkfs_lower_dentry(dentry);
 	struct inode *linode = tkfs_lower_inode(inode);
 	struct iattr lia;
+	u32 teff = 0;
+	bool raw = false;
 	int err;
 
 	err = setattr_prepare(&init_user_ns, dentry, ia);
 	if (err)
 		return err;
+	/*
+	 * O_TRUNC was decided at open (ATTR_OPEN); ftruncate and truncate ask `truncate`;
+	 * mode, owner and times ask `setattr` (not the times a truncate moves, nor what the
+	 * kernel does itself, ATTR_FORCE: suid bits dropped by a write)
+	 */
+	if ((ia->ia_valid & ATTR_SIZE) && !(ia->ia_valid & ATTR_OPEN)) {
+		err = tkfs_decide(dentry, TAKAKRYPT_ACTION_TRUNCATE, NULL, &teff);
+		raw = !(teff & TAKAKRYPT_EFFECT_APPLY_KEY);
+	}
+	if ((ia->ia_valid & ATTR_FILE) && ia->ia_file->f_op == &tkfs_raw_fops)
+		raw = true;	/* a raw open's ftruncate or O_TRUNC: its view */
+	if (!err && !(ia->ia_valid & ATTR_FORCE) &&
+	    ((ia->ia_valid & (ATTR_MODE | ATTR_UID | ATTR_GID | ATTR_ATIME_SET |
+			      ATTR_MTIME_SET | ATTR_TOUCH)) ||
+	     (!(ia->ia_valid & ATTR_SIZE) && (ia->ia_valid & (ATTR_ATIME | ATTR_MTIME)))))
+		err = may(dentry, TAKAKRYPT_ACTION_SETATTR, NULL);
+	if (err)
+		return err;
+	if ((ia->ia_valid & ATTR_SIZE) && raw && S_ISREG(inode->i_mode)) {
+		/* the stored length, with the times the truncate moves */
+		err = tkfs_raw_truncate(inode, ld, ia->ia_size);
+		if (err || !(ia->ia_valid & ~(ATTR_SIZE | ATTR_FILE | ATTR_OPEN | ATTR_MTIME |
+					      ATTR_CTIME)))
+			return err;
+		ia->ia_valid &= ~ATTR_SIZE;
+	}
 	if ((ia->ia_valid & ATTR_SIZE) && S_ISREG(inode->i_mode)) {
 		err = tkfs_get_lower_file(inode);
 		if (!err && ia->ia_size != i_size_read(inode))
@@ -462,8 +534,12 @@ static int tkfs_getattr(struct user_namespace *ns, const struct path *path,
 	struct tkfs_inode *ii = TKFS_I(inode);
 	struct kstat lstat;
 	struct path lower;
+	u32 eff;
 	int err;
 
+	err = tkfs_decide(path->dentry, TAKAKRYPT_ACTION_GETATTR, NULL, &eff);
+	if (err)
+		return err;
 	tkfs_lower_path(path->dentry, &lower);
 	err = vfs_getattr(&lower, &lstat, mask, flags);
 	path_put(&lower);
@@ -472,7 +548,9 @@ static int tkfs_getattr(struct user_namespace *ns, const struct path *path,
 	fsstack_copy_attr_all(inode, ii->lower_inode);
 	generic_fillattr(&init_user_ns, inode, stat);
 	stat->blocks = lstat.blocks;
-	if (S_ISREG(inode->i_mode)) {
+	if (S_ISREG(inode->i_mode) && !(eff & TAKAKRYPT_EFFECT_APPLY_KEY)) {
+		stat->size = lstat.size;	/* the raw view: the stored length */
+	} else if (S_ISREG(inode->i_mode)) {
 		u64 plain;
 
 		if (ii->state == TKFS_HDR_UNKNOWN &&
@@ -494,12 +572,29 @@ static int tkfs_getattr(struct user_namespace *ns, const struct path *path,
 
 static ssize_t tkfs_listxattr(struct dentry *dentry, char *list, size_t size)
 {
+	int err = may(dentry, TAKAKRYPT_ACTION_GETXATTR, NULL);
+
+	if (err)
+		return err;
 	return vfs_listxattr(tkfs_lower_dentry(dentry), list, size);
+}
+
+/* user.* names are the policy's (getxattr/setxattr); security.* and the rest are the
+ * kernel's own business (capabilities read at exec, LSM labels) and pass */
+static bool policy_xattr(const char *name)
+{
+	return !strncmp(name, XATTR_USER_PREFIX, XATTR_USER_PREFIX_LEN);
 }
 
 static int xattr_get(const struct xattr_handler *h, struct dentry *dentry, struct inode *inode,
 		     const char *name, void *buf, size_t size)
 {
+	if (policy_xattr(name)) {
+		int err = may(dentry, TAKAKRYPT_ACTION_GETXATTR, NULL);
+
+		if (err)
+			return err;
+	}
 	return vfs_getxattr(&init_user_ns, tkfs_lower_dentry(dentry), name, buf, size);
 }
 
@@ -510,6 +605,11 @@ static int xattr_set(const struct xattr_handler *h, struct user_namespace *ns,
 	struct dentry *ld = tkfs_lower_dentry(dentry);
 	int err;
 
+	if (policy_xattr(name)) {
+		err = may(dentry, TAKAKRYPT_ACTION_SETXATTR, NULL);
+		if (err)
+			return err;
+	}
 	if (value)
 		err = vfs_setxattr(&init_user_ns, ld, name, value, size, flags);
 	else

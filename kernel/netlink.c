@@ -36,11 +36,12 @@ struct tkfs_pending {
 
 static DEFINE_SPINLOCK(nl_lock);	/* agent_portid, pending */
 static u32 agent_portid;
+static pid_t agent_tgid;		/* the registered agent's process */
 static LIST_HEAD(pending);
 static atomic_t next_seq = ATOMIC_INIT(0);
 static u64 load_time;
 
-static atomic64_t st_requests, st_timeouts, st_failed;
+static atomic64_t st_requests, st_timeouts;
 static u32 config_generation;
 static u32 config_count;
 
@@ -54,6 +55,14 @@ static struct genl_family tkfs_family;
 bool tkfs_agent_present(void)
 {
 	return READ_ONCE(agent_portid) != 0;
+}
+
+/* the caller is the registered agent (its questions would come back to itself) */
+bool tkfs_is_agent(void)
+{
+	pid_t t = READ_ONCE(agent_tgid);
+
+	return t && t == task_tgid_nr(current);
 }
 
 /* fail every waiter (the agent went away) */
@@ -134,7 +143,7 @@ static int send_msg(u32 portid, const u8 *m, u32 len, struct genl_info *reply_to
  * its answer: 0 with *resp (kmalloc, the caller wipes and frees it) or a negative errno:
  * -ENOTCONN no agent / it left, -ETIMEDOUT after TAKAKRYPT_TIMEOUT_MS.
  */
-static int nl_call(u8 *m, u32 len, u8 **resp, u32 *resp_len)
+int tkfs_nl_call(u8 *m, u32 len, u8 **resp, u32 *resp_len)
 {
 	struct tkfs_pending p = { .err = 0 };
 	u32 portid;
@@ -175,7 +184,6 @@ static int nl_call(u8 *m, u32 len, u8 **resp, u32 *resp_len)
 	if (!err)
 		err = p.err;
 	if (err) {
-		atomic64_inc(&st_failed);
 		kfree_sensitive(p.resp);
 		return err;
 	}
@@ -184,10 +192,10 @@ static int nl_call(u8 *m, u32 len, u8 **resp, u32 *resp_len)
 	return 0;
 }
 
-/* map a non-SUCCESS TAKA status to an errno: every one denies (fail closed) */
-static int status_errno(u32 status)
+/* a response's non-SUCCESS TAKA status as an errno: every one denies (fail closed) */
+int tkfs_nl_status(const u8 *resp)
 {
-	switch (status) {
+	switch (get_unaligned_le32(resp + 20)) {
 	case TAKAKRYPT_SUCCESS:
 		return 0;
 	case TAKAKRYPT_ERROR_DENIED:
@@ -217,10 +225,12 @@ int tkfs_nl_key_request(u32 gp_id, const char *name, u32 version, u8 *key, u32 *
 	put_unaligned_le32(version, m + 36);
 	put_unaligned_le32(nlen, m + 40);
 	memcpy(m + fixed, name, nlen);
-	err = nl_call(m, fixed + nlen, &r, &rlen);
-	if (err)
+	err = tkfs_nl_call(m, fixed + nlen, &r, &rlen);
+	if (err) {
+		atomic64_inc(&tkfs_st_fail_closed);
 		return err;
-	err = status_errno(get_unaligned_le32(r + 20));
+	}
+	err = tkfs_nl_status(r);
 	if (err)
 		goto out;
 	err = -EPROTO;
@@ -272,8 +282,8 @@ static int serve_health(struct genl_info *info, const u8 *req)
 
 static int serve_status(struct genl_info *info, const u8 *req)
 {
-	u8 m[TAKAKRYPT_HEADER_SIZE + 72] = { 0 };
-	u32 npending = 0;
+	u8 m[TAKAKRYPT_HEADER_SIZE + 104] = { 0 };
+	u32 npending = 0, entries, capacity;
 	struct tkfs_pending *p;
 
 	spin_lock(&nl_lock);
@@ -281,16 +291,25 @@ static int serve_status(struct genl_info *info, const u8 *req)
 		npending++;
 	spin_unlock(&nl_lock);
 	put_header(m, TAKAKRYPT_OP_STATUS_REQUEST | TAKAKRYPT_MSG_RESPONSE,
-		   get_unaligned_le32(req + 12), 72, 0);
+		   get_unaligned_le32(req + 12), 104, 0);
+	tkfs_dc_counts(&entries, &capacity);
 	put_unaligned_le32(TAKAKRYPT_ENFORCER_KERNEL, m + 32);
 	put_unaligned_le32(TKFS_VERSION, m + 36);
 	put_unaligned_le32(tkfs_agent_present(), m + 40);
 	put_unaligned_le32(READ_ONCE(config_count), m + 44);
 	put_unaligned_le32(READ_ONCE(config_generation), m + 48);
+	put_unaligned_le32(entries, m + 52);
+	put_unaligned_le32(capacity, m + 56);
 	put_unaligned_le32(npending, m + 60);
+	put_unaligned_le64(atomic64_read(&tkfs_st_hits), m + 64);
+	put_unaligned_le64(atomic64_read(&tkfs_st_misses), m + 72);
 	put_unaligned_le64(atomic64_read(&st_requests), m + 80);
 	put_unaligned_le64(atomic64_read(&st_timeouts), m + 88);
-	put_unaligned_le64(atomic64_read(&st_failed), m + 96);
+	put_unaligned_le64(atomic64_read(&tkfs_st_fail_closed), m + 96);
+	put_unaligned_le64(atomic64_read(&tkfs_st_denials), m + 104);
+	put_unaligned_le64(atomic64_read(&tkfs_st_eio), m + 112);
+	put_unaligned_le64(atomic64_read(&tkfs_st_audit_sent), m + 120);
+	put_unaligned_le64(atomic64_read(&tkfs_st_audit_drops), m + 128);
 	return send_msg(0, m, sizeof(m), info);
 }
 
@@ -301,12 +320,62 @@ static int serve_status(struct genl_info *info, const u8 *req)
  * enabled guard point" (an empty set wipes it too).
  */
 #define TKFS_MAX_GP 1024
+/* the last CONFIG_UPDATE applied (validated), for mounts made after it; tkfs_mounts_lock */
+static u8 *last_cfg;
+static u32 last_cfg_len;
+
+/*
+ * The enabled guard point id of a validated CONFIG_UPDATE as the path POLICY_CHECK names
+ * files by (decide.c), without a trailing slash ("/" becomes ""); NULL if absent.
+ */
+static struct tkfs_gp *gp_from_cfg(const u8 *req, u32 len, u32 id)
+{
+	u32 version = get_unaligned_le32(req + 4);
+	u32 fixed = version >= 2 ? 12 : 8, efixed = version >= 2 ? 20 : 16;
+	u32 count = get_unaligned_le32(req + 32), off = TAKAKRYPT_HEADER_SIZE + fixed, i;
+	struct tkfs_gp *gp;
+
+	for (i = 0; i < count; i++) {
+		u32 en = get_unaligned_le32(req + off);
+		u32 nl = get_unaligned_le32(req + off + 4);
+		u32 pl = get_unaligned_le32(req + off + 8);
+		u32 ql = get_unaligned_le32(req + off + 12);
+		u32 eid = version >= 2 ? get_unaligned_le32(req + off + 16) : i + 1;
+
+		off += efixed;
+		if (en && id && eid == id) {
+			gp = kmalloc(sizeof(*gp) + pl + 1, GFP_KERNEL);
+			if (!gp)
+				return NULL;
+			memcpy(gp->path, req + off + nl, pl);
+			while (pl > 1 && gp->path[pl - 1] == '/')
+				pl--;
+			if (pl == 1)
+				pl = 0;
+			gp->path[pl] = 0;
+			gp->path_len = pl;
+			return gp;
+		}
+		off += nl + pl + ql;
+	}
+	return NULL;
+}
+
+/* a new mount takes its guard point's path from the last CONFIG_UPDATE; tkfs_mounts_lock */
+void tkfs_gp_attach(struct tkfs_sb *sbi)
+{
+	struct tkfs_gp *gp = last_cfg ? gp_from_cfg(last_cfg, last_cfg_len, sbi->gp_id) : NULL;
+
+	rcu_assign_pointer(sbi->gp, gp);
+}
+
 static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 {
 	u32 version = get_unaligned_le32(req + 4);
 	u32 fixed = version >= 2 ? 12 : 8, efixed = version >= 2 ? 20 : 16;
 	u32 count, total, gen = 0, off, i, nenabled = 0;
 	u32 *enabled_ids;
+	u8 *copy;
 	struct tkfs_sb *sbi;
 	u8 m[TAKAKRYPT_HEADER_SIZE + 8];
 	int err = 0;
@@ -351,6 +420,10 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 			err = -EINVAL;
 			goto out;
 		}
+		if (en && (!pl || req[off + nl] != '/' || pl >= PATH_MAX)) {
+			err = -EINVAL;	/* a guard point's path is absolute */
+			goto out;
+		}
 		off += nl + pl + ql;
 		enabled_ids[i] = en ? id : 0;
 		nenabled += en;
@@ -359,15 +432,28 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 		err = -EINVAL;
 		goto out;
 	}
+	copy = kmemdup(req, len, GFP_KERNEL);
+	if (!copy) {
+		err = -ENOMEM;
+		goto out;
+	}
 	WRITE_ONCE(config_generation, gen);
 	WRITE_ONCE(config_count, count);
 	mutex_lock(&tkfs_mounts_lock);
+	kfree(last_cfg);
+	last_cfg = copy;
+	last_cfg_len = len;
 	list_for_each_entry(sbi, &tkfs_mounts, all) {
+		struct tkfs_gp *gp = NULL, *old;
 		bool on = false;
 
 		for (i = 0; i < count; i++)
 			if (enabled_ids[i] && (!sbi->gp_id || enabled_ids[i] == sbi->gp_id))
 				on = true;
+		gp = gp_from_cfg(req, len, sbi->gp_id);
+		old = rcu_replace_pointer(sbi->gp, gp, lockdep_is_held(&tkfs_mounts_lock));
+		if (old)
+			kfree_rcu(old, rcu);
 		mutex_lock(&sbi->keys_lock);
 		sbi->keys_revoked = !on;
 		sbi->current_version = 0;	/* a reload may have rotated the key */
@@ -380,6 +466,7 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 		}
 	}
 	mutex_unlock(&tkfs_mounts_lock);
+	tkfs_decisions_changed();	/* a reload: no cached decision survives it */
 	put_header(m, TAKAKRYPT_OP_CONFIG_UPDATE | TAKAKRYPT_MSG_RESPONSE,
 		   get_unaligned_le32(req + 12), 8, 0);
 	put_unaligned_le32(count, m + 32);
@@ -394,7 +481,10 @@ static int tkfs_nl_register(struct sk_buff *skb, struct genl_info *info)
 {
 	spin_lock(&nl_lock);
 	agent_portid = info->snd_portid;
+	WRITE_ONCE(agent_tgid, task_tgid_nr(current));
 	spin_unlock(&nl_lock);
+	tkfs_decisions_changed();
+	tkfs_agent_back();
 	pr_info(TKFS_NAME ": agent registered (netlink port %u)\n", info->snd_portid);
 	return 0;
 }
@@ -494,11 +584,14 @@ static int tkfs_nl_notify(struct notifier_block *nb, unsigned long state, void *
 	spin_lock(&nl_lock);
 	if (agent_portid && n->portid == agent_portid) {
 		agent_portid = 0;
+		WRITE_ONCE(agent_tgid, 0);
 		gone = true;
 	}
 	spin_unlock(&nl_lock);
 	if (gone) {
+		/* cached decisions run out at their TTL; new ones are denied (no agent) */
 		pr_info(TKFS_NAME ": agent left (netlink port %u)\n", n->portid);
+		tkfs_agent_gone();
 		fail_pending(-ENOTCONN);
 	}
 	return NOTIFY_DONE;
@@ -527,4 +620,6 @@ void tkfs_nl_exit(void)
 	netlink_unregister_notifier(&tkfs_nl_notifier);
 	genl_unregister_family(&tkfs_family);
 	fail_pending(-ENOTCONN);
+	kfree(last_cfg);
+	last_cfg = NULL;
 }

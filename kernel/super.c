@@ -65,14 +65,14 @@ static void tkfs_inode_once(void *p)
 	mutex_init(&ii->lower_lock);
 	init_rwsem(&ii->key_sem);
 	mutex_init(&ii->hdr_lock);
-	tkfs_prep_init_once(ii);
+	tkfs_work_init_once(ii);
 }
 
 static void tkfs_evict_inode(struct inode *inode)
 {
 	struct tkfs_inode *ii = TKFS_I(inode);
 
-	cancel_work_sync(&ii->prep_work);
+	tkfs_work_cancel(ii);
 	/* a verified size with every block and the size stored: kept for the next stat */
 	if (S_ISREG(inode->i_mode) && ii->lower_inode && ii->state == TKFS_HDR_OK &&
 	    ii->key_epoch > 0 && inode->i_nlink && ii->lower_inode->i_nlink &&
@@ -130,13 +130,53 @@ static void tkfs_wipe_work(struct work_struct *w)
 	tkfs_wipe_sb_keys(container_of(w, struct tkfs_sb, wipe_work)->sb);
 }
 
+static void tkfs_grace_work(struct work_struct *w)
+{
+	struct tkfs_sb *sbi = container_of(to_delayed_work(w), struct tkfs_sb, grace_work);
+
+	pr_info(TKFS_NAME ": %s: no agent for %u s: keys wiped\n", sbi->lower_name,
+		sbi->grace);
+	tkfs_keys_wipe(sbi);
+	tkfs_wipe_sb_keys(sbi->sb);
+}
+
+/*
+ * The agent went away without withdrawing the keys (killed, crashed): a mount keeps them
+ * for its grace= seconds (default 0: wiped now), then every key and file key goes; the
+ * agent's return within the grace keeps them.  Dirty pages that need a key meanwhile stay
+ * dirty (aops.c) until the agent is back.
+ */
+void tkfs_agent_gone(void)
+{
+	struct tkfs_sb *sbi;
+
+	mutex_lock(&tkfs_mounts_lock);
+	list_for_each_entry(sbi, &tkfs_mounts, all)
+		mod_delayed_work(system_wq, &sbi->grace_work, (unsigned long)sbi->grace * HZ);
+	mutex_unlock(&tkfs_mounts_lock);
+}
+
+void tkfs_agent_back(void)
+{
+	struct tkfs_sb *sbi;
+
+	mutex_lock(&tkfs_mounts_lock);
+	list_for_each_entry(sbi, &tkfs_mounts, all)
+		cancel_delayed_work(&sbi->grace_work);
+	mutex_unlock(&tkfs_mounts_lock);
+}
+
 /* ---- super block -------------------------------------------------------------------- */
 
 static int tkfs_statfs(struct dentry *dentry, struct kstatfs *buf)
 {
 	struct path lower;
+	u32 eff;
 	int err;
 
+	err = tkfs_decide(dentry, TAKAKRYPT_ACTION_GETATTR, NULL, &eff);
+	if (err)
+		return err;
 	tkfs_lower_path(dentry, &lower);
 	err = vfs_statfs(&lower, buf);
 	path_put(&lower);
@@ -151,6 +191,9 @@ static int tkfs_show_options(struct seq_file *m, struct dentry *root)
 	seq_printf(m, ",key=%s", sbi->key_name);
 	if (sbi->gp_id)
 		seq_printf(m, ",gp=%u", sbi->gp_id);
+	seq_puts(m, sbi->decide ? ",decide=agent" : ",decide=none");
+	if (sbi->grace)
+		seq_printf(m, ",grace=%u", sbi->grace);
 	return 0;
 }
 
@@ -164,10 +207,13 @@ static const struct super_operations tkfs_sops = {
 	 * dropped at its last iput would lose its dirty plaintext pages unwritten */
 };
 
-enum { OPT_KEY, OPT_GP, OPT_ERR };
+enum { OPT_KEY, OPT_GP, OPT_DECIDE_AGENT, OPT_DECIDE_NONE, OPT_GRACE, OPT_ERR };
 static const match_table_t tkfs_tokens = {
 	{ OPT_KEY, "key=%s" },
 	{ OPT_GP, "gp=%u" },
+	{ OPT_GRACE, "grace=%u" },
+	{ OPT_DECIDE_AGENT, "decide=agent" },
+	{ OPT_DECIDE_NONE, "decide=none" },
 	{ OPT_ERR, NULL },
 };
 
@@ -205,6 +251,17 @@ static int parse_options(struct tkfs_sb *sbi, char *opts)
 				return -EINVAL;
 			sbi->gp_id = v;
 			break;
+		case OPT_DECIDE_AGENT:
+			sbi->decide = true;
+			break;
+		case OPT_GRACE:
+			if (match_int(&args[0], &v) || v < 0 || v > 86400)
+				return -EINVAL;
+			sbi->grace = v;
+			break;
+		case OPT_DECIDE_NONE:
+			sbi->decide = false;
+			break;
 		default:
 			pr_err(TKFS_NAME ": unknown mount option \"%s\"\n", p);
 			return -EINVAL;
@@ -212,6 +269,10 @@ static int parse_options(struct tkfs_sb *sbi, char *opts)
 	}
 	if (!sbi->key_name[0]) {
 		pr_err(TKFS_NAME ": the key= mount option is required\n");
+		return -EINVAL;
+	}
+	if (sbi->decide && !sbi->gp_id) {
+		pr_err(TKFS_NAME ": decide=agent needs gp= (the agent's guard point id)\n");
 		return -EINVAL;
 	}
 	return 0;
@@ -239,10 +300,15 @@ static int tkfs_fill_super(struct super_block *sb, void *data, int silent)
 	INIT_LIST_HEAD(&sbi->keys);
 	INIT_LIST_HEAD(&sbi->all);
 	INIT_WORK(&sbi->wipe_work, tkfs_wipe_work);
+	INIT_DELAYED_WORK(&sbi->grace_work, tkfs_grace_work);
 	atomic_set(&sbi->key_epoch, 1);
+	sbi->decide = true;		/* every access is the agent's decision by default */
 	sbi->sb = sb;
 	sb->s_fs_info = sbi;
 	err = tkfs_szc_init(sbi);
+	if (err)
+		return err;
+	err = tkfs_dc_init(sbi);
 	if (err)
 		return err;
 	err = parse_options(sbi, md->opts);
@@ -288,7 +354,11 @@ static int tkfs_fill_super(struct super_block *sb, void *data, int silent)
 	err = tkfs_init_dentry(sb->s_root, &sbi->lower_root);
 	if (err)
 		return err;
+	if (!sbi->decide)
+		pr_warn(TKFS_NAME ": %s mounted with decide=none: no access control, every caller gets plaintext (tests only)\n",
+			md->dev_name);
 	mutex_lock(&tkfs_mounts_lock);
+	tkfs_gp_attach(sbi);
 	list_add(&sbi->all, &tkfs_mounts);
 	mutex_unlock(&tkfs_mounts_lock);
 	return 0;
@@ -311,6 +381,7 @@ static void tkfs_kill_sb(struct super_block *sb)
 		mutex_lock(&tkfs_mounts_lock);
 		list_del_init(&sbi->all);
 		mutex_unlock(&tkfs_mounts_lock);
+		cancel_delayed_work_sync(&sbi->grace_work);
 		cancel_work_sync(&sbi->wipe_work);
 	}
 	kill_anon_super(sb);
@@ -322,6 +393,8 @@ static void tkfs_kill_sb(struct super_block *sb)
 		put_cred(sbi->mounter_cred);
 	kfree(sbi->lower_name);
 	tkfs_szc_exit(sbi);
+	tkfs_dc_exit(sbi);
+	kfree(rcu_dereference_protected(sbi->gp, 1));
 	kfree(sbi);
 }
 
@@ -379,6 +452,7 @@ fail:
 static void __exit tkfs_exit(void)
 {
 	unregister_filesystem(&tkfs_fs_type);
+	tkfs_audit_exit();
 	tkfs_nl_exit();
 	tkfs_io_exit();
 	rcu_barrier();	/* inodes freed by RCU before their cache goes */

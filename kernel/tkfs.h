@@ -97,12 +97,30 @@ struct tkfs_sb {
 
 	struct super_block *sb;
 	struct work_struct wipe_work;		/* drops the inodes' file keys */
+	unsigned int grace;			/* seconds keys outlive the agent (grace=) */
+	struct delayed_work grace_work;		/* wipes the keys when the grace runs out */
 	struct list_head all;			/* tkfs_mounts */
 	atomic64_t eio_count;
 
 	spinlock_t szc_lock;			/* sizecache.c */
 	struct tkfs_szent *szc;
+
+	/* decide.c */
+	bool decide;				/* decide=agent (default) */
+	struct tkfs_gp __rcu *gp;		/* this mount's guard point (CONFIG_UPDATE) */
+	atomic_t name_gen;			/* bumped by every rename in the mount */
+	spinlock_t dc_lock;			/* decision cache inserts */
+	struct tkfs_dent __rcu **dc;
 };
+
+/* the guard point's configured path, as CONFIG_UPDATE sent it (RCU) */
+struct tkfs_gp {
+	struct rcu_head rcu;
+	u32 path_len;
+	char path[];
+};
+
+struct tkfs_dent;
 
 enum tkfs_hdr_state {
 	TKFS_HDR_UNKNOWN = 0,	/* not read yet, or keys wiped since */
@@ -147,6 +165,7 @@ struct tkfs_inode {
 
 struct tkfs_dentry {
 	struct path lower_path;
+	u64 id;			/* decision cache key: unique per dentry of the module */
 };
 
 static inline struct tkfs_sb *TKFS_SB(const struct super_block *sb)
@@ -189,6 +208,8 @@ extern struct file_system_type tkfs_fs_type;
 extern struct mutex tkfs_mounts_lock;
 extern struct list_head tkfs_mounts;
 void tkfs_wipe_sb_keys(struct super_block *sb);
+void tkfs_agent_gone(void);
+void tkfs_agent_back(void);
 
 /* inode.c */
 extern const struct inode_operations tkfs_dir_iops;
@@ -199,6 +220,14 @@ extern const struct dentry_operations tkfs_dops;
 extern const struct xattr_handler *tkfs_xattr_handlers[];
 struct inode *tkfs_iget(struct super_block *sb, struct inode *lower_inode);
 int tkfs_init_dentry(struct dentry *dentry, const struct path *lower);
+
+/* raw.c: the raw view */
+extern const struct file_operations tkfs_raw_fops;
+int tkfs_raw_open(struct inode *inode, struct file *file);
+int tkfs_raw_truncate(struct inode *inode, struct dentry *ld, loff_t len);
+void tkfs_raw_changed(struct inode *inode);
+ssize_t tkfs_copy_file_range(struct file *in, loff_t pos_in, struct file *out, loff_t pos_out,
+			     size_t len, unsigned int flags);
 
 /* file.c */
 extern const struct file_operations tkfs_file_fops;
@@ -234,7 +263,8 @@ int tkfs_load_header(struct inode *inode);
 int tkfs_create_header(struct inode *inode, bool store);
 int tkfs_key_available(struct inode *inode);
 void tkfs_prepare_new(struct inode *inode);
-void tkfs_prep_init_once(struct tkfs_inode *ii);
+void tkfs_work_init_once(struct tkfs_inode *ii);
+void tkfs_work_cancel(struct tkfs_inode *ii);
 int tkfs_ensure_keys(struct inode *inode);	/* down_read(key_sem) held on success */
 int tkfs_ensure_ready(struct inode *inode);	/* the same, and the header state is OK */
 int tkfs_write_header(struct inode *inode, u64 size, u64 lease);
@@ -250,6 +280,31 @@ void tkfs_io_exit(void);
 int tkfs_key_get(struct tkfs_sb *sbi, const char *name, u32 version, u8 *out, u32 *got_version);
 void tkfs_keys_wipe(struct tkfs_sb *sbi);
 
+/* decide.c: the policy chokepoint */
+int tkfs_decide(struct dentry *dentry, u32 action, struct dentry *target, u32 *effects);
+int tkfs_dc_init(struct tkfs_sb *sbi);
+void tkfs_dc_exit(struct tkfs_sb *sbi);
+void tkfs_dc_counts(u32 *entries, u32 *capacity);
+void tkfs_decisions_changed(void);
+void tkfs_audit_integrity(struct inode *inode, u64 block, const char *what);
+u64 tkfs_new_dentry_id(void);
+extern atomic64_t tkfs_st_hits, tkfs_st_misses, tkfs_st_denials, tkfs_st_fail_closed, tkfs_st_eio;
+
+/* audit.c */
+struct tkfs_audit_ev {
+	u32 kind, pid, tid, uid, gid, action, effects, gp_id, error;
+	s32 rule;
+	const char *path;
+	u32 path_len;
+	const char *process;
+	u32 process_len;
+	const char *detail;	/* NUL-terminated or NULL */
+};
+void tkfs_audit(const struct tkfs_audit_ev *ev);
+void tkfs_audit_dropped(void);
+void tkfs_audit_exit(void);
+extern atomic64_t tkfs_st_audit_sent, tkfs_st_audit_drops;
+
 /* sizecache.c */
 int tkfs_szc_init(struct tkfs_sb *sbi);
 void tkfs_szc_exit(struct tkfs_sb *sbi);
@@ -257,9 +312,13 @@ bool tkfs_szc_get(struct tkfs_sb *sbi, struct inode *lower, u64 *plain);
 void tkfs_szc_put(struct tkfs_sb *sbi, struct inode *lower, u64 plain, int epoch);
 
 /* netlink.c */
+int tkfs_nl_call(u8 *m, u32 len, u8 **resp, u32 *resp_len);
+int tkfs_nl_status(const u8 *resp);
+void tkfs_gp_attach(struct tkfs_sb *sbi);
 int tkfs_nl_init(void);
 void tkfs_nl_exit(void);
 bool tkfs_agent_present(void);
+bool tkfs_is_agent(void);
 int tkfs_nl_key_request(u32 gp_id, const char *name, u32 version, u8 *key, u32 *got_version);
 
 #endif /* _TKFS_H */

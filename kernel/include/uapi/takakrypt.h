@@ -349,6 +349,11 @@ struct takakrypt_status_response {
 	__u64 requests_sent;
 	__u64 requests_timed_out;
 	__u64 fail_closed_denials;
+	/* v2 */
+	__u64 policy_denials;		/* accesses the agent's decisions (cached or not) denied */
+	__u64 integrity_errors;		/* EIO for a bad header, tag or length */
+	__u64 audit_events;		/* AUDIT_EVENTs sent (each may stand for count events) */
+	__u64 audit_drops;		/* audit events dropped (queue full, no agent) */
 } TAKAKRYPT_PACKED;
 
 /* ---- any response with status != SUCCESS --------------------------------------------- */
@@ -370,6 +375,7 @@ struct takakrypt_error_response {
 #define TAKAKRYPT_CONFIG_REQUEST_V1_SIZE	(TAKAKRYPT_HEADER_SIZE + 8u)
 #define TAKAKRYPT_GUARD_POINT_ENTRY_V1_SIZE	16u
 #define TAKAKRYPT_ERROR_RESPONSE_V1_SIZE	TAKAKRYPT_HEADER_SIZE
+#define TAKAKRYPT_STATUS_RESPONSE_V1_SIZE	(TAKAKRYPT_HEADER_SIZE + 72u)
 
 #if !defined(__KERNEL__) && defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
 _Static_assert(sizeof(struct takakrypt_msg_header) == TAKAKRYPT_HEADER_SIZE,

@@ -256,7 +256,10 @@ def test_permissions_follow_the_lower_inode(env):
 
 def test_mount_errors(env):
     for opts, want in (("", errno.EINVAL), ("key=k1,bogus=1", errno.EINVAL),
-                       ("key=-bad", errno.EINVAL), ("key=" + "a" * 64, errno.EINVAL)):
+                       ("key=-bad", errno.EINVAL), ("key=" + "a" * 64, errno.EINVAL),
+                       # deciding by the agent (the default) needs its guard point id
+                       ("key=k1", errno.EINVAL), ("key=k1,decide=agent", errno.EINVAL),
+                       ("key=k1,gp=1,decide=maybe", errno.EINVAL)):
         with pytest.raises(OSError) as e:
             kmount(env.lower, env.base / "m2", opts)
         assert e.value.errno == want, opts

@@ -28,7 +28,7 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
-def kmount(lower: Path, mnt: Path, opts: str = "key=k1,gp=1") -> None:
+def kmount(lower: Path, mnt: Path, opts: str = "key=k1,gp=1,decide=none") -> None:
     mnt.mkdir(exist_ok=True)
     rc = _libc.mount(str(lower).encode(), str(mnt).encode(), FSTYPE.encode(), 0, opts.encode())
     if rc:
