@@ -135,3 +135,15 @@ def running(tmp: Path, cfg: dict, **kw):
         yield d
     finally:
         d.stop()
+
+
+def until(pred, timeout: float = 30.0, step: float = 0.1):
+    """pred()'s first true value within timeout seconds (polled every step), else its
+    last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()

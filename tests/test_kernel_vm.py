@@ -25,6 +25,8 @@ TREE = vm.TREE
 GUEST = TREE / "tests" / "kernel" / "guest"
 # TAKAKRYPT_KERNEL_SRC: test a module from another directory (same Makefile contract)
 KDIR = Path(os.environ.get("TAKAKRYPT_KERNEL_SRC", TREE / "kernel"))
+# TAKAKRYPT_GUEST_FILES=test_agent_engine,test_module: boot for these guest files only
+SELECTED = [f for f in os.environ.get("TAKAKRYPT_GUEST_FILES", "").split(",") if f]
 
 
 def _missing() -> list[str]:
@@ -36,10 +38,15 @@ def _missing() -> list[str]:
     return out
 
 
+def guest_files() -> list[Path]:
+    files = sorted(GUEST.glob("test_*.py"))
+    return [f for f in files if f.stem in SELECTED] if SELECTED else files
+
+
 def guest_tests() -> list[str]:
     """module::function of every guest test, read from the source (not imported)."""
     out = []
-    for f in sorted(GUEST.glob("test_*.py")):
+    for f in guest_files():
         for node in ast.parse(f.read_text()).body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
                 out.append(f"{f.stem}::{node.name}")
@@ -66,7 +73,8 @@ def suite(tmp_path_factory):
     ko = KDIR / "takakryptfs.ko"
     assert ko.exists(), "the build made no kernel/takakryptfs.ko"
     junit = out / "junit.xml"
-    cmd = (f"{sys.executable} -m pytest {GUEST} -p no:cacheprovider -q -rA "
+    where = " ".join(str(f) for f in guest_files()) if SELECTED else str(GUEST)
+    cmd = (f"{sys.executable} -m pytest {where} -p no:cacheprovider -q -rA "
            f"--rootdir={TREE} -c {TREE / 'pyproject.toml'} --junitxml={junit}")
     run = vm.run_guest(out, cmd, timeout=2700, env={
         "TAKAKRYPT_IN_VM": "1", "TAKAKRYPT_KO": str(ko), "PYTHONDONTWRITEBYTECODE": "1",

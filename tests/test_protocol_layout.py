@@ -172,7 +172,12 @@ def _c_layout_body() -> str:
     for lay in P.LAYOUTS:
         if lay.size(1) != lay.size(2):
             macro = _v1_macro(lay)
-            lines.append(f'\tprintf("const {macro} %llu\\n", (unsigned long long)({macro}));')
+            # a missing macro is a failed comparison naming it, not a compile error
+            lines += [f"#ifdef {macro}",
+                      f'\tprintf("const {macro} %llu\\n", (unsigned long long)({macro}));',
+                      "#else",
+                      f'\tprintf("const {macro} missing from takakrypt.h\\n");',
+                      "#endif"]
     lines.append('\tprintf("const TAKAKRYPT_GENL_NAME %s\\n", TAKAKRYPT_GENL_NAME);')
     return "\n".join(lines)
 

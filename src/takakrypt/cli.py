@@ -160,13 +160,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines += [f"  {'ok  ' if ok else 'FAIL'} {name}" + (f": {why[name]}" if name in why else "")
               for name, ok in st["health"].items()]
     lines.append("guard points:")
-    lines += [f"  {'mounted  ' if g['mounted'] else 'unmounted'} {g['path']} (policy "
-              f"{g['policy']}, key {g['key']})" + (f" error: {g['error']}" if g["error"] else "")
+    lines += [f"  {'mounted  ' if g['mounted'] else 'unmounted'} {g['path']} (engine "
+              f"{g.get('engine', 'fuse')}, policy {g['policy']}, key {g['key']})"
+              + (f" error: {g['error']}" if g["error"] else "")
               for g in st["guard_points"]] or ["  (none)"]
+    lines.append(f"kernel:      {_kernel_line(st.get('kernel'))}")
     if st.get("metrics"):
         lines.append(f"metrics:     {st['metrics']}")
     _out(args, st, "\n".join(lines))
     return 0 if st["healthy"] else 1
+
+
+def _kernel_line(k: dict[str, Any] | None) -> str:
+    """The kernel module's part of `status`: its STATUS_REQUEST counters."""
+    if not k or not k.get("loaded"):
+        return "takakryptfs not loaded"
+    st = k.get("status")
+    if not st:
+        return f"takakryptfs loaded; no status: {k.get('error') or 'not asked'}"
+    v = st.get("impl_version", 0)
+    return (f"takakryptfs {v >> 16}.{(v >> 8) & 255}.{v & 255}, agent "
+            f"{'connected' if st.get('agent_connected') else 'NOT connected'}, "
+            f"{st.get('guard_point_count', 0)} guard point(s) (generation "
+            f"{st.get('config_generation', 0)}); requests {st.get('requests_sent', 0)} sent, "
+            f"{st.get('requests_timed_out', 0)} timed out, {st.get('pending_requests', 0)} "
+            f"pending; cache {st.get('cache_hits', 0)} hits, {st.get('cache_misses', 0)} "
+            f"misses, {st.get('cache_entries', 0)}/{st.get('cache_capacity', 0)} entries; "
+            f"denials {st.get('policy_denials', 0)} by policy, "
+            f"{st.get('fail_closed_denials', 0)} fail-closed; {st.get('integrity_errors', 0)} "
+            f"integrity errors; audit {st.get('audit_events', 0)} sent, "
+            f"{st.get('audit_drops', 0)} dropped")
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -182,8 +205,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_guard_list(args: argparse.Namespace) -> int:
     gps = _live(args, "guard_list")
     text = "\n".join(f"{'mounted  ' if g['mounted'] else 'unmounted'} {g['path']:<40} "
-                     f"policy {g['policy']:<16} key {g['key']}" + (f"  error: {g['error']}"
-                                                                   if g["error"] else "")
+                     f"engine {g.get('engine', 'fuse'):<6} policy {g['policy']:<16} key "
+                     f"{g['key']}" + (f"  error: {g['error']}" if g["error"] else "")
                      for g in gps) or "(no guard points)"
     _out(args, gps, text)
     return 0
@@ -418,13 +441,43 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         raise err
     for w in warnings:
         print(f"{PROG}: WARNING: {args.file}: {w}", file=sys.stderr)
+    engines, notes = _engine_report(cfg)
     summary = {"file": args.file, "valid": True, "policies": sorted(cfg.policies),
                "guard_points": [g.path for g in cfg.guard_points],
+               "engines": engines,
                "rules": sum(len(p.rules) for p in cfg.policies.values()),
                "warnings": warnings}
-    _out(args, summary, f"{args.file}: OK ({len(cfg.policies)} policies, {summary['rules']} "
-                        f"rules, {len(cfg.guard_points)} guard points)")
+    _out(args, summary, "\n".join([
+        f"{args.file}: OK ({len(cfg.policies)} policies, {summary['rules']} rules, "
+        f"{len(cfg.guard_points)} guard points)", *notes]))
     return 0
+
+
+def _engine_report(cfg: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each guard point's engine; for ``engine: kernel`` whether takakryptfs is usable on
+    this machine (loaded, loadable, absent) and what takakryptd will do about it."""
+    from .agent.kmount import mount_data, module_state
+
+    kernel = any(g.engine == "kernel" for g in cfg.guard_points)
+    state = module_state() if kernel else None
+    out, notes = [], []
+    for i, g in enumerate(cfg.guard_points, 1):
+        e: dict[str, Any] = {"path": g.path, "engine": g.engine, "enabled": g.enabled}
+        if g.engine == "kernel" and state is not None:
+            what = state.consequence()
+            if state.state == "loaded":
+                src = g.backing or g.path
+                what = (f"takakryptd mounts it (mount -t takakryptfs -o {mount_data(g.key, i)} "
+                        f"{src} {g.path}) once it has registered with the module")
+            if not g.enabled:
+                what = "disabled (enabled: false): takakryptd does not mount it"
+            e["module"] = {"state": state.state, "detail": state.detail, "takakryptd": what}
+            said = {"loaded": "is loaded", "loadable": "is not loaded but can be",
+                    "absent": "is absent"}[state.state]
+            notes.append(f"guard point {g.path}: engine kernel: takakryptfs {said} "
+                         f"({state.detail}): {what}")
+        out.append(e)
+    return out, notes
 
 
 def _resolve_user(spec: str) -> tuple[int, int, str | None]:

@@ -36,6 +36,8 @@ ACTION_GROUPS = {
 }
 EFFECTS = ("permit", "deny", "apply_key", "audit")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+#: enforcement points a guard point can use (``engine``); the first is the default
+ENGINES = ("fuse", "kernel")
 DATABASES = ("postgres", "mysql", "mongodb", "oracle", "redis", "mssql", "db2", "sqlite")
 
 
@@ -102,6 +104,7 @@ class GuardPoint(_S):
     metadata_cache: float = 1.0   # seconds the kernel may cache entries/attributes; 0: none
     io_uring: bool = True         # FUSE over io_uring where the kernel offers it
     read_helpers: bool = True     # large reads decrypted on the other CPUs too
+    engine: str = "fuse"          # fuse | kernel (takakryptfs.ko): docs/kernel.md
 
 
 class LocalKeys(_S):
@@ -366,6 +369,8 @@ def _convert_audit(value: Any, errors: _Errors) -> Any:
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: a key name the kernel module takes as key= (kernel/super.c key_name_ok)
+KERNEL_KEY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
 _HHMM = re.compile(r"([01]\d|2[0-3]):[0-5]\d|24:00")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -475,6 +480,12 @@ def _check(cfg: Config, errors: _Errors) -> None:
             errors.add(f"{p}.backing", "backing directory must be absolute")
         if not 0 <= gp.metadata_cache <= 60:
             errors.add(f"{p}.metadata_cache", "must be between 0 and 60 seconds")
+        if gp.engine not in ENGINES:
+            errors.add(f"{p}.engine", f"unknown engine {gp.engine!r} (use fuse or kernel)")
+        elif gp.engine == "kernel" and not KERNEL_KEY_NAME.fullmatch(gp.key):
+            # the key name becomes the mount option key=: a comma would add another one
+            errors.add(f"{p}.key", f"engine kernel needs a key name of 1 to 63 characters "
+                       f"[A-Za-z0-9._-], not starting with . or -: {gp.key!r}")
     if cfg.keys.backend not in ("local", "kmip"):
         errors.add("$.keys.backend", f"unknown key backend '{cfg.keys.backend}'")
     if cfg.keys.backend == "kmip" and cfg.keys.kmip is None:

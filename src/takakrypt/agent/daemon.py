@@ -131,7 +131,10 @@ class Agent:
         self.fd_store = False  # at stop, hand the guard points to systemd's fd store
         self.unserved: str | None = None  # why every decision is a deny (no keys)
         self.handing_over = False  # a `takakryptd --upgrade` is taking over
+        self.handed_over = False  # ... and took the guard points: no key wipe at stop
         self.ready_sent = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by run()
+        self.kernel_last: dict[str, Any] | None = None  # the module's last STATUS answer
 
     # configuration ------------------------------------------------------------------------
     def _load(self, path: str) -> State:
@@ -197,8 +200,14 @@ class Agent:
         if self.metrics:
             self.metrics.reloads.labels(result="ok").inc()
         log.info("configuration reloaded from %s", self.config_path)
-        for t in self.transports:  # the kernel module gets the new guard points
-            if hasattr(t, "config_changed"):
+        await self._release_changed_kernel_guards()
+        for t in self.transports:  # the kernel module gets the new guard points, and
+            if hasattr(t, "reconfigure"):  # has them before kernel guard points mount
+                try:
+                    await t.reconfigure()
+                except (Error, OSError) as e:
+                    log.error("reload: CONFIG_UPDATE to the kernel module failed: %s", e)
+            elif hasattr(t, "config_changed"):
                 t.config_changed()
         await self.reconcile_guards()
         self.ready_if_served()
@@ -298,10 +307,101 @@ class Agent:
                     return
                 if path in self.guards:
                     current = self.guards[path]
-                    if getattr(current, "spec", None) == gp:
+                    if getattr(current, "spec", None) == gp and \
+                            getattr(current, "gp_id", None) in (None, self.gp_id(path)):
+                        self.guard_errors.pop(path, None)  # an engine change undone
                         continue
-                    await self._release_guard(path)
+                    if self._same_kernel_mount(current, gp):
+                        current.spec = gp  # policy and FUSE settings: nothing to remount
+                        continue
+                    if gp.engine == "kernel" and getattr(current, "engine", "fuse") != "kernel":
+                        why = await self._kernel_ready()
+                        if why:  # FUSE -> kernel: not before the module can take over
+                            self._engine_not_applied(path, why)
+                            continue
+                    await self._release_guard(path)  # engine, key, id or path changed
                 await self._mount_guard(gp)
+
+    async def _release_changed_kernel_guards(self) -> None:
+        """Reload, before the module gets the new guard points: kernel guard points the
+        new configuration removes, disables or mounts differently (engine, key, id) are
+        unmounted while the module still holds their keys, so the unmount writes their
+        dirty pages back (the CONFIG_UPDATE without them wipes the keys)."""
+        async with self.guard_lock:
+            want = {os.path.normpath(g.path): g for g in self.config.guard_points
+                    if g.enabled}
+            for path, g in list(self.guards.items()):
+                if getattr(g, "engine", "fuse") == "kernel" and not (
+                        path in want and self._same_kernel_mount(g, want[path])):
+                    await self._release_guard(path)
+
+    def gp_id(self, path: str) -> int:
+        """The id of the guard point at ``path`` in CONFIG_UPDATE and POLICY_CHECK: its
+        1-based index in ``guard_points`` (0 if it is not configured)."""
+        for i, g in enumerate(self.config.guard_points, 1):
+            if os.path.normpath(g.path) == path:
+                return i
+        return 0
+
+    def _same_kernel_mount(self, current: Any, gp: C.GuardPoint) -> bool:
+        if gp.engine != "kernel" or getattr(current, "engine", "fuse") != "kernel":
+            return False
+        from .kmount import KernelGuard, KernelGuardError
+
+        try:
+            return bool(current.mount_args == KernelGuard(gp, self.gp_id(
+                os.path.normpath(gp.path))).mount_args)
+        except KernelGuardError:
+            return False
+
+    def _genl(self) -> Any:
+        """The registered generic-netlink transport (the kernel module), or None."""
+        for t in self.transports:
+            if getattr(t, "name", "") == "genl" and getattr(t, "registered", False):
+                return t
+        return None
+
+    async def _kernel_ready(self) -> str:
+        """Why a kernel guard point cannot be mounted now ("" if it can): the module is
+        not loaded, or does not hold this agent's guard points (CONFIG_UPDATE)."""
+        try:
+            t = await self._kernel_transport()
+        except (Error, OSError) as e:
+            return str(e)
+        why = t.config_in_force()
+        return f"the kernel module does not hold the guard points: {why}" if why else ""
+
+    def _engine_not_applied(self, path: str, why: str) -> None:
+        """A FUSE guard point whose configuration now says engine kernel, which cannot
+        start: the FUSE mount goes on serving (taking it down would leave the directory
+        bare), the guard point is reported failing until a reload applies the change."""
+        self.guard_errors[path] = f"engine kernel not applied, still served by FUSE: {why}"
+        log.error("guard point %s: %s", path, self.guard_errors[path])
+        self._audit_system("guard-point", self.guard_errors[path], path=path)
+
+    async def _kernel_transport(self) -> Any:
+        """The registered generic-netlink transport; started now if the module was
+        loaded after takakryptd started.  KernelGuardError naming `modprobe takakryptfs`
+        when the module is not loaded."""
+        from . import genl, kmount
+
+        t = self._genl()
+        if t is not None:
+            return t
+        if not any(getattr(x, "name", "") == "genl" for x in self.transports):
+            t = await genl.start(self)
+            if t is not None:
+                self.transports.append(t)
+                return t
+        state = await self._off_loop(kmount.module_state)
+        more = "" if state.state != "absent" else \
+            f" ({state.detail}: build and install it first, docs/kernel.md)"
+        import errno
+
+        raise kmount.KernelGuardError(errno.ENODEV, (
+            "the takakryptfs kernel module is not loaded (generic netlink family "
+            f"'takakrypt' absent): {kmount.LOAD_HINT}{more}; engine kernel never falls "
+            "back to FUSE or to an unprotected directory"))
 
     @staticmethod
     async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
@@ -311,6 +411,9 @@ class Agent:
 
     async def _mount_guard(self, gp: C.GuardPoint) -> None:
         path = os.path.normpath(gp.path)
+        if gp.engine == "kernel":
+            await self._mount_kernel_guard(gp, path)
+            return
         try:
             from . import guards
         except ImportError as e:  # pragma: no cover - the FUSE extension is part of the build
@@ -321,10 +424,16 @@ class Agent:
             await self._resume_guard(gp, bundle)
             return
         try:
+            from . import kmount
+
+            # a kernel guard point's mount left there (engine changed from kernel): a
+            # FUSE mount stacked on it would encrypt what takakryptfs encrypts again
+            await self._off_loop(kmount.unmount_all, path)
             g = await self._off_loop(guards.mount, self, gp)
             guards.apply_policy_hints(self, g)  # a reload may have come meanwhile
             self.guards[path] = g
             self.guard_errors.pop(path, None)
+            self.health_problems.pop(f"guard:{path}", None)  # stale: checked again soon
             self._persist(path, g)
             self._audit_system("guard-point", "guard point mounted", {"policy": gp.policy},
                                path=path)
@@ -333,6 +442,45 @@ class Agent:
             self.guard_errors[path] = str(e)
             log.error("guard point %s: %s", path, e)
             self._audit_system("guard-point", f"guard point failed to mount: {e}", path=path)
+
+    async def _mount_kernel_guard(self, gp: C.GuardPoint, path: str) -> None:
+        """``engine: kernel``: once the module has registered this agent and holds the
+        guard point (CONFIG_UPDATE acknowledged), mount takakryptfs in place, or reuse
+        the mount a killed or upgraded takakryptd left (agent.kmount).  Fails like a
+        FUSE guard point that cannot mount: error in status, no READY=1."""
+        import msgspec
+
+        from . import kmount
+
+        bundle = self.bundles.get(path)
+        why = await self._kernel_ready()
+        if bundle is not None:  # a FUSE connection handed over (the engine was fuse)
+            await self._resume_guard(msgspec.structs.replace(gp, engine="fuse"), bundle)
+            if path not in self.guards:
+                return  # not taken over: its error is in guard_errors
+            if why:  # served by FUSE still, never left bare: the error says why
+                self._engine_not_applied(path, why)
+                return
+            await self._release_guard(path)
+        try:
+            if why:
+                raise kmount.KernelGuardError(0, why)
+            await self._off_loop(_clear_fuse_mount, path)
+            g = kmount.KernelGuard(gp, self.gp_id(path))
+            how = await self._off_loop(g.mount)
+        except Exception as e:  # noqa: BLE001 - one bad guard point must not stop the rest
+            self.guard_errors[path] = str(e)
+            log.error("guard point %s: %s", path, e)
+            self._audit_system("guard-point", f"guard point failed to mount: {e}", path=path)
+            return
+        self.guards[path] = g
+        self.guard_errors.pop(path, None)
+        self.health_problems.pop(f"guard:{path}", None)  # stale: checked again soon
+        what = ("guard point mounted" if how == "mounted" else
+                "guard point taken over: the takakryptfs mount was there already")
+        self._audit_system("guard-point", what, {"policy": gp.policy, "engine": "kernel",
+                                                 "options": g.data}, path=path)
+        log.info("%s: %s (engine kernel, -o %s, policy %s)", what, path, g.data, gp.policy)
 
     async def _resume_guard(self, gp: C.GuardPoint, bundle: Any) -> None:
         """Take over a connection handed over instead of mounting.  If the engine
@@ -407,9 +555,16 @@ class Agent:
         if g is None:
             return
         try:
-            await self._off_loop(g.unmount)
+            how = await self._off_loop(g.unmount)
         except Exception as e:  # noqa: BLE001
             log.error("guard point %s: unmount failed: %s", path, e)
+            how = None
+        if how == "detached":  # engine kernel, busy: lazily (agent.kmount)
+            why = ("guard point released: busy, detached lazily (open files keep the "
+                   "detached mount until they are closed)")
+            log.warning("guard point %s: %s", path, why)
+            self._audit_system("guard-point", why, path=path)
+            return
         self._audit_system("guard-point", "guard point released", path=path)
         log.info("guard point %s released", path)
 
@@ -422,6 +577,13 @@ class Agent:
 
         g = self.guards.pop(path)
         self.unseen.pop(path, None)
+        if getattr(g, "engine", "fuse") == "kernel":
+            # the mount does not depend on this process: it stays, and the next start
+            # reuses it (its keys stay too: no wipe with an fd store)
+            what = "guard point left mounted for the next takakryptd (engine kernel)"
+            self._audit_system("guard-point", what, path=path)
+            log.info("guard point %s: %s", path, what)
+            return
         try:
             fds, state = await self._off_loop(g.handover_begin)
             # the entries kept since the mount (for a kill) give way to the handover's
@@ -460,6 +622,8 @@ class Agent:
             async with self.guard_lock:
                 try:
                     for path, g in list(self.guards.items()):
+                        if getattr(g, "engine", "fuse") == "kernel":
+                            continue  # nothing to hand over: the successor reuses the mount
                         fds, state = await self._off_loop(g.handover_begin)
                         begun.append((path, g, fds, state))
                     await self._off_loop(handover.hand_to, sock,
@@ -473,12 +637,18 @@ class Agent:
                 for path, g, _f, _st in begun:
                     await self._off_loop(g.handover_done)
                     self.guards.pop(path, None)
+                kept = [p for p, g in self.guards.items()
+                        if getattr(g, "engine", "fuse") == "kernel"]
+                for path in kept:  # left mounted, never unmounted: the successor reuses them
+                    self.guards.pop(path)
+                self.handed_over = True  # and the kernel keeps their keys
+                done = [p for p, *_ in begun] + kept
                 self._audit_system("agent", "guard points handed to the new takakryptd",
-                                   {"guard_points": [p for p, *_ in begun]})
+                                   {"guard_points": done})
                 log.info("handed %d guard point(s) to the new takakryptd; stopping",
-                         len(begun))
+                         len(done))
                 self.stopping.set()
-                return {"handed_over": [p for p, *_ in begun], "pid": os.getpid()}
+                return {"handed_over": done, "pid": os.getpid()}
         finally:
             self.handing_over = False
 
@@ -516,7 +686,57 @@ class Agent:
             "guard_points_mounted": sum(1 for g in self.guards.values()
                                         if getattr(g, "is_mounted", True)),
             "crypto_bytes": self._crypto_bytes(),
+            "kernel": self._kernel_counters(),
         }
+
+    # the kernel module ----------------------------------------------------------------
+    async def kernel_status(self) -> dict[str, Any]:
+        """The module's state for ``status``: asked now with STATUS_REQUEST when this
+        agent is registered with it; ``loaded`` False (and no error) when it is not
+        loaded."""
+        from .kmount import MODULE
+
+        t = self._genl()
+        loaded = os.path.isdir(f"/sys/module/{MODULE}")
+        out: dict[str, Any] = {"loaded": loaded, "registered": t is not None,
+                               "status": None, "error": None}
+        if t is None:
+            if loaded:
+                out["error"] = ("loaded, but this takakryptd is not registered with it "
+                                "(`takakrypt reload` registers it)")
+        else:
+            out["loaded"] = True
+            try:
+                st = await t.status()
+            except (Error, OSError) as e:
+                out["error"] = str(e)
+            else:
+                import msgspec
+
+                counters = msgspec.to_builtins(st)
+                counters["enforcer"] = st.enforcer.name.lower()
+                out["status"] = counters
+        self.kernel_last = out
+        return out
+
+    def _kernel_counters(self) -> dict[str, Any] | None:
+        """The module's counters for the metrics (asked from the scrape's thread, on the
+        loop); None when there are none to show (module not loaded, no answer)."""
+        loop = self.loop
+        if loop is None or self._genl() is None:
+            return None
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop or loop.is_closed():  # cannot wait for the loop from the loop
+            return (self.kernel_last or {}).get("status")
+        fut = asyncio.run_coroutine_threadsafe(self.kernel_status(), loop)
+        try:
+            return fut.result(5.0).get("status")
+        except Exception:  # noqa: BLE001 - a scrape never fails for the kernel's sake
+            fut.cancel()
+            return None
 
     def _crypto_bytes(self) -> dict[str, int]:
         out = dict(self.crypto_bytes)
@@ -531,6 +751,7 @@ class Agent:
         return {
             "version": __version__,
             "pid": os.getpid(),
+            "kernel": self.kernel_last,
             "config": self.config_path,
             "uptime_seconds": round(time.time() - self.started, 3),
             "healthy": healthy,
@@ -559,20 +780,22 @@ class Agent:
             path = os.path.normpath(gp.path)
             g = self.guards.get(path)
             out.append({"path": path, "policy": gp.policy, "key": gp.key,
+                        "engine": gp.engine,
                         "backing": gp.backing or "(in place)", "enabled": gp.enabled,
                         "mounted": bool(g is not None and getattr(g, "is_mounted", True)),
                         "error": (self.guard_errors.get(path) or self.unseen.get(path)
                                   or self.health_problems.get(f"guard:{path}")),
                         "request_timeout_ms": getattr(getattr(g, "_m", None),
                                                       "ring_timeout_ms", None),
-                        "stats": g.stats() if g is not None and hasattr(g, "stats") else None})
+                        "stats": g.stats() if g is not None and hasattr(g, "stats") else None,
+                        "mount": g.describe() if hasattr(g, "describe") else None})
         return out
 
     # control commands ---------------------------------------------------------------------
     def control(self, req: dict[str, Any]) -> Any:
         cmd = req["cmd"]
         if cmd == "status":
-            return self._checked(self.status)  # what holds now, not 10 s ago
+            return self._status_now()  # what holds now, not 10 s ago
         if cmd == "reload":
             return self.reload()  # a coroutine: the control server awaits it
         if cmd == "guard_list":
@@ -621,6 +844,11 @@ class Agent:
                             "explanation": [*out["explanation"], f"guard point {root}: {why}"]}
         return out
 
+    async def _status_now(self) -> dict[str, Any]:
+        await self._off_loop(self.check_health)
+        await self.kernel_status()
+        return self.status()
+
     # health -------------------------------------------------------------------------------
     async def _checked(self, answer: Callable[[], Any]) -> Any:
         # the checks send a request through every guard point and wait for it: not on
@@ -649,6 +877,9 @@ class Agent:
                 problems[f"guard:{path}"] = self.unseen[path]
             elif not checks[f"guard:{path}"]:
                 problems[f"guard:{path}"] = self.guard_errors.get(path) or "not mounted"
+            elif path in self.guard_errors:  # served, but not as configured (engine)
+                checks[f"guard:{path}"] = False
+                problems[f"guard:{path}"] = self.guard_errors[path]
             elif why := self._serves(path, g):
                 checks[f"guard:{path}"] = False
                 problems[f"guard:{path}"] = why
@@ -703,11 +934,17 @@ class Agent:
             return "degraded"
         return "healthy"
 
-    @staticmethod
-    def _serves(path: str, g: Any) -> str:
+    def _serves(self, path: str, g: Any) -> str:
         """Why the guard point's mount does not serve ("" if it does): a real request
         through it, from a child process, never a stat the kernel answers from its
-        cache; several takakrypt mounts stacked on the path fail too."""
+        cache; several takakrypt mounts stacked on the path fail too.  A kernel guard
+        point: its mount on top of the path, and the module holding this agent's
+        guard points (else it denies what it has not cached)."""
+        if getattr(g, "engine", "fuse") == "kernel":
+            t = self._genl()
+            agent = ("the kernel module has no registered agent" if t is None
+                     else t.config_in_force())
+            return g.mount_problem() or (f"{agent}: accesses are denied" if agent else "")
         if hasattr(g, "mount_problem"):
             return g.mount_problem()
         from ..guard import mount_problem
@@ -718,10 +955,14 @@ class Agent:
         """False when host processes do not see the guard point's mount: it is missing
         from PID 1's mount namespace (a private namespace, or one without propagation
         towards the host), so they reach the backing files around the policy."""
-        from ..guard import mount_device, visible_to_init
+        if hasattr(g, "visible_to_init"):  # a kernel guard point
+            seen = g.visible_to_init()
+        else:
+            from ..guard import mount_device, visible_to_init
 
-        dev = mount_device(getattr(g, "path", path))
-        if dev is None or visible_to_init(dev) is not False:
+            dev = mount_device(getattr(g, "path", path))
+            seen = None if dev is None else visible_to_init(dev)
+        if seen is not False:
             if self.unseen.pop(path, None) is not None:
                 log.info("guard point %s: the mount is visible to PID 1 again", path)
             return True
@@ -737,6 +978,25 @@ class Agent:
 
 # ------------------------------------------------------------------------------------------
 # running
+
+
+def _clear_fuse_mount(path: str) -> None:
+    """Before a kernel guard point mounts: a FUSE guard point's mount left on ``path``
+    (the engine changed from fuse, its server is gone) is cleaned up as a FUSE start
+    cleans it (docs/guard-points.md, "Is a mount stale?"); one that another process
+    serves, or one held in an fd store, fails the guard point."""
+    from .kmount import KernelGuardError, mounts_at
+
+    if not any(m.fstype == "fuse.takakrypt" for m in mounts_at(path)):
+        return
+    from ..guard import cleanup_stale
+
+    cleanup_stale(path)  # dead or hung: unmounted; held: GuardError
+    if any(m.fstype == "fuse.takakrypt" for m in mounts_at(path)):
+        import errno
+
+        raise KernelGuardError(errno.EBUSY, f"{path}: a FUSE guard point served by another "
+                               "process is mounted there; stop it first")
 
 
 @contextlib.contextmanager
@@ -756,6 +1016,7 @@ async def run(agent: Agent, *, pid_file: str | None = None,
     from ..audit.config import build_logger
 
     loop = asyncio.get_running_loop()
+    agent.loop = loop
     cfg = agent.config
     # signals first: SIGTERM/SIGINT during start-up end it at the next step, cleanly
     # (no default action killing the process in the middle of a mount)
@@ -895,6 +1156,13 @@ async def _shutdown(agent: Agent) -> None:
         t.cancel()
     if agent.control_server is not None:
         await agent.control_server.close()
+    if not (agent.fd_store and agent.notifier.enabled):
+        # kernel guard points first, while the module still gets keys from us: the
+        # unmount writes their dirty pages back (after the wipe below it could not)
+        async with agent.guard_lock:
+            for path, g in list(agent.guards.items()):
+                if getattr(g, "engine", "fuse") == "kernel":
+                    await agent._release_guard(path)
     if agent.fd_store and agent.notifier.enabled:
         # hand the guard points over FIRST: their requests in progress may still need
         # a decision from the transports (the engine's cache misses go to the ring);

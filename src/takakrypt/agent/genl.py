@@ -224,6 +224,7 @@ class GenlTransport:
             return
         if wipe is None:
             wipe = self.registered and not (getattr(self.agent, "handing_over", False)
+                                            or getattr(self.agent, "handed_over", False)
                                             or getattr(self.agent, "fd_store", False))
         if wipe:
             with contextlib.suppress(Exception):
@@ -297,6 +298,37 @@ class GenlTransport:
         """After a reload: push the new guard points (in a task of its own)."""
         if self.registered:
             self._spawn(self.push_config())
+
+    async def reconfigure(self) -> P.Message | None:
+        """After a reload: push the new guard points and wait for the module's answer
+        (kernel guard points are mounted only once it enabled them); None when not
+        registered."""
+        return await self.push_config() if self.registered else None
+
+    def config_in_force(self) -> str:
+        """Why the module does not hold the current guard points ("" if it does): the
+        last CONFIG_UPDATE was not acknowledged, or was for another generation."""
+        if not self.registered:
+            return "not registered with the module"
+        last = self.last_config
+        if last is None:
+            return "no CONFIG_UPDATE sent yet"
+        if last["status"] != "success":
+            return f"the module refused the CONFIG_UPDATE ({last['status']})"
+        if last["generation"] != self.generation():
+            return (f"the module holds generation {last['generation']}, not "
+                    f"{self.generation()}")
+        return ""
+
+    async def status(self, timeout: float = 2.0) -> P.StatusResponse:
+        """The module's STATUS_REQUEST answer; ProtocolError with the reason if there
+        is none (timeout, error status, malformed answer)."""
+        r = await self.request(P.StatusRequest(), timeout)
+        if r.status != P.Status.SUCCESS or not isinstance(r.payload, P.StatusResponse):
+            raise ProtocolError(f"STATUS_REQUEST: {P.Status(r.status).name.lower()}"
+                                + (f": {r.payload.reason}" if getattr(r.payload, "reason", "")
+                                   else ""))
+        return r.payload
 
     # socket -----------------------------------------------------------------------------
     def _next_nl_seq(self) -> int:
@@ -376,6 +408,10 @@ class GenlTransport:
             except ProtocolError as e:
                 self.errors += 1
                 log.warning("generic netlink: bad response from the kernel: %s", e)
+                # its request ends now (not after the timeout), with the reason
+                seq = struct.unpack_from("<I", f.taka, 12)[0]
+                self.pending.fail(seq, op & ~P.RESPONSE_FLAG, P.Status.INVALID,
+                                  f"malformed response from the kernel: {e}")
             return
         self.requests += 1
         self.agent.inflight += 1

@@ -16,12 +16,9 @@ from typing import Any
 from .. import config as C
 from ..audit import event as ev
 from ..guard import GuardPoint
-from .handler import effects_of
+from .handler import EFFECT_NAMES, effects_of
 
 log = logging.getLogger("takakryptd.guards")
-
-_NAMES = (("permit", 1), ("deny", 2), ("apply_key", 4), ("audit", 8), ("would_deny", 16))
-
 
 def mount(agent: Any, gp: C.GuardPoint) -> GuardPoint:
     g = build(agent, gp)
@@ -81,7 +78,7 @@ def build(agent: Any, gp: C.GuardPoint) -> GuardPoint:
         applies = bool(effects & 4)
         agent.audit.log(ev.access_event(
             uid=uid, pid=pid, exe=exe, path=full, operation=action, decision=verdict,
-            effects=[n for n, b in _NAMES if effects & b], policy=policy_name, rule=rule,
+            effects=[n for n, b in EFFECT_NAMES if effects & b], policy=policy_name, rule=rule,
             key=key_name if applies else None,
             key_version=key_version if applies and key_version else None,
             learn_mode=bool(pol is not None and pol.learn_mode),

@@ -23,6 +23,20 @@ log = logging.getLogger("takakryptd.handler")
 
 _EFFECT_BITS = {"permit": P.Effect.PERMIT, "deny": P.Effect.DENY,
                 "apply_key": P.Effect.APPLY_KEY, "audit": P.Effect.AUDIT}
+#: effect names of an enforcement point's audit record, in the FUSE engine's order
+#: (agent.guards writes the FUSE engine's records with these too)
+EFFECT_NAMES = (("permit", 1), ("deny", 2), ("apply_key", 4), ("audit", 8), ("would_deny", 16))
+#: what the FUSE engine's integrity records say where the kernel's event has no text
+_INTEGRITY_REASON = {P.AuditKind.INTEGRITY: "block failed authentication",
+                     P.AuditKind.FORMAT: "invalid or unauthenticated TAKA header",
+                     P.AuditKind.KEY_UNAVAILABLE: "key of the file header unavailable"}
+_AGENT_UNAVAILABLE = "agent unavailable"  # the FUSE engine's reason (fuse_impl.c)
+
+
+def verdict_of(effects: int) -> str:
+    """An audit record's decision from an enforcement point's effects bits."""
+    return ("would-deny" if effects & P.Effect.WOULD_DENY else
+            "permit" if effects & P.Effect.PERMIT and not effects & P.Effect.DENY else "deny")
 
 
 def effects_of(d: Any) -> P.Effect:
@@ -360,16 +374,67 @@ class RequestHandler:
             key[:] = bytes(len(key))
 
     def _audit(self, msg: P.Message) -> P.Message:
+        """AUDIT_EVENT from an enforcement point (the kernel module): the record the FUSE
+        engine writes for the same happening (agent.guards), plus ``detail.engine``
+        ("kernel") and, for an event the sender coalesced, ``detail.count``:
+
+        - ACCESS: an access record (user, groups, pid, exe, absolute path, operation,
+          decision, effects, policy, rule, key if the view is plaintext, learn mode);
+        - AGENT_UNAVAILABLE: the access record of a fail-closed deny, reason "agent
+          unavailable", as the FUSE engine's for a decision it could not get;
+        - INTEGRITY, FORMAT, KEY_UNAVAILABLE: an ``integrity`` system event, path and
+          ``detail`` {uid, pid, action}, as the FUSE engine's for a bad tag or header or
+          a file key it cannot have."""
         from ..audit import event as ev
 
         req: P.AuditEventRequest = msg.payload  # type: ignore[assignment]
-        if self.agent.audit is not None:
+        if self.agent.audit is None:
+            return P.reply(msg, P.AuditEventResponse())
+        found = self._audit_guard(req)
+        gp = found[0] if found else None
+        path = os.path.join(os.path.normpath(gp.path), found[1]) if found and found[1] \
+            else (os.path.normpath(gp.path) if gp is not None else req.path)
+        action = req.action.policy_name if req.action else ""
+        extra: dict[str, Any] = {"engine": "kernel"}
+        if req.count > 1:
+            extra["count"] = req.count
+        uid = req.uid if req.uid != 0xFFFFFFFF else -1
+        if req.kind in (P.AuditKind.ACCESS, P.AuditKind.AGENT_UNAVAILABLE):
+            if req.kind == P.AuditKind.AGENT_UNAVAILABLE:
+                effects, rule, reason = int(P.Effect.DENY | P.Effect.AUDIT), -1, \
+                    req.detail or _AGENT_UNAVAILABLE
+            else:
+                effects, rule, reason = int(req.effects), req.rule_index, req.detail
+            pol = self.agent.config.policies.get(gp.policy) if gp is not None else None
+            applies = bool(effects & P.Effect.APPLY_KEY)
+            self.agent.audit.log(ev.access_event(
+                uid=uid, pid=req.pid, exe=req.process or (exe_of(req.pid) if req.pid else ""),
+                path=path, operation=action, decision=verdict_of(effects),
+                effects=[n for n, b in EFFECT_NAMES if effects & b],
+                policy=gp.policy if gp is not None else "", rule=rule,
+                key=gp.key if applies and gp is not None else None,
+                learn_mode=bool(pol is not None and pol.learn_mode), reason=reason,
+                groups=(req.gid,) if req.gid != 0xFFFFFFFF else (), detail=extra))
+        else:
             self.agent.audit.log(ev.system_event(
-                req.kind.name.lower().replace("_", "-"), req.detail or req.kind.name.lower(),
-                path=req.path, detail={"pid": req.pid, "uid": req.uid, "process": req.process,
-                                       "action": req.action.policy_name if req.action else "",
-                                       "errno": req.error, "count": req.count}))
+                ev.INTEGRITY, req.detail or _INTEGRITY_REASON.get(req.kind, "integrity"),
+                path=path, detail={"uid": uid, "pid": req.pid, "action": action, **extra}))
         return P.reply(msg, P.AuditEventResponse())
+
+    def _audit_guard(self, req: P.AuditEventRequest) -> tuple[Any, str] | None:
+        """(guard point, path relative to it) of an audit event: the one its id names
+        (its path under that guard point's, absolute or relative), else the one whose
+        path holds it."""
+        gps = self.agent.config.guard_points
+        if 1 <= req.guard_point_id <= len(gps):
+            gp = gps[req.guard_point_id - 1]
+            root = os.path.normpath(gp.path)
+            rel = os.path.relpath(os.path.normpath(os.path.join(root, req.path)), root)
+            if rel != ".." and not rel.startswith("../"):
+                return gp, "" if rel == "." else rel
+        if req.path and os.path.isabs(req.path):
+            return self._guard_for_path(req.path)
+        return None
 
     def _crypto(self, msg: P.Message) -> P.Message:
         """The seed's ENCRYPT/DECRYPT: a measured fallback, never the data path default."""

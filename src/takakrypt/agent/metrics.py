@@ -68,6 +68,42 @@ class _StatsCollector:
         for d in ("encrypt", "decrypt"):
             c.add_metric([d], float((s.get("crypto_bytes") or {}).get(d, 0)))
         yield c
+        yield from _kernel(s.get("kernel"))
+
+
+#: the kernel module's STATUS_REQUEST counters (docs/protocol.md) -> metric, help
+KERNEL_COUNTERS = (
+    ("requests_sent", "requests the kernel module sent to the agent"),
+    ("requests_timed_out", "kernel module requests that got no answer in time"),
+    ("cache_hits", "kernel module decision cache hits"),
+    ("cache_misses", "kernel module decision cache misses"),
+    ("fail_closed_denials", "accesses the kernel module denied for want of a decision or key"),
+    ("policy_denials", "accesses the kernel module denied by the agent's decisions"),
+    ("integrity_errors", "kernel module EIO for a bad header, tag or length"),
+    ("audit_events", "audit events the kernel module sent"),
+    ("audit_drops", "audit events the kernel module dropped"),
+)
+KERNEL_GAUGES = (
+    ("cache_entries", "kernel module decision cache entries"),
+    ("cache_capacity", "kernel module decision cache size"),
+    ("pending_requests", "kernel module requests waiting for the agent"),
+    ("agent_connected", "1 if the kernel module has an agent registered"),
+    ("guard_point_count", "guard points the kernel module holds"),
+)
+
+
+def _kernel(st: Any) -> Any:
+    """``takakrypt_kernel_*``: only when the module answered (not loaded: no series)."""
+    if not isinstance(st, dict):
+        return
+    for key, what in KERNEL_COUNTERS:
+        c = CounterMetricFamily(f"takakrypt_kernel_{key}", what)
+        c.add_metric([], float(st.get(key, 0)))
+        yield c
+    for key, what in KERNEL_GAUGES:
+        g = GaugeMetricFamily(f"takakrypt_kernel_{key}", what)
+        g.add_metric([], float(st.get(key, 0)))
+        yield g
 
 
 class Metrics:

@@ -345,6 +345,11 @@ class StatusResponse(Payload, frozen=True):
     requests_sent: int = 0
     requests_timed_out: int = 0
     fail_closed_denials: int = 0
+    # -- version 2 extensions
+    policy_denials: int = 0       # accesses denied by the agent's decisions (cached or not)
+    integrity_errors: int = 0     # EIO for a bad header, tag or length
+    audit_events: int = 0         # AUDIT_EVENTs sent (each may stand for count events)
+    audit_drops: int = 0          # audit events dropped (queue full, no agent)
 
 
 class ErrorReply(Payload, frozen=True):
@@ -437,7 +442,9 @@ StatusResponse.LAYOUT = Layout("takakrypt_status_response", [
     *[Fixed(n, "I", n) for n in ("guard_point_count", "config_generation", "cache_entries",
                                   "cache_capacity", "pending_requests")],
     *[Fixed(n, "Q", n) for n in ("cache_hits", "cache_misses", "requests_sent",
-                                  "requests_timed_out", "fail_closed_denials")]], [])
+                                  "requests_timed_out", "fail_closed_denials")],
+    *[Fixed(n, "Q", n, 2) for n in ("policy_denials", "integrity_errors", "audit_events",
+                                     "audit_drops")]], [])
 ErrorReply.LAYOUT = Layout("takakrypt_error_response", [
     Fixed("reason_len", "I", Len("reason"), 2)], [Var("reason", TEXT, 2)])
 

@@ -107,6 +107,15 @@ class PendingRequests:
         self._finish(response.sequence, entry, response)
         return True
 
+    def fail(self, sequence: int, operation: int, status: Status, reason: str) -> bool:
+        """End the request ``sequence`` of ``operation`` with ``status`` at once (e.g. its
+        response arrived but does not decode); False if no such request is pending."""
+        entry = self._pending.get(sequence)
+        if entry is None or int(entry.request.operation) != operation:
+            return False
+        self._finish(sequence, entry, error_reply(entry.request, status, reason))
+        return True
+
     def fail_all(self, status: Status = Status.NETWORK, reason: str = "transport closed") -> int:
         """Resolve every pending request with ``status`` (e.g. the socket went away)."""
         n = 0

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 
 import genl_raw as R
 import agent_helpers
-from agent_helpers import base_config
+from agent_helpers import base_config, until
 from conftest import mount, umount
 from taka_kernel import family, status
 
@@ -53,13 +52,7 @@ def _genl(d) -> dict:
 
 
 def _until(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    return pred()
+    return until(pred, timeout)
 
 
 def _dmesg() -> str:
@@ -128,7 +121,7 @@ def test_write_through_mount_decrypts_with_cli(scratch):
     sizes = [0, 1, 4095, 4096, 4097, (1 << 20) + 3]
     with running(scratch, _cfg(scratch)) as d:
         assert _until(lambda: _genl(d)["config_updates"] >= 1)
-        mount(lower, mnt, "key=k1,gp=1")
+        mount(lower, mnt, "key=k1,gp=1,decide=none")
         try:
             data = {n: rng.randbytes(n) for n in sizes}
             for n, b in data.items():

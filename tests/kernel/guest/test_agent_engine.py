@@ -1,0 +1,250 @@
+"""``engine: kernel`` guard points served by takakryptd against the real module:
+takakryptd mounts takakryptfs in place itself (nothing here mounts with decide=none),
+lists and reports it, reuses the mount a killed takakryptd left, switches engines on a
+reload without re-encrypting, unmounts and wipes at stop, and refuses to start such a
+guard point while the module is not loaded (no FUSE, no bare directory instead)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+import agent_helpers
+import genl_raw as R
+from agent_helpers import base_config, until
+from conftest import delete_module, insmod, loaded
+from taka_kernel import family, status
+
+PY = os.path.realpath(sys.executable)
+
+
+def _cfg(tmp: Path, engines: tuple[str, ...] = ("kernel",)) -> dict:
+    cfg = base_config(tmp)
+    cfg["policies"] = {"p": {"rules": [
+        {"user_set": "root", "actions": ["all_ops"], "effects": ["permit", "apply_key"]},
+        {"actions": ["all_ops"], "effects": ["deny", "audit"]},
+    ]}}
+    gps = []
+    for i, engine in enumerate(engines):
+        d = tmp / f"gp{i}"
+        d.mkdir(exist_ok=True)
+        gps.append({"path": str(d), "policy": "p", "key": "k1", "engine": engine})
+    cfg["guard_points"] = gps
+    return cfg
+
+
+def _start(tmp: Path, cfg: dict, ready: bool = True) -> agent_helpers.Daemon:
+    """takakryptd with a start-up allowance for TCG (imports over 9p are slow)."""
+    d = agent_helpers.Daemon(tmp, cfg)
+    d.notify.settimeout(240)
+    if ready:
+        try:
+            d.wait_for("READY=1", timeout=300)
+        except BaseException:
+            d.stop()
+            raise
+    return d
+
+
+@contextlib.contextmanager
+def running(tmp: Path, cfg: dict):
+    d = _start(tmp, cfg)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def _mounts(path: Path, flags: bool = False) -> list[tuple]:
+    """(mount id, fstype, source, super options[, mount flags]) of the mounts at ``path``,
+    bottom first."""
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        f, r = left.split(" "), right.split(" ")
+        if f[4] == str(path):
+            out.append((int(f[0]), r[0], r[1], r[2], *([f[5]] if flags else [])))
+    return out
+
+
+def _py(code: str, *args: str, user: str | None = None) -> subprocess.CompletedProcess:
+    """A client in a child process (never the serving one)."""
+    return subprocess.run([PY, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120, user=user)
+
+
+def _write(path: Path, text: str) -> None:
+    r = _py("import os, sys\nwith open(sys.argv[1], 'w') as f:\n    f.write(sys.argv[2])\n"
+            "    f.flush(); os.fsync(f.fileno())", str(path), text)
+    assert r.returncode == 0, r.stderr
+
+
+def _read(path: Path) -> str:
+    r = _py("import sys; sys.stdout.write(open(sys.argv[1]).read())", str(path))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _decrypt(tmp: Path, stored: Path) -> bytes:
+    from takakrypt.keys import open_keystore
+    from takakrypt.stream import decrypt_file
+
+    out = tmp / "plain.out"
+    out.unlink(missing_ok=True)
+    with open_keystore(str(tmp / "keystore.json"), master_key_file=str(tmp / "master.key")) as ks:
+        decrypt_file(str(stored), str(out), ks.get)
+    return out.read_bytes()
+
+
+def _gl(d) -> dict:
+    return {g["path"]: g for g in d.jcli("guard", "list")}
+
+
+_until = until
+
+
+def test_kernel_guard_point_mounted_listed_reported_released(scratch):
+    cfg = _cfg(scratch, ("kernel", "fuse"))
+    k, f = scratch / "gp0", scratch / "gp1"
+    with R.Genl() as g, running(scratch, cfg) as d:
+        fid = family(g)
+        at = _mounts(k)
+        assert [(t, s) for _i, t, s, _o in at] == [("takakryptfs", str(k))], at
+        opts = dict(x.partition("=")[::2] for x in at[0][3].split(","))
+        assert (opts["key"], opts["gp"], opts.get("decide", "agent")) == ("k1", "1", "agent")
+        assert {"nosuid", "nodev"} <= set(_mounts(k, flags=True)[0][4].split(","))
+        assert [t for _i, t, _s, _o in _mounts(f)] == ["fuse.takakrypt"]
+        gl = _gl(d)
+        assert gl[str(k)]["engine"] == "kernel" and gl[str(k)]["mounted"], gl
+        assert gl[str(k)]["mount"] == {"source": str(k), "options": "key=k1,gp=1",
+                                       "reused": False}
+        assert gl[str(f)]["engine"] == "fuse" and gl[str(f)]["mounted"]
+        text = d.cli("guard", "list").stdout
+        assert f"{k}" in text and "engine kernel" in text and "engine fuse" in text
+        # data through the mount, as takakryptd mounted it
+        _write(k / "a.txt", "through takakryptfs\n")
+        assert _read(k / "a.txt") == "through takakryptfs\n"
+        # status and metrics: the module's counters, v2 ones included
+        st = d.jcli("status")
+        kern = st["kernel"]
+        assert kern["loaded"] and kern["registered"] and kern["error"] is None, kern
+        ks = kern["status"]
+        assert ks["enforcer"] == "kernel" and ks["agent_connected"] and \
+            ks["guard_point_count"] == 2, ks
+        for field in ("requests_sent", "requests_timed_out", "cache_hits", "cache_misses",
+                      "cache_entries", "cache_capacity", "fail_closed_denials",
+                      "policy_denials", "integrity_errors", "audit_events", "audit_drops"):
+            assert isinstance(ks[field], int), field
+        assert ks["requests_sent"] >= 1   # at least the key of a.txt
+        assert st["healthy"], st["problems"]
+        assert "kernel:      takakryptfs " in d.cli("status").stdout
+        port = cfg["agent"]["metrics"]["port"]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) \
+            .read().decode()
+        assert "takakrypt_kernel_requests_sent_total" in metrics
+        assert "takakrypt_kernel_policy_denials_total" in metrics
+        # config check on this machine: loaded, and the mount it makes
+        chk = json.loads(d.cli("config", "check", "--json", str(d.config_path)).stdout)
+        mod = {e["path"]: e for e in chk["engines"]}[str(k)]["module"]
+        assert mod["state"] == "loaded", mod
+        assert f"-o key=k1,gp=1 {k} {k}" in mod["takakryptd"]
+    # stopped: unmounted (both engines), keys wiped in the module
+    assert _mounts(k) == [] and _mounts(f) == []
+    with R.Genl() as g:
+        st = status(g, fid)
+        assert st.agent_connected == 0 and st.guard_point_count == 0
+    raw = (k / "a.txt").read_bytes()
+    assert raw[:4] == b"TAKA" and b"through takakryptfs" not in raw
+    assert _decrypt(scratch, k / "a.txt") == b"through takakryptfs\n"
+    audit = [json.loads(x) for x in (scratch / "audit.jsonl").read_text().splitlines()]
+    assert [e["detail"] for e in audit if e["kind"] == "guard-point" and e["path"] == str(k)
+            and e["reason"] == "guard point mounted"] == \
+        [{"policy": "p", "engine": "kernel", "options": "key=k1,gp=1"}]
+
+
+def test_killed_takakryptd_mount_is_reused(scratch):
+    cfg = _cfg(scratch)
+    k = scratch / "gp0"
+    d = _start(scratch, cfg)
+    try:
+        _write(k / "b.txt", "before the kill\n")
+        first = _mounts(k)
+        assert [t for _i, t, _s, _o in first] == ["takakryptfs"]
+    finally:
+        d.stop(sig=signal.SIGKILL)
+    assert _mounts(k) == first   # no one unmounted it
+    d = _start(scratch, cfg)
+    try:
+        assert _mounts(k) == first   # the same mount (id), not a second one on top
+        gl = _gl(d)[str(k)]
+        assert gl["mounted"] and gl["mount"]["reused"] is True, gl
+        assert "the takakryptfs mount was there already" in d.logtext()
+        assert _read(k / "b.txt") == "before the kill\n"   # keys served again
+        assert d.jcli("status")["healthy"]
+    finally:
+        d.stop()
+    assert _mounts(k) == []
+
+
+def test_reload_switches_the_engine_without_reencrypting(scratch):
+    cfg = _cfg(scratch, ("fuse",))
+    k = scratch / "gp0"
+    with running(scratch, cfg) as d:
+        assert [t for _i, t, _s, _o in _mounts(k)] == ["fuse.takakrypt"]
+        _write(k / "c.txt", "written by FUSE\n")
+
+        def reload(engine: str) -> None:
+            cfg["guard_points"][0]["engine"] = engine
+            d.config_path.write_text(yaml.safe_dump(cfg))
+            d.cli("reload", timeout=240)
+
+        reload("kernel")
+        assert [t for _i, t, _s, _o in _mounts(k)] == ["takakryptfs"], _mounts(k)
+        assert _gl(d)[str(k)]["engine"] == "kernel"
+        assert _read(k / "c.txt") == "written by FUSE\n"
+        _write(k / "d.txt", "written by takakryptfs\n")
+        reload("fuse")
+        assert [t for _i, t, _s, _o in _mounts(k)] == ["fuse.takakrypt"], _mounts(k)
+        assert _read(k / "d.txt") == "written by takakryptfs\n"
+        assert _read(k / "c.txt") == "written by FUSE\n"
+    assert _mounts(k) == []
+    assert _decrypt(scratch, k / "d.txt") == b"written by takakryptfs\n"
+
+
+def test_module_not_loaded_refuses_then_reload_mounts(scratch):
+    cfg = _cfg(scratch)
+    k = scratch / "gp0"
+    assert loaded() and delete_module() == 0
+    try:
+        d = _start(scratch, cfg, ready=False)
+        try:
+            def error():
+                try:
+                    return _gl(d).get(str(k), {}).get("error")
+                except AssertionError:  # no control socket yet
+                    return None
+
+            gl = _until(error, 300)
+            assert "modprobe takakryptfs" in gl and "never falls back to FUSE" in gl, gl
+            assert _mounts(k) == []   # neither FUSE nor anything else instead
+            st = json.loads(d.cli("status", "--json", check=False).stdout)
+            assert not st["healthy"] and st["kernel"]["loaded"] is False
+            insmod()
+            d.cli("reload", timeout=240)
+            assert [t for _i, t, _s, _o in _mounts(k)] == ["takakryptfs"], _mounts(k)
+            assert _gl(d)[str(k)]["error"] is None
+            assert d.wait_for("READY=1", timeout=60)   # every guard point served now
+        finally:
+            d.stop()
+        assert _mounts(k) == []
+    finally:
+        if not loaded():
+            insmod()
