@@ -381,18 +381,9 @@ def _umount(path: str) -> None:
 
 # ---- the module's decision cache (issue 19) --------------------------------------------
 
-_STATUS_U32 = ("enforcer", "impl_version", "agent_connected", "guard_point_count",
-               "config_generation", "cache_entries", "cache_capacity", "pending_requests")
-_STATUS_U64 = ("cache_hits", "cache_misses", "requests_sent", "requests_timed_out",
-               "fail_closed_denials", "policy_denials", "integrity_errors", "audit_events",
-               "audit_drops")
-
-
 def module_status() -> dict[str, int]:
     """The module's counters: a STATUS_REQUEST from this process (any CAP_NET_ADMIN
-    sender may ask; docs/protocol.md), fields as the version-2 layout."""
-    import socket
-    import struct
+    sender may ask; docs/protocol.md), decoded by the protocol's codec."""
 
     from takakrypt import protocol as P
     from takakrypt.agent import genl as G
@@ -403,15 +394,13 @@ def module_status() -> dict[str, int]:
         fid = G.resolve_family(s)
         if fid is None:
             raise RuntimeError("takakryptfs is not loaded")
-        taka = struct.pack("<IIIIIIQ", P.MAGIC, 2, int(P.Operation.STATUS_REQUEST), 9, 0, 0, 0)
-        s.send(G.build(fid, G.CMD_MSG, taka, seq=9))
+        s.send(G.build(fid, G.CMD_MSG, P.encode(P.request(P.StatusRequest(), 9)), seq=9))
         while True:
             for raw in G.split(s.recv(65536)):
                 f = G.parse(raw, fid)
-                if f.kind == "msg" and f.taka and len(f.taka) >= 32 + 104:
-                    out = dict(zip(_STATUS_U32, struct.unpack_from("<8I", f.taka, 32)))
-                    out.update(zip(_STATUS_U64, struct.unpack_from("<9Q", f.taka, 64)))
-                    return out
+                if f.kind == "msg" and f.taka:
+                    st = P.decode(f.taka).payload
+                    return {k: getattr(st, k) for k in st.__struct_fields__}
                 if f.kind == "error" and f.error:
                     raise OSError(-f.error, "STATUS_REQUEST")
     except socket.timeout:

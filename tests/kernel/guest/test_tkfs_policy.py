@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tarfile
@@ -28,8 +27,8 @@ from pathlib import Path
 import pytest
 
 import genl_raw as R
+import taka_kernel
 from agent_helpers import Daemon, base_config
-from takakrypt import protocol as P
 from tkfs_env import kmount, kumount, sh
 
 PY = os.path.realpath(sys.executable)
@@ -148,27 +147,12 @@ def penv():
         shutil.rmtree(base, ignore_errors=True)
 
 
-# ---- the module's counters (STATUS_REQUEST, parsed here from the bytes) --------------
-
-_STATUS_FIELDS = ("enforcer", "impl_version", "agent_connected", "guard_point_count",
-                  "config_generation", "cache_entries", "cache_capacity", "pending_requests")
-_STATUS_U64 = ("cache_hits", "cache_misses", "requests_sent", "requests_timed_out",
-               "fail_closed_denials", "policy_denials", "integrity_errors", "audit_events",
-               "audit_drops")
-
+# ---- the module's counters (STATUS_REQUEST) -------------------------------------------
 
 def _status() -> dict:
-    req = struct.pack("<IIIIIIQ", P.MAGIC, 2, int(P.Operation.STATUS_REQUEST), 77, 0, 0, 0)
     with R.Genl() as g:
-        fid = g.family()
-        assert fid is not None
-        err, msgs = g.call(fid, R.CMD_MSG, R.nlattr(R.ATTR_MSG, req))
-    assert err == 0 and len(msgs) == 1, (err, msgs)
-    m = msgs[0]
-    assert len(m) == 32 + 104, len(m)
-    out = dict(zip(_STATUS_FIELDS, struct.unpack_from("<8I", m, 32)))
-    out.update(zip(_STATUS_U64, struct.unpack_from("<9Q", m, 64)))
-    return out
+        st = taka_kernel.status(g, taka_kernel.family(g))
+    return {f: getattr(st, f) for f in st.__struct_fields__}
 
 
 # ---- views ------------------------------------------------------------------------------
