@@ -298,6 +298,14 @@ static int wb_flush(struct inode *inode, struct wb_batch *b)
 		err = tkfs_create_header(inode, false);
 	if (!err)
 		err = tkfs_ensure_ready(inode);
+	/* a header made in memory, never stored, whose keys were wiped (the agent went
+	 * away): loading found the lower file empty and made the file EMPTY again; its
+	 * header is made again now, or its pages would wait for the next write-back */
+	if (err && READ_ONCE(ii->state) == TKFS_HDR_EMPTY) {
+		err = tkfs_create_header(inode, false);
+		if (!err)
+			err = tkfs_ensure_ready(inode);
+	}
 	if (err) {
 		/* no key now (no agent, or it withdrew the key): the pages stay dirty and
 		 * are stored when the key can be had again; fsync reports the failure */
