@@ -12,6 +12,15 @@
  * the registered agent: ESRCH; a response nobody waits for (late, or unknown sequence):
  * ENOENT.  An agent request of an operation the module does not serve gets a TAKA
  * error response (ERROR_INVALID), not a netlink error.
+ *
+ * Health: while an agent is registered the module sends it HEALTH_CHECK every
+ * health_interval seconds (module parameter, default 60; 0: never).  After health_misses
+ * (default 3) unanswered ones in a row (timeout or error status) the agent is marked
+ * disconnected although its socket is open (hung, stopped, starved): every request but
+ * HEALTH_CHECK then fails at once (-ENOTCONN: decisions deny, keys are not fetched), the
+ * mounts' grace= runs as for an agent that left, and the checks go on every
+ * min(health_interval, 5) s; the first answer ends it (agent back: decisions asked again,
+ * keys fetched again).  A new registration (systemd restarted takakryptd) ends it too.
  */
 #include <linux/module.h>
 #include <linux/slab.h>
@@ -19,6 +28,7 @@
 #include <linux/jiffies.h>
 #include <linux/ktime.h>
 #include <linux/timekeeping.h>
+#include <linux/workqueue.h>
 #include <net/genetlink.h>
 #include <asm/unaligned.h>
 
@@ -34,9 +44,12 @@ struct tkfs_pending {
 	int err;
 };
 
-static DEFINE_SPINLOCK(nl_lock);	/* agent_portid, pending */
+static DEFINE_SPINLOCK(nl_lock);	/* agent_portid, pending, the health state */
 static u32 agent_portid;
 static pid_t agent_tgid;		/* the registered agent's process */
+static bool agent_disconnected;		/* registered, but missed health_misses checks */
+static unsigned int health_missed;	/* unanswered health checks in a row */
+static u32 agent_epoch;			/* +1 per registration: a late check is ignored */
 static LIST_HEAD(pending);
 static atomic_t next_seq = ATOMIC_INIT(0);
 static u64 load_time;
@@ -52,9 +65,10 @@ static const struct nla_policy tkfs_nl_policy[TAKAKRYPT_ATTR_MAX + 1] = {
 
 static struct genl_family tkfs_family;
 
+/* an agent is registered and answers (not marked disconnected by the health checks) */
 bool tkfs_agent_present(void)
 {
-	return READ_ONCE(agent_portid) != 0;
+	return READ_ONCE(agent_portid) != 0 && !READ_ONCE(agent_disconnected);
 }
 
 /* the caller is the registered agent (its questions would come back to itself) */
@@ -141,7 +155,8 @@ static int send_msg(u32 portid, const u8 *m, u32 len, struct genl_info *reply_to
 /*
  * Send request m (header filled here: sequence, timestamp) to the agent and wait for
  * its answer: 0 with *resp (kmalloc, the caller wipes and frees it) or a negative errno:
- * -ENOTCONN no agent / it left, -ETIMEDOUT after TAKAKRYPT_TIMEOUT_MS.
+ * -ENOTCONN no agent / it left / it is marked disconnected, -ETIMEDOUT after
+ * TAKAKRYPT_TIMEOUT_MS.
  */
 int tkfs_nl_call(u8 *m, u32 len, u8 **resp, u32 *resp_len)
 {
@@ -157,6 +172,8 @@ int tkfs_nl_call(u8 *m, u32 len, u8 **resp, u32 *resp_len)
 
 	spin_lock(&nl_lock);
 	portid = agent_portid;
+	if (agent_disconnected && p.op != TAKAKRYPT_OP_HEALTH_CHECK)
+		portid = 0;	/* a hung agent: deny now, not after 5 s each */
 	if (portid)
 		list_add_tail(&p.list, &pending);
 	spin_unlock(&nl_lock);
@@ -252,6 +269,102 @@ out:
 	kfree_sensitive(r);
 	return err;
 }
+
+/* ---- health checks ------------------------------------------------------------------ */
+
+static void health_fn(struct work_struct *w);
+static DECLARE_DELAYED_WORK(health_work, health_fn);
+static unsigned int health_interval = 60;
+static unsigned int health_misses = 3;
+static atomic64_t st_health_misses, st_disconnects;
+
+static void health_arm(bool soon)
+{
+	unsigned int s = READ_ONCE(health_interval);
+
+	if (!s || !READ_ONCE(agent_portid))
+		return;
+	if (soon)
+		s = min(s, 5u);
+	mod_delayed_work(system_unbound_wq, &health_work, (unsigned long)s * HZ);
+}
+
+static void health_fn(struct work_struct *w)
+{
+	u8 m[TAKAKRYPT_HEADER_SIZE] = { 0 };
+	bool lost = false, back = false;
+	u32 epoch, rlen;
+	u8 *r = NULL;
+	int err;
+
+	spin_lock(&nl_lock);
+	epoch = agent_epoch;
+	spin_unlock(&nl_lock);
+	if (!READ_ONCE(agent_portid) || !READ_ONCE(health_interval))
+		return;
+	put_unaligned_le32(TAKAKRYPT_OP_HEALTH_CHECK, m + 8);
+	err = tkfs_nl_call(m, sizeof(m), &r, &rlen);
+	if (!err)
+		err = tkfs_nl_status(r);
+	kfree_sensitive(r);
+
+	spin_lock(&nl_lock);
+	if (!agent_portid || epoch != agent_epoch) {	/* left, or another registered */
+		spin_unlock(&nl_lock);
+		return;
+	}
+	if (!err) {
+		health_missed = 0;
+		back = agent_disconnected;
+		agent_disconnected = false;
+	} else if (++health_missed >= max(READ_ONCE(health_misses), 1u) && !agent_disconnected) {
+		agent_disconnected = true;
+		lost = true;
+	}
+	spin_unlock(&nl_lock);
+	if (err)
+		atomic64_inc(&st_health_misses);
+	if (lost) {
+		atomic64_inc(&st_disconnects);
+		pr_warn(TKFS_NAME ": agent (pid %d) missed %u health checks in a row (last: %d): "
+			"disconnected, access denied until it answers\n", READ_ONCE(agent_tgid),
+			health_missed, err);
+		fail_pending(-ENOTCONN);
+		tkfs_agent_gone();
+	}
+	if (back) {
+		pr_info(TKFS_NAME ": agent (pid %d) answers again: reconnected\n",
+			READ_ONCE(agent_tgid));
+		tkfs_decisions_changed();
+		tkfs_agent_back();
+	}
+	health_arm(READ_ONCE(agent_disconnected));
+}
+
+/* writing either parameter takes effect at once: the next check is rescheduled */
+static int health_param_set(const char *val, const struct kernel_param *kp)
+{
+	int err = param_set_uint(val, kp);
+
+	if (err)
+		return err;
+	if (!READ_ONCE(health_interval))
+		cancel_delayed_work(&health_work);
+	else
+		health_arm(READ_ONCE(agent_disconnected));
+	return 0;
+}
+
+static const struct kernel_param_ops health_param_ops = {
+	.set = health_param_set,
+	.get = param_get_uint,
+};
+module_param_cb(health_interval, &health_param_ops, &health_interval, 0644);
+MODULE_PARM_DESC(health_interval,
+		 "seconds between HEALTH_CHECKs to the agent (default 60; 0: none)");
+module_param_cb(health_misses, &health_param_ops, &health_misses, 0644);
+MODULE_PARM_DESC(health_misses,
+		 "unanswered HEALTH_CHECKs in a row that mark the agent disconnected (default 3)");
 
 static int reply_error(struct genl_info *info, const u8 *req, u32 status, const char *reason)
 {
@@ -482,9 +595,13 @@ static int tkfs_nl_register(struct sk_buff *skb, struct genl_info *info)
 	spin_lock(&nl_lock);
 	agent_portid = info->snd_portid;
 	WRITE_ONCE(agent_tgid, task_tgid_nr(current));
+	agent_disconnected = false;
+	health_missed = 0;
+	agent_epoch++;
 	spin_unlock(&nl_lock);
 	tkfs_decisions_changed();
 	tkfs_agent_back();
+	health_arm(false);
 	pr_info(TKFS_NAME ": agent registered (netlink port %u)\n", info->snd_portid);
 	return 0;
 }
@@ -585,10 +702,13 @@ static int tkfs_nl_notify(struct notifier_block *nb, unsigned long state, void *
 	if (agent_portid && n->portid == agent_portid) {
 		agent_portid = 0;
 		WRITE_ONCE(agent_tgid, 0);
+		agent_disconnected = false;
+		health_missed = 0;
 		gone = true;
 	}
 	spin_unlock(&nl_lock);
 	if (gone) {
+		cancel_delayed_work(&health_work);
 		/* cached decisions run out at their TTL; new ones are denied (no agent) */
 		pr_info(TKFS_NAME ": agent left (netlink port %u)\n", n->portid);
 		tkfs_agent_gone();
@@ -618,6 +738,11 @@ int tkfs_nl_init(void)
 void tkfs_nl_exit(void)
 {
 	netlink_unregister_notifier(&tkfs_nl_notifier);
+	spin_lock(&nl_lock);
+	agent_portid = 0;
+	spin_unlock(&nl_lock);
+	fail_pending(-ENOTCONN);
+	cancel_delayed_work_sync(&health_work);
 	genl_unregister_family(&tkfs_family);
 	fail_pending(-ENOTCONN);
 	kfree(last_cfg);

@@ -58,6 +58,24 @@ def test_bad_engine_is_a_config_error(extra, expect):
     assert ei.value.exit_code == 3
 
 
+def test_key_grace():
+    assert _load(", engine: kernel").guard_points[0].key_grace == 0   # default: none
+    gp = _load(", engine: kernel, key_grace: 120").guard_points[0]
+    assert gp.key_grace == 120
+    g = kmount.KernelGuard(gp, 4)
+    assert g.data == "key=k1,gp=4,grace=120"
+    mine = kmount.MountEntry(1, 0, "0:1", "/srv/data", "takakryptfs", "/srv/data",
+                             "rw,key=k1,gp=4,grace=120")
+    other = kmount.MountEntry(1, 0, "0:1", "/srv/data", "takakryptfs", "/srv/data", "rw,key=k1,gp=4")
+    assert g.matches(mine) and not g.matches(other)   # a changed grace is a new mount
+    for extra, msg in ((", engine: kernel, key_grace: -1", "must be between 0 and 86400"),
+                       (", engine: kernel, key_grace: 86401", "must be between 0 and 86400"),
+                       (", key_grace: 5", "only engine kernel keeps keys"),
+                       (", engine: kernel, key_grace: 1.5", "expected `int`")):
+        with pytest.raises(ConfigError, match=r"\$\.guard_points\[0\]\.key_grace: " + msg):
+            _load(extra)
+
+
 @pytest.mark.parametrize("key", ["k1,decide=none", "-k", ".k", "k" * 64, "k 1", "k/1"])
 def test_kernel_engine_key_must_be_a_mount_option_value(key):
     # the key name becomes key= of the mount: a comma would smuggle in another option
@@ -71,6 +89,9 @@ def test_kernel_engine_key_must_be_a_mount_option_value(key):
 
 def test_mount_data():
     assert kmount.mount_data("pg-data.v2_x", 3) == "key=pg-data.v2_x,gp=3"
+    assert kmount.mount_data("k1", 2, 30) == "key=k1,gp=2,grace=30"
+    with pytest.raises(kmount.KernelGuardError, match="key_grace"):
+        kmount.mount_data("k1", 2, -1)
     with pytest.raises(kmount.KernelGuardError, match="id 0"):
         kmount.mount_data("k1", 0)
 

@@ -467,7 +467,8 @@ def _engine_report(cfg: Any) -> tuple[list[dict[str, Any]], list[str]]:
             what = state.consequence()
             if state.state == "loaded":
                 src = g.backing or g.path
-                what = (f"takakryptd mounts it (mount -t takakryptfs -o {mount_data(g.key, i)} "
+                opts = mount_data(g.key, i, g.key_grace)
+                what = (f"takakryptd mounts it (mount -t takakryptfs -o {opts} "
                         f"{src} {g.path}) once it has registered with the module")
             if not g.enabled:
                 what = "disabled (enabled: false): takakryptd does not mount it"

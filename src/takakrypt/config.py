@@ -105,6 +105,8 @@ class GuardPoint(_S):
     io_uring: bool = True         # FUSE over io_uring where the kernel offers it
     read_helpers: bool = True     # large reads decrypted on the other CPUs too
     engine: str = "fuse"          # fuse | kernel (takakryptfs.ko): docs/kernel.md
+    key_grace: int = 0            # engine kernel: seconds the module keeps the keys once
+    #                               takakryptd died or stopped answering; 0: wiped at once
 
 
 class LocalKeys(_S):
@@ -480,6 +482,11 @@ def _check(cfg: Config, errors: _Errors) -> None:
             errors.add(f"{p}.backing", "backing directory must be absolute")
         if not 0 <= gp.metadata_cache <= 60:
             errors.add(f"{p}.metadata_cache", "must be between 0 and 60 seconds")
+        if not 0 <= gp.key_grace <= 86400:
+            errors.add(f"{p}.key_grace", "must be between 0 and 86400 seconds")
+        elif gp.key_grace and gp.engine != "kernel":
+            errors.add(f"{p}.key_grace", "only engine kernel keeps keys without takakryptd "
+                       "(a FUSE guard point ends with its process)")
         if gp.engine not in ENGINES:
             errors.add(f"{p}.engine", f"unknown engine {gp.engine!r} (use fuse or kernel)")
         elif gp.engine == "kernel" and not KERNEL_KEY_NAME.fullmatch(gp.key):

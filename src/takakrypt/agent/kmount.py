@@ -110,14 +110,17 @@ def options(entry: MountEntry) -> dict[str, str]:
     return out
 
 
-def mount_data(key: str, gp_id: int) -> str:
-    """The mount options takakryptd gives a kernel guard point."""
+def mount_data(key: str, gp_id: int, grace: int = 0) -> str:
+    """The mount options takakryptd gives a kernel guard point (``grace=`` only when the
+    guard point's ``key_grace`` is not the module's default 0)."""
     if not KERNEL_KEY_NAME.fullmatch(key):  # a comma would smuggle in another option
         raise KernelGuardError(errno.EINVAL, f"key name {key!r} cannot be a takakryptfs "
                                "key= option (1..63 of [A-Za-z0-9._-], not starting with . or -)")
     if gp_id < 1:
         raise KernelGuardError(errno.EINVAL, f"guard point id {gp_id} must be >= 1")
-    return f"key={key},gp={gp_id}"
+    if not 0 <= grace <= 86400:
+        raise KernelGuardError(errno.EINVAL, f"key_grace {grace} is not 0..86400 seconds")
+    return f"key={key},gp={gp_id}" + (f",grace={grace}" if grace else "")
 
 
 _libc: Any = None
@@ -143,7 +146,7 @@ class KernelGuard:
         self.gp_id = gp_id
         self.path = os.path.normpath(spec.path)
         self.source = os.path.normpath(spec.backing) if spec.backing else self.path
-        self.data = mount_data(spec.key, gp_id)
+        self.data = mount_data(spec.key, gp_id, spec.key_grace)
         self.reused = False   # the mount was there already (a killed predecessor's)
         self.last_unmount = ""
 
@@ -160,6 +163,7 @@ class KernelGuard:
             return False
         opts = options(m)
         return (opts.get("key") == self.spec.key and opts.get("gp") == str(self.gp_id)
+                and opts.get("grace", "0") == str(self.spec.key_grace)
                 and opts.get("decide", "agent") == "agent")
 
     def _top(self) -> MountEntry | None:

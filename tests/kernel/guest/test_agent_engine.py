@@ -15,6 +15,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 import agent_helpers
@@ -171,13 +172,17 @@ def test_kernel_guard_point_mounted_listed_reported_released(scratch):
 
 
 def test_killed_takakryptd_mount_is_reused(scratch):
+    """... with the keys kept for the guard point's key_grace (mount option grace=)."""
     cfg = _cfg(scratch)
+    cfg["guard_points"][0]["key_grace"] = 600
     k = scratch / "gp0"
     d = _start(scratch, cfg)
     try:
         _write(k / "b.txt", "before the kill\n")
         first = _mounts(k)
         assert [t for _i, t, _s, _o in first] == ["takakryptfs"]
+        assert "grace=600" in first[0][3].split(","), first
+        mark = len(_kmsg_since(0))
     finally:
         d.stop(sig=signal.SIGKILL)
     assert _mounts(k) == first   # no one unmounted it
@@ -189,6 +194,8 @@ def test_killed_takakryptd_mount_is_reused(scratch):
         assert "the takakryptfs mount was there already" in d.logtext()
         assert _read(k / "b.txt") == "before the kill\n"   # keys served again
         assert d.jcli("status")["healthy"]
+        log = _kmsg_since(mark)
+        assert "agent left" in log and "keys wiped" not in log, log   # within the grace
     finally:
         d.stop()
     assert _mounts(k) == []
@@ -248,3 +255,70 @@ def test_module_not_loaded_refuses_then_reload_mounts(scratch):
     finally:
         if not loaded():
             insmod()
+
+
+def _param(name: str, value: str | None = None) -> str:
+    p = Path(f"/sys/module/takakryptfs/parameters/{name}")
+    if value is not None:
+        p.write_text(value)
+    return p.read_text().strip()
+
+
+def _kmsg_since(mark: int) -> str:
+    return subprocess.run(["dmesg"], capture_output=True, text=True).stdout[mark:]
+
+
+def test_hung_takakryptd_is_disconnected_by_health_checks_then_answers_again(scratch):
+    """A takakryptd that stops answering (SIGSTOP: its socket stays open, so the kernel
+    sees no departure) misses health_misses HEALTH_CHECKs and is marked disconnected:
+    access is denied at once (no 5 s wait per request), the keys are wiped (grace 0);
+    SIGCONT: the next check is answered, access resumes, keys are fetched again."""
+    assert _param("health_interval") == "60" and _param("health_misses") == "3"  # defaults
+    cfg = _cfg(scratch)
+    k = scratch / "gp0"
+    _param("health_interval", "1")
+    d = _start(scratch, cfg)
+    stopped = False
+    try:
+        with R.Genl() as g:
+            fid = family(g)
+            _write(k / "h.txt", "held by a hung agent\n")
+            assert _read(k / "h.txt") == "held by a hung agent\n"
+            mark = len(subprocess.run(["dmesg"], capture_output=True, text=True).stdout)
+            assert status(g, fid).agent_connected == 1
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            stopped = True
+            # 3 checks of up to 5 s each, 1 s apart: documented as interval + misses x 5 s
+            st = _until(lambda: (s := status(g, fid)).agent_connected == 0 and s, 90, 0.5)
+            assert st and st.agent_connected == 0, "never marked disconnected"
+            log = _kmsg_since(mark)
+            assert "missed 3 health checks in a row" in log and "disconnected" in log, log
+            timed_out = st.requests_timed_out
+            denied = st.fail_closed_denials
+            r = _py("import sys; open(sys.argv[1]).read()", str(k / "h.txt"))
+            assert r.returncode != 0 and "PermissionError" in r.stderr, r
+            r = _py("import sys; open(sys.argv[1], 'w').write('x')", str(k / "new.txt"))
+            assert r.returncode != 0 and "PermissionError" in r.stderr, r
+            st = status(g, fid)
+            # denied without asking the hung agent: no request timed out meanwhile
+            assert st.requests_timed_out == timed_out, (timed_out, st)
+            assert st.fail_closed_denials >= denied + 2, (denied, st)
+            assert not (k / "new.txt").exists()
+            with pytest.raises(PermissionError):    # even getattr of the guard point
+                (scratch / "gp0").stat()
+            assert [t for _i, t, _s, _o in _mounts(k)] == ["takakryptfs"]   # still mounted
+            os.kill(d.proc.pid, signal.SIGCONT)
+            stopped = False
+            st = _until(lambda: (s := status(g, fid)).agent_connected == 1 and s, 90, 0.5)
+            assert st and st.agent_connected == 1, "never reconnected"
+            assert "answers again: reconnected" in _kmsg_since(mark)
+            sent = st.requests_sent
+            assert _read(k / "h.txt") == "held by a hung agent\n"   # key fetched again
+            assert status(g, fid).requests_sent > sent
+        assert d.jcli("status")["healthy"]
+    finally:
+        if stopped:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        _param("health_interval", "60")
+        d.stop()
+    assert _param("health_interval") == "60"
