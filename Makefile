@@ -15,7 +15,7 @@ DEB_PKGS := gcc make pkg-config python3-dev python3-venv libssl-dev libipsec-mb-
 # kernel (ci/deps.sh installs/upgrades image and headers together) and checks it with sparse
 VM_PKGS  := linux-image-amd64 linux-headers-amd64 sparse qemu-system-x86 busybox-static
 SOURCES  := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.c' -o -name '*.h' -o -name '*.pyi') \
-            setup.py pyproject.toml
+            kernel/include/uapi/takakrypt.h setup.py pyproject.toml
 
 .PHONY: all deps vm-tools venv install demo test test-fast asan bench bench-kernel perf perf-baseline clean
 all: install

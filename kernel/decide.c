@@ -20,7 +20,11 @@
  * one it was made under (bumped by every CONFIG_UPDATE and every agent registration or
  * departure) and the mount's name generation too (bumped by every rename in the mount,
  * which changes the paths of the moved dentry and everything below it).  An answer
- * marked ANY_PATH is stored with dentry id 0 and serves every path of the mount.
+ * marked ANY_PATH is stored with dentry id 0 and serves every path of the mount; one
+ * marked ANY_PROCESS (a process-free policy) is stored without pid, start time and
+ * executable and serves every process of that uid and gid.  Lookups try the
+ * process-free keys first while the mount has had such an answer under the current
+ * generation (pf_gen), so a process-free policy costs one lookup per hit.
  */
 #include <linux/fs.h>
 #include <linux/fs_struct.h>
@@ -524,6 +528,17 @@ int tkfs_decide(struct dentry *dentry, u32 action, struct dentry *target, u32 *e
 	who_am_i(&w);
 	k = w.k;
 	k.action = action;
+	if (atomic_read(&sbi->pf_gen) == atomic_read(&decision_gen)) {
+		/* ANY_PROCESS answers under this generation: uid and gid alone first */
+		struct tkfs_dkey pk = { .uid = k.uid, .gid = k.gid, .action = action };
+
+		if (!target && dc_lookup(sbi, &pk, &eff, &rule))
+			goto hit;
+		pk.dentry_id = TKFS_D(dentry)->id;
+		pk.target_id = target ? TKFS_D(target)->id : 0;
+		if (dc_lookup(sbi, &pk, &eff, &rule))
+			goto hit;
+	}
 	/* ANY_PATH answers: one entry for every path (never for rename and link) */
 	if (!target && dc_lookup(sbi, &k, &eff, &rule))
 		goto hit;
@@ -546,6 +561,14 @@ int tkfs_decide(struct dentry *dentry, u32 action, struct dentry *target, u32 *e
 	if (eff & TAKAKRYPT_EFFECT_ANY_PATH && !target) {
 		k.dentry_id = 0;
 		k.target_id = 0;
+	}
+	if (eff & TAKAKRYPT_EFFECT_ANY_PROCESS) {
+		k.pid = 0;
+		k.start_time = 0;
+		k.exe_dev = 0;
+		k.exe_ino = 0;
+		if (ttl)
+			atomic_set(&sbi->pf_gen, gen);
 	}
 	dc_insert(sbi, &k, eff, rule, ttl, gen, name_gen);
 	who_done(&w);

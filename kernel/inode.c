@@ -8,6 +8,7 @@
 #include <linux/fs.h>
 #include <linux/namei.h>
 #include <linux/fs_stack.h>
+#include <linux/pagemap.h>
 #include <linux/xattr.h>
 #include <linux/slab.h>
 #include <linux/cred.h>
@@ -540,6 +541,15 @@ static int tkfs_getattr(struct user_namespace *ns, const struct path *path,
 	err = tkfs_decide(path->dentry, TAKAKRYPT_ACTION_GETATTR, NULL, &eff);
 	if (err)
 		return err;
+	/* the raw view's size is the stored length: the plaintext view's dirty pages are
+	 * stored first, as a raw open does (raw.c), or a backup tool would take the length
+	 * of the last write-back (an empty file before the first) and archive that much.
+	 * A failure (no key) leaves the error to fsync and the raw open: the stored length
+	 * as it is */
+	if (S_ISREG(inode->i_mode) && !(eff & TAKAKRYPT_EFFECT_APPLY_KEY) &&
+	    inode->i_mapping->nrpages && !tkfs_is_agent() &&
+	    !filemap_fdatawrite(inode->i_mapping))
+		filemap_fdatawait_keep_errors(inode->i_mapping);
 	tkfs_lower_path(path->dentry, &lower);
 	err = vfs_getattr(&lower, &lstat, mask, flags);
 	path_put(&lower);

@@ -15,12 +15,14 @@
  *
  * Health: while an agent is registered the module sends it HEALTH_CHECK every
  * health_interval seconds (module parameter, default 60; 0: never).  After health_misses
- * (default 3) unanswered ones in a row (timeout or error status) the agent is marked
- * disconnected although its socket is open (hung, stopped, starved): every request but
- * HEALTH_CHECK then fails at once (-ENOTCONN: decisions deny, keys are not fetched), the
- * mounts' grace= runs as for an agent that left, and the checks go on every
- * min(health_interval, 5) s; the first answer ends it (agent back: decisions asked again,
- * keys fetched again).  A new registration (systemd restarted takakryptd) ends it too.
+ * (default 3) unanswered ones in a row (timeout or error status; after a miss the next
+ * check comes after min(health_interval, 5) s, so a hang is confirmed in about 30 s
+ * rather than three intervals) the agent is marked disconnected although its socket is
+ * open (hung, stopped, starved): every request but HEALTH_CHECK then fails at once
+ * (-ENOTCONN: decisions deny, keys are not fetched), the mounts' grace= runs as for an
+ * agent that left, and the checks go on every min(health_interval, 5) s; the first
+ * answer ends it (agent back: decisions asked again, keys fetched again).  A new
+ * registration (systemd restarted takakryptd) ends it too.
  */
 #include <linux/module.h>
 #include <linux/slab.h>
@@ -338,7 +340,7 @@ static void health_fn(struct work_struct *w)
 		tkfs_decisions_changed();
 		tkfs_agent_back();
 	}
-	health_arm(READ_ONCE(agent_disconnected));
+	health_arm(READ_ONCE(agent_disconnected) || READ_ONCE(health_missed));
 }
 
 /* writing either parameter takes effect at once: the next check is rescheduled */

@@ -9,8 +9,11 @@
  * through read_iter/write_iter here); copy_file_range is refused (EXDEV: the VFS clamps
  * it by the mount inode's plaintext size), and cp and the rest fall back to read/write.
  *
- * A raw open for writing first writes back the plaintext view's dirty pages (so the
- * stored bytes it sees and changes are the latest), and every raw change (write,
+ * A raw open first writes back the plaintext view's dirty pages, so the stored bytes it
+ * reads or changes are the latest (a backup of a file written a moment ago through the
+ * mount holds what was written, not the bytes of the last write-back, nor an empty file
+ * whose header and blocks are still in memory; a raw stat's size is made current the
+ * same way, tkfs_getattr), and every raw change (write,
  * truncate, fallocate, and the close of a writable raw open, for stores into a shared
  * mapping) drops the plaintext pages and the inode's header state and file keys: the
  * next plaintext access reads the header again.  Plaintext writes made through another
@@ -66,11 +69,12 @@ int tkfs_raw_open(struct inode *inode, struct file *file)
 	struct file *lf;
 	int err;
 
-	if (file->f_mode & FMODE_WRITE) {
-		err = filemap_write_and_wait(inode->i_mapping);
-		if (err)
-			return err;
-	}
+	/* fails (EIO) only when dirty pages cannot be stored (no key): the stored bytes
+	 * are not the file's and none of them is served.  Not for takakryptd itself: a
+	 * write-back needing a key would ask the very thread that waits here */
+	err = tkfs_is_agent() ? 0 : filemap_write_and_wait(inode->i_mapping);
+	if (err)
+		return err;
 	tkfs_lower_path(file->f_path.dentry, &lower);
 	lf = dentry_open(&lower, file->f_flags & ~(O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC),
 			 current_cred());

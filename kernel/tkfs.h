@@ -109,6 +109,7 @@ struct tkfs_sb {
 	bool decide;				/* decide=agent (default) */
 	struct tkfs_gp __rcu *gp;		/* this mount's guard point (CONFIG_UPDATE) */
 	atomic_t name_gen;			/* bumped by every rename in the mount */
+	atomic_t pf_gen;			/* decision_gen of the last ANY_PROCESS answer */
 	spinlock_t dc_lock;			/* decision cache inserts */
 	struct tkfs_dent __rcu **dc;
 };

@@ -14,7 +14,6 @@ usage: python restart_guest.py TREE OUT
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -30,7 +29,7 @@ os.environ["PYTHONPATH"] = str(TREE / "src")
 
 from agent_helpers import write_config  # noqa: E402
 from systemd_unit_guest import UNIT_DIR, guest_main, unit_text  # noqa: E402
-from test_e2e_postgres import Cluster, _config, cluster_dirs  # noqa: E402
+from pg_helpers import Cluster, cluster_dirs, policy_config  # noqa: E402
 
 # pgbench's run: long enough for every event to fall inside it -- under TCG a killed
 # agent's successor takes 25-40 s to start (Restart= waits 2 s, then Python starts)
@@ -73,10 +72,7 @@ def run(r: dict) -> None:
     work = Path(tempfile.mkdtemp(prefix="tk-restart-", dir="/tmp"))
     os.chmod(work, 0o755)
     gp, sock = cluster_dirs(work)
-    cfg = _config(work, gp)
-    server = cfg["process_sets"]["pg_server"]
-    server["sha256"] = [hashlib.sha256(Path(p).read_bytes()).hexdigest()
-                        for p in server["executables"]]
+    cfg = policy_config(work, gp, sha256=True)
     config = work / "takakrypt.yaml"
     write_config(config, cfg)
     UNIT_DIR.mkdir(parents=True, exist_ok=True)

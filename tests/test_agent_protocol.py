@@ -94,6 +94,9 @@ def test_any_path_hint_only_without_resource_sets(tmp_path):
             assert not permitted(lw) and not lw.payload.effects & P.Effect.ANY_PATH
             r = c.policy_check(path=str(gp / "logs/f"), action="read", uid=0, gid=0, **ident)
             assert permitted(r) and r.payload.effects & P.Effect.ANY_PATH
+            # a policy with a process set: never ANY_PROCESS
+            assert not (w.payload.effects | lw.payload.effects | r.payload.effects) \
+                & P.Effect.ANY_PROCESS
 
 
 def test_pid_reuse_is_denied(tmp_path):

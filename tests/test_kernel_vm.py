@@ -44,12 +44,19 @@ def guest_files() -> list[Path]:
 
 
 def guest_tests() -> list[str]:
-    """module::function of every guest test, read from the source (not imported)."""
+    """module::function of every guest test, read from the source (not imported): the
+    functions defined there and the ones imported from another test module
+    (``from test_agent_guard import test_x``: the engine-parametrised tests)."""
     out = []
     for f in guest_files():
         for node in ast.parse(f.read_text()).body:
-            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                out.append(f"{f.stem}::{node.name}")
+            if isinstance(node, ast.FunctionDef):
+                names = [node.name]
+            elif isinstance(node, ast.ImportFrom):
+                names = [a.asname or a.name for a in node.names]
+            else:
+                continue
+            out += [f"{f.stem}::{n}" for n in names if n.startswith("test_")]
     return out
 
 

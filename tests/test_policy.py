@@ -413,6 +413,16 @@ def test_process_free_policies_decide_by_uid_and_gid_alone(rules):
                 assert len(got) == 1, (uid, path, action, got)
 
 
+def test_any_process_is_set_exactly_for_process_free_policies():
+    # the POLICY_CHECK hint ANY_PROCESS (handler.effects_of) comes from Decision.any_process
+    p = proc("/usr/bin/cat")
+    free = engine([{"user_set": "u", "effects": ["permit", "apply_key"]}], **_PF_SETS)
+    assert decide(free, req(uid=5, gid=1, p=p, path="f", action="read")).any_process
+    assert decide(free, req(uid=6, gid=1, p=p, path="f", action="read")).any_process  # deny
+    bound = engine([{"process_set": "cat", "effects": ["permit", "apply_key"]}], **_PF_SETS)
+    assert not decide(bound, req(uid=5, gid=1, p=p, path="f", action="read")).any_process
+
+
 def test_process_free_cases():
     allow = {"effects": ["permit", "apply_key"]}
     assert engine([allow]).process_free("p")

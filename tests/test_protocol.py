@@ -50,7 +50,7 @@ def payloads(cls: type[P.Payload], version: int) -> st.SearchStrategy[P.Payload]
             if conv_name == "_bool":
                 kw[f.source] = st.booleans()
             elif conv_name == "_effects":
-                kw[f.source] = st.integers(0, 0x3F).map(P.Effect)
+                kw[f.source] = st.integers(0, 0x7F).map(P.Effect)
             elif f.conv is not None:
                 enum = {"kind": P.AuditKind, "action": P.Action, "enforcer": P.Enforcer}[f.source]
                 kw[f.source] = st.sampled_from(list(enum))

@@ -14,7 +14,6 @@ transaction latency of the run) is printed -- a figure, never an assertion.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,14 +26,11 @@ from pathlib import Path
 import pytest
 
 from agent_helpers import Daemon
-from test_e2e_postgres import Cluster, _config, cluster_dirs, pytestmark, work  # noqa: F401
+from pg_helpers import Cluster, cluster_dirs, policy_config
+from test_e2e_postgres import pytestmark, work  # noqa: F401
 
 SECONDS = int(os.environ.get("TK_RESTART_SECONDS", "60"))
 RESTARTS = int(os.environ.get("TK_RESTARTS", "10"))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _mount_dev(path: Path) -> list[str]:
@@ -52,9 +48,7 @@ def _status_pid(cfg: dict) -> int:
 
 def test_pgbench_through_ten_restarts(work):  # noqa: F811 - the fixture
     gp, sock = cluster_dirs(work)
-    cfg = _config(work, gp)
-    server = cfg["process_sets"]["pg_server"]
-    server["sha256"] = [_sha256(Path(p)) for p in server["executables"]]
+    cfg = policy_config(work, gp, sha256=True)
     pg = Cluster(gp, sock)
     d = Daemon(work, cfg)
     pids: list[int] = []

@@ -95,6 +95,8 @@ class Decision:
     would_deny: bool = False       # learn mode turned a deny into a permit
     cache_ttl: float | None = None  # None: the configured TTL; else a shorter bound
     any_path: bool = False         # no resource set took part: the same for every path
+    any_process: bool = False      # the policy is process-free: the same for every
+    #                                process of this uid and gid (Engine.process_free)
     explanation: list[str] = field(default_factory=list)
 
     @property
@@ -338,6 +340,7 @@ class Engine:
             "time_set": {n: _TimeSet(n, s) for n, s in cfg.time_sets.items()},
         }
         self.policies = {n: CompiledPolicy(n, p, sets) for n, p in cfg.policies.items()}
+        self._process_free: dict[str, bool] = {}
 
     def evaluate(self, policy: str, req: Request, *, explain: bool = False) -> Decision:
         pol = self.policies[policy]
@@ -351,6 +354,7 @@ class Engine:
             return self._refuse(pol, f"caller is traced by pid {req.process.tracer}: no "
                                 "plaintext for a process whose memory another reads",
                                 explain)
+        d.any_process = self.process_free(policy)
         return d
 
     @staticmethod
@@ -425,14 +429,15 @@ class Engine:
         refers to lists groups (a group matches supplementary groups too, which only
         /proc tells).  The data path then identifies no process per request and caches
         decisions per uid/gid (docs/guard-points.md, "Policy hints")."""
+        known = self._process_free.get(policy)
+        if known is not None:
+            return known
         pol = self.policies[policy]
-        for r in pol.rules:
-            for kind, s, _neg in r.checks:
-                if kind == "process_set":
-                    return False
-                if kind == "user_set" and (s.gids or s.gnames):  # type: ignore[attr-defined]
-                    return False
-        return True
+        free = not any(kind == "process_set" or (kind == "user_set" and (
+            s.gids or s.gnames))  # type: ignore[attr-defined]
+            for r in pol.rules for kind, s, _neg in r.checks)
+        self._process_free[policy] = free
+        return free
 
     @staticmethod
     def _decide(pol: CompiledPolicy, index: int, effects: frozenset[str], notes: list[str],

@@ -131,8 +131,12 @@ enum takakrypt_effect {
 	 * point for this caller and action (no resource set took part in it), so the
 	 * enforcement point may cache it once for all paths (same TTL). */
 	TAKAKRYPT_EFFECT_ANY_PATH = 1u << 5,
+	/* not an effect: a caching hint.  The decision holds for every process of this uid
+	 * and gid (the policy names no process set and no group list: it is process-free),
+	 * so the enforcement point may cache it once for all of them (same TTL). */
+	TAKAKRYPT_EFFECT_ANY_PROCESS = 1u << 6,
 };
-#define TAKAKRYPT_EFFECT_MASK 0x3Fu
+#define TAKAKRYPT_EFFECT_MASK 0x7Fu
 
 enum takakrypt_algorithm {
 	TAKAKRYPT_ALG_AES_256_GCM = 1,

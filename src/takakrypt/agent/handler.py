@@ -54,6 +54,8 @@ def effects_of(d: Any) -> P.Effect:
         e |= P.Effect.WOULD_DENY
     if d.any_path:
         e |= P.Effect.ANY_PATH
+    if d.any_process:
+        e |= P.Effect.ANY_PROCESS
     return e
 
 

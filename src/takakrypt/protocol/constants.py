@@ -90,9 +90,10 @@ class Effect(enum.IntFlag):
     AUDIT = 1 << 3
     WOULD_DENY = 1 << 4     # learn mode: a deny that was let through
     ANY_PATH = 1 << 5       # caching hint: the decision holds for every path (same caller, action)
+    ANY_PROCESS = 1 << 6    # caching hint: ... for every process of the same uid and gid
 
 
-EFFECT_MASK = 0x3F
+EFFECT_MASK = 0x7F
 
 
 class Algorithm(enum.IntEnum):
