@@ -375,8 +375,12 @@ end:
 
 		if (err && keyless) {
 			/* not locked (a lower page than the one write_cache_pages holds);
-			 * under write-back truncation waits, so the mapping is stable */
-			mapping_set_error(page->mapping, -EIO);
+			 * under write-back truncation waits, so the mapping is stable.  The
+			 * error goes to fsync (errseq) only, not to the mapping's AS_EIO
+			 * flag: the pages are not lost, and a truncate or raw open after the
+			 * key is back, whose own write-back succeeds, must not fail for it */
+			filemap_set_wb_err(page->mapping, -EIO);
+			WRITE_ONCE(ii->keyless_wb, true);
 			__set_page_dirty_nobuffers(page);
 		} else if (err) {
 			if (err != -ENOSPC && err != -EDQUOT)	/* a full disk is no integrity event */

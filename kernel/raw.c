@@ -72,9 +72,14 @@ int tkfs_raw_open(struct inode *inode, struct file *file)
 	/* fails (EIO) only when dirty pages cannot be stored (no key): the stored bytes
 	 * are not the file's and none of them is served.  Not for takakryptd itself: a
 	 * write-back needing a key would ask the very thread that waits here */
-	err = tkfs_is_agent() ? 0 : filemap_write_and_wait(inode->i_mapping);
-	if (err)
-		return err;
+	if (!tkfs_is_agent()) {
+		WRITE_ONCE(TKFS_I(inode)->keyless_wb, false);
+		err = filemap_write_and_wait(inode->i_mapping);
+		if (!err && READ_ONCE(TKFS_I(inode)->keyless_wb))
+			err = -EIO;	/* pages left dirty: no key to store them */
+		if (err)
+			return err;
+	}
 	tkfs_lower_path(file->f_path.dentry, &lower);
 	lf = dentry_open(&lower, file->f_flags & ~(O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC),
 			 current_cred());

@@ -158,6 +158,7 @@ struct tkfs_inode {
 	u64 enc_count;		/* block encryptions done (lease taken whole at load) */
 	bool tail_cut;		/* stale stored bytes past disk_size were cut */
 	bool hdr_pending;	/* header made in memory, not stored yet (lower length 0) */
+	bool keyless_wb;	/* a write-back found no key: pages left dirty (raw open) */
 	struct work_struct prep_work;	/* makes a new file's header and keys ahead */
 	u8 enc_key[TAKA_KEY_LEN];	/* file keys (HKDF of the data key), wiped on drop */
 	u8 mac_key[TAKA_KEY_LEN];

@@ -47,7 +47,7 @@ def unit_text(tree_unit: str, config: Path) -> str:
     return text
 
 
-def make_config(work: Path) -> tuple[Path, Path]:
+def make_config(work: Path, engine: str = "fuse") -> tuple[Path, Path]:
     from agent_helpers import base_config, write_config
 
     cfg = base_config(work)
@@ -62,7 +62,7 @@ def make_config(work: Path) -> tuple[Path, Path]:
         {"actions": ["getattr", "list"], "effects": ["permit"]},
         {"actions": ["all_ops"], "effects": ["deny", "audit"]},
     ]}}
-    cfg["guard_points"] = [{"path": str(gp), "policy": "gp", "key": "k1"}]
+    cfg["guard_points"] = [{"path": str(gp), "policy": "gp", "key": "k1", "engine": engine}]
     config = work / "takakrypt.yaml"
     write_config(config, cfg)
     return config, gp
@@ -87,10 +87,22 @@ def read_text(path: str) -> str:
         return f"<{e}>"
 
 
-def variant(name: str, tree_unit: str, dropin: str | None) -> dict:
+def mount_ids(mountinfo: str, path: Path) -> list[int]:
+    return [int(line.split()[0]) for line in mountinfo.splitlines()
+            if line.split()[4] == str(path)]
+
+
+def roundtrip(target: Path, text: str) -> tuple[bool, str]:
+    """A permitted process (this interpreter, outside the service) writes and reads back."""
+    w = sh(sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2]); "
+                     "print(open(sys.argv[1]).read() == sys.argv[2])", str(target), text)
+    return w.stdout.strip() == "True", w.stderr[-2000:]
+
+
+def variant(name: str, tree_unit: str, dropin: str | None, engine: str = "fuse") -> dict:
     work = Path(f"/tmp/takakrypt-unit-{name}")
     work.mkdir(parents=True)
-    config, gp = make_config(work)
+    config, gp = make_config(work, engine)
     (UNIT_DIR / "takakryptd.service").write_text(unit_text(tree_unit, config))
     dropin_dir = UNIT_DIR / "takakryptd.service.d"
     shutil.rmtree(dropin_dir, ignore_errors=True)
@@ -110,12 +122,8 @@ def variant(name: str, tree_unit: str, dropin: str | None) -> dict:
         r["service_sees"] = fuse_mounts(read_text(f"/proc/{pid}/mountinfo"), gp)
     r["pid1_sees"] = fuse_mounts(read_text("/proc/1/mountinfo"), gp)
     r["self_sees"] = fuse_mounts(read_text("/proc/self/mountinfo"), gp)
-    # a permitted process (this interpreter, outside the service) writes and reads back
     target = gp / "secret.txt"
-    w = sh(sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2]); "
-                     "print(open(sys.argv[1]).read() == sys.argv[2])", str(target), SECRET)
-    r["permitted_roundtrip"] = w.stdout.strip() == "True"
-    r["permitted_err"] = w.stderr[-2000:]
+    r["permitted_roundtrip"], r["permitted_err"] = roundtrip(target, SECRET)
     # a denied process: cat is in no process set
     c = sh(CAT, str(target))
     r["denied_rc"], r["denied_err"] = c.returncode, c.stderr.strip()
@@ -124,6 +132,18 @@ def variant(name: str, tree_unit: str, dropin: str | None) -> dict:
                      "takakryptd.service").stdout[-2000:]
     r["status"] += sh("journalctl", "--no-pager", "-n", "40", "-u",
                       "takakryptd.service").stdout[-4000:]
+    if engine == "kernel":
+        # systemctl restart: the new takakryptd takes the same mount (not a second one
+        # on top) and serves it again
+        before = mount_ids(read_text("/proc/self/mountinfo"), gp)
+        rs = sh("systemctl", "restart", "takakryptd.service")
+        r["restart_rc"], r["restart_err"] = rs.returncode, rs.stderr
+        r["mount_ids_before_restart"] = before
+        r["mount_ids_after_restart"] = mount_ids(read_text("/proc/self/mountinfo"), gp)
+        ok, err = roundtrip(target, SECRET)
+        r["read_after_restart"], r["read_after_restart_err"] = ok, err
+        r["status"] += sh("journalctl", "--no-pager", "-n", "30", "-u",
+                          "takakryptd.service").stdout[-3000:]
     stop = sh("systemctl", "stop", "takakryptd.service")
     r["stop_rc"] = stop.returncode
     # a stop never uncovers the directory: the mount stays, failing (ENOTCONN), until
@@ -170,6 +190,13 @@ def main() -> int:
         for name, dropin in (("shipped", None),
                              ("control-protectsystem", "[Service]\nProtectSystem=full\n")):
             results["variants"].append(variant(name, tree_unit, dropin))
+        # the kernel engine under the same unit, when the host side built the module
+        ko = OUT / "takakryptfs.ko"
+        if ko.exists():
+            ins = sh("insmod", str(ko))
+            results["insmod"] = [ins.returncode, ins.stderr]
+            if ins.returncode == 0:
+                results["variants"].append(variant("kernel", tree_unit, None, "kernel"))
     except Exception:  # reported to the host side, which fails the test with it
         results["error"] = traceback.format_exc()
     (OUT / "result.json").write_text(json.dumps(results, indent=1))

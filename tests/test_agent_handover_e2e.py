@@ -14,9 +14,8 @@ import time
 
 import pytest
 
-from agent_helpers import running
+from agent_helpers import base_config, running
 from handover_helpers import FakeSystemd
-from test_agent_guard import _cfg  # python gets plaintext, cat ciphertext, the rest EACCES
 from takakrypt.guard import GuardPoint
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3")
@@ -25,6 +24,25 @@ needs_handover = pytest.mark.skipif(not hasattr(GuardPoint, "handover_begin"),
                                     reason="the engine's handover API is not in this tree")
 
 PY = os.path.realpath(sys.executable)
+CAT = os.path.realpath(shutil.which("cat"))
+
+
+def _cfg(tmp_path):
+    """One guard point: python gets plaintext, cat ciphertext, the rest EACCES."""
+    cfg = base_config(tmp_path)
+    gp = tmp_path / "guarded"
+    gp.mkdir(exist_ok=True)
+    os.chmod(gp, 0o777)
+    cfg["process_sets"] = {"app": {"executables": [PY]}, "backup": {"executables": [CAT]}}
+    cfg["policies"] = {"gp": {"rules": [
+        {"user_set": "root", "process_set": "app", "actions": ["all_ops"],
+         "effects": ["permit", "apply_key"]},
+        {"process_set": "backup", "actions": ["read_ops"], "effects": ["permit", "audit"]},
+        {"actions": ["getattr", "list"], "effects": ["permit"]},
+        {"actions": ["all_ops"], "effects": ["deny", "audit"]},
+    ]}}
+    cfg["guard_points"] = [{"path": str(gp), "policy": "gp", "key": "k1"}]
+    return cfg, gp
 
 
 def _mounts(path):

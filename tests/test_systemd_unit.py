@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from vmharness import TREE, boot_guest, missing
+from vmharness import TREE, boot_guest, headers_for, kernel, missing
 
 
 def _missing() -> list[str]:
@@ -35,9 +37,25 @@ def guest(tmp_path_factory):
 
 
 def _boot(out: Path) -> dict:
+    _build_module(out)
     data = boot_guest(out, TREE / "tests" / "systemd_unit_guest.py")
     assert "error" not in data, data["error"]
-    return {v["name"]: v for v in data["variants"]}
+    found = {v["name"]: v for v in data["variants"]}
+    found["insmod"] = data.get("insmod")
+    return found
+
+
+def _build_module(out: Path) -> None:
+    """takakryptfs.ko for the booted kernel (as tests/test_kernel_vm.py builds it), for
+    the guest's kernel-engine variant; a build failure fails that test, not the others."""
+    kbuild = headers_for(kernel())
+    if kbuild is None:
+        return
+    b = subprocess.run(["make", "-C", str(TREE / "kernel"), f"KDIR={kbuild}"],
+                       capture_output=True, text=True, timeout=900)
+    (out / "module-build.log").write_text(b.stdout + b.stderr)
+    if b.returncode == 0:
+        shutil.copy(TREE / "kernel" / "takakryptfs.ko", out / "takakryptfs.ko")
 
 
 def _explain(v: dict) -> str:
@@ -74,3 +92,24 @@ def test_checks_catch_a_namespaced_unit(guest):
     assert v["service_sees"] == ["fuse.takakrypt"], _explain(v)
     assert not v["same_mnt_ns"] and v["pid1_sees"] == [] and v["self_sees"] == [], _explain(v)
     assert v["at_rest_plaintext"] is True, _explain(v)
+
+
+def test_shipped_unit_serves_a_kernel_guard_point(guest):
+    """engine: kernel under the shipped unit: takakryptd (CAP_NET_ADMIN, AF_NETLINK)
+    registers with the module and mounts takakryptfs where PID 1 sees it; `systemctl
+    restart` keeps the same mount and serves it again; after stop the directory is
+    denied (keys wiped), never bare, and TAKA at rest."""
+    assert guest["insmod"] and guest["insmod"][0] == 0, guest["insmod"]
+    v = guest.get("kernel")
+    assert v is not None, "the kernel variant did not run (module not built?)"
+    assert v["start_rc"] == 0 and v["active"] == "active", _explain(v)
+    assert v["same_mnt_ns"] and v["pid1_sees"] == ["takakryptfs"], _explain(v)
+    assert v["permitted_roundtrip"], _explain(v)
+    assert v["denied_rc"] != 0 and "Permission denied" in v["denied_err"], _explain(v)
+    assert not v["denied_saw_plaintext"]
+    assert v["restart_rc"] == 0, _explain(v)
+    assert v["mount_ids_after_restart"] == v["mount_ids_before_restart"] != [], _explain(v)
+    assert v["read_after_restart"], _explain(v)
+    assert v["stop_rc"] == 0, _explain(v)
+    assert not v["mounted_after_stop"] or v["after_stop_errno"] == errno.EACCES, _explain(v)
+    assert v["at_rest_magic"] == "TAKA" and v["at_rest_plaintext"] is False, _explain(v)

@@ -16,9 +16,11 @@ rows back from the stored bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,25 @@ def _explain(e: AssertionError, work: Path, d: Daemon | None) -> AssertionError:
                           f"\n--- audit (tail) ---\n{tail}\n--- dmesg (tail) ---\n{dmesg}")
 
 
+@contextlib.contextmanager
+def _served(work: Path, cfg: dict, pg: Cluster, gp: Path) -> Iterator[Daemon]:
+    """takakryptd serving the cluster's guard point; at the end the server (if still
+    up) and takakryptd are stopped and the mount must be gone.  A failed assertion
+    inside carries the takakryptd log, the audit and the kernel log."""
+    d = None
+    try:
+        d = _agent(work, cfg)
+        assert mount_type(gp) == "takakryptfs"
+        yield d
+    except AssertionError as e:
+        raise _explain(e, work, d) from e
+    finally:
+        pg.stop(signal.SIGQUIT)
+        if d is not None:
+            d.stop(timeout=120)
+    assert mount_type(gp) is None
+
+
 def test_postgres_on_kernel_guard_point():
     t0 = time.monotonic()
     laps: list[str] = []
@@ -75,12 +96,9 @@ def test_postgres_on_kernel_guard_point():
         gp, sock = cluster_dirs(work)
         cfg = policy_config(work, gp, engine="kernel", sha256=True)
         pg = Cluster(gp, sock)
-        d = None
         relpath = ""
-        try:
-            d = _agent(work, cfg)
+        with _served(work, cfg, pg, gp):
             lap("agent")
-            assert mount_type(gp) == "takakryptfs"
             opts = _mount_options(gp)
             assert opts["key"] == "k1" and opts.get("decide", "agent") == "agent", opts
             pg.initdb(timeout=900)
@@ -128,13 +146,6 @@ def test_postgres_on_kernel_guard_point():
             names = tar_members_are_taka(tar_path, MARKER.encode())
             assert f"pgdata/{relpath}" in names and "pgdata/PG_VERSION" in names
             lap("tar")
-        except AssertionError as e:
-            raise _explain(e, work, d) from e
-        finally:
-            pg.stop(signal.SIGQUIT)
-            if d is not None:
-                d.stop(timeout=120)
-        assert mount_type(gp) is None
         lap("agent stopped")
 
         audit_verdicts(work, gp)
@@ -147,20 +158,10 @@ def test_postgres_on_kernel_guard_point():
 
         # a new takakryptd mounts it again; the restarted server reads the rows back
         # from the stored bytes (no page of the first mount survived its unmount)
-        d = None
-        try:
-            d = _agent(work, cfg)
-            assert mount_type(gp) == "takakryptfs"
+        with _served(work, cfg, pg, gp):
             pg.start(tries=3000)
             assert pg.read_rows() == WANT_ROWS
             assert int(pg.psql("SELECT count(*) FROM pgbench_accounts")) == 100000
             assert pg.stop() == 0, pg.logtext()
-        except AssertionError as e:
-            raise _explain(e, work, d) from e
-        finally:
-            pg.stop(signal.SIGQUIT)
-            if d is not None:
-                d.stop(timeout=120)
-        assert mount_type(gp) is None
         lap("second life")
     print("\n" + ", ".join(laps))
