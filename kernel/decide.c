@@ -287,6 +287,23 @@ static void dc_insert(struct tkfs_sb *sbi, const struct tkfs_dkey *k, u32 effect
 		atomic_inc(&dc_entries);
 }
 
+/*
+ * Look k up for dentry (and target): the ANY_PATH entry first (dentry id 0: one entry for
+ * every path; never for rename and link), then the name's own.  k's ids are the name's
+ * afterwards, as an insert needs them.
+ */
+static bool dc_lookup_names(struct tkfs_sb *sbi, struct tkfs_dkey *k, struct dentry *dentry,
+			    struct dentry *target, u32 *effects, s32 *rule)
+{
+	k->dentry_id = 0;
+	k->target_id = 0;
+	if (!target && dc_lookup(sbi, k, effects, rule))
+		return true;
+	k->dentry_id = TKFS_D(dentry)->id;
+	k->target_id = target ? TKFS_D(target)->id : 0;
+	return dc_lookup(sbi, k, effects, rule);
+}
+
 /* ---- the request -------------------------------------------------------------------- */
 
 /*
@@ -532,19 +549,10 @@ int tkfs_decide(struct dentry *dentry, u32 action, struct dentry *target, u32 *e
 		/* ANY_PROCESS answers under this generation: uid and gid alone first */
 		struct tkfs_dkey pk = { .uid = k.uid, .gid = k.gid, .action = action };
 
-		if (!target && dc_lookup(sbi, &pk, &eff, &rule))
-			goto hit;
-		pk.dentry_id = TKFS_D(dentry)->id;
-		pk.target_id = target ? TKFS_D(target)->id : 0;
-		if (dc_lookup(sbi, &pk, &eff, &rule))
+		if (dc_lookup_names(sbi, &pk, dentry, target, &eff, &rule))
 			goto hit;
 	}
-	/* ANY_PATH answers: one entry for every path (never for rename and link) */
-	if (!target && dc_lookup(sbi, &k, &eff, &rule))
-		goto hit;
-	k.dentry_id = TKFS_D(dentry)->id;
-	k.target_id = target ? TKFS_D(target)->id : 0;
-	if (dc_lookup(sbi, &k, &eff, &rule))
+	if (dc_lookup_names(sbi, &k, dentry, target, &eff, &rule))
 		goto hit;
 	atomic64_inc(&tkfs_st_misses);
 	/* read before asking: a reload racing the question cannot leave a stale entry */
