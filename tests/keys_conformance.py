@@ -233,6 +233,45 @@ class BackendConformance:
         assert backend.info("b").current_version == 1
         assert backend.get("b") == b1
 
+    # ------------------------------------------------------------------ retire
+
+    def test_retire_destroys_an_old_version_only(self, backend: KeyBackend) -> None:
+        from takakrypt.errors import KeyRetired
+
+        backend.create("k")
+        backend.create("other")
+        backend.rotate("k")
+        backend.rotate("k")
+        v2, v3 = bytes(backend.get("k", 2)), bytes(backend.get("k", 3))
+        o1 = bytes(backend.get("other"))
+        info = backend.retire("k", 1)
+        assert info.current_version == 3
+        assert [(v.version, v.state) for v in info.versions] == [
+            (1, "retired"), (2, "active"), (3, "active")]
+        assert info == backend.info("k")
+        with pytest.raises(KeyRetired) as ei:
+            backend.get("k", 1)
+        assert isinstance(ei.value, KeyNotFound)
+        assert "'k'" in str(ei.value) and "1" in str(ei.value)
+        assert backend.get("k", 2) == v2 and backend.get("k") == v3
+        assert backend.get("other") == o1
+        assert backend.retire("k", 1) == backend.info("k")  # again: no change
+        assert backend.rotate("k").current_version == 4  # versions still count on
+
+    def test_retire_refuses_the_current_version_and_unknown(self, backend: KeyBackend) -> None:
+        from takakrypt.errors import KeyInUse
+
+        backend.create("k")
+        with pytest.raises(KeyInUse):
+            backend.retire("k", 1)
+        assert bytes(backend.get("k", 1))
+        with pytest.raises(KeyNotFound):
+            backend.retire("k", 2)
+        with pytest.raises(KeyNotFound):
+            backend.retire("ghost", 1)
+        with pytest.raises(UsageError):
+            backend.retire("bad/name", 1)
+
     # -------------------------------------------------------------------- list
 
     def test_list_sorted_by_name(self, backend: KeyBackend) -> None:

@@ -231,7 +231,7 @@ def _creds(cfg, **local):
 
 @pytest.mark.parametrize("case, message", [
     ("no-credentials", "$.keys.local: give exactly one of passphrase_file or master_key_file"),
-    ("kmip", "$.keys.backend: the KMIP backend is not available in this build"),
+    ("kmip", "$.keys.kmip.ca_file: required: the KMIP backend needs mutual TLS"),
     ("no-directory", "$.guard_points[0].path: {tmp}/nowhere does not exist"),
     ("unknown-key", "$.guard_points[0].key: key 'nokey' not found in the key backend"),
 ])

@@ -107,6 +107,7 @@ cdef extern from "fuse_impl.h" nogil:
     int tk_fs_is_mounted(const tk_fs *fs)
     uint64_t tk_fs_bump_generation(tk_fs *fs)
     void tk_fs_invalidate(tk_fs *fs)
+    void tk_fs_drop_keys(tk_fs *fs)
     void tk_fs_set_hints(tk_fs *fs, unsigned hints)
     void tk_fs_stats_get(const tk_fs *fs, tk_fs_stats *out)
     void tk_fs_free(tk_fs *fs)
@@ -399,6 +400,10 @@ cdef class Mount:
 
     def invalidate(self):
         tk_fs_invalidate(self._fs)
+
+    def drop_keys(self):
+        """Wipe the mount's data keys (tk_fs_drop_keys): files ask get_key again."""
+        tk_fs_drop_keys(self._fs)
 
     def set_hints(self, unsigned int hints):
         """Policy facts (HINT_PLAIN_ONLY | HINT_GETATTR_ALL | HINT_NO_PROCESS) that let

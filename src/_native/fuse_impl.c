@@ -703,7 +703,8 @@ static int check_common(tk_fs *fs, fuse_req_t req, tk_inode *dir, const char *na
 }
 
 /* ------------------------------------------------------------------------------------
- * keys: fetched from Python once per (name, version), wiped at unmount; the table
+ * keys: fetched from Python once per (name, version), wiped at unmount or by
+ * tk_fs_drop_keys (the agent's key cache expired them); the table
  * lives in secure memory (secmem.h)
  */
 int tk_key_get(tk_fs *fs, const char *name, uint32_t version, uint32_t *vout,
@@ -722,6 +723,8 @@ int tk_key_get(tk_fs *fs, const char *name, uint32_t version, uint32_t *vout,
     if (!fs->cb.get_key || strlen(name) > TK_KEYID_MAX) return -ENOKEY;
     uint32_t got = 0;
     TK_INC(fs, key_fetches, 1);
+    /* a tk_fs_drop_keys while the agent answers: this key is used once, not kept */
+    uint64_t epoch = __atomic_load_n(&fs->taka_epoch, __ATOMIC_ACQUIRE);
     int rc = fs->cb.get_key(fs->cb.ctx, name, version, &got, key);
     if (rc) return rc;
     if (got == 0 || (version && got != version)) {
@@ -729,6 +732,11 @@ int tk_key_get(tk_fs *fs, const char *name, uint32_t version, uint32_t *vout,
         return -ENOKEY;
     }
     pthread_mutex_lock(&fs->key_mu);
+    if (epoch != __atomic_load_n(&fs->taka_epoch, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_unlock(&fs->key_mu);
+        *vout = got;
+        return 0;
+    }
     if (version == 0 && strcmp(name, fs->key_name) == 0) fs->current_version = got;
     int have = 0;
     for (size_t i = 0; i < fs->nkeys; i++)
@@ -1397,6 +1405,17 @@ void tk_fs_invalidate(tk_fs *fs) {
     tk_cache_clear(fs->cache);
     tk_fs_bump_generation(fs);
     __atomic_fetch_add(&fs->taka_epoch, 1, __ATOMIC_ACQ_REL);
+}
+
+void tk_fs_drop_keys(tk_fs *fs) {
+    /* bumped under key_mu: a fetch in flight (tk_key_get) sees it and keeps nothing */
+    pthread_mutex_lock(&fs->key_mu);
+    tk_secmem_free(fs->keys);  /* zeroes it; NULL is fine */
+    fs->keys = NULL;
+    fs->nkeys = fs->capkeys = 0;
+    fs->current_version = 0;
+    __atomic_fetch_add(&fs->taka_epoch, 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_unlock(&fs->key_mu);
 }
 
 void tk_fs_set_hints(tk_fs *fs, unsigned hints) {

@@ -207,6 +207,10 @@ int tk_fs_is_mounted(const tk_fs *fs);
 uint64_t tk_fs_bump_generation(tk_fs *fs);
 /* Drop every cached decision and the per-file header state. */
 void tk_fs_invalidate(tk_fs *fs);
+/* Key expiry (the agent's key cache, docs/keys.md): wipe and empty the key table and
+ * forget the current version; every file's header state is reloaded at its next use,
+ * so its keys are asked of get_key again (a file whose key is refused: EIO). */
+void tk_fs_drop_keys(tk_fs *fs);
 
 /* Facts the policy engine proved for every caller and path of this guard point
  * (takakrypt.policy.Engine.metadata_hints); they let the kernel keep more:

@@ -29,6 +29,7 @@ environment:
   TAKAKRYPT_PASSPHRASE        keystore passphrase (prefer --passphrase-file)
   TAKAKRYPT_PASSPHRASE_FILE   file whose first line is the keystore passphrase
   TAKAKRYPT_MASTER_KEY_FILE   32-byte master key file unlocking the keystore instead
+  TAKAKRYPT_CONFIG            keys commands: use this configuration's key backend
 """
 
 
@@ -105,6 +106,19 @@ def _keystore(args: argparse.Namespace, *, create: bool = False):  # type: ignor
     return open_keystore(path, create=creating, **_unlock_args(args, creating=creating))
 
 
+def _keys_backend(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The key backend the command works on: the configuration's (``--config``, local
+    or KMIP, as takakryptd opens it) or the local keystore of the keystore options."""
+    cfg = getattr(args, "config", None) or os.environ.get("TAKAKRYPT_CONFIG")
+    if not cfg:
+        return _keystore(args)
+    if args.keystore or args.passphrase_file or args.master_key_file:
+        raise UsageError("give either --config or the keystore options, not both")
+    from .agent.keymanager import load_config, open_backend
+
+    return open_backend(load_config(cfg, check_keys=False).keys)
+
+
 def _key_info_dict(info: Any) -> dict[str, Any]:
     import msgspec
 
@@ -150,6 +164,7 @@ def cmd_status(args: argparse.Namespace) -> int:
              f"config:      {st['config']}",
              f"key backend: {st['key_backend'].get('type')} (circuit "
              f"{st['key_backend'].get('state')})",
+             *_keys_lines(st.get("keys")),
              f"requests:    {st['requests']} ({st['inflight']} in flight)",
              f"reloads:     {st['reloads']['ok']} ok, {st['reloads']['failed']} failed"
              + (f" (last error: {st['last_reload_error']})" if st["last_reload_error"] else "")]
@@ -162,6 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines.append("guard points:")
     lines += [f"  {'mounted  ' if g['mounted'] else 'unmounted'} {g['path']} (engine "
               f"{g.get('engine', 'fuse')}, policy {g['policy']}, key {g['key']})"
+              + (" CLOSED" if g.get("closed") else "")
               + (f" error: {g['error']}" if g["error"] else "")
               for g in st["guard_points"]] or ["  (none)"]
     lines.append(f"kernel:      {_kernel_line(st.get('kernel'))}")
@@ -169,6 +185,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(f"metrics:     {st['metrics']}")
     _out(args, st, "\n".join(lines))
     return 0 if st["healthy"] else 1
+
+
+def _keys_lines(k: dict[str, Any] | None) -> list[str]:
+    """The key cache's part of `status` (docs/keys.md): counts and ages, never keys."""
+    if not k:
+        return []
+    c = k.get("cache") or {}
+    age = c.get("oldest_age")
+    ttl = c.get("ttl") or 0
+    out = [f"keys:        {'available' if k.get('available') else 'BACKEND UNAVAILABLE'}"
+           + (f" ({k.get('last_error')})" if k.get("last_error") else "")
+           + f"; {c.get('keys', 0)} held"
+           + (f", oldest confirmed {age:.0f} s ago" if age is not None else "")
+           + (f", expire after {ttl:g} s" if ttl else ", held until stop")]
+    off = k.get("offline_cache")
+    if off:
+        out.append("offline:     " + (f"{off.get('path')} ({off.get('keys', 0)} keys)"
+                                      if off.get("usable") else "NOT USED")
+                   + (f"; SERVING {', '.join(off.get('serving') or [])}"
+                      if off.get("in_use") else "")
+                   + (f"; problem: {off['problem']}" if off.get("problem") else ""))
+    out += [f"CLOSED:      {path}: {why}" for path, why in (k.get("closed") or {}).items()]
+    return out
 
 
 def _kernel_line(k: dict[str, Any] | None) -> str:
@@ -249,7 +288,8 @@ def cmd_audit_stats(args: argparse.Namespace) -> int:
 # commands ----------------------------------------------------------------------------------
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    with _keystore(args, create=True) as ks:
+    with (_keys_backend(args) if getattr(args, "config", None) or os.environ.get(
+            "TAKAKRYPT_CONFIG") else _keystore(args, create=True)) as ks:
         info = ks.create(args.name)
     _out(args, _key_info_dict(info), f"created key {info.name} version {info.current_version}")
     return 0
@@ -263,7 +303,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
         infos = [msgspec.convert(i, KeyInfo) for i in _live(args, "keys_list")]
     else:
-        with _keystore(args) as ks:
+        with _keys_backend(args) as ks:
             infos = ks.list()
     text = "\n".join(f"{i.name:<32} v{i.current_version:<5} {len(i.versions)} version(s)  "
                      f"{i.algorithm}" for i in infos) or "(no keys)"
@@ -272,14 +312,14 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
-    with _keystore(args) as ks:
+    with _keys_backend(args) as ks:
         info = ks.info(args.name)
     _out(args, _key_info_dict(info), _describe_key(info))
     return 0
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    with _keystore(args) as ks:
+    with _keys_backend(args) as ks:
         info = ks.rotate(args.name)
     # a running agent learns it at once (it also looks every 10 s by itself)
     from .agent.control import call
@@ -664,6 +704,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the keystore passphrase from the first line of FILE")
     g.add_argument("--master-key-file", metavar="FILE",
                    help="unlock the keystore with a 32-byte master key file instead")
+    keysp = argparse.ArgumentParser(add_help=False)
+    keysp.add_argument("--config", metavar="FILE",
+                       help="use the key backend of this takakryptd configuration (local "
+                            "keystore or KMIP) instead of the keystore options "
+                            "($TAKAKRYPT_CONFIG)")
     jsonp = argparse.ArgumentParser(add_help=False)
     jsonp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     agentp = argparse.ArgumentParser(add_help=False)
@@ -681,10 +726,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    keys = sub.add_parser("keys", help="manage keys in the local keystore",
+    keys = sub.add_parser("keys", help="manage keys (local keystore or --config's backend)",
                           formatter_class=_Formatter,
-                          description="Create, list, show and rotate named 256-bit keys. "
-                                      "Key material is never printed.")
+                          description="Create, list, show, rotate and retire named 256-bit "
+                                      "keys in the local keystore, or with --config in the "
+                                      "key backend of a takakryptd configuration (local or "
+                                      "KMIP). Key material is never printed.")
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     for name, func, help_, desc in (
         ("create", cmd_keys_create, "create a new key (and the keystore if missing)",
@@ -695,11 +742,15 @@ def build_parser() -> argparse.ArgumentParser:
          "Add version N+1 of key NAME. Existing files keep naming the version they were "
          "written with, which stays in the keystore so they can still be decrypted."),
     ):
-        sp = ksub.add_parser(name, parents=[common, jsonp], help=help_, description=desc or help_,
+        sp = ksub.add_parser(name, parents=[common, keysp, jsonp], help=help_, description=desc or help_,
                              formatter_class=_Formatter, epilog=ENVIRONMENT)
         sp.add_argument("name", metavar="NAME", help="key name: 1-63 of [A-Za-z0-9._-]")
         sp.set_defaults(func=func)
-    sp = ksub.add_parser("list", parents=[common, jsonp, agentp], help="list keys",
+    from .cli_rekey import add_parsers as _rekey_parsers
+
+    _rekey_parsers(sub, ksub, common=common, keysp=keysp, jsonp=jsonp, agentp=agentp, formatter=_Formatter,
+                   environment=ENVIRONMENT, exit_table=_exit_table())
+    sp = ksub.add_parser("list", parents=[common, keysp, jsonp, agentp], help="list keys",
                          description="List the keys in the keystore, or with --live those "
                                      "of the running agent's key backend.",
                          formatter_class=_Formatter, epilog=ENVIRONMENT)

@@ -107,6 +107,8 @@ class GuardPoint(_S):
     engine: str = "fuse"          # fuse | kernel (takakryptfs.ko): docs/kernel.md
     key_grace: int = 0            # engine kernel: seconds the module keeps the keys once
     #                               takakryptd died or stopped answering; 0: wiped at once
+    rekey_rate: float = 32.0      # MB/s a live rekey writes (takakrypt rekey start --rate);
+    #                               0: unlimited
 
 
 class LocalKeys(_S):
@@ -118,15 +120,45 @@ class LocalKeys(_S):
 class KmipKeys(_S):
     host: str
     port: int = 5696
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    # mutual TLS is required: the three files are checked in _check (a clearer message
+    # than a missing field) and on the host by check_host
+    ca_file: str | None = None    # CA (PEM) of the server's certificate
+    cert_file: str | None = None  # this client's certificate (PEM)
+    key_file: str | None = None   # its private key (PEM, mode 0600)
+    timeout: float = 10.0         # seconds one KMIP request may take, connecting included
+    retries: int = 3              # further tries after a connection-level failure
+
+
+class OfflineKeyCache(_S):
+    # sealed copies of the keys the agent used, for starts without the backend
+    # (docs/keys.md, "Key cache and offline operation"); exactly one local secret
+    path: str
+    passphrase_file: str | None = None  # first line: the passphrase (file mode 0600/0400)
+    key_file: str | None = None         # exactly 32 bytes, root-only (0600/0400)
+
+
+#: keys.cache_ttl when not given: the local keystore is on this host (keys held for
+#: ever, as before the key cache); a remote backend's keys expire within the hour
+DEFAULT_CACHE_TTL = {"local": 0.0, "kmip": 3600.0}
+MAX_CACHE_TTL = 30 * 86400
 
 
 class Keys(_S):
     backend: str = "local"
     local: LocalKeys = msgspec.field(default_factory=LocalKeys)
     kmip: KmipKeys | None = None
+    cache_ttl: float | None = None  # seconds a key is held without the backend confirming
+    #                                 it; 0: for ever (default: local 0, kmip 3600)
+    cache_revalidate: float | None = None  # seconds after which a held key is confirmed
+    #                                        with the backend again (default cache_ttl / 4)
+    offline_cache: OfflineKeyCache | None = None
+
+
+def key_cache_times(k: Keys) -> tuple[float, float]:
+    """(cache_ttl, cache_revalidate) in force for ``k``, defaults applied."""
+    ttl = k.cache_ttl if k.cache_ttl is not None else DEFAULT_CACHE_TTL.get(k.backend, 0.0)
+    rv = k.cache_revalidate if k.cache_revalidate is not None else ttl / 4
+    return float(ttl), float(rv) if ttl else 0.0
 
 
 class Metrics(_S):
@@ -482,6 +514,8 @@ def _check(cfg: Config, errors: _Errors) -> None:
             errors.add(f"{p}.backing", "backing directory must be absolute")
         if not 0 <= gp.metadata_cache <= 60:
             errors.add(f"{p}.metadata_cache", "must be between 0 and 60 seconds")
+        if not 0 <= gp.rekey_rate <= 100_000:
+            errors.add(f"{p}.rekey_rate", "must be between 0 (unlimited) and 100000 MB/s")
         if not 0 <= gp.key_grace <= 86400:
             errors.add(f"{p}.key_grace", "must be between 0 and 86400 seconds")
         elif gp.key_grace and gp.engine != "kernel":
@@ -497,6 +531,9 @@ def _check(cfg: Config, errors: _Errors) -> None:
         errors.add("$.keys.backend", f"unknown key backend '{cfg.keys.backend}'")
     if cfg.keys.backend == "kmip" and cfg.keys.kmip is None:
         errors.add("$.keys.kmip", "backend kmip needs a kmip section")
+    if cfg.keys.kmip is not None:
+        _check_kmip(cfg.keys.kmip, cfg.keys.backend == "kmip", errors)
+    _check_key_cache(cfg.keys, errors)
     if cfg.agent.request_timeout <= 0:
         errors.add("$.agent.request_timeout", "must be positive")
     if cfg.agent.cache.max_entries < 1:
@@ -507,17 +544,70 @@ def _check(cfg: Config, errors: _Errors) -> None:
         errors.add("$.agent.log_level", f"unknown log level '{cfg.agent.log_level}'")
 
 
+def _check_key_cache(k: Keys, errors: _Errors) -> None:
+    if k.cache_ttl is not None and not 0 <= k.cache_ttl <= MAX_CACHE_TTL:
+        errors.add("$.keys.cache_ttl", f"must be between 0 (keys held for ever) and "
+                   f"{MAX_CACHE_TTL} seconds, not {k.cache_ttl}")
+    elif k.cache_revalidate is not None:
+        ttl = key_cache_times(k)[0]
+        if not ttl:
+            errors.add("$.keys.cache_revalidate", "needs a cache_ttl above 0 (with 0 keys "
+                       "are held for ever and never revalidated)")
+        elif not 0 < k.cache_revalidate <= ttl:
+            errors.add("$.keys.cache_revalidate", f"must be more than 0 and at most "
+                       f"cache_ttl ({ttl:g}) seconds, not {k.cache_revalidate}")
+    oc = k.offline_cache
+    if oc is not None:
+        if not os.path.isabs(oc.path):
+            errors.add("$.keys.offline_cache.path", "must be absolute")
+        if bool(oc.passphrase_file) == bool(oc.key_file):
+            errors.add("$.keys.offline_cache", "give exactly one of passphrase_file or "
+                       "key_file")
+
+
+def _check_kmip(k: KmipKeys, used: bool, errors: _Errors) -> None:
+    p = "$.keys.kmip"
+    if not k.host.strip():
+        errors.add(f"{p}.host", "must be a host name or address")
+    if not 1 <= k.port <= 65535:
+        errors.add(f"{p}.port", f"must be between 1 and 65535, not {k.port}")
+    if not 0 < k.timeout <= 3600:
+        errors.add(f"{p}.timeout", f"must be more than 0 and at most 3600 seconds, "
+                   f"not {k.timeout}")
+    if not 0 <= k.retries <= 20:
+        errors.add(f"{p}.retries", f"must be between 0 and 20, not {k.retries}")
+    if used:
+        for fld in ("ca_file", "cert_file", "key_file"):
+            if not getattr(k, fld):
+                errors.add(f"{p}.{fld}", "required: the KMIP backend needs mutual TLS "
+                           "(ca_file, cert_file and key_file)")
+
+
 def check_host(cfg: Config, add: Callable[[str, str], None],
-               key_names: Callable[[Keys], set[str]] | None) -> None:
+               key_names: Callable[[Keys], set[str] | None] | None) -> None:
     """What the daemon needs from this machine, each failure through ``add``: usable key
     credentials and backend, the (enabled) guard points' directories, and, through
     ``key_names`` (the names the configured backend holds; it raises an Error when the
-    backend cannot be opened), the guard points' keys."""
+    backend cannot be opened, returns None when it is down and that is no error), the
+    guard points' keys."""
     k = cfg.keys
     usable = True
     if k.backend == "kmip":
-        add("$.keys.backend", "the KMIP backend is not available in this build")
-        usable = False
+        km = k.kmip
+        usable = km is not None  # else reported by _check
+        for fld in ("ca_file", "cert_file", "key_file"):
+            f = getattr(km, fld) if km is not None else None
+            if not f:  # reported by _check
+                usable = False
+            elif not os.access(f, os.R_OK):
+                add(f"$.keys.kmip.{fld}", f"cannot read {f}: "
+                    + ("no such file" if not os.path.exists(f) else "permission denied"))
+                usable = False
+            elif fld == "key_file" and os.stat(f).st_mode & 0o077:
+                add(f"$.keys.kmip.{fld}", f"{f} is readable by group or others (mode "
+                    f"{os.stat(f).st_mode & 0o777:04o}): the client key must be private "
+                    f"(chmod 600 {f})")
+                usable = False
     elif k.backend == "local":
         loc = k.local
         if bool(loc.passphrase_file) == bool(loc.master_key_file):
@@ -533,6 +623,16 @@ def check_host(cfg: Config, add: Callable[[str, str], None],
             add("$.keys.local.path", f"no keystore at {loc.path} (create a key first: "
                 "takakrypt keys create NAME)")
             usable = False
+    oc = k.offline_cache
+    if oc is not None:
+        from .keys.offline import secret_file_problem
+
+        if oc.key_file and (why := secret_file_problem(oc.key_file, size=32)):
+            add("$.keys.offline_cache.key_file", why)
+        if oc.passphrase_file and (why := secret_file_problem(oc.passphrase_file)):
+            add("$.keys.offline_cache.passphrase_file", why)
+        if os.path.lexists(oc.path) and not os.path.isfile(oc.path):
+            add("$.keys.offline_cache.path", f"{oc.path} is not a regular file")
     mounted = _mount_points()
     for i, gp in enumerate(cfg.guard_points):
         if not gp.enabled:
@@ -554,6 +654,8 @@ def check_host(cfg: Config, add: Callable[[str, str], None],
         names = key_names(k)
     except Error as e:
         add("$.keys", f"cannot open the key backend to check the guard points' keys: {e}")
+        return
+    if names is None:  # the backend is down: takakryptd starts closed, checks them later
         return
     for i, name in wanted:
         if name not in names:

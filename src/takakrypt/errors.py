@@ -73,6 +73,12 @@ class KeyNotFound(KeyError_):
     kind = "key-not-found"
 
 
+class KeyRetired(KeyNotFound):
+    """The key version was retired: its material is destroyed for good."""
+
+    kind = "key-retired"
+
+
 class KeyExists(KeyError_):
     """A key with this name already exists."""
 
@@ -147,6 +153,21 @@ class BenchError(Error):
     kind = "bench"
 
 
+class RekeyError(Error):
+    """A live rekey ended with files it could not rekey, or stopped (failed, paused)
+    before the end while ``--wait`` waited for it."""
+
+    exit_code = 17
+    kind = "rekey"
+
+
+class KeyInUse(KeyError_):
+    """``keys retire``: files still use the version (or it is the current one)."""
+
+    exit_code = 18
+    kind = "key-in-use"
+
+
 def error_from_kind(kind: str, message: str) -> Error:
     """Rebuild the error a remote side (takakryptd) reported, so the CLI exits with the
     same code as if the work had been done locally."""
@@ -186,5 +207,7 @@ EXIT_CODES: dict[int, str] = {
     XformError.exit_code: "xform: some files could not be converted",
     KeyUsageExhausted.exit_code: "file key used up: copy the file to re-key it",
     BenchError.exit_code: "bench: a guard point or a workload failed",
+    RekeyError.exit_code: "rekey: files could not be rekeyed, or the run stopped",
+    KeyInUse.exit_code: "keys retire: files still use that key version",
     130: "interrupted (SIGINT)",
 }

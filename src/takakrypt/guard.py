@@ -33,7 +33,7 @@ and must never touch the guard point's own mount, which would deadlock):
     answer.  An exception denies.
 ``get_key(name, version) -> bytes``
     The 32-byte data key; ``version`` is an int >= 1.  Fetched once per (name,
-    version) for the mount's lifetime and wiped at unmount.
+    version) and kept until :meth:`GuardPoint.drop_keys` or the unmount, which wipe it.
 ``audit(kind, uid, gid, pid, path, action, effects, detail)``
     ``kind`` is ``"access"`` (deny, audit or would-deny decisions, cache hits too) or
     ``"integrity"`` (header or block authentication failures).  Exceptions are ignored.
@@ -416,6 +416,11 @@ class GuardPoint:
     def invalidate(self) -> None:
         """Drop cached decisions and per-file header state."""
         self._m.invalidate()
+
+    def drop_keys(self) -> None:
+        """Wipe the data keys the engine holds (key cache expiry, docs/keys.md): each
+        file's keys are fetched again through ``get_key`` at its next use."""
+        self._m.drop_keys()
 
     def set_policy_hints(self, plain_only: bool, getattr_all: bool,
                          process_free: bool = False) -> None:

@@ -91,6 +91,15 @@ class CircuitBreaker:
         else:
             self._failure()
 
+    def trip(self) -> None:
+        """Open the circuit now, as after ``failure_threshold`` failures: the key backend
+        was found down at start, and no start-up check is to wait on it once more."""
+        with self._lock:
+            self._failures = max(self._failures, self.failure_threshold)
+            self._probe_in_flight = False
+            self._opened_at = self._clock()
+            self._set(OPEN)
+
     def _success(self) -> None:
         with self._lock:
             self._failures = 0

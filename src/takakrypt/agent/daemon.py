@@ -29,16 +29,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from .. import __version__
 from .. import config as C
 from .. import policy, procinfo
 from ..audit import event as audit_event
 from ..errors import ConfigError, Error, KeyNotFound, UsageError
-from .breaker import CircuitBreaker
 from .control import ControlServer
 from .kernel_engine import KernelEngine
-from .keymanager import KeyManager, load_config, open_backend
+from .keymanager import KeyManager, load_config
+from .keys_agent import KeysAgent, keys_loop
 from .notify import Notifier
+from .rekey_agent import RekeyAgent
 
 log = logging.getLogger("takakryptd")
 
@@ -94,7 +97,7 @@ class PidFile:
             self.fd = -1
 
 
-class Agent(KernelEngine):
+class Agent(KernelEngine, RekeyAgent, KeysAgent):
     """The daemon's state and services.  All mutation happens on the event loop."""
 
     def __init__(self, config_path: str, *, notifier: Notifier | None = None) -> None:
@@ -110,6 +113,8 @@ class Agent(KernelEngine):
         self.health: dict[str, bool] = {}
         self.health_problems: dict[str, str] = {}  # check name -> why it fails
         self.keys: KeyManager | None = None
+        self.closed: dict[str, str] = {}  # guard path -> why it has no key (keys_agent)
+        self.rekeys: dict[str, Any] = {}  # guard path -> rekey.Rekey (rekey_agent)
         self.audit: Any = None
         self.metrics: Any = None
         self.cache: Any = None
@@ -141,8 +146,7 @@ class Agent(KernelEngine):
     def _load(self, path: str) -> State:
         # reload: the running backend names the keys; at start main() looked them up
         keys = getattr(self, "keys", None)
-        cfg = load_config(path, backend=keys.backend if keys is not None else None,
-                          check_keys=keys is not None)
+        cfg = load_config(path, backend=keys, check_keys=keys is not None, outage_ok=True)
         for w in C.identity_warnings(cfg):  # `takakrypt config check --strict` refuses these
             log.warning("%s: %s", path, w)
         return State(cfg, policy.Engine(cfg))
@@ -312,6 +316,12 @@ class Agent(KernelEngine):
                             getattr(current, "gp_id", None) in (None, self.gp_id(path)):
                         self.guard_errors.pop(path, None)  # an engine change undone
                         continue
+                    spec = getattr(current, "spec", None)
+                    if spec is not None and spec.engine == "fuse" and msgspec.structs.replace(
+                            spec, rekey_rate=gp.rekey_rate) == gp and \
+                            getattr(current, "gp_id", None) in (None, self.gp_id(path)):
+                        current.spec = gp  # the rekey rate only: the next start uses it
+                        continue
                     if self._same_kernel_mount(current, gp):
                         current.spec = gp  # policy and FUSE settings: nothing to remount
                         continue
@@ -366,6 +376,7 @@ class Agent(KernelEngine):
             self._audit_system("guard-point", "guard point mounted", {"policy": gp.policy},
                                path=path)
             log.info("guard point %s mounted (policy %s, key %s)", path, gp.policy, gp.key)
+            await self._off_loop(self._rekey_attach, path)
         except Exception as e:  # noqa: BLE001 - one bad guard point must not stop the rest
             self.guard_errors[path] = str(e)
             log.error("guard point %s: %s", path, e)
@@ -399,6 +410,7 @@ class Agent(KernelEngine):
         self._audit_system("guard-point", "guard point taken over from the previous "
                            "takakryptd", {"policy": gp.policy}, path=path)
         log.info("guard point %s taken over (policy %s, key %s)", path, gp.policy, gp.key)
+        await self._off_loop(self._rekey_attach, path)
 
     def _persist(self, path: str, g: Any) -> None:
         """With an fd store: keep this guard point's connection and its shadow state
@@ -439,6 +451,7 @@ class Agent(KernelEngine):
         return not down
 
     async def _release_guard(self, path: str) -> None:
+        await self._off_loop(self._rekey_detach, path)  # state kept: resumed at the next mount
         g = self.guards.pop(path, None)
         self.unseen.pop(path, None)
         if g is None:
@@ -464,6 +477,7 @@ class Agent(KernelEngine):
         instead of showing the backing directory."""
         from . import handover
 
+        await self._off_loop(self._rekey_detach, path)
         g = self.guards.pop(path)
         self.unseen.pop(path, None)
         if getattr(g, "engine", "fuse") == "kernel":
@@ -576,6 +590,8 @@ class Agent(KernelEngine):
                                         if getattr(g, "is_mounted", True)),
             "crypto_bytes": self._crypto_bytes(),
             "kernel": self._kernel_counters(),
+            "rekeys": self.rekey_summary(),
+            "keys": self.keys_status(),
         }
 
     def _crypto_bytes(self) -> dict[str, int]:
@@ -612,6 +628,8 @@ class Agent(KernelEngine):
             "metrics": (f"http://{self.metrics.address[0]}:{self.metrics.address[1]}/metrics"
                         if self.metrics and self.metrics.address else None),
             "transports": [t.describe() for t in self.transports],
+            "rekeys": self.rekey_summary(),
+            "keys": self.keys_status(),
         }
 
     def guard_list(self) -> list[dict[str, Any]]:
@@ -625,6 +643,7 @@ class Agent(KernelEngine):
                         "mounted": bool(g is not None and getattr(g, "is_mounted", True)),
                         "error": (self.guard_errors.get(path) or self.unseen.get(path)
                                   or self.health_problems.get(f"guard:{path}")),
+                        "closed": self.closed.get(path),
                         "request_timeout_ms": getattr(getattr(g, "_m", None),
                                                       "ring_timeout_ms", None),
                         "stats": g.stats() if g is not None and hasattr(g, "stats") else None,
@@ -661,6 +680,10 @@ class Agent(KernelEngine):
             return self.handover_to(req)
         if cmd == "guard_release":
             return self.guard_release(req)
+        if cmd == "rekey":
+            return self._off_loop(self.rekey_control, req)
+        if cmd == "key_usage":
+            return self._off_loop(self.key_usage, req)
         raise UsageError(f"unknown command {cmd!r}")
 
     def _control_policy_check(self, req: dict[str, Any]) -> Any:
@@ -700,6 +723,7 @@ class Agent(KernelEngine):
         checks: dict[str, bool] = {}
         problems: dict[str, str] = {}
         checks["key_backend"] = self.keys.probe() if self.keys else False
+        self.key_upkeep()  # guard points closed or open again (keys_agent)
         if not checks["key_backend"]:
             problems["key_backend"] = (self.keys.last_error if self.keys else None) or \
                 self.unserved or "no key backend open"
@@ -723,7 +747,7 @@ class Agent(KernelEngine):
             elif why := self._serves(path, g):
                 checks[f"guard:{path}"] = False
                 problems[f"guard:{path}"] = why
-            why = self.key_problem(gp.key) or (
+            why = self.key_problem(gp.key) or self.closed.get(path) or (
                 f"every access is denied: {self.unserved}" if self.unserved else "")
             if why:
                 checks[f"guard:{path}"] = False
@@ -853,8 +877,8 @@ async def run(agent: Agent, *, pid_file: str | None = None,
     try:
         try:
             with _setting(agent, "$.keys", "open the key backend at"):
-                agent.keys = KeyManager(open_backend(cfg.keys), name=cfg.keys.backend,
-                                        breaker=CircuitBreaker(cfg.keys.backend))
+                # a backend that is down starts closed (keys_agent), not an error
+                agent.keys = KeyManager.open(cfg.keys)
         except Error as e:
             if not (agent.bundles or upgrade):
                 raise
@@ -902,6 +926,7 @@ async def run(agent: Agent, *, pid_file: str | None = None,
             return 0
         agent.check_health()
         agent._tasks.append(asyncio.ensure_future(_health_loop(agent)))
+        agent._tasks.append(asyncio.ensure_future(keys_loop(agent)))
         if agent.notifier.watchdog_interval:
             agent._tasks.append(asyncio.ensure_future(_watchdog_loop(agent)))
         agent._audit_system("agent", "takakryptd started", {"version": __version__})
@@ -1124,7 +1149,8 @@ def main(argv: list[str] | None = None) -> int:
     # cannot be opened must not leave them unserved (run() denies every access instead)
     bundles, problems = handover.bundles_from_store(handover.listen_fds())
     try:
-        agent_cfg = load_config(args.config, check_keys=not (bundles or args.upgrade))
+        agent_cfg = load_config(args.config, check_keys=not (bundles or args.upgrade),
+                                outage_ok=True)
     except ConfigError as e:
         for line in getattr(e, "all", None) or [str(e)]:
             print(f"takakryptd: error: {line}", file=sys.stderr)

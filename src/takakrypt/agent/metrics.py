@@ -1,7 +1,8 @@
 """Prometheus metrics of the agent, on a configurable localhost address.
 
-Labels never carry a uid, pid or path (unbounded cardinality, and they identify people):
-only effect, action, transport, operation, check and sink names.
+Labels never carry a uid, pid or file path (unbounded cardinality, and they identify
+people): only effect, action, transport, operation, check and sink names, and the
+configured guard point paths of the rekey metrics (as many as the configuration has).
 """
 
 from __future__ import annotations
@@ -69,6 +70,80 @@ class _StatsCollector:
             c.add_metric([d], float((s.get("crypto_bytes") or {}).get(d, 0)))
         yield c
         yield from _kernel(s.get("kernel"))
+        yield from _keys(s.get("keys"))
+        yield from _rekeys(s.get("rekeys") or [])
+
+
+REKEY_STATES = ("running", "paused", "done", "failed")
+
+
+def _rekeys(runs: list[dict[str, Any]]) -> Any:
+    """Live rekeys (docs/operations.md): state, files by outcome, bytes, progress."""
+    g = GaugeMetricFamily("takakrypt_rekey_state", "1 for the state the guard point's rekey "
+                          "is in", labels=["guard", "state"])
+    c = CounterMetricFamily("takakrypt_rekey_files", "files the guard point's rekey handled, "
+                            "by outcome", labels=["guard", "outcome"])
+    b = CounterMetricFamily("takakrypt_rekey_bytes", "ciphertext bytes the guard point's "
+                            "rekey wrote", labels=["guard"])
+    p = GaugeMetricFamily("takakrypt_rekey_progress", "share of the stored bytes rekeyed "
+                          "(0..1)", labels=["guard"])
+    for r in runs:
+        guard = str(r.get("guard", ""))
+        if r.get("state") not in REKEY_STATES:
+            continue
+        for st in REKEY_STATES:
+            g.add_metric([guard, st], 1.0 if r["state"] == st else 0.0)
+        for outcome in ("rekeyed", "current", "skipped", "failed"):
+            c.add_metric([guard, outcome], float(r.get(f"files_{outcome}", 0)))
+        b.add_metric([guard], float(r.get("bytes_rekeyed", 0)))
+        p.add_metric([guard], float(r.get("progress", 0.0)))
+    yield from (g, c, b, p)
+
+
+#: the key manager's counters (docs/keys.md, "Key cache and offline operation")
+KEY_COUNTERS = (
+    ("cache_hits", "hits", "keys served from the key cache"),
+    ("cache_misses", "misses", "keys not in the key cache, asked of the backend"),
+    ("cache_expired", "expired", "keys dropped (wiped) after cache_ttl without the backend"),
+    ("cache_dropped", "dropped", "keys the data path was told to drop (expired or gone)"),
+    ("cache_revalidations", "revalidations", "held keys confirmed by the backend"),
+    ("cache_revalidation_failures", "revalidation_failures",
+     "confirmations of held keys the backend failed"),
+    ("offline_serves", "offline_serves", "keys served from the offline key cache"),
+    ("offline_stores", "offline_stores", "keys stored (sealed) in the offline key cache"),
+    ("offline_errors", "offline_errors", "offline key cache writes that failed"),
+)
+
+
+def _keys(st: Any) -> Any:
+    """``takakrypt_key_*``: the key backend's state, the key cache, the offline cache."""
+    if not isinstance(st, dict):
+        return
+    g = GaugeMetricFamily("takakrypt_key_backend_available",
+                          "1 while the key backend answers")
+    g.add_metric([], 1.0 if st.get("available") else 0.0)
+    yield g
+    g = GaugeMetricFamily("takakrypt_key_cache_keys", "data keys held in the key cache")
+    g.add_metric([], float((st.get("cache") or {}).get("keys", 0)))
+    yield g
+    g = GaugeMetricFamily("takakrypt_key_cache_oldest_age_seconds",
+                          "seconds since the backend confirmed the oldest held key")
+    g.add_metric([], float((st.get("cache") or {}).get("oldest_age") or 0.0))
+    yield g
+    off = st.get("offline_cache") or {}
+    g = GaugeMetricFamily("takakrypt_key_offline_in_use",
+                          "1 while keys are served from the offline key cache")
+    g.add_metric([], 1.0 if off.get("in_use") else 0.0)
+    yield g
+    g = GaugeMetricFamily("takakrypt_guard_points_closed",
+                          "guard points closed for want of a key")
+    g.add_metric([], float(len(st.get("closed") or {})))
+    yield g
+    counters = st.get("counters") or {}
+    for name, key, what in KEY_COUNTERS:
+        c = CounterMetricFamily(f"takakrypt_key_{name}", what)
+        c.add_metric([], float(counters.get(key, 0)))
+        yield c
 
 
 #: the kernel module's STATUS_REQUEST counters (docs/protocol.md) -> metric, help

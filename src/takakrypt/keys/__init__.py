@@ -10,8 +10,13 @@ Public API::
         ks.rotate("payroll")              # KeyInfo, version 2; version 1 kept
         ks.list()                         # [KeyInfo, ...] sorted by name
 
+The KMIP backend, ``takakrypt.keys.KmipBackend`` (:mod:`takakrypt.keys.kmip`), is
+imported on first use: it needs PyKMIP, which ``import takakrypt.keys`` does not.
+
 See docs/keys.md for the contract, the file format and the threat model.
 """
+
+from typing import Any
 
 from .backend import (
     ALGORITHM,
@@ -39,9 +44,18 @@ __all__ = [
     "KeyInfo",
     "KeyVersionInfo",
     "Keystore",
+    "KmipBackend",
     "Secret",
     "generate_master_key_file",
     "open_keystore",
     "validate_key_name",
     "wipe",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KmipBackend":  # imports PyKMIP
+        from .kmip import KmipBackend
+
+        return KmipBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -160,6 +160,15 @@ class KeyBackend(abc.ABC):
     def rotate(self, name: str) -> KeyInfo:
         """Add a new random version ``current_version + 1`` and make it current."""
 
+    def retire(self, name: str, version: int) -> KeyInfo:
+        """Destroy version ``version`` of ``name`` for good (state ``retired``; ``get``
+        of it raises ``KeyRetired``, a ``KeyNotFound``).  The current version cannot be
+        retired (``KeyInUse``); retiring a retired version again changes nothing.
+        Whether files still use the version is the caller's check (``keys retire``)."""
+        from ..errors import UsageError as _U
+
+        raise _U(f"the {self.backend_name} key backend cannot retire key versions")
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release resources and wipe cached secrets; later calls raise UsageError."""

@@ -52,7 +52,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..errors import (
     KeyError_,
     KeyExists,
+    KeyInUse,
     KeyNotFound,
+    KeyRetired,
     KeystoreCorrupt,
     KeystoreLocked,
     UsageError,
@@ -284,10 +286,16 @@ def _structure_problem(doc: _Doc) -> str | None:
             vw = f"{where}.versions[{j}]"
             if v.version != j + 1:
                 return f"{vw}.version is not {j + 1}"
-            if v.state != "active":
-                return f"{vw}.state is not 'active'"
+            if v.state not in ("active", "retired"):
+                return f"{vw}.state is not 'active' or 'retired'"
             if not _valid_time(v.created):
                 return f"{vw}.created is not an RFC 3339 UTC timestamp"
+            if v.state == "retired":
+                if v.version == k.current_version:
+                    return f"{vw}: the current version cannot be retired"
+                if v.nonce or v.wrapped:
+                    return f"{vw}: a retired version keeps no nonce or wrapped key"
+                continue
             if _unb64(v.nonce, NONCE_BYTES) is None:
                 return f"{vw}.nonce is not {NONCE_BYTES} bytes of base64"
             if _unb64(v.wrapped, KEY_BYTES + TAG_BYTES) is None:
@@ -903,6 +911,36 @@ class Keystore(KeyBackend):
         log.info("rotated key %s to version %d in %s", name, info.current_version, self._shown)
         return info
 
+    def retire(self, name: str, version: int) -> KeyInfo:
+        """Destroy version ``version`` of ``name``: its wrapped material is erased from
+        the file (state ``retired``); files naming it can no longer be decrypted.  The
+        current version cannot be retired (``KeyInUse``).  Retiring a retired version
+        again changes nothing."""
+        validate_key_name(name)
+        if check_version(version) is None:
+            raise UsageError("retire: give the version to retire")
+
+        def fn(doc: _Doc, keys: _Keys) -> tuple[_Doc, KeyInfo]:
+            idx, rec = self._find(doc, name)
+            if rec is None:
+                raise KeyNotFound(f"key {name!r} not found in keystore {self._shown}")
+            if not 1 <= version <= rec.current_version:
+                raise KeyNotFound(f"key {name!r} has no version {version} "
+                                  f"(versions 1-{rec.current_version}) in keystore {self._shown}")
+            if version == rec.current_version:
+                raise KeyInUse(f"version {version} is the current version of key {name!r}: "
+                               "rotate first")
+            vs = list(rec.versions)
+            old = vs[version - 1]
+            vs[version - 1] = _VersionRec(old.version, old.created, "retired", "", "")
+            new = _KeyRec(rec.name, rec.algorithm, rec.current_version, vs)
+            doc.keys = doc.keys[:idx] + [new] + doc.keys[idx + 1 :]
+            return doc, self._info(new)
+
+        info = self._update(fn)
+        log.info("retired version %d of key %s in %s", version, name, self._shown)
+        return info
+
     def get(self, name: str, version: int | None = None) -> bytearray:
         """The 32-byte material of ``name`` at ``version`` (None = current).
 
@@ -923,6 +961,9 @@ class Keystore(KeyBackend):
                     f"(versions 1-{rec.current_version}) in keystore {self._shown}"
                 )
             vr = rec.versions[v - 1]
+            if vr.state == "retired":
+                raise KeyRetired(f"key {name!r} version {v} was retired (its material is "
+                                 f"destroyed) in keystore {self._shown}")
             out = bytearray(KEY_BYTES)
             lock(out)  # released by the caller's wipe()
             try:

@@ -1,0 +1,501 @@
+"""Live rekey of a guard point: every file re-encrypted to its key's current version
+while applications keep using it (docs/operations.md, "Rotating keys and live rekey").
+
+One :class:`Rekey` per guard point runs in a thread of takakryptd.  It walks the
+backing directory in a fixed order (names sorted byte-wise, depth first) and hands each
+regular file to the data path's ``rekey_file`` (docs/guard-points.md, "Live rekey (data
+path)"), which copies the file under its new per-file key beside the original and swaps
+it in atomically, so a reader sees the whole old or the whole new file and open
+descriptors follow.  This module owns what is around that: the run's state, the order,
+the rate limit across files, pause/resume, retries of files that were busy, progress,
+audit events and the state file that makes a run survive a restart of takakryptd.
+
+The state file is ``.takakrypt-rekey.state`` in the backing directory (hidden by the
+guard point like every ``.takakrypt-`` name): JSON, written atomically (temp + fsync +
+rename + fsync of the directory) after every file, so a SIGKILL loses at most the file
+being copied, whose copy the data path throws away (the original is untouched until the
+atomic swap).  On restart takakryptd resumes every run the file says is ``running``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+
+from ..errors import UsageError
+
+log = logging.getLogger("takakrypt.rekey")
+
+STATE_NAME = ".takakrypt-rekey.state"
+STATE_FORMAT = "takakrypt-rekey-state"
+#: names the walk never hands to the data path (the guard point hides them)
+HIDDEN_PREFIX = ".takakrypt-"
+#: a file that stayed busy (renamed, raw-written) this many times is reported, not retried
+MAX_BUSY = 20
+#: files listed in the state's ``errors`` (the count goes on)
+MAX_ERRORS_KEPT = 100
+
+RUNNING, PAUSED, DONE, FAILED = "running", "paused", "done", "failed"
+
+
+class RekeyState(msgspec.Struct, forbid_unknown_fields=True):
+    format: str
+    version: int
+    guard: str
+    key: str
+    target_version: int
+    state: str                      # running | paused | done | failed
+    rate: int                       # bytes/s of ciphertext written, 0: unlimited
+    started: float
+    updated: float
+    finished: float | None = None
+    cursor: list[str] | None = None  # path components of the last file finished
+    files_total: int = 0            # regular files seen by the counting walk
+    bytes_total: int = 0            # their stored bytes
+    files_rekeyed: int = 0
+    files_current: int = 0          # already on the target version
+    files_skipped: int = 0          # hard links, not regular
+    files_failed: int = 0
+    bytes_rekeyed: int = 0
+    busy: dict[str, int] = {}       # relpath -> busy count, retried at the end of the walk
+    errors: list[dict[str, str]] = []
+    runs: int = 1                   # starts + resumes after a restart
+    reason: str = ""                # why failed / paused
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = msgspec.to_builtins(self)
+        d.pop("format"), d.pop("version")
+        d["busy"] = len(self.busy)
+        done = self.files_rekeyed + self.files_current + self.files_skipped + self.files_failed
+        d["files_done"] = done
+        d["progress"] = round(min(1.0, self.bytes_rekeyed / self.bytes_total), 4) \
+            if self.bytes_total else (1.0 if self.state == DONE else 0.0)
+        now = self.finished or time.time()
+        el = max(now - self.started, 1e-6)
+        d["rate_reached"] = round(self.bytes_rekeyed / el)
+        return d
+
+
+def load_state(dirfd: int) -> RekeyState | None:
+    """The state file of a backing directory, None if there is none.  A damaged file
+    raises UsageError naming it (never silently restarts a run)."""
+    try:
+        fd = os.open(STATE_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(1 << 20)
+    try:
+        st = msgspec.json.decode(data, type=RekeyState)
+    except msgspec.DecodeError as e:
+        raise UsageError(f"{STATE_NAME}: damaged rekey state ({e}); remove it and start "
+                         "the rekey again (files already rekeyed are skipped)") from None
+    if st.format != STATE_FORMAT or st.version != 1 or st.state not in (
+            RUNNING, PAUSED, DONE, FAILED):
+        raise UsageError(f"{STATE_NAME}: not a version 1 rekey state")
+    return st
+
+
+def save_state(dirfd: int, st: RekeyState) -> None:
+    st.updated = time.time()
+    tmp = f"{STATE_NAME}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dirfd)
+    try:
+        os.write(fd, msgspec.json.encode(st))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, STATE_NAME, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    os.fsync(dirfd)
+
+
+def walk(dirfd: int, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], int]]:
+    """Regular files below ``dirfd`` as (path components, stored size), names sorted
+    byte-wise, depth first; ``.takakrypt-*`` names and other file systems skipped.  A
+    directory that vanishes or cannot be read is passed over (the next run sees it)."""
+    try:
+        names = sorted(os.listdir(dirfd), key=os.fsencode)
+    except OSError:
+        return
+    dev = os.fstat(dirfd).st_dev
+    for name in names:
+        if name.startswith(HIDDEN_PREFIX):
+            continue
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield (*prefix, name), st.st_size
+        elif stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=dirfd)
+            except OSError:
+                continue
+            try:
+                yield from walk(sub, (*prefix, name))
+            finally:
+                os.close(sub)
+
+
+#: temporaries of the data path's copy (docs/guard-points.md, "Live rekey (data path)")
+TEMP_PREFIX = ".takakrypt-rekey."
+
+
+def remove_leftovers(dirfd: int) -> int:
+    """Remove the temporaries an interrupted rekey left below ``dirfd`` (never the
+    state file); the number removed.  Only while no rekey of the directory runs."""
+    n = 0
+    try:
+        names = os.listdir(dirfd)
+    except OSError:
+        return 0
+    dev = os.fstat(dirfd).st_dev
+    for name in names:
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except OSError:
+            continue
+        if name.startswith(TEMP_PREFIX) and name != STATE_NAME and stat.S_ISREG(st.st_mode):
+            try:
+                os.unlink(name, dir_fd=dirfd)
+                n += 1
+            except OSError:
+                pass
+        elif stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=dirfd)
+            except OSError:
+                continue
+            try:
+                n += remove_leftovers(sub)
+            finally:
+                os.close(sub)
+    return n
+
+
+def _key(parts: tuple[str, ...] | list[str]) -> tuple[bytes, ...]:
+    return tuple(os.fsencode(p) for p in parts)
+
+
+class Pacer:
+    """Token bucket over bytes: ``wait(n)`` sleeps so that the long-run rate stays at
+    ``rate`` bytes/s (a burst of one second's worth is allowed).  ``rate`` 0: no limit."""
+
+    def __init__(self, rate: int, sleep: Callable[[float], Any]) -> None:
+        self.rate = rate
+        self._sleep = sleep
+        self._t = time.monotonic()
+        self._tokens = float(rate)
+
+    def wait(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        self._tokens = min(float(self.rate), self._tokens + (now - self._t) * self.rate)
+        self._t = now
+        self._tokens -= n
+        if self._tokens < 0:
+            self._sleep(-self._tokens / self.rate)
+
+
+class Rekey:
+    """The rekey of one guard point.  ``guard`` is the data path (a FUSE GuardPoint):
+    ``rekey_file(relpath, version=, rate=) -> (outcome, bytes)``, ``rekey_cancel(bool)``
+    and ``backing_fd()`` (a descriptor of the backing directory, under the mount)."""
+
+    def __init__(self, guard_path: str, key: str, guard: Any, *,
+                 audit: Callable[[str, str, dict[str, Any], str], None],
+                 current_version: Callable[[str], int]) -> None:
+        self.guard_path = guard_path
+        self.key = key
+        self.guard = guard
+        self._audit = audit
+        self._current_version = current_version
+        self._dirfd = guard.backing_fd()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False          # shutdown: leave the state as it is (resumed later)
+        self.state: RekeyState | None = load_state(self._dirfd)
+
+    # control ------------------------------------------------------------------------------
+    def start(self, rate: int, version: int = 0, *, restart: bool = False) -> dict[str, Any]:
+        with self._lock:
+            st = self.state
+            if st is not None and st.state in (RUNNING, PAUSED) and not restart:
+                raise UsageError(f"a rekey of {self.guard_path} is already {st.state} "
+                                 f"(to version {st.target_version}): use status, pause or "
+                                 "resume")
+            target = version or self._current_version(self.key)
+            now = time.time()
+            self.state = RekeyState(format=STATE_FORMAT, version=1, guard=self.guard_path,
+                                    key=self.key, target_version=target, state=RUNNING,
+                                    rate=rate, started=now, updated=now)
+            save_state(self._dirfd, self.state)
+        self._audit("rekey", f"rekey started: every file to {self.key} version {target}",
+                    {"key": self.key, "target_version": target, "rate": rate}, self.guard_path)
+        self._spawn()
+        return self.status()
+
+    def resume_after_restart(self) -> bool:
+        """takakryptd started: continue a run its state file says is running."""
+        with self._lock:
+            st = self.state
+            if st is None or st.state != RUNNING:
+                return False
+            st.runs += 1
+            save_state(self._dirfd, st)
+        self._audit("rekey", "rekey resumed after a restart of takakryptd",
+                    {"key": self.key, "target_version": st.target_version,
+                     "files_done": st.as_dict()["files_done"]}, self.guard_path)
+        self._spawn()
+        return True
+
+    def pause(self) -> dict[str, Any]:
+        with self._lock:
+            st = self._need()
+            if st.state != RUNNING:
+                raise UsageError(f"the rekey of {self.guard_path} is {st.state}, not running")
+            st.state = PAUSED
+            st.reason = "paused by the operator"
+            save_state(self._dirfd, st)
+            self.guard.rekey_cancel(True)  # the file being copied stops at its next chunk
+        self._join()
+        self.guard.rekey_cancel(False)
+        self._audit("rekey", "rekey paused", {"files_done": st.as_dict()["files_done"]},
+                    self.guard_path)
+        return self.status()
+
+    def resume(self, rate: int | None = None) -> dict[str, Any]:
+        with self._lock:
+            st = self._need()
+            if st.state != PAUSED:
+                raise UsageError(f"the rekey of {self.guard_path} is {st.state}, not paused")
+            st.state, st.reason = RUNNING, ""
+            if rate is not None:
+                st.rate = rate
+            save_state(self._dirfd, st)
+        self._audit("rekey", "rekey resumed", {"rate": st.rate}, self.guard_path)
+        self._spawn()
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            if self.state is None:
+                return {"guard": self.guard_path, "state": "none"}
+            return self.state.as_dict() | {"active": self.active}
+
+    @property
+    def active(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self) -> None:
+        """takakryptd stops: end the thread, keep the state (a running rekey resumes
+        at the next start)."""
+        self._stop = True
+        if self.active:
+            self.guard.rekey_cancel(True)
+            self._wake.set()
+            self._join()
+            self.guard.rekey_cancel(False)
+        try:
+            os.close(self._dirfd)
+        except OSError:
+            pass
+
+    def _need(self) -> RekeyState:
+        if self.state is None:
+            raise UsageError(f"no rekey of {self.guard_path} was started")
+        return self.state
+
+    def _spawn(self) -> None:
+        self._join()
+        self._stop = False
+        self._wake.clear()
+        self._thread = threading.Thread(target=self._run, name=f"rekey {self.guard_path}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _join(self) -> None:
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join()
+
+    # the run ------------------------------------------------------------------------------
+    def _sleep(self, seconds: float) -> None:
+        self._wake.wait(seconds)
+
+    def _running(self) -> bool:
+        st = self.state
+        return not self._stop and st is not None and st.state == RUNNING
+
+    def _run(self) -> None:
+        st = self.state
+        assert st is not None
+        try:
+            if not st.files_total:
+                total = nbytes = 0
+                for _, size in walk(self._dirfd):
+                    total += 1
+                    nbytes += size
+                with self._lock:
+                    st.files_total, st.bytes_total = total, nbytes
+            pacer = Pacer(st.rate, self._sleep)
+            cursor = _key(st.cursor) if st.cursor else None
+            for parts, _size in walk(self._dirfd):
+                if not self._running():
+                    return
+                if cursor is not None and _key(parts) <= cursor:
+                    continue
+                self._one("/".join(parts), pacer)
+                with self._lock:
+                    st.cursor = list(parts)
+                    save_state(self._dirfd, st)
+            # files that were busy during the walk, until none is or they gave up
+            while st.busy and self._running():
+                for rel in sorted(st.busy):
+                    if not self._running():
+                        return
+                    self._one(rel, pacer, retry=True)
+                    with self._lock:
+                        save_state(self._dirfd, st)
+                if st.busy:
+                    self._sleep(0.5)
+            if not self._running():
+                return
+            with self._lock:
+                st.state = DONE
+                st.finished = time.time()
+                save_state(self._dirfd, st)
+            d = st.as_dict()
+            self._audit("rekey", f"rekey finished: {d['files_rekeyed']} file(s) rekeyed to "
+                        f"version {st.target_version}, {d['files_failed']} failed",
+                        {k: d[k] for k in ("target_version", "files_rekeyed", "files_current",
+                                           "files_skipped", "files_failed", "bytes_rekeyed",
+                                           "rate_reached")}, self.guard_path)
+            log.info("rekey of %s finished: %s", self.guard_path, d)
+        except Exception as e:  # noqa: BLE001 - the run stops, says why, can be resumed
+            log.exception("rekey of %s failed", self.guard_path)
+            with self._lock:
+                st.state, st.reason = FAILED, f"{type(e).__name__}: {e}"
+                try:
+                    save_state(self._dirfd, st)
+                except OSError:
+                    pass
+            self._audit("rekey", f"rekey failed: {st.reason}", {}, self.guard_path)
+
+    def _one(self, rel: str, pacer: Pacer, *, retry: bool = False) -> None:
+        st = self.state
+        assert st is not None
+        try:
+            outcome, nbytes = self.guard.rekey_file(rel, version=st.target_version,
+                                                    rate=st.rate)
+        except FileNotFoundError:
+            outcome, nbytes = "gone", 0    # deleted since the walk saw it: nothing to do
+        except OSError as e:
+            with self._lock:
+                st.busy.pop(rel, None)
+                st.files_failed += 1
+                if len(st.errors) < MAX_ERRORS_KEPT:
+                    st.errors.append({"path": rel, "error": os.strerror(e.errno or errno.EIO)
+                                      + (f": {e.strerror}" if e.strerror and
+                                         e.strerror != os.strerror(e.errno or 0) else "")})
+            self._audit("rekey-file", f"rekey of a file failed: {e.strerror or e}",
+                        {"outcome": "failed", "errno": e.errno or 0}, self._full(rel))
+            return
+        with self._lock:
+            if outcome == "busy":
+                n = st.busy.get(rel, 0) + 1
+                if n >= MAX_BUSY:
+                    st.busy.pop(rel, None)
+                    st.files_failed += 1
+                    if len(st.errors) < MAX_ERRORS_KEPT:
+                        st.errors.append({"path": rel, "error": "busy: changed by raw writes "
+                                          "or renamed during every attempt"})
+                else:
+                    st.busy[rel] = n
+                return
+            if outcome == "cancelled":
+                if retry:
+                    return
+                st.busy[rel] = st.busy.get(rel, 0)  # pause/stop: done again on resume
+                return
+            st.busy.pop(rel, None)
+            if outcome == "done":
+                st.files_rekeyed += 1
+                st.bytes_rekeyed += nbytes
+            elif outcome in ("current", "gone"):
+                st.files_current += 1
+            else:
+                st.files_skipped += 1
+                if len(st.errors) < MAX_ERRORS_KEPT:
+                    st.errors.append({"path": rel, "error": outcome})
+        if outcome == "done":
+            self._audit("rekey-file", "file rekeyed",
+                        {"outcome": outcome, "to_version": st.target_version,
+                         "bytes": nbytes}, self._full(rel))
+            pacer.wait(nbytes)
+        elif outcome.startswith("skipped"):
+            self._audit("rekey-file", f"file not rekeyed: {outcome}", {"outcome": outcome},
+                        self._full(rel))
+
+    def _full(self, rel: str) -> str:
+        return os.path.join(self.guard_path, rel)
+
+
+def usage(dirfd: int, key: str) -> dict[str, Any]:
+    """Which versions of ``key`` the files below ``dirfd`` (a backing directory) name in
+    their headers: ``{"versions": {version: files}, "other_keys": {name: files},
+    "unreadable": files, "files": total, "examples": {version: first path}}``.  Headers
+    are parsed, not authenticated (that needs the key): a forged header can only make
+    a file count under a version it does not really use, which a rekey then finds."""
+    from ..errors import FormatError
+    from ..format import HEADER_SIZE, parse_header
+
+    versions: dict[int, int] = {}
+    examples: dict[int, str] = {}
+    others: dict[str, int] = {}
+    unreadable = files = 0
+    for parts, _size in walk(dirfd):
+        files += 1
+        rel = "/".join(parts)
+        try:
+            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME,
+                         dir_fd=dirfd)
+        except PermissionError:
+            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        except OSError:
+            unreadable += 1
+            continue
+        try:
+            head = os.pread(fd, HEADER_SIZE, 0)
+        except OSError:
+            unreadable += 1
+            continue
+        finally:
+            os.close(fd)
+        try:
+            h = parse_header(head)
+        except FormatError:
+            unreadable += 1
+            continue
+        if h.key_id != key:
+            others[h.key_id] = others.get(h.key_id, 0) + 1
+            continue
+        versions[h.key_version] = versions.get(h.key_version, 0) + 1
+        examples.setdefault(h.key_version, rel)
+    return {"key": key, "files": files, "versions": dict(sorted(versions.items())),
+            "other_keys": dict(sorted(others.items())), "unreadable": unreadable,
+            "examples": dict(sorted(examples.items()))}

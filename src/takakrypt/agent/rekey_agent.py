@@ -1,0 +1,138 @@
+"""takakryptd's side of live rekey and key usage (``takakrypt rekey``, ``takakrypt keys
+versions --usage``): a :class:`takakrypt.agent.rekey.Rekey` per FUSE guard point,
+created on demand, resumed after a restart when its state file says it was running,
+closed (state kept) when the guard point is released or handed over.
+:class:`RekeyAgent` is a mixin of :class:`takakrypt.agent.daemon.Agent`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .. import config as C
+from ..errors import UsageError
+from . import rekey as R
+
+log = logging.getLogger("takakryptd")
+
+#: 1 MB/s units in the YAML and on the command line
+MB = 1_000_000
+
+
+class RekeyAgent:
+    """Methods of the Agent for rekeys (uses its guards, config, keys, audit helpers)."""
+
+    rekeys: dict[str, R.Rekey]
+
+    def _guard_spec(self, path: str) -> C.GuardPoint:
+        want = os.path.normpath(path)
+        for gp in self.config.guard_points:  # type: ignore[attr-defined]
+            if os.path.normpath(gp.path) == want:
+                return gp
+        raise UsageError(f"{path} is not a guard point of {self.config_path}")  # type: ignore[attr-defined]
+
+    def _rekey_for(self, path: str, *, create: bool = True) -> R.Rekey | None:
+        path = os.path.normpath(path)
+        rk = self.rekeys.get(path)
+        if rk is not None or not create:
+            return rk
+        gp = self._guard_spec(path)
+        if gp.engine != "fuse":
+            raise UsageError(f"{path}: live rekey runs on engine fuse guard points only "
+                             "(docs/operations.md, \"Live rekey\"); switch the guard point "
+                             "to engine: fuse for the rekey (no re-encryption) and back")
+        g = self.guards.get(path)  # type: ignore[attr-defined]
+        if g is None or not hasattr(g, "rekey_file"):
+            raise UsageError(f"{path}: the guard point is not mounted "
+                             f"({self.guard_errors.get(path) or 'disabled or failed'})")  # type: ignore[attr-defined]
+        rk = R.Rekey(path, gp.key, g, audit=self._rekey_audit,
+                     current_version=lambda name: self.keys.current_version(name))  # type: ignore[attr-defined]
+        self.rekeys[path] = rk
+        return rk
+
+    def _rekey_audit(self, kind: str, reason: str, detail: dict[str, Any], path: str) -> None:
+        self._audit_system(kind, reason, detail, path=path)  # type: ignore[attr-defined]
+
+    def _rekey_attach(self, path: str) -> None:
+        """After a FUSE guard point is mounted or taken over: remove the temporaries a
+        killed rekey left, and resume its rekey if the state file in its backing
+        directory says one was running."""
+        g = self.guards.get(path)  # type: ignore[attr-defined]
+        if g is None or not hasattr(g, "backing_fd"):
+            return
+        try:
+            fd = g.backing_fd()
+            try:
+                n = R.remove_leftovers(fd)
+                st = R.load_state(fd)
+            finally:
+                os.close(fd)
+            if n:
+                log.info("guard point %s: removed %d temporary file(s) of an interrupted "
+                         "rekey", path, n)
+            if st is None:
+                return
+            rk = self._rekey_for(path)
+            if rk is not None and rk.resume_after_restart():
+                log.info("guard point %s: rekey resumed (to version %s)", path,
+                         rk.state.target_version if rk.state else "?")
+        except Exception as e:  # noqa: BLE001 - a damaged state must not stop the mount
+            log.error("guard point %s: rekey state: %s", path, e)
+            self._audit_system("rekey", f"rekey state not usable: {e}", path=path)  # type: ignore[attr-defined]
+
+    def _rekey_detach(self, path: str) -> None:
+        rk = self.rekeys.pop(os.path.normpath(path), None)
+        if rk is not None:
+            rk.close()
+
+    def rekey_control(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Control command ``rekey`` (blocking: run off the loop)."""
+        op = req.get("op")
+        path = str(req.get("guard") or "")
+        if op == "status" and not path:
+            return {"rekeys": [rk.status() for rk in self.rekeys.values()]}
+        if op not in ("start", "status", "pause", "resume"):
+            raise UsageError(f"unknown rekey operation {op!r}")
+        rate = req.get("rate")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                 or not 0 <= rate <= 100_000):
+            raise UsageError("rekey rate: a number of MB/s from 0 (unlimited) to 100000")
+        rk = self._rekey_for(path)
+        assert rk is not None
+        if op == "status":
+            return rk.status()
+        if op == "pause":
+            return rk.pause()
+        rate_b = None if rate is None else round(float(rate) * MB)
+        if op == "resume":
+            return rk.resume(rate_b)
+        version = req.get("version") or 0
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise UsageError("rekey version: a positive key version (0: the current one)")
+        if rate_b is None:
+            rate_b = round(self._guard_spec(path).rekey_rate * MB)
+        return rk.start(rate_b, version, restart=bool(req.get("restart")))
+
+    def key_usage(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Control command ``key_usage``: versions of the guard point's key named by its
+        files' headers (blocking: run off the loop)."""
+        path = os.path.normpath(str(req.get("guard") or ""))
+        gp = self._guard_spec(path)
+        key = str(req.get("key") or gp.key)
+        g = self.guards.get(path)  # type: ignore[attr-defined]
+        if g is not None and hasattr(g, "backing_fd"):
+            fd = g.backing_fd()
+        elif g is None and gp.engine == "fuse":
+            fd = os.open(gp.backing or path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            raise UsageError(f"{path}: file usage is read on engine fuse guard points (and "
+                             "unmounted ones) only")
+        try:
+            out = R.usage(fd, key)
+        finally:
+            os.close(fd)
+        return out | {"guard": path}
+
+    def rekey_summary(self) -> list[dict[str, Any]]:
+        return [rk.status() for rk in self.rekeys.values()]
