@@ -136,7 +136,7 @@ extensions.append(
                  "src/_native/fuse_inode.c", "src/_native/fuse_ops.c",
                  "src/_native/fuse_taka.c", "src/_native/fuse_uring.c",
                  "src/_native/fuse_handover.c", "src/_native/fuse_shadow.c",
-                 "src/_native/fuse_split.c",
+                 "src/_native/fuse_split.c", "src/_native/fuse_rekey.c",
                  "src/_native/aesgcm_impl.c", "src/_native/secmem.c",
                  "src/_native/cache_impl.c", "src/_native/ring_impl.c"],
         depends=["src/_native/fuse_impl.h", "src/_native/fuse_int.h",

@@ -73,7 +73,7 @@ set +e
 (cd "$WORK" && LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:cacheprovider \
     --capture=sys tests/test_native_aesgcm.py tests/test_native_cache.py \
     tests/test_native_ring.py tests/test_fuse.py tests/test_fuse_model.py tests/test_fuse_ring.py \
-    tests/test_fuse_cache.py tests/test_fuse_split.py tests/test_fuse_forget.py tests/test_fuse_mgtime.py tests/test_fuse_direct.py tests/test_fuse_bounds.py tests/test_fuse_raw_race.py tests/test_fuse_capability.py \
+    tests/test_fuse_cache.py tests/test_fuse_split.py tests/test_fuse_forget.py tests/test_fuse_mgtime.py tests/test_fuse_direct.py tests/test_fuse_bounds.py tests/test_fuse_raw_race.py tests/test_fuse_capability.py tests/test_fuse_rekey.py \
     tests/test_crash_replay.py tests/test_format_rules.py tests/test_secmem.py "$@") 2>&1 \
     | tee "$WORK/test.log"
 # --capture=sys: pytest's default fd-level capture would swallow the report written

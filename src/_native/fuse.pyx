@@ -17,6 +17,7 @@ cdef extern from "<errno.h>":
         EIO
         EACCES
         ENOKEY
+        EINVAL
 
 cdef extern from "fuse_impl.h" nogil:
     enum:
@@ -97,6 +98,8 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t wronly_direct
         uint64_t direct_opens
         uint64_t ident_skips
+        uint64_t rekey_files
+        uint64_t rekey_bytes
     ctypedef struct tk_fs:
         pass
     const char *tk_action_name(int action)
@@ -118,6 +121,11 @@ cdef extern from "fuse_impl.h" nogil:
     int tk_fs_persist_fds(tk_fs *fs, int out[4])
     int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state,
                      size_t len, char *err, size_t errlen)
+    int tk_fs_rekey_file(tk_fs *fs, const char *relpath, uint32_t version, uint64_t rate,
+                         uint32_t chunk_blocks, int *outcome, uint64_t *nbytes, char *err,
+                         size_t errlen)
+    void tk_fs_rekey_cancel(tk_fs *fs, int on)
+    int tk_fs_backing_fd(tk_fs *fs)
 
 PERMIT = 1
 DENY = 2
@@ -134,6 +142,9 @@ HINT_PLAIN_ONLY = 1   # tk_fs_set_hints: no rule grants the raw view
 HINT_GETATTR_ALL = 2  # ... and getattr is permitted, unaudited, to everyone
 HINT_NO_PROCESS = 4   # no rule looks at the process or groups: decide by uid/gid
 RING_TIMEOUT_MS = 5000  # TAKAKRYPT_TIMEOUT_MS
+# Mount.rekey_file outcomes, by tk_fs_rekey_file's TK_REKEY_* (fuse_impl.h)
+REKEY_OUTCOMES = ("done", "current", "skipped-hardlink", "skipped-not-regular", "busy",
+                  "cancelled")
 
 # SAFETY: _alive is written only with the GIL held (at exit) and read by FUSE threads
 # before they ask for the GIL; once the interpreter starts finalising, callbacks deny
@@ -405,6 +416,52 @@ cdef class Mount:
         """Wipe the mount's data keys (tk_fs_drop_keys): files ask get_key again."""
         tk_fs_drop_keys(self._fs)
 
+    def rekey_file(self, relpath, *, version=0, rate=0, chunk_blocks=256):
+        """Re-encrypt the regular file `relpath` (relative to the backing directory)
+        to `version` of its key (0: the current one) while it stays in use; returns
+        (outcome, bytes written).  Blocks until done (the GIL released); see _fuse.pyi."""
+        cdef char err[1024]
+        cdef int rc, outcome = 0
+        cdef uint64_t nbytes = 0
+        cdef uint32_t ver
+        cdef uint64_t rt
+        cdef uint32_t chunk
+        if not isinstance(relpath, str):
+            raise TypeError(f"relpath must be a str, not {type(relpath).__name__}")
+        parts = relpath.split("/")
+        if (not relpath or relpath.startswith("/") or "\0" in relpath
+                or any(p in ("", ".", "..") for p in parts)):
+            raise OSError(EINVAL, f"rekey_file: {relpath!r} is not a path relative to the "
+                          "backing directory (no leading '/', no '.', '..' or empty "
+                          "components)")
+        if not 0 <= version < 2 ** 32:
+            raise ValueError(f"version must be in [0, 2**32), got {version}")
+        if rate < 0 or chunk_blocks < 1 or chunk_blocks >= 2 ** 32:
+            raise ValueError("rate must be >= 0 and chunk_blocks >= 1")
+        ver, rt, chunk = version, rate, chunk_blocks
+        path = os.fsencode(relpath)
+        cdef const char *cpath = path
+        err[0] = 0
+        with nogil:
+            rc = tk_fs_rekey_file(self._fs, cpath, ver, rt, chunk, &outcome, &nbytes, err,
+                                  sizeof(err))
+        if rc:
+            raise OSError(-rc, err.decode(errors="replace") or os.strerror(-rc), relpath)
+        return REKEY_OUTCOMES[outcome], nbytes
+
+    def rekey_cancel(self, bint on=True):
+        """on: running rekey_file calls stop at their next chunk ("cancelled", the
+        original untouched) and new ones return "cancelled" at once; False clears it."""
+        tk_fs_rekey_cancel(self._fs, on)
+
+    def backing_fd(self):
+        """A new descriptor (O_RDONLY, the caller closes it) of the backing directory,
+        also under an in-place mount."""
+        cdef int fd = tk_fs_backing_fd(self._fs)
+        if fd < 0:
+            raise OSError(-fd, os.strerror(-fd))
+        return fd
+
     def set_hints(self, unsigned int hints):
         """Policy facts (HINT_PLAIN_ONLY | HINT_GETATTR_ALL | HINT_NO_PROCESS) that let
         the kernel keep regular files' entries and attributes, and checks skip /proc
@@ -462,4 +519,6 @@ cdef class Mount:
             "wronly_direct": s.wronly_direct,
             "direct_opens": s.direct_opens,
             "ident_skips": s.ident_skips,
+            "rekey_files": s.rekey_files,
+            "rekey_bytes": s.rekey_bytes,
         }

@@ -249,9 +249,18 @@ static int encode(tk_fs *fs, obuf *b, fdlist *fds) {
     uint32_t n = 0;
     size_t at = b->len;
     put32(b, 0);
+    /* (not an inode only a rekey holds: the kernel knows no node of it) */
     for (size_t i = 0; i < fs->nbuckets; i++)
-        for (tk_inode *p = fs->buckets[i]; p; p = p->hnext, n++) put_inode(b, fs, p);
-    for (tk_inode *p = fs->stale; p; p = p->hnext, n++) put_inode(b, fs, p);
+        for (tk_inode *p = fs->buckets[i]; p; p = p->hnext)
+            if (!p->internal) {
+                put_inode(b, fs, p);
+                n++;
+            }
+    for (tk_inode *p = fs->stale; p; p = p->hnext)
+        if (!p->internal) {
+            put_inode(b, fs, p);
+            n++;
+        }
     pthread_mutex_unlock(&fs->itab_mu);
     if (!b->oom) memcpy(b->p + at, &n, 4);
     /* open files and directories */
@@ -499,6 +508,7 @@ int tk_fs_handover_begin(tk_fs *fs, int **fds_out, size_t *nfds_out, uint8_t **s
     }
     int rc = quiesce_classic(fs, 10000);
     if (rc == 0) rc = tk_uring_park_all(fs, 10000);
+    if (rc == 0) tk_rekey_handover_wait(fs);  /* no rekey swap half done */
     if (rc) {
         snprintf(err, errlen, "requests in progress did not finish within 10 s");
         tk_fs_handover_abort(fs);

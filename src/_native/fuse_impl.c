@@ -814,6 +814,7 @@ tk_fs *tk_fs_new(const tk_fs_config *cfg, const tk_callbacks *cb, char *err, siz
     pthread_cond_init(&fs->ho_cv, NULL);
     tk_slots_init(&fs->nodes);
     tk_slots_init(&fs->fhs);
+    tk_rekey_init(fs);
     int status = 0;
     pthread_mutex_init(&fs->szc_mu, NULL);
     fs->szc = calloc((size_t)TK_SZC_SETS * TK_SZC_WAYS, sizeof *fs->szc);
@@ -1337,6 +1338,7 @@ int tk_fs_unmount(tk_fs *fs) {
     if (!fs || !fs->mounted) return 0;
     if (fs->ho_done) return -EBUSY;  /* the successor serves it: never unmount */
     __atomic_store_n(&fs->unmounting, 1, __ATOMIC_RELEASE);
+    tk_rekey_stop_all(fs);  /* a running rekey stops at its next chunk ("cancelled") */
     /* Detach the mount ourselves (never close the /dev/fuse fd while workers read it:
      * libfuse's fuse_session_unmount would).  Only while our connection lives (the
      * loop still reads it) and our mount is the one at the path: once our mount was
@@ -1387,6 +1389,7 @@ int tk_fs_unmount(tk_fs *fs) {
     fs->root_groups = NULL;
     keys_wipe(fs);
     tk_cache_clear(fs->cache);
+    __atomic_store_n(&fs->rk_stop, 0, __ATOMIC_SEQ_CST);  /* (rekeys refused: not mounted) */
     return 0;
 }
 
@@ -1462,6 +1465,7 @@ void tk_fs_free(tk_fs *fs) {
     pthread_cond_destroy(&fs->sp_done_cv);
     pthread_mutex_destroy(&fs->ho_mu);
     pthread_cond_destroy(&fs->ho_cv);
+    tk_rekey_fini(fs);
     tk_slots_destroy(&fs->nodes);
     tk_slots_destroy(&fs->fhs);
     free(fs->ho_readers);

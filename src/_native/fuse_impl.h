@@ -176,6 +176,8 @@ typedef struct {
     uint64_t wronly_direct;        /* 1: write-only plaintext opens use direct I/O (gauge) */
     uint64_t direct_opens;         /* ... opens and creates given it */
     uint64_t ident_skips;          /* checks keyed by uid/gid alone (TK_HINT_NO_PROCESS) */
+    uint64_t rekey_files;          /* files re-encrypted by a live rekey (swapped in) */
+    uint64_t rekey_bytes;          /* ... bytes written to them (copies and mirrored writes) */
     /* per-file GCM nonce budget (docs/file-format.md, "Encryption count") */
     uint64_t nonce_lease_warnings; /* leases taken past the soft limit (re-key the file) */
     uint64_t nonce_limit_refusals; /* writes refused at the hard limit (EKEYEXPIRED) */
@@ -249,6 +251,34 @@ void tk_fs_handover_done(tk_fs *fs);
 int tk_fs_persist_fds(tk_fs *fs, int out[4]);
 int tk_fs_resume(tk_fs *fs, const int *fds, size_t nfds, const uint8_t *state, size_t len,
                  char *err, size_t errlen);
+
+/* Live rekey of one regular file (fuse_rekey.c; docs/guard-points.md, "Live rekey
+ * (data path)"): re-encrypt relpath (relative to the backing directory: no leading /,
+ * no . or .. components) to `version` of its key (0: the current version, as new files
+ * get it) while it stays in use.  rate: bytes of ciphertext written per second (0: no
+ * limit), slept with no lock held; chunk_blocks: blocks copied per read-lock hold.
+ * 0 with *outcome (and, for a DONE, *bytes: what the copy wrote,
+ * not the writes mirrored for applications), or -errno with a message in err:
+ * -EIO a header or block that does not verify (nothing is written), -ENOKEY a key that
+ * cannot be got, -ENOENT the file is gone, -EINVAL a bad path.  Blocks the caller
+ * (no GIL: it calls get_key).  Thread-safe; one rekey per file at a time (BUSY). */
+enum {
+    TK_REKEY_DONE = 0,        /* swapped in */
+    TK_REKEY_CURRENT,         /* at the target version (or newer): nothing written */
+    TK_REKEY_HARDLINK,        /* more than one name: skipped */
+    TK_REKEY_NOT_REGULAR,     /* not a regular file: skipped */
+    TK_REKEY_BUSY,            /* renamed, raw-written, handover: try again later */
+    TK_REKEY_CANCELLED        /* tk_fs_rekey_cancel or unmount: the original untouched */
+};
+int tk_fs_rekey_file(tk_fs *fs, const char *relpath, uint32_t version, uint64_t rate,
+                     uint32_t chunk_blocks, int *outcome, uint64_t *bytes, char *err,
+                     size_t errlen);
+/* 1: running rekeys stop at their next chunk (CANCELLED) and new ones stop at once,
+ * until called with 0. */
+void tk_fs_rekey_cancel(tk_fs *fs, int on);
+/* A new O_RDONLY descriptor of the backing directory (under an in-place mount too),
+ * or -errno. */
+int tk_fs_backing_fd(tk_fs *fs);
 
 #ifdef __cplusplus
 }

@@ -44,6 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 #define TK_FD_CACHE_DEFAULT 4096
@@ -277,10 +278,17 @@ int tk_inode_fd(tk_fs *fs, tk_inode *ino) {
     }
     pthread_mutex_unlock(&fs->fdc_mu);
 
-    /* miss: reopen outside the lock (the handle is immutable) */
-    int fd = open_by_handle_at(fs->handle_fd, ino->handle, O_PATH | O_CLOEXEC);
+    /* miss: reopen outside the lock.  A rekey may replace the handle meanwhile (under
+     * fdc_mu; the old one stays allocated): an fd opened from a replaced handle names
+     * the old object and is not kept. */
+    struct file_handle *h;
+    int fd;
+again:
+    h = __atomic_load_n(&ino->handle, __ATOMIC_ACQUIRE);
+    fd = open_by_handle_at(fs->handle_fd, h, O_PATH | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
+        if (e == ESTALE && __atomic_load_n(&ino->handle, __ATOMIC_ACQUIRE) != h) goto again;
         if (e == ESTALE) {
             TK_INC(fs, stale_handles, 1);
             return -ENOENT;  /* deleted (its number may already name another object) */
@@ -290,6 +298,11 @@ int tk_inode_fd(tk_fs *fs, tk_inode *ino) {
     TK_INC(fs, fd_reopens, 1);
     int drop[TK_EVICT_BATCH + 1], ndrop;
     pthread_mutex_lock(&fs->fdc_mu);
+    if (ino->handle != h) {
+        pthread_mutex_unlock(&fs->fdc_mu);
+        close(fd);
+        goto again;
+    }
     ndrop = 0;
     if (ino->fd >= 0) drop[ndrop++] = fd;  /* another thread reopened it meanwhile */
     else cache_fd_locked(fs, ino, fd);
@@ -320,9 +333,22 @@ static void unhash_locked(tk_fs *fs, tk_inode *ino) {
     fs->ninodes--;
 }
 
+/* A file handle a rekey replaced (tk_itab_repoint): tk_inode_fd may still be reading
+ * it, so it lives as long as the inode. */
+struct tk_oldh {
+    struct tk_oldh *next;
+    struct file_handle *h;
+};
+
 static void destroy_inode(tk_inode *ino) {
     free(ino->name);
     free(ino->handle);
+    for (struct tk_oldh *o = ino->old_handles; o;) {
+        struct tk_oldh *next = o->next;
+        free(o->h);
+        free(o);
+        o = next;
+    }
     tk_taka_reset(&ino->taka);
     pthread_rwlock_destroy(&ino->lock);
     free(ino);
@@ -516,6 +542,7 @@ void tk_itab_free(tk_fs *fs) {
     free(fs->buckets);
     fs->buckets = NULL;
     fs->stale = NULL;
+    tk_itab_retired_expire(fs, 1);
     for (size_t i = 0; i < fs->ndead; i++) close(fs->dead_fds[i]);
     free(fs->dead_fds);
     fs->dead_fds = NULL;
@@ -571,13 +598,124 @@ void tk_inode_set_name(tk_fs *fs, tk_inode *ino, tk_inode *parent, const char *n
     itab_unlock(fs);
 }
 
-tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
-                      const struct stat *st, int view) {
+/* ---- objects a rekey replaced (itab_mu) ---------------------------------------------
+ * A lookup opens the name first and adds the inode later (its policy checks in
+ * between may take seconds).  If a rekey swapped the file in between, the lookup holds
+ * the old object, whose (dev, ino) no inode has any more: it must not become a new
+ * inode (writes to it would be lost with it).  Such objects are remembered for a minute
+ * by (dev, ino) and file handle -- the generation in it tells the old object from a new
+ * one that got its inode number -- and tk_itab_add refuses them (EAGAIN: the lookup
+ * opens the name again).  Without handles (pinned inodes) an fd on the old object keeps
+ * its number from being reused instead. */
+#define TK_RETIRED_NS  (60ULL * 1000000000ULL)
+#define TK_RETIRED_MAX 256
+
+struct tk_retired {
+    struct tk_retired *next;      /* newest first */
+    dev_t dev;
+    ino_t ino;
+    struct file_handle *handle;   /* NULL: fd holds the object */
+    int fd;
+    uint64_t at_ns;
+};
+
+static uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Is the object fd (with stat st) one a rekey replaced? */
+static int retired_locked(tk_fs *fs, const struct stat *st, int fd) {
+    for (struct tk_retired *r = fs->rk_retired; r; r = r->next) {
+        if (r->ino != st->st_ino || r->dev != st->st_dev) continue;
+        if (!r->handle) return 1;
+        struct file_handle *h = handle_of(fs, fd);
+        int same = h && same_handle(h, r->handle);
+        free(h);
+        return same;
+    }
+    return 0;
+}
+
+void tk_itab_retired_expire(tk_fs *fs, int all) {
+    uint64_t now = mono_ns();
+    struct tk_retired *gone = NULL;
+    pthread_mutex_lock(&fs->itab_mu);
+    size_t n = 0;
+    for (struct tk_retired **pp = &fs->rk_retired; *pp;) {
+        struct tk_retired *r = *pp;
+        if (all || now - r->at_ns > TK_RETIRED_NS || ++n > TK_RETIRED_MAX) {
+            *pp = r->next;
+            r->next = gone;
+            gone = r;
+        } else {
+            pp = &r->next;
+        }
+    }
+    pthread_mutex_unlock(&fs->itab_mu);
+    while (gone) {  /* the last close of a replaced file frees its blocks: no lock held */
+        struct tk_retired *next = gone->next;
+        if (gone->fd >= 0) close(gone->fd);
+        free(gone->handle);
+        free(gone);
+        gone = next;
+    }
+}
+
+struct tk_incoming {
+    struct tk_incoming *next;
+    dev_t dev;
+    ino_t ino;
+    tk_inode *to;                 /* pinned by the rekey while listed */
+};
+
+void tk_itab_incoming(tk_fs *fs, tk_inode *ino, const struct stat *nst, int on) {
+    struct tk_incoming *n = on ? malloc(sizeof *n) : NULL, *gone = NULL;
+    pthread_mutex_lock(&fs->itab_mu);
+    if (n) {
+        n->dev = nst->st_dev;
+        n->ino = nst->st_ino;
+        n->to = ino;
+        n->next = fs->rk_incoming;
+        fs->rk_incoming = n;
+    }
+    for (struct tk_incoming **pp = &fs->rk_incoming; !on && *pp;) {
+        if ((*pp)->to == ino) {
+            gone = *pp;
+            *pp = gone->next;
+            free(gone);
+        } else {
+            pp = &(*pp)->next;
+        }
+    }
+    pthread_mutex_unlock(&fs->itab_mu);
+}
+
+static tk_inode *incoming_locked(tk_fs *fs, const struct stat *st) {
+    for (struct tk_incoming *n = fs->rk_incoming; n; n = n->next)
+        if (n->ino == st->st_ino && n->dev == st->st_dev) return n->to;
+    return NULL;
+}
+
+static tk_inode *add_inode(tk_fs *fs, tk_inode *parent, const char *name, int fd,
+                           const struct stat *st, int view) {
     int drop[TK_EVICT_BATCH + 1], ndrop = 0, fd_is_new = 0;
     struct file_handle *h = NULL;
     pthread_mutex_lock(&fs->itab_mu);
+    if (fs->rk_retired && retired_locked(fs, st, fd)) {
+        itab_unlock(fs);
+        close(fd);
+        errno = EAGAIN;  /* opened just before a rekey swapped it: open the name again */
+        return NULL;
+    }
     tk_inode *ino = find_locked(fs, st->st_dev, st->st_ino);
-    if (ino && !ino->pinned) {
+    tk_inode *inc = ino || !fs->rk_incoming ? NULL : incoming_locked(fs, st);
+    if (inc) {  /* the object a rekey is swapping in for inc: inc it is */
+        ino = inc;
+        drop[ndrop++] = fd;
+        fd = -1;
+    } else if (ino && !ino->pinned) {
         pthread_mutex_lock(&fs->fdc_mu);
         int cached = ino->fd >= 0;
         pthread_mutex_unlock(&fs->fdc_mu);
@@ -625,6 +763,7 @@ tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
             itab_unlock(fs);
             free(h);
             close(fd);
+            errno = ENOMEM;
             return NULL;
         }
         ino->slot = (uint32_t)slot;
@@ -646,14 +785,111 @@ tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
         }
         fd = -1;
     }
-    ino->node[view].nlookup++;
     ino->refs++;
     set_name_locked(fs, ino, parent, name);
-    if (fd_is_new) tk_sh_inode(fs, ino);
-    else tk_sh_nlookup(fs, ino);
+    if (view < 0) {  /* an internal pin: nothing the kernel knows, nothing to recover */
+        if (fd_is_new) ino->internal = 1;
+    } else {
+        ino->node[view].nlookup++;
+        if (fd_is_new || ino->internal) tk_sh_inode(fs, ino);
+        else tk_sh_nlookup(fs, ino);
+        ino->internal = 0;
+    }
     itab_unlock(fs);
     close_all(drop, ndrop);
     return ino;
+}
+
+tk_inode *tk_itab_add(tk_fs *fs, tk_inode *parent, const char *name, int fd,
+                      const struct stat *st, int view) {
+    return add_inode(fs, parent, name, fd, st, view);
+}
+
+tk_inode *tk_itab_pin(tk_fs *fs, int fd, const struct stat *st) {
+    return add_inode(fs, NULL, NULL, fd, st, -1);
+}
+
+void tk_itab_unpin(tk_fs *fs, tk_inode *ino) {
+    pthread_mutex_lock(&fs->itab_mu);
+    unref_locked(fs, ino, 1);
+    itab_unlock(fs);
+}
+
+struct file_handle *tk_handle_of(tk_fs *fs, int fd) {
+    return handle_of(fs, fd);
+}
+
+void tk_itab_repoint(tk_fs *fs, tk_inode *ino, int fd, const struct stat *nst,
+                     struct file_handle *h, int old_fd) {
+    struct tk_retired *r = malloc(sizeof *r);
+    struct tk_oldh *o = h ? malloc(sizeof *o) : NULL;
+    pthread_mutex_lock(&fs->itab_mu);
+    if (r) {
+        r->dev = ino->dev;
+        r->ino = ino->ino;
+        r->fd = -1;
+        r->handle = NULL;
+        if (ino->handle) {  /* a copy: the entry may outlive the inode */
+            size_t n = sizeof *ino->handle + ino->handle->handle_bytes;
+            if ((r->handle = malloc(n))) memcpy(r->handle, ino->handle, n);
+        }
+        if (!r->handle) {
+            r->fd = old_fd;
+            old_fd = -1;
+        }
+        r->at_ns = mono_ns();
+        r->next = fs->rk_retired;
+        fs->rk_retired = r;
+    }
+    if (ino->hashed) {
+        unhash_locked(fs, ino);
+    } else {  /* cannot be (our fds keep its number), but never leave it listed twice */
+        tk_inode **pp = &fs->stale;
+        while (*pp && *pp != ino) pp = &(*pp)->hnext;
+        if (*pp) *pp = ino->hnext;
+    }
+    /* an inode of a deleted object whose number the new file got: stale now */
+    tk_inode *other = find_locked(fs, nst->st_dev, nst->st_ino);
+    if (other) {
+        unhash_locked(fs, other);
+        other->hnext = fs->stale;
+        fs->stale = other;
+        tk_sh_name(fs, other);
+    }
+    ino->dev = nst->st_dev;
+    ino->ino = nst->st_ino;
+    size_t hb = hash_of(fs, ino->dev, ino->ino);
+    ino->hnext = fs->buckets[hb];
+    ino->hashed = 1;
+    fs->buckets[hb] = ino;
+    if (++fs->ninodes > 2 * fs->nbuckets) grow_locked(fs);
+    GAUGE(fs, inodes, fs->ninodes);
+    pthread_mutex_lock(&fs->fdc_mu);
+    /* the fd number borrowers may hold now names the new object (dup3 is atomic) */
+    if (ino->fd >= 0) {
+        (void)dup3(fd, ino->fd, O_CLOEXEC);
+    } else if (ino->pinned) {
+        ino->fd = fd;
+        fd = -1;
+        TK_INC(fs, fds_pinned, 1);
+    }
+    if (h && !ino->pinned) {
+        if (o) {
+            o->h = ino->handle;
+            o->next = ino->old_handles;
+            ino->old_handles = o;
+            o = NULL;
+        }  /* else: the old handle is leaked, never freed under a reader */
+        __atomic_store_n(&ino->handle, h, __ATOMIC_RELEASE);
+        h = NULL;
+    }
+    pthread_mutex_unlock(&fs->fdc_mu);
+    if (!ino->internal) tk_sh_inode(fs, ino);
+    itab_unlock(fs);
+    free(o);
+    free(h);
+    if (fd >= 0) close(fd);
+    if (old_fd >= 0) close(old_fd);
 }
 
 /* A restored inode without a file handle: opened again by its name under its parent

@@ -14,6 +14,7 @@
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 
@@ -108,7 +109,27 @@ typedef struct tk_inode {
      * writes, truncates, new inode): the next plaintext open drops the kernel's page
      * cache of the plaintext node (keep_cache 0).  Atomic. */
     int plain_stale;
+    /* live rekey (fuse_rekey.c): the running rekey's dirty tracking (set and cleared
+     * under the write lock, read under either lock), and the number of times a rekey
+     * swapped the backing object (bumped under the write lock; atomic): a backing fd
+     * opened before a swap names the old object, so whoever opened one without the
+     * lock checks this under the lock before using it */
+    struct tk_rekey *rk;
+    uint64_t rk_gen;
+    int internal;                 /* 1: pinned by a rekey, never looked up by the kernel:
+                                   * no shadow record, not handed over */
+    struct tk_oldh *old_handles;  /* handles replaced by a rekey, freed with the inode
+                                   * (tk_inode_fd may still read one) */
 } tk_inode;
+
+/* Names of the live rekey's temporaries (and of its manager's state file) in the
+ * backing directories: a guard point hides them from readdir and refuses lookups (ENOENT)
+ * and new entries (EPERM) of such names in every view (docs/guard-points.md, "Live rekey
+ * (data path)"). */
+#define TK_REKEY_PREFIX ".takakrypt-rekey."
+static inline int tk_hidden_name(const char *name) {
+    return name[0] == '.' && strncmp(name, TK_REKEY_PREFIX, sizeof TK_REKEY_PREFIX - 1) == 0;
+}
 
 /* Open file handle (fi->fh = its slot in fs->fhs + 1). */
 enum { TK_FH_FILE = 1, TK_FH_DIR = 2 };
@@ -277,6 +298,15 @@ struct tk_fs {
     int sp_stop;
     unsigned sp_nthreads;         /* running helpers (atomic); 0: reads are not split */
     unsigned sp_force_parts;      /* tests: parts per read, 0: one per other CPU */
+
+    /* live rekey (fuse_rekey.c) */
+    pthread_mutex_t rk_mu;        /* the swap of a rekey vs. a handover's state */
+    pthread_cond_t rk_cv;
+    unsigned rk_active;           /* rekey_file calls running (rk_mu) */
+    int rk_cancel;                /* set by rekey_cancel(): stop at the next chunk (atomic) */
+    int rk_stop;                  /* unmount: every rekey stops (rk_mu + atomic) */
+    struct tk_retired *rk_retired;  /* objects a rekey replaced (itab_mu) */
+    struct tk_incoming *rk_incoming;  /* objects a rekey is swapping in (itab_mu) */
 
     tk_fs_stats st;               /* updated with __atomic builtins */
 };
@@ -455,6 +485,51 @@ void tk_inode_set_name(tk_fs *fs, tk_inode *ino, tk_inode *parent, const char *n
 int tk_inode_fd(tk_fs *fs, tk_inode *ino);
 void tk_inode_put(tk_fs *fs, tk_inode *ino);
 
+/* Pin ino for internal use (a rekey): find or add the inode of the object fd (an
+ * O_PATH fd, taken over) with stat st, one reference that no kernel lookup holds; NULL
+ * with errno set on failure.  tk_itab_unpin drops it. */
+tk_inode *tk_itab_pin(tk_fs *fs, int fd, const struct stat *st);
+void tk_itab_unpin(tk_fs *fs, tk_inode *ino);
+/* The file handle of the object fd names (malloc'd), NULL if handles are not used. */
+struct file_handle *tk_handle_of(tk_fs *fs, int fd);
+/* A rekey swapped ino's backing object (under ino->lock, write): point ino at the new
+ * one -- its stat nst, an O_PATH fd on it (fd, taken over) and its handle (h, taken
+ * over; NULL for a pinned inode) -- and remember the old one for a minute as retired, by
+ * (dev, ino) and file handle: a lookup that opened it before the swap and adds it after
+ * is refused (tk_itab_add: EAGAIN, the lookup opens the name again).  old_fd (an fd on
+ * the old object) is taken over: closed, or, for a pinned inode (no handle to tell a
+ * reused inode number by), kept with the entry so that the number is not reused. */
+void tk_itab_repoint(tk_fs *fs, tk_inode *ino, int fd, const struct stat *nst,
+                     struct file_handle *h, int old_fd);
+/* Retired objects older than a minute: their fds closed (not under any lock). */
+void tk_itab_retired_expire(tk_fs *fs, int all);
+/* on: from just before a rekey's exchange until the repoint, the new object (stat
+ * nst) is ino's -- a lookup that opens the name in between gets ino, not an inode of
+ * its own (two inodes, two locks and two TAKA states for one file).  off: forget it. */
+void tk_itab_incoming(tk_fs *fs, tk_inode *ino, const struct stat *nst, int on);
+
+/* ---- fuse_rekey.c ---- live rekey (docs/guard-points.md, "Live rekey (data path)") */
+void tk_rekey_init(tk_fs *fs);
+void tk_rekey_fini(tk_fs *fs);
+void tk_rekey_stop_all(tk_fs *fs);    /* unmount: running rekeys end, none starts */
+void tk_rekey_handover_wait(tk_fs *fs);  /* handover: no swap is half done */
+/* Under ino->lock (write), right after every change of the stored blocks or the size
+ * while a rekey runs (ino->rk != NULL): the blocks of [off, off + len) and the old and
+ * the new last block were rewritten -- those the rekey already copied are copied again
+ * now ("mirrored"); a shrink below the copied part moves the copy back to the cut.
+ * Never fails the caller: a mirror that fails makes the rekey "busy". */
+void tk_rk_note(tk_inode *ino, uint64_t old_size, uint64_t off, uint64_t len,
+                uint64_t new_size);
+/* ... a raw-view change: the rekey gives up ("busy") and is tried again later. */
+void tk_rk_busy(tk_inode *ino);
+static inline void tk_rk_changed(tk_inode *ino, uint64_t old_size, uint64_t off,
+                                 uint64_t len, uint64_t new_size) {
+    if (ino->rk) tk_rk_note(ino, old_size, off, len, new_size);
+}
+static inline void tk_rk_raw(tk_inode *ino) {
+    if (ino->rk) tk_rk_busy(ino);
+}
+
 /* ---- fuse_taka.c ---- (callers hold ino->lock: read for reads, write otherwise) */
 int tk_taka_load(tk_fs *fs, tk_inode *ino, int fd);        /* wrlock */
 int tk_taka_valid(tk_fs *fs, const tk_taka *t);            /* any lock */
@@ -473,6 +548,12 @@ int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t len,
 int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size,
                      uint64_t *bad_block);                 /* wrlock */
 uint64_t tk_taka_stored_size(uint64_t plain, uint32_t bs);
+/* A new file's state (not on disk): header with a fresh random file id, key `name` at
+ * `version`, block size bs, size 0; per-file keys from the data key. */
+int tk_taka_init_new(tk_taka *t, const char *name, uint32_t version, const uint8_t key[32],
+                     uint32_t bs);
+/* Write t's header with size t->size and the encryption count `encryptions`. */
+int tk_taka_put_header(tk_taka *t, int fd, uint64_t encryptions);
 /* Decrypt blocks first..last (all below size) into out; *outlen = plaintext bytes. */
 int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t first,
                         uint64_t last, uint8_t *out, size_t *outlen,

@@ -286,6 +286,22 @@ static int view_stat(tk_fs *fs, tk_inode *ino, int view, struct stat *st) {
     return 0;
 }
 
+/* Tests only (tests/test_fuse_rekey.py): microseconds a lookup waits between opening
+ * the name and adding its inode, to widen the window in which a rekey's swap meets it.
+ * Read once; 0 unless TAKAKRYPT_TEST_LOOKUP_DELAY_US is set. */
+static long lookup_delay_us = -1;
+
+static void test_lookup_delay(void) {
+    long d = __atomic_load_n(&lookup_delay_us, __ATOMIC_RELAXED);
+    if (d < 0) {
+        const char *e = getenv("TAKAKRYPT_TEST_LOOKUP_DELAY_US");
+        d = e ? strtol(e, NULL, 10) : 0;
+        if (d < 0 || d > 1000000) d = 0;
+        __atomic_store_n(&lookup_delay_us, d, __ATOMIC_RELAXED);
+    }
+    if (d) usleep((useconds_t)d);
+}
+
 /* Entry for parent/name (pfd: parent's borrowed fd), one kernel lookup added to the
  * node of `view`; view < 0: routed by choose_view (regular files).  Directories,
  * symlinks and special files have the plaintext node only. */
@@ -293,6 +309,8 @@ static int make_entry_ex(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd,
                          const char *name, int view, int fresh, struct fuse_entry_param *e,
                          tk_inode **out) {
     memset(e, 0, sizeof *e);
+    int tries = 0;
+again:;
     int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) return -errno;
     struct stat st;
@@ -306,8 +324,10 @@ static int make_entry_ex(tk_fs *fs, fuse_req_t req, tk_inode *parent, int pfd,
         view = TK_VIEW_PLAIN;  /* the only node a permitted caller can be given */
     else if (view < 0) view = choose_view(fs, req, parent, name, &attr_ok);
     else if (req && !(hints(fs) & TK_HINT_PLAIN_ONLY)) attr_ok = may_getattr(fs, req, parent, name);
+    if (S_ISREG(st.st_mode)) test_lookup_delay();
     tk_inode *ino = tk_itab_add(fs, parent, name, fd, &st, view);  /* takes fd */
-    if (!ino) return -ENOMEM;
+    if (!ino && errno == EAGAIN && ++tries < 5) goto again;  /* a rekey swapped it */
+    if (!ino) return errno == EAGAIN ? -EAGAIN : -ENOMEM;
     /* fresh: a file we just created, still without its header; the caller writes the
      * header and then fills e->attr (no pointless header read of an empty file) */
     int rc = fresh ? (e->attr = st, 0) : view_stat(fs, ino, view, &e->attr);
@@ -406,6 +426,10 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
     struct fuse_entry_param e;
     if (parent == FUSE_ROOT_ID && strncmp(name, TK_PARK_PREFIX, strlen(TK_PARK_PREFIX)) == 0) {
         reply_rc(req, -ENOENT);  /* a handover parking ring entries (fuse_uring.c) */
+        return;
+    }
+    if (tk_hidden_name(name)) {  /* a rekey's temporary (fuse_rekey.c): never seen */
+        reply_rc(req, -ENOENT);
         return;
     }
     int rc = lookup_view(fs, req, tk_node_inode(fs, parent, NULL), name, &e);
@@ -531,17 +555,40 @@ static int chmod_node(int fd, const char *procpath, mode_t mode) {
     return chmod(procpath, mode) < 0 ? -errno : 0;
 }
 
-static void kill_suidgid(tk_fs *fs, fuse_req_t req, int fd, const char *path) {
+/* The mode without the set-id bits this caller's write, truncate or chown clears. */
+static int suidgid_mode(fuse_req_t req, int fd, mode_t *m, mode_t *n) {
     struct statx st;  /* no timestamps asked: see tk_statx_fd */
     if (tk_statx_fd(fd, STATX_TYPE | STATX_MODE | STATX_GID, &st) < 0 ||
         !S_ISREG(st.stx_mode))
-        return;
-    mode_t m = st.stx_mode & 07777, n = m & ~(mode_t)S_ISUID;
+        return 0;
+    *m = st.stx_mode & 07777;
+    *n = *m & ~(mode_t)S_ISUID;
     /* setgid goes if the group may execute, or if the caller is not in the group */
-    if ((m & S_ISGID) && ((m & S_IXGRP) || !caller_in_group(req, st.stx_gid)))
-        n &= ~(mode_t)S_ISGID;
-    if (n == m) return;
-    if (chmod_node(fd, path, n) == 0) TK_INC(fs, suid_kills, 1);
+    if ((*m & S_ISGID) && ((*m & S_IXGRP) || !caller_in_group(req, st.stx_gid)))
+        *n &= ~(mode_t)S_ISGID;
+    return *n != *m;
+}
+
+/* fd: an open backing fd of ino (a handle's), or -1 for ino's own O_PATH fd.  The
+ * common case (no set-id bit) is one statx without a lock; a chmod is made under the
+ * file's lock, so that a rekey copying the mode (under the write lock) sees it. */
+static void kill_suidgid(tk_fs *fs, fuse_req_t req, tk_inode *ino, int fd) {
+    mode_t m, n;
+    int pfd = fd >= 0 ? fd : tk_inode_fd(fs, ino);
+    if (pfd < 0) return;
+    int need = suidgid_mode(req, pfd, &m, &n);
+    if (fd < 0) tk_inode_put(fs, ino);
+    if (!need) return;
+    pthread_rwlock_rdlock(&ino->lock);
+    char p[64];
+    pfd = fd >= 0 ? fd : tk_inode_fd(fs, ino);
+    if (pfd >= 0) {
+        if (fd < 0) PROCPATH(p, pfd);
+        if (suidgid_mode(req, pfd, &m, &n) && chmod_node(pfd, fd < 0 ? p : NULL, n) == 0)
+            TK_INC(fs, suid_kills, 1);
+        if (fd < 0) tk_inode_put(fs, ino);
+    }
+    pthread_rwlock_unlock(&ino->lock);
 }
 
 /* Did the kernel ask us to clear the set-id bits with this WRITE?  The request's
@@ -560,15 +607,30 @@ static int write_kills_suidgid(fuse_req_t req, const char *buf, size_t size, off
 static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_fh *fh,
                          uint64_t size) {
     int fd = fh ? fh->fd : -1, own = -1, rc = 0;
+    uint64_t gen = __atomic_load_n(&ino->rk_gen, __ATOMIC_ACQUIRE);
     if (fd < 0) {
         fd = own = reopen(fs, ino, O_RDWR | O_CLOEXEC);
         if (fd < 0) return fd;
     }
     pthread_rwlock_wrlock(&ino->lock);
+    if (own >= 0 && __atomic_load_n(&ino->rk_gen, __ATOMIC_ACQUIRE) != gen) {
+        close(own);  /* a rekey swapped the file meanwhile: this fd names the old one */
+        fd = own = reopen(fs, ino, O_RDWR | O_CLOEXEC);
+        if (fd < 0) {
+            pthread_rwlock_unlock(&ino->lock);
+            return fd;
+        }
+    }
     if (view == TK_VIEW_PLAIN) {
         uint64_t bad = 0;
         rc = ensure_loaded(fs, req, ino, fd);
-        if (rc == 0) rc = tk_taka_truncate(fs, &ino->taka, fd, size, &bad);
+        if (rc == 0) {
+            uint64_t old = ino->taka.size;
+            rc = tk_taka_truncate(fs, &ino->taka, fd, size, &bad);
+            /* a failure may have changed part of it: what was asked counts too */
+            tk_rk_changed(ino, old, 0, 0, ino->taka.size);
+            if (size != ino->taka.size) tk_rk_changed(ino, old, 0, 0, size);
+        }
         if (rc == -EBADMSG) {
             char d[96];
             snprintf(d, sizeof d, "block %llu failed authentication", (unsigned long long)bad);
@@ -576,6 +638,7 @@ static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_
         }
     } else {
         if (ftruncate(fd, (off_t)size) < 0) rc = -errno;
+        tk_rk_raw(ino);
         tk_taka_reset(&ino->taka);  /* the raw bytes changed under any cached header */
         mark_plain_stale(fs, ino);
     }
@@ -597,28 +660,34 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
     /* the set-id clearing that comes with a truncate is part of the truncate */
     if (rc == 0 && (to_set & ~(FUSE_SET_ATTR_SIZE | FATTR_KILL_SUIDGID)))
         rc = tk_check(fs, req, ino, NULL, TK_ACT_SETATTR, 0, NULL);
-    int pfd = -1;  /* borrowed for the whole request */
-    if (rc == 0) {
+    /* Mode, owner and times change under the file's lock, with its fd borrowed inside
+     * it: a rekey copies them to the new file and swaps it in under the write lock, so
+     * a change lands either before the copy or on the new file. */
+    int pfd = -1;
+    if (rc == 0 && (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))) {
+        pthread_rwlock_rdlock(&ino->lock);
         pfd = tk_inode_fd(fs, ino);
         if (pfd < 0) rc = pfd;
         else PROCPATH(p, pfd);
-    }
-    if (rc == 0 && (to_set & FUSE_SET_ATTR_MODE)) {
-        if (S_ISLNK(ino->type)) rc = -EOPNOTSUPP;
-        else rc = fh ? chmod_node(fh->fd, NULL, attr->st_mode)
-                     : chmod_node(pfd, p, attr->st_mode);
-    }
-    if (rc == 0 && (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))) {
-        uid_t u = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1;
-        gid_t g = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1;
-        if (fchownat(pfd, "", u, g, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) rc = -errno;
+        if (rc == 0 && (to_set & FUSE_SET_ATTR_MODE)) {
+            if (S_ISLNK(ino->type)) rc = -EOPNOTSUPP;
+            else rc = fh ? chmod_node(fh->fd, NULL, attr->st_mode)
+                         : chmod_node(pfd, p, attr->st_mode);
+        }
+        if (rc == 0 && (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))) {
+            uid_t u = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1;
+            gid_t g = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1;
+            if (fchownat(pfd, "", u, g, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) rc = -errno;
+        }
+        if (pfd >= 0) tk_inode_put(fs, ino);
+        pthread_rwlock_unlock(&ino->lock);
     }
     if (rc == 0 && (to_set & FUSE_SET_ATTR_SIZE)) {
         if (!S_ISREG(ino->type)) rc = -EINVAL;
         else rc = truncate_node(fs, req, ino, view, fh, (uint64_t)attr->st_size);
     }
     if (rc == 0 && (to_set & FATTR_KILL_SUIDGID) && S_ISREG(ino->type))
-        kill_suidgid(fs, req, pfd, p);  /* after a chown, which may reset the mode */
+        kill_suidgid(fs, req, ino, -1);  /* after a chown, which may reset the mode */
     if (rc == 0 && (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME))) {
         struct timespec tv[2];
         tv[0].tv_sec = tv[1].tv_sec = 0;
@@ -627,14 +696,22 @@ static void op_setattr(fuse_req_t req, fuse_ino_t nodeid, struct stat *attr, int
         else if (to_set & FUSE_SET_ATTR_ATIME) tv[0] = attr->st_atim;
         if (to_set & FUSE_SET_ATTR_MTIME_NOW) tv[1].tv_nsec = UTIME_NOW;
         else if (to_set & FUSE_SET_ATTR_MTIME) tv[1] = attr->st_mtim;
-        /* through the O_PATH fd itself (AT_EMPTY_PATH, as for symlinks), not a procfs
-         * path; the path where the kernel refuses the flag for this type */
-        int r = fh ? futimens(fh->fd, tv) : utimensat(pfd, "", tv, AT_EMPTY_PATH);
-        if (r < 0 && errno == EINVAL && !fh && !S_ISLNK(ino->type))
-            r = utimensat(AT_FDCWD, p, tv, 0);
-        if (r < 0) rc = -errno;
+        pthread_rwlock_rdlock(&ino->lock);
+        pfd = tk_inode_fd(fs, ino);
+        if (pfd < 0) {
+            rc = pfd;
+        } else {
+            PROCPATH(p, pfd);
+            /* through the O_PATH fd itself (AT_EMPTY_PATH, as for symlinks), not a
+             * procfs path; the path where the kernel refuses the flag for this type */
+            int r = fh ? futimens(fh->fd, tv) : utimensat(pfd, "", tv, AT_EMPTY_PATH);
+            if (r < 0 && errno == EINVAL && !fh && !S_ISLNK(ino->type))
+                r = utimensat(AT_FDCWD, p, tv, 0);
+            if (r < 0) rc = -errno;
+            tk_inode_put(fs, ino);
+        }
+        pthread_rwlock_unlock(&ino->lock);
     }
-    if (pfd >= 0) tk_inode_put(fs, ino);
     struct stat st;
     if (rc == 0) rc = view_stat(fs, ino, view, &st);
     if (rc) reply_rc(req, rc);
@@ -664,6 +741,7 @@ static void make_node(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
     tk_fs *fs = FS(req);
     tk_inode *parent = tk_node_inode(fs, parent_id, NULL);
     tk_decision d;
+    if (tk_hidden_name(name)) { reply_rc(req, -EPERM); return; }  /* the rekey's names */
     int rc = tk_check(fs, req, parent, name, act, 0, &d);
     if (rc) { reply_rc(req, rc); return; }
     int view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
@@ -745,6 +823,10 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent_id, const char *name,
     tk_fs *fs = FS(req);
     tk_inode *parent = tk_node_inode(fs, parent_id, NULL);
     tk_inode *newparent = tk_node_inode(fs, newparent_id, NULL);
+    if (tk_hidden_name(name) || tk_hidden_name(newname)) {  /* the rekey's names */
+        reply_rc(req, tk_hidden_name(name) ? -ENOENT : -EPERM);
+        return;
+    }
     /* both paths are checked; each check carries the destination as the protocol's
      * `target` (so a miss goes through the ring like any other) */
     char *dest = tk_path(fs, newparent, newname);
@@ -773,11 +855,15 @@ static void op_link(fuse_req_t req, fuse_ino_t nodeid, fuse_ino_t newparent_id,
     tk_fs *fs = FS(req);
     tk_inode *ino = tk_node_inode(fs, nodeid, NULL);
     tk_inode *newparent = tk_node_inode(fs, newparent_id, NULL);
+    if (tk_hidden_name(newname)) { reply_rc(req, -EPERM); return; }  /* the rekey's names */
     char *dest = tk_path(fs, newparent, newname);
     int rc = dest ? tk_check_target(fs, req, ino, NULL, TK_ACT_LINK, dest, NULL) : -ENOMEM;
     if (rc == 0) rc = tk_check_target(fs, req, newparent, newname, TK_ACT_LINK, dest, NULL);
     free(dest);
     if (rc == 0) {
+        /* under the file's lock: a rekey's swap (under the write lock) never leaves the
+         * new name on the replaced object, and sees the link count it makes */
+        pthread_rwlock_rdlock(&ino->lock);
         int fd = tk_inode_fd(fs, ino);
         int npfd = fd < 0 ? fd : tk_inode_fd(fs, newparent);
         char p[64];
@@ -787,6 +873,7 @@ static void op_link(fuse_req_t req, fuse_ino_t nodeid, fuse_ino_t newparent_id,
         else if (linkat(AT_FDCWD, p, npfd, newname, AT_SYMLINK_FOLLOW) < 0) rc = -errno;
         if (npfd >= 0) tk_inode_put(fs, newparent);
         if (fd >= 0) tk_inode_put(fs, ino);
+        pthread_rwlock_unlock(&ino->lock);
     }
     struct fuse_entry_param e;
     if (rc == 0) rc = lookup_view(fs, req, newparent, newname, &e);
@@ -899,16 +986,40 @@ static int check_open(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int fl
     return check_open_at(fs, req, ino, NULL, view, flags);
 }
 
-/* Open the backing file of ino for `view`; plaintext: verify the header, O_TRUNC. */
+/* A handle closed: under the file's lock, so that a rekey (which points every open
+ * handle of the file at the new file with dup3, under the write lock) never lands on a
+ * descriptor number that was closed and given to something else. */
+static void fh_drop(tk_fs *fs, tk_fh *fh) {
+    tk_inode *ino = fh->ino;
+    pthread_rwlock_rdlock(&ino->lock);
+    close(fh->fd);
+    fh_forget(fs, fh, fh->slot);
+    pthread_rwlock_unlock(&ino->lock);
+}
+
+/* Open the backing file of ino for `view` and register the handle (*fhp); plaintext:
+ * verify the header, O_TRUNC.  The handle is registered under the file's lock, with a
+ * backing fd of the file's current object: a rekey swapping the file meanwhile (under
+ * the write lock) either finds the handle and moves it or happened before the fd
+ * (opened again then). */
 static int open_backing(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int flags,
-                        int *fdp) {
+                        tk_fh **fhp) {
     int acc = flags & O_ACCMODE, fd, rc = 0;
-    if (view == TK_VIEW_PLAIN)  /* partial blocks need read-modify-write */
-        fd = reopen(fs, ino, (acc == O_RDONLY && !(flags & O_TRUNC) ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-    else
-        fd = reopen(fs, ino, raw_flags(flags));
+    int bflags = view == TK_VIEW_PLAIN  /* partial blocks need read-modify-write */
+                     ? (acc == O_RDONLY && !(flags & O_TRUNC) ? O_RDONLY : O_RDWR) | O_CLOEXEC
+                     : raw_flags(flags);
+    uint64_t gen = __atomic_load_n(&ino->rk_gen, __ATOMIC_ACQUIRE);
+    fd = reopen(fs, ino, bflags);
     if (fd < 0) return fd;
     pthread_rwlock_wrlock(&ino->lock);
+    if (__atomic_load_n(&ino->rk_gen, __ATOMIC_ACQUIRE) != gen) {
+        close(fd);  /* opened on the object a rekey has just replaced */
+        fd = reopen(fs, ino, bflags);
+        if (fd < 0) {
+            pthread_rwlock_unlock(&ino->lock);
+            return fd;
+        }
+    }
     if (view == TK_VIEW_PLAIN) {
         rc = ensure_loaded(fs, req, ino, fd);
         struct stat est;
@@ -918,12 +1029,20 @@ static int open_backing(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int 
             tk_taka_reset(&ino->taka);
             rc = tk_taka_create(fs, ino, fd);
         }
-        uint64_t bad = 0;
-        if (rc == 0 && (flags & O_TRUNC)) rc = tk_taka_truncate(fs, &ino->taka, fd, 0, &bad);
-    } else if (flags & O_TRUNC) {
-        tk_taka_reset(&ino->taka);
-        mark_plain_stale(fs, ino);
+        uint64_t bad = 0, old = ino->taka.size;
+        if (rc == 0 && (flags & O_TRUNC)) {
+            rc = tk_taka_truncate(fs, &ino->taka, fd, 0, &bad);
+            tk_rk_changed(ino, old, 0, 0, 0);
+        }
+    } else {
+        if (acc != O_RDONLY || (flags & O_TRUNC)) tk_rk_raw(ino);  /* a raw writer */
+        if (flags & O_TRUNC) {
+            tk_taka_reset(&ino->taka);
+            mark_plain_stale(fs, ino);
+        }
     }
+    tk_fh *fh = NULL;
+    if (rc == 0 && !(fh = new_fh(fd, view, flags, ino))) rc = -ENOMEM;
     pthread_rwlock_unlock(&ino->lock);
     if (rc) {
         close(fd);
@@ -931,30 +1050,24 @@ static int open_backing(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int 
     }
     if ((flags & O_TRUNC) && fuse_req_ctx(req)->uid != 0 &&
         __atomic_load_n(&fs->st.killpriv_v2, __ATOMIC_RELAXED))
-        kill_suidgid(fs, req, fd, NULL);
-    *fdp = fd;
+        kill_suidgid(fs, req, ino, fh->fd);
+    *fhp = fh;
     return 0;
 }
 
 static void op_open(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info *fi) {
     tk_fs *fs = FS(req);
-    int view, fd = -1;
+    int view;
     tk_inode *ino = tk_node_inode(fs, nodeid, &view);
+    tk_fh *fh = NULL;
     int rc = check_open(fs, req, ino, view, fi->flags);
-    if (rc == 0) rc = open_backing(fs, req, ino, view, fi->flags, &fd);
+    if (rc == 0) rc = open_backing(fs, req, ino, view, fi->flags, &fh);
     if (rc) { reply_rc(req, rc); return; }
-    tk_fh *fh = new_fh(fd, view, fi->flags, ino);
-    if (!fh) {
-        close(fd);
-        { reply_rc(req, -ENOMEM); return; }
-    }
     fi->fh = (uint64_t)fh->slot + 1;
     fi->direct_io = direct_for(fs, view, fi->flags);
     fi->keep_cache = keep_cache(ino, view);
-    if (fuse_reply_open(req, fi) != 0) {  /* interrupted: the kernel will not release */
-        close(fd);
-        fh_forget(fs, fh, fh->slot);
-    }
+    if (fuse_reply_open(req, fi) != 0)  /* interrupted: the kernel will not release */
+        fh_drop(fs, fh);
 }
 
 static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mode_t mode,
@@ -962,6 +1075,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
     tk_fs *fs = FS(req);
     tk_inode *parent = tk_node_inode(fs, parent_id, NULL);
     tk_decision d;
+    if (tk_hidden_name(name)) { reply_rc(req, -EPERM); return; }  /* the rekey's names */
     int rc = tk_check(fs, req, parent, name, TK_ACT_CREATE, 0, &d);
     if (rc) { reply_rc(req, rc); return; }
     int view = (d.effects & TK_FX_APPLY_KEY) ? TK_VIEW_PLAIN : TK_VIEW_RAW;
@@ -981,10 +1095,12 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
     }
     become_root(fs, &c);
     struct stat cst;
-    if (fd >= 0 && fstat(fd, &cst) == 0)  /* for a successor, should we be killed now */
+    int have_cst = fd >= 0 && fstat(fd, &cst) == 0;
+    if (have_cst)  /* for a successor, should we be killed now */
         tk_note_create(fs, (uint64_t)cst.st_dev, (uint64_t)cst.st_ino);
     struct fuse_entry_param e;
     tk_inode *ino = NULL;
+    tk_fh *fh = NULL;
     /* EEXIST for O_EXCL, unless the file is the one a killed predecessor created for
      * this very request (served again: its reply never arrived) */
     if (rc == -EEXIST && (!(fi->flags & O_EXCL) || tk_recovered_create(fs, pfd, name))) {
@@ -993,11 +1109,11 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
         if (rc == 0) {
             ino = tk_node_inode(fs, e.ino, &view);
             rc = check_open(fs, req, ino, view, fi->flags);
-            if (rc == 0) rc = open_backing(fs, req, ino, view, fi->flags, &fd);
+            if (rc == 0) rc = open_backing(fs, req, ino, view, fi->flags, &fh);
             if (rc == 0) rc = view_stat(fs, ino, view, &e.attr);
             if (rc) {
-                if (fd >= 0) close(fd);
-                fd = -1;
+                if (fh) fh_drop(fs, fh);
+                fh = NULL;
                 tk_itab_forget(fs, e.ino, 1);
             }
         }
@@ -1010,26 +1126,32 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
             if (rc == 0) rc = view_stat(fs, ino, view, &e.attr);
             if (rc) tk_itab_forget(fs, e.ino, 1);
         }
+        if (rc == 0) {
+            /* registered under the file's lock with an fd on its current object (a
+             * rekey may have swapped even a new file since it was created) */
+            pthread_rwlock_rdlock(&ino->lock);
+            if (!have_cst || cst.st_dev != ino->dev || cst.st_ino != ino->ino) {
+                close(fd);
+                fd = reopen(fs, ino, flags);
+                if (fd < 0) rc = fd;
+            }
+            if (rc == 0 && !(fh = new_fh(fd, view, fi->flags, ino))) rc = -ENOMEM;
+            pthread_rwlock_unlock(&ino->lock);
+            if (rc) tk_itab_forget(fs, e.ino, 1);
+        }
         if (rc) {
-            close(fd);
+            if (fd >= 0) close(fd);
             fd = -1;
             unlinkat(pfd, name, 0);
         }
     }
     tk_inode_put(fs, parent);
     if (rc) { reply_rc(req, rc); return; }
-    tk_fh *fh = new_fh(fd, view, fi->flags, ino);
-    if (!fh) {
-        close(fd);
-        tk_itab_forget(fs, e.ino, 1);
-        { reply_rc(req, -ENOMEM); return; }
-    }
     fi->fh = (uint64_t)fh->slot + 1;
     fi->direct_io = direct_for(fs, view, fi->flags);
     fi->keep_cache = keep_cache(ino, view);
     if (fuse_reply_create(req, &e, fi) != 0) {  /* interrupted: no release, no forget */
-        close(fd);
-        fh_forget(fs, fh, fh->slot);
+        fh_drop(fs, fh);
         tk_itab_forget(fs, e.ino, 1);
     }
 }
@@ -1139,6 +1261,7 @@ static ssize_t raw_change(tk_fs *fs, tk_inode *ino, int fd, const char *buf, siz
     pthread_rwlock_wrlock(&ino->lock);
     ssize_t n = buf ? pwrite(fd, buf, size, off) : fallocate(fd, mode, off, (off_t)size);
     if (n < 0) n = -errno;
+    tk_rk_raw(ino);  /* a rekey copying the file gives up: tried again later */
     tk_taka_reset(&ino->taka);
     pthread_rwlock_unlock(&ino->lock);
     mark_plain_stale(fs, ino);
@@ -1155,7 +1278,7 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
     tk_inode *ino = fh->ino;
     if (__atomic_load_n(&fs->st.killpriv_v2, __ATOMIC_RELAXED) &&
         write_kills_suidgid(req, buf, size, off, fi))
-        kill_suidgid(fs, req, fh->fd, NULL);
+        kill_suidgid(fs, req, ino, fh->fd);
     if (fh->view == TK_VIEW_RAW) {
         ssize_t n = raw_change(fs, ino, fh->fd, buf, size, off, 0);
         if (n < 0) { reply_rc(req, (int)n); return; }
@@ -1171,7 +1294,9 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
         bs = ino->taka.bs;
         /* O_APPEND: append at OUR size, atomically under the inode lock */
         uint64_t at = fh->append && !fi->writepage ? ino->taka.size : (uint64_t)off;
+        uint64_t old = ino->taka.size;
         rc = tk_taka_write(fs, &ino->taka, fh->fd, buf, size, at, &bad);
+        tk_rk_changed(ino, old, at, size, ino->taka.size);  /* also after a failure */
     }
     pthread_rwlock_unlock(&ino->lock);
     if (rc == -EBADMSG) integrity_fail(fs, req, ino, "write", bad);
@@ -1199,8 +1324,7 @@ static void op_release(fuse_req_t req, fuse_ino_t nodeid, struct fuse_file_info 
         struct stat st;
         (void)view_stat(FS(req), fh->ino, TK_VIEW_PLAIN, &st);
     }
-    close(fh->fd);
-    fh_forget(FS(req), fh, fh->slot);
+    fh_drop(FS(req), fh);
     fuse_reply_err(req, 0);
 }
 
@@ -1235,8 +1359,11 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
     uint64_t bad = 0, end = (uint64_t)off + (uint64_t)len;
     pthread_rwlock_wrlock(&ino->lock);
     rc = ensure_loaded(fs, req, ino, fh->fd);
-    if (rc == 0 && !(mode & FALLOC_FL_KEEP_SIZE) && end > ino->taka.size)
+    if (rc == 0 && !(mode & FALLOC_FL_KEEP_SIZE) && end > ino->taka.size) {
+        uint64_t old = ino->taka.size;
         rc = tk_taka_truncate(fs, &ino->taka, fh->fd, end, &bad);
+        tk_rk_changed(ino, old, 0, 0, end);
+    }
     if (rc == 0) {
         uint64_t bs = ino->taka.bs;
         uint64_t s0 = tk_taka_stored_size((uint64_t)off / bs * bs, (uint32_t)bs);
@@ -1342,6 +1469,11 @@ static void do_readdir(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off
         off_t next = d->entry->d_off;
         const char *name = d->entry->d_name;
         size_t n;
+        if (tk_hidden_name(name)) {  /* a rekey's temporary (fuse_rekey.c) */
+            d->entry = NULL;
+            d->offset = next;
+            continue;
+        }
         struct fuse_entry_param e;
         memset(&e, 0, sizeof e);
         e.attr.st_ino = d->entry->d_ino;
@@ -1459,12 +1591,17 @@ static void op_setxattr(fuse_req_t req, fuse_ino_t nodeid, const char *name,
     if (!user_xattr(name)) { reply_rc(req, -EOPNOTSUPP); return; }
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_SETXATTR, 0, NULL);
     if (rc) { reply_rc(req, rc); return; }
+    pthread_rwlock_rdlock(&ino->lock);  /* see op_setattr */
     int pfd = tk_inode_fd(fs, ino);
-    if (pfd < 0) { reply_rc(req, pfd); return; }
-    char p[64];
-    PROCPATH(p, pfd);
-    if (setxattr(p, name, value, size, flags) < 0) rc = -errno;
-    tk_inode_put(fs, ino);
+    if (pfd < 0) {
+        rc = pfd;
+    } else {
+        char p[64];
+        PROCPATH(p, pfd);
+        if (setxattr(p, name, value, size, flags) < 0) rc = -errno;
+        tk_inode_put(fs, ino);
+    }
+    pthread_rwlock_unlock(&ino->lock);
     reply_rc(req, rc);
 }
 
@@ -1557,12 +1694,17 @@ static void op_removexattr(fuse_req_t req, fuse_ino_t nodeid, const char *name) 
     if (!user_xattr(name)) { reply_rc(req, -EOPNOTSUPP); return; }
     int rc = tk_check(fs, req, ino, NULL, TK_ACT_SETXATTR, 0, NULL);
     if (rc) { reply_rc(req, rc); return; }
+    pthread_rwlock_rdlock(&ino->lock);  /* see op_setattr */
     int pfd = tk_inode_fd(fs, ino);
-    if (pfd < 0) { reply_rc(req, pfd); return; }
-    char p[64];
-    PROCPATH(p, pfd);
-    if (removexattr(p, name) < 0) rc = -errno;
-    tk_inode_put(fs, ino);
+    if (pfd < 0) {
+        rc = pfd;
+    } else {
+        char p[64];
+        PROCPATH(p, pfd);
+        if (removexattr(p, name) < 0) rc = -errno;
+        tk_inode_put(fs, ino);
+    }
+    pthread_rwlock_unlock(&ino->lock);
     reply_rc(req, rc);
 }
 

@@ -319,6 +319,37 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
     return 0;
 }
 
+int tk_taka_init_new(tk_taka *t, const char *name, uint32_t version, const uint8_t key[32],
+                     uint32_t bs) {
+    size_t klen = strlen(name);
+    tk_taka_reset(t);
+    if (klen < 1 || klen > TK_KEYID_MAX || !tk_gcm_block_size_ok(bs) || version == 0)
+        return -EINVAL;
+    uint8_t *h = t->hdr;
+    memcpy(h, "TAKA", 4);
+    h[4] = 1;
+    h[5] = 1;
+    t->bs = bs;
+    put_le32(h + 8, bs);
+    put_le32(h + 12, version);
+    if (getrandom(h + 16, 16, 0) != 16) return -EIO;
+    h[32] = (uint8_t)klen;
+    memcpy(h + 33, name, klen);
+    t->size = 0;
+    int rc = keys_from(t, key);
+    if (rc) {
+        tk_taka_reset(t);
+        return rc;
+    }
+    t->state = 1;
+    return 0;
+}
+
+int tk_taka_put_header(tk_taka *t, int fd, uint64_t encryptions) {
+    put_le64(t->hdr + 104, encryptions);
+    return write_header(t, fd);
+}
+
 /*
  * Decrypt blocks first..last (all below `size`) into out; writes exactly
  * *outlen = min((last + 1) * bs, size) - first * bs bytes (whole blocks but a last one

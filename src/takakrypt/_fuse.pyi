@@ -20,6 +20,27 @@ the file (EIO), in ``audit`` is ignored; the message is kept in
 ``last_callback_error``.  After interpreter shutdown has begun, callbacks deny without
 touching Python.  ``unmount()`` is idempotent; clients still holding files get
 ENOTCONN (the connection is aborted after a short grace period).
+
+Live rekey (docs/guard-points.md, "Live rekey (data path)")
+-----------------------------------------------------------
+``rekey_file(relpath, *, version=0, rate=0, chunk_blocks=256)`` re-encrypts one regular
+file of the mounted guard point (``relpath`` relative to the backing directory, no
+leading ``/``, no ``.``/``..``/empty components) to ``version`` of the key its header
+names (0: the current version, as new files get it) while applications keep using it,
+and returns ``(outcome, bytes_written)`` (bytes the copy wrote, not the application
+writes it mirrored into the copy meanwhile); outcome is one of :data:`REKEY_OUTCOMES`:
+``"done"`` (the copy is swapped in, open descriptors follow it), ``"current"`` (at the
+target version or newer: nothing written), ``"skipped-hardlink"``,
+``"skipped-not-regular"``, ``"busy"`` (renamed, restored raw, a raw writer, too hot or a
+handover: try again later), ``"cancelled"`` (``rekey_cancel()`` or unmount: the original
+untouched, the temporary removed).  Raises OSError: EIO for a header or block that does
+not verify (nothing written; an ``integrity`` audit event), ENOKEY for a key that cannot
+be got, ENOENT for a file that is gone, EINVAL for a bad path.  ``rate``: bytes of
+ciphertext per second (0: unlimited), slept without a lock; ``chunk_blocks``: blocks per
+read-lock hold (at most 8 MiB of stored blocks).  Blocks the calling thread with the GIL
+released (it calls ``get_key``); MUST NOT be called from a callback.  Thread-safe.
+``rekey_cancel(on=True)`` sets (``False`` clears) the flag that stops running and new
+rekeys; ``backing_fd()`` returns a new descriptor of the backing directory.
 """
 
 from collections.abc import Callable
@@ -38,6 +59,7 @@ HINT_GETATTR_ALL: int
 ACTIONS: tuple[str, ...]
 PROTOCOL_ACTIONS: dict[str, int]   # action name -> enum takakrypt_action code
 RING_TIMEOUT_MS: int               # 5000, TAKAKRYPT_TIMEOUT_MS
+REKEY_OUTCOMES: tuple[str, ...]    # "done", "current", "skipped-hardlink", ...
 
 class Mount:
     mountpoint: str
@@ -69,5 +91,9 @@ class Mount:
     def bump_generation(self) -> int: ...
     def invalidate(self) -> None: ...
     def drop_keys(self) -> None: ...
+    def rekey_file(self, relpath: str, *, version: int = 0, rate: int = 0,
+                   chunk_blocks: int = 256) -> tuple[str, int]: ...
+    def rekey_cancel(self, on: bool = True) -> None: ...
+    def backing_fd(self) -> int: ...
     def set_hints(self, hints: int) -> None: ...
     def stats(self) -> dict[str, Any]: ...

@@ -422,6 +422,27 @@ class GuardPoint:
         file's keys are fetched again through ``get_key`` at its next use."""
         self._m.drop_keys()
 
+    # live rekey (docs/guard-points.md, "Live rekey (data path)") --------------------------
+    def rekey_file(self, relpath: str, *, version: int = 0, rate: int = 0,
+                   chunk_blocks: int = 256) -> tuple[str, int]:
+        """Re-encrypt one file (``relpath`` relative to the backing directory) to
+        ``version`` of its key (0: the current one) while applications keep using it;
+        ``(outcome, bytes_written)``, outcome one of ``_fuse.REKEY_OUTCOMES``.  Blocks
+        (without the GIL); raises OSError (EIO: does not verify, ENOKEY: no key,
+        ENOENT: gone).  See :meth:`takakrypt._fuse.Mount.rekey_file`."""
+        return self._m.rekey_file(relpath, version=version, rate=rate,
+                                  chunk_blocks=chunk_blocks)
+
+    def rekey_cancel(self, on: bool = True) -> None:
+        """Make running and new :meth:`rekey_file` calls stop ("cancelled", the
+        original untouched) until called with ``False``."""
+        self._m.rekey_cancel(on)
+
+    def backing_fd(self) -> int:
+        """A new descriptor of the backing directory (the caller closes it); it reaches
+        the files under an in-place mount too."""
+        return self._m.backing_fd()
+
     def set_policy_hints(self, plain_only: bool, getattr_all: bool,
                          process_free: bool = False) -> None:
         """What the policy engine proved for every caller and path

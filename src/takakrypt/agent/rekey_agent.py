@@ -98,8 +98,12 @@ class RekeyAgent:
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
                                  or not 0 <= rate <= 100_000):
             raise UsageError("rekey rate: a number of MB/s from 0 (unlimited) to 100000")
-        rk = self._rekey_for(path)
-        assert rk is not None
+        rk = self._rekey_for(path, create=op == "start")
+        if rk is None:
+            self._guard_spec(path)  # a path that is no guard point: say so
+            if op == "status":
+                return {"guard": os.path.normpath(path), "state": "none"}
+            raise UsageError(f"no rekey of {os.path.normpath(path)} was started")
         if op == "status":
             return rk.status()
         if op == "pause":
