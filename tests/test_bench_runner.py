@@ -186,7 +186,10 @@ def test_sigint_mid_run_leaves_no_mount(bdir, when):
     p = subprocess.Popen([sys.executable, "-m", "takakrypt", "bench", "--dir", str(bdir),
                           "--no-save", "-q", *args], env=env(), stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True,
+                         # a test run started in the background (`cmd &`) inherits an
+                         # ignored SIGINT; the run must see Ctrl-C as a terminal sends it
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def reached() -> bool:
         if len(fuse_mounts(str(bdir))) < 2:
