@@ -432,7 +432,9 @@ static int serve_status(struct genl_info *info, const u8 *req)
  * CONFIG_UPDATE: the complete set of guard points, all or nothing.  Part 1 uses it for
  * keys: a mount whose gp= id is not enabled in the set loses its keys (wiped) and gets
  * none until a later CONFIG_UPDATE enables it again; a mount without gp= follows "any
- * enabled guard point" (an empty set wipes it too).
+ * enabled guard point" (an empty set wipes it too).  An entry's `enabled` 2 (closed: the
+ * agent cannot have its key, or its key cache dropped it) keeps the guard point's path
+ * for the decisions but withdraws its keys as 0 does.
  */
 #define TKFS_MAX_GP 1024
 /* the last CONFIG_UPDATE applied (validated), for mounts made after it; tkfs_mounts_lock */
@@ -443,7 +445,7 @@ static u32 last_cfg_len;
  * The enabled guard point id of a validated CONFIG_UPDATE as the path POLICY_CHECK names
  * files by (decide.c), without a trailing slash ("/" becomes ""); NULL if absent.
  */
-static struct tkfs_gp *gp_from_cfg(const u8 *req, u32 len, u32 id)
+static struct tkfs_gp *gp_from_cfg(const u8 *req, u32 len, u32 id, u32 *state)
 {
 	u32 version = get_unaligned_le32(req + 4);
 	u32 fixed = version >= 2 ? 12 : 8, efixed = version >= 2 ? 20 : 16;
@@ -459,6 +461,7 @@ static struct tkfs_gp *gp_from_cfg(const u8 *req, u32 len, u32 id)
 
 		off += efixed;
 		if (en && id && eid == id) {
+			*state = en;
 			gp = kmalloc(sizeof(*gp) + pl + 1, GFP_KERNEL);
 			if (!gp)
 				return NULL;
@@ -479,9 +482,16 @@ static struct tkfs_gp *gp_from_cfg(const u8 *req, u32 len, u32 id)
 /* a new mount takes its guard point's path from the last CONFIG_UPDATE; tkfs_mounts_lock */
 void tkfs_gp_attach(struct tkfs_sb *sbi)
 {
-	struct tkfs_gp *gp = last_cfg ? gp_from_cfg(last_cfg, last_cfg_len, sbi->gp_id) : NULL;
+	u32 state = 0;
+	struct tkfs_gp *gp = last_cfg ? gp_from_cfg(last_cfg, last_cfg_len, sbi->gp_id,
+						    &state) : NULL;
 
 	rcu_assign_pointer(sbi->gp, gp);
+	if (state == 2) {	/* closed: no key until a CONFIG_UPDATE opens it */
+		mutex_lock(&sbi->keys_lock);
+		sbi->keys_revoked = true;
+		mutex_unlock(&sbi->keys_lock);
+	}
 }
 
 static int serve_config(struct genl_info *info, const u8 *req, u32 len)
@@ -489,7 +499,7 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 	u32 version = get_unaligned_le32(req + 4);
 	u32 fixed = version >= 2 ? 12 : 8, efixed = version >= 2 ? 20 : 16;
 	u32 count, total, gen = 0, off, i, nenabled = 0;
-	u32 *enabled_ids;
+	u32 *enabled_ids, *ids;
 	u8 *copy;
 	struct tkfs_sb *sbi;
 	u8 m[TAKAKRYPT_HEADER_SIZE + 8];
@@ -503,9 +513,10 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 		gen = get_unaligned_le32(req + 40);
 	if (count > TKFS_MAX_GP || total != len - TAKAKRYPT_HEADER_SIZE - fixed)
 		return -EINVAL;
-	enabled_ids = kcalloc(count + 1, sizeof(u32), GFP_KERNEL);
+	enabled_ids = kcalloc(2 * (count + 1), sizeof(u32), GFP_KERNEL);
 	if (!enabled_ids)
 		return -ENOMEM;
+	ids = enabled_ids + count + 1;
 	off = TAKAKRYPT_HEADER_SIZE + fixed;
 	for (i = 0; i < count; i++) {
 		u32 en, nl, pl, ql, id = i + 1, j;
@@ -521,13 +532,13 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 		if (version >= 2)
 			id = get_unaligned_le32(req + off + 16);
 		off += efixed;
-		if (en > 1 || !id || nl > len - off || pl > len - off - nl ||
+		if (en > 2 || !id || nl > len - off || pl > len - off - nl ||
 		    ql > len - off - nl - pl) {
 			err = -EINVAL;
 			goto out;
 		}
 		for (j = 0; j < i; j++)		/* ids unique in the message */
-			if (enabled_ids[j] == id) {
+			if (ids[j] == id) {
 				err = -EINVAL;
 				goto out;
 			}
@@ -540,8 +551,9 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 			goto out;
 		}
 		off += nl + pl + ql;
-		enabled_ids[i] = en ? id : 0;
-		nenabled += en;
+		ids[i] = id;
+		enabled_ids[i] = en == 1 ? id : 0;	/* 2: closed, its keys withdrawn */
+		nenabled += en == 1;
 	}
 	if (off != len) {
 		err = -EINVAL;
@@ -561,11 +573,12 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 	list_for_each_entry(sbi, &tkfs_mounts, all) {
 		struct tkfs_gp *gp = NULL, *old;
 		bool on = false;
+		u32 state = 0;
 
 		for (i = 0; i < count; i++)
 			if (enabled_ids[i] && (!sbi->gp_id || enabled_ids[i] == sbi->gp_id))
 				on = true;
-		gp = gp_from_cfg(req, len, sbi->gp_id);
+		gp = gp_from_cfg(req, len, sbi->gp_id, &state);
 		old = rcu_replace_pointer(sbi->gp, gp, lockdep_is_held(&tkfs_mounts_lock));
 		if (old)
 			kfree_rcu(old, rcu);

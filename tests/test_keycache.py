@@ -443,3 +443,40 @@ def test_config_fields_are_checked(tmp_path):
     assert C.key_cache_times(C.Keys()) == (0.0, 0.0)
     assert C.key_cache_times(C.Keys(backend="kmip")) == (3600.0, 900.0)
     assert C.key_cache_times(C.Keys(cache_ttl=60, cache_revalidate=5)) == (60.0, 5.0)
+
+
+def test_config_check_warns_when_the_backend_is_down(tmp_path):
+    """``takakrypt config check``: a key backend that is down (here the keystore damaged)
+    is a warning (exit 0; exit 3 with --strict), since takakryptd would start closed;
+    a missing keystore (a bad path) stays an error."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from agent_helpers import base_config
+
+    cfg = base_config(tmp_path)
+    (tmp_path / "gp").mkdir()
+    cfg["guard_points"] = [{"path": str(tmp_path / "gp"), "policy": "p", "key": "k1"}]
+    cf = tmp_path / "c.yaml"
+    cf.write_text(yaml.safe_dump(cfg))
+
+    def check(*extra):
+        return subprocess.run([sys.executable, "-m", "takakrypt", "config", "check", *extra,
+                               str(cf)], capture_output=True, text=True, timeout=60)
+
+    r = check("--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["warnings"] == [], r.stderr
+    ks = tmp_path / "keystore.json"
+    ks.write_bytes(b"{ damaged")
+    r = check("--json")
+    assert r.returncode == 0, r.stderr
+    (w,) = json.loads(r.stdout)["warnings"]
+    assert "key backend is down" in w and "closed" in w
+    assert "WARNING" in r.stderr and "Traceback" not in r.stderr
+    r = check("--strict")
+    assert r.returncode == 3 and "key backend is down" in r.stderr, r.stderr
+    ks.unlink()
+    r = check()
+    assert r.returncode == 3 and "no keystore at" in r.stderr, r.stderr

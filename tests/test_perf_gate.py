@@ -189,7 +189,13 @@ def test_planted_regressions_fail_the_gate(tmp_path: Path) -> None:
     # the extra pass: the ipsec-mb encrypt path only; the extra system call: every
     # phase's system calls per request; nothing else moved
     assert "ir.encrypt_ipsecmb_64x4k" in failed, out
-    assert {n for n in rows if n.endswith(".syscalls_per_request")} <= failed, out
+    # the system call counts depend on the kernel: on another machine image than the
+    # baseline's they are shown as "other tools", not gated (gate.DEPENDS)
+    base, new = json.loads(gate.BASELINE.read_text()), json.loads(saved.read_text())
+    syscalls = {n for n in rows if n.endswith(".syscalls_per_request")}
+    gated = {n for n in syscalls if not gate.moved_tools(n, base, new)}
+    assert gated <= failed, out
+    assert all(rows[n] == "other tools" for n in syscalls - gated), out
     assert not {n for n in failed if n.startswith("ir.") and n != "ir.encrypt_ipsecmb_64x4k"}, out
     assert not {n for n in failed if ".requests_per_" in n}, out
     assert rows["ir.decrypt_ipsecmb_64x4k"] == "ok" and rows["ir.encrypt_openssl_64x4k"] == "ok"
@@ -197,6 +203,9 @@ def test_planted_regressions_fail_the_gate(tmp_path: Path) -> None:
     enc = out.split("FAIL ir.encrypt_ipsecmb_64x4k: ", 1)[1].split("\nFAIL", 1)[0]
     assert "likely place: tk_gcm_encrypt / imb_encrypt" in enc
     assert "grew most: tk_gcm_encrypt [hotpaths]" in enc
-    unt = out.split("FAIL fuse.untar.syscalls_per_request: ", 1)[1].split("\nFAIL", 1)[0]
-    assert "grew most: getppid +1" in unt
+    if "fuse.untar.syscalls_per_request" in gated:
+        unt = out.split("FAIL fuse.untar.syscalls_per_request: ", 1)[1].split("\nFAIL", 1)[0]
+        assert "grew most: getppid +1" in unt
+    else:
+        assert "measured with other tools than the baseline" in out, out
     assert "performance gate: FAILED" in out

@@ -29,7 +29,7 @@ ALL_PAYLOADS = [*P.PAYLOADS.values(), P.ErrorReply]
 
 def _entry(version: int, id_: int = 0) -> st.SearchStrategy[P.GuardPointEntry]:
     extra = {"id": st.just(id_)} if version >= 2 else {}
-    return st.builds(P.GuardPointEntry, enabled=st.booleans(), name=TEXTS, path=PATHS,
+    return st.builds(P.GuardPointEntry, enabled=st.sampled_from([0, 1, 2]), name=TEXTS, path=PATHS,
                      policy=TEXTS, **extra)
 
 

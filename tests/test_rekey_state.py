@@ -90,17 +90,20 @@ def test_state_file_roundtrip_mode_and_damage(tmp_path):
 
 def test_remove_leftovers_keeps_state_and_other_files(tmp_path):
     (tmp_path / "sub").mkdir()
-    for rel in (".takakrypt-rekey.1a2b", "sub/.takakrypt-rekey.ff", R.STATE_NAME, "keep",
-                "sub/.takakrypt-other"):
+    for rel in (".takakrypt-rekey.tmp.0123456789abcdef", "sub/.takakrypt-rekey.tmp.fedcba9876543210",
+                R.STATE_NAME + ".tmp-4242", R.STATE_NAME, "keep", "sub/.takakrypt-other",
+                "sub/.takakrypt-rekey.tmp.short", "sub/" + R.STATE_NAME + ".tmp-1"):
         (tmp_path / rel).write_bytes(b"x")
     fd = _dirfd(tmp_path)
     try:
-        assert R.remove_leftovers(fd) == 2
+        assert R.remove_leftovers(fd) == 3
         assert R.remove_leftovers(fd) == 0
     finally:
         os.close(fd)
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert left == [R.STATE_NAME, "keep", "sub/.takakrypt-other"]
+    # only the data path's names (16 hex digits) and the top's state temporaries go
+    assert left == sorted([R.STATE_NAME, "keep", "sub/" + R.STATE_NAME + ".tmp-1",
+                           "sub/.takakrypt-other", "sub/.takakrypt-rekey.tmp.short"])
 
 
 def test_usage_counts_versions_from_headers(tmp_path):

@@ -472,8 +472,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from .agent.keymanager import load_config
     from .errors import ConfigError
 
-    cfg = load_config(args.file)  # what takakryptd checks at start and reload
-    warnings = config.identity_warnings(cfg)
+    # what takakryptd checks at start and reload; a key backend that is down is a warning
+    # (takakryptd starts with its guard points closed, docs/keys.md section 9)
+    outages: list[str] = []
+    cfg = load_config(args.file, outage_ok=True, outages=outages)
+    warnings = config.identity_warnings(cfg) + [
+        f"the key backend is down ({o}): the guard points' keys were not checked; takakryptd "
+        "would start with its guard points closed until it answers" for o in outages]
     if warnings and args.strict:
         err = ConfigError(f"{args.file}: {warnings[0]}" + (
             f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""))
@@ -851,7 +856,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "database type (both chosen by the caller) is invalid; "
                                      "an exclusion by name only is reported with a WARNING, "
                                      "and refused with --strict (docs/policy.md, \"Process "
-                                     "identity\").",
+                                     "identity\"). A key backend that is down (KMS "
+                                     "unreachable, keystore unreadable) is a WARNING too: "
+                                     "takakryptd starts with its guard points closed "
+                                     "(docs/keys.md, section 9).",
                          epilog=_exit_table())
     cp.add_argument("file", metavar="FILE")
     cp.add_argument("--strict", action="store_true",

@@ -186,6 +186,8 @@ class GenlTransport:
         self.errors = 0         # malformed frames, refused sends, error acks
         self.config_sent = 0
         self.last_config: dict[str, Any] | None = None
+        self._entries_in_force: tuple[P.GuardPointEntry, ...] | None = None
+        self._keys_lock: asyncio.Lock | None = None
 
     # start / stop -----------------------------------------------------------------------
     async def start(self) -> bool:
@@ -250,10 +252,35 @@ class GenlTransport:
                 "last_config": self.last_config}
 
     # agent -> kernel --------------------------------------------------------------------
-    def entries(self) -> tuple[P.GuardPointEntry, ...]:
-        return tuple(P.GuardPointEntry(enabled=gp.enabled, name=gp.path, path=gp.path,
+    def entries(self, withdraw: frozenset[str] = frozenset()) -> tuple[P.GuardPointEntry, ...]:
+        """The guard points as CONFIG_UPDATE carries them: a guard point that is closed
+        (no key of it can be had: keys_agent), or in ``withdraw``, is GP_CLOSED, which
+        makes the module wipe the keys it holds for it and ask for none."""
+        closed = set(getattr(self.agent, "closed", {})) | withdraw
+
+        def state(gp: Any) -> int:
+            if not gp.enabled:
+                return P.GP_DISABLED
+            return P.GP_CLOSED if os.path.normpath(gp.path) in closed else P.GP_ENABLED
+
+        return tuple(P.GuardPointEntry(enabled=state(gp), name=gp.path, path=gp.path,
                                        policy=gp.policy, id=i)
                      for i, gp in enumerate(self.agent.config.guard_points, 1))
+
+    async def sync_keys(self, wipe: frozenset[str] = frozenset()) -> None:
+        """After the key cache changed (keys_agent): the guard points in ``wipe`` (their
+        key was dropped) lose the keys the module holds (a CONFIG_UPDATE with them
+        closed), and the module gets the guard points' current states (closed, or open
+        again) if they are not what it holds.  One at a time, in order."""
+        if not self.registered:
+            return
+        if self._keys_lock is None:
+            self._keys_lock = asyncio.Lock()
+        async with self._keys_lock:
+            if wipe:
+                await self.push_config(self.entries(wipe))
+            if wipe or self.entries() != self._entries_in_force:
+                await self.push_config()
 
     def generation(self) -> int:
         cache = getattr(self.agent, "cache", None)
@@ -284,6 +311,7 @@ class GenlTransport:
         self.last_config = {"entries": len(ents), "generation": gen,
                             "status": P.Status(r.status).name.lower(),
                             "configured": getattr(r.payload, "configured_count", None)}
+        self._entries_in_force = ents if r.status == P.Status.SUCCESS else None
         if r.status != P.Status.SUCCESS:
             self.errors += 1
             log.error("generic netlink: CONFIG_UPDATE (%d guard points, generation %d) "

@@ -106,14 +106,15 @@ def open_backend(cfg: C.Keys) -> KeyBackend:
 
 
 def load_config(path: str, *, backend: Any = None, check_keys: bool = True,
-                outage_ok: bool = False) -> C.Config:
+                outage_ok: bool = False, outages: list[str] | None = None) -> C.Config:
     """The one validation of a configuration file, shared by takakryptd (start, reload)
     and ``takakrypt config check``: the file's own meaning, then what it names on this
     machine (config.check_host), every error in one ConfigError.  The guard points'
     keys are looked up in ``backend`` (the running agent's KeyManager), else in the
     configured backend, opened for that and closed again (``check_keys=False``: not
     looked up).  ``outage_ok`` (takakryptd): a backend that is down (:func:`outage`) is
-    no error, the keys are not checked then."""
+    no error, the keys are not checked then; ``outages`` (with ``outage_ok``) receives
+    what the backend said then."""
 
     def key_names(keys: C.Keys) -> set[str] | None:
         try:
@@ -123,6 +124,8 @@ def load_config(path: str, *, backend: Any = None, check_keys: bool = True,
                 return {i.name for i in b.list()}
         except Error as e:
             if outage_ok and outage(e):
+                if outages is not None:
+                    outages.append(str(e))
                 return None
             raise
 

@@ -36,13 +36,39 @@ class KeysAgent:
     def _key_upkeep(self, keys: Any) -> None:
         dropped = keys.maintain()
         names = {n for n, _v in dropped}
-        for g in list(self.guards.values()):  # type: ignore[attr-defined]
-            if getattr(getattr(g, "spec", None), "key", None) in names and \
-                    hasattr(g, "drop_keys"):
+        wipe = set()
+        for path, g in list(self.guards.items()):  # type: ignore[attr-defined]
+            if getattr(getattr(g, "spec", None), "key", None) not in names:
+                continue
+            if hasattr(g, "drop_keys"):
                 g.drop_keys()
+            elif getattr(g, "engine", "") == "kernel":
+                wipe.add(path)  # the module's copies: by CONFIG_UPDATE (genl.sync_keys)
         for kind, reason, detail in keys.drain_events():
             self._audit_system(kind, reason, detail)  # type: ignore[attr-defined]
         self._update_closed()
+        self._kernel_sync_keys(frozenset(wipe))
+
+    def _kernel_sync_keys(self, wipe: frozenset[str]) -> None:
+        """The kernel module's side of the key cache: its keys of the guard points in
+        ``wipe`` wiped, and its guard points closed or opened as ``closed`` says
+        (genl.GenlTransport.sync_keys, on the loop; this may run on it or off it)."""
+        t = self._genl()  # type: ignore[attr-defined]
+        loop = self.loop  # type: ignore[attr-defined]
+        if t is None or loop is None or loop.is_closed():
+            return
+
+        def go() -> None:
+            t._spawn(t.sync_keys(wipe))
+
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            go()
+        else:
+            loop.call_soon_threadsafe(go)
 
     def _closed_reason(self, key: str) -> str:
         """Why a guard point using ``key`` is closed ("" if it is not): its current

@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 
+from .. import rekeyfile
 from ..errors import UsageError
 
 log = logging.getLogger("takakrypt.rekey")
@@ -148,40 +149,24 @@ def walk(dirfd: int, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, 
                 os.close(sub)
 
 
-#: temporaries of the data path's copy (docs/guard-points.md, "Live rekey (data path)")
-TEMP_PREFIX = ".takakrypt-rekey."
-
-
 def remove_leftovers(dirfd: int) -> int:
-    """Remove the temporaries an interrupted rekey left below ``dirfd`` (never the
-    state file); the number removed.  Only while no rekey of the directory runs."""
-    n = 0
+    """Remove what an interrupted rekey left below ``dirfd``: the data path's
+    temporaries anywhere in the tree (:func:`takakrypt.rekeyfile.remove_leftovers`) and
+    a half-written copy of the state file at the top (never the state file itself); the
+    number removed.  Only while no rekey of the directory runs."""
+    n = rekeyfile.remove_leftovers(dirfd)
     try:
         names = os.listdir(dirfd)
     except OSError:
-        return 0
-    dev = os.fstat(dirfd).st_dev
+        return n
     for name in names:
-        try:
-            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-        except OSError:
-            continue
-        if name.startswith(TEMP_PREFIX) and name != STATE_NAME and stat.S_ISREG(st.st_mode):
+        if name.startswith(STATE_NAME + ".tmp-"):
             try:
-                os.unlink(name, dir_fd=dirfd)
-                n += 1
+                if stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                    os.unlink(name, dir_fd=dirfd)
+                    n += 1
             except OSError:
                 pass
-        elif stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
-            try:
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=dirfd)
-            except OSError:
-                continue
-            try:
-                n += remove_leftovers(sub)
-            finally:
-                os.close(sub)
     return n
 
 

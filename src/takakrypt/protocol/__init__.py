@@ -19,7 +19,8 @@ from .constants import (DEFAULT_TIMEOUT, GENL_NAME, GENL_VERSION, HEADER_SIZE, M
                         MAX_MSG_SIZE, MAX_PAYLOAD_SIZE, MIN_VERSION, RESPONSE_FLAG, VERSION,
                         Action, Algorithm, AuditKind, Effect, Enforcer, Operation, Status,
                         c_constants)
-from .messages import (LAYOUTS, PAYLOADS, AuditEventRequest, AuditEventResponse,
+from .messages import (GP_CLOSED, GP_DISABLED, GP_ENABLED, LAYOUTS, PAYLOADS,
+                       AuditEventRequest, AuditEventResponse,
                        ConfigUpdateRequest, ConfigUpdateResponse, DecryptRequest,
                        DecryptResponse, EncryptRequest, EncryptResponse, ErrorReply,
                        GuardPointEntry, Header, HealthCheckRequest, HealthCheckResponse,
@@ -32,7 +33,8 @@ from .pending import PendingRequests, Sequencer
 __all__ = [
     "DEFAULT_TIMEOUT", "GENL_NAME", "GENL_VERSION", "HEADER_SIZE", "MAGIC", "MAX_MSG_SIZE",
     "MAX_PAYLOAD_SIZE", "MIN_VERSION", "RESPONSE_FLAG", "VERSION", "Action", "Algorithm",
-    "AuditKind", "Effect", "Enforcer", "Operation", "Status", "c_constants", "LAYOUTS",
+    "AuditKind", "Effect", "Enforcer", "Operation", "Status", "c_constants", "GP_CLOSED",
+    "GP_DISABLED", "GP_ENABLED", "LAYOUTS",
     "PAYLOADS", "AuditEventRequest", "AuditEventResponse", "ConfigUpdateRequest",
     "ConfigUpdateResponse", "DecryptRequest", "DecryptResponse", "EncryptRequest",
     "EncryptResponse", "ErrorReply", "GuardPointEntry", "Header", "HealthCheckRequest",

@@ -129,6 +129,17 @@ def _bool(x: Any) -> bool:
     raise ProtocolError(f"boolean field must be 0 or 1, got {x!r}")
 
 
+#: GuardPointEntry.enabled: 1 enforce, 0 configured but disabled, 2 enforced but
+#: closed (its keys withdrawn: the agent cannot have the key now)
+GP_DISABLED, GP_ENABLED, GP_CLOSED = 0, 1, 2
+
+
+def _gp_state(x: Any) -> int:
+    if x is True or x is False or (type(x) is int and x in (0, 1, 2)):
+        return int(x)
+    raise ProtocolError(f"guard point state must be 0, 1 or 2, got {x!r}")
+
+
 def _effects(x: Any) -> Effect:
     if type(x) is not int and not isinstance(x, Effect) or x < 0 or x & ~EFFECT_MASK:
         raise ProtocolError(f"unknown effect bits in {x!r}")
@@ -279,7 +290,7 @@ class KeyResponse(Payload, frozen=True):
 
 
 class GuardPointEntry(Payload, frozen=True):
-    enabled: bool
+    enabled: int              # GP_ENABLED (True), GP_DISABLED (False) or GP_CLOSED
     name: str
     path: str
     policy: str
@@ -415,7 +426,7 @@ KeyResponse.LAYOUT = Layout("takakrypt_key_response", [
     *_lens("key_id"), Fixed("key_len", "I", Len("key"))],
     [Var("key_id", TEXT), Var("key", BYTES)])
 GuardPointEntry.LAYOUT = Layout("takakrypt_guard_point_entry", [
-    Fixed("enabled", "I", "enabled", conv=_bool), *_lens("name", "path", "policy"),
+    Fixed("enabled", "I", "enabled", conv=_gp_state), *_lens("name", "path", "policy"),
     Fixed("id", "I", "id", 2)],
     [Var("name", TEXT), Var("path", PATH), Var("policy", TEXT)], with_header=False)
 ConfigUpdateRequest.LAYOUT = Layout("takakrypt_config_request", [

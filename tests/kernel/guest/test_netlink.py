@@ -52,8 +52,12 @@ def _hdr_cases() -> dict[str, bytes]:
         "config update: duplicate ids": _cfg([P.GuardPointEntry(True, "a", "/a", "p", id=1),
                                               P.GuardPointEntry(True, "b", "/b", "p", id=2)])
         .replace(struct.pack("<I", 2) + b"b", struct.pack("<I", 1) + b"b"),
-        "config update: enabled 2": _patch(_cfg([P.GuardPointEntry(True, "a", "/a", "p", id=1)]),
-                                           P.HEADER_SIZE + 12, 2),   # the entry's `enabled`
+        "config update: enabled 3": _patch(_cfg([P.GuardPointEntry(True, "a", "/a", "p", id=1)]),
+                                           P.HEADER_SIZE + 12, 3),   # the entry's `enabled`
+        "config update: duplicate ids, one closed": _cfg([
+            P.GuardPointEntry(P.GP_CLOSED, "a", "/a", "p", id=1),
+            P.GuardPointEntry(True, "b", "/b", "p", id=2)])
+        .replace(struct.pack("<I", 2) + b"b", struct.pack("<I", 1) + b"b"),
         "config update: NUL in a name": _cfg([P.GuardPointEntry(True, "a", "/a", "p", id=1)])
         .replace(b"/a", b"/\0"),
     }

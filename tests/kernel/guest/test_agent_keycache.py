@@ -1,0 +1,129 @@
+"""The key cache on ``engine: kernel`` guard points (docs/keys.md, "Key cache and offline
+operation"; docs/kernel.md, "Keys"): takakryptd against the real module, the real local
+keystore made unavailable (moved away, damaged) as the failing backend.
+
+* mid-run, past ``cache_ttl``: the module's copies of the keys are wiped too (a
+  CONFIG_UPDATE with the guard point closed), so a file held open cannot be read past
+  the page cache and no file can be made; the keystore back, the guard point opens by
+  itself and the same files read again;
+* down at start: the kernel guard point mounts closed (no key served), and opens when
+  the keystore answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from agent_helpers import base_config, until
+from test_agent_engine import _read, _write, running
+
+PY = os.path.realpath(sys.executable)
+
+# holds its file open across the expiry; its next read past the page cache must fail
+HOLD = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+assert os.read(fd, 4) == b"held"
+print("open", flush=True)
+sys.stdin.readline()
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+try:
+    print("read", os.pread(fd, 4, 0), flush=True)
+except OSError as e:
+    print("errno", e.errno, flush=True)
+"""
+
+
+def _cfg(tmp: Path, **keys) -> tuple[dict, Path]:
+    cfg = base_config(tmp)
+    gp = tmp / "gp"
+    gp.mkdir(exist_ok=True)
+    cfg["policies"] = {"p": {"rules": [{"user_set": "root", "actions": ["all_ops"],
+                                        "effects": ["permit", "apply_key"]}]}}
+    cfg["guard_points"] = [{"path": str(gp), "policy": "p", "key": "k1", "engine": "kernel"}]
+    cfg["keys"].update(keys)
+    return cfg, gp
+
+
+def _try(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+def _failed_read(path: Path) -> bool:
+    r = _try("import sys; sys.stdout.write(open(sys.argv[1]).read())", str(path))
+    return r.returncode != 0 and ("Input/output error" in r.stderr
+                                  or "Permission denied" in r.stderr)
+
+
+def _failed_create(path: Path) -> bool:
+    r = _try("import sys; open(sys.argv[1], 'w').write('x')", str(path))
+    return r.returncode != 0 and ("Input/output error" in r.stderr
+                                  or "Permission denied" in r.stderr
+                                  or "Required key not available" in r.stderr)
+
+
+def _status(d) -> dict:
+    return json.loads(d.cli("status", "--json", check=False).stdout)
+
+
+def _reasons(tmp: Path, kind: str) -> list[str]:
+    return [e["reason"] for e in (json.loads(x) for x in
+                                  (tmp / "audit.jsonl").read_text().splitlines())
+            if e["kind"] == kind]
+
+
+def test_kernel_keys_wiped_past_the_ttl_then_back(scratch):
+    cfg, gp = _cfg(scratch, cache_ttl=3, cache_revalidate=0.5)
+    ks = scratch / "keystore.json"
+    with running(scratch, cfg) as d:
+        _write(gp / "a.txt", "held")
+        assert _read(gp / "a.txt") == "held"
+        holder = subprocess.Popen([PY, "-c", HOLD, str(gp / "a.txt")], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "open"
+        os.rename(ks, scratch / "keystore.away")
+        try:
+            # past the TTL the agent drops the key and closes the guard point: the
+            # module's keys go with it, so a cold read fails (never hangs)
+            assert until(lambda: "closed" in str(_status(d)["keys"]["closed"]), timeout=120)
+            subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+            assert until(lambda: _failed_read(gp / "a.txt"), timeout=60)
+            assert _failed_create(gp / "b.txt")
+            out, _ = holder.communicate("\n", timeout=60)
+            assert out.strip() == "errno 5", out  # EIO: the module's copy is gone
+            st = _status(d)
+            assert st["guard_points"][0]["closed"], st["guard_points"]
+            assert st["kernel"]["status"] is not None, st["kernel"]
+        finally:
+            os.rename(scratch / "keystore.away", ks)
+        st = _status(d)  # the probe reopens the keystore: open by itself
+        assert st["keys"]["available"] and not st["keys"]["closed"], st["keys"]
+        assert until(lambda: not _failed_read(gp / "a.txt"), timeout=60)
+        assert _read(gp / "a.txt") == "held"
+        _write(gp / "b.txt", "new")
+        assert _read(gp / "b.txt") == "new"
+    guard = _reasons(scratch, "guard-point")
+    assert any("closed" in r for r in guard) and any("open again" in r for r in guard), guard
+    assert "dropped and wiped" in " ".join(_reasons(scratch, "key-cache"))
+
+
+def test_kernel_guard_point_down_at_start_is_closed_until_the_keystore_answers(scratch):
+    cfg, gp = _cfg(scratch)
+    with running(scratch, cfg):
+        _write(gp / "a.txt", "before")
+    ks = scratch / "keystore.json"
+    good = ks.read_bytes()
+    ks.write_bytes(b"{ damaged")
+    with running(scratch, cfg) as d:  # READY=1: mounted, closed
+        assert _failed_read(gp / "a.txt")
+        assert _failed_create(gp / "b.txt")
+        st = _status(d)
+        assert st["guard_points"][0]["mounted"] and st["guard_points"][0]["closed"], st
+        ks.write_bytes(good)
+        st = _status(d)
+        assert not st["keys"]["closed"], st["keys"]
+        assert until(lambda: not _failed_read(gp / "a.txt"), timeout=60)
+        assert _read(gp / "a.txt") == "before"
