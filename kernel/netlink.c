@@ -487,7 +487,7 @@ void tkfs_gp_attach(struct tkfs_sb *sbi)
 						    &state) : NULL;
 
 	rcu_assign_pointer(sbi->gp, gp);
-	if (state == 2) {	/* closed: no key until a CONFIG_UPDATE opens it */
+	if (state == TAKAKRYPT_GP_CLOSED) {	/* no key until a CONFIG_UPDATE opens it */
 		mutex_lock(&sbi->keys_lock);
 		sbi->keys_revoked = true;
 		mutex_unlock(&sbi->keys_lock);
@@ -532,7 +532,7 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 		if (version >= 2)
 			id = get_unaligned_le32(req + off + 16);
 		off += efixed;
-		if (en > 2 || !id || nl > len - off || pl > len - off - nl ||
+		if (en > TAKAKRYPT_GP_CLOSED || !id || nl > len - off || pl > len - off - nl ||
 		    ql > len - off - nl - pl) {
 			err = -EINVAL;
 			goto out;
@@ -552,8 +552,8 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 		}
 		off += nl + pl + ql;
 		ids[i] = id;
-		enabled_ids[i] = en == 1 ? id : 0;	/* 2: closed, its keys withdrawn */
-		nenabled += en == 1;
+		enabled_ids[i] = en == TAKAKRYPT_GP_ENABLED ? id : 0;	/* not CLOSED */
+		nenabled += en == TAKAKRYPT_GP_ENABLED;
 	}
 	if (off != len) {
 		err = -EINVAL;

@@ -147,3 +147,19 @@ def until(pred, timeout: float = 30.0, step: float = 0.1):
             return v
         time.sleep(step)
     return pred()
+
+
+# a reader that keeps its file open across a key expiry (docs/keys.md section 9): its
+# next read past the page cache must fail, so the data path really dropped the key
+HOLD_READER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+assert os.read(fd, 4) == b"held"
+print("open", flush=True)
+sys.stdin.readline()
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+try:
+    print("read", os.pread(fd, 4, 0), flush=True)
+except OSError as e:
+    print("errno", e.errno, flush=True)
+"""

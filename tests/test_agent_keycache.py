@@ -21,6 +21,7 @@ import sys
 
 import pytest
 
+from agent_helpers import HOLD_READER as HOLD
 from agent_helpers import Daemon, base_config, running, until, write_config
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3")
@@ -31,20 +32,6 @@ WRITE = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])"
 READ = "import sys; print(open(sys.argv[1]).read(), end='')"
 
 
-# a reader that keeps its file open across the expiry: its next read (past the page
-# cache) must fail, so the data path really dropped the key it held
-HOLD = """
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-assert os.read(fd, 4) == b"held"
-print("open", flush=True)
-sys.stdin.readline()
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-try:
-    print("read", os.pread(fd, 4, 0), flush=True)
-except OSError as e:
-    print("errno", e.errno, flush=True)
-"""
 
 
 def _py(code, *args):

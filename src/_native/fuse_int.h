@@ -75,6 +75,10 @@ typedef struct tk_slots {
 void tk_slots_init(tk_slots *s);
 void tk_slots_destroy(tk_slots *s);      /* the table only, not the objects */
 int64_t tk_slots_add(tk_slots *s, void *p);             /* slot, or -ENOMEM */
+/* pread/pwrite until len bytes moved (EINTR retried): bytes read (short at end of
+ * file) / 0, or -errno (fuse_taka.c) */
+ssize_t tk_pread_full(int fd, void *buf, size_t len, uint64_t off);
+int tk_pwrite_full(int fd, const void *buf, size_t len, uint64_t off);
 int tk_slots_place(tk_slots *s, uint32_t slot, void *p); /* restore: before any add */
 int tk_slots_seal(tk_slots *s);          /* restore done: gaps below next become free */
 void tk_slots_del(tk_slots *s, uint32_t slot);

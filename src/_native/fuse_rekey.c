@@ -177,33 +177,6 @@ static uint64_t boff(const rk_ctx *c, uint64_t k) {
     return TK_HDR_SIZE + k * c->sbs;
 }
 
-static ssize_t pread_full(int fd, void *buf, size_t len, uint64_t off) {
-    size_t done = 0;
-    while (done < len) {
-        ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            return -errno;
-        }
-        if (n == 0) break;
-        done += (size_t)n;
-    }
-    return (ssize_t)done;
-}
-
-static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off) {
-    size_t done = 0;
-    while (done < len) {
-        ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            return -errno;
-        }
-        done += (size_t)n;
-    }
-    return 0;
-}
-
 static int all_zero(const uint8_t *p, size_t n) {
     for (size_t i = 0; i < n; i++)
         if (p[i]) return 0;
@@ -251,7 +224,7 @@ static int read_blocks(rk_ctx *c, tk_taka *t, uint64_t size, uint64_t a, uint64_
     const uint64_t last_plain = end - (b - 1) * bs;
     const size_t need = (size_t)((b - 1 - a) * sbs + last_plain + OVH);
     const size_t span = (size_t)((b - a) * sbs);
-    ssize_t n = pread_full(c->rfd, c->raw, span, boff(c, a));
+    ssize_t n = tk_pread_full(c->rfd, c->raw, span, boff(c, a));
     if (n < 0) return (int)n;
     if ((size_t)n < need) {
         c->bad = a + (uint64_t)n / sbs;  /* truncated */
@@ -307,7 +280,7 @@ static int write_blocks(rk_ctx *c, uint64_t size, uint64_t a, uint64_t b) {
                 uint64_t zend = zr * bs < size ? zr * bs : size;
                 size_t zlen = (size_t)(zend - k * bs) + (size_t)(zr - k) * OVH;
                 for (size_t at = 0; rc == 0 && at < zlen; at += c->sbs)
-                    rc = pwrite_full(c->tfd, c->zero, zlen - at < c->sbs ? zlen - at : c->sbs,
+                    rc = tk_pwrite_full(c->tfd, c->zero, zlen - at < c->sbs ? zlen - at : c->sbs,
                                      boff(c, k) + at);
                 c->written += zlen;
             }
@@ -315,7 +288,7 @@ static int write_blocks(rk_ctx *c, uint64_t size, uint64_t a, uint64_t b) {
             if (tk_gcm_encrypt(c->nt.gcm, c->plain + (k - a) * bs, plen, c->out, c->nt.hdr,
                                TK_HDR_STATIC, k, NULL) != TK_OK)
                 return -EIO;
-            rc = pwrite_full(c->tfd, c->out, slen, boff(c, k));
+            rc = tk_pwrite_full(c->tfd, c->out, slen, boff(c, k));
             c->enc += r - k;
             c->written += slen;
             if (r > c->tmp_hw) c->tmp_hw = r;

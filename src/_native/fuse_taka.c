@@ -54,7 +54,7 @@ static uint64_t block_off(const tk_taka *t, uint64_t i) {
     return TK_HDR_SIZE + i * (uint64_t)(t->bs + OVH);
 }
 
-static ssize_t pread_full(int fd, void *buf, size_t len, uint64_t off) {
+ssize_t tk_pread_full(int fd, void *buf, size_t len, uint64_t off) {
     size_t done = 0;
     while (done < len) {
         ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
@@ -68,7 +68,7 @@ static ssize_t pread_full(int fd, void *buf, size_t len, uint64_t off) {
     return (ssize_t)done;
 }
 
-static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off) {
+int tk_pwrite_full(int fd, const void *buf, size_t len, uint64_t off) {
     size_t done = 0;
     while (done < len) {
         ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
@@ -195,7 +195,7 @@ int tk_taka_load(tk_fs *fs, tk_inode *ino, int fd) {
     char name[TK_KEYID_MAX + 1];
     uint32_t kver = 0, vout = 0;
     uint8_t key[32], tag[16];
-    ssize_t n = pread_full(fd, t->hdr, TK_HDR_SIZE, 0);
+    ssize_t n = tk_pread_full(fd, t->hdr, TK_HDR_SIZE, 0);
     TK_INC(fs, header_loads, 1);
     if (n < 0) return (int)n;
     int rc = n < TK_HDR_SIZE ? -EBADMSG : parse(t, name, &kver);
@@ -227,7 +227,7 @@ int tk_taka_valid(tk_fs *fs, const tk_taka *t) {
 static int write_header(tk_taka *t, int fd) {
     put_le64(t->hdr + 96, t->size);
     int rc = header_tag(t->mac_key, t->hdr, t->hdr + TK_HDR_TAGOFF);
-    return rc ? rc : pwrite_full(fd, t->hdr, TK_HDR_SIZE, 0);
+    return rc ? rc : tk_pwrite_full(fd, t->hdr, TK_HDR_SIZE, 0);
 }
 
 /* Per-file GCM budget (docs/file-format.md, "Encryption count"): random 96-bit nonces
@@ -373,7 +373,7 @@ int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t f
     }
     uint8_t *raw = malloc(span);
     if (!raw) return -ENOMEM;
-    ssize_t n = pread_full(fd, raw, span, block_off(t, first));
+    ssize_t n = tk_pread_full(fd, raw, span, block_off(t, first));
     int rc = 0;
     if (n < 0) {
         rc = (int)n;
@@ -423,7 +423,7 @@ static int store_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t first, const uin
     uint8_t *out = malloc(outlen ? outlen : 1);
     if (!out) return -ENOMEM;
     int st = tk_gcm_encrypt(t->gcm, plain, len, out, t->hdr, TK_HDR_STATIC, first, NULL);
-    int rc = st == TK_OK ? pwrite_full(fd, out, outlen, block_off(t, first)) : -EIO;
+    int rc = st == TK_OK ? tk_pwrite_full(fd, out, outlen, block_off(t, first)) : -EIO;
     free(out);
     if (rc == 0) TK_INC(fs, bytes_encrypted, len);
     return rc;

@@ -150,6 +150,13 @@ enum takakrypt_audit_kind {
 	TAKAKRYPT_AUDIT_AGENT_UNAVAILABLE = 5,
 };
 
+/* takakrypt_guard_point_entry.enabled (CONFIG_UPDATE) */
+enum takakrypt_gp_state {
+	TAKAKRYPT_GP_DISABLED = 0,	/* configured, not enforced */
+	TAKAKRYPT_GP_ENABLED = 1,	/* enforced */
+	TAKAKRYPT_GP_CLOSED = 2,	/* enforced, its keys withdrawn: wipe them, ask for none */
+};
+
 enum takakrypt_enforcer {
 	TAKAKRYPT_ENFORCER_KERNEL = 1,
 	TAKAKRYPT_ENFORCER_FUSE = 2,

@@ -140,4 +140,5 @@ def c_constants() -> dict[str, int]:
     out.update({f"TAKAKRYPT_ALG_{m.name}": m.value for m in Algorithm})
     out.update({f"TAKAKRYPT_AUDIT_{m.name}": m.value for m in AuditKind})
     out.update({f"TAKAKRYPT_ENFORCER_{m.name}": m.value for m in Enforcer})
+    out.update({"TAKAKRYPT_GP_DISABLED": 0, "TAKAKRYPT_GP_ENABLED": 1, "TAKAKRYPT_GP_CLOSED": 2})
     return out

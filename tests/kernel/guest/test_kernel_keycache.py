@@ -17,24 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent_helpers import HOLD_READER as HOLD
 from agent_helpers import base_config, until
 from test_agent_engine import _read, _write, running
 
 PY = os.path.realpath(sys.executable)
 
-# holds its file open across the expiry; its next read past the page cache must fail
-HOLD = """
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-assert os.read(fd, 4) == b"held"
-print("open", flush=True)
-sys.stdin.readline()
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-try:
-    print("read", os.pread(fd, 4, 0), flush=True)
-except OSError as e:
-    print("errno", e.errno, flush=True)
-"""
 
 
 def _cfg(tmp: Path, **keys) -> tuple[dict, Path]:
