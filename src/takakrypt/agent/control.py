@@ -9,13 +9,15 @@ Commands: status, reload, guard_list, keys_list, policy_check, audit_stats, heal
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the server's types; the CLI's client side starts without asyncio
+    import asyncio
 
 from ..errors import Error
 
@@ -42,6 +44,8 @@ class ControlServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        import asyncio
+
         old = os.umask(0o177)  # the socket is created 0600: no window with wider access
         try:
             self.server = await asyncio.start_unix_server(self._client, path=self.path,
@@ -51,6 +55,8 @@ class ControlServer:
         os.chmod(self.path, 0o600)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from asyncio import LimitOverrunError
+
         sock = writer.get_extra_info("socket")
         try:
             uid = peer_uid(sock)
@@ -62,7 +68,7 @@ class ControlServer:
             while True:
                 try:
                     line = await reader.readline()
-                except (asyncio.LimitOverrunError, ValueError):
+                except (LimitOverrunError, ValueError):
                     await self._send(writer, {"ok": False, "error": "usage",
                                               "message": "request too long"})
                     return
@@ -83,7 +89,7 @@ class ControlServer:
             return {"ok": False, "error": "usage", "message": f"bad request: {e}"}
         try:
             result = self.handler(req)
-            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            if hasattr(result, "__await__"):  # a coroutine or future
                 result = await result
             return {"ok": True, "result": result}
         except Error as e:
