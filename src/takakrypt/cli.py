@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from . import format as fmt
 from .errors import EXIT_CODES, Error, UsageError
 
 PROG = "takakrypt"
@@ -349,12 +350,9 @@ def _input_size(path: str) -> int | None:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
-    from . import format as fmt
     from .progress import Bar
     from .stream import encrypt_file
 
-    if args.block_size is None:
-        args.block_size = fmt.DEFAULT_BLOCK_SIZE
     if not fmt.MIN_BLOCK_SIZE <= args.block_size <= fmt.MAX_BLOCK_SIZE \
             or args.block_size & (args.block_size - 1):
         raise UsageError(f"--block-size {args.block_size}: must be a power of two from "
@@ -775,9 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "version of key NAME. Streams with bounded memory; OUT appears only "
                     "when complete.", epilog=ENVIRONMENT + "\n" + _exit_table())
     sp.add_argument("--key", required=True, metavar="NAME", help="key to encrypt under")
-    # (the default is format.DEFAULT_BLOCK_SIZE: the format module is imported by the
-    # commands that need it, so that `status` and the other live commands start fast)
-    sp.add_argument("--block-size", type=int, default=None, metavar="N",
+    sp.add_argument("--block-size", type=int, default=fmt.DEFAULT_BLOCK_SIZE, metavar="N",
                     help="plaintext bytes per block (power of two, 512..1048576; default 4096)")
     sp.add_argument("--allow-taka-input", action="store_true",
                     help="encrypt IN even if it is already a TAKA file (refused otherwise, "

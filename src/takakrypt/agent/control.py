@@ -9,15 +9,13 @@ Commands: status, reload, guard_list, keys_list, policy_check, audit_stats, heal
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # the server's types; the CLI's client side starts without asyncio
-    import asyncio
+from typing import Any
 
 from ..errors import Error
 
@@ -44,8 +42,6 @@ class ControlServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-        import asyncio
-
         old = os.umask(0o177)  # the socket is created 0600: no window with wider access
         try:
             self.server = await asyncio.start_unix_server(self._client, path=self.path,
@@ -55,8 +51,6 @@ class ControlServer:
         os.chmod(self.path, 0o600)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from asyncio import LimitOverrunError
-
         sock = writer.get_extra_info("socket")
         try:
             uid = peer_uid(sock)
@@ -68,7 +62,7 @@ class ControlServer:
             while True:
                 try:
                     line = await reader.readline()
-                except (LimitOverrunError, ValueError):
+                except (asyncio.LimitOverrunError, ValueError):
                     await self._send(writer, {"ok": False, "error": "usage",
                                               "message": "request too long"})
                     return
@@ -89,7 +83,7 @@ class ControlServer:
             return {"ok": False, "error": "usage", "message": f"bad request: {e}"}
         try:
             result = self.handler(req)
-            if hasattr(result, "__await__"):  # a coroutine or future
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                 result = await result
             return {"ok": True, "result": result}
         except Error as e:
