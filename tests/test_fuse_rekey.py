@@ -9,6 +9,7 @@ socket, while this process (the client) keeps the files open and uses them.
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import random
@@ -639,3 +640,146 @@ def test_sigkill_at_any_point_leaves_a_whole_file(wtmp, keys):
         assert (g.mnt / "k").read_bytes() == data
     # the kill points were reached (the server died before answering)
     assert outcomes[:len(KILL_POINTS)] == ["killed"] * len(KILL_POINTS), outcomes
+
+
+# ---------------------------------------------------------------------------------------
+# the run over a guard point (agent/rekey.py's Rekey) on this data path
+
+
+class _Data:
+    """What agent/rekey.Rekey drives: this test's guard point server, with a hook that
+    runs before each file is handed over (the changes an application makes meanwhile)."""
+
+    def __init__(self, g, hook) -> None:
+        self.g, self.hook, self.handed = g, hook, []
+
+    def rekey_file(self, rel: str, *, version: int = 0, rate: int = 0) -> tuple[str, int]:
+        self.hook(rel)
+        self.handed.append(rel)
+        return self.g.rekey(rel, version=version, rate=rate)
+
+    def rekey_cancel(self, on: bool) -> None:
+        self.g.cancel(on)
+
+    def backing_fd(self) -> int:
+        return os.open(self.g.backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _run_rekey(data: _Data, v: int, events: list) -> dict:
+    from takakrypt.agent import rekey as R
+    rk = R.Rekey(str(data.g.mnt), "guard", data, audit=lambda *a: events.append(a),
+                 current_version=lambda _k: v)
+    try:
+        rk.start(0)
+        deadline = time.monotonic() + 120
+        while rk.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not rk.active, rk.status()
+        return rk.status()
+    finally:
+        rk.close()
+
+
+def test_run_rekeys_files_renamed_behind_the_walk(rg, keys):
+    """The walk lists a directory once: a file renamed from a name it has not reached to
+    one it has passed (as PostgreSQL recycles WAL segments), or into a directory already
+    done, is never handed over by the walk.  The sweep after the walk finds it by its
+    header and rekeys it: at the end no file is on the old version."""
+    files = {"a": b"A" * 5000, "m": b"M" * 70000, "z": b"Z" * 9000, "w/seg1": b"1" * 8192,
+             "w/seg2": b"2" * 8192, "y/late": b"L" * 3000}
+    (rg.mnt / "w").mkdir()
+    (rg.mnt / "y").mkdir()
+    for rel, d in files.items():
+        write_file(rg.mnt / rel, d)
+    v = rotate(keys)
+    rg.bump()
+    moved = []
+
+    def hook(rel: str) -> None:
+        if rel == "m" and not moved:
+            # z is listed but not reached: it becomes "b", a name already passed
+            os.rename(rg.mnt / "z", rg.mnt / "b")
+            moved.append("z")
+
+    data = _Data(rg, hook)
+    events: list = []
+    st = _run_rekey(data, v, events)
+    assert st["state"] == "done" and st["files_failed"] == 0, st
+    assert data.handed[-1] == "b" and "z" not in data.handed, data.handed  # by the sweep
+    assert st["files_swept"] == 1 and st["sweeps"] == 2 and st["phase"] == "sweep", st
+    ref = dict(files)
+    ref["b"] = ref.pop("z")
+    for rel, want in ref.items():
+        assert header(rg.backing / rel).key_version == v, rel
+        assert (rg.mnt / rel).read_bytes() == want, rel
+    kinds = [e[1] for e in events]
+    assert kinds[0].startswith("rekey started") and kinds[-1].startswith("rekey finished")
+
+
+def test_run_into_a_finished_directory_and_given_up_files(rg, keys):
+    """A file moved into a directory the walk finished is swept too; a hard-linked file
+    (never rekeyed) and a tampered one (cannot be) are reported once, not swept again."""
+    (rg.mnt / "a").mkdir()
+    (rg.mnt / "q").mkdir()
+    files = {"a/1": b"x" * 4000, "q/late": b"y" * 6000, "h": b"h" * 100, "t": b"t" * 9000}
+    for rel, d in files.items():
+        write_file(rg.mnt / rel, d)
+    os.link(rg.backing / "h", rg.backing / "h2")
+    with open(rg.backing / "t", "r+b") as f:      # a flipped bit in block 0's ciphertext
+        f.seek(header(rg.backing / "t").block_offset(0) + 7)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    rg.invalidate()
+    v = rotate(keys)
+    rg.bump()
+
+    def hook(rel: str) -> None:
+        if rel == "h":       # a/ is done, q/ is not listed yet
+            os.rename(rg.mnt / "q" / "late", rg.mnt / "a" / "late")
+
+    data = _Data(rg, hook)
+    st = _run_rekey(data, v, [])
+    assert st["state"] == "done", st
+    assert data.handed.count("a/late") == 1 and st["files_swept"] == 1, (data.handed, st)
+    assert data.handed.count("h") == 1 and data.handed.count("h2") == 1
+    assert data.handed.count("t") == 1, data.handed
+    assert st["files_skipped"] == 2 and st["files_failed"] == 1, st
+    assert header(rg.backing / "a" / "late").key_version == v
+    assert (rg.mnt / "a" / "late").read_bytes() == files["q/late"]
+    assert header(rg.backing / "t").key_version < v
+
+
+def test_run_restarted_while_running(rg, keys):
+    """``rekey start --restart`` while a run is copying: the old run stops at its next
+    chunk (never writes the state file again) and the new one finishes the job."""
+    from takakrypt.agent import rekey as R
+    big = random.Random(5).randbytes(3 * MIB)
+    write_file(rg.mnt / "big", big)
+    write_file(rg.mnt / "small", b"s" * 1000)
+    v = rotate(keys)
+    rg.bump()
+    data = _Data(rg, lambda _rel: None)
+    rk = R.Rekey(str(rg.mnt), "guard", data, audit=lambda *a: None,
+                 current_version=lambda _k: v)
+    try:
+        rk.start(1_000_000)           # ~3 s for "big"
+        time.sleep(0.7)
+        assert rk.active and rk.status()["files_done"] == 0
+        first = rk._thread
+        rk.start(0, restart=True)
+        assert not first.is_alive()
+        deadline = time.monotonic() + 60
+        while rk.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = rk.status()
+    finally:
+        rk.close()
+    assert st["state"] == "done" and st["files_rekeyed"] == 2 and st["rate"] == 0, st
+    with open(rg.backing / R.STATE_NAME, "rb") as f:
+        on_disk = json.loads(f.read())
+    assert on_disk["state"] == "done" and on_disk["started"] == st["started"]
+    assert data.handed == ["big", "big", "small"], data.handed
+    for rel in ("big", "small"):
+        assert header(rg.backing / rel).key_version == v
+    assert (rg.mnt / "big").read_bytes() == big

@@ -45,6 +45,10 @@ def _line(st: dict[str, Any]) -> str:
          f"{st['files_current']} already current, {st['files_skipped']} skipped, "
          f"{st['files_failed']} failed, {st['busy']} busy; "
          f"{st['rate_reached'] / 1e6:.1f} MB/s (limit {limit})")
+    if st.get("phase") == "sweep" and st.get("state") == "running":
+        s += f"; checking the headers again (sweep {st.get('sweeps', 0)})"
+    if st.get("files_swept"):
+        s += f"; {st['files_swept']} found on an older version after the walk (renamed)"
     if st.get("reason"):
         s += f"; {st['reason']}"
     for e in st.get("errors") or []:

@@ -43,6 +43,9 @@ HIDDEN_PREFIX = ".takakrypt-"
 MAX_BUSY = 20
 #: files listed in the state's ``errors`` (the count goes on)
 MAX_ERRORS_KEPT = 100
+#: passes over the headers after the walk, each rekeying what is still on an older
+#: version (a file renamed behind the walk); what is left after the last is reported
+MAX_SWEEPS = 5
 
 RUNNING, PAUSED, DONE, FAILED = "running", "paused", "done", "failed"
 
@@ -67,6 +70,9 @@ class RekeyState(msgspec.Struct, forbid_unknown_fields=True):
     files_failed: int = 0
     bytes_rekeyed: int = 0
     busy: dict[str, int] = {}       # relpath -> busy count, retried at the end of the walk
+    phase: str = "walk"             # walk | sweep (the checks of the headers after the walk)
+    sweeps: int = 0                 # sweeps begun
+    files_swept: int = 0            # of files_rekeyed: found on an older version by a sweep
     errors: list[dict[str, str]] = []
     runs: int = 1                   # starts + resumes after a restart
     reason: str = ""                # why failed / paused
@@ -213,10 +219,13 @@ class Rekey:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False          # shutdown: leave the state as it is (resumed later)
+        self._given_up: set[str] = set()  # failed or skipped in this process: not swept
         self.state: RekeyState | None = load_state(self._dirfd)
 
     # control ------------------------------------------------------------------------------
     def start(self, rate: int, version: int = 0, *, restart: bool = False) -> dict[str, Any]:
+        if restart:
+            self._halt()            # a run still going ends before the new one begins
         with self._lock:
             st = self.state
             if st is not None and st.state in (RUNNING, PAUSED) and not restart:
@@ -225,6 +234,7 @@ class Rekey:
                                  "resume")
             target = version or self._current_version(self.key)
             now = time.time()
+            self._given_up.clear()
             self.state = RekeyState(format=STATE_FORMAT, version=1, guard=self.guard_path,
                                     key=self.key, target_version=target, state=RUNNING,
                                     rate=rate, started=now, updated=now)
@@ -289,16 +299,21 @@ class Rekey:
     def close(self) -> None:
         """takakryptd stops: end the thread, keep the state (a running rekey resumes
         at the next start)."""
+        self._halt()
+        try:
+            os.close(self._dirfd)
+        except OSError:
+            pass
+
+    def _halt(self) -> None:
+        """End the thread (the file being copied stops at its next chunk), leaving the
+        state as it is."""
         self._stop = True
         if self.active:
             self.guard.rekey_cancel(True)
             self._wake.set()
             self._join()
             self.guard.rekey_cancel(False)
-        try:
-            os.close(self._dirfd)
-        except OSError:
-            pass
 
     def _need(self) -> RekeyState:
         if self.state is None:
@@ -339,7 +354,7 @@ class Rekey:
                     st.files_total, st.bytes_total = total, nbytes
             pacer = Pacer(st.rate, self._sleep)
             cursor = _key(st.cursor) if st.cursor else None
-            for parts, _size in walk(self._dirfd):
+            for parts, _size in (walk(self._dirfd) if st.phase == "walk" else ()):
                 if not self._running():
                     return
                 if cursor is not None and _key(parts) <= cursor:
@@ -348,17 +363,9 @@ class Rekey:
                 with self._lock:
                     st.cursor = list(parts)
                     save_state(self._dirfd, st)
-            # files that were busy during the walk, until none is or they gave up
-            while st.busy and self._running():
-                for rel in sorted(st.busy):
-                    if not self._running():
-                        return
-                    self._one(rel, pacer, retry=True)
-                    with self._lock:
-                        save_state(self._dirfd, st)
-                if st.busy:
-                    self._sleep(0.5)
-            if not self._running():
+            if not self._retry_busy(pacer):
+                return
+            if not self._sweep(pacer):
                 return
             with self._lock:
                 st.state = DONE
@@ -381,6 +388,64 @@ class Rekey:
                     pass
             self._audit("rekey", f"rekey failed: {st.reason}", {}, self.guard_path)
 
+    def _retry_busy(self, pacer: Pacer) -> bool:
+        """Files that were busy, again until none is or they gave up; False: stopped."""
+        st = self.state
+        assert st is not None
+        while st.busy and self._running():
+            for rel in sorted(st.busy):
+                if not self._running():
+                    return False
+                self._one(rel, pacer, retry=True)
+                with self._lock:
+                    save_state(self._dirfd, st)
+            if st.busy:
+                self._sleep(0.5)
+        return self._running()
+
+    def _sweep(self, pacer: Pacer) -> bool:
+        """After the walk: read every header again and rekey what still names an older
+        version of the key.  The walk lists a directory once, so a file renamed behind it
+        (from a name not yet reached to one already passed, or into a directory already
+        done: PostgreSQL recycles WAL segments that way) was never handed over; new files
+        are created on the current version, so passes converge.  At most MAX_SWEEPS; what
+        is still old after the last is reported as failed.  False: stopped."""
+        st = self.state
+        assert st is not None
+        with self._lock:
+            if st.phase != "sweep":
+                st.phase = "sweep"
+                save_state(self._dirfd, st)
+        while True:
+            with self._lock:
+                st.sweeps += 1
+                save_state(self._dirfd, st)
+            given_up = self._given_up | {e["path"] for e in st.errors}
+            old = [rel for rel, v in key_versions(self._dirfd, st.key)
+                   if v < st.target_version and rel not in given_up]
+            if not old:
+                return self._running()
+            if st.sweeps > MAX_SWEEPS:
+                with self._lock:
+                    st.files_failed += len(old)
+                    for rel in old[:max(0, MAX_ERRORS_KEPT - len(st.errors))]:
+                        st.errors.append({"path": rel, "error": "still on an older version "
+                                          f"after {MAX_SWEEPS} sweeps (renamed during each)"})
+                    save_state(self._dirfd, st)
+                return self._running()
+            log.info("rekey of %s: sweep %d found %d file(s) on an older version",
+                     self.guard_path, st.sweeps, len(old))
+            for rel in old:
+                if not self._running():
+                    return False
+                before = st.files_rekeyed
+                self._one(rel, pacer)
+                with self._lock:
+                    st.files_swept += st.files_rekeyed - before
+                    save_state(self._dirfd, st)
+            if not self._retry_busy(pacer):
+                return False
+
     def _one(self, rel: str, pacer: Pacer, *, retry: bool = False) -> None:
         st = self.state
         assert st is not None
@@ -393,6 +458,7 @@ class Rekey:
             with self._lock:
                 st.busy.pop(rel, None)
                 st.files_failed += 1
+                self._given_up.add(rel)
                 if len(st.errors) < MAX_ERRORS_KEPT:
                     st.errors.append({"path": rel, "error": os.strerror(e.errno or errno.EIO)
                                       + (f": {e.strerror}" if e.strerror and
@@ -406,6 +472,7 @@ class Rekey:
                 if n >= MAX_BUSY:
                     st.busy.pop(rel, None)
                     st.files_failed += 1
+                    self._given_up.add(rel)
                     if len(st.errors) < MAX_ERRORS_KEPT:
                         st.errors.append({"path": rel, "error": "busy: changed by raw writes "
                                           "or renamed during every attempt"})
@@ -425,6 +492,7 @@ class Rekey:
                 st.files_current += 1
             else:
                 st.files_skipped += 1
+                self._given_up.add(rel)
                 if len(st.errors) < MAX_ERRORS_KEPT:
                     st.errors.append({"path": rel, "error": outcome})
         if outcome == "done":
@@ -440,15 +508,52 @@ class Rekey:
         return os.path.join(self.guard_path, rel)
 
 
+def _header_key(dirfd: int, rel: str) -> tuple[str, int, int] | None:
+    """(key name, version) a backing file's header names and its link count; None if it
+    cannot be read or parsed.  Parsed, not authenticated (that needs the key)."""
+    from ..errors import FormatError
+    from ..format import HEADER_SIZE, parse_header
+
+    try:
+        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME,
+                     dir_fd=dirfd)
+    except PermissionError:
+        try:
+            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        except OSError:
+            return None
+    except OSError:
+        return None
+    try:
+        head = os.pread(fd, HEADER_SIZE, 0)
+        nlink = os.fstat(fd).st_nlink
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        h = parse_header(head)
+    except FormatError:
+        return None
+    return h.key_id, h.key_version, nlink
+
+
+def key_versions(dirfd: int, key: str) -> Iterator[tuple[str, int]]:
+    """(relative path, version) of every file below ``dirfd`` with one name whose header
+    names ``key`` (hard-linked files are never rekeyed)."""
+    for parts, _size in walk(dirfd):
+        rel = "/".join(parts)
+        hk = _header_key(dirfd, rel)
+        if hk is not None and hk[0] == key and hk[2] == 1:
+            yield rel, hk[1]
+
+
 def usage(dirfd: int, key: str) -> dict[str, Any]:
     """Which versions of ``key`` the files below ``dirfd`` (a backing directory) name in
     their headers: ``{"versions": {version: files}, "other_keys": {name: files},
     "unreadable": files, "files": total, "examples": {version: first path}}``.  Headers
     are parsed, not authenticated (that needs the key): a forged header can only make
     a file count under a version it does not really use, which a rekey then finds."""
-    from ..errors import FormatError
-    from ..format import HEADER_SIZE, parse_header
-
     versions: dict[int, int] = {}
     examples: dict[int, str] = {}
     others: dict[str, int] = {}
@@ -456,31 +561,16 @@ def usage(dirfd: int, key: str) -> dict[str, Any]:
     for parts, _size in walk(dirfd):
         files += 1
         rel = "/".join(parts)
-        try:
-            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME,
-                         dir_fd=dirfd)
-        except PermissionError:
-            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-        except OSError:
+        hk = _header_key(dirfd, rel)
+        if hk is None:
             unreadable += 1
             continue
-        try:
-            head = os.pread(fd, HEADER_SIZE, 0)
-        except OSError:
-            unreadable += 1
+        name, version, _nlink = hk
+        if name != key:
+            others[name] = others.get(name, 0) + 1
             continue
-        finally:
-            os.close(fd)
-        try:
-            h = parse_header(head)
-        except FormatError:
-            unreadable += 1
-            continue
-        if h.key_id != key:
-            others[h.key_id] = others.get(h.key_id, 0) + 1
-            continue
-        versions[h.key_version] = versions.get(h.key_version, 0) + 1
-        examples.setdefault(h.key_version, rel)
+        versions[version] = versions.get(version, 0) + 1
+        examples.setdefault(version, rel)
     return {"key": key, "files": files, "versions": dict(sorted(versions.items())),
             "other_keys": dict(sorted(others.items())), "unreadable": unreadable,
             "examples": dict(sorted(examples.items()))}
