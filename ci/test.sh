@@ -1,13 +1,56 @@
 #!/usr/bin/env bash
 # The test suite: unit/property/tamper/CLI tests, the performance gate, then the crypto
-# tests again on an ASan/UBSan build of the native code. Run through `make test` (which installs first).
-set -euo pipefail
+# tests again on an ASan/UBSan build of the native code. Run through `make test` (which
+# installs first).
+#
+# The tests that boot a VM (marker `vm`: the kernel module's guest suite, the shipped
+# systemd units, PostgreSQL under systemd; about 30 minutes under TCG, mostly one busy
+# core) run in a second pytest beside the rest, whose output is shown when both are done;
+# `TAKAKRYPT_TESTS_SERIAL=1` runs everything in one pytest instead. With arguments
+# (`bash ci/test.sh tests/test_x.py -k y`) only that pytest runs.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export PYTHONHASHSEED=0
-"$PY" -m pytest -q -p no:cacheprovider tests "$@"
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
+
+if [ $# -gt 0 ]; then
+    exec "${PYTEST[@]}" "$@"
+fi
+
+if [ "${TAKAKRYPT_TESTS_SERIAL:-0}" = 1 ]; then
+    "${PYTEST[@]}" tests || exit $?
+    "$PY" benchmarks/perf/gate.py || exit $?
+    PY=$PY bash ci/asan.sh
+    exit $?
+fi
+
+vmlog=$(mktemp /tmp/takakrypt-vm-tests.XXXXXX.log)
+start=$(date +%s)
+"${PYTEST[@]}" -m vm tests >"$vmlog" 2>&1 &
+vmpid=$!
+# a Ctrl-C or a CI timeout ends the VM part too
+trap 'kill -INT $vmpid 2>/dev/null; wait $vmpid 2>/dev/null; rm -f "$vmlog"; exit 130' INT TERM
+
+echo "== tests (the VM tests run beside these; their output follows at the end)"
+"${PYTEST[@]}" -m "not vm" tests
+rc_main=$?
 # the performance gate: instructions, FUSE requests and system calls counted on this
 # tree against benchmarks/baseline.json (docs/performance.md, "Performance gate")
-# (skipped when pytest arguments pick a subset)
-if [ $# -eq 0 ]; then "$PY" benchmarks/perf/gate.py; fi
+echo "== performance gate"
+"$PY" benchmarks/perf/gate.py
+rc_gate=$?
+echo "== ASan/UBSan build"
 PY=$PY bash ci/asan.sh
+rc_asan=$?
+
+echo "== VM tests (-m vm; started $(( $(date +%s) - start )) s ago)"
+wait $vmpid
+rc_vm=$?
+trap - INT TERM
+cat "$vmlog"
+rm -f "$vmlog"
+echo "== exit codes: tests $rc_main, performance gate $rc_gate, ASan $rc_asan, VM tests $rc_vm"
+for rc in $rc_main $rc_gate $rc_asan $rc_vm; do
+    [ "$rc" -eq 0 ] || exit "$rc"
+done

@@ -61,6 +61,7 @@ def guest_tests() -> list[str]:
 
 
 pytestmark = [
+    pytest.mark.vm,
     pytest.mark.skipif(bool(_missing()), reason="VM tooling absent: " + ", ".join(_missing())),
     pytest.mark.skipif(not (KDIR / "Makefile").exists(),
                        reason=f"{KDIR} has no module yet (no Makefile)"),

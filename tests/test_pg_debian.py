@@ -232,6 +232,7 @@ def _vm_missing() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.vm
 @needs_debian_pg
 @pytest.mark.skipif(bool(_vm_missing()), reason="VM tooling absent: " + ", ".join(_vm_missing()))
 def test_postgresql_unit_under_systemd(tmp_path):

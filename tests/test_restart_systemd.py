@@ -27,6 +27,7 @@ pytestmark = [
     pytest.mark.skipif(not Path("/usr/lib/postgresql/15/bin/postgres").exists()
                        or not shutil.which("pgbench"), reason="needs postgresql-15 and pgbench"),
     pytest.mark.slow,
+    pytest.mark.vm,
 ]
 
 

@@ -26,7 +26,10 @@ def _missing() -> list[str]:
     return missing(systemd=True)
 
 
-pytestmark = pytest.mark.skipif(bool(_missing()), reason="VM tooling absent: " + ", ".join(_missing()))
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(bool(_missing()), reason="VM tooling absent: " + ", ".join(_missing())),
+]
 
 
 @pytest.fixture(scope="module")

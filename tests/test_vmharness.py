@@ -64,3 +64,17 @@ def test_newest_kernel_is_chosen(tmp_path, monkeypatch):
     assert vm.kernel("6.1.") == "/boot/vmlinuz-6.1.0-57-amd64"
     assert vm.kernel() == "/boot/vmlinuz-6.12.1-amd64"
     assert vm.kernel_release("/boot/vmlinuz-6.1.0-57-amd64") == "6.1.0-57-amd64"
+
+
+def test_every_vm_test_is_marked_vm():
+    """ci/test.sh runs the tests marked ``vm`` beside the others (``-m vm`` / ``-m "not
+    vm"``): a test file that boots a VM without the mark would run in the foreground
+    suite, serially, and the two-part run would no longer cover it the way it claims."""
+    import re
+    from pathlib import Path
+    here = Path(__file__).resolve().parent
+    booting = [p for p in sorted(here.glob("test_*.py"))
+               if re.search(r"\b(boot_guest|run_guest)\(", p.read_text())]
+    assert booting, "no test file boots a VM: the scan is wrong"
+    unmarked = [p.name for p in booting if "mark.vm" not in p.read_text()]
+    assert unmarked == []
