@@ -443,7 +443,8 @@ static u32 last_cfg_len;
 
 /*
  * The enabled guard point id of a validated CONFIG_UPDATE as the path POLICY_CHECK names
- * files by (decide.c), without a trailing slash ("/" becomes ""); NULL if absent.
+ * files by (decide.c), without a trailing slash ("/" becomes ""); NULL if absent.  Its
+ * state (enum takakrypt_gp_state) in *state unless state is NULL.
  */
 static struct tkfs_gp *gp_from_cfg(const u8 *req, u32 len, u32 id, u32 *state)
 {
@@ -461,7 +462,8 @@ static struct tkfs_gp *gp_from_cfg(const u8 *req, u32 len, u32 id, u32 *state)
 
 		off += efixed;
 		if (en && id && eid == id) {
-			*state = en;
+			if (state)
+				*state = en;
 			gp = kmalloc(sizeof(*gp) + pl + 1, GFP_KERNEL);
 			if (!gp)
 				return NULL;
@@ -498,7 +500,7 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 {
 	u32 version = get_unaligned_le32(req + 4);
 	u32 fixed = version >= 2 ? 12 : 8, efixed = version >= 2 ? 20 : 16;
-	u32 count, total, gen = 0, off, i, nenabled = 0;
+	u32 count, total, gen = 0, off, i;
 	u32 *enabled_ids, *ids;
 	u8 *copy;
 	struct tkfs_sb *sbi;
@@ -553,7 +555,6 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 		off += nl + pl + ql;
 		ids[i] = id;
 		enabled_ids[i] = en == TAKAKRYPT_GP_ENABLED ? id : 0;	/* not CLOSED */
-		nenabled += en == TAKAKRYPT_GP_ENABLED;
 	}
 	if (off != len) {
 		err = -EINVAL;
@@ -573,12 +574,11 @@ static int serve_config(struct genl_info *info, const u8 *req, u32 len)
 	list_for_each_entry(sbi, &tkfs_mounts, all) {
 		struct tkfs_gp *gp = NULL, *old;
 		bool on = false;
-		u32 state = 0;
 
 		for (i = 0; i < count; i++)
 			if (enabled_ids[i] && (!sbi->gp_id || enabled_ids[i] == sbi->gp_id))
 				on = true;
-		gp = gp_from_cfg(req, len, sbi->gp_id, &state);
+		gp = gp_from_cfg(req, len, sbi->gp_id, NULL);
 		old = rcu_replace_pointer(sbi->gp, gp, lockdep_is_held(&tkfs_mounts_lock));
 		if (old)
 			kfree_rcu(old, rcu);

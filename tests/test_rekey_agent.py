@@ -239,3 +239,97 @@ def test_sigkill_during_rekey_loop(env):
     left = [p.name for p in backing.rglob(".takakrypt-rekey.*")
             if p.name != ".takakrypt-rekey.state"]
     assert left == []
+
+
+# holds a file open for writing across the kill: says "open", waits for a line, writes
+# at an offset, fsyncs, says "written"
+_HOLDER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+print("open", flush=True)
+sys.stdin.readline()
+os.pwrite(fd, b"WRITTEN AFTER THE KILL", 5000)
+os.fsync(fd)
+print("written", flush=True)
+sys.stdin.readline()
+os.close(fd)
+"""
+
+
+def _gp_status(cfg: dict, gp: Path) -> dict:
+    r = subprocess.run([sys.executable, "-m", "takakrypt", "status", "--json"],
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, TAKAKRYPT_CONTROL_SOCKET=cfg["agent"]["control_socket"]))
+    assert r.returncode == 0, r.stderr
+    return next(g for g in json.loads(r.stdout)["guard_points"] if g["path"] == str(gp))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+                    reason="needs root and /dev/fuse")
+@pytest.mark.parametrize("handles", [True, False], ids=["handles", "pinned"])
+def test_fd_store_kill_between_exchange_and_repoint(env, handles):
+    """The narrowest crash window of a rekey: takakryptd is SIGKILLed right after the
+    atomic exchange put the rekeyed copy at the file's name and before the inode was
+    pointed at it (TAKAKRYPT_TEST_REKEY_KILL_AT=exchanged), while an application holds
+    the file open.  The mount waits in the fd store; the successor must take the object
+    the name holds (the shadow record names both, fuse_shadow.c): the application's
+    writes after the kill land in the file everyone sees -- not in the old object, which
+    is only a leftover temporary by then and is removed.  Also where the backing file
+    system gives no file handles (every inode pinned, found again by name)."""
+    from handover_helpers import FakeSystemd
+    tmp, gp, backing = env
+    extra = {} if handles else {"TAKAKRYPT_TEST_NO_HANDLES": "1"}
+    cfg = _cfg(tmp, gp, backing)
+    data = random.Random(3).randbytes(300_000)
+    sd = FakeSystemd(tmp)
+    holder = None
+    try:
+        p = sd.start(tmp, cfg, env={"TAKAKRYPT_TEST_REKEY_KILL_AT": "exchanged", **extra})
+        sd.wait_for("READY=1", p)
+        (gp / "f").write_bytes(data)
+        holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(gp / "f")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert holder.stdout.readline() == b"open\n"
+        assert _keys(tmp, "rotate", "k1").returncode == 0
+        old_ino = os.stat(backing / "f").st_ino
+        env_ = dict(os.environ, TAKAKRYPT_CONTROL_SOCKET=cfg["agent"]["control_socket"])
+        subprocess.run([sys.executable, "-m", "takakrypt", "rekey", "start", str(gp)],
+                       env=env_, capture_output=True, timeout=60)
+        assert p.wait(60) == -signal.SIGKILL  # at the kill point
+        # the name holds the rekeyed copy; the old object sits at a temporary name
+        assert os.stat(backing / "f").st_ino != old_ino
+        assert fmt.parse_header((backing / "f").read_bytes()[:fmt.HEADER_SIZE]).key_version == 2
+        p = sd.start(tmp, cfg, log="takakryptd-2.log", env=extra)
+        sd.wait_for("READY=1", p)
+        stats = _gp_status(cfg, gp)["stats"]
+        assert stats["handover_swaps_finished"] == 1
+        # pinned: the root and f at least (with handles: the root only)
+        assert stats["fds_pinned"] == 1 if handles else stats["fds_pinned"] >= 2, stats
+        holder.stdin.write(b"go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == b"written\n"
+        want = bytearray(data)
+        want[5000:5022] = b"WRITTEN AFTER THE KILL"
+        assert (gp / "f").read_bytes() == want
+        holder.stdin.write(b"close\n")
+        holder.stdin.flush()
+        assert holder.wait(60) == 0
+        assert (gp / "f").read_bytes() == want
+        assert until(lambda: json.loads(subprocess.run(
+            [sys.executable, "-m", "takakrypt", "rekey", "status", str(gp), "--json"], env=env_,
+            capture_output=True, text=True, timeout=60).stdout)["state"] == "done", 60)
+        assert [n.name for n in backing.iterdir() if n.name.startswith(".takakrypt-")
+                and n.name != ".takakrypt-rekey.state"] == []
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+        sd.close()
+        subprocess.run(["fusermount3", "-uz", str(gp)], check=False, capture_output=True)
+    assert _versions_at_rest(backing) == {2: 1}
+    r = subprocess.run([sys.executable, "-m", "takakrypt", "decrypt", "-q", str(backing / "f"),
+                        "-"], capture_output=True, timeout=60,
+                       env=dict(os.environ, TAKAKRYPT_KEYSTORE=str(tmp / "keystore.json"),
+                                TAKAKRYPT_MASTER_KEY_FILE=str(tmp / "master.key")))
+    assert r.returncode == 0 and r.stdout == want, r.stderr

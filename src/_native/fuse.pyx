@@ -83,6 +83,7 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t handover_lost_handles
         uint64_t handover_replayed
         uint64_t handover_resent
+        uint64_t handover_swaps_finished
         uint64_t header_loads
         uint64_t size_cache_hits
         uint64_t killpriv_v2
@@ -504,6 +505,7 @@ cdef class Mount:
             "handover_lost_handles": s.handover_lost_handles,
             "handover_replayed": s.handover_replayed,
             "handover_resent": s.handover_resent,
+            "handover_swaps_finished": s.handover_swaps_finished,
             "header_loads": s.header_loads,
             "size_cache_hits": s.size_cache_hits,
             "killpriv_v2": s.killpriv_v2,

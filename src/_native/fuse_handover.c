@@ -367,6 +367,7 @@ void tk_ho_state_free(tk_ho_state *st) {
     if (!st) return;
     for (size_t i = 0; i < st->ninodes; i++) {
         free(st->inodes[i].handle);
+        free(st->inodes[i].alt_handle);
         free(st->inodes[i].name);
     }
     free(st->inodes);

@@ -161,6 +161,8 @@ typedef struct {
     uint64_t handover_lost_handles; /* open files a resume could not reopen (EIO on them) */
     uint64_t handover_replayed;    /* requests of a killed predecessor served again */
     uint64_t handover_resent;      /* ... re-sent by the kernel instead (FUSE_NOTIFY_RESEND) */
+    uint64_t handover_swaps_finished; /* inodes a predecessor killed between a rekey's
+                                       * exchange and its repoint left: the copy kept */
     uint64_t header_loads;         /* TAKA headers read and verified */
     uint64_t size_cache_hits;      /* stats answered from remembered header sizes */
     uint64_t killpriv_v2;          /* 1: FUSE_HANDLE_KILLPRIV_V2 negotiated (gauge) */

@@ -670,9 +670,14 @@ struct tk_incoming {
     tk_inode *to;                 /* pinned by the rekey while listed */
 };
 
-void tk_itab_incoming(tk_fs *fs, tk_inode *ino, const struct stat *nst, int on) {
+void tk_itab_incoming(tk_fs *fs, tk_inode *ino, const struct stat *nst,
+                      const struct file_handle *h, int on) {
     struct tk_incoming *n = on ? malloc(sizeof *n) : NULL, *gone = NULL;
     pthread_mutex_lock(&fs->itab_mu);
+    if (!ino->internal) {
+        if (on) tk_sh_swap(fs, ino, nst, h);
+        else tk_sh_swap_end(fs, ino);
+    }
     if (n) {
         n->dev = nst->st_dev;
         n->ino = nst->st_ino;
@@ -912,6 +917,36 @@ static void resolve_pinned_locked(tk_fs *fs, tk_inode *ino, int depth) {
     }
 }
 
+/* A killed predecessor was swapping r's object for its rekeyed copy (r->has_alt,
+ * tk_itab_incoming): 1 if the name under its parent holds the copy (the exchange was
+ * done, the repoint was not), 0 if it still holds r's object or cannot be looked at. */
+static int alt_at_name(tk_fs *fs, const tk_ho_state *st, const int *fds,
+                       const tk_ho_inode *r) {
+    if (!r->has_alt || !r->name || r->parent == UINT32_MAX) return 0;
+    int pfd = -1, own = 0;
+    if (r->parent == 0) {
+        pfd = fs->root_fd;
+    } else {
+        for (size_t i = 0; i < st->ninodes; i++) {
+            const tk_ho_inode *p = &st->inodes[i];
+            if (p->slot != r->parent) continue;
+            if (p->handle) {
+                pfd = open_by_handle_at(fs->handle_fd, p->handle, O_PATH | O_CLOEXEC);
+                own = pfd >= 0;
+            } else if (p->fd_index >= 0) {
+                pfd = fds[p->fd_index];
+            }
+            break;
+        }
+    }
+    if (pfd < 0) return 0;
+    struct stat sb;
+    int at = fstatat(pfd, r->name, &sb, AT_SYMLINK_NOFOLLOW) == 0 &&
+             (uint64_t)sb.st_dev == r->alt_dev && (uint64_t)sb.st_ino == r->alt_ino;
+    if (own) close(pfd);
+    return at;
+}
+
 int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds) {
     if ((uint64_t)fs->root->dev != st->root_dev || (uint64_t)fs->root->ino != st->root_ino)
         return -ESTALE;  /* another directory than the predecessor's */
@@ -925,14 +960,24 @@ int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds) {
         sst.st_dev = (dev_t)r->dev;
         sst.st_ino = (ino_t)r->ino;
         sst.st_mode = (mode_t)(r->type & S_IFMT);
+        const struct file_handle *src = r->handle;
+        int fd_index = r->fd_index;
+        if (alt_at_name(fs, st, fds, r)) {  /* killed between a rekey's exchange and
+                                              * its repoint: the name holds the copy */
+            sst.st_dev = (dev_t)r->alt_dev;
+            sst.st_ino = (ino_t)r->alt_ino;
+            src = r->alt_handle;
+            fd_index = src ? -1 : -2;  /* pinned: found again by name (below) */
+            TK_INC(fs, handover_swaps_finished, 1);
+        }
         struct file_handle *h = NULL;
-        if (r->handle) {
-            size_t n = sizeof *h + r->handle->handle_bytes;
+        if (src) {
+            size_t n = sizeof *h + src->handle_bytes;
             if (!(h = malloc(n))) {
                 rc = -ENOMEM;
                 break;
             }
-            memcpy(h, r->handle, n);
+            memcpy(h, src, n);
         }
         tk_inode *ino = new_inode(&sst, h);
         if (!ino) {
@@ -943,8 +988,8 @@ int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds) {
         if (ino->pinned) {
             /* fd_index -2: known to the kernel, but a killed predecessor left no way
              * to reopen it (pinned on an fd that died with it): fails closed */
-            ino->fd = r->fd_index >= 0 ? fcntl(fds[r->fd_index], F_DUPFD_CLOEXEC, 3) : -1;
-            if (ino->fd < 0 && r->fd_index != -2) {
+            ino->fd = fd_index >= 0 ? fcntl(fds[fd_index], F_DUPFD_CLOEXEC, 3) : -1;
+            if (ino->fd < 0 && fd_index != -2) {
                 destroy_inode(ino);
                 rc = -EBADF;
                 break;
@@ -987,6 +1032,7 @@ int tk_itab_restore(tk_fs *fs, const tk_ho_state *st, const int *fds) {
         }
         if (r->name && !(ino->name = strdup(r->name))) rc = -ENOMEM;
         tk_sh_inode(fs, ino);
+        if (r->has_alt) tk_sh_swap_end(fs, ino);  /* names the object kept above */
     }
     for (size_t i = 0; i < st->ninodes && rc == 0; i++) {
         tk_inode *ino = tk_slots_get(&fs->nodes, st->inodes[i].slot);

@@ -358,6 +358,11 @@ typedef struct {
     int hashed, fd_index;         /* fd_index: a pinned inode's fd in the fd list, or -1 */
     struct file_handle *handle;   /* NULL: pinned (or the root) */
     char *name;
+    /* a killed predecessor's rekey swap in flight (fuse_shadow.c): the object that
+     * replaces this one; kept if the name holds it (tk_itab_restore) */
+    int has_alt;
+    uint64_t alt_dev, alt_ino;
+    struct file_handle *alt_handle;  /* NULL: pinned */
 } tk_ho_inode;
 typedef struct {
     uint32_t slot, inode;
@@ -393,6 +398,11 @@ void tk_sh_inode(tk_fs *fs, tk_inode *ino);       /* itab_mu */
 void tk_sh_nlookup(tk_fs *fs, tk_inode *ino);     /* itab_mu */
 void tk_sh_name(tk_fs *fs, tk_inode *ino);        /* itab_mu */
 void tk_sh_inode_gone(tk_fs *fs, uint32_t slot);  /* itab_mu */
+/* a rekey's swap (itab_mu): before the exchange, the object that will replace the
+ * inode's; after it (or a swap that did not happen), the record names the inode's */
+void tk_sh_swap(tk_fs *fs, tk_inode *ino, const struct stat *nst,
+                const struct file_handle *h);
+void tk_sh_swap_end(tk_fs *fs, tk_inode *ino);
 void tk_sh_fh(tk_fs *fs, uint32_t slot, int kind, uint32_t inode, int view, int fdflags,
               int append, int writable);
 void tk_sh_fh_gone(tk_fs *fs, uint32_t slot);
@@ -508,9 +518,13 @@ void tk_itab_repoint(tk_fs *fs, tk_inode *ino, int fd, const struct stat *nst,
 /* Retired objects older than a minute: their fds closed (not under any lock). */
 void tk_itab_retired_expire(tk_fs *fs, int all);
 /* on: from just before a rekey's exchange until the repoint, the new object (stat
- * nst) is ino's -- a lookup that opens the name in between gets ino, not an inode of
- * its own (two inodes, two locks and two TAKA states for one file).  off: forget it. */
-void tk_itab_incoming(tk_fs *fs, tk_inode *ino, const struct stat *nst, int on);
+ * nst, file handle h or NULL) is ino's -- a lookup that opens the name in between gets
+ * ino, not an inode of its own (two inodes, two locks and two TAKA states for one
+ * file) -- and the shadow record names it as the alternate, so that a successor after
+ * a kill between the exchange and the repoint takes the object the name holds.  off:
+ * forget it; the shadow record names what ino names. */
+void tk_itab_incoming(tk_fs *fs, tk_inode *ino, const struct stat *nst,
+                      const struct file_handle *h, int on);
 
 /* ---- fuse_rekey.c ---- live rekey (docs/guard-points.md, "Live rekey (data path)") */
 void tk_rekey_init(tk_fs *fs);

@@ -598,7 +598,7 @@ static int final_step(rk_ctx *c, uint64_t key_epoch, int *outcome) {
     pthread_mutex_lock(&fs->rk_mu);
     locked_mu = 1;
     if (interrupted(fs, outcome)) goto out;
-    tk_itab_incoming(fs, ino, &nst, 1);  /* a lookup of the name from now on: ino */
+    tk_itab_incoming(fs, ino, &nst, h, 1);  /* a lookup of the name from now on: ino */
     incoming = 1;
     if (renameat2(c->dfd, c->tmpname, c->dfd, c->base, RENAME_EXCHANGE) < 0) {
         if (errno == ENOENT) *outcome = TK_REKEY_BUSY;  /* renamed away meanwhile */
@@ -649,7 +649,7 @@ static int final_step(rk_ctx *c, uint64_t key_epoch, int *outcome) {
     __atomic_fetch_add(&ino->rk_gen, 1, __ATOMIC_RELEASE);
     *outcome = TK_REKEY_DONE;
 out:
-    if (incoming) tk_itab_incoming(fs, ino, &nst, 0);  /* (hashed under it by now) */
+    if (incoming) tk_itab_incoming(fs, ino, &nst, NULL, 0);  /* (hashed under it by now) */
     if (locked_mu) pthread_mutex_unlock(&fs->rk_mu);
     for (size_t i = 0; i < nh; i++)
         if (hs[i].newfd >= 0) close(hs[i].newfd);

@@ -74,6 +74,15 @@ typedef struct {
     uint32_t hbytes, has_name[2];
     uint8_t handle[64];
     char name[2][SH_NAME_MAX + 1];
+    /* a rekey's swap in flight (fuse_rekey.c): the object that replaces this one at its
+     * name.  Set (alt_valid last) before the exchange, cleared once dev/ino/handle above
+     * name the new object: a successor after a kill in between keeps whichever of the
+     * two its name holds.  Zero in a shadow written before these fields existed. */
+    uint32_t alt_valid;
+    int32_t alt_htype;
+    uint32_t alt_hbytes, alt_pad;
+    uint64_t alt_dev, alt_ino;
+    uint8_t alt_handle[64];
 } sh_inode;
 _Static_assert(sizeof(sh_inode) <= SH_INO_REC, "inode record");
 
@@ -217,21 +226,9 @@ static void put_name(sh_inode *r, const char *name) {
     __atomic_store_n(&r->name_sel, next, __ATOMIC_RELEASE);
 }
 
-void tk_sh_inode(tk_fs *fs, tk_inode *ino) {
-    if (!fs->sh || ino->slot >= SH_MAX_SLOTS) return;
-    sh_inode *r = inorec(fs, ino->slot);
-    if (fs->sh_reused && __atomic_load_n(&r->valid, __ATOMIC_ACQUIRE) == SH_VALID &&
-        fs->restoring)
-        return;  /* a record of the predecessor's shadow we go on writing: as it is */
-    if (ino->slot >= hdr(fs)->ino_next) __atomic_store_n(&hdr(fs)->ino_next, ino->slot + 1, __ATOMIC_RELEASE);
-    __atomic_store_n(&r->valid, 0, __ATOMIC_RELEASE);
-    r->type = (uint32_t)ino->type;
+static void put_object(sh_inode *r, const tk_inode *ino) {
     r->dev = (uint64_t)ino->dev;
     r->ino = (uint64_t)ino->ino;
-    r->nlookup[0] = ino->node[0].nlookup;
-    r->nlookup[1] = ino->node[1].nlookup;
-    r->parent = ino->parent ? ino->parent->slot : UINT32_MAX;
-    r->hashed = (uint32_t)ino->hashed;
     if (ino->handle && ino->handle->handle_bytes <= sizeof r->handle) {
         r->htype = ino->handle->handle_type;
         r->hbytes = ino->handle->handle_bytes;
@@ -241,6 +238,32 @@ void tk_sh_inode(tk_fs *fs, tk_inode *ino) {
         r->hbytes = 0;  /* pinned or a long handle: a successor after a kill cannot
                          * reopen it (its operations fail closed) */
     }
+}
+
+void tk_sh_inode(tk_fs *fs, tk_inode *ino) {
+    if (!fs->sh || ino->slot >= SH_MAX_SLOTS) return;
+    sh_inode *r = inorec(fs, ino->slot);
+    if (fs->sh_reused && __atomic_load_n(&r->valid, __ATOMIC_ACQUIRE) == SH_VALID &&
+        fs->restoring)
+        return;  /* a record of the predecessor's shadow we go on writing: as it is */
+    if (ino->slot >= hdr(fs)->ino_next) __atomic_store_n(&hdr(fs)->ino_next, ino->slot + 1, __ATOMIC_RELEASE);
+    if (__atomic_load_n(&r->alt_valid, __ATOMIC_ACQUIRE) == SH_VALID &&
+        __atomic_load_n(&r->valid, __ATOMIC_ACQUIRE) == SH_VALID &&
+        r->alt_dev == (uint64_t)ino->dev && r->alt_ino == (uint64_t)ino->ino) {
+        /* the swap's end (tk_itab_repoint): the record stays valid throughout -- a
+         * successor killed meanwhile takes the alternate, which the name holds */
+        put_object(r, ino);
+        __atomic_store_n(&r->alt_valid, 0, __ATOMIC_RELEASE);
+        return;
+    }
+    __atomic_store_n(&r->valid, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&r->alt_valid, 0, __ATOMIC_RELAXED);
+    r->type = (uint32_t)ino->type;
+    r->nlookup[0] = ino->node[0].nlookup;
+    r->nlookup[1] = ino->node[1].nlookup;
+    r->parent = ino->parent ? ino->parent->slot : UINT32_MAX;
+    r->hashed = (uint32_t)ino->hashed;
+    put_object(r, ino);
     put_name(r, ino->name);
     __atomic_store_n(&r->valid, SH_VALID, __ATOMIC_RELEASE);
 }
@@ -264,6 +287,34 @@ void tk_sh_name(tk_fs *fs, tk_inode *ino) {
 void tk_sh_inode_gone(tk_fs *fs, uint32_t slot) {
     if (!fs->sh || slot >= SH_MAX_SLOTS) return;
     __atomic_store_n(&inorec(fs, slot)->valid, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&inorec(fs, slot)->alt_valid, 0, __ATOMIC_RELEASE);
+}
+
+void tk_sh_swap(tk_fs *fs, tk_inode *ino, const struct stat *nst,
+                const struct file_handle *h) {
+    if (!fs->sh || ino->slot >= SH_MAX_SLOTS) return;
+    sh_inode *r = inorec(fs, ino->slot);
+    if (__atomic_load_n(&r->valid, __ATOMIC_ACQUIRE) != SH_VALID) return;
+    __atomic_store_n(&r->alt_valid, 0, __ATOMIC_RELEASE);
+    r->alt_dev = (uint64_t)nst->st_dev;
+    r->alt_ino = (uint64_t)nst->st_ino;
+    if (h && h->handle_bytes <= sizeof r->alt_handle) {
+        r->alt_htype = h->handle_type;
+        r->alt_hbytes = h->handle_bytes;
+        memcpy(r->alt_handle, h->f_handle, h->handle_bytes);
+    } else {
+        r->alt_htype = 0;
+        r->alt_hbytes = 0;  /* pinned: a successor finds it by name (dev, ino) */
+    }
+    __atomic_store_n(&r->alt_valid, SH_VALID, __ATOMIC_RELEASE);
+}
+
+void tk_sh_swap_end(tk_fs *fs, tk_inode *ino) {
+    if (!fs->sh || ino->slot >= SH_MAX_SLOTS) return;
+    sh_inode *r = inorec(fs, ino->slot);
+    if (__atomic_load_n(&r->alt_valid, __ATOMIC_ACQUIRE) != SH_VALID) return;
+    put_object(r, ino);  /* what the inode names now (the same, or the alternate) */
+    __atomic_store_n(&r->alt_valid, 0, __ATOMIC_RELEASE);
 }
 
 /* ---- open files --------------------------------------------------------------------- */
@@ -385,6 +436,16 @@ void tk_sh_journal_done(tk_fs *fs, unsigned idx) {
 
 /* ---- after a kill: the state, and the requests to serve again ----------------------- */
 
+/* A file handle (malloc'd) of a record's type, length and bytes; NULL: out of memory. */
+static struct file_handle *handle_from(int32_t type, uint32_t bytes, const uint8_t *data) {
+    struct file_handle *h = malloc(sizeof *h + bytes);
+    if (!h) return NULL;
+    h->handle_type = type;
+    h->handle_bytes = bytes;
+    memcpy(h->f_handle, data, bytes);
+    return h;
+}
+
 int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **lens,
                size_t *nreqs, unsigned *slots, uint8_t *replies, char *err, size_t errlen) {
     memset(st, 0, sizeof *st);
@@ -434,13 +495,17 @@ int tk_sh_load(tk_fs *fs, int memfd, tk_ho_state *st, uint8_t ***reqs, size_t **
         o->hashed = r->hashed != 0;
         o->fd_index = -1;
         if (r->hbytes && r->hbytes <= sizeof r->handle) {
-            o->handle = malloc(sizeof *o->handle + r->hbytes);
-            if (!o->handle) goto out;
-            o->handle->handle_type = r->htype;
-            o->handle->handle_bytes = r->hbytes;
-            memcpy(o->handle->f_handle, r->handle, r->hbytes);
+            if (!(o->handle = handle_from(r->htype, r->hbytes, r->handle))) goto out;
         } else if (slot) {
             o->fd_index = -2;  /* no way to reopen it: its operations fail closed */
+        }
+        if (__atomic_load_n(&r->alt_valid, __ATOMIC_ACQUIRE) == SH_VALID) {
+            o->has_alt = 1;
+            o->alt_dev = r->alt_dev;
+            o->alt_ino = r->alt_ino;
+            if (r->alt_hbytes && r->alt_hbytes <= sizeof r->alt_handle &&
+                !(o->alt_handle = handle_from(r->alt_htype, r->alt_hbytes, r->alt_handle)))
+                goto out;
         }
         uint32_t sel = r->name_sel & 1u;
         if (r->has_name[sel] && memchr(r->name[sel], 0, SH_NAME_MAX + 1) &&

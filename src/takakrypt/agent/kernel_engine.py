@@ -18,6 +18,14 @@ from ..errors import Error
 log = logging.getLogger("takakryptd")
 
 
+def running_on(loop: asyncio.AbstractEventLoop) -> bool:
+    """True if the caller runs on ``loop`` (so must not block waiting for it)."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class KernelEngine:
     """Methods of the Agent for kernel guard points (uses its guards, guard_errors,
     transports, health_problems, bundles, kernel_last, loop and audit helpers)."""
@@ -169,11 +177,7 @@ class KernelEngine:
         loop = self.loop
         if loop is None or self._genl() is None:
             return None
-        try:
-            on_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop or loop.is_closed():  # cannot wait for the loop from the loop
+        if running_on(loop) or loop.is_closed():  # cannot wait for the loop from the loop
             return (self.kernel_last or {}).get("status")
         fut = asyncio.run_coroutine_threadsafe(self.kernel_status(), loop)
         try:

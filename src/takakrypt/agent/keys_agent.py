@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from ..errors import Error, KeyNotFound
+from .kernel_engine import running_on
 
 log = logging.getLogger("takakryptd")
 _upkeep = threading.Lock()  # the loop's round and a health check's, one at a time
@@ -61,11 +62,7 @@ class KeysAgent:
         def go() -> None:
             t._spawn(t.sync_keys(wipe))
 
-        try:
-            on_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
+        if running_on(loop):
             go()
         else:
             loop.call_soon_threadsafe(go)

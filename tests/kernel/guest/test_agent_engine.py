@@ -292,6 +292,12 @@ def test_hung_takakryptd_is_disconnected_by_health_checks_then_answers_again(scr
             assert st and st.agent_connected == 0, "never marked disconnected"
             log = _kmsg_since(mark)
             assert "missed 3 health checks in a row" in log and "disconnected" in log, log
+            # the checks go on while it is disconnected (each waits its 5 s, a timeout
+            # too): stop them, and let one in flight end, so that what follows counts the
+            # accesses alone
+            _param("health_interval", "0")
+            st = _until(lambda: (s := status(g, fid)).pending_requests == 0 and s, 30, 0.2)
+            assert st, "a request stayed pending"
             timed_out = st.requests_timed_out
             denied = st.fail_closed_denials
             # a decision cached before the hang stands until its TTL, but the key is gone
@@ -314,6 +320,7 @@ def test_hung_takakryptd_is_disconnected_by_health_checks_then_answers_again(scr
             assert [t for _i, t, _s, _o in _mounts(k)] == ["takakryptfs"]   # still mounted
             os.kill(d.proc.pid, signal.SIGCONT)
             stopped = False
+            _param("health_interval", "1")  # the next check is answered: reconnected
             st = _until(lambda: (s := status(g, fid)).agent_connected == 1 and s, 90, 0.5)
             assert st and st.agent_connected == 1, "never reconnected"
             assert "answers again: reconnected" in _kmsg_since(mark)
