@@ -252,8 +252,7 @@ void tk_sh_inode(tk_fs *fs, tk_inode *ino) {
         r->alt_dev == (uint64_t)ino->dev && r->alt_ino == (uint64_t)ino->ino) {
         /* the swap's end (tk_itab_repoint): the record stays valid throughout -- a
          * successor killed meanwhile takes the alternate, which the name holds */
-        put_object(r, ino);
-        __atomic_store_n(&r->alt_valid, 0, __ATOMIC_RELEASE);
+        tk_sh_swap_end(fs, ino);
         return;
     }
     __atomic_store_n(&r->valid, 0, __ATOMIC_RELEASE);
