@@ -67,9 +67,9 @@ def test_newest_kernel_is_chosen(tmp_path, monkeypatch):
 
 
 def test_every_vm_test_is_marked_vm():
-    """ci/test.sh runs the tests marked ``vm`` beside the others (``-m vm`` / ``-m "not
-    vm"``): a test file that boots a VM without the mark would run in the foreground
-    suite, serially, and the two-part run would no longer cover it the way it claims."""
+    """``TAKAKRYPT_TESTS_PARALLEL=1 ci/test.sh`` runs the tests marked ``vm`` beside the
+    others (``-m vm`` / ``-m "not vm"``): a test file that boots a VM without the mark
+    would run in the foreground part, and the two-part run would not be what it says."""
     import re
     from pathlib import Path
     here = Path(__file__).resolve().parent
