@@ -2,8 +2,8 @@
 
 The shipped takakryptd unit (with its --fd-store) serves an in-place guard point under
 a deployment's policy (PostgreSQL's server and initdb by path and SHA-256 get
-plaintext); PostgreSQL 15 runs on it; pgbench (scale 10, 4 clients) runs through three
-`systemctl restart`s (SIGTERM: a clean handover through the fd store) and three
+plaintext); PostgreSQL 15 runs on it; pgbench (scale 10, 4 clients, back-to-back runs of
+CHUNK seconds until the last event is over) runs through three `systemctl restart`s (SIGTERM: a clean handover through the fd store) and three
 watchdog-style SIGKILLs of the main process (systemd's Restart=on-failure starts the
 next one, which takes the connection over from the fd store and the dead one's shadow
 state; this kernel has no FUSE_NOTIFY_RESEND: the request journal).  What it saw goes
@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,10 +32,15 @@ from agent_helpers import write_config  # noqa: E402
 from systemd_unit_guest import UNIT_DIR, guest_main, unit_text  # noqa: E402
 from pg_helpers import Cluster, cluster_dirs, policy_config  # noqa: E402
 
-# pgbench's run: long enough for every event to fall inside it -- under TCG a killed
-# agent's successor takes 25-40 s to start (Restart= waits 2 s, then Python starts)
-SECONDS = int(os.environ.get("TK_RESTART_SECONDS", "240"))
+# pgbench runs back to back, CHUNK seconds each, until every event is over: how long
+# the events take is not known beforehand (under TCG a killed agent's successor took
+# 25-56 s to be active: Restart= waits 2 s, then Python starts), and one long run of a
+# guessed length either ends before the last event or idles long after it
+CHUNK = int(os.environ.get("TK_RESTART_CHUNK", "30"))
 GAP = 7.5  # seconds of load between one new agent being active and the next event
+# an event is fired only inside a run that has been going this long and has this much
+# left, so that it lands among transactions in flight
+LEAD, TAIL = 2.0, 5.0
 EVENTS = ["restart", "kill"] * 3
 
 
@@ -48,10 +54,54 @@ def main_pid() -> int:
                or 0)
 
 
-def wait_served(old: int, r: dict, gp: Path, dev: str) -> float:
-    """Wait until a new takakryptd is active; returns how long it took."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 120:
+class Load(threading.Thread):
+    """pgbench runs one after the other until stop(); each one's result is kept."""
+
+    def __init__(self, pg) -> None:
+        super().__init__(daemon=True)
+        self.pg, self.runs, self.proc, self.began = pg, [], None, 0.0
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            with self.lock:
+                self.began = time.monotonic()
+                self.proc = subprocess.Popen(
+                    ["pgbench", "-c", "4", "-j", "2", "-T", str(CHUNK), "-n", "-l",
+                     "--log-prefix", str(self.pg.sock / "tx")],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    user="postgres", group="postgres", extra_groups=[], env=self.pg.env,
+                    cwd=str(self.pg.sock))
+            out, err = self.proc.communicate(timeout=CHUNK + 600)
+            self.runs.append((self.proc.returncode, out, err[-3000:]))
+            if self.proc.returncode:
+                break
+
+    def in_flight(self) -> bool:
+        """A run is going, has been for LEAD seconds and has TAIL seconds left."""
+        with self.lock:
+            age = time.monotonic() - self.began
+            return (self.proc is not None and self.proc.poll() is None
+                    and LEAD <= age <= CHUNK - TAIL)
+
+    def wait_in_flight(self, limit: float = 120) -> bool:
+        t0 = time.monotonic()
+        while not self.in_flight():
+            if not self.is_alive() or time.monotonic() - t0 > limit:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(CHUNK + 660)
+
+
+def wait_served(old: int, r: dict, gp: Path, t0: float) -> float:
+    """Wait until a new takakryptd is active; returns how long it took since t0 (the
+    event: `systemctl restart` itself waits for the old one to stop)."""
+    while time.monotonic() - t0 < 180:
         pid = main_pid()
         if pid and pid != old and sh("systemctl", "is-active", "takakryptd.service"
                                      ).stdout.strip() == "active":
@@ -95,29 +145,36 @@ def run(r: dict) -> None:
         # a client that connects while the server starts gets "FATAL: the database
         # system is starting up": only what the server logs from here on is judged
         log_from = (sock / "server.log").stat().st_size
-        bench = subprocess.Popen(
-            ["pgbench", "-c", "4", "-j", "2", "-T", str(SECONDS), "-n", "-l",
-             "--log-prefix", str(sock / "tx")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, user="postgres",
-            group="postgres", extra_groups=[], env=pg.env, cwd=str(sock))
-        at: list[float] = []
+        load = Load(pg)
+        load.start()
         windows: list[tuple[float, float]] = []  # from the event until a new agent is active
         r["under_load"] = []
-        for kind in EVENTS:
-            time.sleep(GAP)
-            old = main_pid()
-            at.append(time.time())
-            if kind == "restart":
-                sh("systemctl", "restart", "takakryptd.service", timeout=180)
-            else:  # as a watchdog timeout ends: the main process dies, systemd restarts
-                sh("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL",
-                   "takakryptd.service")
-            took = wait_served(old, r, gp, dev)
-            r["events"].append((kind, old, round(took, 2)))
-            windows.append((at[-1], at[-1] + took))
-            r["under_load"].append(bench.poll() is None)  # pgbench still running
-        out, err = bench.communicate(timeout=SECONDS + 600)
-        r["bench_rc"], r["bench_out"], r["bench_err"] = bench.returncode, out, err[-3000:]
+        try:
+            for kind in EVENTS:
+                time.sleep(GAP)
+                r["under_load"].append(load.wait_in_flight())  # transactions in flight
+                old = main_pid()
+                at, t0 = time.time(), time.monotonic()
+                if kind == "restart":
+                    sh("systemctl", "restart", "takakryptd.service", timeout=180)
+                else:  # as a watchdog timeout ends: the main process dies, systemd restarts
+                    sh("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL",
+                       "takakryptd.service")
+                took = wait_served(old, r, gp, t0)
+                r["events"].append((kind, old, round(took, 2)))
+                windows.append((at, at + took))
+            time.sleep(GAP)  # load on the last agent too
+        finally:
+            load.stop()
+        r["bench_runs"] = len(load.runs)
+        r["bench_rc"] = [rc for rc, _, _ in load.runs]
+        r["bench_failed"] = [int(m.group(1)) if (m := re.search(
+            r"number of failed transactions: (\d+)", out)) else None
+            for _, out, _ in load.runs]
+        r["bench_tx"] = sum(int(m.group(1)) for _, out, _ in load.runs if (m := re.search(
+            r"number of transactions actually processed: (\d+)", out)))
+        r["bench_out"] = load.runs[-1][1] if load.runs else ""
+        r["bench_err"] = "".join(err for _, _, err in load.runs)[-3000:]
         # pgbench -l: client tx latency_us script end_s end_us
         txs = [(int(v[2]), int(v[4]) + int(v[5]) / 1e6) for f in sock.glob("tx.*")
                for v in (line.split() for line in f.read_text().splitlines()) if len(v) >= 6]
