@@ -15,13 +15,20 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export PYTHONHASHSEED=0
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
+# the slowest tests are listed at the end of a full run (where the suite's time goes)
+SLOWEST=(--durations=30 --durations-min=20)
+
+# bytecode for the tree: with PYTHONDONTWRITEBYTECODE set (as on the CI machines)
+# nothing else writes it, and every takakryptd, CLI and guest process would compile the
+# modules it imports again (seconds each in the VM tests, under TCG)
+"$PY" -m compileall -q -j 0 src tests benchmarks >/dev/null || exit $?
 
 if [ $# -gt 0 ]; then
     exec "${PYTEST[@]}" "$@"
 fi
 
 if [ "${TAKAKRYPT_TESTS_PARALLEL:-0}" != 1 ]; then
-    "${PYTEST[@]}" tests || exit $?
+    "${PYTEST[@]}" "${SLOWEST[@]}" tests || exit $?
     "$PY" benchmarks/perf/gate.py || exit $?
     PY=$PY bash ci/asan.sh
     exit $?
@@ -29,13 +36,13 @@ fi
 
 vmlog=$(mktemp /tmp/takakrypt-vm-tests.XXXXXX.log)
 start=$(date +%s)
-"${PYTEST[@]}" -m vm tests >"$vmlog" 2>&1 &
+"${PYTEST[@]}" "${SLOWEST[@]}" -m vm tests >"$vmlog" 2>&1 &
 vmpid=$!
 # a Ctrl-C or a CI timeout ends the VM part too
 trap 'kill -INT $vmpid 2>/dev/null; wait $vmpid 2>/dev/null; rm -f "$vmlog"; exit 130' INT TERM
 
 echo "== tests (the VM tests run beside these; their output follows at the end)"
-"${PYTEST[@]}" -m "not vm" tests
+"${PYTEST[@]}" "${SLOWEST[@]}" -m "not vm" tests
 rc_main=$?
 # the performance gate: instructions, FUSE requests and system calls counted on this
 # tree against benchmarks/baseline.json (docs/performance.md, "Performance gate")

@@ -15,6 +15,69 @@ from pathlib import Path
 import yaml
 
 
+def run_takakrypt(args, env: dict | None = None, timeout: float | None = None,
+                  text: bool = True) -> subprocess.CompletedProcess:
+    """`python -m takakrypt ARGS`, output captured.  With TAKAKRYPT_TEST_FORK_CLI=1 (the
+    kernel suite's guest sets it) the command runs in a fork of this process instead:
+    its own process, exit code and stdio as before, without a Python start and the CLI's
+    imports, which cost about 7 s each under TCG emulation."""
+    args = [str(a) for a in args]
+    env = dict(os.environ if env is None else env)
+    if os.environ.get("TAKAKRYPT_TEST_FORK_CLI") != "1":
+        return subprocess.run([sys.executable, "-m", "takakrypt", *args], env=env,
+                              capture_output=True, text=text, timeout=timeout)
+    import tempfile
+
+    from takakrypt import cli  # once per test process
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                sys.stdin = open(0, closefd=False)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
+                os.environ.clear()
+                os.environ.update(env)
+                sys.argv = ["takakrypt", *args]
+                code = cli.main(args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                with contextlib.suppress(BaseException):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code & 0xFF)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(["takakrypt", *args], timeout)
+            time.sleep(0.02)
+        rc = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        o, e = out.read(), err.read()
+    if text:
+        o, e = o.decode(errors="replace"), e.decode(errors="replace")
+    return subprocess.CompletedProcess(["takakrypt", *args], rc, o, e)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,8 +166,7 @@ class Daemon:
 
     def cli(self, *args, check=True, timeout=60):
         env = dict(os.environ, TAKAKRYPT_CONTROL_SOCKET=self.cfg["agent"]["control_socket"])
-        r = subprocess.run([sys.executable, "-m", "takakrypt", *args], env=env,
-                           capture_output=True, text=True, timeout=timeout)
+        r = run_takakrypt(args, env=env, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"takakrypt {args} -> {r.returncode}: {r.stderr}")
         return r

@@ -157,3 +157,27 @@ def test_requests_from_a_process_are_not_served():
 
     t = asyncio.run(go())
     assert t.errors == 1 and t.requests == 0 and served == []
+
+
+def test_pyroute2_package_init_deferred_until_asked():
+    """agent.genl loads pyroute2.netlink without the package's __init__ (which imports
+    all of pyroute2: most of takakryptd's start); a program asking pyroute2 for more
+    afterwards still gets the whole package, the same netlink module in it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from takakrypt.agent import genl\n"
+        "heavy = [m for m in ('pyroute2.iproute', 'pyroute2.ndb.main', 'pyroute2.ipdb')\n"
+        "         if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from pyroute2 import IPRoute, GenericNetlinkSocket\n"
+        "import pyroute2\n"
+        "assert pyroute2.netlink is sys.modules['pyroute2.netlink']\n"
+        "assert genl.genlmsg is pyroute2.netlink.genlmsg\n"
+        "assert 'pyroute2.ndb.main' in sys.modules and pyroute2.__version__\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -87,6 +87,7 @@ def suite(tmp_path_factory):
     run = vm.run_guest(out, cmd, timeout=2700, env={
         "TAKAKRYPT_IN_VM": "1", "TAKAKRYPT_KO": str(ko), "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONPATH": f"{TREE / 'src'}:{TREE / 'tests'}", "HYPOTHESIS_PROFILE": "ci",
+        "TAKAKRYPT_TEST_FORK_CLI": "1",
         "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"})
     print(f"\nguest run: exit {run.rc}; results in {out}")
     return run, _results(junit)

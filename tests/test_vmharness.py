@@ -78,3 +78,28 @@ def test_every_vm_test_is_marked_vm():
     assert booting, "no test file boots a VM: the scan is wrong"
     unmarked = [p.name for p in booting if "mark.vm" not in p.read_text()]
     assert unmarked == []
+
+
+def test_forked_cli_matches_the_command(monkeypatch, tmp_path):
+    """agent_helpers.run_takakrypt's fork (the guest's way to spare a Python start per
+    command) gives what `python -m takakrypt` gives: exit code, stdout, stderr, the
+    environment passed, bytes or text; the test process carries on untouched."""
+    import os
+
+    from agent_helpers import run_takakrypt
+
+    sock = tmp_path / "none.sock"
+    cases = [(["--version"], None), (["status"], {"TAKAKRYPT_CONTROL_SOCKET": str(sock)}),
+             (["inspect", str(tmp_path / "missing")], None)]
+    got = {}
+    for fork in ("0", "1"):
+        monkeypatch.setenv("TAKAKRYPT_TEST_FORK_CLI", fork)
+        got[fork] = [run_takakrypt(a, env=None if e is None else dict(os.environ, **e),
+                                   timeout=60) for a, e in cases]
+    for a, b in zip(got["0"], got["1"]):
+        assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr)
+    assert got["1"][0].returncode == 0 and got["1"][0].stdout.startswith("takakrypt ")
+    assert got["1"][1].returncode == 12 and str(sock) in got["1"][1].stderr
+    assert got["1"][2].returncode != 0 and "missing" in got["1"][2].stderr
+    raw = run_takakrypt(["--version"], text=False)
+    assert isinstance(raw.stdout, bytes) and raw.stdout.startswith(b"takakrypt ")

@@ -34,6 +34,8 @@ The frames are built and parsed with pyroute2's message classes (``genlmsg``,
 ``ctrlmsg``); the socket itself is a plain non-blocking ``AF_NETLINK`` socket watched
 with ``loop.add_reader``: pyroute2 0.9's asyncio socket needs a datagram endpoint, which
 uvloop refuses for ``AF_NETLINK`` ("cannot open a UDP handle, invalid family 16").
+Only ``pyroute2.netlink`` is loaded, not the package's ``__init__`` (see
+:func:`_pyroute2_netlink`).
 """
 
 from __future__ import annotations
@@ -41,17 +43,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib
+import importlib.util
 import logging
 import os
 import socket
 import struct
+import sys
+from types import ModuleType
 from typing import Any
 
-from pyroute2.netlink import (CTRL_CMD_GETFAMILY, GENL_ID_CTRL, NLM_F_ACK, NLM_F_REQUEST,
-                              NLMSG_ERROR, ctrlmsg, genlmsg)
 
-from .. import protocol as P
-from ..errors import ProtocolError
+def _pyroute2_netlink() -> ModuleType:
+    """``pyroute2.netlink`` without running ``pyroute2/__init__.py`` yet: it imports
+    every module of the library (IPRoute, NDB, IPDB, WireGuard, nftables ...) to export
+    their names, 0.19 s of takakryptd's 0.4 s start on this machine and about 10 s of its
+    start under TCG emulation, paid again in every restart's stall.  The package is
+    registered unexecuted, and runs its ``__init__`` the first time anything asks it for
+    a name it lacks (``from pyroute2 import IPRoute`` elsewhere in the process works as
+    ever); a package imported before is used as it is."""
+    if "pyroute2" in sys.modules:
+        return importlib.import_module("pyroute2.netlink")
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return importlib.import_module("pyroute2.netlink")  # raises the usual error
+    pkg = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+
+    def rest_of_package(name: str) -> Any:
+        del pkg.__dict__["__getattr__"]
+        loader.exec_module(pkg)
+        return getattr(pkg, name)
+
+    pkg.__dict__["__getattr__"] = rest_of_package
+    sys.modules["pyroute2"] = pkg
+    try:
+        return importlib.import_module("pyroute2.netlink")
+    except BaseException:
+        del sys.modules["pyroute2"]
+        raise
+
+
+_nl = _pyroute2_netlink()
+CTRL_CMD_GETFAMILY, GENL_ID_CTRL = _nl.CTRL_CMD_GETFAMILY, _nl.GENL_ID_CTRL
+NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR = _nl.NLM_F_ACK, _nl.NLM_F_REQUEST, _nl.NLMSG_ERROR
+ctrlmsg, genlmsg = _nl.ctrlmsg, _nl.genlmsg
+
+from .. import protocol as P  # noqa: E402
+from ..errors import ProtocolError  # noqa: E402
 
 log = logging.getLogger("takakryptd.genl")
 

@@ -7,6 +7,9 @@ configured guard point paths of the rekey metrics (as many as the configuration 
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -210,7 +213,21 @@ class Metrics:
         return self.address  # type: ignore[return-value]
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        """Stop serving.  The server's thread looks at its stop flag between polls of
+        half a second: it is woken by connecting to it, so that a stopping takakryptd
+        (and with it a restart's stall) does not wait out the poll."""
+        if self.server is None:
+            return
+        stopper = threading.Thread(target=self.server.shutdown, daemon=True)
+        stopper.start()
+        host, port = self.address or ("127.0.0.1", 0)
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        for _ in range(50):
+            with contextlib.suppress(OSError):
+                socket.create_connection((host, port), timeout=0.1).close()
+            stopper.join(0.02)
+            if not stopper.is_alive():
+                break
+        stopper.join()
+        self.server.server_close()
+        self.server = None

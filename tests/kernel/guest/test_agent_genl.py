@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -105,10 +104,8 @@ def test_agent_without_the_module_then_with_it(scratch):
 def _decrypt(tmp: Path, src: Path) -> bytes:
     out = tmp / "plain.out"
     out.unlink(missing_ok=True)
-    r = subprocess.run([sys.executable, "-m", "takakrypt", "decrypt", "-q",
-                        "--keystore", str(tmp / "keystore.json"),
-                        "--master-key-file", str(tmp / "master.key"), str(src), str(out)],
-                       capture_output=True, text=True)
+    r = agent_helpers.run_takakrypt(["decrypt", "-q", "--keystore", tmp / "keystore.json",
+                                     "--master-key-file", tmp / "master.key", src, out])
     assert r.returncode == 0, r.stderr
     return out.read_bytes()
 

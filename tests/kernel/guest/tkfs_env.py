@@ -10,12 +10,11 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from agent_helpers import Daemon, base_config
+from agent_helpers import Daemon, base_config, run_takakrypt
 
 FSTYPE = "takakryptfs"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -62,9 +61,8 @@ class Env:
         kmount(self.lower, self.kmnt)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "takakrypt", *args, "--keystore",
-                            str(self.base / "keystore.json"), "--master-key-file",
-                            str(self.base / "master.key")], capture_output=True)
+        r = run_takakrypt([*args, "--keystore", self.base / "keystore.json",
+                           "--master-key-file", self.base / "master.key"], text=False)
         if check and r.returncode:
             raise AssertionError(f"takakrypt {args}: exit {r.returncode}: {r.stderr!r}")
         return r
