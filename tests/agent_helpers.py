@@ -46,9 +46,9 @@ def run_takakrypt(args, env: dict | None = None, timeout: float | None = None,
                 os.environ.update(env)
                 sys.argv = ["takakrypt", *args]
                 code = cli.main(args)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-                if not isinstance(e.code, (int, type(None))):
+            except SystemExit as e:  # as the interpreter treats it: None 0, text 1
+                code = e.code or 0 if isinstance(e.code, (int, type(None))) else 1
+                if code == 1 and not isinstance(e.code, int):
                     print(e.code, file=sys.stderr)
             except BaseException:
                 import traceback
