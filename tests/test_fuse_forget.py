@@ -46,20 +46,31 @@ def _unlink_many(g, n: int) -> dict:
     for i in range(n):
         (d / f"f{i}").write_bytes(b"x")
     base = g.stats()
+    t0 = time.monotonic()
     for i in range(n):
         os.unlink(d / f"f{i}")
     assert _wait_for(lambda: g.stats()["forgets"] - base["forgets"] >= n), \
         "the kernel's forgets of the unlinked files did not all arrive"
+    elapsed_ms = (time.monotonic() - t0) * 1000
     after = g.stats()
-    return {k: after[k] - base[k] for k in ("forgets", "forget_messages")}
+    got = {k: after[k] - base[k] for k in ("forgets", "forget_messages")}
+    got["elapsed_ms"] = round(elapsed_ms, 1)
+    return got
 
 
 def test_forgets_of_unlinked_files_arrive_in_batches(wtmp):
     with guard_mount(wtmp) as g:
         _uring_or_skip(g)
         got = _unlink_many(g, 2000)
-        # read as they come, nearly every forget is a message of its own
-        assert got["forget_messages"] * 4 <= got["forgets"], got
+        # The gate: one read of the channel per millisecond at most (plus the one that
+        # opens each gap), however fast the forgets come.  Read as they come, nearly
+        # every forget is a message of its own: 2,000 unlinks take ~0.1-0.3 s here, so
+        # that would be ~2,000 messages against a bound of a few hundred.  (Unlinks
+        # slowed past 1 ms each by a loaded machine leave nothing to batch: the bound
+        # still holds, the ratio below then does not have to.)
+        assert got["forget_messages"] <= got["elapsed_ms"] + 50, got
+        if got["elapsed_ms"] * 8 < got["forgets"]:
+            assert got["forget_messages"] * 4 <= got["forgets"], got
 
 
 def test_ungated_channel_reads_forgets_one_by_one(wtmp, monkeypatch):
