@@ -6,6 +6,7 @@ every kill returns the reference bytes, and every file ends on the new version."
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -158,6 +159,63 @@ def test_rotate_rekey_usage_retire(env):
     assert len(files) == st["files_rekeyed"]
     assert {e["reason"] for e in files} == {"file rekeyed"}
     assert all(e["path"].startswith(str(gp) + "/") for e in files)
+
+
+def test_full_backing_file_system_pauses_the_rekey(env):
+    """A full backing file system (what an operator meets when the disk fills): `start`
+    refuses with a clear error and leaves nothing behind; room for the state but not for
+    a file's copy pauses the run (nothing counted as failed, no temporary left, audited);
+    `resume` once there is room finishes it."""
+    tmp, gp, backing = env
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(backing)],
+                   check=True)
+    d = None
+    try:
+        d = Daemon(tmp, _cfg(tmp, gp, backing))
+        d.wait_for("READY=1")
+        rng = random.Random(11)
+        ref = {f"f{i}": rng.randbytes(6 << 20) for i in range(3)}
+        for rel, data in ref.items():
+            (gp / rel).write_bytes(data)
+        fill = backing / "zfill"  # beside the guard point's files, as another writer would
+        with open(fill, "wb", buffering=0) as f:
+            with pytest.raises(OSError) as full:
+                while True:
+                    f.write(b"z" * 65536)
+        assert full.value.errno == errno.ENOSPC
+        assert _keys(tmp, "rotate", "k1").returncode == 0
+
+        r = d.cli("rekey", "start", str(gp), check=False)
+        assert r.returncode == 17, (r.returncode, r.stderr)
+        assert "rekey state cannot be written" in r.stderr
+        assert "No space left on device" in r.stderr and "Errno" not in r.stderr
+        assert d.jcli("rekey", "status", str(gp))["state"] == "none"
+        assert not [p.name for p in backing.iterdir() if p.name.startswith(".takakrypt-")]
+
+        os.truncate(fill, os.path.getsize(fill) - (2 << 20))  # the state fits, no copy
+        r = d.cli("rekey", "start", str(gp), "--wait", check=False, timeout=120)
+        assert r.returncode == 17, (r.returncode, r.stderr)
+        st = d.jcli("rekey", "status", str(gp))
+        assert st["state"] == "paused" and not st["active"], st
+        assert "no space left" in st["reason"] and "rekey resume" in st["reason"], st
+        assert st["files_failed"] == 0 and st["errors"] == [] and st["files_rekeyed"] == 0
+        assert sorted(p.name for p in backing.iterdir()) == [
+            ".takakrypt-rekey.state", "f0", "f1", "f2", "zfill"]  # no temporary left
+        assert any(e["kind"] == "rekey" and e["reason"].startswith("rekey paused: no space")
+                   for e in _audit(tmp))
+        _check(gp, ref)
+
+        fill.unlink()
+        st = d.jcli("rekey", "resume", str(gp), "--wait")
+        assert st["state"] == "done", st
+        assert st["files_rekeyed"] == 3 and st["files_failed"] == 0, st
+        assert _versions_at_rest(backing) == {2: 3}
+        _check(gp, ref)
+    finally:
+        if d is not None:
+            d.stop()
+        subprocess.run(["umount", "-l", str(gp)], capture_output=True)
+        subprocess.run(["umount", str(backing)], check=False)
 
 
 def test_rekey_refused_on_unknown_guard_and_without_agent(env):

@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 
 from .. import rekeyfile
-from ..errors import UsageError
+from ..errors import RekeyError, UsageError
 
 log = logging.getLogger("takakrypt.rekey")
 
@@ -48,6 +48,16 @@ MAX_ERRORS_KEPT = 100
 MAX_SWEEPS = 5
 
 RUNNING, PAUSED, DONE, FAILED = "running", "paused", "done", "failed"
+#: a full backing file system (or quota): the run pauses, nothing is counted as failed
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _NoSpace(Exception):
+    """The backing file system is full: the run pauses (``resume`` once there is room)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
 
 
 class RekeyState(msgspec.Struct, forbid_unknown_fields=True):
@@ -117,12 +127,31 @@ def save_state(dirfd: int, st: RekeyState) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600, dir_fd=dirfd)
     try:
-        os.write(fd, msgspec.json.encode(st))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, STATE_NAME, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        try:
+            data = msgspec.json.encode(st)
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, STATE_NAME, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    except BaseException:
+        # a full disk must not leave a half-written temporary behind (the old state
+        # file, if any, is untouched)
+        try:
+            os.unlink(tmp, dir_fd=dirfd)
+        except OSError:
+            pass
+        raise
     os.fsync(dirfd)
+
+
+def _state_error(guard_path: str, e: OSError) -> RekeyError:
+    why = os.strerror(e.errno) if e.errno else str(e)
+    hint = (": free space on the backing file system (a file being rekeyed also needs "
+            "room for a whole copy of itself) and start again") if e.errno in NO_SPACE else ""
+    return RekeyError(f"{guard_path}: the rekey state cannot be written in the backing "
+                      f"directory ({why}){hint}")
 
 
 def walk(dirfd: int, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], int]]:
@@ -234,11 +263,15 @@ class Rekey:
                                  "resume")
             target = version or self._current_version(self.key)
             now = time.time()
+            new = RekeyState(format=STATE_FORMAT, version=1, guard=self.guard_path,
+                             key=self.key, target_version=target, state=RUNNING,
+                             rate=rate, started=now, updated=now)
+            try:
+                save_state(self._dirfd, new)
+            except OSError as e:
+                raise _state_error(self.guard_path, e) from None
             self._given_up.clear()
-            self.state = RekeyState(format=STATE_FORMAT, version=1, guard=self.guard_path,
-                                    key=self.key, target_version=target, state=RUNNING,
-                                    rate=rate, started=now, updated=now)
-            save_state(self._dirfd, self.state)
+            self.state = new
         self._audit("rekey", f"rekey started: every file to {self.key} version {target}",
                     {"key": self.key, "target_version": target, "rate": rate}, self.guard_path)
         self._spawn()
@@ -265,7 +298,14 @@ class Rekey:
                 raise UsageError(f"the rekey of {self.guard_path} is {st.state}, not running")
             st.state = PAUSED
             st.reason = "paused by the operator"
-            save_state(self._dirfd, st)
+            try:
+                save_state(self._dirfd, st)
+            except OSError as e:
+                # paused all the same; the file still says running, so a restart of
+                # takakryptd would resume the run: say so
+                st.reason += f" (not saved: {os.strerror(e.errno or errno.EIO)})"
+                log.warning("rekey of %s: pause not saved in the state file: %s",
+                            self.guard_path, e)
             self.guard.rekey_cancel(True)  # the file being copied stops at its next chunk
         self._join()
         self.guard.rekey_cancel(False)
@@ -278,10 +318,15 @@ class Rekey:
             st = self._need()
             if st.state != PAUSED:
                 raise UsageError(f"the rekey of {self.guard_path} is {st.state}, not paused")
+            before = (st.state, st.reason, st.rate)
             st.state, st.reason = RUNNING, ""
             if rate is not None:
                 st.rate = rate
-            save_state(self._dirfd, st)
+            try:
+                save_state(self._dirfd, st)
+            except OSError as e:
+                st.state, st.reason, st.rate = before
+                raise _state_error(self.guard_path, e) from None
         self._audit("rekey", "rekey resumed", {"rate": st.rate}, self.guard_path)
         self._spawn()
         return self.status()
@@ -378,15 +423,46 @@ class Rekey:
                                            "files_skipped", "files_failed", "bytes_rekeyed",
                                            "rate_reached")}, self.guard_path)
             log.info("rekey of %s finished: %s", self.guard_path, d)
+        except _NoSpace as e:
+            self._pause_no_space(e.what, errno.ENOSPC)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                self._fail(e)
+            else:
+                self._pause_no_space("the rekey state", e.errno)
         except Exception as e:  # noqa: BLE001 - the run stops, says why, can be resumed
-            log.exception("rekey of %s failed", self.guard_path)
-            with self._lock:
-                st.state, st.reason = FAILED, f"{type(e).__name__}: {e}"
-                try:
-                    save_state(self._dirfd, st)
-                except OSError:
-                    pass
-            self._audit("rekey", f"rekey failed: {st.reason}", {}, self.guard_path)
+            self._fail(e)
+
+    def _pause_no_space(self, what: str, err: int) -> None:
+        """The backing file system is full: pause (nothing counted as failed; the file
+        whose copy did not fit is done again on resume) rather than fail file after file."""
+        st = self.state
+        assert st is not None
+        with self._lock:
+            st.state = PAUSED
+            st.reason = (f"no space left on the backing file system for {what}: free space "
+                         f"(each file being rekeyed needs room for a whole copy of itself), "
+                         f"then run `takakrypt rekey resume {self.guard_path}`")
+            try:
+                save_state(self._dirfd, st)
+            except OSError:
+                pass  # the file says running: a restart resumes and pauses again if full
+        log.warning("rekey of %s paused: %s", self.guard_path, st.reason)
+        self._audit("rekey", f"rekey paused: {st.reason}",
+                    {"errno": err, "files_done": st.as_dict()["files_done"]}, self.guard_path)
+
+    def _fail(self, e: BaseException) -> None:
+        """Anything else stops the run as failed (it can be started again)."""
+        st = self.state
+        assert st is not None
+        log.exception("rekey of %s failed", self.guard_path)
+        with self._lock:
+            st.state, st.reason = FAILED, f"{type(e).__name__}: {e}"
+            try:
+                save_state(self._dirfd, st)
+            except OSError:
+                pass
+        self._audit("rekey", f"rekey failed: {st.reason}", {}, self.guard_path)
 
     def _retry_busy(self, pacer: Pacer) -> bool:
         """Files that were busy, again until none is or they gave up; False: stopped."""
@@ -455,6 +531,10 @@ class Rekey:
         except FileNotFoundError:
             outcome, nbytes = "gone", 0    # deleted since the walk saw it: nothing to do
         except OSError as e:
+            if e.errno in NO_SPACE:
+                # not this file's fault: the run pauses and the file is done again on
+                # resume (the walk's cursor has not passed it; a busy one stays listed)
+                raise _NoSpace(f"a copy of {rel}") from None
             with self._lock:
                 st.busy.pop(rel, None)
                 st.files_failed += 1
