@@ -37,7 +37,7 @@ from .. import policy, procinfo
 from ..audit import event as audit_event
 from ..errors import ConfigError, Error, KeyNotFound, UsageError
 from .control import ControlServer
-from .kernel_engine import KernelEngine
+from .kernel_engine import KernelEngine, running_on
 from .keymanager import KeyManager, load_config
 from .keys_agent import KeysAgent, keys_loop
 from .notify import Notifier
@@ -787,6 +787,24 @@ class Agent(KernelEngine, RekeyAgent, KeysAgent):
             log.info("key %s: new files use version %d", name, version)
             self._audit_system("key-rotation", f"key {name} now at version {version}",
                                {"key": name, "version": version})
+        if any(gp.engine == "kernel" and gp.key in changed
+               for gp in self.config.guard_points):
+            self._kernel_forget_versions()
+
+    def _kernel_forget_versions(self) -> None:
+        """The module holds the current version of each kernel guard point's key until a
+        CONFIG_UPDATE: send one (and, off the loop, wait for its answer, so that `keys
+        rotate` returns once new files of kernel guard points take the new version)."""
+        t, loop = self._genl(), self.loop
+        if t is None or loop is None:
+            return  # not registered: the module gets the guard points when it registers
+        if running_on(loop):
+            t.config_changed()
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(t.reconfigure(), loop).result(timeout=10)
+        except Exception as e:  # noqa: BLE001 - the next CONFIG_UPDATE carries it too
+            log.warning("kernel module: the rotation was not passed on: %s", e)
 
     def health_state(self) -> str:
         """healthy; degraded (only the key backend fails: keys already held are served);

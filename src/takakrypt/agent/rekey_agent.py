@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from .. import config as C
-from ..errors import UsageError
+from ..errors import AgentError, UsageError
 from . import rekey as R
 
 log = logging.getLogger("takakryptd")
@@ -127,11 +127,21 @@ class RekeyAgent:
         g = self.guards.get(path)  # type: ignore[attr-defined]
         if g is not None and hasattr(g, "backing_fd"):
             fd = g.backing_fd()
-        elif g is None and gp.engine == "fuse":
-            fd = os.open(gp.backing or path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         else:
-            raise UsageError(f"{path}: file usage is read on engine fuse guard points (and "
-                             "unmounted ones) only")
+            # Unmounted: the directory itself.  A mounted kernel guard point: a separate
+            # backing directory directly, an in-place one through the mount, where
+            # takakryptd (the agent registered with the module) is given the stored
+            # bytes of every file (docs/kernel.md, "Views"), so the headers.
+            if g is not None and gp.engine == "kernel" and not gp.backing and \
+                    self._genl() is None:  # type: ignore[attr-defined]
+                raise AgentError(f"{path}: the kernel module has not registered this "
+                                 "takakryptd (generic netlink transport down), so the "
+                                 "files under the mount cannot be read for their headers")
+            try:
+                fd = os.open(gp.backing or path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise AgentError(f"{path}: cannot read the guard point's files "
+                                 f"({os.strerror(e.errno or 0)})") from None
         try:
             out = R.usage(fd, key)
         finally:

@@ -115,3 +115,32 @@ def test_kernel_guard_point_down_at_start_is_closed_until_the_keystore_answers(s
         assert not st["keys"]["closed"], st["keys"]
         assert until(lambda: not _failed_read(gp / "a.txt"), timeout=60)
         assert _read(gp / "a.txt") == "before"
+
+
+def test_kernel_rotation_usage_and_retire(scratch):
+    """Rotation on a kernel guard point (docs/operations.md, "Rotating keys and live
+    rekey"): a new file takes the new version at once; `keys versions --usage` counts
+    the files per version through the in-place mount (takakryptd, the module's agent,
+    is given the stored bytes there, so it reads the headers); `keys retire` refuses a
+    version still in use; a live rekey is refused with the way out."""
+    cfg, gp = _cfg(scratch)
+    ks = ("--keystore", str(scratch / "keystore.json"), "--master-key-file",
+          str(scratch / "master.key"))
+    with running(scratch, cfg) as d:
+        for i in range(3):
+            (gp / f"old{i}").write_text(f"old {i}")
+        r = d.cli("keys", "rotate", "k1", *ks, "--json")
+        assert json.loads(r.stdout)["current_version"] == 2
+        (gp / "new").write_text("new")
+        os.sync()
+        use = json.loads(d.cli("keys", "versions", "k1", "--usage", str(gp), *ks,
+                               "--json").stdout)
+        assert [(v["version"], v["files"]) for v in use["versions"]] == [(1, 3), (2, 1)], use
+        r = d.cli("keys", "retire", "k1", "--version", "1", "--usage", str(gp), *ks,
+                  check=False)
+        assert r.returncode == 18 and "still in use" in r.stderr, (r.returncode, r.stderr)
+        r = d.cli("rekey", "start", str(gp), check=False)
+        assert r.returncode == 2 and "engine: fuse" in r.stderr, (r.returncode, r.stderr)
+        # reading the headers changed nothing: the files read as written
+        assert [(gp / f"old{i}").read_text() for i in range(3)] == ["old 0", "old 1", "old 2"]
+        assert (gp / "new").read_text() == "new"
