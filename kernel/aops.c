@@ -565,6 +565,7 @@ int tkfs_setsize(struct inode *inode, loff_t newsize)
 	struct tkfs_inode *ii = TKFS_I(inode);
 	loff_t oldsize = i_size_read(inode);
 	u8 *plain = NULL;
+	int renewed = 0;
 	u64 k;
 	size_t n;
 	int err;
@@ -580,14 +581,25 @@ int tkfs_setsize(struct inode *inode, loff_t newsize)
 	err = tkfs_ensure_ready(inode);
 	if (err)
 		return err;
+	if (newsize == 0) {
+		/* to 0: a header on an older version (a rotation since) is renewed */
+		up_read(&ii->key_sem);
+		renewed = tkfs_renew_header(inode);
+		if (renewed < 0)
+			return renewed;
+		err = tkfs_ensure_ready(inode);
+		if (err)
+			return err;
+	}
 	plain = kmalloc(PAGE_SIZE, GFP_NOFS);
 	if (!plain) {
 		err = -ENOMEM;
 		goto out;
 	}
-	/* the header may still hold an older size: commit the blocks just written */
+	/* the header may still hold an older size: commit the blocks just written (not
+	 * after a renewal: they are under the old header's keys, and about to go) */
 	mutex_lock(&ii->hdr_lock);
-	if (oldsize != ii->disk_size) {
+	if (oldsize != ii->disk_size && !renewed) {
 		if (oldsize > ii->disk_size &&
 		    i_size_read(ii->lower_inode) < tkfs_stored_len(oldsize))
 			err = tkfs_lower_truncate(inode, tkfs_stored_len(oldsize));

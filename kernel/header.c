@@ -424,6 +424,71 @@ int tkfs_create_header(struct inode *inode, bool store)
 	return 0;
 }
 
+/*
+ * A truncate to 0 (tkfs_setsize): an empty file has no block bound to its header, so a
+ * file whose header names another version than the mount key's current one (or another
+ * key) takes a new header -- new file id, the current version, the first lease --
+ * written over the old one before the caller cuts the lower file: a crash leaves the
+ * old file or an empty one (what follows a header of size 0 is a stale tail).  Dirty
+ * pages were stored by the caller (inode lock held, key_sem not held).  1 if renewed,
+ * 0 if there was nothing to renew (or no key: the truncate keeps the version), or a
+ * negative errno, after which the header is read again from the lower file.
+ */
+int tkfs_renew_header(struct inode *inode)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	struct tkfs_sb *sbi = TKFS_SB(inode->i_sb);
+	u8 key[TAKA_KEY_LEN], *raw = ii->hdr.raw;
+	size_t klen = strlen(sbi->key_name);
+	int epoch = atomic_read(&sbi->key_epoch);	/* before the key is fetched */
+	u32 version = 0;
+	ssize_t w;
+	int err;
+
+	if (tkfs_key_get(sbi, sbi->key_name, 0, key, &version))
+		return 0;
+	down_write(&ii->key_sem);
+	if (ii->state != TKFS_HDR_OK || ii->hdr_pending ||
+	    (ii->hdr.key_version == version && !strcmp(ii->hdr.key_id, sbi->key_name))) {
+		up_write(&ii->key_sem);
+		memzero_explicit(key, sizeof(key));
+		return 0;
+	}
+	tkfs_drop_keys(ii);
+	memset(raw, 0, TAKA_HDR_SIZE);
+	memcpy(raw, "TAKA", 4);
+	raw[4] = 1;
+	raw[5] = TAKAKRYPT_ALG_AES_256_GCM;
+	put_unaligned_le32(TKFS_BS, raw + 8);
+	put_unaligned_le32(version, raw + 12);
+	get_random_bytes(raw + 16, 16);
+	raw[32] = klen;
+	memcpy(raw + 33, sbi->key_name, klen);
+	err = tkfs_hdr_parse(&ii->hdr, raw);
+	if (!err)
+		err = tkfs_derive_keys(ii, key, false);
+	memzero_explicit(key, sizeof(key));
+	if (!err)
+		err = tkfs_hdr_seal(ii, 0, TAKA_LEASE_CHUNK);
+	if (!err) {
+		w = tkfs_lower_write(inode, raw, TAKA_HDR_SIZE, 0);
+		err = w < 0 ? w : 0;
+	}
+	if (err) {
+		/* whatever the lower file holds now is read again at the next use */
+		tkfs_drop_keys(ii);
+		ii->state = TKFS_HDR_UNKNOWN;
+		up_write(&ii->key_sem);
+		return err;
+	}
+	ii->key_epoch = epoch;
+	ii->disk_size = 0;
+	ii->enc_count = 0;
+	ii->tail_cut = false;	/* the old blocks are still stored after the header */
+	up_write(&ii->key_sem);
+	return 1;
+}
+
 /* rewrite the header (size, lease); key_sem read-held, hdr_lock held */
 int tkfs_write_header(struct inode *inode, u64 size, u64 lease)
 {

@@ -505,7 +505,8 @@ static int tkfs_setattr(struct user_namespace *ns, struct dentry *dentry, struct
 	}
 	if ((ia->ia_valid & ATTR_SIZE) && S_ISREG(inode->i_mode)) {
 		err = tkfs_get_lower_file(inode);
-		if (!err && ia->ia_size != i_size_read(inode))
+		/* to 0 also when empty already: a header on an older version is renewed */
+		if (!err && (ia->ia_size != i_size_read(inode) || !ia->ia_size))
 			err = tkfs_setsize(inode, ia->ia_size);
 		if (err)
 			return err;

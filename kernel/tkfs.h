@@ -263,6 +263,7 @@ void tkfs_crypto_exit(void);
 /* header.c: header state of an inode */
 int tkfs_load_header(struct inode *inode);
 int tkfs_create_header(struct inode *inode, bool store);
+int tkfs_renew_header(struct inode *inode);
 int tkfs_key_available(struct inode *inode);
 void tkfs_prepare_new(struct inode *inode);
 void tkfs_work_init_once(struct tkfs_inode *ii);

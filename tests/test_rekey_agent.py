@@ -161,6 +161,54 @@ def test_rotate_rekey_usage_retire(env):
     assert all(e["path"].startswith(str(gp) + "/") for e in files)
 
 
+def _header(backing: Path, rel: str) -> fmt.Header:
+    return fmt.parse_header((backing / rel).read_bytes()[:fmt.HEADER_SIZE])
+
+
+def test_truncate_to_zero_takes_the_current_version(env):
+    """After a rotation an empty file has no block bound to its header, so a truncate to
+    0 (O_TRUNC, or a size of 0) gives it a new header on the current version at once --
+    also under descriptors held open meanwhile; other truncates keep the file's
+    version (docs/operations.md, "Rotate")."""
+    tmp, gp, backing = env
+    d = Daemon(tmp, _cfg(tmp, gp, backing))
+    try:
+        d.wait_for("READY=1")
+        for rel in ("otrunc", "setsize", "shrink", "held", "empty"):
+            (gp / rel).write_bytes(b"v1 data " * 1000 if rel != "empty" else b"")
+        ids = {rel: _header(backing, rel).file_id for rel in ("otrunc", "setsize", "held")}
+        assert _keys(tmp, "rotate", "k1").returncode == 0
+        held = open(gp / "held", "rb")  # a reader holding the file across the truncate
+        try:
+            (gp / "otrunc").write_bytes(b"rewritten")            # open(O_TRUNC) + write
+            os.truncate(gp / "setsize", 0)                        # setattr size 0
+            with open(gp / "setsize", "r+b") as f:
+                f.write(b"regrown")
+            os.truncate(gp / "shrink", 5)                         # not to 0: version kept
+            with open(gp / "empty", "wb"):                        # O_TRUNC of an empty file
+                pass
+            with open(gp / "held", "r+b") as f:
+                f.truncate(0)
+                f.write(b"new content")
+            assert held.read() == b"new content"
+        finally:
+            held.close()
+        for rel in ("otrunc", "setsize", "held", "empty"):
+            h = _header(backing, rel)
+            assert h.key_version == 2, (rel, h)
+            if rel in ids:
+                assert h.file_id != ids[rel], rel  # a new file id: new per-file keys
+        assert _header(backing, "shrink").key_version == 1
+        assert (gp / "otrunc").read_bytes() == b"rewritten"
+        assert (gp / "setsize").read_bytes() == b"regrown"
+        assert (gp / "shrink").read_bytes() == b"v1 da"
+        assert (gp / "empty").read_bytes() == b""
+        # the stored files are exactly what their new headers say (no stale tail)
+        assert (backing / "otrunc").stat().st_size == fmt.HEADER_SIZE + 9 + 28
+    finally:
+        d.stop()
+
+
 def test_full_backing_file_system_pauses_the_rekey(env):
     """A full backing file system (what an operator meets when the disk fills): `start`
     refuses with a clear error and leaves nothing behind; room for the state but not for

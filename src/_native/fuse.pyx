@@ -85,6 +85,7 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t handover_resent
         uint64_t handover_swaps_finished
         uint64_t header_loads
+        uint64_t header_renewals
         uint64_t size_cache_hits
         uint64_t killpriv_v2
         uint64_t suid_kills
@@ -507,6 +508,7 @@ cdef class Mount:
             "handover_resent": s.handover_resent,
             "handover_swaps_finished": s.handover_swaps_finished,
             "header_loads": s.header_loads,
+            "header_renewals": s.header_renewals,
             "size_cache_hits": s.size_cache_hits,
             "killpriv_v2": s.killpriv_v2,
             "suid_kills": s.suid_kills,

@@ -164,6 +164,8 @@ typedef struct {
     uint64_t handover_swaps_finished; /* inodes a predecessor killed between a rekey's
                                        * exchange and its repoint left: the copy kept */
     uint64_t header_loads;         /* TAKA headers read and verified */
+    uint64_t header_renewals;      /* truncates to 0 that gave a file a new header (the
+                                    * key's current version): tk_taka_truncate0 */
     uint64_t size_cache_hits;      /* stats answered from remembered header sizes */
     uint64_t killpriv_v2;          /* 1: FUSE_HANDLE_KILLPRIV_V2 negotiated (gauge) */
     uint64_t suid_kills;           /* setuid/setgid bits cleared for a write/truncate/open */

@@ -565,6 +565,10 @@ int tk_taka_write(tk_fs *fs, tk_taka *t, int fd, const char *data, size_t len,
                   uint64_t off, uint64_t *bad_block);      /* wrlock */
 int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size,
                      uint64_t *bad_block);                 /* wrlock */
+/* Truncate to 0 (O_TRUNC, or a size of 0): an empty file has no block bound to its header,
+ * so one whose header names another version than its key's current one (or another key)
+ * takes a new header -- new file id, the current version -- at once.  Under ino->lock. */
+int tk_taka_truncate0(tk_fs *fs, tk_inode *ino, int fd, uint64_t *bad);
 uint64_t tk_taka_stored_size(uint64_t plain, uint32_t bs);
 /* A new file's state (not on disk): header with a fresh random file id, key `name` at
  * `version`, block size bs, size 0; per-file keys from the data key. */

@@ -626,7 +626,8 @@ static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_
         rc = ensure_loaded(fs, req, ino, fd);
         if (rc == 0) {
             uint64_t old = ino->taka.size;
-            rc = tk_taka_truncate(fs, &ino->taka, fd, size, &bad);
+            rc = size ? tk_taka_truncate(fs, &ino->taka, fd, size, &bad)
+                      : tk_taka_truncate0(fs, ino, fd, &bad);
             /* a failure may have changed part of it: what was asked counts too */
             tk_rk_changed(ino, old, 0, 0, ino->taka.size);
             if (size != ino->taka.size) tk_rk_changed(ino, old, 0, 0, size);
@@ -1031,7 +1032,7 @@ static int open_backing(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, int 
         }
         uint64_t bad = 0, old = ino->taka.size;
         if (rc == 0 && (flags & O_TRUNC)) {
-            rc = tk_taka_truncate(fs, &ino->taka, fd, 0, &bad);
+            rc = tk_taka_truncate0(fs, ino, fd, &bad);
             tk_rk_changed(ino, old, 0, 0, 0);
         }
     } else {

@@ -647,3 +647,42 @@ int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t *bad
     t->phys_ok = rc == 0;
     return rc;
 }
+
+int tk_taka_truncate0(tk_fs *fs, tk_inode *ino, int fd, uint64_t *bad) {
+    tk_taka *t = &ino->taka;
+    const size_t klen = strlen(fs->key_name);
+    uint8_t key[32];
+    uint32_t cur = 0;
+    /* a file being rekeyed moves with the rekey (its copy is on the target version) */
+    if (ino->rk || tk_key_get(fs, fs->key_name, 0, &cur, key) != 0)
+        return tk_taka_truncate(fs, t, fd, 0, bad);
+    if (get_le32(t->hdr + 12) == cur && t->hdr[32] == klen &&
+        memcmp(t->hdr + 33, fs->key_name, klen) == 0) {
+        OPENSSL_cleanse(key, sizeof key);
+        return tk_taka_truncate(fs, t, fd, 0, bad);
+    }
+    tk_taka nt;
+    memset(&nt, 0, sizeof nt);
+    int rc = tk_taka_init_new(&nt, fs->key_name, cur, key, t->bs);
+    OPENSSL_cleanse(key, sizeof key);
+    if (rc) return rc;
+    uint64_t chunk, soft, hard;
+    nonce_limits(&chunk, &soft, &hard);
+    put_le64(nt.hdr + 104, chunk);  /* the first lease, in the header written anyway */
+    /* The new header first, over the old one: from then on the file is the empty file
+     * of the new header (what follows it is a stale tail, ignored by every reader), so
+     * a crash at any point leaves either the old file or an empty one; then the cut. */
+    rc = write_header(&nt, fd);
+    if (rc) {
+        tk_taka_reset(&nt);
+        t->phys_ok = 0;
+        return rc;
+    }
+    uint64_t epoch = t->epoch;
+    tk_taka_reset(t);
+    *t = nt;
+    t->epoch = epoch;
+    t->phys_ok = trunc_to(fd, TK_HDR_SIZE) == 0;  /* else cut at the next growth */
+    TK_INC(fs, header_renewals, 1);
+    return 0;
+}
