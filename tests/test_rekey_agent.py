@@ -259,6 +259,12 @@ def test_full_backing_file_system_pauses_the_rekey(env):
         assert st["files_rekeyed"] == 3 and st["files_failed"] == 0, st
         assert _versions_at_rest(backing) == {2: 3}
         _check(gp, ref)
+
+        # a backing file system gone read-only (ext4 after disk errors): refused the same
+        subprocess.run(["mount", "-o", "remount,ro", str(backing)], check=True)
+        r = d.cli("rekey", "start", str(gp), check=False)
+        assert r.returncode == 17 and "Read-only file system" in r.stderr, r.stderr
+        assert d.jcli("rekey", "status", str(gp))["state"] == "done"  # the last run's
     finally:
         if d is not None:
             d.stop()

@@ -48,16 +48,19 @@ MAX_ERRORS_KEPT = 100
 MAX_SWEEPS = 5
 
 RUNNING, PAUSED, DONE, FAILED = "running", "paused", "done", "failed"
-#: a full backing file system (or quota): the run pauses, nothing is counted as failed
+#: a full backing file system (or quota), or one that became read-only (ext4 does after
+#: disk errors): not a file's fault, so the run pauses and nothing is counted as failed
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+PAUSE_ERRNOS = (*NO_SPACE, errno.EROFS)
 
 
 class _NoSpace(Exception):
-    """The backing file system is full: the run pauses (``resume`` once there is room)."""
+    """The backing file system is full or read-only: the run pauses (``resume`` once it
+    takes writes again)."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, err: int) -> None:
         super().__init__(what)
-        self.what = what
+        self.what, self.errno = what, err
 
 
 class RekeyState(msgspec.Struct, forbid_unknown_fields=True):
@@ -149,7 +152,9 @@ def save_state(dirfd: int, st: RekeyState) -> None:
 def _state_error(guard_path: str, e: OSError) -> RekeyError:
     why = os.strerror(e.errno) if e.errno else str(e)
     hint = (": free space on the backing file system (a file being rekeyed also needs "
-            "room for a whole copy of itself) and start again") if e.errno in NO_SPACE else ""
+            "room for a whole copy of itself) and start again") if e.errno in NO_SPACE else (
+        ": the backing file system takes no writes; start again once it does"
+        if e.errno == errno.EROFS else "")
     return RekeyError(f"{guard_path}: the rekey state cannot be written in the backing "
                       f"directory ({why}){hint}")
 
@@ -424,9 +429,9 @@ class Rekey:
                                            "rate_reached")}, self.guard_path)
             log.info("rekey of %s finished: %s", self.guard_path, d)
         except _NoSpace as e:
-            self._pause_no_space(e.what, errno.ENOSPC)
+            self._pause_no_space(e.what, e.errno)
         except OSError as e:
-            if e.errno not in NO_SPACE:
+            if e.errno not in PAUSE_ERRNOS:
                 self._fail(e)
             else:
                 self._pause_no_space("the rekey state", e.errno)
@@ -434,15 +439,21 @@ class Rekey:
             self._fail(e)
 
     def _pause_no_space(self, what: str, err: int) -> None:
-        """The backing file system is full: pause (nothing counted as failed; the file
-        whose copy did not fit is done again on resume) rather than fail file after file."""
+        """The backing file system is full or read-only: pause (nothing counted as failed;
+        the file whose copy did not fit is done again on resume) rather than fail file
+        after file."""
         st = self.state
         assert st is not None
         with self._lock:
             st.state = PAUSED
-            st.reason = (f"no space left on the backing file system for {what}: free space "
-                         f"(each file being rekeyed needs room for a whole copy of itself), "
-                         f"then run `takakrypt rekey resume {self.guard_path}`")
+            if err in NO_SPACE:
+                st.reason = (f"no space left on the backing file system for {what}: free "
+                             "space (each file being rekeyed needs room for a whole copy of "
+                             f"itself), then run `takakrypt rekey resume {self.guard_path}`")
+            else:
+                st.reason = (f"the backing file system takes no writes ({os.strerror(err)}) "
+                             f"for {what}: once it does, run `takakrypt rekey resume "
+                             f"{self.guard_path}`")
             try:
                 save_state(self._dirfd, st)
             except OSError:
@@ -531,10 +542,10 @@ class Rekey:
         except FileNotFoundError:
             outcome, nbytes = "gone", 0    # deleted since the walk saw it: nothing to do
         except OSError as e:
-            if e.errno in NO_SPACE:
+            if e.errno in PAUSE_ERRNOS:
                 # not this file's fault: the run pauses and the file is done again on
                 # resume (the walk's cursor has not passed it; a busy one stays listed)
-                raise _NoSpace(f"a copy of {rel}") from None
+                raise _NoSpace(f"a copy of {rel}", e.errno) from None
             with self._lock:
                 st.busy.pop(rel, None)
                 st.files_failed += 1
