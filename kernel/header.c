@@ -347,6 +347,22 @@ int tkfs_key_available(struct inode *inode)
 	return 0;
 }
 
+/* the static part of a new file's header: key name and version, a fresh file id */
+static void new_static_header(u8 *raw, const char *key_name, u32 version)
+{
+	size_t klen = strlen(key_name);
+
+	memset(raw, 0, TAKA_HDR_SIZE);
+	memcpy(raw, "TAKA", 4);
+	raw[4] = 1;
+	raw[5] = TAKAKRYPT_ALG_AES_256_GCM;
+	put_unaligned_le32(TKFS_BS, raw + 8);
+	put_unaligned_le32(version, raw + 12);
+	get_random_bytes(raw + 16, 16);
+	raw[32] = klen;
+	memcpy(raw + 33, key_name, klen);
+}
+
 /*
  * The header of a file with nothing stored (state EMPTY): fresh file id, the mount's key
  * at its current version, size 0, the first encryption lease.  With store, written now
@@ -358,7 +374,6 @@ int tkfs_create_header(struct inode *inode, bool store)
 	struct tkfs_inode *ii = TKFS_I(inode);
 	struct tkfs_sb *sbi = TKFS_SB(inode->i_sb);
 	u8 key[TAKA_KEY_LEN], *raw = ii->hdr.raw;
-	size_t klen = strlen(sbi->key_name);
 	int epoch = atomic_read(&sbi->key_epoch);	/* before the key is fetched */
 	u32 version = 0;
 	int err;
@@ -385,15 +400,7 @@ int tkfs_create_header(struct inode *inode, bool store)
 		up_write(&ii->key_sem);
 		return -EIO;
 	}
-	memset(raw, 0, TAKA_HDR_SIZE);
-	memcpy(raw, "TAKA", 4);
-	raw[4] = 1;
-	raw[5] = TAKAKRYPT_ALG_AES_256_GCM;
-	put_unaligned_le32(TKFS_BS, raw + 8);
-	put_unaligned_le32(version, raw + 12);
-	get_random_bytes(raw + 16, 16);
-	raw[32] = klen;
-	memcpy(raw + 33, sbi->key_name, klen);
+	new_static_header(raw, sbi->key_name, version);
 	err = tkfs_hdr_parse(&ii->hdr, raw);
 	if (!err)
 		err = tkfs_derive_keys(ii, key, false);
@@ -439,7 +446,6 @@ int tkfs_renew_header(struct inode *inode)
 	struct tkfs_inode *ii = TKFS_I(inode);
 	struct tkfs_sb *sbi = TKFS_SB(inode->i_sb);
 	u8 key[TAKA_KEY_LEN], *raw = ii->hdr.raw;
-	size_t klen = strlen(sbi->key_name);
 	int epoch = atomic_read(&sbi->key_epoch);	/* before the key is fetched */
 	u32 version = 0;
 	ssize_t w;
@@ -455,15 +461,7 @@ int tkfs_renew_header(struct inode *inode)
 		return 0;
 	}
 	tkfs_drop_keys(ii);
-	memset(raw, 0, TAKA_HDR_SIZE);
-	memcpy(raw, "TAKA", 4);
-	raw[4] = 1;
-	raw[5] = TAKAKRYPT_ALG_AES_256_GCM;
-	put_unaligned_le32(TKFS_BS, raw + 8);
-	put_unaligned_le32(version, raw + 12);
-	get_random_bytes(raw + 16, 16);
-	raw[32] = klen;
-	memcpy(raw + 33, sbi->key_name, klen);
+	new_static_header(raw, sbi->key_name, version);
 	err = tkfs_hdr_parse(&ii->hdr, raw);
 	if (!err)
 		err = tkfs_derive_keys(ii, key, false);

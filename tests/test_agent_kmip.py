@@ -161,3 +161,74 @@ def test_kmip_down_at_start_offline_cache_or_closed(tmp_path, kmip_server, ident
     finally:
         if kmip_server.proc is None:
             kmip_server.restart()
+
+
+class _HungServer:
+    """A KMIP address that takes TCP connections and never answers (a server that hangs,
+    or a firewall that lets the SYN through): every request times out.  Counts the
+    connections it took."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(64)
+        self.held: list = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(c)
+
+    def close(self) -> None:
+        import socket
+
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(5)
+        for c in self.held:
+            c.close()
+
+
+def test_kmip_hung_at_start_is_tried_once_then_opens_when_back(tmp_path, kmip_server, ident):
+    """A KMS that hangs (takes the connection, never answers) at takakryptd's start: the
+    start tries it once -- not timeout x (retries + 1) for each of the configuration
+    check, the key lookups and the first health probe, which kept READY=1 waiting two
+    minutes with the defaults, past systemd's start timeout -- mounts the guard point
+    closed, answers `status` from what it knows, and opens the guard point by itself
+    once the server answers."""
+    cfg, gp = _cfg(tmp_path, kmip_server, ident)
+    cfg["keys"]["kmip"].update(timeout=2.0, retries=3)
+    assert _keys(tmp_path, cfg, "create", "fleet").returncode == 0
+    with running(tmp_path, cfg):
+        assert _py(WRITE, str(gp / "a.txt"), "kept").returncode == 0
+    kmip_server.kill()
+    hung = _HungServer(kmip_server.host, kmip_server.port)
+    try:
+        with running(tmp_path, cfg) as d:
+            # one try at start (the configuration check); the agent asks nothing more
+            # before the next health probe, PROBE_RETRY later
+            assert len(hung.held) <= 2, len(hung.held)  # 12 before: 3 x (1 + 3 retries)
+            st = _status(d)
+            assert st["guard_points"][0]["mounted"] and st["guard_points"][0]["closed"], st
+            assert "timed out" in (st["keys"].get("last_error") or ""), st["keys"]
+            assert _denied(_py(READ, str(gp / "a.txt")))
+            hung.close()
+            kmip_server.restart()
+            assert until(lambda: not _status(d)["guard_points"][0]["closed"], 90)
+            assert _py(READ, str(gp / "a.txt")).stdout == "kept"
+    finally:
+        hung.close()
+        if kmip_server.proc is None:
+            kmip_server.restart()

@@ -139,6 +139,8 @@ class Agent(KernelEngine, RekeyAgent, KeysAgent):
         self.handing_over = False  # a `takakryptd --upgrade` is taking over
         self.handed_over = False  # ... and took the guard points: no key wipe at stop
         self.ready_sent = False
+        self.start_outage: str | None = None  # main()'s check found the key backend down
+        self.start_outage_took = 0.0          # ... in that many seconds
         self.loop: asyncio.AbstractEventLoop | None = None  # set by run()
         self.kernel_last: dict[str, Any] | None = None  # the module's last STATUS answer
 
@@ -896,7 +898,8 @@ async def run(agent: Agent, *, pid_file: str | None = None,
         try:
             with _setting(agent, "$.keys", "open the key backend at"):
                 # a backend that is down starts closed (keys_agent), not an error
-                agent.keys = KeyManager.open(cfg.keys)
+                agent.keys = KeyManager.open(cfg.keys, known_down=agent.start_outage,
+                                             known_down_took=agent.start_outage_took)
         except Error as e:
             if not (agent.bundles or upgrade):
                 raise
@@ -1166,9 +1169,11 @@ def main(argv: list[str] | None = None) -> int:
     # else takes fd numbers); then the keys are not looked up here: a key backend that
     # cannot be opened must not leave them unserved (run() denies every access instead)
     bundles, problems = handover.bundles_from_store(handover.listen_fds())
+    outages: list[str] = []  # the key backend down (or hung) at this check: not asked again
+    checked = time.monotonic()
     try:
         agent_cfg = load_config(args.config, check_keys=not (bundles or args.upgrade),
-                                outage_ok=True)
+                                outage_ok=True, outages=outages)
     except ConfigError as e:
         for line in getattr(e, "all", None) or [str(e)]:
             print(f"takakryptd: error: {line}", file=sys.stderr)
@@ -1192,6 +1197,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in [p for p in bundles if p.startswith("?")]:
             handover.remove(agent.notifier.send_fds, bundles.pop(path).names)
         agent.bundles, agent.from_store = bundles, bool(bundles)
+        agent.start_outage = outages[0] if outages else None
+        agent.start_outage_took = time.monotonic() - checked
 
         async def _main() -> int:
             return await run(agent, pid_file=args.pid_file,

@@ -74,7 +74,10 @@ def _read_passphrase(path: str) -> bytes:
     return line
 
 
-def open_backend(cfg: C.Keys) -> KeyBackend:
+def open_backend(cfg: C.Keys, *, retries: int | None = None) -> KeyBackend:
+    """The configured backend; ``retries`` replaces a KMIP backend's configured retries
+    (0: one try, for a check that must not wait timeout x (retries + 1) on a hung
+    server)."""
     if cfg.backend == "local":
         loc = cfg.local
         if bool(loc.passphrase_file) == bool(loc.master_key_file):
@@ -99,7 +102,8 @@ def open_backend(cfg: C.Keys) -> KeyBackend:
         try:
             return KmipBackend(km.host, km.port, ca_file=km.ca_file or "",
                                cert_file=km.cert_file or "", key_file=km.key_file or "",
-                               timeout=km.timeout, retries=km.retries)
+                               timeout=km.timeout,
+                               retries=km.retries if retries is None else retries)
         except UsageError as e:
             raise ConfigError(f"$.keys.kmip: {e}") from None
     raise ConfigError(f"$.keys.backend: unknown backend {cfg.backend!r}")
@@ -120,7 +124,9 @@ def load_config(path: str, *, backend: Any = None, check_keys: bool = True,
         try:
             if backend is not None:
                 return {i.name for i in backend.list()}
-            with open_backend(keys) as b:
+            # one try when an outage is no error (takakryptd's start, config check):
+            # the start is not held for timeout x (retries + 1) by a hung server
+            with open_backend(keys, retries=0 if outage_ok else None) as b:
                 return {i.name for i in b.list()}
         except Error as e:
             if outage_ok and outage(e):
@@ -184,6 +190,13 @@ def open_offline(cfg: C.Keys) -> tuple[OfflineCache | None, str]:
         return None, str(e)
 
 
+#: seconds after a probe of the backend that failed slowly (SLOW_PROBE or longer: a
+#: hung server) before the next one is made (the health loop probes every 10 s; a
+#: `takakrypt status` in between answers from the last one)
+PROBE_RETRY = 5.0
+SLOW_PROBE = 1.0
+
+
 class KeyManager:
     """The key backend behind a circuit breaker, the key cache and the offline cache in
     front (module docstring).  Thread-safe: the data path's threads call :meth:`get`
@@ -208,6 +221,12 @@ class KeyManager:
         self._mu = threading.Lock()  # events, drops, counters
         self._closed = False
         self._probed = False  # the first probe (at start) trips the breaker if it fails
+        # one probe at a time, and none again within PROBE_RETRY of one that failed
+        # slowly: a hung server costs timeout x (retries + 1) per probe, which
+        # `takakrypt status` and the start-up checks must not wait for again and again
+        # (a quick failure -- refused, a damaged keystore -- is simply tried again)
+        self._probe_mu = threading.Lock()
+        self._last_probe: tuple[bool, float, float] | None = None  # (answered, when, took)
         self._announced: dict[str, int] = {}  # key name -> version changed_versions() saw
         self.last_error: str | None = None  # the backend's latest failure, None once fine
         self.down_since: float | None = None  # wall clock; None while the backend answers
@@ -220,10 +239,15 @@ class KeyManager:
                          "offline_serves": 0, "offline_stores": 0, "offline_errors": 0}
 
     @classmethod
-    def open(cls, cfg: C.Keys, *, breaker: CircuitBreaker | None = None) -> KeyManager:
+    def open(cls, cfg: C.Keys, *, breaker: CircuitBreaker | None = None,
+             known_down: str | None = None, known_down_took: float = 0.0) -> KeyManager:
         """The manager of configuration ``cfg``: ConfigError (or KeystoreLocked) for what
         the configuration must fix; a backend that is down (:func:`outage`) is not
-        opened now but at the first call that finds it back."""
+        opened now but at the first call that finds it back.  ``known_down``: what the
+        backend said when it was just tried (takakryptd's start-up check of the
+        configuration), after ``known_down_took`` seconds: the circuit starts open and,
+        after a slow failure, the first probe is not made at once, so the start does not
+        wait on a hung server again."""
         offline, problem = open_offline(cfg)
         ttl, revalidate = C.key_cache_times(cfg)
         backend: KeyBackend | None = None
@@ -240,10 +264,14 @@ class KeyManager:
                  cache=KeyCache(ttl, revalidate), offline=offline,
                  opener=lambda: open_backend(cfg))
         km.offline_problem = problem
+        if err is None and known_down is not None:
+            err = BackendUnavailable(known_down)
         if err is not None:
             log.error("key backend %s unavailable at start: %s", cfg.backend, err)
             km.breaker.trip()
             km._down(err)
+            km._probed = True
+            km._last_probe = (False, time.monotonic(), known_down_took)
         return km
 
     # events ---------------------------------------------------------------------------
@@ -549,6 +577,23 @@ class KeyManager:
         reported to it, so an open circuit closes as soon as the backend is back.  The
         first one failing (takakryptd's start) opens the circuit at once: the start's
         checks of each guard point's key do not each wait on a dead server."""
+        if not self._probe_mu.acquire(blocking=False):
+            # one is under way (a slow or hung server): its caller reports; this one
+            # answers with what is known
+            return self.last_error is None and self.breaker.state == "closed"
+        try:
+            last, t0 = self._last_probe, time.monotonic()
+            if last is not None and not last[0] and last[2] >= SLOW_PROBE and \
+                    t0 - last[1] < PROBE_RETRY:
+                return False
+            ok = self._probe_now()
+            now = time.monotonic()
+            self._last_probe = (ok, now, now - t0)
+            return ok
+        finally:
+            self._probe_mu.release()
+
+    def _probe_now(self) -> bool:
         first, self._probed = not self._probed, True
         try:
             self._live().list()
