@@ -665,7 +665,7 @@ int tk_taka_truncate0(tk_fs *fs, tk_inode *ino, int fd, uint64_t *bad) {
     memset(&nt, 0, sizeof nt);
     int rc = tk_taka_init_new(&nt, fs->key_name, cur, key, t->bs);
     OPENSSL_cleanse(key, sizeof key);
-    if (rc) return rc;
+    if (rc) return tk_taka_truncate(fs, t, fd, 0, bad);  /* kept on its version */
     uint64_t chunk, soft, hard;
     nonce_limits(&chunk, &soft, &hard);
     put_le64(nt.hdr + 104, chunk);  /* the first lease, in the header written anyway */
