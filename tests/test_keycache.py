@@ -293,7 +293,11 @@ def test_manager_serves_held_keys_until_ttl_then_denies(store):
     clk.t += 3  # fresh: served without asking
     assert km.get("k1", 1) == key and km.current_version("k1") == 1
     assert km.counters["hits"] == 1 and km.last_error is None
-    clk.t += 3  # due: the backend fails, still within the TTL
+    clk.t += 3  # due: served at once all the same (no caller waits on the backend) ...
+    assert km.get("k1", 1) == key and km.current_version("k1") == 1
+    assert km.counters["revalidations"] == km.counters["revalidation_failures"] == 0
+    assert km.maintain() == []  # ... and maintain() asks: the backend fails, within the TTL
+    assert km.counters["revalidation_failures"] == 1
     assert km.get("k1", 1) == key and km.current_version("k1") == 1
     assert km.degraded and km.source["k1"] == "cache"
     clk.t += 5  # past the TTL

@@ -6,7 +6,8 @@ Data keys handed to guard points are copies (bytearrays) the caller wipes.
 
 * **Key cache** (:class:`takakrypt.keys.cache.KeyCache`): every key fetched is held
   locked in memory with the time the backend last confirmed it.  After
-  ``keys.cache_revalidate`` seconds its next use (or :meth:`KeyManager.maintain`) asks
+  ``keys.cache_revalidate`` seconds :meth:`KeyManager.maintain` (every few seconds, off
+  the data path: a caller holding the key never waits on a slow or hung backend) asks
   the backend again: confirmed, it is served on; gone (``KeyNotFound``, retired), it is
   dropped; the backend failing, it is served until ``keys.cache_ttl`` seconds after
   the last confirmation, then dropped and wiped, and the data path's copies with it
@@ -428,7 +429,10 @@ class KeyManager:
         hit = self.cache.lookup(name, version)
         if hit is not None:
             key, age = hit
-            if not self.cache.stale(age):
+            if not self.cache.expired(age):
+                # fresh, or due for revalidation: served at once; maintain() (every few
+                # seconds, off the data path) asks the backend, so no caller waits on a
+                # slow or hung one for a key it holds
                 self._count("hits")
                 return key
             try:
@@ -483,8 +487,8 @@ class KeyManager:
         remembered one while the backend fails, until it expires; then the offline
         cache's.  ``force``: ask the backend now."""
         memo = self.cache.current(name)
-        if memo is not None and not force and self.cache.ttl and not self.cache.stale(memo[1]):
-            return memo[0]
+        if memo is not None and not force and self.cache.ttl and not self.cache.expired(memo[1]):
+            return memo[0]  # due ones are confirmed by maintain(), as keys are
         try:
             info = self._call(lambda b: b.info(name))
         except KeyNotFound:
@@ -520,7 +524,8 @@ class KeyManager:
         (wipe) the expired ones.  Returns every (name, version) dropped since the last
         call, here or in :meth:`get` (version 0: all of the name): the data path's
         copies of those must go too."""
-        for name in self.cache.due():
+        due = self.cache.due()
+        for name in due:
             try:
                 info = self._call(lambda b, n=name: b.info(n))
             except KeyNotFound:
@@ -528,6 +533,9 @@ class KeyManager:
                 continue
             except Error:
                 self._count("revalidation_failures")
+                for n in due:  # served from memory until they are confirmed or expire
+                    if self.source.get(n) != "offline":
+                        self.source[n] = "cache"
                 break  # the backend fails: the next round tries again
             self._count("revalidations")
             self._confirmed(name, info)
