@@ -139,8 +139,8 @@ class Agent(KernelEngine, RekeyAgent, KeysAgent):
         self.handing_over = False  # a `takakryptd --upgrade` is taking over
         self.handed_over = False  # ... and took the guard points: no key wipe at stop
         self.ready_sent = False
-        self.start_outage: str | None = None  # main()'s check found the key backend down
-        self.start_outage_took = 0.0          # ... in that many seconds
+        # main()'s check found the key backend down: (what it said, seconds it took)
+        self.start_outage: tuple[str, float] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # set by run()
         self.kernel_last: dict[str, Any] | None = None  # the module's last STATUS answer
 
@@ -898,8 +898,8 @@ async def run(agent: Agent, *, pid_file: str | None = None,
         try:
             with _setting(agent, "$.keys", "open the key backend at"):
                 # a backend that is down starts closed (keys_agent), not an error
-                agent.keys = KeyManager.open(cfg.keys, known_down=agent.start_outage,
-                                             known_down_took=agent.start_outage_took)
+                down, took = agent.start_outage or (None, 0.0)
+                agent.keys = KeyManager.open(cfg.keys, known_down=down, known_down_took=took)
         except Error as e:
             if not (agent.bundles or upgrade):
                 raise
@@ -1197,8 +1197,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in [p for p in bundles if p.startswith("?")]:
             handover.remove(agent.notifier.send_fds, bundles.pop(path).names)
         agent.bundles, agent.from_store = bundles, bool(bundles)
-        agent.start_outage = outages[0] if outages else None
-        agent.start_outage_took = time.monotonic() - checked
+        if outages:
+            agent.start_outage = (outages[0], time.monotonic() - checked)
 
         async def _main() -> int:
             return await run(agent, pid_file=args.pid_file,

@@ -54,7 +54,7 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 PAUSE_ERRNOS = (*NO_SPACE, errno.EROFS)
 
 
-class _NoSpace(Exception):
+class _Unwritable(Exception):
     """The backing file system is full or read-only: the run pauses (``resume`` once it
     takes writes again)."""
 
@@ -428,17 +428,17 @@ class Rekey:
                                            "files_skipped", "files_failed", "bytes_rekeyed",
                                            "rate_reached")}, self.guard_path)
             log.info("rekey of %s finished: %s", self.guard_path, d)
-        except _NoSpace as e:
-            self._pause_no_space(e.what, e.errno)
+        except _Unwritable as e:
+            self._pause_unwritable(e.what, e.errno)
         except OSError as e:
             if e.errno not in PAUSE_ERRNOS:
                 self._fail(e)
             else:
-                self._pause_no_space("the rekey state", e.errno)
+                self._pause_unwritable("the rekey state", e.errno)
         except Exception as e:  # noqa: BLE001 - the run stops, says why, can be resumed
             self._fail(e)
 
-    def _pause_no_space(self, what: str, err: int) -> None:
+    def _pause_unwritable(self, what: str, err: int) -> None:
         """The backing file system is full or read-only: pause (nothing counted as failed;
         the file whose copy did not fit is done again on resume) rather than fail file
         after file."""
@@ -545,7 +545,7 @@ class Rekey:
             if e.errno in PAUSE_ERRNOS:
                 # not this file's fault: the run pauses and the file is done again on
                 # resume (the walk's cursor has not passed it; a busy one stays listed)
-                raise _NoSpace(f"a copy of {rel}", e.errno) from None
+                raise _Unwritable(f"a copy of {rel}", e.errno) from None
             with self._lock:
                 st.busy.pop(rel, None)
                 st.files_failed += 1
