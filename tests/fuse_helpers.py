@@ -142,7 +142,10 @@ class Guard:
                 except json.JSONDecodeError:
                     pass
             time.sleep(0.01)
-        raise RuntimeError("guard server did not write its stats")
+        pid = self.server_pid()
+        raise RuntimeError(f"guard server {pid} ({'alive' if _alive(pid) else 'gone'}) did "
+                           f"not write its stats: "
+                           f"{(self.workdir / 'stderr').read_text(errors='replace')[-4000:]}")
 
     def keys(self):
         """Key lookup for takakrypt.cryptofile.TakaFile.open."""
@@ -377,6 +380,7 @@ def _serve(spec_path: str) -> int:
         resume = ([int(x) for x in os.environ.pop("TK_TEST_RESUME_FDS").split(",")],
                   Path(os.environ.pop("TK_TEST_RESUME_STATE")).read_bytes())
     from takakrypt.guard import GuardPoint, effects_mask
+    from takakrypt.sigflags import SignalFlags
 
     spec = json.loads(Path(spec_path).read_text())
     key = bytes.fromhex(spec["key"])
@@ -423,13 +427,7 @@ def _serve(spec_path: str) -> int:
                     debug=os.environ.get("TK_TEST_FUSE_DEBUG") == "1",
                     **({} if spec.get("metadata_cache") is None
                        else {"metadata_cache": spec["metadata_cache"]}))
-    stop = threading.Event()
-    dump = threading.Event()
-    hand = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGUSR1, lambda *_: dump.set())
-    signal.signal(signal.SIGUSR2, lambda *_: hand.set())
+    sigs = SignalFlags(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
     if spec.get("hints", True):
         gp.set_policy_hints(*hints)
     workdir = Path(spec_path).parent
@@ -452,14 +450,13 @@ def _serve(spec_path: str) -> int:
     sys.stdout.flush()
     handed = False
     try:
-        while not stop.is_set():
-            if dump.wait(0.05):
-                dump.clear()
+        while not sigs.seen(signal.SIGTERM, signal.SIGINT):
+            sigs.sleep()
+            if sigs.take(signal.SIGUSR1):
                 tmpf = Path(spec["stats_file"] + ".tmp")
                 tmpf.write_text(json.dumps(gp.stats()))
                 os.rename(tmpf, spec["stats_file"])
-            if hand.is_set():
-                hand.clear()
+            if sigs.take(signal.SIGUSR2):
                 handed = _hand_over(gp, spec_path)
                 if handed:
                     return 0

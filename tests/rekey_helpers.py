@@ -158,6 +158,7 @@ def _serve(spec_path: str) -> int:
     from takakrypt import rekeyfile
     from takakrypt.guard import GuardPoint, effects_mask
     from takakrypt.keys import open_keystore
+    from takakrypt.sigflags import SignalFlags
 
     ks = open_keystore(spec["keystore"], master_key_file=spec["master_key"])
     lock = threading.Lock()
@@ -182,9 +183,7 @@ def _serve(spec_path: str) -> int:
                     io_uring=spec["io_uring"], metadata_cache=spec["metadata_cache"])
     if raw_uid < 0:
         gp.set_policy_hints(True, True, True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    sigs = SignalFlags(signal.SIGTERM, signal.SIGINT)
     gp.mount()
 
     def handle(conn: socket.socket) -> None:
@@ -233,7 +232,7 @@ def _serve(spec_path: str) -> int:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     try:
-        while not stop.is_set():
+        while not sigs.seen(signal.SIGTERM, signal.SIGINT):
             try:
                 conn, _ = srv.accept()
             except TimeoutError:

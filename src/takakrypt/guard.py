@@ -52,7 +52,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
@@ -565,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                     "SIGUSR1 and at exit")
     a = ap.parse_args(argv)
     from .cli import harden_process
+    from .sigflags import SignalFlags
 
     harden_process()  # no core file, no ptrace: this process holds the key
     with open(a.key_file, "rb") as f:
@@ -578,11 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                     io_uring=a.io_uring, read_helpers=a.read_helpers)
     gp.set_policy_hints(plain_only=True, getattr_all=True,  # what allow_all decides
                         process_free=True)
-    stop = threading.Event()
-    dump = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    signal.signal(signal.SIGUSR1, lambda *_: dump.set())
+    sigs = SignalFlags(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def write_stats() -> None:
         if a.stats_file:
@@ -597,9 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"mounted {gp.path}", flush=True)
     try:
-        while not stop.wait(0.2):
-            if dump.is_set():
-                dump.clear()
+        while not sigs.seen(signal.SIGTERM, signal.SIGINT):
+            sigs.sleep()
+            if sigs.take(signal.SIGUSR1):
                 write_stats()
             if not gp.is_mounted:  # unmounted from outside
                 break

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import threading
+
+from ..sigflags import SignalFlags
 
 
 def main(argv: list[str]) -> int:
@@ -43,9 +44,7 @@ def main(argv: list[str]) -> int:
                           get_key=lambda name, version: key, decide=decide,
                           threads=int(spec.get("threads", 4)))
     gp.set_policy_hints(*hints)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    sigs = SignalFlags(signal.SIGTERM, signal.SIGINT)
     try:
         gp.mount()
     except guard.GuardError as e:
@@ -53,7 +52,8 @@ def main(argv: list[str]) -> int:
         return 1
     print("ready", flush=True)
     try:
-        while not stop.wait(0.2):
+        while not sigs.seen(signal.SIGTERM, signal.SIGINT):
+            sigs.sleep()
             if not gp.is_mounted:
                 break
     finally:
