@@ -36,3 +36,37 @@ def wtmp():
     yield d
     sweep_stale_mounts(str(d))
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def systemd_guest(request, tmp_path_factory):
+    """One VM boot with systemd as PID 1 for every systemd VM test this session runs.
+
+    A test module that uses this fixture names its guest side in ``SYSTEMD_GUEST =
+    (script, timeout seconds, memory)`` and may define ``prepare_guest(out)`` (run on
+    the host before the boot).  The boot runs the scripts of the modules whose tests are
+    selected and not skipped, one after the other (tests/vmharness.py, ``boot_guests``):
+    a boot costs about a minute under TCG before the first script starts.  Returns
+    {module name: OUT directory}; ``vmharness.result_of(out)`` reads a result."""
+    from vmharness import boot_guests
+
+    mods = {}
+    for item in request.session.items:
+        if "systemd_guest" not in getattr(item, "fixturenames", ()):
+            continue
+        if any(m.args and m.args[0] for m in item.iter_markers("skipif")):
+            continue  # the test skips: its script need not run
+        mods.setdefault(item.module.__name__, item.module)
+    runs, memory = [], 0
+    for name, mod in mods.items():
+        script, timeout, mem = mod.SYSTEMD_GUEST
+        out = tmp_path_factory.mktemp(name)
+        os.chmod(out, 0o755)
+        if hasattr(mod, "prepare_guest"):
+            mod.prepare_guest(out)
+        runs.append((Path(__file__).with_name(script), out, timeout))
+        memory = max(memory, int(mem.rstrip("G")))
+    if not runs:
+        return {}
+    boot_guests(runs, memory=f"{memory}G")
+    return {name: out for name, (_, out, _) in zip(mods, runs)}

@@ -231,15 +231,18 @@ def _vm_missing() -> list[str]:
     return missing(systemd=True)
 
 
+SYSTEMD_GUEST = ("pg_debian_guest.py", 1200, "1G")
+
+
 @pytest.mark.slow
 @pytest.mark.vm
 @needs_debian_pg
 @pytest.mark.skipif(bool(_vm_missing()), reason="VM tooling absent: " + ", ".join(_vm_missing()))
-def test_postgresql_unit_under_systemd(tmp_path):
+def test_postgresql_unit_under_systemd(systemd_guest):
     """``systemctl start|stop postgresql@15-NAME`` (Debian's unit, under systemd as PID 1
     in a VM) on a guard point under the shipped policy (guest: pg_debian_guest.py)."""
-    from vmharness import boot_guest
-    r = boot_guest(tmp_path, ROOT / "tests" / "pg_debian_guest.py", timeout=1200)
+    from vmharness import result_of
+    r = result_of(systemd_guest[__name__])
     assert "error" not in r, r["error"]
     why = json.dumps({k: v for k, v in r.items() if k not in ("journal", "pg_log")},
                      indent=1) + "\n" + r.get("journal", "") + "\n" + r.get("pg_log", "")

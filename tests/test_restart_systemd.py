@@ -11,13 +11,12 @@ printed."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from vmharness import boot_guest, missing
+from vmharness import missing, result_of
 
 
 def _missing() -> list[str]:
@@ -32,14 +31,13 @@ pytestmark = [
 ]
 
 
-def test_pgbench_through_restarts_under_systemd(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    os.chmod(tmp_path, 0o755)
-    # 3 GiB: the cluster lives in the guest's /tmp (tmpfs, half the memory); pgbench
-    # scale 10 with its WAL needs about 300 MB
-    r = boot_guest(out, Path(__file__).with_name("restart_guest.py"), timeout=2400,
-                   memory="3G")
+# 3 GiB: the cluster lives in the guest's /tmp (tmpfs, half the memory); pgbench
+# scale 10 with its WAL needs about 300 MB
+SYSTEMD_GUEST = ("restart_guest.py", 2400, "3G")
+
+
+def test_pgbench_through_restarts_under_systemd(systemd_guest):
+    r = result_of(systemd_guest[__name__])
     explain = json.dumps({k: v for k, v in r.items()
                           if k not in ("server_log", "journal", "dmesg")}, indent=1) + \
         "\n" + r.get("server_log", "")[-3000:] + "\n" + r.get("journal", "") + "\n" + \

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from vmharness import TREE, boot_guest, headers_for, kernel, missing
+from vmharness import TREE, headers_for, kernel, missing, result_of
 
 
 def _missing() -> list[str]:
@@ -32,20 +32,20 @@ pytestmark = [
 ]
 
 
+SYSTEMD_GUEST = ("systemd_unit_guest.py", 480, "1G")
+
+
 @pytest.fixture(scope="module")
-def guest(tmp_path_factory):
-    # shared read-write with the guest (--rwdir): the guest side writes result.json,
-    # guest.log, and vng's console output lands in console.log
-    return _boot(tmp_path_factory.mktemp("vm"))
-
-
-def _boot(out: Path) -> dict:
-    _build_module(out)
-    data = boot_guest(out, TREE / "tests" / "systemd_unit_guest.py")
+def guest(systemd_guest):
+    data = result_of(systemd_guest[__name__])
     assert "error" not in data, data["error"]
     found = {v["name"]: v for v in data["variants"]}
     found["insmod"] = data.get("insmod")
     return found
+
+
+def prepare_guest(out: Path) -> None:
+    _build_module(out)
 
 
 def _build_module(out: Path) -> None:

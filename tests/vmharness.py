@@ -99,10 +99,27 @@ def compile_tree() -> None:
 def boot_guest(out: Path, script: Path, timeout: float = 480, memory: str = "1G") -> dict:
     """Boot the VM with systemd as PID 1, run ``SCRIPT TREE OUT`` in it; what the script
     wrote to OUT/result.json."""
+    return result_of(boot_guests([(script, out, timeout)], memory=memory)[0])
+
+
+#: seconds a systemd boot takes on top of its scripts (to the getty, and the power-off)
+BOOT_SLACK = 300
+
+
+def boot_guests(runs: list[tuple[Path, Path, float]], memory: str = "1G") -> list[Path]:
+    """One boot with systemd as PID 1 for several guest scripts: ``SCRIPT TREE OUT`` of
+    each ``(script, out, timeout)`` in turn, each ended after its own timeout (a hung
+    one costs its own time, and the next still runs).  Under TCG a boot costs about a
+    minute before the first script starts, so the systemd VM tests share one
+    (tests/conftest.py, ``systemd_guest``).  Returns the ``out`` directories, in order;
+    each gets the boot's console log (:func:`result_of` reads a result)."""
     compile_tree()
-    guest_cmd = f"{sys.executable} {script} {TREE} {out} >{out / 'guest.log'} 2>&1"
+    q = shlex.quote
+    guest_cmd = "; ".join(
+        f"timeout -k 10 {int(t)} {q(sys.executable)} {q(str(script))} {q(str(TREE))} "
+        f"{q(str(out))} >{q(str(out / 'guest.log'))} 2>&1" for script, out, t in runs)
     cmd = [vng(), "--run", kernel(), "--disable-kvm", "--memory", memory, "--systemd",
-           f"--rwdir={out}",
+           *(f"--rwdir={out}" for _, out, _ in runs),
            # The host root carries /.dockerenv: systemd's generators then take the guest
            # for a container and ignore the kernel command line, so no getty is made for
            # ttyS0, which is where vng's --exec runs (its override of serial-getty@).
@@ -112,15 +129,27 @@ def boot_guest(out: Path, script: Path, timeout: float = 480, memory: str = "1G"
            "--append", "container=",
            "--append", "systemd.unit=serial-getty@ttyS0.service",
            "--exec", guest_cmd]
-    with open(out / "console.log", "wb") as log:
-        subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                       cwd=out, env=_env(), timeout=timeout, check=False)
+    first = runs[0][1]
+    with open(first / "console.log", "wb") as log:
+        try:
+            subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                           cwd=first, env=_env(), check=False,
+                           timeout=sum(t for _, _, t in runs) + BOOT_SLACK)
+        except subprocess.TimeoutExpired:
+            log.write(b"\n[host] the VM did not finish in time\n")
+    for _, out, _ in runs[1:]:
+        shutil.copy(first / "console.log", out / "console.log")
+    return [out for _, out, _ in runs]
+
+
+def result_of(out: Path) -> dict:
+    """What a guest script wrote to OUT/result.json; fails naming the console's and the
+    script's output when it wrote none (it hung, crashed, or the boot failed)."""
     result = out / "result.json"
     assert result.exists(), ("the guest wrote no result; console tail:\n"
-                             + (out / "console.log").read_text(errors="replace")[-4000:]
+                             + _read(out / "console.log")[-4000:]
                              + "\nguest log:\n"
-                             + ((out / "guest.log").read_text(errors="replace")
-                                if (out / "guest.log").exists() else "<none>"))
+                             + (_read(out / "guest.log") or "<none>")[-8000:])
     return json.loads(result.read_text())
 
 

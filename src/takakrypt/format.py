@@ -38,9 +38,6 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from .errors import FormatError, IntegrityError, UsageError
 from .keys.backend import validate_key_name
 
@@ -218,6 +215,10 @@ def derive_file_keys(data_key: bytes | bytearray, file_id: bytes) -> tuple[bytea
         raise FormatError("data key must be 32 bytes")
     # straight into locked buffers: no immutable copy of the data key or of the file
     # keys is left for the garbage collector (docs/keys.md, "Keys in memory")
+    # imported here: `takakrypt` commands that never derive a key start without them
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     from .keys.secret import lock, wipe
 
     okm = bytearray(64)

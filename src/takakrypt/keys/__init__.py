@@ -16,7 +16,7 @@ imported on first use: it needs PyKMIP, which ``import takakrypt.keys`` does not
 See docs/keys.md for the contract, the file format and the threat model.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backend import (
     ALGORITHM,
@@ -26,14 +26,22 @@ from .backend import (
     KeyVersionInfo,
     validate_key_name,
 )
-from .local import (
-    DEFAULT_KDF_PARAMS,
-    Argon2Params,
-    Keystore,
-    generate_master_key_file,
-    open_keystore,
-)
 from .secret import Secret, wipe
+
+if TYPE_CHECKING:
+    from .kmip import KmipBackend
+    from .local import (
+        DEFAULT_KDF_PARAMS,
+        Argon2Params,
+        Keystore,
+        generate_master_key_file,
+        open_keystore,
+    )
+
+#: imported on first use (the keystore needs cryptography and argon2: seconds of
+#: emulated CPU under TCG, for `takakrypt` commands that never open it)
+_LOCAL = frozenset({"DEFAULT_KDF_PARAMS", "Argon2Params", "Keystore",
+                    "generate_master_key_file", "open_keystore"})
 
 __all__ = [
     "ALGORITHM",
@@ -58,4 +66,8 @@ def __getattr__(name: str) -> Any:
         from .kmip import KmipBackend
 
         return KmipBackend
+    if name in _LOCAL:
+        from . import local
+
+        return getattr(local, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

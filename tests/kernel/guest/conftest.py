@@ -94,15 +94,15 @@ def scratch():
 
 
 def mount(lower: Path, mnt: Path, opts: str) -> None:
-    mnt.mkdir(exist_ok=True)
-    r = subprocess.run(["mount", "-t", FSTYPE, "-o", opts, str(lower), str(mnt)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, f"mount -t {FSTYPE} -o {opts}: {r.stderr}"
+    """mount(2) itself (tkfs_env.kmount): a mount(8) process costs about a second of
+    emulated CPU under TCG, and test_module's slab check makes over a hundred mounts."""
+    from tkfs_env import kmount
+    kmount(lower, mnt, opts)
 
 
 def umount(mnt: Path) -> None:
-    r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
-    assert r.returncode == 0, f"umount {mnt}: {r.stderr}"
+    from tkfs_env import kumount
+    kumount(mnt)
 
 
 @pytest.fixture(scope="session")
