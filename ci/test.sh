@@ -5,7 +5,7 @@
 #
 # Everything runs in one pytest, then the gate, then ASan. `TAKAKRYPT_TESTS_PARALLEL=1`
 # runs the tests that boot a VM (marker `vm`: the kernel module's guest suite, the
-# shipped systemd units, PostgreSQL under systemd; about 27 minutes under TCG) in a
+# shipped systemd units, PostgreSQL under systemd; about 20 minutes under TCG) in a
 # second pytest beside the rest, output shown when both are done: 2-5 minutes shorter on
 # 2 cores, but the gate's FUSE request counts (pgbench) can move while a VM competes for
 # the CPU, so it is not the default. With arguments (`bash ci/test.sh tests/test_x.py
