@@ -213,14 +213,14 @@ def derive_file_keys(data_key: bytes | bytearray, file_id: bytes) -> tuple[bytea
     """(block key, header MAC key) for one file. Callers wipe both when done."""
     if len(data_key) != 32:
         raise FormatError("data key must be 32 bytes")
-    # straight into locked buffers: no immutable copy of the data key or of the file
-    # keys is left for the garbage collector (docs/keys.md, "Keys in memory")
     # imported here: `takakrypt` commands that never derive a key start without them
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     from .keys.secret import lock, wipe
 
+    # straight into locked buffers: no immutable copy of the data key or of the file
+    # keys is left for the garbage collector (docs/keys.md, "Keys in memory")
     okm = bytearray(64)
     lock(okm)
     HKDF(algorithm=hashes.SHA256(), length=64, salt=file_id,
