@@ -74,7 +74,7 @@ def test_every_vm_test_is_marked_vm():
     from pathlib import Path
     here = Path(__file__).resolve().parent
     booting = [p for p in sorted(here.glob("test_*.py"))
-               if re.search(r"\b(boot_guest|run_guest)\(", p.read_text())]
+               if re.search(r"\brun_guest\(|\bsystemd_guest\b", p.read_text())]
     assert booting, "no test file boots a VM: the scan is wrong"
     unmarked = [p.name for p in booting if "mark.vm" not in p.read_text()]
     assert unmarked == []

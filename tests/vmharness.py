@@ -4,9 +4,9 @@ The guest sees this machine's root file system (read-only, /tmp its own), so it 
 this tree with this interpreter; directories passed as ``rwdir`` are shared read-write
 and carry results back.  Two ways to boot:
 
-- :func:`boot_guest`: systemd as PID 1 (``--systemd``), a script that writes
+- :func:`boot_guests`: systemd as PID 1 (``--systemd``), scripts that each write
   ``OUT/result.json`` (tests/test_systemd_unit.py, test_restart_systemd.py,
-  test_pg_debian.py);
+  test_pg_debian.py, through the ``systemd_guest`` fixture of tests/conftest.py);
 - :func:`run_guest`: virtme-ng's own init (faster: no systemd), any shell command; the
   guest's kernel log is saved as ``OUT/dmesg.txt`` at the end and, with the console
   (``--verbose``: the kernel log as it happens, so a panic is seen even when the command
@@ -96,12 +96,6 @@ def compile_tree() -> None:
     compiled each takakrypt module it imported again: seconds per process under TCG."""
     for d in ("src", "tests"):
         compileall.compile_dir(str(TREE / d), quiet=2, workers=0)
-
-
-def boot_guest(out: Path, script: Path, timeout: float = 480, memory: str = "1G") -> dict:
-    """Boot the VM with systemd as PID 1, run ``SCRIPT TREE OUT`` in it; what the script
-    wrote to OUT/result.json."""
-    return result_of(boot_guests([(script, out, timeout)], memory=memory)[0])
 
 
 #: seconds a systemd boot takes on top of its scripts (to the getty, and the power-off)
