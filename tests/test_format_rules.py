@@ -44,7 +44,7 @@ def crash_file(path: Path, size: int, written: int, *, key: bytes = KEY,
     data = os.urandom(written)
     with TakaFile.create(str(path), name, 1, bytearray(key)) as f:
         f.write(0, data[:size])
-        old_header = f.header.pack(f._mac_key)
+        old_header = f.header.pack(f._fk.mac_key)
         f.write(size, data[size:])
     with open(path, "r+b") as out:
         out.write(old_header)

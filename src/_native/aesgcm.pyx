@@ -5,11 +5,11 @@ cimport cython
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE,
                              PyBUF_WRITABLE)
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.stdint cimport uint8_t, uint64_t, UINT64_MAX
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, UINT64_MAX
 
 from operator import index as _index
 
-from takakrypt.errors import IntegrityError
+from takakrypt.errors import BlockVersionMismatch, IntegrityError
 
 cdef extern from "aesgcm_impl.h" nogil:
     ctypedef enum tk_engine:
@@ -32,6 +32,8 @@ cdef extern from "aesgcm_impl.h" nogil:
         TK_ERR_CRYPTO
         TK_ERR_ARG
         TK_ERR_WIPED
+        TK_ERR_VERSION
+        TK_GCM_TAG_SIZE_V2
     ctypedef struct tk_gcm:
         pass
     const char *tk_gcm_strerror(int status)
@@ -39,6 +41,8 @@ cdef extern from "aesgcm_impl.h" nogil:
     int tk_gcm_block_size_ok(size_t block_size)
     tk_gcm *tk_gcm_new(const uint8_t *key, size_t block_size, tk_engine engine,
                        int *status)
+    tk_gcm *tk_gcm_new_versioned(const uint8_t *key, size_t block_size, tk_engine engine,
+                                 uint32_t block_version, int *status)
     void tk_gcm_free(tk_gcm *g)
     int tk_gcm_encrypt_size(size_t pt_len, size_t block_size, uint64_t *nblocks,
                             size_t *out_len)
@@ -62,6 +66,7 @@ cdef extern from "secmem.h" nogil:
 
 NONCE_SIZE = TK_GCM_NONCE_SIZE
 TAG_SIZE = TK_GCM_TAG_SIZE
+TAG_SIZE_V2 = TK_GCM_TAG_SIZE_V2
 OVERHEAD = TK_GCM_OVERHEAD
 MAX_AAD_PREFIX = TK_GCM_MAX_AAD_PREFIX
 
@@ -176,19 +181,27 @@ cdef class BlockCipher:
     cdef size_t _bs
     cdef readonly str engine
     cdef readonly Py_ssize_t block_size
+    cdef readonly object block_version
 
     def __cinit__(self):
         self._g = NULL
         self._inflight = 0
         self._wiped = False
 
-    def __init__(self, key, *, block_size=4096, engine="auto"):
+    def __init__(self, key, *, block_size=4096, engine="auto", block_version=None):
         cdef Py_buffer kb
         cdef int status = 0
         cdef tk_engine eid
         cdef Py_ssize_t bs
+        cdef uint32_t bv = 0
         if self._g != NULL or self._wiped:
             raise ValueError("BlockCipher is already initialised")
+        if block_version is not None:
+            if type(block_version) is not int:
+                block_version = _index(block_version)
+            if not 1 <= block_version <= 0xFFFFFFFF:
+                raise ValueError(f"block_version must be in [1, 2**32), got {block_version!r}")
+            bv = <uint32_t>block_version
         if type(block_size) is not int:
             block_size = _index(block_size)
         try:
@@ -214,7 +227,8 @@ cdef class BlockCipher:
         try:
             if kb.len != TK_GCM_KEY_SIZE:
                 raise ValueError(f"key must be exactly {TK_GCM_KEY_SIZE} bytes, got {kb.len}")
-            self._g = tk_gcm_new(<const uint8_t *>kb.buf, <size_t>bs, eid, &status)
+            self._g = tk_gcm_new_versioned(<const uint8_t *>kb.buf, <size_t>bs, eid, bv,
+                                           &status)
         finally:
             PyBuffer_Release(&kb)
         if self._g == NULL:
@@ -222,6 +236,7 @@ cdef class BlockCipher:
         self._bs = <size_t>bs
         self.block_size = bs
         self.engine = engine
+        self.block_version = block_version
 
     def __dealloc__(self):
         # No call can be in flight: every method holds a reference to self.
@@ -230,7 +245,9 @@ cdef class BlockCipher:
 
     def __repr__(self):
         state = " wiped" if self._wiped else ""
-        return f"<BlockCipher engine={self.engine!r} block_size={self.block_size}{state}>"
+        ver = "" if self.block_version is None else f" block_version={self.block_version}"
+        return (f"<BlockCipher engine={self.engine!r} block_size={self.block_size}{ver}"
+                f"{state}>")
 
     def _key_area(self):
         """Test hook: (address, size) of the key schedule, None if OpenSSL holds it."""
@@ -378,7 +395,9 @@ cdef class BlockCipher:
         cdef Py_buffer ab
         cdef bint have_a = False
         cdef uint64_t nblocks = 0, fb, bad = 0, short_block = 0
-        cdef size_t need = 0, written = 0
+        cdef size_t need = 0, written = 0, so, sl
+        cdef const uint8_t *p
+        cdef uint32_t ver
         cdef int rc
         cdef tk_gcm *g = self._g
         rc = tk_gcm_decrypt_size(<size_t>ct_len, self._bs, &nblocks, &need, &short_block)
@@ -410,6 +429,15 @@ cdef class BlockCipher:
             else:
                 rc = tk_gcm_decrypt(g, ct, <size_t>ct_len, out, <const uint8_t *>ab.buf,
                                     <size_t>ab.len, fb, holes, &written, &bad)
+            if rc == TK_ERR_VERSION:
+                # the stored version of block `bad`: its last 4 bytes
+                so = <size_t>bad * (self._bs + TK_GCM_OVERHEAD)
+                sl = min(<size_t>ct_len - so, self._bs + TK_GCM_OVERHEAD)
+                p = ct + so + sl - 4
+                ver = p[0] | p[1] << 8 | p[2] << 16 | <uint32_t>p[3] << 24
+                raise BlockVersionMismatch(
+                    f"block {fb + bad} is sealed under key version {ver}, not "
+                    f"{self.block_version}", block=fb + bad, version=ver)
             if rc != TK_OK:
                 _raise_status(rc, fb, bad)
             return <Py_ssize_t>written

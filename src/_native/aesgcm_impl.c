@@ -46,6 +46,9 @@ struct tk_gcm {
     int heap;                     /* 1: plain heap (tk_gcm_set_secure_memory(0)) */
     tk_engine engine;
     size_t block_size;
+    uint32_t version;             /* 0: TAKA v1 blocks; >= 1: TAKA v2 blocks of it */
+    size_t tag_len;               /* 16 (v1) or 12 (v2) */
+    size_t aad_tail;              /* 8 (v1: u64 index) or 12 (v2: + u32 version) */
     /* OpenSSL */
     pthread_mutex_t pool_mu;
     int pool_mu_init;
@@ -61,6 +64,18 @@ static inline void store_le64(uint8_t *p, uint64_t v)
 {
     for (int i = 0; i < 8; i++)
         p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static inline void store_le32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static inline uint32_t load_le32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+           (uint32_t)p[3] << 24;
 }
 
 static inline int all_zero(const uint8_t *p, size_t n)
@@ -185,6 +200,7 @@ const char *tk_gcm_strerror(int status)
     case TK_ERR_CRYPTO: return "crypto library error";
     case TK_ERR_ARG: return "invalid argument";
     case TK_ERR_WIPED: return "key schedule wiped (inherited across fork)";
+    case TK_ERR_VERSION: return "block sealed under another key version";
     default: return "unknown error";
     }
 }
@@ -296,8 +312,10 @@ static int imb_encrypt(tk_gcm *g, const uint8_t *pt, size_t pt_len, uint8_t *out
         memcpy(dst, nonces + i * TK_GCM_NONCE_SIZE, TK_GCM_NONCE_SIZE);
         store_le64(aad + aad_len, first_block + i);
         IMB_AES256_GCM_ENC(m, &g->imb_key, &ctx, dst + TK_GCM_NONCE_SIZE, pt + off, n,
-                           dst, aad, aad_len + 8, dst + TK_GCM_NONCE_SIZE + n,
-                           TK_GCM_TAG_SIZE);
+                           dst, aad, aad_len + g->aad_tail, dst + TK_GCM_NONCE_SIZE + n,
+                           g->tag_len);
+        if (g->version)
+            store_le32(dst + TK_GCM_NONCE_SIZE + n + g->tag_len, g->version);
     }
     if (nblocks)
         explicit_bzero(&ctx, sizeof ctx);
@@ -326,10 +344,16 @@ static int imb_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *out
             memset(dst, 0, n);
             continue;
         }
+        if (g->version && load_le32(src + sl - 4) != g->version) {
+            memset(dst, 0, pt_total - (size_t)i * bs);
+            *bad_block = i;
+            rc = TK_ERR_VERSION;
+            break;
+        }
         store_le64(aad + aad_len, first_block + i);
         IMB_AES256_GCM_DEC(m, &g->imb_key, &ctx, dst, src + TK_GCM_NONCE_SIZE, n, src,
-                           aad, aad_len + 8, tag, TK_GCM_TAG_SIZE);
-        if (CRYPTO_memcmp(tag, src + TK_GCM_NONCE_SIZE + n, TK_GCM_TAG_SIZE) != 0) {
+                           aad, aad_len + g->aad_tail, tag, g->tag_len);
+        if (CRYPTO_memcmp(tag, src + TK_GCM_NONCE_SIZE + n, g->tag_len) != 0) {
             memset(dst, 0, pt_total - (size_t)i * bs);
             *bad_block = i;
             rc = TK_ERR_AUTH;
@@ -417,15 +441,17 @@ static int ossl_encrypt(tk_gcm *g, const uint8_t *pt, size_t pt_len, uint8_t *ou
         store_le64(aad + aad_len, first_block + i);
         /* n <= 1 MiB and aad_len <= 264, so the int casts below cannot truncate. */
         if (EVP_CipherInit_ex(c, NULL, NULL, NULL, dst, 1) != 1 ||
-            EVP_CipherUpdate(c, NULL, &l1, aad, (int)(aad_len + 8)) != 1 ||
+            EVP_CipherUpdate(c, NULL, &l1, aad, (int)(aad_len + g->aad_tail)) != 1 ||
             EVP_CipherUpdate(c, dst + TK_GCM_NONCE_SIZE, &l2, pt + off, (int)n) != 1 ||
             EVP_CipherFinal_ex(c, dst + TK_GCM_NONCE_SIZE + l2, &l3) != 1 ||
             (size_t)l2 + (size_t)l3 != n ||
-            EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, TK_GCM_TAG_SIZE,
+            EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, (int)g->tag_len,
                                 dst + TK_GCM_NONCE_SIZE + n) != 1) {
             rc = TK_ERR_CRYPTO;
             break;
         }
+        if (g->version)
+            store_le32(dst + TK_GCM_NONCE_SIZE + n + g->tag_len, g->version);
     }
     ossl_release(g, c, rc != TK_OK);
     return rc;
@@ -455,13 +481,19 @@ static int ossl_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *ou
             memset(dst, 0, n);
             continue;
         }
+        if (g->version && load_le32(src + sl - 4) != g->version) {
+            memset(dst, 0, pt_total - (size_t)i * bs);
+            *bad_block = i;
+            rc = TK_ERR_VERSION;
+            break;
+        }
         store_le64(aad + aad_len, first_block + i);
         if (EVP_CipherInit_ex(c, NULL, NULL, NULL, src, 0) != 1 ||
-            EVP_CipherUpdate(c, NULL, &l1, aad, (int)(aad_len + 8)) != 1 ||
+            EVP_CipherUpdate(c, NULL, &l1, aad, (int)(aad_len + g->aad_tail)) != 1 ||
             EVP_CipherUpdate(c, dst, &l2, src + TK_GCM_NONCE_SIZE, (int)n) != 1 ||
             (size_t)l2 != n ||
-            /* SET_TAG takes a non-const pointer but only reads the 16 bytes. */
-            EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, TK_GCM_TAG_SIZE,
+            /* SET_TAG takes a non-const pointer but only reads the tag's bytes. */
+            EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, (int)g->tag_len,
                                 (void *)(src + TK_GCM_NONCE_SIZE + n)) != 1) {
             memset(dst, 0, pt_total - (size_t)i * bs);
             rc = TK_ERR_CRYPTO;
@@ -494,6 +526,12 @@ int tk_gcm_engine_available(tk_engine engine)
 tk_gcm *tk_gcm_new(const uint8_t key[TK_GCM_KEY_SIZE], size_t block_size,
                    tk_engine engine, int *status)
 {
+    return tk_gcm_new_versioned(key, block_size, engine, 0, status);
+}
+
+tk_gcm *tk_gcm_new_versioned(const uint8_t key[TK_GCM_KEY_SIZE], size_t block_size,
+                             tk_engine engine, uint32_t block_version, int *status)
+{
     int rc;
     if (!tk_gcm_block_size_ok(block_size)) {
         *status = TK_ERR_ARG;
@@ -520,6 +558,9 @@ tk_gcm *tk_gcm_new(const uint8_t key[TK_GCM_KEY_SIZE], size_t block_size,
     g->heap = heap;
     g->engine = engine;
     g->block_size = block_size;
+    g->version = block_version;
+    g->tag_len = block_version ? TK_GCM_TAG_SIZE_V2 : TK_GCM_TAG_SIZE;
+    g->aad_tail = block_version ? 12 : 8;
     rc = engine == TK_ENGINE_IPSECMB ? imb_setup(g, key) : ossl_setup(g, key);
     tk_secmem_zero_registers();
     if (rc != TK_OK) {
@@ -562,6 +603,7 @@ const void *tk_gcm_key_area(const tk_gcm *g, size_t *len)
 }
 
 tk_engine tk_gcm_engine(const tk_gcm *g) { return g->engine; }
+uint32_t tk_gcm_block_version(const tk_gcm *g) { return g->version; }
 size_t tk_gcm_block_size(const tk_gcm *g) { return g->block_size; }
 
 /*
@@ -576,7 +618,7 @@ int tk_gcm_encrypt(tk_gcm *g, const uint8_t *pt, size_t pt_len, uint8_t *out,
                    const uint8_t *aad_prefix, size_t aad_len, uint64_t first_block,
                    const uint8_t *nonces)
 {
-    uint8_t aad[TK_GCM_MAX_AAD_PREFIX + 8];
+    uint8_t aad[TK_GCM_MAX_AAD_PREFIX + 12];
     uint8_t nonce_stack[TK_NONCE_STACK_BLOCKS * TK_GCM_NONCE_SIZE];
     uint8_t *nonce_heap = NULL;
     uint64_t nblocks;
@@ -596,6 +638,7 @@ int tk_gcm_encrypt(tk_gcm *g, const uint8_t *pt, size_t pt_len, uint8_t *out,
         return TK_ERR_ARG;
     if (aad_len)
         memcpy(aad, aad_prefix, aad_len);
+    store_le32(aad + aad_len + 8, g->version); /* read only by v2 handles (aad_tail 12) */
 
     if (nonces == NULL) {
         uint8_t *buf = nonce_stack;
@@ -628,7 +671,7 @@ int tk_gcm_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *out,
                    const uint8_t *aad_prefix, size_t aad_len, uint64_t first_block,
                    int holes, size_t *written, uint64_t *bad_block)
 {
-    uint8_t aad[TK_GCM_MAX_AAD_PREFIX + 8];
+    uint8_t aad[TK_GCM_MAX_AAD_PREFIX + 12];
     uint64_t nblocks, short_block = 0;
     size_t pt_total;
     int rc;
@@ -651,6 +694,7 @@ int tk_gcm_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *out,
         return TK_ERR_ARG;
     if (aad_len)
         memcpy(aad, aad_prefix, aad_len);
+    store_le32(aad + aad_len + 8, g->version); /* read only by v2 handles (aad_tail 12) */
 
     if (g->engine == TK_ENGINE_IPSECMB)
         rc = imb_decrypt(g, ct, ct_len, out, aad, aad_len, first_block, holes != 0,

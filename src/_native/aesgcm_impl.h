@@ -6,8 +6,9 @@
  *
  *     nonce (12) || ciphertext (n_i) || tag (16)
  *
- * with AAD = aad_prefix || uint64_le(first_block + i).  Stored blocks are laid out
- * back to back, so stored block i starts at i * (block_size + 28).
+ * with AAD = aad_prefix || uint64_le(first_block + i) (TAKA v1; v2 below, at
+ * tk_gcm_new_versioned).  Stored blocks are laid out back to back, so stored block i
+ * starts at i * (block_size + 28) in both.
  *
  * Two engines sit behind one opaque handle:
  *   TK_ENGINE_IPSECMB  intel-ipsec-mb direct GCM API (fast default)
@@ -34,6 +35,7 @@ extern "C" {
 #define TK_GCM_KEY_SIZE        32
 #define TK_GCM_NONCE_SIZE      12
 #define TK_GCM_TAG_SIZE        16
+#define TK_GCM_TAG_SIZE_V2     12     /* TAKA v2: 96-bit tag, then a u32 key version */
 #define TK_GCM_OVERHEAD        (TK_GCM_NONCE_SIZE + TK_GCM_TAG_SIZE)
 #define TK_GCM_MAX_AAD_PREFIX  256
 #define TK_GCM_MIN_BLOCK       512
@@ -54,8 +56,11 @@ enum {
     TK_ERR_SHORT_BLOCK = -5,  /* a stored block is shorter than 29 bytes */
     TK_ERR_CRYPTO      = -6,  /* the crypto library reported an internal error */
     TK_ERR_ARG         = -7,  /* bad argument (block size, aad length, size overflow) */
-    TK_ERR_WIPED       = -8   /* the handle was inherited across fork(): its key
+    TK_ERR_WIPED       = -8,  /* the handle was inherited across fork(): its key
                                * schedule is zero there (secmem.h); make a new one */
+    TK_ERR_VERSION     = -9   /* v2: a stored block names another key version than the
+                               * handle's (*bad_block says which): decrypt it with that
+                               * version's handle */
 };
 
 typedef struct tk_gcm tk_gcm;
@@ -78,6 +83,22 @@ int tk_gcm_block_size_ok(size_t block_size);
  */
 tk_gcm *tk_gcm_new(const uint8_t key[TK_GCM_KEY_SIZE], size_t block_size,
                    tk_engine engine, int *status);
+
+/*
+ * The same for TAKA v2 blocks of key version `block_version` (>= 1):
+ *
+ *     nonce (12) || ciphertext (n_i) || tag (12) || uint32_le(block_version)
+ *
+ * with AAD = aad_prefix || uint64_le(first_block + i) || uint32_le(block_version).
+ * The stride is unchanged (28 bytes per block).  block_version 0 is tk_gcm_new (v1).
+ * Decrypting a block whose stored version differs from the handle's stops there with
+ * TK_ERR_VERSION (blocks before it are decrypted, like TK_ERR_AUTH).
+ */
+tk_gcm *tk_gcm_new_versioned(const uint8_t key[TK_GCM_KEY_SIZE], size_t block_size,
+                             tk_engine engine, uint32_t block_version, int *status);
+
+/* The handle's block version: 0 for v1 blocks. */
+uint32_t tk_gcm_block_version(const tk_gcm *g);
 
 /* Wipe the key schedule and free the handle.  NULL is accepted. */
 void tk_gcm_free(tk_gcm *g);
@@ -117,7 +138,8 @@ int tk_gcm_encrypt(tk_gcm *g, const uint8_t *pt, size_t pt_len, uint8_t *out,
 
 /*
  * Decrypt ct[0..ct_len) into out (which must hold the tk_gcm_decrypt_size() bytes).
- * On success *written = plaintext bytes.  On TK_ERR_AUTH, *bad_block = relative index
+ * On success *written = plaintext bytes.  On TK_ERR_AUTH (and TK_ERR_VERSION),
+ * *bad_block = relative index
  * of the first failing block, blocks before it are decrypted in out and out is zeroed
  * from the failing block's offset to the end of the plaintext region.
  * holes != 0: an all-zero stored block decrypts to zeros without a tag check.

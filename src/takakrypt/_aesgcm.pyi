@@ -13,6 +13,16 @@ so a block cannot be moved to another index, or to another file/prefix, without
 failing authentication.  Each stored block is exactly what pyca/cryptography's
 ``nonce + AESGCM(key).encrypt(nonce, block, AAD_i)`` returns.
 
+TAKA v2 (``BlockCipher(key, block_version=v)``, v >= 1): block ``i`` is stored as
+``nonce(12) ‖ ciphertext(n_i) ‖ tag(12) ‖ uint32_le(v)`` (the same 28-byte stride) with
+
+    AAD_i = aad_prefix ‖ uint64_le(first_block + i) ‖ uint32_le(v)
+
+and the 96-bit tag is the first 12 bytes of the full GCM tag.  Decrypting a stored
+block of another version raises ``takakrypt.errors.BlockVersionMismatch`` (an
+``IntegrityError`` with ``.block`` and ``.version``); the blocks before it are
+decrypted into ``out``.
+
 An all-zero stored block is reserved for sparse holes: random nonces are never all
 zero, and ``holes=True`` on decryption maps such a block to zeros without a tag check.
 
@@ -56,6 +66,7 @@ from typing_extensions import Buffer
 
 NONCE_SIZE: Final[int]  # 12
 TAG_SIZE: Final[int]  # 16
+TAG_SIZE_V2: Final[int]  # 12: TAKA v2 blocks (``block_version=``), then a u32 version
 OVERHEAD: Final[int]  # 28 = NONCE_SIZE + TAG_SIZE per stored block
 MAX_AAD_PREFIX: Final[int]  # 256
 
@@ -100,6 +111,9 @@ class BlockCipher:
     @property
     def block_size(self) -> int:
         """Plaintext bytes per block (read-only)."""
+    @property
+    def block_version(self) -> int | None:
+        """TAKA v2 key version of the blocks it seals and opens; None: v1 blocks."""
 
     def __init__(
         self,
@@ -107,6 +121,7 @@ class BlockCipher:
         *,
         block_size: int = 4096,
         engine: Literal["auto", "ipsecmb", "openssl"] = "auto",
+        block_version: int | None = None,
     ) -> None:
         """Expand ``key`` (exactly 32 bytes, any buffer) for ``engine``.
 

@@ -1,8 +1,14 @@
 """Random access to TAKA files: read and write any byte range at any offset.
 
 `TakaFile` works on a file descriptor with pread/pwrite and keeps only the header in
-memory.  Block crypto is the native batched AES-256-GCM (`takakrypt._aesgcm`); this
-module only does the geometry.  The FUSE data path implements the same rules in C.
+memory.  Block crypto is the native batched AES-256-GCM (`takakrypt._aesgcm`), by key
+version through `filekeys.FileKeys`; this module only does the geometry.  The FUSE data
+path implements the same rules in C.
+
+Version 2 files (docs/file-format.md, "Version 2"): opened with ``write_version`` newer
+than the header's, a writer moves the file to it before its first block encryption
+(one header write); every block it rewrites from then on is sealed under the new
+version, the others keep theirs.
 
 Ordering rules that keep a crash from ever yielding wrong bytes (docs/file-format.md):
 growing writes store the blocks first and the header (with the new size) last;
@@ -14,15 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-
 from . import format as fmt
-from ._aesgcm import BlockCipher
 from .errors import FormatError, IntegrityError, KeyUsageExhausted
-from .keys.secret import wipe
+from .filekeys import FileKeys, KeyLookup, single_key
 
-
-KeyLookup = Callable[[str, int], bytearray]
+__all__ = ["KeyLookup", "TakaFile"]
 log = logging.getLogger(__name__)
 
 
@@ -32,31 +34,30 @@ class TakaFile:
     Use :meth:`create` or :meth:`open`; close with :meth:`close` or a ``with`` block.
     """
 
-    def __init__(self, fd: int, header: fmt.Header, data_key: bytearray, *, owns_fd: bool,
-                 writable: bool) -> None:
+    def __init__(self, fd: int, header: fmt.Header, keys: KeyLookup, *, owns_fd: bool,
+                 writable: bool, write_version: int | None = None) -> None:
         self._fd = fd
         self._owns_fd = owns_fd
         self._writable = writable
         self.header = header
-        enc_key, self._mac_key = fmt.derive_file_keys(data_key, header.file_id)
-        try:
-            self._cipher = BlockCipher(enc_key, block_size=header.block_size)
-        finally:
-            wipe(enc_key)
-        self._aad = header.static
+        self._keys: FileKeys | None = FileKeys(header, keys)
         self._bs = header.block_size
         self._sbs = header.stored_block_size
         # the whole lease in the header counts as used: it may have been, before a crash
         self._enc_used = header.encryptions
+        # v2: the version to move the file to before its next block encryption
+        self._move_to = (write_version if header.version == 2 and write_version
+                         and write_version > header.key_version else None)
 
     # construction -------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str] | int, key_id: str, key_version: int,
                data_key: bytearray, *, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
-               exclusive: bool = True, mode: int = 0o600) -> TakaFile:
+               exclusive: bool = True, mode: int = 0o600,
+               format_version: int = fmt.VERSION) -> TakaFile:
         """Create an empty TAKA file (``path`` may also be an open read-write fd)."""
         header = fmt.Header(key_id=key_id, key_version=key_version, block_size=block_size,
-                            encryptions=fmt.NONCE_CHUNK)
+                            encryptions=fmt.NONCE_CHUNK, version=format_version)
         if isinstance(path, int):
             fd, owns = path, False
             os.ftruncate(fd, 0)
@@ -65,7 +66,8 @@ class TakaFile:
             flags |= os.O_EXCL if exclusive else os.O_TRUNC
             fd, owns = os.open(path, flags, mode), True
         try:
-            f = cls(fd, header, data_key, owns_fd=owns, writable=True)
+            f = cls(fd, header, single_key(key_id, key_version, data_key), owns_fd=owns,
+                    writable=True)
             f._enc_used = 0  # a new file key: its first lease is unused
             f._write_header()
         except BaseException:
@@ -76,11 +78,13 @@ class TakaFile:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] | int, keys: KeyLookup, *,
-             writable: bool = False) -> TakaFile:
+             writable: bool = False, write_version: int | None = None) -> TakaFile:
         """Open an existing TAKA file; ``keys(name, version)`` returns the data key.
 
-        Raises FormatError for a malformed header, IntegrityError when the header tag
-        does not verify, and whatever ``keys`` raises for a missing key.
+        ``write_version`` (v2 files): the key's current version; if it is newer than the
+        file's, blocks written from now on use it. Raises FormatError for a malformed
+        header, IntegrityError when the header tag does not verify, and whatever
+        ``keys`` raises for a missing key.
         """
         if isinstance(path, int):
             fd, owns = path, False
@@ -89,23 +93,29 @@ class TakaFile:
             fd, owns = os.open(path, flags), True
         try:
             header = fmt.parse_header(os.pread(fd, fmt.HEADER_SIZE, 0))
-            data_key = keys(header.key_id, header.key_version)
+            f = cls(fd, header, keys, owns_fd=owns, writable=writable,
+                    write_version=write_version)
             try:
-                f = cls(fd, header, data_key, owns_fd=owns, writable=writable)
-            finally:
-                wipe(data_key)
-            header.verify(f._mac_key)
+                header.verify(f._fk.mac_key)
+            except BaseException:
+                f._fk.wipe()  # the fd is closed below
+                raise
         except BaseException:
             if owns:
                 os.close(fd)
             raise
         return f
 
+    @property
+    def _fk(self) -> FileKeys:
+        if self._keys is None:
+            raise ValueError("TAKA file is closed")
+        return self._keys
+
     def close(self) -> None:
-        if self._cipher is not None:
-            self._cipher.wipe()
-            self._cipher = None  # type: ignore[assignment]
-            wipe(self._mac_key)
+        if self._keys is not None:
+            self._keys.wipe()
+            self._keys = None
         if self._owns_fd and self._fd >= 0:
             os.close(self._fd)
         self._fd = -1
@@ -155,16 +165,15 @@ class TakaFile:
         out = bytearray(nfull * bs + max(len(raw) - nfull * self._sbs - fmt.OVERHEAD,
                                          last_plain))
         try:
-            self._cipher.decrypt_into(memoryview(raw)[:need], out, self._aad, first, holes=True)
+            self._fk.decrypt_into(memoryview(raw)[:need], out, first)
         except IntegrityError as e:
             # After a crash in the middle of a growing write, the last block may be
             # stored longer than the old size implies (header not yet updated): its
             # only other possible length is everything up to a full stored block.
             if e.block != last or len(raw) <= need:
                 raise
-            self._cipher.decrypt_into(memoryview(raw)[nfull * self._sbs:],
-                                      memoryview(out)[nfull * bs:], self._aad, last,
-                                      holes=True)
+            self._fk.decrypt_into(memoryview(raw)[nfull * self._sbs:],
+                                  memoryview(out)[nfull * bs:], last)
         del out[nfull * bs + last_plain:]
         return out
 
@@ -225,6 +234,8 @@ class TakaFile:
             self._reserve(1)  # the new (or old) partial last block is re-encrypted
         if size < old:
             self.header.plaintext_size = size  # header first when shrinking
+            if size == 0:  # no block is left: none of an older version either
+                self.header.oldest_version = self.header.key_version
             self._write_header()
             if size % bs:
                 k = size // bs
@@ -270,7 +281,11 @@ class TakaFile:
 
     def _reserve(self, n: int) -> None:
         """Count n block encryptions against the header's lease, writing a new lease
-        first when it is used up; refuse past the hard limit (docs/file-format.md)."""
+        first when it is used up; refuse past the hard limit (docs/file-format.md).
+        A v2 file due to move to a newer key version moves here: a new file key, so a
+        new count, and the header (under the new version's MAC key) goes first."""
+        if self._move_to is not None:
+            self._move_version(self._move_to)
         if self._enc_used + n <= self.header.encryptions:
             self._enc_used += n
             return
@@ -290,15 +305,30 @@ class TakaFile:
                         fmt.NONCE_HARD_LIMIT)
         self._enc_used += n
 
+    def _move_version(self, version: int) -> None:
+        h = self.header
+        saved = (h.key_version, h.encryptions, h.oldest_version)
+        if h.plaintext_size == 0:
+            h.oldest_version = version
+        self._fk.set_write_version(version)
+        h.encryptions = fmt.NONCE_CHUNK
+        try:
+            self._write_header()
+        except BaseException:
+            h.key_version, h.encryptions, h.oldest_version = saved
+            raise
+        self._move_to = None
+        self._enc_used = 0
+
     def _store_blocks(self, first: int, plain: bytearray) -> None:
         """Encrypt and store; the caller reserved the encryptions before any change."""
         nb = fmt.blocks_for(len(plain), self._bs)
         out = bytearray(len(plain) + nb * fmt.OVERHEAD)
-        self._cipher.encrypt_into(plain, out, self._aad, first)
+        self._fk.encrypt_into(plain, out, first)
         _pwrite_all(self._fd, out, self.header.block_offset(first))
 
     def _write_header(self) -> None:
-        _pwrite_all(self._fd, self.header.pack(self._mac_key), 0)
+        _pwrite_all(self._fd, self.header.pack(self._fk.mac_key), 0)
 
     def _physical_size(self) -> int:
         return os.fstat(self._fd).st_size

@@ -51,6 +51,18 @@ class IntegrityError(Error):
         self.block = block
 
 
+class BlockVersionMismatch(IntegrityError):
+    """A TAKA v2 block is sealed under another key version than the cipher that read it.
+
+    Readers of v2 files catch it and go on with that version's cipher; anything else
+    sees an IntegrityError (fail closed)."""
+
+    def __init__(self, message: str, block: int, version: int) -> None:
+        super().__init__(message, block=block)
+        #: the key version stored in the block
+        self.version = version
+
+
 class KeyUsageExhausted(Error):
     """A file's key reached its limit of block encryptions (the random-nonce bound):
     copy the file (a new file id, a new file key) to write it again."""

@@ -17,9 +17,8 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from . import format as fmt
-from ._aesgcm import BlockCipher
 from .errors import FormatError, IntegrityError, UsageError
-from .keys.secret import wipe
+from .filekeys import FileKeys, single_key
 
 DEFAULT_CHUNK_BLOCKS = 1024  # 4 MiB of plaintext per native call with 4 KiB blocks
 Progress = Callable[[int], None]
@@ -144,25 +143,22 @@ def _write_all(f: BinaryIO | _NullSink, data: memoryview) -> None:
 def encrypt_file(src: str, dst: str, key_id: str, key_version: int, data_key: bytearray, *,
                  block_size: int = fmt.DEFAULT_BLOCK_SIZE, force: bool = False,
                  chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
-                 progress: Progress = _noop, allow_taka_input: bool = False) -> fmt.Header:
+                 progress: Progress = _noop, allow_taka_input: bool = False,
+                 format_version: int = fmt.VERSION) -> fmt.Header:
     """Encrypt ``src`` (``-`` = stdin) into a new TAKA file ``dst``; returns its header.
     A ``src`` that is already a TAKA file is refused (UsageError) unless
     ``allow_taka_input``: nesting one in another is not how a file changes key."""
     if dst == "-":
         raise UsageError("encrypt needs a seekable output file, not stdout")
-    header = fmt.Header(key_id=key_id, key_version=key_version, block_size=block_size)
-    enc_key, mac_key = fmt.derive_file_keys(data_key, header.file_id)
-    try:
-        cipher = BlockCipher(enc_key, block_size=block_size)
-    finally:
-        wipe(enc_key)
-    aad = header.static
+    header = fmt.Header(key_id=key_id, key_version=key_version, block_size=block_size,
+                        version=format_version)
+    fk = FileKeys(header, single_key(key_id, key_version, data_key))
     plain = bytearray(chunk_blocks * block_size)
     sealed = bytearray(chunk_blocks * (block_size + fmt.OVERHEAD))
     pview, sview = memoryview(plain), memoryview(sealed)
     try:
         with _open_input(src) as fin, atomic_output(dst, force=force, seekable=True) as fout:
-            _write_all(fout, memoryview(header.pack(mac_key)))  # placeholder, size 0
+            _write_all(fout, memoryview(header.pack(fk.mac_key)))  # placeholder, size 0
             total, block = 0, 0
             while True:
                 n = _readfull(fin, pview)
@@ -170,7 +166,7 @@ def encrypt_file(src: str, dst: str, key_id: str, key_version: int, data_key: by
                     break
                 if block == 0 and not allow_taka_input:
                     _refuse_taka(src, pview[:n])
-                m = cipher.encrypt_into(pview[:n], sview, aad, block)
+                m = fk.encrypt_into(pview[:n], sview, block)
                 _write_all(fout, sview[:m])
                 total += n
                 block += fmt.blocks_for(n, block_size)
@@ -180,10 +176,9 @@ def encrypt_file(src: str, dst: str, key_id: str, key_version: int, data_key: by
             header.plaintext_size = total
             header.encryptions = block  # exact: one encryption per block written
             fout.seek(0)
-            _write_all(fout, memoryview(header.pack(mac_key)))
+            _write_all(fout, memoryview(header.pack(fk.mac_key)))
     finally:
-        cipher.wipe()
-        wipe(mac_key)
+        fk.wipe()
         plain[:] = bytes(len(plain))
     return header
 
@@ -249,28 +244,19 @@ def decrypt_file(src: str, dst: str | None, keys: Callable[[str, int], bytearray
     return header
 
 
-def open_cipher(header: fmt.Header, keys: Callable[[str, int], bytearray]) -> BlockCipher:
-    """The block cipher of a file after checking its header tag; key buffers are wiped."""
-    data_key = keys(header.key_id, header.key_version)
+def open_cipher(header: fmt.Header, keys: Callable[[str, int], bytearray]) -> FileKeys:
+    """The block keys of a file after checking its header tag (``wipe()`` them after)."""
+    fk = FileKeys(header, keys)
     try:
-        enc_key, mac_key = fmt.derive_file_keys(data_key, header.file_id)
-    finally:
-        wipe(data_key)
-    try:
-        header.verify(mac_key)
-    except IntegrityError:
-        wipe(enc_key)
+        header.verify(fk.mac_key)
+    except BaseException:
+        fk.wipe()
         raise
-    finally:
-        wipe(mac_key)
-    try:
-        return BlockCipher(enc_key, block_size=header.block_size)
-    finally:
-        wipe(enc_key)
+    return fk
 
 
 def plaintext_chunks(read: Callable[[memoryview], int], header: fmt.Header,
-                     cipher: BlockCipher,
+                     cipher: FileKeys,
                      chunk_blocks: int = DEFAULT_CHUNK_BLOCKS) -> Iterator[memoryview]:
     """Verified plaintext of a TAKA file, chunk by chunk.  ``read(view)`` fills ``view``
     with the stored bytes that follow the header, sequentially, and returns the count.
@@ -296,7 +282,7 @@ def plaintext_chunks(read: Callable[[memoryview], int], header: fmt.Header,
                                      block=missing)
             try:
                 try:
-                    m = cipher.decrypt_into(sview[:n], pview, header.static, block, holes=True)
+                    m = cipher.decrypt_into(sview[:n], pview, block)
                 except IntegrityError as e:
                     if want != remaining_blocks or e.block != header.nblocks - 1:
                         raise
@@ -314,7 +300,7 @@ def plaintext_chunks(read: Callable[[memoryview], int], header: fmt.Header,
 
 def _longer_last_block(read: Callable[[memoryview], int], sview: memoryview,
                        pview: memoryview, n: int, want: int, header: fmt.Header,
-                       cipher: BlockCipher, block: int, err: IntegrityError) -> int:
+                       cipher: FileKeys, block: int, err: IntegrityError) -> int:
     """The last block's only other valid form (docs/file-format.md, "The last block"):
     stored longer than the size implies, up to a full block, after an interrupted
     write. ``sview[:n]`` holds the chunk read so far, the last block at its implied
@@ -326,9 +312,9 @@ def _longer_last_block(read: Callable[[memoryview], int], sview: memoryview,
     if extra == 0:
         raise err
     if want > 1:
-        cipher.decrypt_into(sview[:head], pview, header.static, block, holes=True)
+        cipher.decrypt_into(sview[:head], pview, block)
     return (want - 1) * bs + cipher.decrypt_into(sview[head:n + extra], pview[(want - 1) * bs:],
-                                                 header.static, block + want - 1, holes=True)
+                                                 block + want - 1)
 
 
 def inspect_file(path: str) -> dict[str, object]:
@@ -348,6 +334,7 @@ def inspect_file(path: str) -> dict[str, object]:
         "block_size": header.block_size,
         "key_id": header.key_id,
         "key_version": header.key_version,
+        "oldest_key_version": header.oldest_version,
         "file_id": header.file_id.hex(),
         "plaintext_size": header.plaintext_size,
         "blocks": header.nblocks,

@@ -253,7 +253,7 @@ def _is_taka_under(path: str, keys: KeyLookup, key_name: str | None) -> bool:
         return False
     data_key = keys(h.key_id, h.key_version)
     try:
-        _enc, mac = fmt.derive_file_keys(data_key, h.file_id)
+        _enc, mac = fmt.derive_file_keys(data_key, h.file_id, info=h.hkdf_info)
         zero_key(_enc)
         try:
             h.verify(mac)

@@ -599,9 +599,10 @@ class Rekey:
         return os.path.join(self.guard_path, rel)
 
 
-def _header_key(dirfd: int, rel: str) -> tuple[str, int, int] | None:
-    """(key name, version) a backing file's header names and its link count; None if it
-    cannot be read or parsed.  Parsed, not authenticated (that needs the key)."""
+def _header_key(dirfd: int, rel: str) -> tuple[str, range, int] | None:
+    """(key name, key versions) a backing file's header names and its link count; None
+    if it cannot be read or parsed.  Parsed, not authenticated (that needs the key).
+    The versions are one for a v1 file, [oldest, write version] for a v2 file."""
     from ..errors import FormatError
     from ..format import HEADER_SIZE, parse_header
 
@@ -626,17 +627,17 @@ def _header_key(dirfd: int, rel: str) -> tuple[str, int, int] | None:
         h = parse_header(head)
     except FormatError:
         return None
-    return h.key_id, h.key_version, nlink
+    return h.key_id, h.versions, nlink
 
 
 def key_versions(dirfd: int, key: str) -> Iterator[tuple[str, int]]:
-    """(relative path, version) of every file below ``dirfd`` with one name whose header
-    names ``key`` (hard-linked files are never rekeyed)."""
+    """(relative path, oldest version) of every file below ``dirfd`` with one name whose
+    header names ``key`` (hard-linked files are never rekeyed)."""
     for parts, _size in walk(dirfd):
         rel = "/".join(parts)
         hk = _header_key(dirfd, rel)
         if hk is not None and hk[0] == key and hk[2] == 1:
-            yield rel, hk[1]
+            yield rel, hk[1][0]
 
 
 def usage(dirfd: int, key: str) -> dict[str, Any]:
@@ -644,7 +645,9 @@ def usage(dirfd: int, key: str) -> dict[str, Any]:
     their headers: ``{"versions": {version: files}, "other_keys": {name: files},
     "unreadable": files, "files": total, "examples": {version: first path}}``.  Headers
     are parsed, not authenticated (that needs the key): a forged header can only make
-    a file count under a version it does not really use, which a rekey then finds."""
+    a file count under a version it does not really use, which a rekey then finds.
+    A v2 file counts under every version from its oldest to its write version (its
+    blocks may use any of them; docs/file-format.md, "Version 2")."""
     versions: dict[int, int] = {}
     examples: dict[int, str] = {}
     others: dict[str, int] = {}
@@ -656,12 +659,13 @@ def usage(dirfd: int, key: str) -> dict[str, Any]:
         if hk is None:
             unreadable += 1
             continue
-        name, version, _nlink = hk
+        name, used, _nlink = hk
         if name != key:
             others[name] = others.get(name, 0) + 1
             continue
-        versions[version] = versions.get(version, 0) + 1
-        examples.setdefault(version, rel)
+        for version in used:
+            versions[version] = versions.get(version, 0) + 1
+            examples.setdefault(version, rel)
     return {"key": key, "files": files, "versions": dict(sorted(versions.items())),
             "other_keys": dict(sorted(others.items())), "unreadable": unreadable,
             "examples": dict(sorted(examples.items()))}
