@@ -72,6 +72,7 @@ static int read_block(struct inode *inode, u64 index, u8 *dst)
 	}
 	if (err) {
 		tkfs_report_eio(inode, index, err == -EBADMSG ? "authentication failed" :
+				err == -ENOKEY ? "key version of the block unavailable" :
 				"decryption failed");
 		err = -EIO;
 		goto out;

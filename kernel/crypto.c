@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * crypto.c - TAKA v1 header and block cryptography on the kernel crypto API:
+ * crypto.c - TAKA v1 and v2 header and block cryptography on the kernel crypto API:
  * HKDF-SHA256 per-file keys and the header tag on "hmac(sha256)", blocks on "gcm(aes)".
- * docs/file-format.md is the specification; tests/vectors/taka_v1.json its vectors.
+ * docs/file-format.md is the specification; tests/vectors/taka_v1.json and
+ * taka_v2.json its vectors.  A v2 block names its key version: blocks of the file's
+ * other versions are opened with transforms made on first use (ii->vkeys).
  */
 #include <linux/kernel.h>
 #include <linux/slab.h>
@@ -20,6 +22,7 @@
 #include "tkfs.h"
 
 static const char hkdf_info[] = "takakrypt/v1 file keys";
+static const char hkdf_info_v2[] = "takakrypt/v2 file keys";
 
 static bool keyid_char_ok(u8 c, bool first)
 {
@@ -34,8 +37,10 @@ int tkfs_hdr_parse(struct taka_header *h, const u8 *raw)
 	u32 bs, klen, i;
 
 	memcpy(h->raw, raw, TAKA_HDR_SIZE);
-	if (memcmp(raw, "TAKA", 4) || raw[4] != 1 || raw[5] != TAKAKRYPT_ALG_AES_256_GCM)
+	if (memcmp(raw, "TAKA", 4) || (raw[4] != 1 && raw[4] != 2) ||
+	    raw[5] != TAKAKRYPT_ALG_AES_256_GCM)
 		return -EBADMSG;
+	h->fmtv = raw[4];
 	if (get_unaligned_le16(raw + 6))
 		return -EBADMSG;
 	bs = get_unaligned_le32(raw + 8);
@@ -61,7 +66,15 @@ int tkfs_hdr_parse(struct taka_header *h, const u8 *raw)
 	h->size = get_unaligned_le64(raw + 96);
 	if (h->size > (u64)S64_MAX)
 		return -EBADMSG;
-	h->encryptions = get_unaligned_le64(raw + 104);
+	if (h->fmtv == 2) {
+		h->encryptions = get_unaligned_le32(raw + 104);
+		h->oldest = get_unaligned_le32(raw + 108);
+		if (!h->oldest || h->oldest > h->key_version)
+			return -EBADMSG;
+	} else {
+		h->encryptions = get_unaligned_le64(raw + 104);
+		h->oldest = h->key_version;
+	}
 	return 0;
 }
 
@@ -116,31 +129,48 @@ static int hdr_tag(struct tkfs_inode *ii, u8 *tag16)
 }
 
 /*
- * HKDF-SHA256(IKM = data key, salt = file_id, info, L = 64): enc_key = okm[0:32],
- * mac_key = okm[32:64]; with verify, checks the header tag (-EBADMSG).  key_sem held for
- * writing.
+ * okm = HKDF-SHA256(IKM = data key, salt = file_id, info of format fmtv, L = 64);
+ * tkfs_hmac_lock held.
+ */
+static int hkdf_file_keys(const u8 *file_id, u8 fmtv, const u8 *data_key, u8 *okm)
+{
+	const char *info = fmtv == 2 ? hkdf_info_v2 : hkdf_info;
+	u8 prk[32], t[32 + sizeof(hkdf_info)], ctr = 1;
+	const size_t ilen = sizeof(hkdf_info) - 1;
+	int err;
+
+	BUILD_BUG_ON(sizeof(hkdf_info) != sizeof(hkdf_info_v2));
+	err = hmac_sha256(file_id, 16, data_key, TAKA_KEY_LEN, NULL, 0, prk);
+	/* both expand steps under the one PRK key */
+	if (!err)
+		err = hmac_sha256(prk, 32, info, ilen, &ctr, 1, okm);
+	if (!err) {
+		memcpy(t, okm, 32);
+		memcpy(t + 32, info, ilen);
+		t[32 + ilen] = 2;
+		err = hmac_digest(t, 32 + ilen + 1, NULL, 0, okm + 32);
+	}
+	memzero_explicit(prk, sizeof(prk));
+	memzero_explicit(t, sizeof(t));
+	return err;
+}
+
+/*
+ * The file keys of the header's key version: enc_key = okm[0:32], mac_key = okm[32:64];
+ * with verify, checks the header tag (-EBADMSG).  key_sem held for writing.
  */
 int tkfs_derive_keys(struct tkfs_inode *ii, const u8 *data_key, bool verify)
 {
-	u8 prk[32], okm[64], tag[TAKA_TAG], t[32 + sizeof(hkdf_info)], ctr = 1;
-	const size_t ilen = sizeof(hkdf_info) - 1;
+	u8 okm[64], tag[TAKA_TAG];
 	int err;
 
 	tkfs_drop_keys(ii);
 	mutex_lock(&tkfs_hmac_lock);
-	err = hmac_sha256(ii->hdr.file_id, 16, data_key, TAKA_KEY_LEN, NULL, 0, prk);
-	/* both expand steps under the one PRK key */
-	if (!err)
-		err = hmac_sha256(prk, 32, hkdf_info, ilen, &ctr, 1, okm);
-	if (!err) {
-		memcpy(t, okm, 32);
-		memcpy(t + 32, hkdf_info, ilen);
-		t[32 + ilen] = 2;
-		err = hmac_digest(t, 32 + ilen + 1, NULL, 0, okm + 32);
-	}
+	err = hkdf_file_keys(ii->hdr.file_id, ii->hdr.fmtv, data_key, okm);
 	if (!err) {
 		memcpy(ii->enc_key, okm, 32);
 		memcpy(ii->mac_key, okm + 32, 32);
+		ii->aead_ver = ii->hdr.key_version;
 		if (verify) {
 			err = hdr_tag(ii, tag);
 			if (!err && crypto_memneq(tag, ii->hdr.raw + TAKA_TAGGED_SIZE, TAKA_TAG))
@@ -148,9 +178,7 @@ int tkfs_derive_keys(struct tkfs_inode *ii, const u8 *data_key, bool verify)
 		}
 	}
 	mutex_unlock(&tkfs_hmac_lock);
-	memzero_explicit(prk, sizeof(prk));
 	memzero_explicit(okm, sizeof(okm));
-	memzero_explicit(t, sizeof(t));
 	memzero_explicit(tag, sizeof(tag));
 	if (err)
 		tkfs_drop_keys(ii);
@@ -166,24 +194,31 @@ int tkfs_derive_keys(struct tkfs_inode *ii, const u8 *data_key, bool verify)
  */
 #define TKFS_AEAD_POOL	64
 static DEFINE_SPINLOCK(tkfs_aead_pool_lock);
-static struct crypto_aead *tkfs_aead_pool[TKFS_AEAD_POOL];
-static unsigned int tkfs_aead_idle;
+/* [0]: 128-bit tags (v1), [1]: 96-bit tags (v2) */
+static struct crypto_aead *tkfs_aead_pool[2][TKFS_AEAD_POOL];
+static unsigned int tkfs_aead_idle[2];
 
-static struct crypto_aead *aead_get(void)
+static inline unsigned int pool_of(unsigned int authsize)
 {
+	return authsize == TAKA_TAG ? 0 : 1;
+}
+
+static struct crypto_aead *aead_get(unsigned int authsize)
+{
+	unsigned int p = pool_of(authsize);
 	struct crypto_aead *a = NULL;
 	int err;
 
 	spin_lock(&tkfs_aead_pool_lock);
-	if (tkfs_aead_idle)
-		a = tkfs_aead_pool[--tkfs_aead_idle];
+	if (tkfs_aead_idle[p])
+		a = tkfs_aead_pool[p][--tkfs_aead_idle[p]];
 	spin_unlock(&tkfs_aead_pool_lock);
 	if (a)
 		return a;
 	a = crypto_alloc_aead("gcm(aes)", 0, 0);
 	if (IS_ERR(a))
 		return a;
-	err = crypto_aead_setauthsize(a, TAKA_TAG);
+	err = crypto_aead_setauthsize(a, authsize);
 	if (err) {
 		crypto_free_aead(a);
 		return ERR_PTR(err);
@@ -194,11 +229,12 @@ static struct crypto_aead *aead_get(void)
 static void aead_put(struct crypto_aead *a)
 {
 	static const u8 zero[TAKA_KEY_LEN];
+	unsigned int p = pool_of(crypto_aead_authsize(a));
 
 	if (!crypto_aead_setkey(a, zero, sizeof(zero))) {
 		spin_lock(&tkfs_aead_pool_lock);
-		if (tkfs_aead_idle < TKFS_AEAD_POOL) {
-			tkfs_aead_pool[tkfs_aead_idle++] = a;
+		if (tkfs_aead_idle[p] < TKFS_AEAD_POOL) {
+			tkfs_aead_pool[p][tkfs_aead_idle[p]++] = a;
 			a = NULL;
 		}
 		spin_unlock(&tkfs_aead_pool_lock);
@@ -207,8 +243,26 @@ static void aead_put(struct crypto_aead *a)
 		crypto_free_aead(a);
 }
 
+static unsigned int authsize_of(u8 fmtv)
+{
+	return fmtv == 2 ? TAKA_TAG_V2 : TAKA_TAG;
+}
+
+/* the other versions' transforms; key_sem write-held (or the inode is going away) */
+void tkfs_vkeys_free(struct tkfs_inode *ii)
+{
+	unsigned int i, n = ii->nvkeys;
+
+	ii->nvkeys = 0;
+	for (i = 0; i < n; i++) {
+		aead_put(ii->vkeys[i].aead);
+		ii->vkeys[i].aead = NULL;
+	}
+}
+
 void tkfs_drop_keys(struct tkfs_inode *ii)
 {
+	tkfs_vkeys_free(ii);
 	if (ii->aead)
 		aead_put(ii->aead);
 	ii->aead = NULL;
@@ -216,14 +270,25 @@ void tkfs_drop_keys(struct tkfs_inode *ii)
 	memzero_explicit(ii->mac_key, sizeof(ii->mac_key));
 }
 
-/* write size and encryptions into ii->hdr.raw and recompute the tag */
+/*
+ * write size and encryptions (v2: and the versions) into ii->hdr.raw and recompute the
+ * tag.  A v2 header of size 0 has no block left of an older version: oldest = write.
+ */
 int tkfs_hdr_seal(struct tkfs_inode *ii, u64 size, u64 encryptions)
 {
 	u8 tag[TAKA_TAG];
 	int err;
 
 	put_unaligned_le64(size, ii->hdr.raw + 96);
-	put_unaligned_le64(encryptions, ii->hdr.raw + 104);
+	if (ii->hdr.fmtv == 2) {
+		if (!size)
+			ii->hdr.oldest = ii->hdr.key_version;
+		put_unaligned_le32(ii->hdr.key_version, ii->hdr.raw + 12);
+		put_unaligned_le32((u32)encryptions, ii->hdr.raw + 104);
+		put_unaligned_le32(ii->hdr.oldest, ii->hdr.raw + 108);
+	} else {
+		put_unaligned_le64(encryptions, ii->hdr.raw + 104);
+	}
 	mutex_lock(&tkfs_hmac_lock);
 	err = hdr_tag(ii, tag);
 	mutex_unlock(&tkfs_hmac_lock);
@@ -243,7 +308,7 @@ static struct crypto_aead *inode_aead(struct tkfs_inode *ii)
 
 	if (a)
 		return a;
-	a = aead_get();
+	a = aead_get(authsize_of(ii->hdr.fmtv));
 	if (IS_ERR(a))
 		return a;
 	err = crypto_aead_setkey(a, ii->enc_key, TAKA_KEY_LEN);
@@ -265,19 +330,161 @@ void tkfs_crypt_prepare(struct tkfs_inode *ii)
 }
 
 /*
+ * v2: the transform of key version v of the file, made on first use (key_sem
+ * read-held): the data key (name, v) from the agent, the file keys of v, a 96-bit-tag
+ * gcm(aes).  Kept in ii->vkeys; when that is full, *tmp says the caller puts it after
+ * use.  -ENOKEY: no key of that version can be had.
+ */
+static struct crypto_aead *version_aead(struct tkfs_inode *ii, u32 v, bool *tmp)
+{
+	struct tkfs_sb *sbi = TKFS_SB(ii->vfs_inode.i_sb);
+	struct crypto_aead *a, *have = NULL;
+	u8 key[TAKA_KEY_LEN], okm[64];
+	unsigned int i;
+	int err;
+
+	*tmp = false;
+	spin_lock(&ii->vkeys_lock);
+	for (i = 0; i < ii->nvkeys; i++)
+		if (ii->vkeys[i].ver == v)
+			have = ii->vkeys[i].aead;
+	if (!have && ii->aead_ver == v && ii->aead)
+		have = ii->aead;
+	spin_unlock(&ii->vkeys_lock);
+	if (have)
+		return have;
+	err = tkfs_key_get(sbi, ii->hdr.key_id, v, key, NULL);
+	if (err)
+		return ERR_PTR(-ENOKEY);
+	mutex_lock(&tkfs_hmac_lock);
+	err = hkdf_file_keys(ii->hdr.file_id, 2, key, okm);
+	mutex_unlock(&tkfs_hmac_lock);
+	memzero_explicit(key, sizeof(key));
+	a = err ? ERR_PTR(err) : aead_get(TAKA_TAG_V2);
+	if (!IS_ERR(a)) {
+		err = crypto_aead_setkey(a, okm, TAKA_KEY_LEN);
+		if (err) {
+			aead_put(a);
+			a = ERR_PTR(err);
+		}
+	}
+	memzero_explicit(okm, sizeof(okm));
+	if (IS_ERR(a))
+		return a;
+	spin_lock(&ii->vkeys_lock);
+	for (i = 0; i < ii->nvkeys; i++)
+		if (ii->vkeys[i].ver == v)
+			have = ii->vkeys[i].aead;
+	if (!have && ii->nvkeys < TKFS_VKEYS) {
+		ii->vkeys[ii->nvkeys].ver = v;
+		ii->vkeys[ii->nvkeys].aead = a;
+		ii->nvkeys++;
+	} else if (!have) {
+		*tmp = true;
+	}
+	spin_unlock(&ii->vkeys_lock);
+	if (have) {
+		aead_put(a);	/* another reader made it first */
+		return have;
+	}
+	return a;
+}
+
+/*
+ * v2: seal new blocks under `version` from now on (docs/file-format.md, "Version 2",
+ * writers): its file keys from data_key, its transform made, the old write version's
+ * kept for reading (ii->vkeys), and the header with the new write version and a fresh
+ * lease (the new file key's count starts at 0) written before any block of it.  hdr_lock
+ * held, key_sem read-held.  1 if moved, 0 if not (no room to keep the old transform:
+ * the file stays on its version until its keys are loaded again), or -errno.
+ */
+int tkfs_move_version(struct inode *inode, u32 version, const u8 *data_key)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	struct crypto_aead *old, *a;
+	u8 okm[64];
+	u32 old_ver;
+	int err;
+
+	lockdep_assert_held(&ii->hdr_lock);
+	old = inode_aead(ii);	/* the old version's, made now if not yet */
+	if (IS_ERR(old))
+		return PTR_ERR(old);
+	mutex_lock(&tkfs_hmac_lock);
+	err = hkdf_file_keys(ii->hdr.file_id, 2, data_key, okm);
+	mutex_unlock(&tkfs_hmac_lock);
+	a = err ? ERR_PTR(err) : aead_get(TAKA_TAG_V2);
+	if (!IS_ERR(a)) {
+		err = crypto_aead_setkey(a, okm, TAKA_KEY_LEN);
+		if (err) {
+			aead_put(a);
+			a = ERR_PTR(err);
+		}
+	}
+	if (IS_ERR(a)) {
+		memzero_explicit(okm, sizeof(okm));
+		return PTR_ERR(a);
+	}
+	spin_lock(&ii->vkeys_lock);
+	if (ii->nvkeys == TKFS_VKEYS) {
+		spin_unlock(&ii->vkeys_lock);
+		aead_put(a);
+		memzero_explicit(okm, sizeof(okm));
+		return 0;
+	}
+	old_ver = ii->aead_ver;
+	ii->vkeys[ii->nvkeys].ver = old_ver;
+	ii->vkeys[ii->nvkeys].aead = old;
+	ii->nvkeys++;
+	WRITE_ONCE(ii->aead, a);
+	ii->aead_ver = version;
+	WRITE_ONCE(ii->hdr.key_version, version);
+	spin_unlock(&ii->vkeys_lock);
+	memcpy(ii->enc_key, okm, 32);
+	memcpy(ii->mac_key, okm + 32, 32);
+	memzero_explicit(okm, sizeof(okm));
+	if (!ii->disk_size)
+		ii->hdr.oldest = version;
+	ii->enc_count = 0;
+	err = tkfs_write_header(inode, ii->disk_size, TAKA_LEASE_CHUNK);
+	if (err) {
+		/* no block of the new version before a header naming it: the next
+		 * reservation writes the header again first */
+		ii->hdr.encryptions = 0;
+		return err;
+	}
+	return 1;
+}
+
+/*
  * A run of block operations of one inode shares one request and one AAD buffer (the
- * static header, then the block index): readahead and write-back set them up once per
- * batch instead of once per block.  key_sem read-held from init to done.
+ * static header, then the block index, v2: then the block's version): readahead and
+ * write-back set them up once per batch instead of once per block.  key_sem read-held
+ * from init to done.
  */
 int tkfs_crypt_init(struct tkfs_inode *ii, struct tkfs_crypt *c)
 {
 	struct crypto_aead *tfm = inode_aead(ii);
 
+	c->ii = ii;
 	c->req = NULL;
 	c->aad = NULL;
+	c->fmtv = ii->hdr.fmtv;
 	if (IS_ERR(tfm))
 		return PTR_ERR(tfm);
-	c->aad = kmalloc(TAKA_AAD_LEN, GFP_NOFS);
+	if (c->fmtv == 2) {
+		/* the write version's transform and its version, as one (a writer may
+		 * move the file under hdr_lock meanwhile) */
+		spin_lock(&ii->vkeys_lock);
+		tfm = ii->aead;
+		c->ver = ii->aead_ver;
+		spin_unlock(&ii->vkeys_lock);
+	} else {
+		c->ver = ii->hdr.key_version;
+	}
+	c->tfm = tfm;
+	c->reqsize = crypto_aead_reqsize(tfm);
+	c->aad = kmalloc(TAKA_AAD_LEN_V2, GFP_NOFS);
 	if (!c->aad)
 		return -ENOMEM;
 	c->req = aead_request_alloc(tfm, GFP_NOFS);
@@ -287,6 +494,8 @@ int tkfs_crypt_init(struct tkfs_inode *ii, struct tkfs_crypt *c)
 		return -ENOMEM;
 	}
 	memcpy(c->aad, ii->hdr.raw, TAKA_STATIC_SIZE);
+	if (c->fmtv == 2)
+		memset(c->aad + 12, 0, 4);	/* the write version is not bound */
 	return 0;
 }
 
@@ -299,55 +508,101 @@ void tkfs_crypt_done(struct tkfs_crypt *c)
 }
 
 /*
- * One AEAD operation on a stored block laid out in buf as nonce | data (n) | tag, AAD =
- * static header | le64 index; in place, or (decryption only) into dst's first n bytes.
- * buf must be kmalloc memory (scatterlists).
+ * One AEAD operation on a stored block laid out in buf as nonce | data (n) | tag (v1:
+ * 16; v2: 12, then le32 version), AAD = static header | le64 index (v2: | le32 version);
+ * in place, or (decryption only) into dst's first n bytes.  buf must be kmalloc memory
+ * (scatterlists).  tfm: the version's transform (c->tfm or another of the same kind).
  */
-static int block_crypt(struct tkfs_crypt *c, u64 index, u8 *buf, size_t n, bool enc,
-		       struct page *dst)
+static int block_crypt(struct tkfs_crypt *c, struct crypto_aead *tfm, u32 ver, u64 index,
+		       u8 *buf, size_t n, bool enc, struct page *dst)
 {
+	const unsigned int tag = c->fmtv == 2 ? TAKA_TAG_V2 : TAKA_TAG;
+	const unsigned int alen = c->fmtv == 2 ? TAKA_AAD_LEN_V2 : TAKA_AAD_LEN;
 	struct scatterlist sg[2], dsg[2];
 	DECLARE_CRYPTO_WAIT(wait);
 	u8 iv[TAKA_NONCE];
+	int err;
 
 	put_unaligned_le64(index, c->aad + TAKA_STATIC_SIZE);
+	if (c->fmtv == 2)
+		put_unaligned_le32(ver, c->aad + TAKA_STATIC_SIZE + 8);
 	memcpy(iv, buf, TAKA_NONCE);
 	sg_init_table(sg, 2);
-	sg_set_buf(&sg[0], c->aad, TAKA_AAD_LEN);
-	sg_set_buf(&sg[1], buf + TAKA_NONCE, n + TAKA_TAG);
+	sg_set_buf(&sg[0], c->aad, alen);
+	sg_set_buf(&sg[1], buf + TAKA_NONCE, n + tag);
 	if (dst) {
 		sg_init_table(dsg, 2);
-		sg_set_buf(&dsg[0], c->aad, TAKA_AAD_LEN);
+		sg_set_buf(&dsg[0], c->aad, alen);
 		sg_set_page(&dsg[1], dst, n, 0);
 	}
+	if (tfm != c->tfm)
+		aead_request_set_tfm(c->req, tfm);
 	aead_request_set_callback(c->req, CRYPTO_TFM_REQ_MAY_BACKLOG | CRYPTO_TFM_REQ_MAY_SLEEP,
 				  crypto_req_done, &wait);
-	aead_request_set_ad(c->req, TAKA_AAD_LEN);
-	aead_request_set_crypt(c->req, sg, dst ? dsg : sg, enc ? n : n + TAKA_TAG, iv);
-	return crypto_wait_req(enc ? crypto_aead_encrypt(c->req) : crypto_aead_decrypt(c->req),
-			       &wait);
+	aead_request_set_ad(c->req, alen);
+	aead_request_set_crypt(c->req, sg, dst ? dsg : sg, enc ? n : n + tag, iv);
+	err = crypto_wait_req(enc ? crypto_aead_encrypt(c->req) : crypto_aead_decrypt(c->req),
+			      &wait);
+	if (tfm != c->tfm)
+		aead_request_set_tfm(c->req, c->tfm);
+	return err;
 }
 
 /* seal n plaintext bytes at buf + 12 in place; draws the nonce (never all zero) */
 int tkfs_crypt_seal(struct tkfs_crypt *c, u64 index, u8 *buf, size_t n)
 {
 	static const u8 zero[TAKA_NONCE];
+	int err;
 
 	do {
 		get_random_bytes(buf, TAKA_NONCE);
 	} while (!memcmp(buf, zero, TAKA_NONCE));
-	return block_crypt(c, index, buf, n, true, NULL);
+	err = block_crypt(c, c->tfm, c->ver, index, buf, n, true, NULL);
+	if (!err && c->fmtv == 2)
+		put_unaligned_le32(c->ver, buf + TAKA_NONCE + n + TAKA_TAG_V2);
+	return err;
 }
 
 /*
  * Open a stored block of n plaintext bytes: in place (dst NULL), or into page dst
  * (unlocked, not up to date: on a bad tag its bytes are zeroed, never shown).
- * -EBADMSG on a bad tag.
+ * -EBADMSG on a bad tag or (v2) a block version outside the header's range, -ENOKEY
+ * when the block's version has no key here.
  */
 int tkfs_crypt_open(struct tkfs_crypt *c, u64 index, u8 *buf, size_t n, struct page *dst)
 {
-	int err = block_crypt(c, index, buf, n, false, dst);
+	struct tkfs_inode *ii = c->ii;
+	struct crypto_aead *tfm = c->tfm;
+	u32 ver = c->ver;
+	bool tmp = false;
+	int err;
 
+	if (c->fmtv == 2) {
+		ver = get_unaligned_le32(buf + TAKA_NONCE + n + TAKA_TAG_V2);
+		if (ver < READ_ONCE(ii->hdr.oldest) || ver > READ_ONCE(ii->hdr.key_version)) {
+			err = -EBADMSG;
+			goto out;
+		}
+		if (ver != c->ver) {
+			tfm = version_aead(ii, ver, &tmp);
+			if (IS_ERR(tfm)) {
+				err = PTR_ERR(tfm);
+				goto out;
+			}
+			/* one request serves every version: the same algorithm's
+			 * transforms have the same request size */
+			if (crypto_aead_reqsize(tfm) > c->reqsize) {
+				if (tmp)
+					aead_put(tfm);
+				err = -EINVAL;
+				goto out;
+			}
+		}
+	}
+	err = block_crypt(c, tfm, ver, index, buf, n, false, dst);
+	if (tmp)
+		aead_put(tfm);
+out:
 	if (err && dst)
 		zero_user(dst, 0, PAGE_SIZE);
 	return err;
@@ -395,8 +650,11 @@ int tkfs_crypto_init(void)
 
 void tkfs_crypto_exit(void)
 {
-	while (tkfs_aead_idle)
-		crypto_free_aead(tkfs_aead_pool[--tkfs_aead_idle]);
+	unsigned int p;
+
+	for (p = 0; p < 2; p++)
+		while (tkfs_aead_idle[p])
+			crypto_free_aead(tkfs_aead_pool[p][--tkfs_aead_idle[p]]);
 	if (tkfs_hmac)
 		crypto_free_shash(tkfs_hmac);
 	tkfs_hmac = NULL;

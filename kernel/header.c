@@ -347,14 +347,17 @@ int tkfs_key_available(struct inode *inode)
 	return 0;
 }
 
-/* the static part of a new file's header: key name and version, a fresh file id */
-static void new_static_header(u8 *raw, const char *key_name, u32 version)
+/* the static part of a new file's header: format, key name and version, a fresh file id
+ * (v2: the oldest version is the version) */
+static void new_static_header(u8 *raw, u8 fmtv, const char *key_name, u32 version)
 {
 	size_t klen = strlen(key_name);
 
 	memset(raw, 0, TAKA_HDR_SIZE);
 	memcpy(raw, "TAKA", 4);
-	raw[4] = 1;
+	raw[4] = fmtv;
+	if (fmtv == 2)
+		put_unaligned_le32(version, raw + 108);
 	raw[5] = TAKAKRYPT_ALG_AES_256_GCM;
 	put_unaligned_le32(TKFS_BS, raw + 8);
 	put_unaligned_le32(version, raw + 12);
@@ -400,7 +403,7 @@ int tkfs_create_header(struct inode *inode, bool store)
 		up_write(&ii->key_sem);
 		return -EIO;
 	}
-	new_static_header(raw, sbi->key_name, version);
+	new_static_header(raw, sbi->format, sbi->key_name, version);
 	err = tkfs_hdr_parse(&ii->hdr, raw);
 	if (!err)
 		err = tkfs_derive_keys(ii, key, false);
@@ -461,7 +464,7 @@ int tkfs_renew_header(struct inode *inode)
 		return 0;
 	}
 	tkfs_drop_keys(ii);
-	new_static_header(raw, sbi->key_name, version);
+	new_static_header(raw, sbi->format, sbi->key_name, version);
 	err = tkfs_hdr_parse(&ii->hdr, raw);
 	if (!err)
 		err = tkfs_derive_keys(ii, key, false);
@@ -507,6 +510,35 @@ int tkfs_write_header(struct inode *inode, u64 size, u64 lease)
 }
 
 /*
+ * v2: a file of the mount's key whose write version is older than the key's current one
+ * moves to it before the blocks about to be sealed (docs/file-format.md, "Version 2"):
+ * rewritten blocks use the new version at once.  The current version is the mount's
+ * (known since the agent's last CONFIG_UPDATE, else asked for once).  hdr_lock held,
+ * key_sem read-held.  Without a key the file stays where it is.
+ */
+static int maybe_move(struct inode *inode)
+{
+	struct tkfs_inode *ii = TKFS_I(inode);
+	struct tkfs_sb *sbi = TKFS_SB(inode->i_sb);
+	u8 key[TAKA_KEY_LEN];
+	u32 cur = READ_ONCE(sbi->current_version);
+	int err;
+
+	if (ii->hdr.fmtv != 2 || strcmp(ii->hdr.key_id, sbi->key_name))
+		return 0;
+	if (cur && cur <= ii->hdr.key_version)
+		return 0;
+	err = tkfs_key_get(sbi, sbi->key_name, cur, key, &cur);
+	if (err || cur <= ii->hdr.key_version) {
+		memzero_explicit(key, sizeof(key));
+		return 0;
+	}
+	err = tkfs_move_version(inode, cur, key);
+	memzero_explicit(key, sizeof(key));
+	return err < 0 ? err : 0;
+}
+
+/*
  * Take n block encryptions from the header's lease (docs/file-format.md "Encryption
  * count"), writing a larger lease first when it runs out.  hdr_lock held.
  */
@@ -516,6 +548,9 @@ int tkfs_reserve_encryptions(struct inode *inode, u64 n)
 	int err;
 
 	lockdep_assert_held(&ii->hdr_lock);
+	err = maybe_move(inode);
+	if (err)
+		return err;
 	if (ii->enc_count + n > TAKA_HARD_LIMIT) {
 		tkfs_err_rl("inode %lu: encryption limit reached, copy the file: EKEYEXPIRED\n",
 			    inode->i_ino);

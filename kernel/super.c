@@ -2,11 +2,12 @@
 /*
  * super.c - the file system type, mounts and the module.
  *
- *   mount -t takakryptfs -o key=NAME[,gp=ID] LOWERDIR MOUNTPOINT
+ *   mount -t takakryptfs -o key=NAME[,gp=ID][,format=1|2] LOWERDIR MOUNTPOINT
  *
  * LOWERDIR may be MOUNTPOINT itself (an in-place guard point: the lower directory is
  * resolved before the mount covers it).  key= names the data key new files are
- * encrypted with; gp= is the agent's guard point id (CONFIG_UPDATE), 0 = any.
+ * encrypted with; gp= is the agent's guard point id (CONFIG_UPDATE), 0 = any; format=
+ * the TAKA version new files are made in (default 1; files of both are read and written).
  */
 #include <linux/module.h>
 #include <linux/fs.h>
@@ -46,6 +47,8 @@ static struct inode *tkfs_alloc_inode(struct super_block *sb)
 	ii->tail_cut = false;
 	ii->hdr_pending = false;
 	ii->aead = NULL;
+	ii->aead_ver = 0;
+	ii->nvkeys = 0;
 	memset(&ii->hdr, 0, sizeof(ii->hdr));
 	memset(ii->enc_key, 0, sizeof(ii->enc_key));
 	memset(ii->mac_key, 0, sizeof(ii->mac_key));
@@ -65,6 +68,7 @@ static void tkfs_inode_once(void *p)
 	mutex_init(&ii->lower_lock);
 	init_rwsem(&ii->key_sem);
 	mutex_init(&ii->hdr_lock);
+	spin_lock_init(&ii->vkeys_lock);
 	tkfs_work_init_once(ii);
 }
 
@@ -194,6 +198,7 @@ static int tkfs_show_options(struct seq_file *m, struct dentry *root)
 	seq_puts(m, sbi->decide ? ",decide=agent" : ",decide=none");
 	if (sbi->grace)
 		seq_printf(m, ",grace=%u", sbi->grace);
+	seq_printf(m, ",format=%u", sbi->format);
 	return 0;
 }
 
@@ -207,9 +212,10 @@ static const struct super_operations tkfs_sops = {
 	 * dropped at its last iput would lose its dirty plaintext pages unwritten */
 };
 
-enum { OPT_KEY, OPT_GP, OPT_DECIDE_AGENT, OPT_DECIDE_NONE, OPT_GRACE, OPT_ERR };
+enum { OPT_KEY, OPT_GP, OPT_DECIDE_AGENT, OPT_DECIDE_NONE, OPT_GRACE, OPT_FORMAT, OPT_ERR };
 static const match_table_t tkfs_tokens = {
 	{ OPT_KEY, "key=%s" },
+	{ OPT_FORMAT, "format=%u" },
 	{ OPT_GP, "gp=%u" },
 	{ OPT_GRACE, "grace=%u" },
 	{ OPT_DECIDE_AGENT, "decide=agent" },
@@ -262,6 +268,13 @@ static int parse_options(struct tkfs_sb *sbi, char *opts)
 		case OPT_DECIDE_NONE:
 			sbi->decide = false;
 			break;
+		case OPT_FORMAT:
+			if (match_int(&args[0], &v) || (v != 1 && v != 2)) {
+				pr_err(TKFS_NAME ": format= must be 1 or 2\n");
+				return -EINVAL;
+			}
+			sbi->format = v;
+			break;
 		default:
 			pr_err(TKFS_NAME ": unknown mount option \"%s\"\n", p);
 			return -EINVAL;
@@ -303,6 +316,7 @@ static int tkfs_fill_super(struct super_block *sb, void *data, int silent)
 	INIT_DELAYED_WORK(&sbi->grace_work, tkfs_grace_work);
 	atomic_set(&sbi->key_epoch, 1);
 	sbi->decide = true;		/* every access is the agent's decision by default */
+	sbi->format = 1;		/* TAKA v1 for new files unless format=2 */
 	sbi->sb = sb;
 	sb->s_fs_info = sbi;
 	err = tkfs_szc_init(sbi);

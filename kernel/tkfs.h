@@ -39,6 +39,12 @@
 #define TAKA_KEY_LEN		32
 #define TAKA_KEYID_MAX		63
 #define TAKA_AAD_LEN		(TAKA_STATIC_SIZE + 8)
+/* TAKA v2 (docs/file-format.md, "Version 2"): a 96-bit tag, then the block's key
+ * version; the stride stays TAKA_OVERHEAD.  AAD: static header with the write version
+ * zeroed | le64 index | le32 block version. */
+#define TAKA_TAG_V2		12
+#define TAKA_AAD_LEN_V2		(TAKA_STATIC_SIZE + 12)
+#define TKFS_VKEYS		4	/* other key versions' transforms kept per inode */
 /* the engine's block size is the page size; other sizes are refused (docs/kernel.md) */
 #define TKFS_BS			PAGE_SIZE
 #define TKFS_STORED_BS		(TKFS_BS + TAKA_OVERHEAD)
@@ -63,7 +69,9 @@ static inline loff_t tkfs_stored_len(u64 size)
 
 struct taka_header {
 	u8 raw[TAKA_HDR_SIZE];		/* as stored; raw[0..95] is the static header */
-	u32 key_version;
+	u8 fmtv;			/* format version: 1 or 2 */
+	u32 key_version;		/* v2: the write version (changes: READ_ONCE) */
+	u32 oldest;			/* v2: lowest block version; v1: key_version */
 	u8 file_id[16];
 	char key_id[TAKA_KEYID_MAX + 1];
 	u64 size;
@@ -87,6 +95,7 @@ struct tkfs_sb {
 	const struct cred *mounter_cred;	/* lower page I/O runs with these */
 	char key_name[TAKA_KEYID_MAX + 1];
 	u32 gp_id;				/* guard point id (mount option gp=), 0 = any */
+	u8 format;				/* TAKA version of new files (format=), 1 or 2 */
 	char *lower_name;			/* mount source, for show_options/logs */
 
 	struct mutex keys_lock;			/* keys, key_epoch writers */
@@ -163,6 +172,18 @@ struct tkfs_inode {
 	u8 enc_key[TAKA_KEY_LEN];	/* file keys (HKDF of the data key), wiped on drop */
 	u8 mac_key[TAKA_KEY_LEN];
 	struct crypto_aead *aead;	/* gcm(aes) keyed with enc_key, made at first use */
+	/*
+	 * v2: transforms of the file's other key versions, made when a block of one is
+	 * read (key_sem read-held; added under vkeys_lock), or kept from the write version
+	 * a writer moved away from (hdr_lock).  Freed only with key_sem write-held.
+	 */
+	spinlock_t vkeys_lock;
+	unsigned int nvkeys;
+	struct tkfs_vkey {
+		u32 ver;
+		struct crypto_aead *aead;
+	} vkeys[TKFS_VKEYS];
+	u32 aead_ver;			/* the version ii->aead is keyed for */
 };
 
 struct tkfs_dentry {
@@ -246,8 +267,15 @@ int tkfs_hdr_parse(struct taka_header *h, const u8 *raw);
 int tkfs_derive_keys(struct tkfs_inode *ii, const u8 *data_key, bool verify);
 void tkfs_drop_keys(struct tkfs_inode *ii);
 int tkfs_hdr_seal(struct tkfs_inode *ii, u64 size, u64 encryptions);
+int tkfs_move_version(struct inode *inode, u32 version, const u8 *data_key);
+void tkfs_vkeys_free(struct tkfs_inode *ii);
 struct tkfs_crypt {
+	struct tkfs_inode *ii;
 	struct aead_request *req;
+	struct crypto_aead *tfm;	/* the one req was made for (the write version's) */
+	u32 ver;			/* its key version (v2: sealed blocks carry it) */
+	unsigned int reqsize;
+	u8 fmtv;
 	u8 *aad;
 };
 int tkfs_crypt_init(struct tkfs_inode *ii, struct tkfs_crypt *c);

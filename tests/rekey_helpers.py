@@ -10,6 +10,7 @@ Unix socket, one JSON line per request and answer, each connection in its own th
   {"op": "rekey", "path": P, "version": V, "rate": R, "chunk_blocks": C}
         -> {"outcome": O, "bytes": N} | {"errno": E, "error": MSG}
   {"op": "cancel", "on": bool}   {"op": "bump"}   {"op": "invalidate"}   {"op": "stats"}
+  {"op": "drop_keys"}
   {"op": "leftovers"}            -> {"removed": N}  (rekeyfile.remove_leftovers)
 """
 
@@ -72,6 +73,9 @@ class RekeyGuard:
     def invalidate(self) -> None:
         self.call({"op": "invalidate"})
 
+    def drop_keys(self) -> None:
+        self.call({"op": "drop_keys"})
+
     def stats(self) -> dict:
         return self.call({"op": "stats"})["stats"]
 
@@ -124,7 +128,8 @@ def make_keystore(tmp: Path, key_name: str = "guard") -> tuple[Path, Path]:
 @contextlib.contextmanager
 def rekey_mount(tmp: Path, keystore: Path, master_key: Path, *, key_name: str = "guard",
                 in_place: bool = False, threads: int = 4, io_uring: bool | None = None,
-                metadata_cache: float = 1.0, env: dict | None = None):
+                metadata_cache: float = 1.0, env: dict | None = None,
+                format_version: int = 1):
     """Mount a guard point over ``tmp/backing`` (or ``tmp/data`` in place) served by a
     child process with the keystore's keys; yields a :class:`RekeyGuard`."""
     if io_uring is None:
@@ -141,7 +146,7 @@ def rekey_mount(tmp: Path, keystore: Path, master_key: Path, *, key_name: str = 
             "keystore": str(keystore), "master_key": str(master_key), "key_name": key_name,
             "threads": threads, "io_uring": io_uring, "metadata_cache": metadata_cache,
             "audit_log": str(workdir / "audit.jsonl"), "socket": str(workdir / "control.sock"),
-            "env": env or {}}
+            "env": env or {}, "format_version": format_version}
     (workdir / "spec.json").write_text(json.dumps(spec))
     with serve_child(Path(__file__), workdir, mnt) as proc:
         yield RekeyGuard(mnt, backing, workdir, proc)
@@ -180,7 +185,8 @@ def _serve(spec_path: str) -> int:
                     get_key=lambda name, version: ks.get(name, version),
                     current_version=lambda name: ks.info(name).current_version,
                     decide=decide, audit=audit, threads=spec["threads"],
-                    io_uring=spec["io_uring"], metadata_cache=spec["metadata_cache"])
+                    io_uring=spec["io_uring"], metadata_cache=spec["metadata_cache"],
+                    format_version=spec.get("format_version", 1))
     if raw_uid < 0:
         gp.set_policy_hints(True, True, True)
     sigs = SignalFlags(signal.SIGTERM, signal.SIGINT)
@@ -205,6 +211,9 @@ def _serve(spec_path: str) -> int:
                     ans = {}
                 elif op == "invalidate":
                     gp.invalidate()
+                    ans = {}
+                elif op == "drop_keys":
+                    gp.drop_keys()
                     ans = {}
                 elif op == "stats":
                     ans = {"stats": gp.stats()}

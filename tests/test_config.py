@@ -43,6 +43,7 @@ def test_good_config_decodes():
     assert cfg.policies["pgdata"].rules[1].user_set == "!dba"
     assert cfg.guard_points[0].backing is None
     assert cfg.guard_points[0].metadata_cache == 1.0
+    assert cfg.guard_points[0].format == 2  # per-block key versions by default
     assert config.expand_actions(["read_ops"]) == {"read", "getattr", "list", "getxattr"}
 
 
@@ -79,6 +80,8 @@ def _err(text):
      "c.yaml:24: $.guard_points[0].path: guard point path must be absolute"),
     ("key: pgkey}", "key: pgkey, metadata_cache: 90}",
      "c.yaml:24: $.guard_points[0].metadata_cache: must be between 0 and 60 seconds"),
+    ("key: pgkey}", "key: pgkey, format: 3}",
+     "c.yaml:24: $.guard_points[0].format: must be 1 or 2"),
 ])
 def test_errors_name_path_and_line(old, new, expect):
     assert old in GOOD

@@ -63,10 +63,11 @@ def test_key_grace():
     gp = _load(", engine: kernel, key_grace: 120").guard_points[0]
     assert gp.key_grace == 120
     g = kmount.KernelGuard(gp, 4)
-    assert g.data == "key=k1,gp=4,grace=120"
+    assert g.data == "key=k1,gp=4,grace=120,format=2"
     mine = kmount.MountEntry(1, 0, "0:1", "/srv/data", "takakryptfs", "/srv/data",
-                             "rw,key=k1,gp=4,grace=120")
-    other = kmount.MountEntry(1, 0, "0:1", "/srv/data", "takakryptfs", "/srv/data", "rw,key=k1,gp=4")
+                             "rw,key=k1,gp=4,grace=120,format=2")
+    other = kmount.MountEntry(1, 0, "0:1", "/srv/data", "takakryptfs", "/srv/data",
+                             "rw,key=k1,gp=4,format=2")
     assert g.matches(mine) and not g.matches(other)   # a changed grace is a new mount
     for extra, msg in ((", engine: kernel, key_grace: -1", "must be between 0 and 86400"),
                        (", engine: kernel, key_grace: 86401", "must be between 0 and 86400"),
@@ -90,6 +91,9 @@ def test_kernel_engine_key_must_be_a_mount_option_value(key):
 def test_mount_data():
     assert kmount.mount_data("pg-data.v2_x", 3) == "key=pg-data.v2_x,gp=3"
     assert kmount.mount_data("k1", 2, 30) == "key=k1,gp=2,grace=30"
+    assert kmount.mount_data("k1", 2, 0, 2) == "key=k1,gp=2,format=2"
+    with pytest.raises(kmount.KernelGuardError, match="format 3"):
+        kmount.mount_data("k1", 2, 0, 3)
     with pytest.raises(kmount.KernelGuardError, match="key_grace"):
         kmount.mount_data("k1", 2, -1)
     with pytest.raises(kmount.KernelGuardError, match="id 0"):
@@ -218,18 +222,20 @@ def test_mountinfo_is_read_with_escapes(tmp_path):
 
 def test_matches_reuses_only_the_same_mount():
     g = kmount.KernelGuard(_spec(Path("/srv/d")), 2)
-    assert g.data == "key=k1,gp=2"
+    assert g.data == "key=k1,gp=2,format=2"
 
-    def entry(fstype="takakryptfs", source="/srv/d", opts="rw,key=k1,gp=2"):
+    def entry(fstype="takakryptfs", source="/srv/d", opts="rw,key=k1,gp=2,format=2"):
         return kmount.MountEntry(1, 0, "0:99", "/srv/d", fstype, source, opts)
 
     assert g.matches(entry())
+    assert not g.matches(entry(opts="rw,key=k1,gp=2,format=1"))          # another format
+    assert not g.matches(entry(opts="rw,key=k1,gp=2"))  # a module of before format=
     assert g.matches(entry(source="/srv/d/"))
-    assert not g.matches(entry(opts="rw,key=k2,gp=2"))
-    assert not g.matches(entry(opts="rw,key=k1,gp=3"))
-    assert not g.matches(entry(opts="rw,key=k1"))                      # gp=0: any guard point
-    assert not g.matches(entry(opts="rw,key=k1,gp=2,decide=none"))     # the test-only mode
-    assert g.matches(entry(opts="rw,key=k1,gp=2,decide=agent"))         # the default, shown
+    assert not g.matches(entry(opts="rw,key=k2,gp=2,format=2"))
+    assert not g.matches(entry(opts="rw,key=k1,gp=3,format=2"))
+    assert not g.matches(entry(opts="rw,key=k1,format=2"))             # gp=0: any guard point
+    assert not g.matches(entry(opts="rw,key=k1,gp=2,decide=none,format=2"))  # the test-only mode
+    assert g.matches(entry(opts="rw,key=k1,gp=2,decide=agent,format=2"))  # the default, shown
     assert not g.matches(entry(source="/srv/other"))
     assert not g.matches(entry(fstype="fuse.takakrypt"))
     b = kmount.KernelGuard(_spec(Path("/srv/d"), backing="/srv/store"), 2)

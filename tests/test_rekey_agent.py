@@ -165,18 +165,22 @@ def _header(backing: Path, rel: str) -> fmt.Header:
     return fmt.parse_header((backing / rel).read_bytes()[:fmt.HEADER_SIZE])
 
 
-def test_truncate_to_zero_takes_the_current_version(env):
+@pytest.mark.parametrize("taka", [1, 2])
+def test_truncate_to_zero_takes_the_current_version(env, taka):
     """After a rotation an empty file has no block bound to its header, so a truncate to
-    0 (O_TRUNC, or a size of 0) gives it a new header on the current version at once --
-    also under descriptors held open meanwhile; other truncates keep the file's
-    version (docs/operations.md, "Rotate")."""
+    0 (O_TRUNC, or a size of 0) puts it on the current version at once -- also under
+    descriptors held open meanwhile (docs/operations.md, "Rotate").  A v1 file gets a
+    new header (new file id); a v2 file is moved (same file id, oldest version too).
+    Other truncates keep a v1 file's version; a v2 file's rewritten partial block moves
+    it, its untouched blocks keep theirs (oldest stays)."""
     tmp, gp, backing = env
-    d = Daemon(tmp, _cfg(tmp, gp, backing))
+    d = Daemon(tmp, _cfg(tmp, gp, backing, format=taka))
     try:
         d.wait_for("READY=1")
         for rel in ("otrunc", "setsize", "shrink", "held", "empty"):
             (gp / rel).write_bytes(b"v1 data " * 1000 if rel != "empty" else b"")
         ids = {rel: _header(backing, rel).file_id for rel in ("otrunc", "setsize", "held")}
+        assert {_header(backing, rel).version for rel in ids} == {taka}
         assert _keys(tmp, "rotate", "k1").returncode == 0
         held = open(gp / "held", "rb")  # a reader holding the file across the truncate
         try:
@@ -184,7 +188,7 @@ def test_truncate_to_zero_takes_the_current_version(env):
             os.truncate(gp / "setsize", 0)                        # setattr size 0
             with open(gp / "setsize", "r+b") as f:
                 f.write(b"regrown")
-            os.truncate(gp / "shrink", 5)                         # not to 0: version kept
+            os.truncate(gp / "shrink", 5)                         # not to 0
             with open(gp / "empty", "wb"):                        # O_TRUNC of an empty file
                 pass
             with open(gp / "held", "r+b") as f:
@@ -195,10 +199,16 @@ def test_truncate_to_zero_takes_the_current_version(env):
             held.close()
         for rel in ("otrunc", "setsize", "held", "empty"):
             h = _header(backing, rel)
-            assert h.key_version == 2, (rel, h)
-            if rel in ids:
+            assert (h.key_version, h.oldest_version) == (2, 2), (rel, h)
+            if rel in ids and taka == 1:
                 assert h.file_id != ids[rel], rel  # a new file id: new per-file keys
-        assert _header(backing, "shrink").key_version == 1
+            elif rel in ids:
+                assert h.file_id == ids[rel], rel  # the same file, moved
+        h = _header(backing, "shrink")
+        if taka == 1:
+            assert h.key_version == 1
+        else:  # its last block was rewritten: on 2; the header keeps 1 as the oldest
+            assert (h.key_version, h.oldest_version) == (2, 1)
         assert (gp / "otrunc").read_bytes() == b"rewritten"
         assert (gp / "setsize").read_bytes() == b"regrown"
         assert (gp / "shrink").read_bytes() == b"v1 da"

@@ -50,6 +50,7 @@ cdef extern from "fuse_impl.h" nogil:
         int io_uring
         int io_uring_per_queue
         int read_helpers
+        int format_version
     ctypedef struct tk_fs_stats:
         uint64_t ops[15]
         uint64_t denied
@@ -86,6 +87,7 @@ cdef extern from "fuse_impl.h" nogil:
         uint64_t handover_swaps_finished
         uint64_t header_loads
         uint64_t header_renewals
+        uint64_t version_moves
         uint64_t size_cache_hits
         uint64_t killpriv_v2
         uint64_t suid_kills
@@ -271,7 +273,8 @@ cdef class Mount:
     def __init__(self, mountpoint, backing, key_name, decide, get_key, audit=None, *,
                  int threads=4, size_t cache_entries=0, bint debug=False, ring=None,
                  int ring_timeout_ms=RING_TIMEOUT_MS, double meta_timeout=1.0,
-                 bint io_uring=False, int io_uring_per_queue=0, bint read_helpers=True):
+                 bint io_uring=False, int io_uring_per_queue=0, bint read_helpers=True,
+                 int format_version=1):
         cdef tk_fs_config cfg
         cdef tk_callbacks cb
         cdef char err[512]
@@ -312,6 +315,9 @@ cdef class Mount:
         cfg.io_uring = io_uring
         cfg.io_uring_per_queue = io_uring_per_queue
         cfg.read_helpers = read_helpers
+        if format_version not in (1, 2):
+            raise ValueError(f"format_version must be 1 or 2, got {format_version}")
+        cfg.format_version = format_version
         cb.ctx = <void *>self
         cb.decide = NULL  # no callback: rename/link (the only ring actions it serves) deny
         if decide is not None:
@@ -509,6 +515,7 @@ cdef class Mount:
             "handover_swaps_finished": s.handover_swaps_finished,
             "header_loads": s.header_loads,
             "header_renewals": s.header_renewals,
+            "version_moves": s.version_moves,
             "size_cache_hits": s.size_cache_hits,
             "killpriv_v2": s.killpriv_v2,
             "suid_kills": s.suid_kills,

@@ -124,6 +124,9 @@ typedef struct {
     /* 1: large reads are read and decrypted by helper threads pinned to the other CPUs
      * (fuse_split.c, docs/guard-points.md "Large reads on the other CPUs") */
     int read_helpers;
+    /* TAKA format of files this engine creates: 1 or 2 (docs/file-format.md,
+     * "Version 2"); every file of either version is read and written */
+    int format_version;
 } tk_fs_config;
 
 /* Counters; a snapshot taken with relaxed atomics. */
@@ -166,6 +169,8 @@ typedef struct {
     uint64_t header_loads;         /* TAKA headers read and verified */
     uint64_t header_renewals;      /* truncates to 0 that gave a file a new header (the
                                     * key's current version): tk_taka_truncate0 */
+    uint64_t version_moves;        /* TAKA v2 files moved to their key's current version
+                                    * by a write (docs/file-format.md, "Version 2") */
     uint64_t size_cache_hits;      /* stats answered from remembered header sizes */
     uint64_t killpriv_v2;          /* 1: FUSE_HANDLE_KILLPRIV_V2 negotiated (gauge) */
     uint64_t suid_kills;           /* setuid/setgid bits cleared for a write/truncate/open */

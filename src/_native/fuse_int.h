@@ -37,18 +37,34 @@
  * i_size and mmap never mix plaintext and raw bytes. */
 enum { TK_VIEW_PLAIN = 0, TK_VIEW_RAW = 1, TK_NVIEWS = 2 };
 
+/* TAKA v2 (docs/file-format.md, "Version 2"): the handles of a file's other key
+ * versions, made on first use.  Readers (shared lock) add entries under a global mutex
+ * and publish them with a release store of nvers; the exclusive lock holder may also. */
+#define TK_TAKA_VERS 8
+typedef struct {
+    uint32_t ver;
+    tk_gcm *gcm;
+} tk_vgcm;
+
 /* Per backing inode TAKA state: valid under the inode's lock (rwlock). */
 typedef struct {
     int state;                    /* 0 unknown, 1 loaded+verified, -errno load failed */
     uint64_t epoch;               /* fs->taka_epoch when loaded (invalidate() bumps it) */
     uint8_t hdr[TK_HDR_SIZE];
+    uint8_t aad[TK_HDR_STATIC];   /* every block's AAD prefix: hdr[0..96), in v2 with the
+                                   * write version (hdr[12..16)) zeroed */
     uint64_t size;                /* plaintext size (mirror of hdr[96..104)) */
     uint32_t bs;
-    tk_gcm *gcm;                  /* secure memory (secmem.h), as is mac_key */
-    uint8_t *mac_key;             /* 32 bytes, NULL until keys_from() */
+    uint8_t fmtv;                 /* format version: 1 or 2 */
+    uint32_t wver;                /* key version new blocks use (hdr[12..16)) */
+    uint32_t oldest;              /* v2: lowest block version (hdr[108..112)); v1: wver */
+    tk_gcm *gcm;                  /* wver's; secure memory (secmem.h), as is mac_key */
+    uint8_t *mac_key;             /* 32 bytes (wver's), NULL until keys_from() */
+    tk_vgcm vers[TK_TAKA_VERS];   /* v2: other versions met (see above) */
+    uint32_t nvers;
     int phys_ok;                  /* 1: the stored length is exactly what `size` implies
                                    * (we wrote or cut it so): no stale tail to look for */
-    uint64_t enc_used;            /* block encryptions counted, <= the lease in hdr[104..112) */
+    uint64_t enc_used;            /* block encryptions counted, <= the lease in the header */
 } tk_taka;
 
 struct tk_inode;
@@ -570,10 +586,21 @@ int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size,
  * takes a new header -- new file id, the current version -- at once.  Under ino->lock. */
 int tk_taka_truncate0(tk_fs *fs, tk_inode *ino, int fd, uint64_t *bad);
 uint64_t tk_taka_stored_size(uint64_t plain, uint32_t bs);
-/* A new file's state (not on disk): header with a fresh random file id, key `name` at
- * `version`, block size bs, size 0; per-file keys from the data key. */
+/* A new file's state (not on disk): format fmtv (1 or 2), header with a fresh random
+ * file id, key `name` at `version`, block size bs, size 0; per-file keys from the data
+ * key. */
 int tk_taka_init_new(tk_taka *t, const char *name, uint32_t version, const uint8_t key[32],
-                     uint32_t bs);
+                     uint32_t bs, int fmtv);
+/* Stored blocks first.. (len bytes) into out with the handle of each block's key
+ * version (v2; v1: the one handle).  TK_OK, TK_ERR_AUTH (also: a v2 block version
+ * outside the header's range), TK_ERR_SHORT_BLOCK, TK_ERR_CRYPTO, or TK_TAKA_NOKEY (a
+ * block's version has no key here); *badrel = the failing block, relative. */
+#define TK_TAKA_NOKEY (-100)
+int tk_taka_decrypt(tk_fs *fs, tk_taka *t, const uint8_t *raw, size_t len, uint8_t *out,
+                    uint64_t first, size_t *written, uint64_t *badrel);  /* any lock */
+/* Seal plaintext blocks first.. under t's write version into out. */
+int tk_taka_encrypt(const tk_taka *t, const uint8_t *plain, size_t len, uint8_t *out,
+                    uint64_t first);
 /* Write t's header with size t->size and the encryption count `encryptions`. */
 int tk_taka_put_header(tk_taka *t, int fd, uint64_t encryptions);
 /* Decrypt blocks first..last (all below size) into out; *outlen = plaintext bytes. */

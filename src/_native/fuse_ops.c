@@ -182,6 +182,27 @@ static int ensure_loaded(tk_fs *fs, fuse_req_t req, tk_inode *ino, int fd) {
     return rc;
 }
 
+static void integrity_fail(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *act,
+                           uint64_t bad) {
+    char d[96];
+    snprintf(d, sizeof d, "block %llu failed authentication", (unsigned long long)bad);
+    tk_audit_integrity(fs, req, ino, act, d);
+}
+
+/* -EBADMSG or -ENOKEY (a TAKA v2 block whose key version is unavailable) from the data
+ * path: the audit event that goes with the EIO. */
+static void data_fail(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *act, int rc,
+                      uint64_t bad) {
+    if (rc == -EBADMSG) {
+        integrity_fail(fs, req, ino, act, bad);
+    } else if (rc == -ENOKEY) {
+        char d[96];
+        snprintf(d, sizeof d, "the key version of block %llu is unavailable",
+                 (unsigned long long)bad);
+        tk_audit_integrity(fs, req, ino, act, d);
+    }
+}
+
 /* ---- plaintext sizes without header reads ---------------------------------------------
  * A stat shows the plaintext size from the file's authenticated header.  Once a header
  * was verified, its size is remembered under the backing file's (dev, ino, stored
@@ -632,11 +653,7 @@ static int truncate_node(tk_fs *fs, fuse_req_t req, tk_inode *ino, int view, tk_
             tk_rk_changed(ino, old, 0, 0, ino->taka.size);
             if (size != ino->taka.size) tk_rk_changed(ino, old, 0, 0, size);
         }
-        if (rc == -EBADMSG) {
-            char d[96];
-            snprintf(d, sizeof d, "block %llu failed authentication", (unsigned long long)bad);
-            tk_audit_integrity(fs, req, ino, "truncate", d);
-        }
+        data_fail(fs, req, ino, "truncate", rc, bad);
     } else {
         if (ftruncate(fd, (off_t)size) < 0) rc = -errno;
         tk_rk_raw(ino);
@@ -1164,13 +1181,6 @@ static void op_create(fuse_req_t req, fuse_ino_t parent_id, const char *name, mo
  * kernel's writeback of a shared mapping).  Asking per request could not be kept
  * anyway: a read answered from the page cache, an mmap'ed page and a store into a
  * shared mapping never reach us. */
-static void integrity_fail(tk_fs *fs, fuse_req_t req, tk_inode *ino, const char *act,
-                           uint64_t bad) {
-    char d[96];
-    snprintf(d, sizeof d, "block %llu failed authentication", (unsigned long long)bad);
-    tk_audit_integrity(fs, req, ino, act, d);
-}
-
 /* ---- read prefetch --------------------------------------------------------------------
  * The kernel reads a guard point's file ahead in requests of up to 1 MiB (readahead
  * 2 MiB, guard.py), but each request's pread of the backing file only gets the backing
@@ -1245,7 +1255,7 @@ static void op_read(fuse_req_t req, fuse_ino_t nodeid, size_t size, off_t off,
             n = tk_taka_read(fs, &ino->taka, fh->fd, buf, size, (uint64_t)off, &bad, &hint);
         }
         pthread_rwlock_unlock(&ino->lock);
-        if (n == -EBADMSG) integrity_fail(fs, req, ino, "read", bad);
+        data_fail(fs, req, ino, "read", (int)n, bad);
     }
     if (n < 0) reply_rc(req, (int)n);
     else fuse_reply_buf(req, buf, (size_t)n);
@@ -1300,7 +1310,7 @@ static void op_write(fuse_req_t req, fuse_ino_t nodeid, const char *buf, size_t 
         tk_rk_changed(ino, old, at, size, ino->taka.size);  /* also after a failure */
     }
     pthread_rwlock_unlock(&ino->lock);
-    if (rc == -EBADMSG) integrity_fail(fs, req, ino, "write", bad);
+    data_fail(fs, req, ino, "write", rc, bad);
     if (rc) reply_rc(req, rc);
     else {
         /* before the reply: once it is sent a RELEASE may free fh (and the inode) */
@@ -1374,7 +1384,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t nodeid, int mode, off_t off,
         }
     }
     pthread_rwlock_unlock(&ino->lock);
-    if (rc == -EBADMSG) integrity_fail(fs, req, ino, "write", bad);
+    data_fail(fs, req, ino, "write", rc, bad);
     if (rc == 0) inval_other_view(fs, ino, fh->view);
     reply_rc(req, rc);
 }

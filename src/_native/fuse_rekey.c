@@ -152,7 +152,9 @@ typedef struct rk_ctx {
     char tmpname[RK_TEMP_NAME_MAX];
     const char *base;
     tk_taka nt;           /* the new file's state */
-    uint8_t hdr0[TK_HDR_STATIC];  /* the original's static header */
+    uint8_t hdr0[TK_HDR_STATIC];  /* the original's static header: its blocks' AAD
+                                   * prefix (v2: without the write version, which a
+                                   * writer may move meanwhile) */
     uint32_t bs;
     uint64_t sbs, cap;    /* stored block size; blocks per chunk */
     uint64_t tmp_hw;      /* blocks below this may hold data in the temp */
@@ -239,17 +241,16 @@ static int read_blocks(rk_ctx *c, tk_taka *t, uint64_t size, uint64_t a, uint64_
     /* all but the last block of the range, then the last one: if it is the file's last
      * block it may be stored longer (a crash inside a growing write) */
     if (b - 1 > a)
-        st = tk_gcm_decrypt(t->gcm, c->raw, (size_t)((b - 1 - a) * sbs), c->plain, t->hdr,
-                            TK_HDR_STATIC, a, 1, &w, &badrel);
+        st = tk_taka_decrypt(c->fs, t, c->raw, (size_t)((b - 1 - a) * sbs), c->plain, a, &w,
+                             &badrel);
     if (st == TK_OK) {
         size_t at = (size_t)((b - 1 - a) * sbs);
         uint8_t *dst = c->plain + (b - 1 - a) * bs;
-        st = tk_gcm_decrypt(t->gcm, c->raw + at, (size_t)(last_plain + OVH), dst, t->hdr,
-                            TK_HDR_STATIC, b - 1, 1, &w, &badrel);
+        st = tk_taka_decrypt(c->fs, t, c->raw + at, (size_t)(last_plain + OVH), dst, b - 1,
+                             &w, &badrel);
         if (st == TK_ERR_AUTH && b == nblk && (size_t)n > need) {
             size_t longer = (size_t)n - at < sbs ? (size_t)n - at : (size_t)sbs;
-            st = tk_gcm_decrypt(t->gcm, c->raw + at, longer, c->out, t->hdr, TK_HDR_STATIC,
-                                b - 1, 1, &w, &badrel);
+            st = tk_taka_decrypt(c->fs, t, c->raw + at, longer, c->out, b - 1, &w, &badrel);
             if (st == TK_OK) memcpy(dst, c->out, (size_t)last_plain);
             OPENSSL_cleanse(c->out, (size_t)bs);
         }
@@ -257,7 +258,8 @@ static int read_blocks(rk_ctx *c, tk_taka *t, uint64_t size, uint64_t a, uint64_
     }
     if (st != TK_OK) {
         c->bad = a + badrel;
-        return st == TK_ERR_AUTH || st == TK_ERR_SHORT_BLOCK ? -EBADMSG : -EIO;
+        return st == TK_ERR_AUTH || st == TK_ERR_SHORT_BLOCK ? -EBADMSG
+               : st == TK_TAKA_NOKEY ? -ENOKEY : -EIO;
     }
     return 0;
 }
@@ -285,8 +287,7 @@ static int write_blocks(rk_ctx *c, uint64_t size, uint64_t a, uint64_t b) {
                 c->written += zlen;
             }
         } else {
-            if (tk_gcm_encrypt(c->nt.gcm, c->plain + (k - a) * bs, plen, c->out, c->nt.hdr,
-                               TK_HDR_STATIC, k, NULL) != TK_OK)
+            if (tk_taka_encrypt(&c->nt, c->plain + (k - a) * bs, plen, c->out, k) != TK_OK)
                 return -EIO;
             rc = tk_pwrite_full(c->tfd, c->out, slen, boff(c, k));
             c->enc += r - k;
@@ -330,7 +331,7 @@ static int ensure_state(rk_ctx *c, int *outcome) {
         int rc = tk_taka_load(c->fs, ino, c->rfd);
         if (rc) return rc;
     }
-    if (memcmp(ino->taka.hdr, c->hdr0, TK_HDR_STATIC) != 0) {
+    if (memcmp(ino->taka.aad, c->hdr0, TK_HDR_STATIC) != 0) {
         *outcome = TK_REKEY_BUSY;  /* restored through the raw view meanwhile */
         return 1;
     }
@@ -368,7 +369,7 @@ static int copy_loop(rk_ctx *c, int *outcome) {
         if (interrupted(c->fs, outcome)) return 0;
         pthread_rwlock_rdlock(&ino->lock);
         if (!tk_taka_valid(c->fs, &ino->taka) ||
-            memcmp(ino->taka.hdr, c->hdr0, TK_HDR_STATIC) != 0) {
+            memcmp(ino->taka.aad, c->hdr0, TK_HDR_STATIC) != 0) {
             pthread_rwlock_unlock(&ino->lock);
             pthread_rwlock_wrlock(&ino->lock);
             int rc = ensure_state(c, outcome);
@@ -766,7 +767,7 @@ static int rekey_one(tk_fs *fs, const char *relpath, uint32_t version, uint64_t 
 
     /* the original: its header verified (its key got) under the write lock */
     char name[TK_KEYID_MAX + 1];
-    uint32_t fver;
+    uint32_t fver = 0;
     pthread_rwlock_wrlock(&ino->lock);
     if (ino->rk) {
         *outcome = TK_REKEY_BUSY;  /* another rekey of it runs */
@@ -784,8 +785,10 @@ static int rekey_one(tk_fs *fs, const char *relpath, uint32_t version, uint64_t 
         }
         if (rc == 0 && !tk_taka_valid(fs, &ino->taka)) rc = tk_taka_load(fs, ino, c->rfd);
         if (rc == 0) {
-            memcpy(c->hdr0, ino->taka.hdr, TK_HDR_STATIC);
+            memcpy(c->hdr0, ino->taka.aad, TK_HDR_STATIC);
             c->bs = ino->taka.bs;
+            /* the oldest version any block may have: v1's one version, v2's lower end */
+            fver = ino->taka.oldest;
         }
     }
     pthread_rwlock_unlock(&ino->lock);
@@ -806,8 +809,6 @@ static int rekey_one(tk_fs *fs, const char *relpath, uint32_t version, uint64_t 
     if (rc || *outcome != TK_REKEY_DONE) goto done;
     memcpy(name, c->hdr0 + 33, c->hdr0[32]);
     name[c->hdr0[32]] = 0;
-    fver = (uint32_t)c->hdr0[12] | (uint32_t)c->hdr0[13] << 8 | (uint32_t)c->hdr0[14] << 16 |
-           (uint32_t)c->hdr0[15] << 24;
 
     /* the target key; already there (or newer): nothing to do */
     uint8_t key[32];
@@ -825,7 +826,10 @@ static int rekey_one(tk_fs *fs, const char *relpath, uint32_t version, uint64_t 
         *outcome = TK_REKEY_CURRENT;
         goto done;
     }
-    rc = tk_taka_init_new(&c->nt, name, tver, key, c->bs);
+    /* the copy is made in the guard point's format (a v1 file becomes v2 under
+     * format 2: docs/file-format.md, "Version 2") */
+    rc = tk_taka_init_new(&c->nt, name, tver, key, c->bs,
+                          fs->cfg.format_version == 2 ? 2 : 1);
     OPENSSL_cleanse(key, sizeof key);
     if (rc) goto done;
 

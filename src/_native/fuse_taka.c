@@ -1,5 +1,5 @@
 /*
- * fuse_taka.c -- TAKA v1 random-access file I/O in C (docs/file-format.md).
+ * fuse_taka.c -- TAKA random-access file I/O in C (docs/file-format.md), v1 and v2.
  *
  * The same rules as src/takakrypt/cryptofile.py (the reference; tests cross-check the
  * two both ways): blocks touched by a write are re-encrypted whole with fresh nonces,
@@ -8,6 +8,11 @@
  * header first, and a last block stored longer than the size implies (a crash in
  * the middle of a growing write) is accepted at its longer length.
  *
+ * Version 2 files give each block its key version: reads open a block with its
+ * version's handle (made on first use), writes seal under the header's write version,
+ * and a writer moves a file whose write version is older than its key's current one
+ * before the first block it seals (reserve(): one header write).
+ *
  * Integrity failures return -EBADMSG (the caller maps them to EIO plus an audit
  * event) with the absolute block index in *bad_block (UINT64_MAX = the header).
  * Callers hold the inode's lock: shared for reads, exclusive for everything else.
@@ -15,6 +20,7 @@
 #include "fuse_int.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +36,9 @@
 
 #define OVH TK_GCM_OVERHEAD
 static const char HKDF_INFO[] = "takakrypt/v1 file keys";
+static const char HKDF_INFO_V2[] = "takakrypt/v2 file keys";
+/* adds to any tk_taka's table of version handles (readers hold only a shared lock) */
+static pthread_mutex_t g_vers_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static void put_le32(uint8_t *p, uint32_t v) {
     for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
@@ -92,8 +101,9 @@ static int trunc_to(int fd, uint64_t size) {
     return ftruncate(fd, (off_t)size) < 0 ? -errno : 0;
 }
 
-/* okm = HKDF-SHA256(data key, salt = file id, info, 64). */
-static int derive(const uint8_t key[32], const uint8_t fid[16], uint8_t okm[64]) {
+/* okm = HKDF-SHA256(data key, salt = file id, info of format fmtv, 64). */
+static int derive(const uint8_t key[32], const uint8_t fid[16], int fmtv, uint8_t okm[64]) {
+    const char *info = fmtv == 2 ? HKDF_INFO_V2 : HKDF_INFO;
     int ok = 0;
     EVP_KDF *kdf = EVP_KDF_fetch(NULL, "HKDF", NULL);
     EVP_KDF_CTX *kctx = kdf ? EVP_KDF_CTX_new(kdf) : NULL;
@@ -104,8 +114,8 @@ static int derive(const uint8_t key[32], const uint8_t fid[16], uint8_t okm[64])
         p[0] = OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_DIGEST, (char *)"SHA256", 0);
         p[1] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_KEY, (void *)key, 32);
         p[2] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SALT, (void *)fid, 16);
-        p[3] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_INFO, (void *)HKDF_INFO,
-                                                 sizeof HKDF_INFO - 1);
+        p[3] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_INFO, (void *)info,
+                                                 strlen(info));
         p[4] = OSSL_PARAM_construct_end();
         ok = EVP_KDF_derive(kctx, okm, 64, p) == 1;
     }
@@ -131,26 +141,137 @@ static tk_engine pick_engine(void) {
 }
 
 void tk_taka_reset(tk_taka *t) {
+    for (uint32_t i = 0; i < t->nvers; i++) tk_gcm_free(t->vers[i].gcm);
     tk_gcm_free(t->gcm);
     tk_secmem_free(t->mac_key);  /* zeroes it */
     memset(t, 0, sizeof *t);
 }
 
-/* Set up gcm + mac key for the header in t->hdr from the data key; both live in
- * secure memory (locked, not dumped, wiped on free). */
-static int keys_from(tk_taka *t, const uint8_t key[32]) {
+/* The blocks' AAD prefix and the fields mirrored from the header. */
+static void set_fields(tk_taka *t) {
+    memcpy(t->aad, t->hdr, TK_HDR_STATIC);
+    t->fmtv = t->hdr[4];
+    t->wver = get_le32(t->hdr + 12);
+    t->oldest = t->fmtv == 2 ? get_le32(t->hdr + 108) : t->wver;
+    if (t->fmtv == 2) memset(t->aad + 12, 0, 4);
+}
+
+/* A block handle for version `ver` of t's file (v2: sealing/opening blocks of that
+ * version; v1: ver is ignored), and the header MAC key if mac != NULL. */
+static int file_keys(const tk_taka *t, const uint8_t key[32], uint32_t ver, tk_gcm **gcm,
+                     uint8_t **mac) {
     uint8_t okm[64];
-    int status = 0, rc = derive(key, t->hdr + 16, okm);
+    int status = 0, rc = derive(key, t->hdr + 16, t->fmtv, okm);
     if (rc == 0) {
-        t->gcm = tk_gcm_new(okm, t->bs, pick_engine(), &status);
-        t->mac_key = tk_secmem_alloc(32);
-        if (t->mac_key) memcpy(t->mac_key, okm + 32, 32);
-        if (!t->gcm) rc = status == TK_ERR_NOMEM ? -ENOMEM : -EIO;
-        else if (!t->mac_key) rc = -ENOMEM;
+        *gcm = tk_gcm_new_versioned(okm, t->bs, pick_engine(), t->fmtv == 2 ? ver : 0,
+                                    &status);
+        if (!*gcm) rc = status == TK_ERR_NOMEM ? -ENOMEM : -EIO;
+        if (rc == 0 && mac) {
+            *mac = tk_secmem_alloc(32);
+            if (*mac) memcpy(*mac, okm + 32, 32);
+            else rc = -ENOMEM;
+        }
     }
     OPENSSL_cleanse(okm, sizeof okm);
     tk_secmem_zero_registers();  /* SHA-256 state = okm: never spilled to a stack later */
     return rc;
+}
+
+/* Set up gcm + mac key for the header in t->hdr (its write version) from the data key;
+ * both live in secure memory (locked, not dumped, wiped on free). */
+static int keys_from(tk_taka *t, const uint8_t key[32]) {
+    set_fields(t);
+    return file_keys(t, key, t->wver, &t->gcm, &t->mac_key);
+}
+
+/* The handle of block version v (v2), made on first use; NULL and *rc: unavailable
+ * (TK_TAKA_NOKEY, or TK_ERR_AUTH for a version outside the header's range).  When the
+ * table is full, *tmp = 1: the caller frees the handle after use. */
+static tk_gcm *version_gcm(tk_fs *fs, tk_taka *t, uint32_t v, int *tmp, int *rc) {
+    *tmp = 0;
+    if (v < t->oldest || v > t->wver) {
+        *rc = TK_ERR_AUTH;
+        return NULL;
+    }
+    if (v == t->wver) return t->gcm;
+    uint32_t n = __atomic_load_n(&t->nvers, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < n; i++)
+        if (t->vers[i].ver == v) return t->vers[i].gcm;
+    char name[TK_KEYID_MAX + 1];
+    uint8_t key[32];
+    uint32_t got = 0;
+    tk_gcm *g = NULL;
+    memcpy(name, t->hdr + 33, t->hdr[32]);
+    name[t->hdr[32]] = 0;
+    /* the key fetch and the derivation outside the mutex (a fetch may wait for the
+     * agent); a racing reader that added the same version first wins */
+    if (tk_key_get(fs, name, v, &got, key) != 0) {
+        *rc = TK_TAKA_NOKEY;
+        return NULL;
+    }
+    int r = file_keys(t, key, v, &g, NULL);
+    OPENSSL_cleanse(key, sizeof key);
+    if (r) {
+        *rc = TK_ERR_CRYPTO;
+        return NULL;
+    }
+    pthread_mutex_lock(&g_vers_mu);
+    n = t->nvers;
+    for (uint32_t i = 0; i < n; i++) {
+        if (t->vers[i].ver == v) {
+            tk_gcm *have = t->vers[i].gcm;
+            pthread_mutex_unlock(&g_vers_mu);
+            tk_gcm_free(g);
+            return have;
+        }
+    }
+    if (n < TK_TAKA_VERS) {
+        t->vers[n].ver = v;
+        t->vers[n].gcm = g;
+        __atomic_store_n(&t->nvers, n + 1, __ATOMIC_RELEASE);
+    } else {
+        *tmp = 1;
+    }
+    pthread_mutex_unlock(&g_vers_mu);
+    return g;
+}
+
+int tk_taka_decrypt(tk_fs *fs, tk_taka *t, const uint8_t *raw, size_t len, uint8_t *out,
+                    uint64_t first, size_t *written, uint64_t *badrel) {
+    const size_t bs = t->bs, sbs = bs + OVH;
+    *written = 0;
+    if (t->fmtv != 2)
+        return tk_gcm_decrypt(t->gcm, raw, len, out, t->aad, TK_HDR_STATIC, first, 1, written,
+                              badrel);
+    tk_gcm *g = t->gcm;
+    int tmp = 0;
+    uint64_t done = 0;  /* blocks decrypted before the current run */
+    for (;;) {
+        size_t w = 0;
+        uint64_t br = 0;
+        int st = tk_gcm_decrypt(g, raw + done * sbs, len - done * sbs, out + done * bs,
+                                t->aad, TK_HDR_STATIC, first + done, 1, &w, &br);
+        if (tmp) tk_gcm_free(g);
+        tmp = 0;
+        if (st != TK_ERR_VERSION) {
+            *badrel = done + br;
+            if (st == TK_OK) *written = done * bs + w;
+            return st;
+        }
+        done += br;
+        size_t so = done * sbs, sl = len - so < sbs ? len - so : sbs;
+        int rc = TK_OK;
+        g = version_gcm(fs, t, get_le32(raw + so + sl - 4), &tmp, &rc);
+        if (!g) {
+            *badrel = done;
+            return rc;
+        }
+    }
+}
+
+int tk_taka_encrypt(const tk_taka *t, const uint8_t *plain, size_t len, uint8_t *out,
+                    uint64_t first) {
+    return tk_gcm_encrypt(t->gcm, plain, len, out, t->aad, TK_HDR_STATIC, first, NULL);
 }
 
 /* The keystore's key name rule (docs/keys.md): [A-Za-z0-9_][A-Za-z0-9._-]*. */
@@ -163,7 +284,7 @@ static int key_char_ok(uint8_t c, int first) {
 /* Parse the static/dynamic fields; -EBADMSG for anything malformed (fail closed). */
 static int parse(tk_taka *t, char name[TK_KEYID_MAX + 1], uint32_t *kver) {
     const uint8_t *h = t->hdr;
-    if (memcmp(h, "TAKA", 4) != 0 || h[4] != 1 || h[5] != 1 || h[6] || h[7])
+    if (memcmp(h, "TAKA", 4) != 0 || (h[4] != 1 && h[4] != 2) || h[5] != 1 || h[6] || h[7])
         return -EBADMSG;
     uint32_t bs = get_le32(h + 8);
     if (!tk_gcm_block_size_ok(bs)) return -EBADMSG;
@@ -176,14 +297,24 @@ static int parse(tk_taka *t, char name[TK_KEYID_MAX + 1], uint32_t *kver) {
     }
     uint64_t size = get_le64(h + 96);
     if (size > TK_MAX_PLAIN) return -EBADMSG;
+    if (h[4] == 2 && (get_le32(h + 108) == 0 || get_le32(h + 108) > *kver)) return -EBADMSG;
     memcpy(name, h + 33, klen);
     name[klen] = 0;
     t->bs = bs;
     t->size = size;
     /* the lease may have been used up before a crash or by another opener: count it
      * all as used (conservative), the next encryption takes a new one */
-    t->enc_used = get_le64(h + 104);
+    t->enc_used = h[4] == 2 ? get_le32(h + 104) : get_le64(h + 104);
     return 0;
+}
+
+/* The lease of encryptions in the header: u64 in v1, u32 under the write version in v2. */
+static uint64_t get_lease(const tk_taka *t) {
+    return t->fmtv == 2 ? get_le32(t->hdr + 104) : get_le64(t->hdr + 104);
+}
+static void put_lease(tk_taka *t, uint64_t n) {
+    if (t->fmtv == 2) put_le32(t->hdr + 104, (uint32_t)n);  /* n <= the hard limit < 2^32 */
+    else put_le64(t->hdr + 104, n);
 }
 
 int tk_taka_load(tk_fs *fs, tk_inode *ino, int fd) {
@@ -226,6 +357,10 @@ int tk_taka_valid(tk_fs *fs, const tk_taka *t) {
 
 static int write_header(tk_taka *t, int fd) {
     put_le64(t->hdr + 96, t->size);
+    if (t->fmtv == 2) {
+        put_le32(t->hdr + 12, t->wver);
+        put_le32(t->hdr + 108, t->oldest);
+    }
     int rc = header_tag(t->mac_key, t->hdr, t->hdr + TK_HDR_TAGOFF);
     return rc ? rc : tk_pwrite_full(fd, t->hdr, TK_HDR_SIZE, 0);
 }
@@ -256,8 +391,70 @@ static void nonce_limits(uint64_t *chunk, uint64_t *soft, uint64_t *hard) {
 #endif
 }
 
+/* v2: the current version of the guard point's key, if it is the file's key and newer
+ * than the file's write version: blocks sealed from now on use it (docs/file-format.md,
+ * "Version 2", writers).  One header write (new write version, a fresh lease under the
+ * new file key) before any block of the new version; the old write version's handle
+ * joins the table, so its blocks stay readable.  Under the write lock. */
+static int move_version(tk_fs *fs, tk_taka *t, int fd) {
+    const size_t klen = strlen(fs->key_name);
+    if (t->fmtv != 2 || t->hdr[32] != klen || memcmp(t->hdr + 33, fs->key_name, klen) != 0)
+        return 0;
+    pthread_mutex_lock(&fs->key_mu);
+    uint32_t cur = fs->current_version;
+    pthread_mutex_unlock(&fs->key_mu);
+    uint8_t key[32];
+    if (cur == 0 && tk_key_get(fs, fs->key_name, 0, &cur, key) == 0)
+        OPENSSL_cleanse(key, sizeof key);
+    if (cur <= t->wver) return 0;
+    uint32_t got = 0;
+    tk_gcm *g = NULL;
+    uint8_t *mac = NULL;
+    if (tk_key_get(fs, fs->key_name, cur, &got, key) != 0) return 0;  /* stays as it is */
+    int rc = file_keys(t, key, cur, &g, &mac);
+    OPENSSL_cleanse(key, sizeof key);
+    if (rc) {
+        tk_gcm_free(g);
+        tk_secmem_free(mac);
+        return rc;
+    }
+    uint64_t chunk, soft, hard;
+    nonce_limits(&chunk, &soft, &hard);
+    tk_taka o = *t;  /* what to put back if the header write fails */
+    t->wver = cur;
+    if (t->size == 0) t->oldest = cur;
+    t->gcm = g;
+    t->mac_key = mac;
+    put_lease(t, chunk);
+    rc = write_header(t, fd);
+    if (rc) {
+        memcpy(t->hdr, o.hdr, TK_HDR_SIZE);
+        t->wver = o.wver;
+        t->oldest = o.oldest;
+        t->gcm = o.gcm;
+        t->mac_key = o.mac_key;
+        tk_gcm_free(g);
+        tk_secmem_free(mac);
+        return rc;
+    }
+    tk_secmem_free(o.mac_key);
+    t->enc_used = 0;
+    /* the old write version's handle: into the table (no reader holds the lock) */
+    if (t->nvers < TK_TAKA_VERS) {
+        t->vers[t->nvers].ver = o.wver;
+        t->vers[t->nvers].gcm = o.gcm;
+        __atomic_store_n(&t->nvers, t->nvers + 1, __ATOMIC_RELEASE);
+    } else {
+        tk_gcm_free(o.gcm);  /* made again on use */
+    }
+    TK_INC(fs, version_moves, 1);
+    return 0;
+}
+
 static int reserve(tk_fs *fs, tk_taka *t, int fd, uint64_t n) {
-    uint64_t chunk, soft, hard, lease = get_le64(t->hdr + 104);
+    int mrc = move_version(fs, t, fd);
+    if (mrc) return mrc;
+    uint64_t chunk, soft, hard, lease = get_lease(t);
     if (n <= lease && t->enc_used <= lease - n) {
         t->enc_used += n;
         return 0;
@@ -269,10 +466,10 @@ static int reserve(tk_fs *fs, tk_taka *t, int fd, uint64_t n) {
     }
     uint64_t want = t->enc_used + n + chunk;
     if (want > hard) want = hard;
-    put_le64(t->hdr + 104, want);
+    put_lease(t, want);
     int rc = write_header(t, fd);
     if (rc) {
-        put_le64(t->hdr + 104, lease);
+        put_lease(t, lease);
         return rc;
     }
     if (want > soft) TK_INC(fs, nonce_lease_warnings, 1);
@@ -290,19 +487,20 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
     size_t klen = strlen(fs->key_name);
     uint8_t *h = t->hdr;
     memcpy(h, "TAKA", 4);
-    h[4] = 1;
+    h[4] = fs->cfg.format_version == 2 ? 2 : 1;
     h[5] = 1;
     t->bs = 4096;
     put_le32(h + 8, t->bs);
     put_le32(h + 12, ver);
+    if (h[4] == 2) put_le32(h + 108, ver);  /* oldest version */
     if (getrandom(h + 16, 16, 0) != 16) rc = -EIO;
     h[32] = (uint8_t)klen;
     memcpy(h + 33, fs->key_name, klen);
     t->size = 0;
     uint64_t chunk, soft, hard;
     nonce_limits(&chunk, &soft, &hard);
-    put_le64(h + 104, chunk);  /* the first lease, in the header written anyway */
     if (rc == 0) rc = keys_from(t, key);
+    put_lease(t, chunk);  /* the first lease, in the header written anyway */
     OPENSSL_cleanse(key, sizeof key);
     /* a new file is empty: truncating it anyway would make ext4 flush it on close
      * (auto_da_alloc), one synchronous writeback start per created file */
@@ -320,18 +518,20 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
 }
 
 int tk_taka_init_new(tk_taka *t, const char *name, uint32_t version, const uint8_t key[32],
-                     uint32_t bs) {
+                     uint32_t bs, int fmtv) {
     size_t klen = strlen(name);
     tk_taka_reset(t);
-    if (klen < 1 || klen > TK_KEYID_MAX || !tk_gcm_block_size_ok(bs) || version == 0)
+    if (klen < 1 || klen > TK_KEYID_MAX || !tk_gcm_block_size_ok(bs) || version == 0 ||
+        (fmtv != 1 && fmtv != 2))
         return -EINVAL;
     uint8_t *h = t->hdr;
     memcpy(h, "TAKA", 4);
-    h[4] = 1;
+    h[4] = (uint8_t)fmtv;
     h[5] = 1;
     t->bs = bs;
     put_le32(h + 8, bs);
     put_le32(h + 12, version);
+    if (fmtv == 2) put_le32(h + 108, version);
     if (getrandom(h + 16, 16, 0) != 16) return -EIO;
     h[32] = (uint8_t)klen;
     memcpy(h + 33, name, klen);
@@ -346,7 +546,7 @@ int tk_taka_init_new(tk_taka *t, const char *name, uint32_t version, const uint8
 }
 
 int tk_taka_put_header(tk_taka *t, int fd, uint64_t encryptions) {
-    put_le64(t->hdr + 104, encryptions);
+    put_lease(t, encryptions);
     return write_header(t, fd);
 }
 
@@ -383,8 +583,7 @@ int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t f
     } else {
         size_t w = 0;
         uint64_t badrel = 0;
-        int st = tk_gcm_decrypt(t->gcm, raw, need, out, t->hdr, TK_HDR_STATIC, first, 1,
-                                &w, &badrel);
+        int st = tk_taka_decrypt(fs, t, raw, need, out, first, &w, &badrel);
         if (st == TK_ERR_AUTH && badrel == nfull && (size_t)n > need) {
             /* After a crash inside a growing write the last block may be stored at
              * its longer (new) length: that is its only other valid form. */
@@ -392,8 +591,9 @@ int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t f
             if (!tmp) {
                 rc = -ENOMEM;
             } else {
-                st = tk_gcm_decrypt(t->gcm, raw + nfull * sbs, (size_t)n - nfull * sbs, tmp,
-                                    t->hdr, TK_HDR_STATIC, last, 1, &w, &badrel);
+                size_t longer = (size_t)n - nfull * sbs < sbs ? (size_t)n - nfull * sbs
+                                                                : (size_t)sbs;
+                st = tk_taka_decrypt(fs, t, raw + nfull * sbs, longer, tmp, last, &w, &badrel);
                 if (st == TK_OK) memcpy(out + nfull * bs, tmp, last_plain);
                 else badrel = nfull;
                 OPENSSL_cleanse(tmp, bs);
@@ -402,7 +602,8 @@ int tk_taka_read_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t f
         }
         if (rc == 0 && st != TK_OK) {
             *bad = first + badrel;
-            rc = st == TK_ERR_AUTH || st == TK_ERR_SHORT_BLOCK ? -EBADMSG : -EIO;
+            rc = st == TK_ERR_AUTH || st == TK_ERR_SHORT_BLOCK ? -EBADMSG
+                 : st == TK_TAKA_NOKEY ? -ENOKEY : -EIO;
         }
     }
     free(raw);
@@ -422,7 +623,7 @@ static int store_blocks(tk_fs *fs, tk_taka *t, int fd, uint64_t first, const uin
     if (tk_gcm_encrypt_size(len, t->bs, &nb, &outlen) != TK_OK) return -EFBIG;
     uint8_t *out = malloc(outlen ? outlen : 1);
     if (!out) return -ENOMEM;
-    int st = tk_gcm_encrypt(t->gcm, plain, len, out, t->hdr, TK_HDR_STATIC, first, NULL);
+    int st = tk_taka_encrypt(t, plain, len, out, first);
     int rc = st == TK_OK ? tk_pwrite_full(fd, out, outlen, block_off(t, first)) : -EIO;
     free(out);
     if (rc == 0) TK_INC(fs, bytes_encrypted, len);
@@ -617,7 +818,10 @@ int tk_taka_truncate(tk_fs *fs, tk_taka *t, int fd, uint64_t size, uint64_t *bad
             }
         }
         t->size = size;  /* header first when shrinking */
+        uint32_t oldest = t->oldest;
+        if (size == 0) t->oldest = t->wver;  /* v2: no block left of an older version */
         rc = write_header(t, fd);
+        if (rc) t->oldest = oldest;
         if (rc == 0 && keep) rc = store_blocks(fs, t, fd, size / bs, keep, (size_t)(size % bs));
         if (keep) {
             OPENSSL_cleanse(keep, bs);
@@ -653,6 +857,11 @@ int tk_taka_truncate0(tk_fs *fs, tk_inode *ino, int fd, uint64_t *bad) {
     const size_t klen = strlen(fs->key_name);
     uint8_t key[32];
     uint32_t cur = 0;
+    if (t->fmtv == 2 && t->hdr[32] == klen && memcmp(t->hdr + 33, fs->key_name, klen) == 0) {
+        /* v2: the same file, emptied, then moved to the current version (oldest too) */
+        int rc = tk_taka_truncate(fs, t, fd, 0, bad);
+        return rc ? rc : move_version(fs, t, fd);
+    }
     /* a file being rekeyed moves with the rekey (its copy is on the target version) */
     if (ino->rk || tk_key_get(fs, fs->key_name, 0, &cur, key) != 0)
         return tk_taka_truncate(fs, t, fd, 0, bad);
@@ -663,12 +872,13 @@ int tk_taka_truncate0(tk_fs *fs, tk_inode *ino, int fd, uint64_t *bad) {
     }
     tk_taka nt;
     memset(&nt, 0, sizeof nt);
-    int rc = tk_taka_init_new(&nt, fs->key_name, cur, key, t->bs);
+    int rc = tk_taka_init_new(&nt, fs->key_name, cur, key, t->bs,
+                              fs->cfg.format_version == 2 ? 2 : 1);
     OPENSSL_cleanse(key, sizeof key);
     if (rc) return tk_taka_truncate(fs, t, fd, 0, bad);  /* kept on its version */
     uint64_t chunk, soft, hard;
     nonce_limits(&chunk, &soft, &hard);
-    put_le64(nt.hdr + 104, chunk);  /* the first lease, in the header written anyway */
+    put_lease(&nt, chunk);  /* the first lease, in the header written anyway */
     /* The new header first, over the old one: from then on the file is the empty file
      * of the new header (what follows it is a stale tail, ignored by every reader), so
      * a crash at any point leaves either the old file or an empty one; then the cut. */

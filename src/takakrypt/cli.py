@@ -364,7 +364,8 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     try:
         header = encrypt_file(args.input, args.output, info.name, info.current_version,
                               data_key, block_size=args.block_size, force=args.force,
-                              progress=bar, allow_taka_input=args.allow_taka_input)
+                              progress=bar, allow_taka_input=args.allow_taka_input,
+                              format_version=args.taka_version)
     finally:
         data_key[:] = bytes(len(data_key))
         bar.close()
@@ -441,7 +442,8 @@ def cmd_xform(args: argparse.Namespace) -> int:
             summary = xform.run(args.path, keys=ks.get, key_name=args.key, key_version=version,
                                 decrypt=args.decrypt, progress=bar, wipe=args.wipe,
                                 own=_xform_own_files(args), on_total=bar.start_total,
-                                allow_taka_input=args.allow_taka_input)
+                                allow_taka_input=args.allow_taka_input,
+                                format_version=args.taka_version)
         except XformError as e:  # name every file left unconverted, one line each
             e.all = [str(e)] + [  # type: ignore[attr-defined]
                 f"not converted: {f['path']}: {f['reason']}" for f in e.summary.failed]
@@ -512,7 +514,7 @@ def _engine_report(cfg: Any) -> tuple[list[dict[str, Any]], list[str]]:
             what = state.consequence()
             if state.state == "loaded":
                 src = g.backing or g.path
-                opts = mount_data(g.key, i, g.key_grace)
+                opts = mount_data(g.key, i, g.key_grace, g.format)
                 what = (f"takakryptd mounts it (mount -t takakryptfs -o {opts} "
                         f"{src} {g.path}) once it has registered with the module")
             if not g.enabled:
@@ -778,6 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-taka-input", action="store_true",
                     help="encrypt IN even if it is already a TAKA file (refused otherwise, "
                          "exit 2: re-keying belongs to key rotation)")
+    sp.add_argument("--taka-version", type=int, choices=(1, 2), default=2, metavar="{1,2}",
+                    help="TAKA format of OUT: 2 (default) gives each block its key version, "
+                         "1 one version per file, for readers older than version 2 "
+                         "(docs/file-format.md)")
     sp.add_argument("input", metavar="IN")
     sp.add_argument("output", metavar="OUT")
     sp.set_defaults(func=cmd_encrypt)
@@ -842,6 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--abandon", action="store_true",
                     help="give up an interrupted run: remove its temporary files and "
                          "journal, convert nothing (converted files stay converted)")
+    sp.add_argument("--taka-version", type=int, choices=(1, 2), default=2, metavar="{1,2}",
+                    help="TAKA format of the files made: 2 (default) or 1 (as the guard "
+                         "point's `format`; docs/file-format.md)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_xform)
 

@@ -109,6 +109,10 @@ class GuardPoint(_S):
     #                               takakryptd died or stopped answering; 0: wiped at once
     rekey_rate: float = 32.0      # MB/s a live rekey writes (takakrypt rekey start --rate);
     #                               0: unlimited
+    format: int = 2               # TAKA version of files the guard point creates (or a
+    #                               rekey rewrites): 2 = a key version per block, so
+    #                               rewritten blocks take a rotated key at once; 1 = one
+    #                               per file (docs/file-format.md, "Version 2")
 
 
 class LocalKeys(_S):
@@ -516,6 +520,9 @@ def _check(cfg: Config, errors: _Errors) -> None:
             errors.add(f"{p}.metadata_cache", "must be between 0 and 60 seconds")
         if not 0 <= gp.rekey_rate <= 100_000:
             errors.add(f"{p}.rekey_rate", "must be between 0 (unlimited) and 100000 MB/s")
+        if gp.format not in (1, 2):
+            errors.add(f"{p}.format", "must be 1 or 2 (the TAKA file format version of new "
+                       "files)")
         if not 0 <= gp.key_grace <= 86400:
             errors.add(f"{p}.key_grace", "must be between 0 and 86400 seconds")
         elif gp.key_grace and gp.engine != "kernel":

@@ -292,7 +292,7 @@ class GuardPoint:
                  ring: Ring | None = None, ring_timeout_ms: int = _fuse.RING_TIMEOUT_MS,
                  metadata_cache: float = DEFAULT_METADATA_CACHE,
                  io_uring: bool = True, read_helpers: bool = True,
-                 audit_decisions: bool = False) -> None:
+                 audit_decisions: bool = False, format_version: int = 1) -> None:
         if decide is None and ring is None:
             raise ValueError("a guard point needs decide or ring")
         # the parent resolved, not the path itself: a stat of the mountpoint is a
@@ -314,7 +314,7 @@ class GuardPoint:
                               threads=threads, cache_entries=cache or 0, debug=debug,
                               ring=ring, ring_timeout_ms=ring_timeout_ms,
                               meta_timeout=metadata_cache, io_uring=io_uring,
-                              read_helpers=read_helpers)
+                              read_helpers=read_helpers, format_version=format_version)
         self.io_uring = io_uring
         self.read_ahead_kb: int | None = None  # set by mount()
 
@@ -562,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                     "threads pinned to the other CPUs")
     ap.add_argument("--stats-file", help="write the guard point's counters (JSON) here on "
                     "SIGUSR1 and at exit")
+    ap.add_argument("--format", type=int, choices=(1, 2), default=1,
+                    help="TAKA version of the files it creates (docs/file-format.md)")
     a = ap.parse_args(argv)
     from .cli import harden_process
     from .sigflags import SignalFlags
@@ -575,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     gp = GuardPoint(a.mountpoint, backing=a.backing, key_name=a.key_name,
                     get_key=lambda name, version: key, decide=allow_all,
                     threads=a.threads, debug=a.debug, metadata_cache=a.metadata_cache,
-                    io_uring=a.io_uring, read_helpers=a.read_helpers)
+                    io_uring=a.io_uring, read_helpers=a.read_helpers,
+                    format_version=a.format)
     gp.set_policy_hints(plain_only=True, getattr_all=True,  # what allow_all decides
                         process_free=True)
     sigs = SignalFlags(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)

@@ -58,8 +58,8 @@ from typing import Any
 
 from . import format as fmt
 from . import ownfiles
-from ._aesgcm import BlockCipher
 from .errors import Error, FormatError, IntegrityError, UsageError, XformError
+from .filekeys import FileKeys, single_key
 from .keys.secret import wipe as zero_key
 from .stream import open_cipher, plaintext_chunks
 
@@ -301,26 +301,23 @@ def _wipe_and_remove(path: str) -> None:
 
 
 def _encrypt_to(src_fd: int, dst_fd: int, key_name: str, key_version: int,
-                data_key: bytearray, progress: Callable[[int], None]) -> tuple[str, fmt.Header]:
-    header = fmt.Header(key_id=key_name, key_version=key_version)
-    enc, mac = fmt.derive_file_keys(data_key, header.file_id)
-    try:
-        cipher = BlockCipher(enc)
-    finally:
-        zero_key(enc)
+                data_key: bytearray, progress: Callable[[int], None],
+                format_version: int = fmt.VERSION) -> tuple[str, fmt.Header]:
+    header = fmt.Header(key_id=key_name, key_version=key_version, version=format_version)
+    fk = FileKeys(header, single_key(key_name, key_version, data_key))
     h = hashlib.sha256()
     bs = header.block_size
     plain = bytearray(CHUNK_BLOCKS * bs)
     out = bytearray(CHUNK_BLOCKS * (bs + fmt.OVERHEAD))
     try:
-        os.pwrite(dst_fd, header.pack(mac), 0)
+        os.pwrite(dst_fd, header.pack(fk.mac_key), 0)
         pos, opos, block = 0, fmt.HEADER_SIZE, 0
         while True:
             n = _pread_full(src_fd, plain, pos)
             if n == 0:
                 break
             h.update(memoryview(plain)[:n])
-            m = cipher.encrypt_into(memoryview(plain)[:n], out, header.static, block)
+            m = fk.encrypt_into(memoryview(plain)[:n], out, block)
             _pwrite_full(dst_fd, memoryview(out)[:m], opos)
             pos, opos, block = pos + n, opos + m, block + fmt.blocks_for(n, bs)
             progress(n)
@@ -328,11 +325,10 @@ def _encrypt_to(src_fd: int, dst_fd: int, key_name: str, key_version: int,
                 break
         header.plaintext_size = pos
         header.encryptions = block  # the file key's count (docs/file-format.md)
-        os.pwrite(dst_fd, header.pack(mac), 0)
+        os.pwrite(dst_fd, header.pack(fk.mac_key), 0)
         os.fsync(dst_fd)
     finally:
-        cipher.wipe()
-        zero_key(mac)
+        fk.wipe()
         plain[:] = bytes(len(plain))
     return h.hexdigest(), header
 
@@ -552,11 +548,13 @@ def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | 
         decrypt: bool, progress: Callable[[int], None] = lambda n: None,
         on_file: Callable[[str], None] | None = None, wipe: bool = False,
         own: list[ownfiles.Own] | None = None, allow_taka_input: bool = False,
-        on_total: Callable[[int], None] | None = None) -> Summary:
+        on_total: Callable[[int], None] | None = None,
+        format_version: int = fmt.VERSION) -> Summary:
     """Convert every regular file below ``root``.  See the module docstring.  ``wipe``:
     overwrite the originals' blocks after the rename.  ``own``: Takakrypt's own files
     (ownfiles.collect), refused when below ``root``.  ``allow_taka_input``: encrypt TAKA
-    files under another key again (else refused).  ``on_total``: told the bytes to do."""
+    files under another key again (else refused).  ``on_total``: told the bytes to do.
+    ``format_version``: the TAKA version of the files made (docs/file-format.md)."""
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise UsageError(f"{root}: not a directory")
@@ -603,7 +601,8 @@ def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | 
             rel = os.path.relpath(item.path, root)
             try:
                 done = _convert_one(item, root, decrypt, keys, key_name, key_version,
-                                    data_key, journal, progress, summary if wipe else None)
+                                    data_key, journal, progress, summary if wipe else None,
+                                    format_version)
             except (Error, OSError) as e:
                 reason = str(e) if isinstance(e, Error) else (e.strerror or str(e))
                 names = [p for p in (item.path, *item.links)
@@ -634,7 +633,8 @@ def run(root: str, *, keys: KeyLookup, key_name: str | None, key_version: int | 
 def _convert_one(item: _Item, root: str, decrypt: bool, keys: KeyLookup,
                  key_name: str | None, key_version: int | None, data_key: bytearray | None,
                  journal: _Journal, progress: Callable[[int], None],
-                 wipe_into: Summary | None = None) -> int | None:
+                 wipe_into: Summary | None = None,
+                 format_version: int = fmt.VERSION) -> int | None:
     """Convert one inode (then re-point its other names); None if it was already in the
     target form.  With ``wipe_into``, the original's blocks are overwritten after the
     renames (never before: a crash must not leave neither copy)."""
@@ -661,7 +661,8 @@ def _convert_one(item: _Item, root: str, decrypt: bool, keys: KeyLookup,
                 check = _sha256_fd(dst)
             else:
                 assert data_key is not None and key_name is not None and key_version
-                src_hash, _h = _encrypt_to(src, dst, key_name, key_version, data_key, progress)
+                src_hash, _h = _encrypt_to(src, dst, key_name, key_version, data_key, progress,
+                                           format_version)
                 check = _decrypt_hash(dst, keys)
             if check != src_hash:
                 raise IntegrityError(f"{rel}: verification after writing failed")

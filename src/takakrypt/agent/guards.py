@@ -96,6 +96,7 @@ def build(agent: Any, gp: C.GuardPoint) -> GuardPoint:
                    # successor, but systemd starts that only once the old one is gone
                    io_uring=gp.io_uring and not getattr(agent, "fd_store", False),
                    read_helpers=gp.read_helpers, audit_decisions=True,
+                   format_version=gp.format,
                    # how long a cache miss waits for the agent's answer, then denies
                    ring_timeout_ms=max(1, round(agent.config.agent.request_timeout * 1000)),
                    current_version=lambda name: agent.keys.current_version(name))

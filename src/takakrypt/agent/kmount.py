@@ -110,9 +110,10 @@ def options(entry: MountEntry) -> dict[str, str]:
     return out
 
 
-def mount_data(key: str, gp_id: int, grace: int = 0) -> str:
+def mount_data(key: str, gp_id: int, grace: int = 0, fmt: int = 1) -> str:
     """The mount options takakryptd gives a kernel guard point (``grace=`` only when the
-    guard point's ``key_grace`` is not the module's default 0)."""
+    guard point's ``key_grace`` is not the module's default 0, ``format=`` only when its
+    ``format`` is not the module's default 1)."""
     if not KERNEL_KEY_NAME.fullmatch(key):  # a comma would smuggle in another option
         raise KernelGuardError(errno.EINVAL, f"key name {key!r} cannot be a takakryptfs "
                                "key= option (1..63 of [A-Za-z0-9._-], not starting with . or -)")
@@ -120,7 +121,10 @@ def mount_data(key: str, gp_id: int, grace: int = 0) -> str:
         raise KernelGuardError(errno.EINVAL, f"guard point id {gp_id} must be >= 1")
     if not 0 <= grace <= 86400:
         raise KernelGuardError(errno.EINVAL, f"key_grace {grace} is not 0..86400 seconds")
-    return f"key={key},gp={gp_id}" + (f",grace={grace}" if grace else "")
+    if fmt not in (1, 2):
+        raise KernelGuardError(errno.EINVAL, f"format {fmt} is not 1 or 2")
+    return (f"key={key},gp={gp_id}" + (f",grace={grace}" if grace else "")
+            + (f",format={fmt}" if fmt != 1 else ""))
 
 
 _libc: Any = None
@@ -146,7 +150,7 @@ class KernelGuard:
         self.gp_id = gp_id
         self.path = os.path.normpath(spec.path)
         self.source = os.path.normpath(spec.backing) if spec.backing else self.path
-        self.data = mount_data(spec.key, gp_id, spec.key_grace)
+        self.data = mount_data(spec.key, gp_id, spec.key_grace, spec.format)
         self.reused = False   # the mount was there already (a killed predecessor's)
         self.last_unmount = ""
 
@@ -164,6 +168,7 @@ class KernelGuard:
         opts = options(m)
         return (opts.get("key") == self.spec.key and opts.get("gp") == str(self.gp_id)
                 and opts.get("grace", "0") == str(self.spec.key_grace)
+                and opts.get("format", "1") == str(self.spec.format)
                 and opts.get("decide", "agent") == "agent")
 
     def _top(self) -> MountEntry | None:

@@ -42,7 +42,9 @@ def main(argv: list[str]) -> int:
         hints = (True, True, True)
     gp = guard.GuardPoint(spec["mountpoint"], backing=spec["backing"], key_name="bench",
                           get_key=lambda name, version: key, decide=decide,
-                          threads=int(spec.get("threads", 4)))
+                          threads=int(spec.get("threads", 4)),
+                          # what a guard point of takakryptd makes by default
+                          format_version=int(spec.get("format", 2)))
     gp.set_policy_hints(*hints)
     sigs = SignalFlags(signal.SIGTERM, signal.SIGINT)
     try:
