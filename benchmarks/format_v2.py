@@ -10,7 +10,9 @@ throughput: above 1 is faster).
    runs of 64 blocks per version (a file partly rewritten after a rotation);
 3. a FUSE guard point (`python -m takakrypt.guard --format 1|2`, tmpfs backing, the
    same allow-all policy on both: this compares formats, not policies) writing and
-   reading a 256 MiB file with dd (fsync; cold read after dropping the caches).
+   reading a 256 MiB file with dd (fsync; cold read after dropping the caches); and
+   a cold read of a 64 MiB v2 file whose blocks alternate between two versions against
+   one of a single version (both made by the reference writer).
 
   usage: benchmarks/format_v2.py [--rounds N] [--json OUT]     (part 3 needs root, FUSE)
 """
@@ -119,7 +121,8 @@ def fuse_rounds(rounds: int, tmp: Path) -> dict[str, list[float]]:
         print(f"part 3 skipped: {why}", file=sys.stderr)
         return {}
     keyfile = tmp / "key"
-    keyfile.write_bytes(os.urandom(32))
+    keybytes = os.urandom(32)
+    keyfile.write_bytes(keybytes)
     keyfile.chmod(0o600)
     procs, mnts = {}, {}
     out: dict[str, list[float]] = {}
@@ -140,6 +143,19 @@ def fuse_rounds(rounds: int, tmp: Path) -> dict[str, list[float]]:
         while time.monotonic() < deadline and not all(os.path.ismount(m) for m in
                                                       mnts.values()):
             time.sleep(0.1)
+        # two 64 MiB v2 files made by the reference writer: one version, and versions
+        # alternating block by block (the server's key file serves every version)
+        data = os.urandom(64 * MiB)
+        for name, step in (("one", 0), ("alternating", 1)):
+            p = tmp / "back2" / name
+            with TakaFile.create(str(p), "guard", 1, bytearray(keybytes),
+                                 format_version=2) as f:
+                f.write(0, data)
+            if step:
+                with TakaFile.open(str(p), lambda n, v: bytearray(keybytes), writable=True,
+                                   write_version=2) as f:
+                    for b in range(1, len(data) // 4096, 2):
+                        f.write(b * 4096, data[b * 4096:(b + 1) * 4096])
         for r in range(rounds):
             for fv in ((1, 2) if r % 2 == 0 else (2, 1)):
                 f = mnts[fv] / "big"
@@ -152,12 +168,18 @@ def fuse_rounds(rounds: int, tmp: Path) -> dict[str, list[float]]:
                 dd([f"if={f}", "of=/dev/null", "bs=1M"])
                 out.setdefault(f"fuse-read-v{fv}", []).append(
                     size_mb / (time.perf_counter() - t))
+            for name in (("one", "alternating") if r % 2 == 0 else ("alternating", "one")):
+                drop_caches()
+                t = time.perf_counter()
+                dd([f"if={mnts[2] / name}", "of=/dev/null", "bs=1M"])
+                out.setdefault(f"fuse-read-mixed-{name}", []).append(
+                    64 / (time.perf_counter() - t))
         print("fuse: formats checked:",
               {fv: fmt.parse_header((tmp / f"back{fv}" / "big").read_bytes()[:128]).version
                for fv in (1, 2)}, file=sys.stderr)
     finally:
         for fv, p in procs.items():
-            unmount_path(mnts[fv])
+            unmount_path(str(mnts[fv]))
             p.wait(30)
             subprocess.run(["umount", str(tmp / f"back{fv}")], check=False)
     return out
@@ -172,10 +194,12 @@ def main() -> int:
     samples: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="tkv2-", dir="/var/tmp") as d:
         tmp = Path(d)
-        samples |= cipher_rounds(a.rounds)
-        samples |= takafile_rounds(a.rounds, tmp)
-        if not a.no_fuse:
-            samples |= fuse_rounds(a.rounds, tmp)
+        for name, part in (("cipher", lambda: cipher_rounds(a.rounds)),
+                           ("takafile", lambda: takafile_rounds(a.rounds, tmp)),
+                           ("fuse", lambda: {} if a.no_fuse else fuse_rounds(a.rounds, tmp))):
+            t = time.monotonic()
+            samples |= part()
+            print(f"part {name}: {time.monotonic() - t:.0f} s", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in samples.items()}
     print(f"{'measure':40} {'median':>10}  unit")
     for k, v in sorted(med.items()):
@@ -184,7 +208,8 @@ def main() -> int:
     print("\nratios, same run (throughput v2 / v1):")
     pairs = [(k, k.replace("-v2", "-v1")) for k in med if k.endswith("-v2")]
     pairs += [(f"takafile-read-{lay}", "takafile-read-v1")
-              for lay in ("v2", "v2-alternating", "v2-runs64")]
+              for lay in ("v2-alternating", "v2-runs64")]
+    pairs += [("fuse-read-mixed-alternating", "fuse-read-mixed-one")]
     for a2, a1 in pairs:
         if a2 in med and a1 in med:
             print(f"  {a2:40} {med[a2] / med[a1]:.3f}x")

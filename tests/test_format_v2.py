@@ -94,6 +94,29 @@ def test_vector_decrypts(vector, tmp_path):
         2, vector["key_version"], vector["oldest_version"])
 
 
+@pytest.mark.parametrize("engine", ["ipsecmb", "openssl"])
+def test_native_version_mismatch_contract(engine):
+    """A batch stops at the first block of another version (BlockVersionMismatch: the
+    block's index and version); blocks before it are decrypted, out is left as it was
+    from it on (nothing was written there)."""
+    from takakrypt.errors import BlockVersionMismatch
+    key, pre = os.urandom(32), os.urandom(96)
+    pt = os.urandom(3 * 4096)
+    c3 = BlockCipher(key, engine=engine, block_version=3)
+    c4 = BlockCipher(key, engine=engine, block_version=4)
+    sealed = bytearray(c3.encrypt(pt, pre, 10))
+    sbs = 4096 + fmt.OVERHEAD
+    sealed[sbs:2 * sbs] = c4.encrypt(pt[4096:8192], pre, 11)
+    out = bytearray(b"\xaa" * len(pt))
+    with pytest.raises(BlockVersionMismatch) as ei:
+        c3.decrypt_into(sealed, out, pre, 10)
+    assert (ei.value.block, ei.value.version) == (11, 4)
+    assert out[:4096] == pt[:4096] and out[4096:] == b"\xaa" * 8192
+    assert c4.decrypt(bytes(sealed[sbs:2 * sbs]), pre, 11) == pt[4096:8192]
+    with pytest.raises(IntegrityError):  # the version is bound: another index fails
+        c4.decrypt(bytes(sealed[sbs:2 * sbs]), pre, 12)
+
+
 def test_missing_old_version_fails_closed(tmp_path):
     v = next(x for x in V2 if x["name"] == "v2-mixed")
     p = tmp_path / "v.taka"
@@ -189,6 +212,34 @@ def test_block_version_outside_the_header_range_fails(tmp_path):
             with TakaFile.open(p, _keys_for(v)) as f:
                 f.read(0, 10)
     assert 3 not in asked
+
+
+def test_a_zeroed_version_is_not_a_hole(tmp_path):
+    """A block whose version field alone was zeroed is not skipped as a hole: every
+    reader (whichever run of versions it falls in) fails it, never shows other bytes."""
+    blob = bytes.fromhex(MIXED["file"])
+    sbs = 4096 + fmt.OVERHEAD
+    for block in (0, 2, 4):
+        bad = bytearray(blob)
+        end = min(len(bad), fmt.HEADER_SIZE + (block + 1) * sbs)
+        bad[end - 4:end] = bytes(4)
+        p = tmp_path / f"z{block}"
+        p.write_bytes(bad)
+        with pytest.raises(IntegrityError):
+            _read_all(p, _keys_for(MIXED))
+        with pytest.raises(IntegrityError):
+            decrypt_file(str(p), str(tmp_path / "out"), _keys_for(MIXED))
+
+
+def test_holes_before_and_between_versions(tmp_path):
+    p = tmp_path / "f"
+    with TakaFile.create(p, "db", 1, vkey("db", 1), format_version=2) as f:
+        f.write(2 * 4096, b"a" * 4096)
+    with TakaFile.open(p, vkey, writable=True, write_version=2) as f:
+        f.write(5 * 4096, b"b" * 100)
+    assert stored_versions(p) == [None, None, 1, None, None, 2]
+    with TakaFile.open(p, vkey) as f:
+        assert f.read(0, 1 << 20) == bytes(8192) + b"a" * 4096 + bytes(8192) + b"b" * 100
 
 
 def test_swapped_blocks_fail(tmp_path):

@@ -345,7 +345,9 @@ static int imb_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *out
             continue;
         }
         if (g->version && load_le32(src + sl - 4) != g->version) {
-            memset(dst, 0, pt_total - (size_t)i * bs);
+            /* nothing of it or after it was written: out is left as it was there (the
+             * caller goes on with that version's handle; zeroing it here made reading a
+             * file of alternating versions quadratic) */
             *bad_block = i;
             rc = TK_ERR_VERSION;
             break;
@@ -482,7 +484,9 @@ static int ossl_decrypt(tk_gcm *g, const uint8_t *ct, size_t ct_len, uint8_t *ou
             continue;
         }
         if (g->version && load_le32(src + sl - 4) != g->version) {
-            memset(dst, 0, pt_total - (size_t)i * bs);
+            /* nothing of it or after it was written: out is left as it was there (the
+             * caller goes on with that version's handle; zeroing it here made reading a
+             * file of alternating versions quadratic) */
             *bad_block = i;
             rc = TK_ERR_VERSION;
             break;

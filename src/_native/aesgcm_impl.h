@@ -92,7 +92,8 @@ tk_gcm *tk_gcm_new(const uint8_t key[TK_GCM_KEY_SIZE], size_t block_size,
  * with AAD = aad_prefix || uint64_le(first_block + i) || uint32_le(block_version).
  * The stride is unchanged (28 bytes per block).  block_version 0 is tk_gcm_new (v1).
  * Decrypting a block whose stored version differs from the handle's stops there with
- * TK_ERR_VERSION (blocks before it are decrypted, like TK_ERR_AUTH).
+ * TK_ERR_VERSION: blocks before it are decrypted; out from that block on is left as it
+ * was (unlike TK_ERR_AUTH, nothing there was written).
  */
 tk_gcm *tk_gcm_new_versioned(const uint8_t key[TK_GCM_KEY_SIZE], size_t block_size,
                              tk_engine engine, uint32_t block_version, int *status);

@@ -21,7 +21,7 @@ TAKA v2 (``BlockCipher(key, block_version=v)``, v >= 1): block ``i`` is stored a
 and the 96-bit tag is the first 12 bytes of the full GCM tag.  Decrypting a stored
 block of another version raises ``takakrypt.errors.BlockVersionMismatch`` (an
 ``IntegrityError`` with ``.block`` and ``.version``); the blocks before it are
-decrypted into ``out``.
+decrypted into ``out``, which is left as it was from that block on.
 
 An all-zero stored block is reserved for sparse holes: random nonces are never all
 zero, and ``holes=True`` on decryption maps such a block to zeros without a tag check.
