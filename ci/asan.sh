@@ -3,7 +3,8 @@
 # (takakrypt._aesgcm: tests/test_native_aesgcm.py, takakrypt._cache: tests/test_native_cache.py,
 # takakrypt._ring: tests/test_native_ring.py, takakrypt._fuse: tests/test_fuse*.py (the
 # mount server child inherits LD_PRELOAD; fuse_helpers fails a test whose server log holds a
-# sanitizer report), stress sizes scaled down under the sanitizers).  The guard point
+# sanitizer report), TAKA v2 blocks: tests/test_format_v2.py; stress sizes scaled down
+# under the sanitizers).  The guard point
 # tests run on FUSE over io_uring, then test_fuse.py, test_fuse_direct.py and
 # test_fuse_split.py again on the classic /dev/fuse channel (TAKAKRYPT_TEST_IO_URING=0);
 # the model, bounds and raw-race tests run both channels themselves.
@@ -74,6 +75,7 @@ set +e
     --capture=sys tests/test_native_aesgcm.py tests/test_native_cache.py \
     tests/test_native_ring.py tests/test_fuse.py tests/test_fuse_model.py tests/test_fuse_ring.py \
     tests/test_fuse_cache.py tests/test_fuse_split.py tests/test_fuse_forget.py tests/test_fuse_mgtime.py tests/test_fuse_direct.py tests/test_fuse_bounds.py tests/test_fuse_raw_race.py tests/test_fuse_capability.py tests/test_fuse_rekey.py \
+    tests/test_fuse_format_v2.py tests/test_format_v2.py \
     tests/test_crash_replay.py tests/test_format_rules.py tests/test_secmem.py "$@") 2>&1 \
     | tee "$WORK/test.log"
 # --capture=sys: pytest's default fd-level capture would swallow the report written

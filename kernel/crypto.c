@@ -330,6 +330,31 @@ void tkfs_crypt_prepare(struct tkfs_inode *ii)
 }
 
 /*
+ * v2: the file keys of one key version into okm (64 bytes; the caller wipes it) and a
+ * 96-bit-tag gcm(aes) keyed with its block key.
+ */
+static struct crypto_aead *v2_keys(const u8 *file_id, const u8 *data_key, u8 *okm)
+{
+	struct crypto_aead *a;
+	int err;
+
+	mutex_lock(&tkfs_hmac_lock);
+	err = hkdf_file_keys(file_id, 2, data_key, okm);
+	mutex_unlock(&tkfs_hmac_lock);
+	if (err)
+		return ERR_PTR(err);
+	a = aead_get(TAKA_TAG_V2);
+	if (IS_ERR(a))
+		return a;
+	err = crypto_aead_setkey(a, okm, TAKA_KEY_LEN);
+	if (err) {
+		aead_put(a);
+		return ERR_PTR(err);
+	}
+	return a;
+}
+
+/*
  * v2: the transform of key version v of the file, made on first use (key_sem
  * read-held): the data key (name, v) from the agent, the file keys of v, a 96-bit-tag
  * gcm(aes).  Kept in ii->vkeys; when that is full, *tmp says the caller puts it after
@@ -356,18 +381,8 @@ static struct crypto_aead *version_aead(struct tkfs_inode *ii, u32 v, bool *tmp)
 	err = tkfs_key_get(sbi, ii->hdr.key_id, v, key, NULL);
 	if (err)
 		return ERR_PTR(-ENOKEY);
-	mutex_lock(&tkfs_hmac_lock);
-	err = hkdf_file_keys(ii->hdr.file_id, 2, key, okm);
-	mutex_unlock(&tkfs_hmac_lock);
+	a = v2_keys(ii->hdr.file_id, key, okm);
 	memzero_explicit(key, sizeof(key));
-	a = err ? ERR_PTR(err) : aead_get(TAKA_TAG_V2);
-	if (!IS_ERR(a)) {
-		err = crypto_aead_setkey(a, okm, TAKA_KEY_LEN);
-		if (err) {
-			aead_put(a);
-			a = ERR_PTR(err);
-		}
-	}
 	memzero_explicit(okm, sizeof(okm));
 	if (IS_ERR(a))
 		return a;
@@ -410,17 +425,7 @@ int tkfs_move_version(struct inode *inode, u32 version, const u8 *data_key)
 	old = inode_aead(ii);	/* the old version's, made now if not yet */
 	if (IS_ERR(old))
 		return PTR_ERR(old);
-	mutex_lock(&tkfs_hmac_lock);
-	err = hkdf_file_keys(ii->hdr.file_id, 2, data_key, okm);
-	mutex_unlock(&tkfs_hmac_lock);
-	a = err ? ERR_PTR(err) : aead_get(TAKA_TAG_V2);
-	if (!IS_ERR(a)) {
-		err = crypto_aead_setkey(a, okm, TAKA_KEY_LEN);
-		if (err) {
-			aead_put(a);
-			a = ERR_PTR(err);
-		}
-	}
+	a = v2_keys(ii->hdr.file_id, data_key, okm);
 	if (IS_ERR(a)) {
 		memzero_explicit(okm, sizeof(okm));
 		return PTR_ERR(a);

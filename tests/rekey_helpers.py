@@ -125,6 +125,30 @@ def make_keystore(tmp: Path, key_name: str = "guard") -> tuple[Path, Path]:
     return ks, mk
 
 
+def rotate(keys: tuple[Path, Path], name: str = "guard") -> int:
+    """A new version of key ``name`` in the keystore ``keys`` (make_keystore's pair)."""
+    sys.path.insert(0, str(SRC))
+    from takakrypt.keys import open_keystore
+    with open_keystore(str(keys[0]), master_key_file=str(keys[1])) as ks:
+        return ks.rotate(name).current_version
+
+
+def key_lookup(keys: tuple[Path, Path]):
+    """``lookup(name, version)`` of the keystore, for the reference reader."""
+    sys.path.insert(0, str(SRC))
+    from takakrypt.keys import open_keystore
+    ks = open_keystore(str(keys[0]), master_key_file=str(keys[1]))
+    return lambda name, version: ks.get(name, version)
+
+
+def header(path: Path):
+    """The parsed header of a stored (backing) file."""
+    sys.path.insert(0, str(SRC))
+    from takakrypt import format as fmt
+    with open(path, "rb") as f:
+        return fmt.parse_header(f.read(fmt.HEADER_SIZE))
+
+
 @contextlib.contextmanager
 def rekey_mount(tmp: Path, keystore: Path, master_key: Path, *, key_name: str = "guard",
                 in_place: bool = False, threads: int = 4, io_uring: bool | None = None,

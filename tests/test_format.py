@@ -1,7 +1,10 @@
-"""TAKA v1 format: known-answer vectors, header fuzzing, tamper detection."""
+"""TAKA v1 format: known-answer vectors, header fuzzing (v2 headers too), tamper
+detection.  Version 2: tests/test_format_v2.py."""
 
+import json
 import os
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -84,12 +87,17 @@ def test_fuzz_header_random_bytes(data):
 
 
 _VALID = bytes.fromhex(VECTORS[5]["file"])[:fmt.HEADER_SIZE]
+# a v2 header of mixed block versions (tests/vectors/taka_v2.json, "v2-mixed")
+_VALID_V2 = bytes.fromhex(next(
+    v for v in json.loads((Path(__file__).parent / "vectors" / "taka_v2.json").read_text())
+    ["vectors"] if v["name"] == "v2-mixed")["file"])[:fmt.HEADER_SIZE]
 
 
+@pytest.mark.parametrize("valid", [_VALID, _VALID_V2], ids=["v1", "v2"])
 @given(st.lists(st.tuples(st.integers(0, fmt.HEADER_SIZE - 1), st.integers(0, 255)),
                 min_size=1, max_size=8), st.integers(0, fmt.HEADER_SIZE))
-def test_fuzz_header_mutations(edits, cut):
-    data = bytearray(_VALID)
+def test_fuzz_header_mutations(valid, edits, cut):
+    data = bytearray(valid)
     for pos, val in edits:
         data[pos] = val
     data = bytes(data[:cut]) if cut < fmt.HEADER_SIZE else bytes(data)
@@ -99,6 +107,7 @@ def test_fuzz_header_mutations(edits, cut):
         return
     # whatever parses must serialise back to the same unsigned bytes
     assert h.unsigned() == data[:fmt.TAG_OFFSET]
+    assert 1 <= h.oldest_version <= h.key_version
 
 
 @given(key_id=st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}", fullmatch=True),

@@ -4,6 +4,7 @@
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import initialize, invariant, rule
+
+import test_cryptofile
 
 from takakrypt import format as fmt
 from takakrypt._aesgcm import BlockCipher
@@ -254,24 +257,9 @@ def test_swapped_blocks_fail(tmp_path):
         _read_all(p, _keys_for(MIXED))
 
 
-# header parser --------------------------------------------------------------------------
+# header parser (its mutation fuzzing: tests/test_format.py, for both versions) -------------
 
 _VALID = bytes.fromhex(MIXED["file"])[:fmt.HEADER_SIZE]
-
-
-@given(st.lists(st.tuples(st.integers(0, fmt.HEADER_SIZE - 1), st.integers(0, 255)),
-                min_size=1, max_size=8), st.integers(0, fmt.HEADER_SIZE))
-def test_fuzz_header_mutations(edits, cut):
-    data = bytearray(_VALID)
-    for pos, val in edits:
-        data[pos] = val
-    data = bytes(data[:cut]) if cut < fmt.HEADER_SIZE else bytes(data)
-    try:
-        h = fmt.parse_header(data)
-    except FormatError:
-        return
-    assert h.unsigned() == data[:fmt.TAG_OFFSET]
-    assert 1 <= h.oldest_version <= h.key_version
 
 
 @given(version=st.integers(1, 2**32 - 1), back=st.integers(0, 2**32), size=st.integers(0, 2**40),
@@ -391,12 +379,9 @@ def test_v1_file_keeps_its_version(tmp_path):
     assert (h.version, h.key_version) == (1, 1)
 
 
-class TakaV2Model(RuleBasedStateMachine):
-    """Random write/truncate/read/reopen/rotate on a v2 file against a bytearray model;
-    blocks written since the last rotation must carry the new version."""
-
-    BS = 512
-    offsets = st.one_of(st.integers(0, 6 * 512), st.sampled_from([0, 511, 512, 513, 1024]))
+class TakaV2Model(test_cryptofile.TakaModel):
+    """test_cryptofile's random write/truncate/read/reopen sequences on a v2 file, with
+    rotations: blocks written since the last rotation must carry the new version."""
 
     @initialize()
     def setup(self):
@@ -408,25 +393,10 @@ class TakaV2Model(RuleBasedStateMachine):
         self.model = bytearray()
         self.fresh: set[int] = set()  # blocks written since the last rotation
 
-    @rule(offset=offsets, data=st.binary(min_size=1, max_size=1300))
+    @rule(offset=test_cryptofile.TakaModel.offsets, data=st.binary(min_size=1, max_size=1300))
     def write(self, offset, data):
-        assert self.f.write(offset, data) == len(data)
-        if offset > len(self.model):
-            self.model.extend(bytes(offset - len(self.model)))
-        self.model[offset:offset + len(data)] = data
+        super().write(offset, data)
         self.fresh.update(range(offset // self.BS, (offset + len(data) - 1) // self.BS + 1))
-
-    @rule(size=offsets)
-    def truncate(self, size):
-        self.f.truncate(size)
-        if size < len(self.model):
-            del self.model[size:]
-        else:
-            self.model.extend(bytes(size - len(self.model)))
-
-    @rule(offset=offsets, length=st.integers(0, 1500))
-    def read(self, offset, length):
-        assert self.f.read(offset, length) == bytes(self.model[offset:offset + length])
 
     @rule()
     def reopen(self):
@@ -435,16 +405,14 @@ class TakaV2Model(RuleBasedStateMachine):
 
     @rule()
     def rotate(self):
-        self.f.close()
         self.version += 1
         self.fresh.clear()
-        self.f = TakaFile.open(self.path, vkey, writable=True, write_version=self.version)
+        self.reopen()
 
     @invariant()
     def versions_agree(self):
         if not hasattr(self, "f"):
             return
-        assert self.f.size == len(self.model)
         vers = stored_versions(self.path, self.BS)
         h = fmt.parse_header(Path(self.path).read_bytes())
         for i, v in enumerate(vers):
@@ -459,7 +427,6 @@ class TakaV2Model(RuleBasedStateMachine):
             out = os.path.join(self.dir, "out")
             decrypt_file(self.path, out, vkey)
             assert Path(out).read_bytes() == bytes(self.model)
-            import shutil
             shutil.rmtree(self.dir)
 
 

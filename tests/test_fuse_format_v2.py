@@ -22,7 +22,7 @@ from fuse_helpers import errno_of, fuse_skip_reason, sweep_stale_mounts
 pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None,
                                 reason=fuse_skip_reason() or "")
 
-from rekey_helpers import make_keystore, rekey_mount  # noqa: E402
+from rekey_helpers import header, key_lookup, make_keystore, rekey_mount, rotate  # noqa: E402
 from takakrypt import format as fmt  # noqa: E402
 from takakrypt.cryptofile import TakaFile  # noqa: E402
 from takakrypt.keys import open_keystore  # noqa: E402
@@ -40,20 +40,6 @@ def _sweep():
 @pytest.fixture
 def keys(wtmp):
     return make_keystore(wtmp)
-
-
-def rotate(keys) -> int:
-    with open_keystore(str(keys[0]), master_key_file=str(keys[1])) as ks:
-        return ks.rotate("guard").current_version
-
-
-def lookup(keys):
-    ks = open_keystore(str(keys[0]), master_key_file=str(keys[1]))
-    return lambda name, version: ks.get(name, version)
-
-
-def header(path: Path) -> fmt.Header:
-    return fmt.parse_header(path.read_bytes()[:fmt.HEADER_SIZE])
 
 
 def block_versions(path: Path) -> list[int | None]:
@@ -102,7 +88,7 @@ def test_new_files_are_v2_and_rewritten_blocks_move(wtmp, keys):
         assert (g.mnt / "f").read_bytes() == data
         # a file nobody wrote keeps its version: no write, no move
         assert header(g.backing / "untouched").key_version == 1
-    with TakaFile.open(str(g.backing / "f"), lookup(keys)) as f:  # the reference reader
+    with TakaFile.open(str(g.backing / "f"), key_lookup(keys)) as f:  # the reference reader
         assert f.read(0, 1 << 20) == data
 
 
@@ -141,7 +127,7 @@ def test_files_written_elsewhere_read_through_the_engine(wtmp, keys):
     """A v2 file of mixed versions made by the reference writer reads byte for byte."""
     rotate(keys)
     rotate(keys)  # versions 1..3
-    kl = lookup(keys)
+    kl = key_lookup(keys)
     backing = wtmp / "backing"
     backing.mkdir()
     data = bytearray(os.urandom(7 * BS + 1))

@@ -28,11 +28,10 @@ from fuse_helpers import errno_of, fuse_skip_reason, run_as, sweep_stale_mounts
 pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None,
                                 reason=fuse_skip_reason() or "")
 
-from rekey_helpers import make_keystore, rekey_mount  # noqa: E402
+from rekey_helpers import header, key_lookup, make_keystore, rekey_mount, rotate  # noqa: E402
 from takakrypt import format as fmt  # noqa: E402
 from takakrypt import rekeyfile  # noqa: E402
 from takakrypt.cryptofile import TakaFile  # noqa: E402
-from takakrypt.keys import open_keystore  # noqa: E402
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -55,21 +54,6 @@ def keys(wtmp):
 def rg(wtmp, keys):
     with rekey_mount(wtmp, *keys) as g:
         yield g
-
-
-def rotate(keys) -> int:
-    with open_keystore(str(keys[0]), master_key_file=str(keys[1])) as ks:
-        return ks.rotate("guard").current_version
-
-
-def key_lookup(keys):
-    ks = open_keystore(str(keys[0]), master_key_file=str(keys[1]))
-    return lambda name, version: ks.get(name, version)
-
-
-def header(path: Path) -> fmt.Header:
-    with open(path, "rb") as f:
-        return fmt.parse_header(f.read(fmt.HEADER_SIZE))
 
 
 def plain_of(path: Path, keys) -> bytes:

@@ -75,8 +75,12 @@ def main() -> None:
             "nonces": nonces.hex(), "file_key": enc_key.hex(), "mac_key": mac_key.hex(),
             "file": blob.hex(), "file_sha256": hashlib.sha256(blob).hexdigest(),
         })
-    out = Path(__file__).with_name("taka_v1.json")
-    out.write_text(json.dumps({"generator": "make_vectors.py (pyca/cryptography only)",
+    write_vectors("taka_v1.json", "make_vectors.py", vectors)
+
+
+def write_vectors(filename: str, generator: str, vectors: list[dict]) -> None:
+    out = Path(__file__).with_name(filename)
+    out.write_text(json.dumps({"generator": f"{generator} (pyca/cryptography only)",
                                "vectors": vectors}, indent=1) + "\n")
     print(f"wrote {len(vectors)} vectors to {out}")
 

@@ -3,29 +3,24 @@
 
 Written only against pyca/cryptography and the byte tables in docs/file-format.md
 ("Version 2"); it imports nothing from takakrypt, so a bug shared by the format code and
-its tests cannot hide.  Output: taka_v2.json (committed).
+its tests cannot hide (it shares only the input generator and the output writer of
+make_vectors.py, the v1 generator, which is written the same way).  Output:
+taka_v2.json (committed).
 Re-run: python tests/vectors/make_vectors_v2.py
 """
 
 import hashlib
 import hmac
-import json
 import struct
+import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-
-def det(label: str, n: int) -> bytes:
-    """Deterministic bytes for inputs (SHA-256 in counter mode over a label)."""
-    out = b""
-    i = 0
-    while len(out) < n:
-        out += hashlib.sha256(f"{label}/{i}".encode()).digest()
-        i += 1
-    return out[:n]
+sys.path.insert(0, str(Path(__file__).parent))
+from make_vectors import det, write_vectors  # noqa: E402  (the v1 generator: no takakrypt)
 
 
 def file_keys(data_key: bytes, file_id: bytes) -> tuple[bytes, bytes]:
@@ -109,10 +104,7 @@ def main() -> None:
             "file_keys": {str(v): file_keys(k, file_id)[0].hex() for v, k in keys.items()},
             "file": blob.hex(), "file_sha256": hashlib.sha256(blob).hexdigest(),
         })
-    out = Path(__file__).with_name("taka_v2.json")
-    out.write_text(json.dumps({"generator": "make_vectors_v2.py (pyca/cryptography only)",
-                               "vectors": vectors}, indent=1) + "\n")
-    print(f"wrote {len(vectors)} vectors to {out}")
+    write_vectors("taka_v2.json", "make_vectors_v2.py", vectors)
 
 
 if __name__ == "__main__":
