@@ -198,7 +198,7 @@ def test_keys_rotate_reaches_the_running_agent(tmp_path):
         assert _py(WRITE, str(gp / "v1.txt"), "one").returncode == 0
         r = d.cli("keys", "rotate", "k1", "--keystore", str(tmp_path / "keystore.json"),
                   "--master-key-file", str(tmp_path / "master.key"))
-        assert "new files use version 2" in r.stdout
+        assert "use version 2" in r.stdout and "new files" in r.stdout
         assert "re-read the keystore" in r.stdout
         assert _py(WRITE, str(gp / "v2.txt"), "two").returncode == 0
         assert _py(READ, str(gp / "v1.txt")).stdout == "one"

@@ -334,8 +334,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     except Error as e:
         agent = f"takakryptd could not re-read the keystore ({e}): run takakrypt reload"
     _out(args, _key_info_dict(info) | {"agent": agent},
-         f"rotated key {info.name}: new files use version {info.current_version}; "
-         f"older versions stay available for existing files; {agent}")
+         f"rotated key {info.name}: new files, and blocks written again into files of "
+         f"TAKA format 2, use version {info.current_version}; older versions stay "
+         f"available for existing files; {agent}")
     return 0
 
 
@@ -745,7 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
          "Create key NAME (version 1). Creates the keystore if it does not exist; the "
          "passphrase is then asked twice on a terminal."),
         ("show", cmd_keys_show, "show a key's versions and metadata", None),
-        ("rotate", cmd_keys_rotate, "add a new version; new files use it",
+        ("rotate", cmd_keys_rotate, "add a new version; new files and rewritten blocks "
+                                    "use it",
          "Add version N+1 of key NAME. Existing files keep naming the version they were "
          "written with, which stays in the keystore so they can still be decrypted."),
     ):

@@ -124,7 +124,7 @@ def test_kernel_guard_point_mounted_listed_reported_released(scratch):
         assert [t for _i, t, _s, _o in _mounts(f)] == ["fuse.takakrypt"]
         gl = _gl(d)
         assert gl[str(k)]["engine"] == "kernel" and gl[str(k)]["mounted"], gl
-        assert gl[str(k)]["mount"] == {"source": str(k), "options": "key=k1,gp=1",
+        assert gl[str(k)]["mount"] == {"source": str(k), "options": "key=k1,gp=1,format=2",
                                        "reused": False}
         assert gl[str(f)]["engine"] == "fuse" and gl[str(f)]["mounted"]
         text = d.cli("guard", "list").stdout
@@ -155,7 +155,7 @@ def test_kernel_guard_point_mounted_listed_reported_released(scratch):
         chk = json.loads(d.cli("config", "check", "--json", str(d.config_path)).stdout)
         mod = {e["path"]: e for e in chk["engines"]}[str(k)]["module"]
         assert mod["state"] == "loaded", mod
-        assert f"-o key=k1,gp=1 {k} {k}" in mod["takakryptd"]
+        assert f"-o key=k1,gp=1,format=2 {k} {k}" in mod["takakryptd"]
     # stopped: unmounted (both engines), keys wiped in the module
     assert _mounts(k) == [] and _mounts(f) == []
     with R.Genl() as g:
@@ -167,7 +167,7 @@ def test_kernel_guard_point_mounted_listed_reported_released(scratch):
     audit = [json.loads(x) for x in (scratch / "audit.jsonl").read_text().splitlines()]
     assert [e["detail"] for e in audit if e["kind"] == "guard-point" and e["path"] == str(k)
             and e["reason"] == "guard point mounted"] == \
-        [{"policy": "p", "engine": "kernel", "options": "key=k1,gp=1"}]
+        [{"policy": "p", "engine": "kernel", "options": "key=k1,gp=1,format=2"}]
 
 
 def test_killed_takakryptd_mount_is_reused(scratch):

@@ -119,8 +119,8 @@ def test_kernel_guard_point_down_at_start_is_closed_until_the_keystore_answers(s
 
 def test_kernel_rotation_usage_and_retire(scratch):
     """Rotation on a kernel guard point (docs/operations.md, "Rotating keys and live
-    rekey"): a new file, and a file truncated to 0, take the new version at once;
-    `keys versions --usage` counts
+    rekey"): a new file, a file truncated to 0 and a rewritten block of a TAKA v2 file
+    (the default format) take the new version at once; `keys versions --usage` counts
     the files per version through the in-place mount (takakryptd, the module's agent,
     is given the stored bytes there, so it reads the headers); `keys retire` refuses a
     version still in use; a live rekey is refused with the way out."""
@@ -130,6 +130,7 @@ def test_kernel_rotation_usage_and_retire(scratch):
     with running(scratch, cfg) as d:
         for i in range(3):
             (gp / f"old{i}").write_text(f"old {i}")
+        os.sync()  # stored under version 1 (a block first stored after it would be on 2)
         r = d.cli("keys", "rotate", "k1", *ks, "--json")
         assert json.loads(r.stdout)["current_version"] == 2
         (gp / "new").write_text("new")
@@ -145,8 +146,9 @@ def test_kernel_rotation_usage_and_retire(scratch):
         # reading the headers changed nothing: the files read as written
         assert [(gp / f"old{i}").read_text() for i in range(3)] == ["old 0", "old 1", "old 2"]
         assert (gp / "new").read_text() == "new"
-        # a truncate to 0 (O_TRUNC, or a size of 0) gives a file a new header on the
-        # current version; a truncate to another size keeps the file's version
+        # a truncate to 0 (O_TRUNC, or a size of 0) puts a file on the current version;
+        # a truncate to another size rewrites the new last block, which moves a v2 file
+        # (its untouched blocks -- none here -- would keep 1: it counts under both)
         (gp / "old0").write_text("rewritten")
         os.truncate(gp / "old1", 0)
         os.truncate(gp / "old2", 2)
@@ -155,4 +157,4 @@ def test_kernel_rotation_usage_and_retire(scratch):
         assert [(gp / f"old{i}").read_text() for i in range(3)] == ["rewritten", "", "ol"]
         use = json.loads(d.cli("keys", "versions", "k1", "--usage", str(gp), *ks,
                                "--json").stdout)
-        assert [(v["version"], v["files"]) for v in use["versions"]] == [(1, 1), (2, 3)], use
+        assert [(v["version"], v["files"]) for v in use["versions"]] == [(1, 1), (2, 4)], use

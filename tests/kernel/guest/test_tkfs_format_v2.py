@@ -6,7 +6,8 @@ reference reader; a block relabelled to another version fails closed (EIO).
 
 The environment is tkfs_env.kernel_env (ext4 lower, takakryptd serving keys, a FUSE
 guard point over the same lower directory).  The kernel mount is mounted again with
-format=2 for this file and put back as it was at the end.
+format=2 for this file and put back as it was at the end.  The file's name sorts it
+before test_tkfs_policy.py, whose own takakryptd takes the module's registration over.
 """
 
 from __future__ import annotations
