@@ -401,18 +401,16 @@ static int move_version(tk_fs *fs, tk_taka *t, int fd) {
     if (t->fmtv != 2 || t->hdr[32] != klen || memcmp(t->hdr + 33, fs->key_name, klen) != 0)
         return 0;
     pthread_mutex_lock(&fs->key_mu);
-    uint32_t cur = fs->current_version;
+    uint32_t cur = fs->current_version;  /* 0: not known yet, tk_key_get asks */
     pthread_mutex_unlock(&fs->key_mu);
+    if (cur && cur <= t->wver) return 0;
     uint8_t key[32];
-    if (cur == 0 && tk_key_get(fs, fs->key_name, 0, &cur, key) == 0)
-        OPENSSL_cleanse(key, sizeof key);
-    if (cur <= t->wver) return 0;
-    uint32_t got = 0;
     tk_gcm *g = NULL;
     uint8_t *mac = NULL;
-    if (tk_key_get(fs, fs->key_name, cur, &got, key) != 0) return 0;  /* stays as it is */
-    int rc = file_keys(t, key, cur, &g, &mac);
+    if (tk_key_get(fs, fs->key_name, cur, &cur, key) != 0) return 0;  /* stays as it is */
+    int rc = cur > t->wver ? file_keys(t, key, cur, &g, &mac) : 1;
     OPENSSL_cleanse(key, sizeof key);
+    if (rc > 0) return 0;  /* on the current version already */
     if (rc) {
         tk_gcm_free(g);
         tk_secmem_free(mac);
@@ -482,26 +480,13 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
     tk_taka_reset(t);
     uint8_t key[32];
     uint32_t ver = 0;
-    int rc = tk_key_get(fs, fs->key_name, 0, &ver, key);
-    if (rc) return -EKEYREJECTED;
-    size_t klen = strlen(fs->key_name);
-    uint8_t *h = t->hdr;
-    memcpy(h, "TAKA", 4);
-    h[4] = fs->cfg.format_version == 2 ? 2 : 1;
-    h[5] = 1;
-    t->bs = 4096;
-    put_le32(h + 8, t->bs);
-    put_le32(h + 12, ver);
-    if (h[4] == 2) put_le32(h + 108, ver);  /* oldest version */
-    if (getrandom(h + 16, 16, 0) != 16) rc = -EIO;
-    h[32] = (uint8_t)klen;
-    memcpy(h + 33, fs->key_name, klen);
-    t->size = 0;
+    if (tk_key_get(fs, fs->key_name, 0, &ver, key)) return -EKEYREJECTED;
+    int rc = tk_taka_init_new(t, fs->key_name, ver, key, 4096,
+                              fs->cfg.format_version == 2 ? 2 : 1);
+    OPENSSL_cleanse(key, sizeof key);
     uint64_t chunk, soft, hard;
     nonce_limits(&chunk, &soft, &hard);
-    if (rc == 0) rc = keys_from(t, key);
     put_lease(t, chunk);  /* the first lease, in the header written anyway */
-    OPENSSL_cleanse(key, sizeof key);
     /* a new file is empty: truncating it anyway would make ext4 flush it on close
      * (auto_da_alloc), one synchronous writeback start per created file */
     uint64_t phys = 0;
@@ -511,7 +496,6 @@ int tk_taka_create(tk_fs *fs, tk_inode *ino, int fd) {
         tk_taka_reset(t);
         return rc;
     }
-    t->state = 1;
     t->epoch = __atomic_load_n(&fs->taka_epoch, __ATOMIC_ACQUIRE);
     t->phys_ok = 1;  /* the header alone */
     return 0;

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from . import format as fmt
 from ._aesgcm import BlockCipher
-from .errors import BlockVersionMismatch, IntegrityError, KeyNotFound
+from .errors import IntegrityError, KeyNotFound
 from .keys.secret import wipe
 
 #: ``keys(name, version)`` -> the 32-byte data key, in a bytearray the callee may wipe
@@ -86,50 +86,32 @@ class FileKeys:
         the version each names. IntegrityError (``.block``) for a block that fails, or
         that names a version outside the header's range."""
         h = self.header
-        cipher = self.cipher(h.key_version)
         if h.version == 1:
-            return cipher.decrypt_into(raw, out, self._aad, first, holes=holes)
+            return self.cipher(h.key_version).decrypt_into(raw, out, self._aad, first,
+                                                           holes=holes)
         raw, out = memoryview(raw), memoryview(out)
         # runs of blocks of one version (their last four bytes), each in one native call;
-        # an all-zero trailer (a hole, or a damaged block the native check then refuses)
-        # joins the run it is in
+        # an all-zero trailer (a hole, or a damaged block the native check then refuses:
+        # BlockVersionMismatch, an IntegrityError) joins the run it is in, and leading
+        # ones the first run, so every block is decrypted and checked by some call
         runs: list[tuple[int, int]] = []  # (first relative block, version)
         for i in range(0, len(raw), self._sbs):
             end = min(i + self._sbs, len(raw))
             v = int.from_bytes(raw[end - 4:end], "little")
             if v and (not runs or runs[-1][1] != v):
                 runs.append((i // self._sbs, v))
-        if runs:  # leading all-zero trailers belong to the first run: every block is
-            runs[0] = (0, runs[0][1])  # decrypted (and checked) by some call
-        if len(runs) > 1:
-            written = 0
-            for k, (a, v) in enumerate(runs):
-                b = runs[k + 1][0] if k + 1 < len(runs) else -(-len(raw) // self._sbs)
-                if v not in h.versions:
-                    raise IntegrityError(
-                        f"block {first + a} names key version {v}, outside the file's "
-                        f"versions {h.oldest_version}..{h.key_version}", block=first + a)
-                written = a * self._bs + self.cipher(v).decrypt_into(
-                    raw[a * self._sbs:b * self._sbs], out[a * self._bs:], self._aad,
-                    first + a, holes=holes)
-            return written
-        if runs:
-            cipher = self.cipher(runs[0][1]) if runs[0][1] in h.versions else cipher
-        done = 0
-        while True:
-            try:
-                n = cipher.decrypt_into(raw[done * self._sbs:], out[done * self._bs:],
-                                        self._aad, first + done, holes=holes)
-            except BlockVersionMismatch as e:
-                if e.version not in h.versions:
-                    raise IntegrityError(
-                        f"block {e.block} names key version {e.version}, outside the "
-                        f"file's versions {h.oldest_version}..{h.key_version}",
-                        block=e.block) from None
-                done = e.block - first
-                cipher = self.cipher(e.version)
-                continue
-            return done * self._bs + n
+        runs[:1] = [(0, runs[0][1] if runs else h.key_version)]
+        written = 0
+        for k, (a, v) in enumerate(runs):
+            b = runs[k + 1][0] if k + 1 < len(runs) else -(-len(raw) // self._sbs)
+            if v not in h.versions:
+                raise IntegrityError(
+                    f"block {first + a} names key version {v}, outside the file's "
+                    f"versions {h.oldest_version}..{h.key_version}", block=first + a)
+            written = a * self._bs + self.cipher(v).decrypt_into(
+                raw[a * self._sbs:b * self._sbs], out[a * self._bs:], self._aad,
+                first + a, holes=holes)
+        return written
 
     def wipe(self) -> None:
         for c in self._ciphers.values():
