@@ -3,13 +3,13 @@
 # tests again on an ASan/UBSan build of the native code. Run through `make test` (which
 # installs first).
 #
-# Everything runs in one pytest, then the gate, then ASan. `TAKAKRYPT_TESTS_PARALLEL=1`
-# runs the tests that boot a VM (marker `vm`: the kernel module's guest suite, the
-# shipped systemd units, PostgreSQL under systemd; about 20 minutes under TCG) in a
-# second pytest beside the rest, output shown when both are done: 2-5 minutes shorter on
-# 2 cores, but the gate's FUSE request counts (pgbench) can move while a VM competes for
-# the CPU, so it is not the default. With arguments (`bash ci/test.sh tests/test_x.py
-# -k y`) only that pytest runs.
+# Everything runs in one pytest, then the gate, then ASan. The tests that boot a VM
+# (marker `vm`: the kernel module's guest suite, and one systemd boot for the shipped
+# units and PostgreSQL under systemd; 10-15 minutes each under TCG, about a core each)
+# start their two boots as soon as the tests are collected and run beside the rest
+# (tests/conftest.py, "the VM boots"; TAKAKRYPT_VM_EARLY=0: one at a time, when their
+# tests come). The gate runs after the pytest, with no VM left to compete for the CPU.
+# With arguments (`bash ci/test.sh tests/test_x.py -k y`) only that pytest runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -27,39 +27,10 @@ if [ $# -gt 0 ]; then
     exec "${PYTEST[@]}" "$@"
 fi
 
-if [ "${TAKAKRYPT_TESTS_PARALLEL:-0}" != 1 ]; then
-    "${PYTEST[@]}" "${SLOWEST[@]}" tests || exit $?
-    "$PY" benchmarks/perf/gate.py || exit $?
-    PY=$PY bash ci/asan.sh
-    exit $?
-fi
-
-vmlog=$(mktemp /tmp/takakrypt-vm-tests.XXXXXX.log)
 start=$(date +%s)
-"${PYTEST[@]}" "${SLOWEST[@]}" -m vm tests >"$vmlog" 2>&1 &
-vmpid=$!
-# a Ctrl-C or a CI timeout ends the VM part too
-trap 'kill -INT $vmpid 2>/dev/null; wait $vmpid 2>/dev/null; rm -f "$vmlog"; exit 130' INT TERM
-
-echo "== tests (the VM tests run beside these; their output follows at the end)"
-"${PYTEST[@]}" "${SLOWEST[@]}" -m "not vm" tests
-rc_main=$?
+"${PYTEST[@]}" "${SLOWEST[@]}" tests || exit $?
+echo "== tests took $(( $(date +%s) - start )) s"
 # the performance gate: instructions, FUSE requests and system calls counted on this
 # tree against benchmarks/baseline.json (docs/performance.md, "Performance gate")
-echo "== performance gate"
-"$PY" benchmarks/perf/gate.py
-rc_gate=$?
-echo "== ASan/UBSan build"
+"$PY" benchmarks/perf/gate.py || exit $?
 PY=$PY bash ci/asan.sh
-rc_asan=$?
-
-echo "== VM tests (-m vm; started $(( $(date +%s) - start )) s ago)"
-wait $vmpid
-rc_vm=$?
-trap - INT TERM
-cat "$vmlog"
-rm -f "$vmlog"
-echo "== exit codes: tests $rc_main, performance gate $rc_gate, ASan $rc_asan, VM tests $rc_vm"
-for rc in $rc_main $rc_gate $rc_asan $rc_vm; do
-    [ "$rc" -eq 0 ] || exit "$rc"
-done

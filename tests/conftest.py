@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,29 +39,86 @@ def wtmp():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def systemd_guest(request, tmp_path_factory):
-    """One VM boot with systemd as PID 1 for every systemd VM test this session runs.
+# --- the VM boots: started when the session starts, beside the other tests -----------
+# Each VM job (the kernel suite's boot, the shared systemd boot) takes 10-15 minutes
+# under TCG and keeps about one core busy.  They start together as soon as the tests are
+# collected, each in a thread of its own, and run beside each other and the host tests;
+# the fixture of a VM test waits for its job's result.  TAKAKRYPT_VM_EARLY=0 runs each
+# job when its first test asks for it instead (one VM at a time, nothing beside it).
+_VM_JOBS: dict[str, "VmJob"] = {}
 
-    A test module that uses this fixture names its guest side in ``SYSTEMD_GUEST =
-    (script, timeout seconds, memory)`` and may define ``prepare_guest(out)`` (run on
-    the host before the boot).  The boot runs the scripts of the modules whose tests are
-    selected and not skipped, one after the other (tests/vmharness.py, ``boot_guests``):
-    a boot costs about a minute under TCG before the first script starts.  Returns
-    {module name: OUT directory}; ``vmharness.result_of(out)`` reads a result."""
+
+def _selected(item) -> bool:
+    """The test runs (is not skipped by a true skipif)."""
+    return not any(m.args and m.args[0] for m in item.iter_markers("skipif"))
+
+
+class VmJob:
+    """fn() run once, in a thread started by start() or by the first result() call."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.thread, self.value, self.error = fn, None, None, None
+
+    def _run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as e:  # reported by result(), in the test that waits
+            self.error = e
+
+    def start(self) -> None:
+        if self.thread is None:
+            import threading
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+
+    def result(self):
+        self.start()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def vm_job(name: str, fn) -> VmJob:
+    """The session's job NAME (made from FN the first time)."""
+    return _VM_JOBS.setdefault(name, VmJob(fn))
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    factory = session.config._tmp_path_factory
+    if any("systemd_guest" in getattr(i, "fixturenames", ()) and _selected(i)
+           for i in session.items):
+        vm_job("systemd", lambda: _boot_systemd(session.items, factory))
+    for mod in {i.module for i in session.items if _selected(i)}:
+        early = getattr(mod, "vm_jobs", None)
+        if early is not None:
+            for name, fn in early(factory).items():
+                vm_job(name, fn)
+    if os.environ.get("TAKAKRYPT_VM_EARLY", "1") != "0":
+        for job in _VM_JOBS.values():
+            job.start()
+
+
+def pytest_sessionfinish(session):
+    # a session that ends early (-x, Ctrl-C) leaves no VM running
+    harness = sys.modules.get("vmharness")
+    if harness is not None:
+        harness.kill_running_vms()
+
+
+def _boot_systemd(items, factory) -> dict:
     from vmharness import boot_guests
 
     mods = {}
-    for item in request.session.items:
-        if "systemd_guest" not in getattr(item, "fixturenames", ()):
-            continue
-        if any(m.args and m.args[0] for m in item.iter_markers("skipif")):
-            continue  # the test skips: its script need not run
-        mods.setdefault(item.module.__name__, item.module)
+    for item in items:
+        if "systemd_guest" in getattr(item, "fixturenames", ()) and _selected(item):
+            mods.setdefault(item.module.__name__, item.module)
     runs, memory = [], 0
     for name, mod in mods.items():
         script, timeout, mem = mod.SYSTEMD_GUEST
-        out = tmp_path_factory.mktemp(name)
+        out = factory.mktemp(name)
         os.chmod(out, 0o755)
         if hasattr(mod, "prepare_guest"):
             mod.prepare_guest(out)
@@ -70,3 +128,18 @@ def systemd_guest(request, tmp_path_factory):
         return {}
     boot_guests(runs, memory=f"{memory}G")
     return {name: out for name, (_, out, _) in zip(mods, runs)}
+
+
+@pytest.fixture(scope="session")
+def systemd_guest(request):
+    """One VM boot with systemd as PID 1 for every systemd VM test this session runs.
+
+    A test module that uses this fixture names its guest side in ``SYSTEMD_GUEST =
+    (script, timeout seconds, memory)`` and may define ``prepare_guest(out)`` (run on
+    the host before the boot).  The boot runs the scripts of the modules whose tests are
+    selected and not skipped, one after the other (tests/vmharness.py, ``boot_guests``):
+    a boot costs about a minute under TCG before the first script starts.  It starts
+    with the session (above).  Returns {module name: OUT directory};
+    ``vmharness.result_of(out)`` reads a result."""
+    job = _VM_JOBS.get("systemd")
+    return job.result() if job is not None else {}

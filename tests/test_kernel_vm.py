@@ -68,8 +68,21 @@ pytestmark = [
 ]
 
 
+def vm_jobs(factory) -> dict:
+    """The suite's boot, started with the session beside the other tests
+    (tests/conftest.py, "the VM boots")."""
+    return {"kernel-suite": lambda: _run_suite(factory)}
+
+
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
+    from conftest import vm_job
+    run, results = vm_job("kernel-suite", lambda: _run_suite(tmp_path_factory)).result()
+    print(f"\nguest run: exit {run.rc}; results in {run.out}")
+    return run, results
+
+
+def _run_suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("kvm")
     out.chmod(0o755)
     vmlinuz = vm.kernel("6.1.")
@@ -89,7 +102,6 @@ def suite(tmp_path_factory):
         "PYTHONPATH": f"{TREE / 'src'}:{TREE / 'tests'}", "HYPOTHESIS_PROFILE": "ci",
         "TAKAKRYPT_TEST_FORK_CLI": "1",
         "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"})
-    print(f"\nguest run: exit {run.rc}; results in {out}")
     return run, _results(junit)
 
 

@@ -32,6 +32,7 @@ DIRTY = """\
 [    6.500000] INFO: task umount:901 blocked for more than 120 seconds.
 [    7.000000] BUG kmalloc-64 (Tainted: G           OE     ): Objects remaining in kmalloc-64 on __kmem_cache_shutdown()
 [    7.100000] kmem_cache_destroy tkfs_inode: Slab cache still has objects when called from tkfs_exit+0x20/0x40 [takakryptfs]
+[    7.200000] VFS: Busy inodes after unmount of takakryptfs (takakryptfs)
 [    8.000000] kmemleak: 2 new suspected memory leaks (see /sys/kernel/debug/kmemleak)
 [    8.100000] UBSAN: shift-out-of-bounds in fs/takakryptfs/header.c:42:9
 [    8.200000] BUG: KASAN: slab-out-of-bounds in tkfs_read_folio+0x1a/0x50
@@ -52,6 +53,7 @@ def test_dirty_log_reports_every_kind():
     assert found == expected
     for word in ("WARNING:", "Call Trace", "NULL pointer", "Oops", "general protection",
                  "circular locking", "INFO: task", "Objects remaining", "still has objects",
+                 "Busy inodes",
                  "kmemleak", "UBSAN", "KASAN", "Kernel panic"):
         assert any(word in x for x in found), word
 
@@ -67,9 +69,8 @@ def test_newest_kernel_is_chosen(tmp_path, monkeypatch):
 
 
 def test_every_vm_test_is_marked_vm():
-    """``TAKAKRYPT_TESTS_PARALLEL=1 ci/test.sh`` runs the tests marked ``vm`` beside the
-    others (``-m vm`` / ``-m "not vm"``): a test file that boots a VM without the mark
-    would run in the foreground part, and the two-part run would not be what it says."""
+    """``-m "not vm"`` leaves out every test that boots a VM (a quick run of the host
+    tests): a test file that boots one without the mark would still boot it."""
     import re
     from pathlib import Path
     here = Path(__file__).resolve().parent
@@ -103,3 +104,29 @@ def test_forked_cli_matches_the_command(monkeypatch, tmp_path):
     assert got["1"][2].returncode != 0 and "missing" in got["1"][2].stderr
     raw = run_takakrypt(["--version"], text=False)
     assert isinstance(raw.stdout, bytes) and raw.stdout.startswith(b"takakrypt ")
+
+
+def test_vm_job_runs_once_and_reports_its_error():
+    """A VM job (tests/conftest.py) runs its function once, whether started early or
+    asked for first; its exception reaches every test that waits for it."""
+    import pytest
+    from conftest import VmJob
+    calls = []
+    job = VmJob(lambda: calls.append(1) or 7)
+    job.start()
+    job.start()
+    assert job.result() == 7 and job.result() == 7 and calls == [1]
+    bad = VmJob(lambda: 1 / 0)
+    for _ in range(2):
+        with pytest.raises(ZeroDivisionError):
+            bad.result()
+
+
+def test_running_vms_are_killed_at_the_end(tmp_path):
+    """A session that ends early kills the VMs still running (their process group)."""
+    import subprocess
+    proc = vm._start_vm(["sh", "-c", "sleep 60 & sleep 60"], cwd=tmp_path,
+                        stdout=subprocess.DEVNULL)
+    assert proc.poll() is None
+    vm.kill_running_vms()
+    assert proc.poll() is not None and proc not in vm._RUNNING

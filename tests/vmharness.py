@@ -19,6 +19,7 @@ and carry results back.  Two ways to boot:
 from __future__ import annotations
 
 import compileall
+import contextlib
 import glob
 import json
 import os
@@ -28,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,8 +119,10 @@ def boot_guests(runs: list[tuple[Path, Path, float]], memory: str = "1G") -> lis
     first = runs[0][1]
     steps = first / "guest-steps.sh"
     steps.write_text("".join(
+        f"date +%s.%N >{q(str(out / 'guest-time'))}; "
         f"timeout -k 10 {int(t)} {q(sys.executable)} {q(str(script))} {q(str(TREE))} "
-        f"{q(str(out))} >{q(str(out / 'guest.log'))} 2>&1\n" for script, out, t in runs))
+        f"{q(str(out))} >{q(str(out / 'guest.log'))} 2>&1; "
+        f"date +%s.%N >>{q(str(out / 'guest-time'))}\n" for script, out, t in runs))
     guest_cmd = f"sh {q(str(steps))}"
     cmd = [vng(), "--run", kernel(), "--disable-kvm", "--memory", memory, "--systemd",
            *(f"--rwdir={out}" for _, out, _ in runs),
@@ -154,9 +158,7 @@ START_LIMIT = 300
 def _boot_once(cmd: list[str], first: Path, log, timeout: float) -> bool:
     """Run one boot; False when it never started the first script (killed after
     START_LIMIT: a boot that hangs is retried once, not waited for an hour)."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=first, env=_env(),
-                            start_new_session=True)
+    proc = _start_vm(cmd, cwd=first, stdout=log)
     t0 = time.monotonic()
     try:
         while proc.poll() is None:
@@ -169,9 +171,40 @@ def _boot_once(cmd: list[str], first: Path, log, timeout: float) -> bool:
             time.sleep(1)
         return True
     finally:
-        if proc.poll() is None:
+        _end_vm(proc)
+
+
+#: the VMs running now (several may run at once: tests/conftest.py starts the kernel
+#: suite's boot and the systemd boot together, each in a thread)
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def _start_vm(cmd: list[str], cwd: Path, stdout) -> subprocess.Popen:
+    """vng in a session of its own (QEMU and its helpers are killed as a group)."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout,
+                            stderr=subprocess.STDOUT, cwd=cwd, env=_env(),
+                            start_new_session=True)
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
+    return proc
+
+
+def _end_vm(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
+    with _RUNNING_LOCK:
+        _RUNNING.discard(proc)
+
+
+def kill_running_vms() -> None:
+    """Kill every VM still running (a test session that ends early)."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for proc in running:
+        _end_vm(proc)
 
 
 def result_of(out: Path) -> dict:
@@ -230,11 +263,13 @@ def run_guest(out: Path, command: str, *, timeout: float = 900, memory: str = "2
     cmd = [vng(), "--run", kernel(series), "--disable-kvm", "--memory", memory,
            "--cpus", str(cpus), "--verbose", f"--rwdir={out}", "--exec", script]
     with open(out / "console.log", "wb") as log:
+        proc = _start_vm(cmd, cwd=out, stdout=log)
         try:
-            subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                           cwd=out, env=_env(), timeout=timeout, check=False)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             log.write(f"\n[host] the VM did not finish within {timeout:g} s\n".encode())
+        finally:
+            _end_vm(proc)
     rc_file = out / "rc"
     rc = int(rc_file.read_text().strip()) if rc_file.exists() and \
         rc_file.read_text().strip().isdigit() else None
@@ -260,6 +295,7 @@ _PROBLEMS = [re.compile(p) for p in (
     r"rcu_sched self-detected stall|rcu: INFO",
     r"kmemleak",
     r"Slab cache still has objects",
+    r"Busy inodes after unmount",      # an inode reference outlived its super block
     r"Call Trace:",
 )]
 _STAMP = re.compile(r"^(<\d+>)?\s*\[\s*\d+\.\d+\]\s?")
