@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -88,6 +89,9 @@ def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
     factory = session.config._tmp_path_factory
+    # the base directory made here, once: getbasetemp() is not safe to race from the
+    # job threads (three threads made three numbered directories)
+    factory.getbasetemp()
     if any("systemd_guest" in getattr(i, "fixturenames", ()) and _selected(i)
            for i in session.items):
         vm_job("systemd", lambda: _boot_systemd(session.items, factory))
@@ -96,9 +100,17 @@ def pytest_collection_finish(session):
         if early is not None:
             for name, fn in early(factory).items():
                 vm_job(name, fn)
+    if _VM_JOBS and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # a SIGTERM (a CI timeout, `timeout`) ends the session like Ctrl-C, so that
+        # pytest_sessionfinish kills the VMs (they run in sessions of their own)
+        signal.signal(signal.SIGTERM, _interrupt)
     if os.environ.get("TAKAKRYPT_VM_EARLY", "1") != "0":
         for job in _VM_JOBS.values():
             job.start()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_sessionfinish(session):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import os
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -87,8 +86,7 @@ def _run_suite(tmp_path_factory):
     out.chmod(0o755)
     vmlinuz = vm.kernel("6.1.")
     kbuild = vm.headers_for(vmlinuz)
-    build = subprocess.run(["make", "-C", str(KDIR), f"KDIR={kbuild}"], capture_output=True,
-                           text=True, timeout=900)
+    build = vm.build_module(KDIR, kbuild)
     (out / "build.log").write_text(build.stdout + build.stderr)
     assert build.returncode == 0, f"make -C kernel KDIR={kbuild}:\n{build.stderr[-4000:]}"
     ko = KDIR / "takakryptfs.ko"

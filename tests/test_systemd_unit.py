@@ -14,12 +14,11 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from vmharness import TREE, headers_for, kernel, missing, result_of
+from vmharness import TREE, build_module, headers_for, kernel, missing, result_of
 
 
 def _missing() -> list[str]:
@@ -54,8 +53,7 @@ def _build_module(out: Path) -> None:
     kbuild = headers_for(kernel())
     if kbuild is None:
         return
-    b = subprocess.run(["make", "-C", str(TREE / "kernel"), f"KDIR={kbuild}"],
-                       capture_output=True, text=True, timeout=900)
+    b = build_module(TREE / "kernel", kbuild)
     (out / "module-build.log").write_text(b.stdout + b.stderr)
     if b.returncode == 0:
         shutil.copy(TREE / "kernel" / "takakryptfs.ko", out / "takakryptfs.ko")

@@ -174,6 +174,18 @@ def _boot_once(cmd: list[str], first: Path, log, timeout: float) -> bool:
         _end_vm(proc)
 
 
+_BUILD_LOCK = threading.Lock()
+
+
+def build_module(kdir: Path, kbuild: str) -> subprocess.CompletedProcess:
+    """``make -C KDIR KDIR=KBUILD``, one at a time: the kernel suite and the systemd boot
+    build the same tree from two threads (tests/conftest.py), and two Kbuild runs in one
+    directory race for its objects.  The second finds everything up to date."""
+    with _BUILD_LOCK:
+        return subprocess.run(["make", "-C", str(kdir), f"KDIR={kbuild}"],
+                              capture_output=True, text=True, timeout=900)
+
+
 #: the VMs running now (several may run at once: tests/conftest.py starts the kernel
 #: suite's boot and the systemd boot together, each in a thread)
 _RUNNING: set[subprocess.Popen] = set()
