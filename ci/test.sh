@@ -5,10 +5,10 @@
 #
 # Everything runs in one pytest, then the gate, then ASan. The tests that boot a VM
 # (marker `vm`: the kernel module's guest suite, and one systemd boot for the shipped
-# units and PostgreSQL under systemd; 10-15 minutes each under TCG, about a core each)
-# start their two boots as soon as the tests are collected and run beside the rest
-# (tests/conftest.py, "the VM boots"; TAKAKRYPT_VM_EARLY=0: one at a time, when their
-# tests come). The gate runs after the pytest, with no VM left to compete for the CPU.
+# units and PostgreSQL under systemd; 10-15 minutes each under TCG) run last, one VM at
+# a time (tests/conftest.py, "the VM boots"; TAKAKRYPT_VM_EARLY=1 starts both at once
+# beside the other tests: not faster on 2 cores). The gate runs after the pytest, with
+# no VM left to compete for the CPU.
 # With arguments (`bash ci/test.sh tests/test_x.py -k y`) only that pytest runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."

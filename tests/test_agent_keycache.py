@@ -92,6 +92,10 @@ def test_mid_run_keys_served_until_ttl_then_denied_then_back(tmp_path):
             # after the TTL: dropped everywhere, every access fails (and never hangs)
             assert until(lambda: _denied(_py(READ, str(gp / "a.txt"))), timeout=20)
             assert _denied(_py(WRITE, str(gp / "b.txt"), "new"))
+            # the data path drops its copies in the upkeep round that sees the expiry
+            # (a request that meets the expired key first is denied at once): that
+            # round closes the guard point too (docs/keys.md, "Expired")
+            assert until(lambda: _status(d)["guard_points"][0]["closed"], timeout=20)
             out, _ = holder.communicate("\n", timeout=30)
             assert out.strip() == "errno 5", out  # EIO: the data path's copy is gone
             st = _status(d)
