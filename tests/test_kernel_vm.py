@@ -68,8 +68,8 @@ pytestmark = [
 
 
 def vm_jobs(factory) -> dict:
-    """The suite's boot, started with the session beside the other tests
-    (tests/conftest.py, "the VM boots")."""
+    """The suite's boot as a VM job (tests/conftest.py, "the VM boots"): run when its
+    first test asks, or with the session's start under TAKAKRYPT_VM_EARLY=1."""
     return {"kernel-suite": lambda: _run_suite(factory)}
 
 

@@ -186,8 +186,8 @@ def build_module(kdir: Path, kbuild: str) -> subprocess.CompletedProcess:
                               capture_output=True, text=True, timeout=900)
 
 
-#: the VMs running now (several may run at once: tests/conftest.py starts the kernel
-#: suite's boot and the systemd boot together, each in a thread)
+#: the VMs running now (several at once under TAKAKRYPT_VM_EARLY=1: tests/conftest.py
+#: then starts the kernel suite's boot and the systemd boot together, each in a thread)
 _RUNNING: set[subprocess.Popen] = set()
 _RUNNING_LOCK = threading.Lock()
 
