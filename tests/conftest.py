@@ -57,6 +57,10 @@ def _selected(item) -> bool:
     return not any(m.args and m.args[0] for m in item.iter_markers("skipif"))
 
 
+def _uses_systemd_guest(item) -> bool:
+    return "systemd_guest" in getattr(item, "fixturenames", ())
+
+
 class VmJob:
     """fn() run once, in a thread started by start() or by the first result() call."""
 
@@ -90,8 +94,7 @@ def vm_job(name: str, fn) -> VmJob:
 
 def _waits_for_a_vm(item) -> bool:
     mod = getattr(item, "module", None)
-    return ("systemd_guest" in getattr(item, "fixturenames", ())
-            or getattr(mod, "vm_jobs", None) is not None)
+    return _uses_systemd_guest(item) or getattr(mod, "vm_jobs", None) is not None
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -108,8 +111,7 @@ def pytest_collection_finish(session):
     # the base directory made here, once: getbasetemp() is not safe to race from the
     # job threads (three threads made three numbered directories)
     factory.getbasetemp()
-    if any("systemd_guest" in getattr(i, "fixturenames", ()) and _selected(i)
-           for i in session.items):
+    if any(_uses_systemd_guest(i) and _selected(i) for i in session.items):
         vm_job("systemd", lambda: _boot_systemd(session.items, factory))
     for mod in {i.module for i in session.items if _selected(i)}:
         early = getattr(mod, "vm_jobs", None)
@@ -141,7 +143,7 @@ def _boot_systemd(items, factory) -> dict:
 
     mods = {}
     for item in items:
-        if "systemd_guest" in getattr(item, "fixturenames", ()) and _selected(item):
+        if _uses_systemd_guest(item) and _selected(item):
             mods.setdefault(item.module.__name__, item.module)
     runs, memory = [], 0
     for name, mod in mods.items():

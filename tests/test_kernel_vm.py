@@ -76,7 +76,7 @@ def vm_jobs(factory) -> dict:
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     from conftest import vm_job
-    run, results = vm_job("kernel-suite", lambda: _run_suite(tmp_path_factory)).result()
+    run, results = vm_job("kernel-suite", vm_jobs(tmp_path_factory)["kernel-suite"]).result()
     print(f"\nguest run: exit {run.rc}; results in {run.out}")
     return run, results
 
