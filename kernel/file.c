@@ -234,6 +234,8 @@ const struct file_operations tkfs_file_fops = {
 	.splice_read = generic_file_splice_read,
 	.splice_write = iter_file_splice_write,
 	.copy_file_range = tkfs_copy_file_range,
+	.unlocked_ioctl = tkfs_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
 };
 
 /* ---- directories -------------------------------------------------------------------- */

@@ -116,9 +116,13 @@ static ssize_t raw_write_iter(struct kiocb *iocb, struct iov_iter *from)
 	struct file *file = iocb->ki_filp, *lf = lower_of(file);
 	ssize_t r;
 
+	/* the mount inode's lock: a live rekey's range (rekey.c) is never interleaved
+	 * with the stored bytes a restore writes */
+	inode_lock(file_inode(file));
 	file_start_write(lf);
 	r = vfs_iter_write(lf, from, &iocb->ki_pos, 0);
 	file_end_write(lf);
+	inode_unlock(file_inode(file));
 	if (r > 0)
 		tkfs_raw_changed(file_inode(file));
 	return r;
@@ -153,7 +157,11 @@ static int raw_mmap(struct file *file, struct vm_area_struct *vma)
 
 static long raw_fallocate(struct file *file, int mode, loff_t off, loff_t len)
 {
-	long r = vfs_fallocate(lower_of(file), mode, off, len);
+	long r;
+
+	inode_lock(file_inode(file));
+	r = vfs_fallocate(lower_of(file), mode, off, len);
+	inode_unlock(file_inode(file));
 
 	if (!r && !(mode & FALLOC_FL_KEEP_SIZE))
 		tkfs_raw_changed(file_inode(file));
@@ -200,4 +208,6 @@ const struct file_operations tkfs_raw_fops = {
 	.fallocate = raw_fallocate,
 	.splice_read = generic_file_splice_read,
 	.splice_write = iter_file_splice_write,
+	.unlocked_ioctl = tkfs_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
 };

@@ -252,6 +252,9 @@ void tkfs_raw_changed(struct inode *inode);
 ssize_t tkfs_copy_file_range(struct file *in, loff_t pos_in, struct file *out, loff_t pos_out,
 			     size_t len, unsigned int flags);
 
+/* rekey.c: live rekey ioctls (include/uapi/takakrypt_ioctl.h) */
+long tkfs_ioctl(struct file *file, unsigned int cmd, unsigned long arg);
+
 /* file.c */
 extern const struct file_operations tkfs_file_fops;
 extern const struct file_operations tkfs_dir_fops;

@@ -180,6 +180,7 @@ class Agent(_S):
     control_socket: str = "/run/takakrypt/control.sock"
     protocol_socket: str = "/run/takakrypt/agent.sock"
     pid_file: str = "/run/takakrypt/takakryptd.pid"
+    state_dir: str = "/var/lib/takakrypt"   # engine kernel: live rekey state (0700)
     request_timeout: float = 5.0
     key_requests: bool = False    # serve KEY_REQUEST/ENCRYPT/DECRYPT on the protocol socket
     metrics: Metrics | None = None
@@ -541,6 +542,8 @@ def _check(cfg: Config, errors: _Errors) -> None:
     if cfg.keys.kmip is not None:
         _check_kmip(cfg.keys.kmip, cfg.keys.backend == "kmip", errors)
     _check_key_cache(cfg.keys, errors)
+    if not os.path.isabs(cfg.agent.state_dir):
+        errors.add("$.agent.state_dir", "must be an absolute path")
     if cfg.agent.request_timeout <= 0:
         errors.add("$.agent.request_timeout", "must be positive")
     if cfg.agent.cache.max_entries < 1:

@@ -141,6 +141,7 @@ class KernelEngine:
         self._audit_system("guard-point", what, {"policy": gp.policy, "engine": "kernel",
                                                  "options": g.data}, path=path)
         log.info("%s: %s (engine kernel, -o %s, policy %s)", what, path, g.data, gp.policy)
+        await self._off_loop(self._rekey_attach, path)  # type: ignore[attr-defined]
 
     async def kernel_status(self) -> dict[str, Any]:
         """The module's state for ``status``: asked now with STATUS_REQUEST when this

@@ -236,9 +236,11 @@ class Pacer:
 
 
 class Rekey:
-    """The rekey of one guard point.  ``guard`` is the data path (a FUSE GuardPoint):
-    ``rekey_file(relpath, version=, rate=) -> (outcome, bytes)``, ``rekey_cancel(bool)``
-    and ``backing_fd()`` (a descriptor of the backing directory, under the mount)."""
+    """The rekey of one guard point.  ``guard`` is the data path (a FUSE GuardPoint, or
+    :class:`takakrypt.agent.krekey.KernelRekeyFiles`):
+    ``rekey_file(relpath, version=, rate=) -> (outcome, bytes)``, ``rekey_cancel(bool)``,
+    ``backing_fd()`` (a descriptor of the directory to walk) and optionally
+    ``state_fd()`` (of the directory for the state file; default the walked one)."""
 
     def __init__(self, guard_path: str, key: str, guard: Any, *,
                  audit: Callable[[str, str, dict[str, Any], str], None],
@@ -249,12 +251,15 @@ class Rekey:
         self._audit = audit
         self._current_version = current_version
         self._dirfd = guard.backing_fd()
+        # where the state file lives: the backing directory (FUSE, which hides it), or
+        # takakryptd's state directory (engine kernel: agent.krekey)
+        self._statefd = guard.state_fd() if hasattr(guard, "state_fd") else self._dirfd
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False          # shutdown: leave the state as it is (resumed later)
         self._given_up: set[str] = set()  # failed or skipped in this process: not swept
-        self.state: RekeyState | None = load_state(self._dirfd)
+        self.state: RekeyState | None = load_state(self._statefd)
 
     # control ------------------------------------------------------------------------------
     def start(self, rate: int, version: int = 0, *, restart: bool = False) -> dict[str, Any]:
@@ -272,7 +277,7 @@ class Rekey:
                              key=self.key, target_version=target, state=RUNNING,
                              rate=rate, started=now, updated=now)
             try:
-                save_state(self._dirfd, new)
+                save_state(self._statefd, new)
             except OSError as e:
                 raise _state_error(self.guard_path, e) from None
             self._given_up.clear()
@@ -289,7 +294,7 @@ class Rekey:
             if st is None or st.state != RUNNING:
                 return False
             st.runs += 1
-            save_state(self._dirfd, st)
+            save_state(self._statefd, st)
         self._audit("rekey", "rekey resumed after a restart of takakryptd",
                     {"key": self.key, "target_version": st.target_version,
                      "files_done": st.as_dict()["files_done"]}, self.guard_path)
@@ -304,7 +309,7 @@ class Rekey:
             st.state = PAUSED
             st.reason = "paused by the operator"
             try:
-                save_state(self._dirfd, st)
+                save_state(self._statefd, st)
             except OSError as e:
                 # paused all the same; the file still says running, so a restart of
                 # takakryptd would resume the run: say so
@@ -328,7 +333,7 @@ class Rekey:
             if rate is not None:
                 st.rate = rate
             try:
-                save_state(self._dirfd, st)
+                save_state(self._statefd, st)
             except OSError as e:
                 st.state, st.reason, st.rate = before
                 raise _state_error(self.guard_path, e) from None
@@ -350,10 +355,11 @@ class Rekey:
         """takakryptd stops: end the thread, keep the state (a running rekey resumes
         at the next start)."""
         self._halt()
-        try:
-            os.close(self._dirfd)
-        except OSError:
-            pass
+        for fd in {self._dirfd, self._statefd}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _halt(self) -> None:
         """End the thread (the file being copied stops at its next chunk), leaving the
@@ -412,7 +418,7 @@ class Rekey:
                 self._one("/".join(parts), pacer)
                 with self._lock:
                     st.cursor = list(parts)
-                    save_state(self._dirfd, st)
+                    save_state(self._statefd, st)
             if not self._retry_busy(pacer):
                 return
             if not self._sweep(pacer):
@@ -420,7 +426,7 @@ class Rekey:
             with self._lock:
                 st.state = DONE
                 st.finished = time.time()
-                save_state(self._dirfd, st)
+                save_state(self._statefd, st)
             d = st.as_dict()
             self._audit("rekey", f"rekey finished: {d['files_rekeyed']} file(s) rekeyed to "
                         f"version {st.target_version}, {d['files_failed']} failed",
@@ -455,7 +461,7 @@ class Rekey:
                              f"for {what}: once it does, run `takakrypt rekey resume "
                              f"{self.guard_path}`")
             try:
-                save_state(self._dirfd, st)
+                save_state(self._statefd, st)
             except OSError:
                 pass  # the file says running: a restart resumes and pauses again if full
         log.warning("rekey of %s paused: %s", self.guard_path, st.reason)
@@ -470,7 +476,7 @@ class Rekey:
         with self._lock:
             st.state, st.reason = FAILED, f"{type(e).__name__}: {e}"
             try:
-                save_state(self._dirfd, st)
+                save_state(self._statefd, st)
             except OSError:
                 pass
         self._audit("rekey", f"rekey failed: {st.reason}", {}, self.guard_path)
@@ -485,7 +491,7 @@ class Rekey:
                     return False
                 self._one(rel, pacer, retry=True)
                 with self._lock:
-                    save_state(self._dirfd, st)
+                    save_state(self._statefd, st)
             if st.busy:
                 self._sleep(0.5)
         return self._running()
@@ -502,11 +508,11 @@ class Rekey:
         with self._lock:
             if st.phase != "sweep":
                 st.phase = "sweep"
-                save_state(self._dirfd, st)
+                save_state(self._statefd, st)
         while True:
             with self._lock:
                 st.sweeps += 1
-                save_state(self._dirfd, st)
+                save_state(self._statefd, st)
             given_up = self._given_up | {e["path"] for e in st.errors}
             old = [rel for rel, v in key_versions(self._dirfd, st.key)
                    if v < st.target_version and rel not in given_up]
@@ -518,7 +524,7 @@ class Rekey:
                     for rel in old[:max(0, MAX_ERRORS_KEPT - len(st.errors))]:
                         st.errors.append({"path": rel, "error": "still on an older version "
                                           f"after {MAX_SWEEPS} sweeps (renamed during each)"})
-                    save_state(self._dirfd, st)
+                    save_state(self._statefd, st)
                 return self._running()
             log.info("rekey of %s: sweep %d found %d file(s) on an older version",
                      self.guard_path, st.sweeps, len(old))
@@ -529,7 +535,7 @@ class Rekey:
                 self._one(rel, pacer)
                 with self._lock:
                     st.files_swept += st.files_rekeyed - before
-                    save_state(self._dirfd, st)
+                    save_state(self._statefd, st)
             if not self._retry_busy(pacer):
                 return False
 

@@ -1,5 +1,6 @@
 """takakryptd's side of live rekey and key usage (``takakrypt rekey``, ``takakrypt keys
-versions --usage``): a :class:`takakrypt.agent.rekey.Rekey` per FUSE guard point,
+versions --usage``): a :class:`takakrypt.agent.rekey.Rekey` per guard point (FUSE: the
+engine's copy and swap; kernel: the module's in-place sealing, agent.krekey),
 created on demand, resumed after a restart when its state file says it was running,
 closed (state kept) when the guard point is released or handed over.
 :class:`RekeyAgent` is a mixin of :class:`takakrypt.agent.daemon.Agent`."""
@@ -12,6 +13,7 @@ from typing import Any
 
 from .. import config as C
 from ..errors import AgentError, UsageError
+from . import krekey
 from . import rekey as R
 
 log = logging.getLogger("takakryptd")
@@ -38,18 +40,25 @@ class RekeyAgent:
         if rk is not None or not create:
             return rk
         gp = self._guard_spec(path)
-        if gp.engine != "fuse":
-            raise UsageError(f"{path}: live rekey runs on engine fuse guard points only "
-                             "(docs/operations.md, \"Live rekey\"); switch the guard point "
-                             "to engine: fuse for the rekey (no re-encryption) and back")
         g = self.guards.get(path)  # type: ignore[attr-defined]
-        if g is None or not hasattr(g, "rekey_file"):
+        if g is None or not (hasattr(g, "rekey_file") or getattr(g, "engine", "") == "kernel"):
             raise UsageError(f"{path}: the guard point is not mounted "
                              f"({self.guard_errors.get(path) or 'disabled or failed'})")  # type: ignore[attr-defined]
-        rk = R.Rekey(path, gp.key, g, audit=self._rekey_audit,
+        data = g if hasattr(g, "rekey_file") else self._kernel_rekey_files(path, gp)
+        rk = R.Rekey(path, gp.key, data, audit=self._rekey_audit,
                      current_version=lambda name: self.keys.current_version(name))  # type: ignore[attr-defined]
         self.rekeys[path] = rk
         return rk
+
+    def _kernel_rekey_files(self, path: str, gp: C.GuardPoint) -> Any:
+        """The rekey data path of a mounted ``engine: kernel`` guard point: the module
+        seals blocks again in place (agent.krekey), asked by this process, which it must
+        know as its registered agent (the stored bytes of the files, the ioctls)."""
+        if self._genl() is None:  # type: ignore[attr-defined]
+            raise UsageError(f"{path}: the kernel module has not registered this takakryptd "
+                             "(generic netlink transport down): `takakrypt status` says why; "
+                             "the rekey needs it")
+        return krekey.KernelRekeyFiles(path, self.config.agent.state_dir, path, gp.key)  # type: ignore[attr-defined]
 
     def _rekey_audit(self, kind: str, reason: str, detail: dict[str, Any], path: str) -> None:
         self._audit_system(kind, reason, detail, path=path)  # type: ignore[attr-defined]
@@ -59,12 +68,29 @@ class RekeyAgent:
         killed rekey left, and resume its rekey if the state file in its backing
         directory says one was running."""
         g = self.guards.get(path)  # type: ignore[attr-defined]
-        if g is None or not hasattr(g, "backing_fd"):
+        if g is None:
             return
         try:
-            fd = g.backing_fd()
-            try:
+            if getattr(g, "engine", "") == "kernel":
+                # no temporaries (blocks are sealed again in place); the state and the
+                # journal of the range being sealed are in takakryptd's state directory
+                n = 0
+                if not os.path.isdir(krekey.state_dir_for(self.config.agent.state_dir, path)):  # type: ignore[attr-defined]
+                    return
+                files = self._kernel_rekey_files(path, self._guard_spec(path))
+                torn = files.replay(self.keys.get)  # type: ignore[attr-defined]
+                if torn:
+                    why = (f"{torn} block(s) of a file torn by a crash while a rekey "
+                           "sealed them again were put back from the rekey journal")
+                    log.warning("guard point %s: %s", path, why)
+                    self._audit_system("rekey", why, {"blocks": torn}, path=path)  # type: ignore[attr-defined]
+                fd = files.state_fd()
+            elif hasattr(g, "backing_fd"):
+                fd = g.backing_fd()
                 n = R.remove_leftovers(fd)
+            else:
+                return
+            try:
                 st = R.load_state(fd)
             finally:
                 os.close(fd)

@@ -5,20 +5,25 @@ tests/pg_helpers.py): the server and initdb run by the postgres user, by path AN
 SHA-256, get plaintext; tar gets the stored bytes; everybody may stat and list;
 everything else is denied.
 
-initdb makes the cluster on the guard point, pgbench loads (scale 1) and runs a fixed
-number of transactions, rows carrying a marker are written, pg_amcheck (heap, every
+initdb makes the cluster on the guard point, pgbench loads (scale 1); the key is
+rotated and a live rekey of the whole cluster (docs/kernel.md, "Live rekey") runs while
+pgbench runs a fixed number of transactions (0 errors; the rekey ends with every file
+rekeyed, none failed), rows carrying a marker are written, pg_amcheck (heap, every
 index, parent checks) finds nothing, root's cat and the postgres user's cat get EACCES.
 With the server stopped, tar archives the directory through the guard point: every
 regular file is TAKA bytes, the marker nowhere.  takakryptd stops (the mount goes): every
-file at rest is a TAKA file the keystore decrypts, the marker in the relation's
-plaintext only.  A new takakryptd mounts it again and the restarted server reads the
+file at rest is a TAKA file the keystore decrypts, on the new key version only (the
+header's oldest version raised), the marker in the relation's plaintext only.  A new takakryptd mounts it again and the restarted server reads the
 rows back from the stored bytes."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +52,31 @@ def _agent(work: Path, cfg: dict) -> Daemon:
         d.stop(timeout=120)
         raise
     return d
+
+
+def _rotate(work: Path) -> int:
+    r = subprocess.run([sys.executable, "-m", "takakrypt", "keys", "rotate", "k1",
+                        "--keystore", str(work / "keystore.json"), "--master-key-file",
+                        str(work / "master.key"), "--json"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, TAKAKRYPT_CONTROL_SOCKET=str(
+                           work / "run" / "control.sock")))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["current_version"]
+
+
+def _files_on_older_versions(gp: Path, version: int) -> list[str]:
+    """Files (at rest, unmounted) whose header allows a block older than ``version``."""
+    from takakrypt import format as fmt
+
+    old = []
+    for root, _dirs, files in os.walk(gp):
+        for name in files:
+            p = Path(root) / name
+            if p.is_file() and not p.is_symlink():
+                raw = p.read_bytes()[:fmt.HEADER_SIZE]
+                if raw and fmt.parse_header(raw).oldest_version < version:
+                    old.append(str(p.relative_to(gp)))
+    return old
 
 
 def _mount_options(path: Path) -> dict[str, str]:
@@ -97,7 +127,7 @@ def test_postgres_on_kernel_guard_point():
         cfg = policy_config(work, gp, engine="kernel", sha256=True)
         pg = Cluster(gp, sock)
         relpath = ""
-        with _served(work, cfg, pg, gp):
+        with _served(work, cfg, pg, gp) as d:
             lap("agent")
             opts = _mount_options(gp)
             assert opts["key"] == "k1" and opts.get("decide", "agent") == "agent", opts
@@ -109,11 +139,27 @@ def test_postgres_on_kernel_guard_point():
             r = pg.run("pgbench", "-i", "-s", "1", "-q", timeout=600)
             assert r.returncode == 0, r.stderr + pg.logtext()
             lap("pgbench -i")
+            new = _rotate(work)
+            # the live rekey of the cluster (in takakryptd's thread), under pgbench; 2 MB/s
+            # so that it lasts through most of the run under TCG
+            st = d.jcli("rekey", "start", str(gp), "--rate", "2")
+            assert st["state"] == "running" and st["target_version"] == new, st
             r = pg.run("pgbench", "-t", str(TRANSACTIONS), "-c", "2", "-j", "2", "-n",
-                       timeout=600)
+                       timeout=900)
+            during = d.jcli("rekey", "status", str(gp))
             assert r.returncode == 0, r.stdout + r.stderr + pg.logtext()
             assert pgbench_counts(r.stdout) == (2 * TRANSACTIONS, 0), r.stdout
-            lap("pgbench")
+            lap("pgbench during the rekey")
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline and d.jcli(
+                    "rekey", "status", str(gp))["state"] == "running":
+                time.sleep(2)
+            st = d.jcli("rekey", "status", str(gp))
+            assert st["state"] == "done" and st["files_failed"] == 0, st
+            assert st["files_rekeyed"] > 100, st
+            print(f"\nrekey: {during['files_done']} files done when pgbench ended, "
+                  f"{st['files_rekeyed']} rekeyed in all")
+            lap("rekey done")
             assert int(pg.psql("SELECT count(*) FROM pgbench_accounts")) == 100000
             assert int(pg.psql("SELECT count(*) FROM pgbench_history")) == 2 * TRANSACTIONS
             assert pg.psql("SELECT sum(abalance) = (SELECT sum(delta) FROM pgbench_history) "
@@ -154,6 +200,8 @@ def test_postgres_on_kernel_guard_point():
         marker_seen_in = files_at_rest(gp, work / "keystore.json", work / "master.key",
                                        MARKER.encode())
         assert relpath in marker_seen_in, marker_seen_in
+        old = _files_on_older_versions(gp, new)
+        assert not old, old[:10]
         lap("at rest")
 
         # a new takakryptd mounts it again; the restarted server reads the rows back
