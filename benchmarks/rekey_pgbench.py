@@ -18,8 +18,9 @@ The reference TPS is the mean of the per-second TPS before and after; the ratio 
 mean during / that reference.  Nothing is asserted: this prints, and saves
 benchmarks/results/rekey-pgbench-<time>.json.
 
-  usage: benchmarks/rekey_pgbench.py [--engine fuse|kernel] [--scale N] [--rate MB/S]
-                                     [--lead S] [--tail S] [--json]          (as root)
+  usage: benchmarks/rekey_pgbench.py [--engine fuse|kernel] [--vm] [--scale N]
+                                     [--rate MB/S] [--lead S] [--tail S] [--json]
+                                                                             (as root)
   BENCH_ROOT   where to work (default /var/tmp)
 """
 
@@ -54,11 +55,14 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--engine", choices=("fuse", "kernel"), default="fuse",
                     help="the guard point's engine (kernel: in a VM; default fuse)")
+    ap.add_argument("--vm", action="store_true",
+                    help="run in the VM even with --engine fuse (the same emulated CPU as "
+                    "the kernel engine's run, for a like-for-like ratio)")
     ap.add_argument("--guest", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.engine == "kernel" and a.guest is None:
+    if (a.engine == "kernel" or a.vm) and a.guest is None:
         return _in_vm(a)
-    if a.guest is not None:
+    if a.guest is not None and a.engine == "kernel":
         subprocess.run(["insmod", os.environ["TAKAKRYPT_KO"]], check=True)
     work = Path(tempfile.mkdtemp(prefix="tk-rekey-bench-", dir=os.environ.get("BENCH_ROOT",
                                                                                "/var/tmp")))
@@ -169,7 +173,7 @@ def _in_vm(a: argparse.Namespace) -> int:
     ko = build_module(HERE.parent / "kernel", kbuild)
     out = Path(tempfile.mkdtemp(prefix="rekey-pgbench-vm-"))
     out.chmod(0o755)
-    args = f"--engine kernel --scale {a.scale} --lead {a.lead} --tail {a.tail}" + (
+    args = f"--engine {a.engine} --scale {a.scale} --lead {a.lead} --tail {a.tail}" + (
         f" --rate {a.rate}" if a.rate is not None else "")
     run = vm.run_guest(out, f"{sys.executable} {Path(__file__).resolve()} --guest {out} {args}",
                        timeout=5400, memory="2G",
@@ -182,7 +186,7 @@ def _in_vm(a: argparse.Namespace) -> int:
               + "\n".join(run.problems), file=sys.stderr)
         return 1
     data = json.loads(result.read_text())
-    res = HERE / "results" / f"rekey-pgbench-kernel-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    res = HERE / "results" / f"rekey-pgbench-{a.engine}-vm-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     res.write_text(json.dumps(data, indent=1))
     _print({k: v for k, v in data.items() if k not in ("samples", "window")}, res, a.json)
     return 0

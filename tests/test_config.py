@@ -44,6 +44,7 @@ def test_good_config_decodes():
     assert cfg.guard_points[0].backing is None
     assert cfg.guard_points[0].metadata_cache == 1.0
     assert cfg.guard_points[0].format == 2  # per-block key versions by default
+    assert cfg.agent.state_dir == "/var/lib/takakrypt"
     assert config.expand_actions(["read_ops"]) == {"read", "getattr", "list", "getxattr"}
 
 
@@ -82,6 +83,9 @@ def _err(text):
      "c.yaml:24: $.guard_points[0].metadata_cache: must be between 0 and 60 seconds"),
     ("key: pgkey}", "key: pgkey, format: 3}",
      "c.yaml:24: $.guard_points[0].format: must be 1 or 2"),
+    ("  control_socket: /run/takakrypt/control.sock",
+     "  control_socket: /run/takakrypt/control.sock\n  state_dir: var/lib/takakrypt",
+     "c.yaml:4: $.agent.state_dir: must be an absolute path"),
 ])
 def test_errors_name_path_and_line(old, new, expect):
     assert old in GOOD

@@ -11,10 +11,13 @@ the rate limit across files, pause/resume, retries of files that were busy, prog
 audit events and the state file that makes a run survive a restart of takakryptd.
 
 The state file is ``.takakrypt-rekey.state`` in the backing directory (hidden by the
-guard point like every ``.takakrypt-`` name): JSON, written atomically (temp + fsync +
-rename + fsync of the directory) after every file, so a SIGKILL loses at most the file
-being copied, whose copy the data path throws away (the original is untouched until the
-atomic swap).  On restart takakryptd resumes every run the file says is ``running``.
+guard point like every ``.takakrypt-`` name; engine kernel: in takakryptd's state
+directory): JSON, written atomically (temp + fsync + rename + fsync of the directory) at
+most every second during the walk (SAVE_EVERY) and at every stop, pause and end, so a
+SIGKILL loses at most the file being copied, whose copy the data path throws away (the
+original is untouched until the atomic swap), and the record of the files finished in
+the last second, which the resumed walk finds on the target version and passes over.
+On restart takakryptd resumes every run the file says is ``running``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ HIDDEN_PREFIX = ".takakrypt-"
 MAX_BUSY = 20
 #: files listed in the state's ``errors`` (the count goes on)
 MAX_ERRORS_KEPT = 100
+#: the walk's progress goes to the state file at most this often (seconds), and at every
+#: stop: after a crash the files finished since are found current again, cheaply
+SAVE_EVERY = 1.0
 #: passes over the headers after the walk, each rekeying what is still on an older
 #: version (a file renamed behind the walk); what is left after the last is reported
 MAX_SWEEPS = 5
@@ -259,6 +265,7 @@ class Rekey:
         self._thread: threading.Thread | None = None
         self._stop = False          # shutdown: leave the state as it is (resumed later)
         self._given_up: set[str] = set()  # failed or skipped in this process: not swept
+        self._saved = 0.0                   # time.monotonic() of the walk's last save
         self.state: RekeyState | None = load_state(self._statefd)
 
     # control ------------------------------------------------------------------------------
@@ -412,13 +419,18 @@ class Rekey:
             cursor = _key(st.cursor) if st.cursor else None
             for parts, _size in (walk(self._dirfd) if st.phase == "walk" else ()):
                 if not self._running():
+                    with self._lock:
+                        save_state(self._statefd, st)  # the cursor as far as it got
                     return
                 if cursor is not None and _key(parts) <= cursor:
                     continue
                 self._one("/".join(parts), pacer)
                 with self._lock:
                     st.cursor = list(parts)
-                    save_state(self._statefd, st)
+                    now = time.monotonic()
+                    if now - self._saved >= SAVE_EVERY:
+                        save_state(self._statefd, st)
+                        self._saved = now
             if not self._retry_busy(pacer):
                 return
             if not self._sweep(pacer):

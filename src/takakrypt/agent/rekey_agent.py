@@ -45,8 +45,14 @@ class RekeyAgent:
             raise UsageError(f"{path}: the guard point is not mounted "
                              f"({self.guard_errors.get(path) or 'disabled or failed'})")  # type: ignore[attr-defined]
         data = g if hasattr(g, "rekey_file") else self._kernel_rekey_files(path, gp)
-        rk = R.Rekey(path, gp.key, data, audit=self._rekey_audit,
-                     current_version=lambda name: self.keys.current_version(name))  # type: ignore[attr-defined]
+        try:
+            rk = R.Rekey(path, gp.key, data, audit=self._rekey_audit,
+                         current_version=lambda name: self.keys.current_version(name))  # type: ignore[attr-defined]
+        except OSError as e:
+            where = getattr(data, "state_path", None) or "the backing directory"
+            raise AgentError(f"{path}: the rekey state in {where} cannot be used "
+                             f"({os.strerror(e.errno or 0) if e.errno else e}): check "
+                             "agent.state_dir and its permissions") from None
         self.rekeys[path] = rk
         return rk
 
