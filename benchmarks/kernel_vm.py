@@ -71,6 +71,19 @@ def build_module(kdir: Path, kbuild: str) -> Path:
     return kdir / "takakryptfs.ko"
 
 
+def vm_module(prog: str) -> Path | None:
+    """takakryptfs built for the VM's 6.1 kernel (whose headers must be installed), or
+    None after saying on stderr what this machine lacks to boot it (exit 2 then)."""
+    missing = vm.missing(systemd=False, series="6.1.")
+    vmlinuz = vm.kernel("6.1.")
+    kbuild = vm.headers_for(vmlinuz) if vmlinuz else None
+    if missing or not kbuild:
+        print(f"{prog}: cannot boot a VM here: missing "
+              + ", ".join(missing or ["linux-headers for " + str(vmlinuz)]), file=sys.stderr)
+        return None
+    return build_module(TREE / "kernel", kbuild)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="kernel_vm.py", formatter_class=argparse.RawDescriptionHelpFormatter,

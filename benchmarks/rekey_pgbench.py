@@ -161,16 +161,11 @@ def _in_vm(a: argparse.Namespace) -> int:
     import tempfile
 
     import vmharness as vm
-    from kernel_vm import build_module
+    from kernel_vm import vm_module
 
-    missing = vm.missing(systemd=False, series="6.1.")
-    vmlinuz = vm.kernel("6.1.")
-    kbuild = vm.headers_for(vmlinuz) if vmlinuz else None
-    if missing or not kbuild:
-        print("rekey_pgbench: cannot boot a VM here: missing "
-              + ", ".join(missing or ["linux-headers for " + str(vmlinuz)]), file=sys.stderr)
+    ko = vm_module("rekey_pgbench")
+    if ko is None:
         return 2
-    ko = build_module(HERE.parent / "kernel", kbuild)
     out = Path(tempfile.mkdtemp(prefix="rekey-pgbench-vm-"))
     out.chmod(0o755)
     args = f"--engine {a.engine} --scale {a.scale} --lead {a.lead} --tail {a.tail}" + (

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -30,7 +29,9 @@ import time
 from pathlib import Path
 
 from agent_helpers import base_config, until
-from test_agent_engine import _start, running
+from test_agent_engine import _decrypt, _start, running
+from test_tkfs_format_v2 import block_versions as _block_versions
+from test_tkfs_format_v2 import header as _header
 
 HDR, BS, SBS = 128, 4096, 4096 + 28
 PY = sys.executable  # the venv's: takakrypt and its dependencies
@@ -59,35 +60,6 @@ def _keys(tmp: Path, *args: str) -> dict:
                                                                          "control.sock")))
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
-
-
-def _header(path: Path):
-    from takakrypt import format as fmt
-    return fmt.parse_header(path.read_bytes()[:HDR])
-
-
-def _block_versions(path: Path) -> list[int | None]:
-    """Each stored block's key version, None for a hole."""
-    raw = path.read_bytes()
-    h = _header(path)
-    out = []
-    for i in range(h.nblocks):
-        off = HDR + i * SBS
-        n = min(h.plaintext_size - i * BS, BS) + 28
-        blk = raw[off:off + n]
-        out.append(None if not any(blk) else struct.unpack("<I", blk[-4:])[0])
-    return out
-
-
-def _decrypt(tmp: Path, stored: Path) -> bytes:
-    from takakrypt.keys import open_keystore
-    from takakrypt.stream import decrypt_file
-
-    out = tmp / "plain.out"
-    out.unlink(missing_ok=True)
-    with open_keystore(str(tmp / "keystore.json"), master_key_file=str(tmp / "master.key")) as ks:
-        decrypt_file(str(stored), str(out), ks.get)
-    return out.read_bytes()
 
 
 def _populate(gp: Path, rng: random.Random) -> dict[str, bytes]:
