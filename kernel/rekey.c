@@ -226,10 +226,12 @@ static long rk_range(struct file *file, struct takakrypt_rekey_range __user *arg
 		if (!err2 && READ_ONCE(ii->keyless_wb))
 			err2 = -ENOKEY;	/* no key at write-back: the pages stay dirty */
 		/* durable before takakryptd drops its copy of the old blocks (its journal,
-		 * agent/krekey.py): a block torn by a power cut is put back from there */
+		 * agent/krekey.py): a block torn by a power cut is put back from there.
+		 * From offset 0: the header's page too, whose move to the new write version
+		 * (rk_ready) may not be stored yet, and without which the new blocks would
+		 * name a version outside the header's range */
 		if (!err2)
-			err2 = vfs_fsync_range(ii->lower_file, tkfs_block_off(r.start),
-					       tkfs_block_off(r.next) - 1, 1);
+			err2 = vfs_fsync_range(ii->lower_file, 0, tkfs_block_off(r.next) - 1, 1);
 		if (!err)
 			err = err2;
 	}
