@@ -211,15 +211,39 @@ def mount_problem(path: str, timeout: float = HEALTH_TIMEOUT) -> str:
     return ""
 
 
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def _mount_fusectl() -> None:
+    """Mount the fusectl file system at FUSECTL, as systemd does at boot
+    (sys-fs-fuse-connections.mount); containers and minimal systems may lack it.  As the
+    engine's own abort does (tk_fs_abort); a failure is the caller's missing file."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount(b"fusectl", FUSECTL.encode(), b"fusectl", ctypes.c_ulong(0), None)
+
+
 def abort_connection(dev: str) -> bool:
     """Abort the FUSE connection of the mount ``dev`` ("major:minor"): every waiter,
-    and the server, gets ECONNABORTED (/sys/fs/fuse/connections/N/abort)."""
+    and the server, gets ECONNABORTED (/sys/fs/fuse/connections/N/abort; fusectl is
+    mounted there first if it is not)."""
     try:
-        with open(f"/sys/fs/fuse/connections/{dev.split(':')[1]}/abort", "w") as f:
-            f.write("1")
-        return True
-    except (OSError, IndexError):
+        name = f"{FUSECTL}/{dev.split(':')[1]}/abort"
+    except IndexError:
         return False
+    for attempt in (0, 1):
+        try:
+            with open(name, "w") as f:
+                f.write("1")
+            return True
+        except FileNotFoundError:
+            if attempt or os.path.ismount(FUSECTL):
+                return False
+            _mount_fusectl()
+        except OSError:
+            return False
+    return False
 
 
 def force_unmount(path: str) -> None:
