@@ -250,13 +250,6 @@ def test_kernel_rekey_survives_sigkill_of_takakryptd(scratch):
     assert mixed_seen > 0
 
 
-class _Range(ctypes.Structure):
-    _fields_ = [("start", ctypes.c_uint64), ("count", ctypes.c_uint32),
-                ("version", ctypes.c_uint32), ("next", ctypes.c_uint64),
-                ("blocks", ctypes.c_uint64), ("rewritten", ctypes.c_uint64),
-                ("write_version", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
-
-
 def test_kernel_rekey_ioctls_refused_to_others_and_v1_files_skipped(scratch):
     from takakrypt.agent import krekey
 
@@ -275,7 +268,7 @@ def test_kernel_rekey_ioctls_refused_to_others_and_v1_files_skipped(scratch):
         # this process is not the registered agent: EPERM, the file untouched
         fd = os.open(gp / "a", os.O_RDONLY)
         try:
-            r = _Range(start=0, count=8, version=2)
+            r = krekey.RekeyRange(start=0, count=8, version=2)
             libc = ctypes.CDLL(None, use_errno=True)
             assert libc.ioctl(fd, ctypes.c_ulong(krekey.IOC_REKEY_RANGE), ctypes.byref(r)) == -1
             assert ctypes.get_errno() == errno.EPERM
