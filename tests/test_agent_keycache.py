@@ -107,9 +107,11 @@ def test_mid_run_keys_served_until_ttl_then_denied_then_back(tmp_path):
             assert "CLOSED" in d.cli("status", check=False).stdout
         finally:
             os.rename(tmp_path / "keystore.away", ks)
-        # the backend answers again: the status' health check probes it, the breaker
-        # closes and the guard point opens by itself
-        st = _status(d)
+        # the backend answers again: the next health check probes it, the breaker
+        # closes and the guard point opens by itself (a status within PROBE_RETRY of a
+        # slow failed probe answers from it: poll)
+        st = until(lambda: (s := _status(d))["key_backend"]["state"] == "closed" and s,
+                   timeout=60) or _status(d)
         assert st["key_backend"]["state"] == "closed" and st["keys"]["available"], st
         assert not st["keys"]["closed"] and st["state"] == "healthy", st
         assert _py(READ, str(gp / "a.txt")).stdout == "held"
@@ -160,7 +162,9 @@ def test_down_at_start_without_offline_cache_starts_closed_and_opens_when_back(t
         assert "not valid JSON" in st["keys"]["closed"][str(gp)], st["keys"]
         assert not st["keys"]["opened"] and st["state"] == "unhealthy"
         ks.write_bytes(good)
-        st = _status(d)  # the probe opens the keystore: open by itself
+        # the next probe opens the keystore: open by itself
+        st = until(lambda: not (s := _status(d))["keys"]["closed"] and s,
+                   timeout=60) or _status(d)
         assert st["keys"]["opened"] and not st["keys"]["closed"], st["keys"]
         assert _py(READ, str(gp / "a.txt")).stdout == "before"
     guard = _reasons(tmp_path, "guard-point")
