@@ -85,16 +85,28 @@ out:
 
 static int fill_page(struct inode *inode, struct page *page)
 {
+	struct tkfs_inode *ii = TKFS_I(inode);
 	u8 *dst;
 	int err;
 
+	/*
+	 * Past the end of a file with nothing stored yet (a new file: EMPTY, or its header
+	 * made in memory and still pending) there is nothing to read and no key to wait for:
+	 * zeros.  The new file's header is made by a worker (tkfs_prepare_new) under key_sem;
+	 * a writer's first partial page must not wait for it.
+	 */
+	if (((loff_t)page->index << PAGE_SHIFT) >= i_size_read(inode) &&
+	    (READ_ONCE(ii->state) == TKFS_HDR_EMPTY || READ_ONCE(ii->hdr_pending))) {
+		zero_user(page, 0, PAGE_SIZE);
+		return 0;
+	}
 	err = tkfs_ensure_keys(inode);
 	if (err)
 		return -EIO;
 	dst = kmap_local_page(page);
 	err = read_block(inode, page->index, dst);
 	kunmap_local(dst);
-	up_read(&TKFS_I(inode)->key_sem);
+	up_read(&ii->key_sem);
 	flush_dcache_page(page);
 	return err;
 }

@@ -110,6 +110,13 @@ static int tkfs_file_open(struct inode *inode, struct file *file)
 		return err;
 	if ((file->f_mode & FMODE_WRITE) && !(ii->lower_file->f_mode & FMODE_WRITE))
 		return -EROFS;
+	/*
+	 * The open that created the file: tkfs_create checked the key and queued the
+	 * header's making (keys derived by a worker); there is nothing stored to load, so
+	 * the open does not wait for that worker (key_sem)
+	 */
+	if (file->f_mode & FMODE_CREATED)
+		goto ok;
 	/* an empty file opened for writing gets its header at write-back or last close */
 	if (READ_ONCE(ii->state) == TKFS_HDR_EMPTY && (file->f_mode & FMODE_WRITE)) {
 		err = tkfs_key_available(inode);
@@ -120,6 +127,7 @@ static int tkfs_file_open(struct inode *inode, struct file *file)
 	if (err)
 		return -EIO;
 	up_read(&ii->key_sem);
+ok:
 	file->f_mode |= FMODE_CAN_ODIRECT;
 	return 0;
 }
