@@ -4,13 +4,16 @@ usage: python benchmarks/untar_split_vm.py [--rounds N] [--files N] [--keep DIR]
 
 Boots /boot's newest 6.1 kernel once under QEMU (TCG) as benchmarks/kernel_vm.py does,
 with takakryptfs built from kernel/ and takakryptd serving its key, ext4 on a brd RAM
-disk below both targets.  Each round untars the same generated tree (`takakrypt bench`'s
-tree, 2,000 files by default) into native ext4 and into a takakryptfs mount
-(`decide=none`: no policy, the data path alone), timing `tar -x` and the `sync` after it
-apart, then removes it (order rotated per round, caches dropped in between).  Prints the
-medians and each target's extra time per file over native: what tar's system calls cost
-through the module, and what write-back (the block seal, the header tag, the lower
-write) costs.  Exit status 0 done, 1 the run failed, 2 missing tools.
+disk below every target.  Each round untars the same generated tree (`takakrypt bench`'s
+tree, 2,000 files by default) into native ext4, into a takakryptfs mount with
+`decide=none` (no policy: the data path alone) and into one with `decide=agent` under
+the realistic policy of benchmarks/kernel_vm.py (tar, rm and this python by path and
+SHA-256 get plaintext, the rest is denied: every access a decision of takakryptd or of
+the module's cache), timing `tar -x` and the `sync` after it apart, then removes it
+(order rotated per round, caches dropped in between).  Prints the medians and each
+target's extra time per file over native: what tar's system calls cost through the
+module (and its decisions), and what write-back (the block seal, the header tag, the
+lower write) costs.  Exit status 0 done, 1 the run failed, 2 missing tools.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ sys.path[:0] = [str(TREE / "src"), str(TREE / "tests"), str(HERE)]
 
 def guest(out: Path, rounds: int, files: int) -> None:
     import kernel_guest as kg
+    import yaml
     from agent_helpers import Daemon, base_config
+    from takakrypt.bench.targets import realistic_policy
     from takakrypt.bench.workloads import make_tree_tar
 
     kg._sh("insmod", os.environ["TAKAKRYPT_KO"])
@@ -45,32 +50,39 @@ def guest(out: Path, rounds: int, files: int) -> None:
     kg._sh("mkfs.ext4", "-q", "-F", "/dev/ram0")
     kg._sh("mount", "/dev/ram0", str(ext))
     native, lower, mnt = ext / "native", ext / "klower", base / "kmnt"
+    plower, pmnt = ext / "plower", base / "pmnt"
     fback, fmnt = ext / "fuse.back", base / "fmnt"
-    for d in (native, lower, mnt, fback, fmnt):
+    for d in (native, lower, mnt, plower, pmnt, fback, fmnt):
         d.mkdir()
     cfg = base_config(base)
     cfg["agent"]["log_level"] = "warning"
     cfg.pop("audit", None)
-    # gp 1 names the key the kernel mount asks takakryptd for
-    cfg["policies"] = {"allow": {"rules": [{"actions": ["all_ops"],
-                                            "effects": ["permit", "apply_key"]}]}}
-    cfg["guard_points"] = [{"path": str(fmnt), "backing": str(fback), "policy": "allow",
+    # gp 1 names the key both kernel mounts ask takakryptd for, and the policy the
+    # decide=agent one is decided by (kernel_vm.py's realistic policy)
+    pol = yaml.safe_load(realistic_policy({n: shutil.which(n) or f"/usr/bin/{n}"
+                                           for n in ("tar", "rm")}
+                                          | {"python": os.path.realpath(sys.executable)}))
+    cfg["process_sets"] = pol["process_sets"]
+    cfg["policies"] = {"bench": pol["policies"]["bench"]}
+    cfg["guard_points"] = [{"path": str(fmnt), "backing": str(fback), "policy": "bench",
                             "key": "k1"}]
     tar = base / "tree.tar"
     make_tree_tar(tar, files)
     agent = Daemon(base, cfg)
     agent.notify.settimeout(600)
-    times: dict[str, dict[str, list[float]]] = {"native": {"tar": [], "sync": []},
-                                                "kernel": {"tar": [], "sync": []}}
+    times: dict[str, dict[str, list[float]]] = {
+        t: {"tar": [], "sync": []} for t in ("native", "kernel", "kernel-policy")}
     try:
         agent.wait_for("READY=1", timeout=600)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "agent registered" not in kg._sh("dmesg"):
             time.sleep(0.2)
         kg._mount(str(lower), str(mnt), "takakryptfs", "key=k1,gp=1,decide=none")
-        targets = [("native", native), ("kernel", mnt)]
+        kg._mount(str(plower), str(pmnt), "takakryptfs", kg.KERNEL_MOUNT)
+        targets = [("native", native), ("kernel", mnt), ("kernel-policy", pmnt)]
         for r in range(rounds + 1):            # round 0 warms TCG's translation up
-            for name, d in targets[r % 2:] + targets[:r % 2]:
+            k = r % len(targets)
+            for name, d in targets[k:] + targets[:k]:
                 t0 = time.monotonic()
                 subprocess.run(["tar", "-C", str(d), "-xf", str(tar)], check=True)
                 t1 = time.monotonic()
@@ -85,6 +97,7 @@ def guest(out: Path, rounds: int, files: int) -> None:
                 print(f"round {r}{' (warm-up)' if not r else ''} {name}: tar {t1 - t0:.2f} s, "
                       f"sync {t2 - t1:.2f} s", flush=True)
         kg._umount(str(mnt))
+        kg._umount(str(pmnt))
     finally:
         agent.stop()
         kg._sh("umount", str(ext), check=False)
@@ -97,14 +110,17 @@ def report(doc: dict) -> str:
            for t, ps in doc["times"].items()}
     n = doc["files"]
     lines = [f"untar of {n} files, medians of {doc['rounds']} rounds (TCG, RAM disk):",
-             f"{'target':8s} {'tar (s)':>8s} {'sync (s)':>9s} {'total':>7s} {'x native':>9s}"]
+             f"{'target':13s} {'tar (s)':>8s} {'sync (s)':>9s} {'total':>7s} {'x native':>9s}"]
     nat = med["native"]["tar"] + med["native"]["sync"]
     for t, m in med.items():
         tot = m["tar"] + m["sync"]
-        lines.append(f"{t:8s} {m['tar']:8.2f} {m['sync']:9.2f} {tot:7.2f} {tot / nat:8.2f}x")
-    k, nv = med["kernel"], med["native"]
-    lines.append(f"kernel over native per file: tar {(k['tar'] - nv['tar']) / n * 1e3:.2f} ms, "
-                 f"sync (write-back) {(k['sync'] - nv['sync']) / n * 1e3:.2f} ms")
+        lines.append(f"{t:13s} {m['tar']:8.2f} {m['sync']:9.2f} {tot:7.2f} {tot / nat:8.2f}x")
+    nv = med["native"]
+    for t in med:
+        if t != "native":
+            k = med[t]
+            lines.append(f"{t} over native per file: tar {(k['tar'] - nv['tar']) / n * 1e3:.2f} "
+                         f"ms, sync (write-back) {(k['sync'] - nv['sync']) / n * 1e3:.2f} ms")
     return "\n".join(lines)
 
 
