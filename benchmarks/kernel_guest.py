@@ -455,6 +455,20 @@ def decision_bench(native: Path, kernel: Path, tar: Path, rounds: int) -> dict[s
             "untar": delta(s0, s1), "ls_lR": delta(s1, s2), "status_after": s2}
 
 
+def use_realistic_policy(cfg: dict[str, Any], programs: dict[str, str]) -> str:
+    """Policy ``bench`` (the programs by path and SHA-256 get plaintext, the rest is
+    denied) and its process sets into takakryptd's configuration cfg, as its only
+    policy; returns the policy's YAML (recorded with the results)."""
+    import yaml
+    from takakrypt.bench.targets import realistic_policy
+
+    policy_yaml = realistic_policy(programs)
+    pol = yaml.safe_load(policy_yaml)
+    cfg["process_sets"] = pol["process_sets"]
+    cfg["policies"] = {"bench": pol["policies"]["bench"]}
+    return policy_yaml
+
+
 def sizes_for(quick: bool):
     """The workloads' sizes under TCG, and whether fio runs.  What sets them: the FUSE
     targets' small-file workloads cost 40-60 ms of emulated time a file (every file is
@@ -469,9 +483,8 @@ def sizes_for(quick: bool):
 
 def run(out: Path, quick: bool, rounds: int, warmup: int,
         only: tuple[str, ...], chosen: tuple[str, ...] = ()) -> dict[str, Any]:
-    import yaml
     from agent_helpers import Daemon, base_config
-    from takakrypt.bench.targets import Target, realistic_policy
+    from takakrypt.bench.targets import Target
     from takakrypt.bench.workloads import Context, Fio, Rounds, Sequential, Tree, rotated
 
     t_start = time.monotonic()
@@ -529,15 +542,12 @@ def run(out: Path, quick: bool, rounds: int, warmup: int,
     for g in groups:
         programs.update(g.programs())
     programs["python"] = os.path.realpath(sys.executable)   # the decision benchmark's loop
-    policy_yaml = realistic_policy(programs)
-
     cfg = base_config(base)
     cfg["agent"]["log_level"] = "warning"   # no per-request log lines in the measured path
     cfg.pop("audit", None)
-    pol = yaml.safe_load(policy_yaml)
-    cfg["process_sets"] = pol["process_sets"]
-    cfg["policies"] = {"bench": pol["policies"]["bench"], "allow": {"rules": [
-        {"actions": ["all_ops"], "effects": ["permit", "apply_key"]}]}}
+    policy_yaml = use_realistic_policy(cfg, programs)
+    cfg["policies"]["allow"] = {"rules": [
+        {"actions": ["all_ops"], "effects": ["permit", "apply_key"]}]}
     # ids are 1-based positions: the kernel mount decides by gp 1's policy (realistic)
     cfg["guard_points"] = [
         {"path": str(mnts["fuse"]), "backing": str(dirs["fuse"]), "policy": "bench",

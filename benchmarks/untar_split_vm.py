@@ -35,9 +35,7 @@ sys.path[:0] = [str(TREE / "src"), str(TREE / "tests"), str(HERE)]
 
 def guest(out: Path, rounds: int, files: int) -> None:
     import kernel_guest as kg
-    import yaml
     from agent_helpers import Daemon, base_config
-    from takakrypt.bench.targets import realistic_policy
     from takakrypt.bench.workloads import make_tree_tar
 
     kg._sh("insmod", os.environ["TAKAKRYPT_KO"])
@@ -59,11 +57,8 @@ def guest(out: Path, rounds: int, files: int) -> None:
     cfg.pop("audit", None)
     # gp 1 names the key both kernel mounts ask takakryptd for, and the policy the
     # decide=agent one is decided by (kernel_vm.py's realistic policy)
-    pol = yaml.safe_load(realistic_policy({n: shutil.which(n) or f"/usr/bin/{n}"
-                                           for n in ("tar", "rm")}
-                                          | {"python": os.path.realpath(sys.executable)}))
-    cfg["process_sets"] = pol["process_sets"]
-    cfg["policies"] = {"bench": pol["policies"]["bench"]}
+    kg.use_realistic_policy(cfg, {n: shutil.which(n) or f"/usr/bin/{n}" for n in ("tar", "rm")}
+                            | {"python": os.path.realpath(sys.executable)})
     cfg["guard_points"] = [{"path": str(fmnt), "backing": str(fback), "policy": "bench",
                             "key": "k1"}]
     tar = base / "tree.tar"
